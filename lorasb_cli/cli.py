@@ -1,0 +1,209 @@
+"""The `lorasb` command: one click group, thin commands that parse options, call a stage function, report.
+
+stdout carries only the path a stage wrote (or JSON with --json); logs, tables and progress go to stderr.
+Exit status: 0 success, 2 bad usage or input, 1 failure while running.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import LorasbError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def common_options(command):
+    """--json, --quiet and --debug on every command."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the path.")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info logs on stderr.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+    @functools.wraps(command)
+    def wrapper(*args, as_json: bool, quiet: bool, debug: bool, **kwargs):
+        from .console import setup_logging
+
+        setup_logging(debug=debug, quiet=quiet)
+        return command(*args, as_json=as_json, quiet=quiet, **kwargs)
+
+    return wrapper
+
+
+def model_options(command):
+    for decorator in reversed(
+        (
+            click.option("--model", "-m", required=True, help="Local HF directory, hub id, or alias (e.g. mistral)."),
+            click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
+            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+            click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code."),
+        )
+    ):
+        command = decorator(command)
+    return command
+
+
+def data_options(command):
+    for decorator in reversed(
+        (
+            click.option("--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."),
+            click.option("--split", default="train", show_default=True, help="Split of a hub data set."),
+            click.option(
+                "--format",
+                "data_format",
+                default="auto",
+                show_default=True,
+                help="text, prompt-response, classification, or auto (picked from the fields).",
+            ),
+            click.option("--batch-size", default=8, show_default=True, type=int, help="Samples per forward pass."),
+            click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per sample, at most."),
+        )
+    ):
+        command = decorator(command)
+    return command
+
+
+def report(path, summary: dict, as_json: bool) -> None:
+    """The only stdout output of a stage: its path, or a JSON summary with the path."""
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **summary}, default=str))
+    else:
+        click.echo(str(path))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="lorasb")
+def cli():
+    """LoRA-SB fine-tuning in composable stages: estimate → decompose → train → merge → evaluate.
+
+    \b
+    Each stage reads and writes safetensors artifacts, so stages chain in shell pipelines:
+      lorasb decompose "$(lorasb estimate -m mistral -d data.jsonl -o update.safetensors)" --rank 32
+    """
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb estimate --model mistral --data metamathqa.jsonl --frac 0.001 -o update.safetensors
+  lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors""",
+)
+@model_options
+@data_options
+@click.option("--frac", type=float, default=None, help="Fraction of the split to sample [default: 0.001].")
+@click.option("--samples", type=int, default=None, help="Number of samples instead of --frac.")
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes q_proj,v_proj.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample draw.")
+@click.option("--eta", default=1e-5, show_default=True, type=float, help="Size η of the simulated first step.")
+@click.option("--raw", is_flag=True, help="Write float32 sums of G and the sample count (for lorasb combine).")
+@click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
+@click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
+@common_options
+def estimate(model, dtype, device, trust_remote_code, data, split, data_format, batch_size, max_length,
+             frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):
+    """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
+    from .console import human_bytes, print_table, progress_bar
+    from .estimate import EstimateConfig, estimate as run_estimate
+
+    config = EstimateConfig(
+        model=model, data=data, out=out, split=split, format=data_format,
+        frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
+        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, seed=seed, eta=eta, raw=raw,
+        shard=shard, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    with progress_bar("estimate", enabled=not quiet) as progress:
+        summary = run_estimate(config, progress)
+    print_table(
+        "estimate",
+        ["modules", "samples", "tokens", "seconds", "peak memory"],
+        [[summary.modules, summary.samples, summary.tokens, f"{summary.seconds:.1f}",
+          human_bytes(summary.peak_memory_bytes)]],
+    )  # fmt: skip
+    report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb combine part0.safetensors part1.safetensors -o update.safetensors""",
+)
+@click.argument("parts", nargs=-1, required=True)
+@click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
+@common_options
+def combine(parts, out, as_json, quiet):
+    """Sum raw update shards (estimate --raw --shard i/N) and take the sign: the single-process update."""
+    from .estimate import combine as run_combine
+
+    path = run_combine(list(parts), out)
+    report(path, {"shards": len(parts)}, as_json)
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb decompose update.safetensors --rank 96 -o factors.safetensors""",
+)
+@click.argument("update")
+@click.option("--rank", "-r", required=True, type=int, help="Rank r of B (m×r), R (r×r), A (r×n).")
+@click.option("--niter", default=None, type=int, help="Power iterations of the randomized SVD [default: 4].")
+@click.option("--exact", is_flag=True, help="Full SVD instead of torch.svd_lowrank (slower).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD.")
+@click.option("--device", default="auto", show_default=True, help="Where to run the SVDs: auto, cpu, cuda.")
+@click.option("-o", "--out", default="factors.safetensors", show_default=True, help="Factors file to write.")
+@common_options
+def decompose(update, rank, niter, exact, seed, device, out, as_json, quiet):
+    """Factor the update by truncated SVD into frozen orthonormal B, A and the trainable r×r R."""
+    from .console import print_table, progress_bar
+    from .decompose import DEFAULT_NITER, decompose as run_decompose
+
+    with progress_bar("decompose", enabled=not quiet) as progress:
+        summary = run_decompose(
+            update, rank, out, niter=DEFAULT_NITER if niter is None else niter, exact=exact, seed=seed,
+            device=device, progress=progress,
+        )  # fmt: skip
+    print_table(
+        f"captured energy Σσ²(top {rank}) / Σσ²",
+        ["modules", "count", "mean", "min", "max"],
+        [[kind, n, f"{mean:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for kind, n, mean, lo, hi in summary.energy_by_kind()],
+    )
+    report(summary.path, {"rank": rank, "energy": summary.energy}, as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the group, turn every error into one stderr line and an exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("LORASB_DEBUG") == "1"
+    try:
+        status = cli.main(args=args, prog_name="lorasb", standalone_mode=False)
+    except LorasbError as e:
+        if debug:
+            raise
+        click.echo(f"Error: {e.one_line()}", err=True)
+        sys.exit(e.exit_status)
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        if debug:
+            raise
+        command = f"lorasb {e.ctx.info_name} --help" if getattr(e, "ctx", None) and e.ctx.parent else "lorasb --help"
+        click.echo(f"Error: {e.format_message()} (see '{command}')", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        message = str(e).splitlines()[0] if str(e) else ""
+        click.echo(f"Error: {type(e).__name__}: {message} — rerun with --debug for the traceback", err=True)
+        sys.exit(1)
+    sys.exit(status or 0)

@@ -1,0 +1,184 @@
+"""Model aliases, loading, target-module resolution and fingerprints."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+
+log = logging.getLogger("lorasb")
+
+# Short names for the models of the paper (DESIGN.md §3, §7). Values are hub ids.
+ALIASES: dict[str, str] = {
+    "mistral": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "gemma2-9b": "google/gemma-2-9b",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+    "roberta-large": "FacebookAI/roberta-large",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+TARGET_PRESETS = ("all-linear", "attention")
+_ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention"}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: `id` is what provenance records (hub id or absolute local path)."""
+
+    id: str
+    path: str  # what `from_pretrained` is given: a local directory or a hub id
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    prefix = f"did you mean '{close[0]}'? " if close else ""
+    return f"{prefix}known: {', '.join(known)}"
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Turn `--model` (local directory, alias or hub id) into a ModelRef, or raise BadInputError."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BadInputError(
+                "not a Hugging Face model directory: config.json is missing",
+                path=str(path),
+                hint="pass a directory written by save_pretrained, an alias or a hub id",
+            )
+        resolved = str(path.resolve())
+        return ModelRef(id=resolved, path=resolved)
+    if spec in ALIASES:
+        return ModelRef(id=ALIASES[spec], path=ALIASES[spec])
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists()
+    if looks_like_hub_id:
+        return ModelRef(id=spec, path=spec)
+    raise BadInputError(
+        f"unknown model '{spec}': not a local directory, an alias or a hub id",
+        hint=did_you_mean(spec, list(ALIASES)),
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on accelerators."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise BadInputError(f"unknown --dtype '{name}'", hint=did_you_mean(name, ["auto", *DTYPES]))
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise BadInputError(f"unknown --device '{name}'", hint="use auto, cpu, cuda or cuda:N") from e
+
+
+def load_model(
+    ref: ModelRef,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer; every loading failure becomes a one-line BadInputError."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "HF_HUB_OFFLINE=1 is set: download it first or pass a local directory"
+            if offline
+            else "check the name, your network and that the model is a causal LM"
+        )
+        raise BadInputError(f"cannot load model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so any token id serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_targets(model: nn.Module, targets: str) -> list[str]:
+    """Module paths of the linear layers `--targets` selects, in model order.
+
+    `all-linear`: every nn.Linear except the output head (LM head / classifier);
+    `attention`: those inside attention blocks; otherwise a comma list of module-name suffixes.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head and name not in ("score", "classifier")
+    ]
+    if targets == "all-linear":
+        selected = linears
+    elif targets == "attention":
+        selected = [n for n in linears if _ATTENTION_PARTS & set(n.split("."))]
+    else:
+        suffixes = [s.strip() for s in targets.split(",") if s.strip()]
+        selected = [n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)]
+        for suffix in suffixes:
+            if not any(n == suffix or n.endswith("." + suffix) for n in selected):
+                raise BadInputError(
+                    f"--targets '{suffix}' matches no linear module of the model",
+                    hint=f"use all-linear, attention or suffixes such as {_suffix_examples(linears)}",
+                )
+    if not selected:
+        raise BadInputError(
+            f"--targets '{targets}' matches no linear module of the model",
+            hint=f"use a comma list of suffixes such as {_suffix_examples(linears)}",
+        )
+    return selected
+
+
+def _suffix_examples(names: list[str]) -> str:
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(n.rsplit(".", 1)[-1], None)
+    return ",".join(list(seen)[:8]) or "(the model has no linear layers)"
+
+
+def target_shapes(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) = (m, n) of each target's weight."""
+    named = dict(model.named_modules())
+    return {name: tuple(named[name].weight.shape) for name in modules}
+
+
+def fingerprint(shapes: dict[str, tuple[int, int]]) -> str:
+    """A short hash of target module names and weight shapes: equal for the same architecture and targets."""
+    blob = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

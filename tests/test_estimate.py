@@ -1,0 +1,209 @@
+"""estimate/combine: hook-accumulated G against torch.autograd, batch-size and sharding invariance."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import QA_ROWS, make_llama
+
+from lorasb_cli import artifacts, data, estimate, models
+from lorasb_cli.errors import IncompatibleArtifactError, NonFiniteError
+
+
+def _examples(tokenizer, rows=QA_ROWS, max_length=256):
+    return data.encode(rows, "prompt-response", tokenizer, max_length)
+
+
+def _autograd_reference(model, modules, examples) -> dict[str, torch.Tensor]:
+    """Σ_i ∇_W L_i with plain autograd, one sample at a time (no hooks, no batching)."""
+    named = dict(model.named_modules())
+    weights = {name: named[name].weight for name in modules}
+    for w in weights.values():
+        w.requires_grad_(True)
+        w.grad = None
+    for batch in data.make_batches(examples, 1, pad_id=0):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = estimate.per_sample_loss_sum(logits, batch["labels"])
+        loss.backward()
+    grads = {name: w.grad.detach().clone() for name, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(False)
+        w.grad = None
+    return grads
+
+
+def test_hook_gradients_equal_autograd():
+    model, tokenizer = make_llama()
+    modules = models.resolve_targets(model, "all-linear")
+    examples = _examples(tokenizer)
+    reference = _autograd_reference(model, modules, examples)
+    result = estimate.sum_gradients(model, modules, data.make_batches(examples, 5, tokenizer.pad_token_id))
+
+    assert result.samples == len(QA_ROWS)
+    assert result.tokens == sum(data.supervised_tokens(e) for e in examples)
+    assert set(result.sums) == set(reference) and len(modules) == 14
+    for name, g in result.sums.items():
+        torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6)
+        assert g.abs().max() > 0
+    # Signs agree wherever the reference is not within float noise of zero.
+    for name, g in result.sums.items():
+        ref = reference[name]
+        clear = ref.abs() > 1e-6 * ref.abs().max()
+        assert torch.equal(torch.sign(g)[clear], torch.sign(ref)[clear])
+
+
+def test_no_weight_ever_requires_grad_and_no_grads_are_kept():
+    model, tokenizer = make_llama()
+    modules = models.resolve_targets(model, "all-linear")
+    seen = []
+    model.model.layers[1].register_forward_hook(
+        lambda *_: seen.append(any(p.requires_grad for p in model.parameters()))
+    )
+    estimate.sum_gradients(model, modules, data.make_batches(_examples(tokenizer), 4, tokenizer.pad_token_id))
+    assert seen and not any(seen)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    # Hooks are removed: a later forward is a plain inference forward.
+    out = model(input_ids=torch.tensor([[1, 5, 6]])).logits
+    assert not out.requires_grad
+
+
+def test_per_sample_loss_ignores_padding_and_counts_unsupervised_as_zero():
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[1, 2, 3, data.IGNORE], [data.IGNORE, data.IGNORE, data.IGNORE, data.IGNORE]])
+    loss, tokens = estimate.per_sample_loss_sum(logits, labels)
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, 1:3])
+    torch.testing.assert_close(loss, expected)
+    assert tokens == 2
+
+
+def test_sign_update_is_minus_sign_of_g():
+    g = torch.tensor([[0.5, -2.0], [0.0, 1e-30]])
+    (name, update), = estimate.sign_update({"m": g}).items()
+    assert name == "m.weight" and update.dtype == torch.int8
+    assert update.tolist() == [[-1, 1], [0, -1]]
+
+
+def test_non_finite_gradient_names_the_module():
+    model, tokenizer = make_llama()
+    model.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("inf")
+    modules = models.resolve_targets(model, "all-linear")
+    with pytest.raises(NonFiniteError) as excinfo:
+        estimate.sum_gradients(model, modules, data.make_batches(_examples(tokenizer), 4, tokenizer.pad_token_id))
+    assert re.fullmatch(r"NaN/Inf in the gradient of model\.layers\.\d\.\S+ — run with --dtype float32.*",
+                        excinfo.value.one_line())
+
+
+def _run(model_dir, qa_file, out, **overrides):
+    config = estimate.EstimateConfig(
+        model=str(model_dir), data=str(qa_file), out=str(out), samples=8, dtype="float64", **overrides
+    )
+    return estimate.estimate(config)
+
+
+def test_update_does_not_depend_on_batch_size(tiny_model_dir, qa_file, tmp_path):
+    _run(tiny_model_dir, qa_file, tmp_path / "b1.safetensors", batch_size=1)
+    _run(tiny_model_dir, qa_file, tmp_path / "b8.safetensors", batch_size=8)
+    one, eight = (artifacts.Artifact(tmp_path / f, kinds=("update",)) for f in ("b1.safetensors", "b8.safetensors"))
+    assert one.names == eight.names
+    for name in one.names:
+        assert torch.equal(one.get(name), eight.get(name)), name
+
+
+def test_two_raw_shards_combined_equal_the_single_estimate(tiny_model_dir, qa_file, tmp_path):
+    single = tmp_path / "single.safetensors"
+    _run(tiny_model_dir, qa_file, single)
+    parts = []
+    for i in range(2):
+        parts.append(str(tmp_path / f"part{i}.safetensors"))
+        summary = _run(tiny_model_dir, qa_file, parts[-1], raw=True, shard=f"{i}/2")
+        assert summary.samples == 4
+    raw = artifacts.Artifact(parts[0], kinds=("update-raw",))
+    assert raw.get(raw.names[0]).dtype == torch.float32 and raw.meta["samples"] == 4
+
+    combined = estimate.combine(parts, str(tmp_path / "combined.safetensors"))
+    a, b = artifacts.Artifact(single), artifacts.Artifact(combined)
+    assert b.meta["samples"] == 8 and b.meta["kind"] == "update"
+    for name in a.names:
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_combine_refuses_mismatched_or_incomplete_shards(tiny_model_dir, qa_file, tmp_path):
+    p0 = str(tmp_path / "p0.safetensors")
+    p1_other_seed = str(tmp_path / "p1.safetensors")
+    _run(tiny_model_dir, qa_file, p0, raw=True, shard="0/2")
+    _run(tiny_model_dir, qa_file, p1_other_seed, raw=True, shard="1/2", seed=3)
+    with pytest.raises(IncompatibleArtifactError, match="different samplings"):
+        estimate.combine([p0, p1_other_seed], str(tmp_path / "x.safetensors"))
+    with pytest.raises(IncompatibleArtifactError, match=r"missing shard\(s\) 1/2"):
+        estimate.combine([p0], str(tmp_path / "x.safetensors"))
+    with pytest.raises(IncompatibleArtifactError, match="given twice"):
+        estimate.combine([p0, p0], str(tmp_path / "x.safetensors"))
+    p_targets = str(tmp_path / "pt.safetensors")
+    _run(tiny_model_dir, qa_file, p_targets, raw=True, shard="1/2", targets="attention")
+    with pytest.raises(IncompatibleArtifactError, match="differ in base model"):
+        estimate.combine([p0, p_targets], str(tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_provenance_of_the_update(tiny_model_dir, qa_file, tmp_path):
+    _run(tiny_model_dir, qa_file, tmp_path / "u.safetensors", eta=3e-5, seed=7)
+    meta = artifacts.Artifact(tmp_path / "u.safetensors").meta
+    assert meta["kind"] == "update" and meta["format"] == "lorasb" and meta["format_version"] == 1
+    assert meta["eta"] == 3e-5 and meta["seed"] == 7 and meta["samples"] == 8
+    assert meta["base_model"]["id"] == str(tiny_model_dir.resolve())
+    assert len(meta["base_model"]["fingerprint"]) == 16
+    assert meta["data"]["format"] == "prompt-response" and meta["data"]["rows"] == len(QA_ROWS)
+    assert {"lorasb", "torch", "transformers", "safetensors"} <= set(meta["versions"])
+
+
+def test_torchrun_two_processes_equal_one(tiny_model_dir, qa_file, tmp_path):
+    """DESIGN.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
+    single = tmp_path / "single.safetensors"
+    _run(tiny_model_dir, qa_file, single)
+    two = tmp_path / "two.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        "-m", "lorasb_cli", "estimate", "-m", str(tiny_model_dir), "-d", str(qa_file), "--samples", "8",
+        "--dtype", "float64", "-q", "-o", str(two),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = artifacts.Artifact(single), artifacts.Artifact(two)
+    assert b.meta["samples"] == 8
+    for name in a.names:
+        assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_targets_presets_and_suffixes():
+    model, _ = make_llama()
+    assert len(models.resolve_targets(model, "all-linear")) == 14
+    attention = models.resolve_targets(model, "attention")
+    assert len(attention) == 8 and all(".self_attn." in n for n in attention)
+    assert models.resolve_targets(model, "q_proj,v_proj") == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    assert "lm_head" not in models.resolve_targets(model, "all-linear")
+    from lorasb_cli.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="'nope' matches no linear module"):
+        models.resolve_targets(model, "q_proj,nope")
+
+
+def test_fingerprint_depends_on_names_and_shapes():
+    a, _ = make_llama(hidden=64)
+    b, _ = make_llama(hidden=64, seed=1)
+    c, _ = make_llama(hidden=32)
+    fp = {
+        k: models.fingerprint(models.target_shapes(m, models.resolve_targets(m, "all-linear")))
+        for k, m in dict(a=a, b=b, c=c).items()
+    }
+    assert fp["a"] == fp["b"] != fp["c"]
