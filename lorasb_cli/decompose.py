@@ -79,7 +79,8 @@ def decompose(
 ) -> DecomposeSummary:
     """Factor every module of the update at `update_path` and write `<module>.lora_{B,R,A}` to `out`."""
     update = artifacts.Artifact(update_path, kinds=("update",))
-    check_rank(rank, update.shapes(), update.path)
+    shapes = {name.removesuffix(".weight"): shape for name, shape in update.shapes().items()}
+    check_rank(rank, shapes, update.path)
     if niter < 0:
         raise BadInputError(f"--niter {niter} must be ≥ 0")
     target_device = models.resolve_device(device)

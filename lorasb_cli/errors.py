@@ -26,6 +26,9 @@ class LorasbError(Exception):
             text += f" — {self.hint}"
         return " ".join(text.split())
 
+    def __str__(self) -> str:
+        return self.one_line()
+
 
 class BadInputError(LorasbError):
     """Bad usage or bad input: options, data, models or files the user must change (exit 2)."""

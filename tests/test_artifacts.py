@@ -1,0 +1,110 @@
+"""Artifacts: provenance round trip, atomic writes, and one clear error for every unreadable file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorasb_cli import artifacts
+from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+
+
+def _meta(kind="update"):
+    return artifacts.provenance(kind, base_model={"id": "toy", "fingerprint": "f" * 16}, eta=1e-5)
+
+
+def test_round_trip_keeps_tensors_and_provenance(tmp_path):
+    tensors = {"a.weight": torch.tensor([[1, -1], [0, 1]], dtype=torch.int8), "b.weight": torch.ones(3, 2, dtype=torch.int8)}
+    artifacts.write_artifact(tmp_path / "u.safetensors", tensors, _meta())
+    art = artifacts.Artifact(tmp_path / "u.safetensors", kinds=("update",))
+    assert art.kind == "update" and art.meta["eta"] == 1e-5 and art.meta["base_model"]["id"] == "toy"
+    assert sorted(art.names) == ["a.weight", "b.weight"]
+    assert torch.equal(art.get("a.weight"), tensors["a.weight"])
+    assert art.shapes()["b.weight"] == (3, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["u.safetensors"]  # no temp file left behind
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(NonFiniteError, match="'x'"):
+        artifacts.write_artifact(tmp_path / "u.safetensors", {"x": torch.tensor([float("nan")])}, _meta())
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_path(tmp_path / "v.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_folder_is_bad_input(tmp_path):
+    with pytest.raises(BadInputError, match="output folder does not exist"):
+        artifacts.write_artifact(tmp_path / "no" / "u.safetensors", {"x": torch.zeros(1)}, _meta())
+
+
+def _written(tmp_path):
+    return artifacts.write_artifact(tmp_path / "u.safetensors", {"w.weight": torch.ones(64, 64, dtype=torch.int8)}, _meta())
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = _written(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(BadInputError, match="not a readable safetensors file"):
+        artifacts.Artifact(path)
+
+
+def test_other_format_is_rejected(tmp_path):
+    path = tmp_path / "model.bin"
+    torch.save({"w": torch.ones(2)}, path)  # a pickle: must be refused without being unpickled
+    with pytest.raises(BadInputError, match="not a readable safetensors file"):
+        artifacts.Artifact(path)
+
+
+def test_safetensors_without_lorasb_metadata_is_rejected(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(IncompatibleArtifactError, match="without lorasb metadata"):
+        artifacts.Artifact(path)
+
+
+def test_wrong_kind_names_the_producer(tmp_path):
+    path = _written(tmp_path)
+    with pytest.raises(IncompatibleArtifactError) as excinfo:
+        artifacts.Artifact(path, kinds=("factors",))
+    assert "expected a factors artifact, got a update" in excinfo.value.one_line()
+    assert "lorasb decompose" in excinfo.value.one_line()
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    meta = _meta()
+    meta["format_version"] = artifacts.FORMAT_VERSION + 1
+    path = tmp_path / "u.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"lorasb": json.dumps(meta)})
+    with pytest.raises(IncompatibleArtifactError, match="upgrade lorasb|newer"):
+        artifacts.Artifact(path)
+
+
+def test_nan_in_a_stored_tensor_is_caught_on_read(tmp_path):
+    path = tmp_path / "f.safetensors"
+    save_file({"m.lora_R": torch.tensor([[float("inf")]])}, str(path), metadata={"lorasb": json.dumps(_meta("factors"))})
+    art = artifacts.Artifact(path, kinds=("factors",))
+    with pytest.raises(NonFiniteError, match="m.lora_R"):
+        art.get("m.lora_R")
+
+
+def test_factor_modules_checks_shapes(tmp_path):
+    good = {"m.lora_B": torch.zeros(6, 2), "m.lora_R": torch.zeros(2, 2), "m.lora_A": torch.zeros(2, 5)}
+    artifacts.write_artifact(tmp_path / "f.safetensors", good, _meta("factors"))
+    assert artifacts.factor_modules(artifacts.Artifact(tmp_path / "f.safetensors")) == ["m"]
+    bad = {**good, "m.lora_A": torch.zeros(3, 5)}
+    artifacts.write_artifact(tmp_path / "g.safetensors", bad, _meta("factors"))
+    with pytest.raises(IncompatibleArtifactError, match="inconsistent shapes"):
+        artifacts.factor_modules(artifacts.Artifact(tmp_path / "g.safetensors"))
+    del bad["m.lora_R"]
+    artifacts.write_artifact(tmp_path / "h.safetensors", bad, _meta("factors"))
+    with pytest.raises(IncompatibleArtifactError, match="lacks lora_R"):
+        artifacts.factor_modules(artifacts.Artifact(tmp_path / "h.safetensors"))
+    assert os.path.exists(tmp_path / "h.safetensors")

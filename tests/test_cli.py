@@ -1,0 +1,184 @@
+"""The CLI end to end: click's runner, a real subprocess and shell pipeline, and every bad-input case."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_llama, save_model, write_jsonl
+
+from lorasb_cli import artifacts, cli
+
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run `lorasb ARGS` in-process through the real entry point (error handler included)."""
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return excinfo.value.code, out, err
+
+
+def test_the_stages_are_exactly_the_commands():
+    assert set(cli.cli.commands) == {"estimate", "combine", "decompose"}
+
+
+def test_estimate_then_decompose_through_click_runner(tiny_model_dir, qa_file, tmp_path):
+    runner = CliRunner()
+    update = tmp_path / "u.safetensors"
+    result = runner.invoke(
+        cli.cli, ["estimate", "-m", str(tiny_model_dir), "-d", str(qa_file), "--samples", "6", "-q", "-o", str(update)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{update}\n"
+    result = runner.invoke(cli.cli, ["decompose", str(update), "--rank", "4", "-q", "-o", str(tmp_path / "f.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{tmp_path / 'f.safetensors'}\n"
+    assert artifacts.Artifact(tmp_path / "f.safetensors").meta["rank"] == 4
+
+
+def test_json_summary_on_stdout(tiny_model_dir, qa_file, tmp_path, capsys):
+    import json
+
+    status, out, err = run(
+        ["estimate", "-m", tiny_model_dir, "-d", qa_file, "--samples", "4", "--json", "-o", tmp_path / "u.safetensors"],
+        capsys,
+    )
+    assert status == 0, err
+    summary = json.loads(out)
+    assert summary["path"] == str(tmp_path / "u.safetensors") and summary["samples"] == 4 and summary["modules"] == 14
+    assert "samples" in err  # the summary table goes to stderr
+
+
+def test_shell_pipeline_as_subprocess(tiny_model_dir, qa_file, tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    script = (
+        f'lorasb decompose "$(lorasb estimate -m {tiny_model_dir} -d {qa_file} --samples 4 -o u.safetensors)" '
+        "--rank 4 -o f.safetensors"
+    )
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "f.safetensors\n"
+    assert "estimate" in done.stderr and "captured energy" in done.stderr
+    factors = artifacts.Artifact(tmp_path / "f.safetensors", kinds=("factors",))
+    assert len(artifacts.factor_modules(factors)) == 14
+
+
+def test_python_dash_m_works_the_same():
+    done = subprocess.run([sys.executable, "-m", "lorasb_cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "estimate" in done.stdout and "decompose" in done.stdout
+
+
+def _assert_one_line_error(status, out, err, pattern, tmp_path, expected_status=2):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == expected_status, err
+    assert out == ""
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert pattern in lines[0], lines[0]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))]
+
+
+@pytest.fixture()
+def estimate_args(tiny_model_dir, qa_file, tmp_path):
+    return ["estimate", "-m", tiny_model_dir, "-d", qa_file, "-q", "-o", tmp_path / "out.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"-m": "mistrall"}, "unknown model 'mistrall'"),
+        ({"-m": "./no/such/dir"}, "unknown model './no/such/dir'"),
+        ({"-d": "missing.jsonl"}, "data file not found"),
+        ({"--frac": "0"}, "--frac 0.0 is outside (0, 1]"),
+        ({"--frac": "1.5"}, "--frac 1.5 is outside (0, 1]"),
+        ({"--samples": "13"}, "--samples 13 is larger than the split (12 rows)"),
+        ({"--targets": "nope_proj"}, "--targets 'nope_proj' matches no linear module"),
+        ({"--format": "text"}, "--format text needs the fields text"),
+        ({"--shard": "2/2"}, "--shard 2/2"),
+        ({"--eta": "0"}, "--eta 0.0 must be positive"),
+        ({"--dtype": "float8"}, "unknown --dtype 'float8'"),
+    ],
+)
+def test_estimate_bad_input(estimate_args, tmp_path, capsys, change, pattern):
+    args = list(estimate_args)
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    _assert_one_line_error(*run(args, capsys), pattern, tmp_path)
+
+
+def test_empty_and_fieldless_data_files(estimate_args, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    write_jsonl(tmp_path / "fields.jsonl", [{"foo": 1}])
+    for name, pattern in (("empty.jsonl", "data file is empty"), ("fields.jsonl", "cannot tell the data format")):
+        args = list(estimate_args)
+        args[args.index("-d") + 1] = tmp_path / name
+        _assert_one_line_error(*run(args, capsys), pattern, tmp_path)
+
+
+def test_missing_option_is_one_line(capsys, tmp_path):
+    _assert_one_line_error(*run(["estimate", "-d", "x.jsonl"], capsys), "Missing option '--model'", tmp_path)
+
+
+def test_non_finite_gradient_is_bad_input(tmp_path, qa_file, capsys):
+    model, tokenizer = make_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save_model(model, tokenizer, tmp_path / "nan-model")
+    status, out, err = run(
+        ["estimate", "-m", tmp_path / "nan-model", "-d", qa_file, "--samples", "2", "-q", "-o", tmp_path / "out.safetensors"],
+        capsys,
+    )
+    _assert_one_line_error(status, out, err, "NaN/Inf in the gradient of model.layers.0", tmp_path)
+    assert "--dtype float32" in err
+
+
+@pytest.fixture()
+def update_file(tiny_model_dir, qa_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("u") / "u.safetensors"
+    cli_args = ["estimate", "-m", tiny_model_dir, "-d", qa_file, "--samples", "4", "-q", "-o", path]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in cli_args])
+    assert excinfo.value.code == 0
+    return path
+
+
+@pytest.mark.parametrize(("rank", "pattern"), [("0", "--rank 0 must be positive"), ("65", "pass --rank 32 or less")])
+def test_decompose_bad_rank(update_file, tmp_path, capsys, rank, pattern):
+    args = ["decompose", update_file, "--rank", rank, "-q", "-o", tmp_path / "out.safetensors"]
+    _assert_one_line_error(*run(args, capsys), pattern, tmp_path)
+
+
+def test_decompose_bad_update_files(update_file, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(update_file.read_bytes()[:-64])
+    not_st = tmp_path / "notes.safetensors"
+    not_st.write_text("hello")
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2)}, str(plain))
+    cases = [
+        (truncated, "not a readable safetensors file"),
+        (not_st, "not a readable safetensors file"),
+        (plain, "safetensors file without lorasb metadata"),
+        (tmp_path / "absent.safetensors", "file not found"),
+    ]
+    for path, pattern in cases:
+        args = ["decompose", path, "--rank", "2", "-q", "-o", tmp_path / "out.safetensors"]
+        _assert_one_line_error(*run(args, capsys), pattern, tmp_path)
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    from lorasb_cli.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        cli.main(["decompose", str(tmp_path / "absent.safetensors"), "--rank", "2", "--debug"])
