@@ -177,6 +177,59 @@ def decompose(update, rank, niter, exact, seed, device, out, as_json, quiet):
     report(summary.path, {"rank": rank, "energy": summary.energy}, as_json)
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl --lr 1e-3 -o run/
+  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume""",
+)
+@model_options
+@click.option("--factors", "-f", required=True, help="Factors file written by lorasb decompose.")
+@data_options
+@click.option("--eval-data", default=None, help="Held-out file for eval loss (same format as --data).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate of R.")
+@click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over --data.")
+@click.option("--max-steps", default=-1, show_default=True, type=int, help="Optimizer steps; overrides --epochs.")
+@click.option("--grad-accum", default=1, show_default=True, type=int, help="Batches per optimizer step.")
+@click.option("--warmup-ratio", default=0.0, show_default=True, type=float, help="Fraction of steps to warm up.")
+@click.option("--scheduler", default="linear", show_default=True, help="linear, cosine, constant, constant_with_warmup.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order and any randomness.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
+@click.option("--save-steps", default=500, show_default=True, type=int, help="Checkpoint every N steps.")
+@click.option("--eval-steps", default=None, type=int, help="Evaluate --eval-data every N steps (and at the end).")
+@click.option("--init-scale", default=1.0, show_default=True, type=float, help="Multiply R_init by this factor.")
+@click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
+@click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
+@common_options
+def train(model, dtype, device, trust_remote_code, factors, data, split, data_format, batch_size, max_length,
+          eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
+          save_steps, eval_steps, init_scale, resume, overwrite, out, as_json, quiet):
+    """Train only the r×r matrices R (B and A frozen) and write the adapter directory."""
+    from .console import human_bytes, print_table, progress_bar
+    from .train import TrainConfig, train as run_train
+
+    config = TrainConfig(
+        model=model, factors=factors, data=data, out=out, split=split, format=data_format, eval_data=eval_data,
+        lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
+        device=device, gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
+        init_scale=init_scale, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    with progress_bar("train", enabled=not quiet) as progress:
+        summary = run_train(config, progress)
+    loss = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    print_table(
+        "train",
+        ["steps", "trainable", "step-0 base", "step-0 init", "final train", "final eval", "tokens/s", "peak memory"],
+        [[summary.steps, f"{summary.trainable_params:,}", loss(summary.step0_base_loss), loss(summary.step0_init_loss),
+          loss(summary.final_train_loss), loss(summary.final_eval_loss), f"{summary.tokens_per_second:.0f}",
+          human_bytes(summary.peak_memory_bytes)]],
+    )  # fmt: skip
+    report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group, turn every error into one stderr line and an exit status."""
     args = sys.argv[1:] if argv is None else argv

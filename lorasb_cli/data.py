@@ -63,7 +63,8 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized sample: `labels[t]` is the target of position t (IGNORE where no loss)."""
+    """One tokenized sample, HF convention: `labels[t]` is `input_ids[t]` where token t is supervised
+    (predicted from position t−1) and IGNORE elsewhere; the loss shifts by one."""
 
     input_ids: list[int]
     labels: list[int]
@@ -253,28 +254,28 @@ def supervised_tokens(example: Example) -> int:
     return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: `input_ids`, `attention_mask`, `labels`, each [batch, longest]."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 def make_batches(
     examples: Sequence[Example], batch_size: int, pad_id: int, *, sort_by_length: bool = True
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded batches; sorting by length first keeps padding (and wasted compute) small.
-
-    Yields `input_ids`, `attention_mask`, `labels`, each [batch, longest in batch].
-    """
+    """Batches of `collate`; sorting by length first keeps padding (and wasted compute) small."""
     if batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size} must be positive")
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)) if sort_by_length else range(
-        len(examples)
-    )
-    order = list(order)
+    order = list(range(len(examples)))
+    if sort_by_length:
+        order.sort(key=lambda i: -len(examples[i].input_ids))
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(e.input_ids) for e in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            n = len(e.input_ids)
-            input_ids[row, :n] = torch.tensor(e.input_ids)
-            labels[row, :n] = torch.tensor(e.labels)
-            attention_mask[row, :n] = 1
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)

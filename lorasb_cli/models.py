@@ -182,3 +182,16 @@ def fingerprint(shapes: dict[str, tuple[int, int]]) -> str:
     """A short hash of target module names and weight shapes: equal for the same architecture and targets."""
     blob = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def linear_shapes_from_config(ref: ModelRef, *, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """(m, n) of every linear layer, from config.json alone: the model is built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
