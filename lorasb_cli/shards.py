@@ -1,0 +1,342 @@
+"""Bounded-memory tensor I/O over (possibly sharded) safetensors checkpoints in the Hugging Face layout.
+
+`CheckpointIndex` maps tensor names to shard files from headers alone and reads tensors by name or shard by
+shard; `ShardWriter` writes tensors into shards of capped size with HF file names and index. Neither ever
+unpickles, and neither holds more than one shard open (reader) or buffered (writer) at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import BadInputError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors header dtype codes (format spec) → torch dtypes.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "C64": torch.complex64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+_MAX_HEADER_BYTES = 100_000_000
+
+# Weight files of the pickle-based formats: named in the error, never opened.
+_PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard file name, dtype, shape, and its size in bytes."""
+
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON); no tensor bytes read."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            # safetensors' own cap on header size: a corrupt length must not make us read a whole shard.
+            if length > min(os.path.getsize(path) - 8, _MAX_HEADER_BYTES):
+                raise ValueError(f"header length {length} is past the end of the file or the 100 MB cap")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (OSError, struct.error, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadInputError(
+            f"not a readable safetensors file ({e})",
+            path=str(path),
+            hint="the file is truncated or of another format; download or copy it again",
+        ) from e
+
+
+class CheckpointIndex:
+    """Tensor name → shard map of a safetensors checkpoint directory, built from headers only.
+
+    Reads `model.safetensors.index.json` when present, else the single `model.safetensors`.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.directory = Path(model_dir)
+        if not self.directory.is_dir():
+            raise BadInputError("model directory not found", path=str(self.directory), hint="check the path")
+        index_path = self.directory / INDEX_FILE
+        if index_path.is_file():
+            weight_map = _read_weight_map(index_path)
+        elif (self.directory / SINGLE_FILE).is_file():
+            weight_map = None
+        else:
+            raise _no_safetensors_error(self.directory)
+
+        listed: dict[str, set[str]] | None = None  # shard → the tensor names the index assigns to it
+        if weight_map is not None:
+            listed = {}
+            for name, shard in weight_map.items():
+                listed.setdefault(shard, set()).add(name)
+
+        self._tensors: dict[str, TensorInfo] = {}
+        self._shards: dict[str, list[str]] = {}
+        for shard in sorted(listed) if listed is not None else [SINGLE_FILE]:
+            infos = _shard_tensors(self.directory / shard, shard)
+            if listed is not None:
+                missing = sorted(listed[shard] - infos.keys())
+                if missing:
+                    raise BadInputError(
+                        f"the index maps '{missing[0]}' to {shard}, which does not hold it",
+                        path=str(index_path),
+                        hint="the checkpoint is incomplete or mixed up; download or copy it again",
+                    )
+                # The index is authoritative: HF loaders ignore shard tensors it does not list.
+                infos = {n: info for n, info in infos.items() if n in listed[shard]}
+            self._shards[shard] = list(infos)
+            self._tensors.update(infos)
+
+    def names(self) -> list[str]:
+        """Every tensor name, shard by shard, in each shard's storage order."""
+        return list(self._tensors)
+
+    def shard_files(self) -> list[str]:
+        """Shard file names (relative to the directory), in order."""
+        return list(self._shards)
+
+    def tensors_in(self, shard_file: str) -> list[str]:
+        return list(self._shards[shard_file])
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor '{name}' in {self.directory}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name, read from its shard (only that tensor's bytes)."""
+        with safe_open(self.directory / self.info(name).shard, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, shard by shard, with exactly one shard open at a time."""
+        for shard, names in self._shards.items():
+            with safe_open(self.directory / shard, framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not an object of file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInputError(
+            f"unreadable checkpoint index ({e})", path=str(index_path), hint="download or copy the checkpoint again"
+        ) from e
+    return weight_map
+
+
+def _shard_tensors(path: Path, shard: str) -> dict[str, TensorInfo]:
+    """TensorInfo of every tensor in one shard file, in storage (data offset) order."""
+    if not path.is_file():
+        raise BadInputError(
+            "a shard listed in the checkpoint index is missing",
+            path=str(path),
+            hint="download or copy the complete checkpoint",
+        )
+    header = read_header(path)
+    header.pop("__metadata__", None)
+    infos: dict[str, TensorInfo] = {}
+    try:
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for name, entry in entries:
+            code = entry["dtype"]
+            if code not in _DTYPES:
+                raise BadInputError(f"tensor '{name}' has unsupported dtype {code}", path=str(path))
+            start, end = entry["data_offsets"]
+            infos[name] = TensorInfo(shard, _DTYPES[code], tuple(int(d) for d in entry["shape"]), end - start)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInputError(
+            f"malformed safetensors header ({e!r})", path=str(path), hint="download or copy the file again"
+        ) from e
+    return infos
+
+
+def _no_safetensors_error(directory: Path) -> BadInputError:
+    found = sorted(p.name for pattern in _PICKLE_PATTERNS for p in directory.glob(pattern))
+    if found:
+        return BadInputError(
+            f"checkpoint is not safetensors (found {', '.join(found)}); lorasb never unpickles weights",
+            path=str(directory),
+            hint="convert it: load it with transformers' from_pretrained and save_pretrained(NEW_DIR, "
+            "safe_serialization=True) (the only format transformers >= 5 writes), then pass NEW_DIR",
+        )
+    return BadInputError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} found",
+        path=str(directory),
+        hint="pass a Hugging Face model directory with safetensors weights",
+    )
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_size_bytes` tensor bytes each.
+
+    A tensor larger than the cap gets a shard of its own. Shards go to hidden temporary files in `out_dir`
+    and get their HF names (`model-0000k-of-0000N.safetensors`, or `model.safetensors` for one shard) only
+    in `finalize`, so an interrupted write leaves nothing a loader would read. Use as a context manager to
+    delete the temporary files when the block raises.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_size_bytes: int, metadata: dict[str, str] | None = None):
+        if max_shard_size_bytes < 1:
+            raise ValueError(f"max_shard_size_bytes must be at least 1, got {max_shard_size_bytes}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Refuse rather than mix: a stale model.safetensors beside a new index would win in from_pretrained.
+        existing = sorted(p.name for p in self.out_dir.glob("model*.safetensors*"))
+        if existing:
+            raise BadInputError(
+                f"output directory already holds weights ({', '.join(existing)})",
+                path=str(self.out_dir),
+                hint="pick a new or empty output directory",
+            )
+        self.max_shard_size = max_shard_size_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []  # temporary shard files and their tensor names
+        self._names: set[str] = set()
+        self._total_size = 0
+        self._finalized = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer `tensor` under `name`, first flushing the buffered shard if `tensor` would overflow it."""
+        if self._finalized:
+            raise RuntimeError("ShardWriter.add after finalize")
+        if name in self._names:
+            raise ValueError(f"tensor '{name}' added twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffered_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._names.add(name)
+        self._buffer[name] = tensor.detach().cpu().contiguous()
+        self._buffered_bytes += nbytes
+        self._total_size += nbytes
+
+    def finalize(self) -> list[Path]:
+        """Flush, give shards their final names, write the index (more than one shard); returns the files."""
+        if self._finalized:
+            raise RuntimeError("ShardWriter.finalize called twice")
+        if self._buffer:
+            self._flush()
+        if not self._written:
+            raise ValueError("ShardWriter.finalize with no tensors added")
+        count = len(self._written)
+        written: list[Path] = []
+        weight_map: dict[str, str] = {}
+        for k, (tmp, names) in enumerate(self._written, start=1):
+            final = SINGLE_FILE if count == 1 else f"model-{k:05d}-of-{count:05d}.safetensors"
+            os.replace(tmp, self.out_dir / final)
+            written.append(self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            # Written last: a checkpoint only exists for loaders once every shard it names is in place.
+            index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
+            tmp = self._temp_file(".index.json.tmp")
+            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.out_dir / INDEX_FILE)
+            written.append(self.out_dir / INDEX_FILE)
+        self._finalized = True
+        return written
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for tmp, _ in self._written:
+                tmp.unlink(missing_ok=True)
+
+    def _flush(self) -> None:
+        tmp = self._temp_file(".safetensors.tmp")
+        try:
+            save_file(self._buffer, str(tmp), metadata=self.metadata)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._written.append((tmp, list(self._buffer)))
+        self._buffer = {}
+        self._buffered_bytes = 0
+
+    def _temp_file(self, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=".lorasb-", suffix=suffix, dir=self.out_dir)
+        os.close(fd)
+        return Path(name)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in `size`: an integer, or a number with a unit, e.g. "5GB" (GB = 10**9) or "2GiB" (GiB = 2**30)."""
+    text = str(size)
+    match = _SIZE_RE.fullmatch(text)
+    number, unit = (Decimal(match[1]), match[2].upper()) if match else (Decimal(0), "?")
+    if unit not in _SIZE_UNITS or number * _SIZE_UNITS[unit] < 1:
+        raise BadInputError(
+            f"invalid size '{text}'", hint="give a positive number of bytes or a size with a unit: 5GB, 500MB, 2GiB"
+        )
+    return int(number * _SIZE_UNITS[unit])
