@@ -230,6 +230,28 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, data_fo
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
 
+@cli.command(
+    name="inspect",
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb inspect factors.safetensors
+  lorasb inspect run/ --json""",
+)
+@click.argument("path")
+@common_options
+def inspect_command(path, as_json, quiet):
+    """Show what a lorasb artifact is: kind, provenance, modules, shapes, rank and parameter counts."""
+    from .console import print_description
+    from .inspect import describe
+
+    description = describe(path)
+    if as_json:
+        click.echo(json.dumps(description, indent=2, default=str))
+    else:
+        print_description(description)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group, turn every error into one stderr line and an exit status."""
     args = sys.argv[1:] if argv is None else argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 stderr = Console(stderr=True)
+stdout = Console()
 
 
 def setup_logging(*, debug: bool, quiet: bool) -> None:
@@ -56,3 +58,43 @@ def human_bytes(count: int) -> str:
             return f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.2f} GiB"
+
+
+def print_description(description: dict) -> None:
+    """`lorasb inspect`'s report on stdout: the artifact, its provenance, its modules grouped by kind."""
+    meta = description["provenance"]
+    base = meta.get("base_model", {})
+    data = meta.get("data") or {}
+    summary = Table(show_header=False, title=description["path"], title_justify="left")
+    rows = [
+        ("kind", description["kind"]),
+        ("modules", description["modules"]),
+        ("rank", description["rank"]),
+        ("base model", base.get("id") if isinstance(base, dict) else base),
+        ("fingerprint", base.get("fingerprint") if isinstance(base, dict) else None),
+        ("targets", meta.get("targets")),
+        ("method / init", " / ".join(str(meta[k]) for k in ("method", "init") if meta.get(k))),
+        ("data", data.get("source")),
+        ("samples", meta.get("samples")),
+        ("eta", meta.get("eta")),
+        ("seed", meta.get("seed")),
+        ("created", meta.get("created")),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
+        *((f"params: {k}", f"{v:,}") for k, v in description["parameters"].items()),
+    ]
+    for key, value in rows:
+        if value not in (None, ""):
+            summary.add_row(key, str(value))
+    stdout.print(summary)
+    groups: dict[str, list[dict]] = {}
+    for module, info in description["shapes"].items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(info)
+    if groups:
+        table = Table(title="modules", title_justify="left")
+        for column in ("module", "count", "shape (m×n)", "rank"):
+            table.add_column(column)
+        for kind, infos in groups.items():
+            shapes = sorted({"×".join(map(str, i["shape"])) for i in infos})
+            ranks = sorted({str(i["rank"]) for i in infos if "rank" in i})
+            table.add_row(kind, str(len(infos)), ", ".join(shapes), ", ".join(ranks) or "-")
+        stdout.print(table)

@@ -26,7 +26,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_the_stages_are_exactly_the_commands():
-    assert set(cli.cli.commands) == {"estimate", "combine", "decompose", "train"}
+    assert set(cli.cli.commands) == {"estimate", "combine", "decompose", "train", "inspect"}
 
 
 def test_estimate_then_decompose_through_click_runner(tiny_model_dir, qa_file, tmp_path):
@@ -182,3 +182,19 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
     with pytest.raises(BadInputError):
         cli.main(["decompose", str(tmp_path / "absent.safetensors"), "--rank", "2", "--debug"])
+
+
+def test_inspect_describes_update_and_factors(update_file, tmp_path, capsys):
+    import json
+
+    status, out, err = run(["decompose", update_file, "--rank", "3", "-q", "-o", tmp_path / "f.safetensors"], capsys)
+    assert status == 0, err
+    status, out, _ = run(["inspect", tmp_path / "f.safetensors", "--json"], capsys)
+    described = json.loads(out)
+    assert status == 0 and described["kind"] == "factors" and described["rank"] == 3 and described["modules"] == 14
+    # 14 modules of rank 3: R has 9 entries each; LoRA at rank 3 needs 3·(m+n) per module.
+    assert described["parameters"]["trainable_R"] == 14 * 9
+    assert described["shapes"]["model.layers.0.self_attn.k_proj"] == {"shape": [32, 64], "rank": 3}
+    status, out, _ = run(["inspect", update_file], capsys)
+    assert status == 0 and "update" in out and "model.layers.*.mlp.up_proj" in out
+    _assert_one_line_error(*run(["inspect", tmp_path / "none"], capsys), "no such file", tmp_path)
