@@ -110,6 +110,7 @@ class Adapter:
 def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     """Write `adapter.safetensors` (provenance kind `adapter`) and `adapter_config.json` into `run_dir`."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     meta = artifacts.provenance("adapter", **config)
     artifacts.write_artifact(run_dir / ADAPTER_FILE, tensors, meta)
     with artifacts.atomic_path(run_dir / CONFIG_FILE) as tmp:

@@ -231,6 +231,45 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, data_fo
 
 
 @cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb evaluate --model mistral-math/ --task gsm8k -o results.json
+  lorasb evaluate --model mistral --adapter run/ --task gsm8k --data gsm8k_test.jsonl --limit 200 -o results.json""",
+)
+@model_options
+@click.option("--adapter", "-a", default=None, help="Adapter directory (lorasb train -o) to evaluate unmerged.")
+@click.option("--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity.")
+@click.option("--data", "-d", default=None, help="Local file or hub data set [default: the task's own].")
+@click.option("--split", default=None, help="Split of a hub data set [default: the task's].")
+@click.option("--limit", default=None, type=int, help="Evaluate the first N examples only.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per batch.")
+@click.option("--max-new-tokens", default=None, type=int, help="Generation length [default: the task's].")
+@click.option("--max-length", default=1024, show_default=True, type=int, help="Input tokens, at most.")
+@click.option("--scoring", default=None, help="generate or loglik (pick the most likely option) [default: the task's].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed (decoding is greedy).")
+@click.option("-o", "--out", default="results.json", show_default=True, help="Results JSON; predictions go beside it.")
+@common_options
+def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, limit, batch_size, max_new_tokens,
+             max_length, scoring, seed, out, as_json, quiet):
+    """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
+    from .console import print_table, progress_bar
+    from .evaluate import EvaluateConfig, evaluate as run_evaluate
+
+    config = EvaluateConfig(
+        model=model, task=task, out=out, adapter=adapter, data=data, split=split, limit=limit,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, scoring=scoring, seed=seed,
+        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    with progress_bar("evaluate", enabled=not quiet) as progress:
+        summary = run_evaluate(config, progress)
+    scalars = {k: v for k, v in summary.metrics.items() if isinstance(v, (int, float))}
+    print_table(f"{task} ({summary.count} examples)", ["metric", "value"],
+                [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in scalars.items()])  # fmt: skip
+    report(summary.path, {"count": summary.count, "metrics": summary.metrics, "predictions": summary.predictions}, as_json)
+
+
+@cli.command(
     name="inspect",
     context_settings=CONTEXT,
     epilog="""\b

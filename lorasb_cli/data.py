@@ -70,8 +70,8 @@ class Example:
     labels: list[int]
 
 
-def load_dataset_rows(data: str, split: str = "train") -> Dataset:
-    """Read a local .jsonl/.json/.csv/.parquet file (one split) or a hub data set's `split`."""
+def load_dataset_rows(data: str, split: str = "train", config: str | None = None) -> Dataset:
+    """Read a local .jsonl/.json/.csv/.parquet file (one split) or a hub data set's `split` (of `config`)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -100,7 +100,7 @@ def load_dataset_rows(data: str, split: str = "train") -> Dataset:
         source, split = str(path.resolve()), "file"
     else:
         try:
-            table = datasets.load_dataset(data, split=split)
+            table = datasets.load_dataset(data, config, split=split)
         except Exception as e:
             raise BadInputError(
                 f"cannot load data set '{data}' split '{split}': {str(e).splitlines()[0]}",

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,31 +106,60 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool = False,
+    head: str = "causal-lm",
+    labels: Sequence[str] | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer; every loading failure becomes a one-line BadInputError."""
+    """Load a model and its tokenizer; every loading failure becomes a one-line BadInputError.
+
+    `head` "causal-lm" loads AutoModelForCausalLM; "sequence-classification" loads
+    AutoModelForSequenceClassification, with one output per entry of `labels` when given (a new head
+    starts random: seed torch first) and the checkpoint's own head otherwise.
+    """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if head == "sequence-classification":
+        auto = AutoModelForSequenceClassification
+        if labels is not None:
+            kwargs |= {
+                "num_labels": len(labels),
+                "id2label": dict(enumerate(map(str, labels))),
+                "label2id": {str(label): i for i, label in enumerate(labels)},
+            }
+    else:
+        auto = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            ref.path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        model = auto.from_pretrained(ref.path, **kwargs)
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
             "HF_HUB_OFFLINE=1 is set: download it first or pass a local directory"
             if offline
-            else "check the name, your network and that the model is a causal LM"
+            else f"check the name, your network and that the model has a {head} head"
         )
         raise BadInputError(f"cannot load model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss, so any token id serves.
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
+    """The `architectures` of the model's config.json (e.g. ["LlamaForCausalLM"]), read without weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
+    return list(getattr(config, "architectures", None) or [])
 
 
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:
@@ -184,14 +214,17 @@ def fingerprint(shapes: dict[str, tuple[int, int]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def linear_shapes_from_config(ref: ModelRef, *, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+def linear_shapes_from_config(
+    ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm"
+) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear layer, from config.json alone: the model is built on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}

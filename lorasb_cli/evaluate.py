@@ -1,0 +1,324 @@
+"""`lorasb evaluate`: score a base model, a base + adapter, or a merged model on a task (lorasb_cli/tasks).
+
+Generation is batched with left padding and greedy decoding; an unmerged `--adapter` gives the same numbers
+as its merged model. Writes the results JSON and, beside it, one JSONL line per example.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from . import adapter, artifacts, data, models
+from .errors import BadInputError, IncompatibleArtifactError
+from .tasks import INVALID, Task, get_task
+
+log = logging.getLogger("lorasb")
+
+
+class Answerer(Protocol):
+    """What a task needs from a model; `ModelAnswerer` is the real one, tests script fake ones."""
+
+    def generate(self, prompts: Sequence[str]) -> list[str]: ...
+
+    def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]: ...
+
+    def classify(self, texts: Sequence[str | tuple[str, str]]) -> list[int | float | str]: ...
+
+    def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]: ...
+
+
+class ModelAnswerer:
+    """A loaded HF model (with or without an injected adapter) answering in batches."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, batch_size: int, max_new_tokens: int, max_length: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+        )
+        self.tokenizer.padding_side = "left"  # generation appends on the right: prompts must end together
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+        outputs: dict[int, str] = {}
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            encoded = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(self.device)
+            generated = self.model.generate(**encoded, generation_config=config)
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+            for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[i] = text
+        return [outputs[i] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]:
+        """Σ log p(choice tokens | prompt) for each choice."""
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        examples = []
+        for choice in choices:
+            choice_ids = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            examples.append(data.Example(prompt_ids + choice_ids, [data.IGNORE] * len(prompt_ids) + choice_ids))
+        batch = {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (picked * (targets != data.IGNORE)).sum(dim=1).tolist()
+
+    @torch.no_grad()
+    def classify(self, texts: Sequence[str | tuple[str, str]]) -> list[int | float | str]:
+        self.tokenizer.padding_side = "right"
+        # Label names when the head has real ones; a default `LABEL_k` head answers with the id k.
+        id2label = {
+            i: name
+            for i, name in (getattr(self.model.config, "id2label", None) or {}).items()
+            if not re.fullmatch(r"LABEL_\d+", str(name))
+        }
+        predictions: list[int | float | str] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            pairs = [t if isinstance(t, tuple) else (t, None) for t in chunk]
+            first, second = [p[0] for p in pairs], [p[1] for p in pairs]
+            encoded = self.tokenizer(
+                first, second if any(s is not None for s in second) else None,
+                truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
+            ).to(self.device)  # fmt: skip
+            logits = self.model(**encoded).logits.float()
+            if logits.shape[-1] == 1:  # regression (STS-B)
+                predictions += logits[:, 0].tolist()
+            else:
+                predictions += [id2label.get(i, i) for i in logits.argmax(-1).tolist()]
+        return predictions
+
+    @torch.no_grad()
+    def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]:
+        from .estimate import per_sample_loss_sum
+
+        fmt = data.detect_format(list(rows[0]), "auto")
+        examples = data.encode(rows, fmt, self.tokenizer, self.max_length)
+        results = []
+        for example in examples:
+            batch = {k: v.to(self.device) for k, v in data.collate([example], self.tokenizer.pad_token_id).items()}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, tokens = per_sample_loss_sum(logits, batch["labels"])
+            results.append((float(loss), tokens))
+        return results
+
+
+def evaluate_rows(
+    task: Task,
+    rows: Sequence[dict],
+    answerer: Answerer,
+    scoring: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = 32,
+) -> list[dict]:
+    """Per-example records: input, reference, raw output, extracted answer, correct (and the row's task).
+
+    Rows go to the answerer `chunk` at a time so `progress(done, total)` moves during long runs.
+    """
+    records: list[dict] = []
+    for start in range(0, len(rows), chunk):
+        records += _score_chunk(task, rows[start : start + chunk], answerer, scoring or task.scoring)
+        if progress is not None:
+            progress(len(records), len(rows))
+    return records
+
+
+def _score_chunk(task: Task, rows: Sequence[dict], answerer: Answerer, scoring: str) -> list[dict]:
+    records = []
+    if scoring == "generate":
+        prompts = [task.prompt(row) for row in rows]
+        for row, prompt, output in zip(rows, prompts, answerer.generate(prompts)):
+            reference = task.reference(row)
+            extracted = task.extract(output)
+            correct = extracted != INVALID and task.is_correct(extracted, reference)
+            records.append(_record(row, prompt, reference, output, extracted, correct))
+    elif scoring == "loglik":
+        if task.choices is None:
+            raise BadInputError(f"task '{task.name}' has no answer options to score by log-likelihood")
+        for row in rows:
+            prompt, options = task.prompt(row), task.choices(row)
+            scores = answerer.loglik(prompt, options)
+            best = options[max(range(len(options)), key=scores.__getitem__)]
+            reference = task.reference(row)
+            records.append(_record(row, prompt, reference, json.dumps(dict(zip(options, scores))), best,
+                                   task.is_correct(best, reference)))  # fmt: skip
+    elif scoring == "classify":
+        texts = [task.text(row) for row in rows]
+        for row, text, predicted in zip(rows, texts, answerer.classify(texts)):
+            reference = task.reference(row) if task.reference else row["label"]
+            correct = None if isinstance(predicted, float) else str(predicted) == str(reference)
+            records.append(_record(row, text, reference, predicted, predicted, correct))
+    elif scoring == "perplexity":
+        for row, (loss, tokens) in zip(rows, answerer.losses(rows)):
+            record = _record(row, None, None, None, None, None)
+            records.append({**record, "loss": loss, "tokens": tokens})
+    else:
+        raise BadInputError(f"unknown --scoring '{scoring}'", hint="use generate or loglik")
+    return records
+
+
+def _record(row: dict, prompt, reference, output, extracted, correct) -> dict:
+    record = {"input": prompt, "reference": reference, "output": output, "extracted": extracted, "correct": correct}
+    if "task" in row:
+        record["task"] = row["task"]
+    return record
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str
+    task: str
+    out: str
+    adapter: str | None = None
+    data: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    max_length: int = 1024
+    scoring: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EvaluateSummary:
+    path: Path
+    predictions: Path
+    count: int
+    metrics: dict
+
+
+def predictions_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.predictions.jsonl")
+
+
+def load_task_rows(task: Task, source: str | None, split: str | None, limit: int | None) -> tuple[list[dict], str]:
+    """Rows of the task's data (a local file or its default hub data set), checked for the task's fields."""
+    source = source or task.default_data
+    if source is None:
+        raise BadInputError(f"task '{task.name}' has no default data set", hint="pass --data FILE")
+    split = split or task.default_split
+    dataset = data.load_dataset_rows(source, split, config=task.extra.get("config"))
+    rows = dataset.rows
+    missing = [f for f in task.fields if f not in rows[0]]
+    if missing:
+        raise BadInputError(
+            f"task '{task.name}' needs the fields {', '.join(task.fields)}; the data lacks {', '.join(missing)}",
+            path=dataset.source,
+            hint="rename the fields or pick the matching task",
+        )
+    if limit is not None:
+        if limit < 1:
+            raise BadInputError(f"--limit {limit} must be positive")
+        rows = rows[:limit]
+    return rows, dataset.source
+
+
+def load_for_task(config: EvaluateConfig, task: Task, scoring: str) -> tuple[nn.Module, object, dict | None]:
+    """The model (with the adapter injected, unmerged) and the adapter's provenance."""
+    ref = models.resolve_model(config.model)
+    saved = adapter.load_adapter(config.adapter) if config.adapter else None
+    head = "sequence-classification" if scoring == "classify" else "causal-lm"
+    if head == "sequence-classification":
+        arch = models.architectures(ref, trust_remote_code=config.trust_remote_code)
+        has_head = any("SequenceClassification" in a for a in arch) or (saved is not None and saved.extra)
+        if not has_head:
+            raise BadInputError(
+                f"task '{task.name}' needs a sequence-classification model; '{ref.id}' is {', '.join(arch) or 'not one'}",
+                hint="train one with --format classification (AutoModelForSequenceClassification), or pick a "
+                "generation task",
+            )
+    if saved is not None:
+        shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
+        from .train import check_factors_fit
+
+        check_factors_fit(saved.factors, shapes, ref.id, str(saved.path))
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.dtype, device)
+    labels = saved.config.get("labels") if saved is not None else None
+    model, tokenizer = models.load_model(
+        ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, head=head, labels=labels
+    )
+    if saved is None:
+        return model, tokenizer, None
+    adapter.inject(model, saved.factors, scale=saved.scale)
+    if saved.extra:
+        missing = model.load_state_dict(saved.extra, strict=False).unexpected_keys
+        if missing:
+            raise IncompatibleArtifactError(f"adapter tensors {missing[:3]} are not in the model", path=str(saved.path))
+    model.eval()
+    return model, tokenizer, saved.config
+
+
+def evaluate(
+    config: EvaluateConfig,
+    progress: Callable[[int, int], None] | None = None,
+    answerer: Answerer | None = None,
+) -> EvaluateSummary:
+    """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
+    task = get_task(config.task)
+    scoring = config.scoring or task.scoring
+    rows, source = load_task_rows(task, config.data, config.split, config.limit)
+    adapter_provenance = None
+    if answerer is None:
+        model, tokenizer, adapter_provenance = load_for_task(config, task, scoring)
+        answerer = ModelAnswerer(
+            model, tokenizer, batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens or task.max_new_tokens, max_length=config.max_length,
+        )  # fmt: skip
+    torch.manual_seed(config.seed)
+    records = evaluate_rows(task, rows, answerer, scoring, progress)
+    metrics = task.score(records)
+    results = {
+        "task": task.name,
+        "task_version": task.version,
+        "scoring": scoring,
+        "count": len(records),
+        "metrics": metrics,
+        "config": {**vars(config), "data": source},
+        "model": config.model,
+        "adapter": adapter_provenance,
+        "versions": artifacts.library_versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = Path(config.out)
+    with artifacts.atomic_path(predictions_path(out)) as tmp:
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    with artifacts.atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
+    return EvaluateSummary(path=out, predictions=predictions_path(out), count=len(records), metrics=metrics)
+
+
+def _finite(value):
+    """NaN/Inf (e.g. a correlation over constant predictions) as null: the results stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,73 @@
+"""Evaluation tasks, one module per family (lm-evaluation-harness's shape): each defines its prompt, answer
+extraction and metric in one place and registers itself with `@register_task`."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import BadInputError
+
+INVALID = "[invalid]"  # what extraction returns when an output holds no answer; never raises
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task.
+
+    `scoring` says how a model answers:
+      - "generate": greedy generation from `prompt(row)`, then `extract(output)`, compared with `reference(row)`;
+      - "loglik": pick the option of `choices(row)` with the highest log-likelihood after `prompt(row)`;
+      - "classify": a sequence-classification model's argmax (or score, for regression) on `text(row)`;
+      - "perplexity": mean loss over the supervised tokens of each row.
+    `score(records)` turns the per-example records (dicts with at least `reference`, `extracted`, `correct`,
+    and the row's `task` field where a family has subtasks) into the metrics dict of the results JSON.
+    """
+
+    name: str
+    version: int
+    scoring: str
+    fields: tuple[str, ...]
+    score: Callable[[list[dict]], dict[str, float]]
+    prompt: Callable[[dict], str] | None = None
+    reference: Callable[[dict], str] | None = None
+    extract: Callable[[str], str] | None = None
+    is_correct: Callable[[str, str], bool] | None = None
+    choices: Callable[[dict], list[str]] | None = None
+    text: Callable[[dict], str | tuple[str, str]] | None = None
+    default_data: str | None = None
+    default_split: str = "test"
+    max_new_tokens: int = 512
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in _REGISTRY:
+        raise ValueError(f"task '{task.name}' registered twice")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_task(name: str) -> Task:
+    _load_all()
+    if name not in _REGISTRY:
+        from ..models import did_you_mean
+
+        raise BadInputError(f"unknown task '{name}'", hint=did_you_mean(name, sorted(_REGISTRY)))
+    return _REGISTRY[name]
+
+
+def task_names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)

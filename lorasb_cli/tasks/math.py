@@ -1,0 +1,218 @@
+"""GSM8K and MATH: zero-shot generation with the Alpaca prompt MetaMathQA trains with, the final answer pulled
+from the output, exact match after normalization (numbers for GSM8K, math-verify equivalence for MATH)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from fractions import Fraction
+
+from ..data import PROMPT_TEMPLATE
+from ..errors import BadInputError
+from . import INVALID, Task, register_task
+
+# Where an Alpaca-trained model starts a new turn of its own; what follows is not its answer. MetaMath's
+# evaluation stops generation at these words, so cutting here scores the same outputs the same way.
+_NEXT_TURN = re.compile(r"###\s*(?:Instruction|Input|Response)\s*:|Below is an instruction that describes a task")
+_GSM8K_MARKER = re.compile(r"the answer is\s*:?|####|\\boxed\s*\{", re.IGNORECASE)
+_MATH_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A number: optional sign and $, thousands commas, decimals, a fraction. It must not continue a word or a
+# longer number, and a '-' right after a digit is subtraction ("10-3"), not a sign.
+_NUMBER = re.compile(
+    r"(?<![\w.])(?P<sign>[-−])?(?:\$\s?)?"
+    r"(?P<value>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:/(?P<den>\d+))?(?!\d)"
+)
+TIMEOUT_S = 5  # per math-verify parse or comparison; sympy can hang on adversarial LaTeX
+
+
+def answer_text(output: str) -> str:
+    """The model's own answer: the output up to where it starts a new Alpaca turn."""
+    return _NEXT_TURN.split(output, maxsplit=1)[0]
+
+
+# --- GSM8K -------------------------------------------------------------------------------------------
+
+
+def _number_value(match: re.Match) -> Fraction | None:
+    value = Fraction(match["value"].replace(",", ""))
+    if match["den"] is not None:
+        if int(match["den"]) == 0:
+            return None
+        value /= int(match["den"])
+    return -value if match["sign"] else value
+
+
+def canonical_number(value: Fraction) -> str:
+    """One spelling per number, so string equality is numeric equality: "42", "1234.5", "-0.75", "1/3"."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    # A terminating decimal has a denominator dividing some 10**places (places ≤ its bit length); integer
+    # arithmetic keeps every digit, where Decimal would round at 28.
+    for places in range(1, value.denominator.bit_length() + 1):
+        if 10**places % value.denominator == 0:
+            digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+            return ("-" if value < 0 else "") + f"{digits[:-places]}.{digits[-places:]}".rstrip("0")
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _numbers(text: str) -> list[str]:
+    values = (_number_value(m) for m in _NUMBER.finditer(text))
+    return [canonical_number(v) for v in values if v is not None]
+
+
+def extract_number(output: str) -> str:
+    """The final number of a GSM8K answer, canonical, or INVALID.
+
+    The first number after the last answer marker ("The answer is:", "####", "\\boxed{"), as MetaMath's
+    evaluation reads it; without a marker (or nothing after it), the last number in the text. So a model
+    that only repeats the question is scored on the question's last number: wrong, not invalid.
+    """
+    text = answer_text(output)
+    markers = list(_GSM8K_MARKER.finditer(text))
+    if markers:
+        after = _numbers(text[markers[-1].end() :])
+        if after:
+            return after[0]
+    found = _numbers(text)
+    return found[-1] if found else INVALID
+
+
+def gsm8k_reference(row: dict) -> str:
+    """The number after GSM8K's `####`, or the whole answer when it is a plain number."""
+    answer = str(row["answer"])
+    if "####" in answer:
+        found = _numbers(answer.rsplit("####", 1)[1])
+    else:
+        match = _NUMBER.fullmatch(answer.strip().rstrip("."))
+        found = _numbers(match[0]) if match else []
+    if not found:
+        raise BadInputError(
+            f"GSM8K answer has no final number: {answer[-80:]!r}",
+            hint="end each answer with '#### <number>', or make it a plain number",
+        )
+    return found[0]
+
+
+def numbers_equal(extracted: str, reference: str) -> bool:
+    a, b = _NUMBER.fullmatch(extracted), _NUMBER.fullmatch(reference)
+    return a is not None and b is not None and _number_value(a) == _number_value(b)
+
+
+# --- MATH ---------------------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> tuple[int, str] | None:
+    """(start, content) of the last `\\boxed{...}` / `\\fbox{...}`, braces balanced, or None."""
+    starts = list(_BOXED.finditer(text))
+    for match in reversed(starts):
+        depth, i = 1, match.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return match.start(), text[match.end() : i - 1].strip()
+    return None
+
+
+def extract_math(output: str) -> str:
+    """The answer the output states last: a `\\boxed{...}` or the line after "The answer is:"; else INVALID."""
+    text = answer_text(output)
+    boxed = last_boxed(text)
+    stated = list(_MATH_MARKER.finditer(text))
+    if stated and (boxed is None or stated[-1].start() > boxed[0]):
+        line = text[stated[-1].end() :].strip().split("\n", 1)[0]
+        answer = line.strip().rstrip(".").strip().strip("$").strip()
+    else:
+        answer = boxed[1] if boxed else ""
+    return answer or INVALID
+
+
+def math_reference(row: dict) -> str:
+    """The row's `answer` (MATH-500), else the last `\\boxed{}` of its `solution` (MATH)."""
+    if str(row.get("answer") or "").strip():
+        return str(row["answer"]).strip()
+    boxed = last_boxed(str(row.get("solution") or ""))
+    if boxed is None or not boxed[1]:
+        raise BadInputError(
+            "MATH row has neither an 'answer' nor a \\boxed{} answer in its 'solution'",
+            hint="add an 'answer' field to each row",
+        )
+    return boxed[1]
+
+
+def _timeout() -> int | None:
+    # math-verify times out with signal.alarm, which only works in the main thread (and raises elsewhere);
+    # off it, run without the guard rather than fail.
+    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(answer: str) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse(f"${answer}$", parsing_timeout=_timeout()))
+
+
+def math_equal(extracted: str, reference: str) -> bool:
+    """Equivalence by math-verify (`\\frac{1}{2}` = `0.5` = `1/2`); any failure inside it counts as wrong."""
+    from math_verify import verify
+
+    try:
+        gold, pred = _parse(reference), _parse(extracted)
+        return bool(gold and pred and verify(list(gold), list(pred), timeout_seconds=_timeout()))
+    except Exception:  # noqa: BLE001 - sympy fails in many ways; one odd answer is wrong, the run goes on
+        return False
+
+
+# --- metric -----------------------------------------------------------------------------------------
+
+
+def accuracy(records: list[dict]) -> dict[str, float]:
+    """`accuracy` over all records and `invalid`, the share of outputs with no answer found."""
+    n = len(records)
+    return {
+        "accuracy": sum(bool(r["correct"]) for r in records) / n if n else None,
+        "invalid": sum(r["extracted"] == INVALID for r in records) / n if n else None,
+        "count": n,
+    }
+
+
+register_task(
+    Task(
+        name="gsm8k",
+        version=1,
+        scoring="generate",
+        fields=("question", "answer"),
+        score=accuracy,
+        prompt=lambda row: PROMPT_TEMPLATE.format(instruction=row["question"]),
+        reference=gsm8k_reference,
+        extract=extract_number,
+        is_correct=numbers_equal,
+        default_data="openai/gsm8k",
+        default_split="test",
+        max_new_tokens=512,
+        description="GSM8K grade-school math, zero-shot Alpaca prompt, exact match of the final number",
+        extra={"config": "main"},
+    )
+)
+
+register_task(
+    Task(
+        name="math",
+        version=1,
+        scoring="generate",
+        fields=("problem",),
+        score=accuracy,
+        prompt=lambda row: PROMPT_TEMPLATE.format(instruction=row["problem"]),
+        reference=math_reference,
+        extract=extract_math,
+        is_correct=math_equal,
+        default_data="HuggingFaceH4/MATH-500",
+        default_split="test",
+        max_new_tokens=512,
+        description="MATH competition problems (MATH-500), zero-shot Alpaca prompt, math-verify equivalence",
+    )
+)

@@ -1,0 +1,306 @@
+"""Evaluation tasks: registry, prompts, answer extraction and metrics on hand-written cases (no models)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
+
+from lorasb_cli.data import PROMPT_TEMPLATE
+from lorasb_cli.errors import BadInputError
+from lorasb_cli.tasks import INVALID, get_task, task_names
+
+GLUE_SUBSETS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
+
+
+def record(reference, extracted, correct=None, **extra) -> dict:
+    return {"reference": reference, "extracted": extracted, "correct": correct, **extra}
+
+
+# --- registry -----------------------------------------------------------------------------------------
+
+
+def test_every_task_is_registered_with_a_version_and_description():
+    expected = {"gsm8k", "math", "commonsense", "classification", "perplexity"} | {f"glue-{s}" for s in GLUE_SUBSETS}
+    assert set(task_names()) == expected
+    for name in task_names():
+        task = get_task(name)
+        assert task.name == name and task.version == 1 and task.description
+        assert task.scoring in ("generate", "classify", "perplexity")
+
+
+def test_unknown_task_suggests_the_close_name():
+    with pytest.raises(BadInputError, match="did you mean 'gsm8k'"):
+        get_task("gsm8kk")
+
+
+# --- gsm8k --------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_prompt_data_and_reference():
+    task = get_task("gsm8k")
+    assert task.prompt({"question": "What is 2+2?"}) == PROMPT_TEMPLATE.format(instruction="What is 2+2?")
+    assert (task.default_data, task.default_split, task.extra["config"], task.max_new_tokens) == (
+        "openai/gsm8k",
+        "test",
+        "main",
+        512,
+    )
+    assert task.reference({"answer": "She sells 16 - 3 = 13 eggs.\n#### 1,300"}) == "1300"
+    assert task.reference({"answer": "-2.50"}) == "-2.5"
+    with pytest.raises(BadInputError, match="no final number"):
+        task.reference({"answer": "no number here"})
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("The answer is: $1,234.50", "1234.5"),
+        ("He loses 5 dollars.\nThe answer is: -5", "-5"),
+        ("It is -$5.", "-5"),
+        ("#### 42.", "42"),
+        ("The answer is: 42.0", "42"),
+        ("So 3/4 of the cake is left.", "0.75"),
+        ("3/9 of them", "1/3"),
+        ("10-3=7", "7"),  # a '-' after a digit is subtraction, not a sign
+        ("The answer is 18 dollars per 2 days", "18"),  # the first number after the marker
+        ("She gets \\boxed{1,000} dollars", "1000"),
+        ("", INVALID),
+        ("I do not know.", INVALID),
+    ],
+)
+def test_gsm8k_extraction(output, expected):
+    assert get_task("gsm8k").extract(output) == expected
+
+
+def test_gsm8k_model_that_repeats_the_question():
+    """The rule: the first number after the last answer marker; without one, the last number of the text.
+    A new Alpaca turn the model writes (`### Instruction:` ...) is not part of its answer."""
+    extract = get_task("gsm8k").extract
+    question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May."
+    assert extract(question) == "48"  # only the question: scored (wrong), not invalid
+    assert extract(f"The answer is: 72\n\n{question}") == "72"
+    assert extract(f"{question} 48 / 2 = 24. 48 + 24 = 72. The answer is: 72\n{question}") == "72"
+    assert extract(f"The answer is: 72\n\n### Instruction:\n{question}\n\n### Response:\nThe answer is: 5") == "72"
+    assert extract("### Instruction:\nWhat is 12 plus 30?") == INVALID
+
+
+def test_gsm8k_numbers_compare_after_normalization():
+    task = get_task("gsm8k")
+    assert task.is_correct(task.extract("The answer is: $1,234.50"), task.reference({"answer": "#### 1234.5"}))
+    assert task.is_correct("42", "42.0") and task.is_correct("0.75", "3/4")
+    assert not task.is_correct("-5", "5") and not task.is_correct("42", "43")
+
+
+# --- math ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("So the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+        ("\\boxed{x^{2}+\\frac{1}{\\sqrt{2}}} is it", "x^{2}+\\frac{1}{\\sqrt{2}}"),  # nested braces
+        ("First \\boxed{3}, then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # the last box
+        ("We get 4.\nThe answer is: $\\frac{3}{4}$.\n", "\\frac{3}{4}"),
+        ("\\boxed{3}\nThe answer is: 4", "4"),  # whichever is stated last
+        ("The answer is: 5\n\n### Instruction:\nFind x. The answer is: 6", "5"),
+        ("\\boxed{unclosed", INVALID),
+        ("", INVALID),
+    ],
+)
+def test_math_extraction(output, expected):
+    assert get_task("math").extract(output) == expected
+
+
+def test_math_reference_prefers_the_answer_field():
+    task = get_task("math")
+    assert task.prompt({"problem": "Find x."}) == PROMPT_TEMPLATE.format(instruction="Find x.")
+    assert task.reference({"problem": "p", "solution": "s \\boxed{2}", "answer": "3"}) == "3"
+    assert task.reference({"problem": "p", "solution": "so $\\boxed{\\frac{a}{\\{b\\}}}$."}) == "\\frac{a}{\\{b\\}}"
+    with pytest.raises(BadInputError, match="boxed"):
+        task.reference({"problem": "p", "solution": "no box"})
+
+
+def test_math_equivalence_by_math_verify():
+    task = get_task("math")
+    assert task.is_correct(task.extract("\\boxed{\\frac{1}{2}}"), "0.5")
+    assert task.is_correct("0.5", "\\frac{1}{2}") and task.is_correct("\\dfrac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}")
+    assert not task.is_correct("0.6", "\\frac{1}{2}") and not task.is_correct("x", "1")
+
+
+def test_math_verify_off_the_main_thread():
+    """math-verify's timeout uses signal.alarm, which raises off the main thread; the task must not."""
+    results = []
+    worker = threading.Thread(target=lambda: results.append(get_task("math").is_correct("0.25", "\\frac14")))
+    worker.start()
+    worker.join()
+    assert results == [True]
+
+
+def test_generation_accuracy_and_invalid_share():
+    records = [record("1", "1", True), record("2", "3", False), record("4", INVALID, False), record("5", "5", True)]
+    assert get_task("gsm8k").score(records) == {"accuracy": 0.5, "invalid": 0.25, "count": 4}
+
+
+# --- commonsense --------------------------------------------------------------------------------------
+
+BOOLQ = {
+    "instruction": "Please answer the following question with true or false, question: is the sky blue?\n\n"
+    "Answer format: true/false",
+    "answer": "true",
+}
+ARC = {
+    "instruction": "Please choose the correct answer to the question: Which is a mammal?\n\nAnswer1: frog "
+    "Answer2: whale Answer3: shark Answer4: trout Answer5: eel\n\n"
+    "Answer format: answer1/answer2/answer3/answer4/answer5",
+    "answer": "answer2",
+    "task": "ARC-Challenge",
+}
+
+
+def test_commonsense_prompt_reference_and_choices():
+    task = get_task("commonsense")
+    assert task.prompt(BOOLQ) == PROMPT_TEMPLATE.format(instruction=BOOLQ["instruction"])
+    assert task.reference({"answer": " Solution1 "}) == "solution1"
+    assert task.choices(BOOLQ) == ["true", "false"]
+    assert task.choices(ARC) == ["answer1", "answer2", "answer3", "answer4", "answer5"]
+    assert task.choices({"instruction": "Which ending?", "answer": "ending3"}) == [f"ending{i}" for i in range(1, 5)]
+    with pytest.raises(BadInputError, match="Answer format"):
+        task.choices({"instruction": "Which?", "answer": "answer1"})
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("the correct answer is true", "true"),
+        ("The correct answer is Solution2.", "solution2"),
+        ("answer3 because answer1 is wrong", "answer3"),  # the first answer word
+        ("option1", "option1"),
+        ("the correct answer is ending4", "ending4"),
+        ("that is untrue", INVALID),  # whole words only
+        ("the correct answer is answer9", INVALID),
+        ("", INVALID),
+    ],
+)
+def test_commonsense_extraction(output, expected):
+    assert get_task("commonsense").extract(output) == expected
+
+
+def test_commonsense_per_task_and_average_accuracy():
+    records = [
+        record("true", "true", True, task="boolq"),
+        record("false", "true", False, task="boolq"),
+        record("answer2", "answer2", True, task="ARC-Challenge"),  # LLM-Adapters' folder name
+        record("answer1", "answer1", True, task="arc-c"),
+        record("answer3", INVALID, False, task="arc-c"),
+        record("option1", "option1", True),  # no task field: option words are WinoGrande's
+    ]
+    metrics = get_task("commonsense").score(records)
+    assert metrics["accuracy/boolq"] == 0.5
+    assert metrics["accuracy/arc-c"] == pytest.approx(2 / 3) and metrics["count/arc-c"] == 3
+    assert metrics["accuracy/winogrande"] == 1.0
+    assert metrics["accuracy"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+    assert metrics["accuracy_micro"] == pytest.approx(4 / 6)
+    assert metrics["invalid"] == pytest.approx(1 / 6) and metrics["count"] == 6
+
+
+def test_commonsense_answer_words_shared_by_tasks_without_a_task_field():
+    metrics = get_task("commonsense").score([record("answer1", "answer1", True), record("answer2", "answer1", False)])
+    assert metrics["accuracy/commonsense"] == 0.5 and metrics["accuracy"] == 0.5
+
+
+# --- GLUE and classification --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subset", "row", "expected"),
+    [
+        ("cola", {"sentence": "a b", "label": 1}, "a b"),
+        ("mrpc", {"sentence1": "a", "sentence2": "b", "label": 0}, ("a", "b")),
+        ("qqp", {"question1": "a", "question2": "b", "label": 0}, ("a", "b")),
+        ("mnli", {"premise": "a", "hypothesis": "b", "label": 2}, ("a", "b")),
+        ("qnli", {"question": "a", "sentence": "b", "label": 1}, ("a", "b")),
+    ],
+)
+def test_glue_text_fields(subset, row, expected):
+    task = get_task(f"glue-{subset}")
+    assert task.text(row) == expected
+    assert set(task.fields) == {*row}
+    assert task.default_data == "nyu-mll/glue" and task.extra["config"] == subset
+
+
+def test_glue_splits_and_label_counts():
+    assert get_task("glue-mnli").default_split == "validation_matched"
+    assert get_task("glue-rte").default_split == "validation"
+    assert get_task("glue-stsb").extra["num_labels"] == 1 and get_task("glue-mnli").extra["num_labels"] == 3
+    assert get_task("glue-stsb").reference({"label": 3}) == 3.0 and get_task("glue-sst2").reference({"label": 1}) == 1
+
+
+GOLD = [1, 0, 1, 1, 0, 1, 0, 0, 1, 1]
+PRED = [1, 0, 0, 1, 1, 1, 0, 1, 1, 0]
+
+
+def glue_score(subset: str, gold: list, pred: list) -> dict:
+    return get_task(f"glue-{subset}").score([record(g, p) for g, p in zip(gold, pred)])
+
+
+def test_glue_metrics_equal_scikit_learn_and_scipy():
+    cola = glue_score("cola", GOLD, PRED)
+    assert cola["matthews_correlation"] == pytest.approx(matthews_corrcoef(GOLD, PRED))
+    mrpc = glue_score("mrpc", GOLD, PRED)
+    assert mrpc["f1"] == pytest.approx(f1_score(GOLD, PRED)) and mrpc["accuracy"] == accuracy_score(GOLD, PRED)
+    assert set(glue_score("rte", GOLD, PRED)) == {"accuracy", "count"}
+    gold = [0.0, 1.2, 2.5, 3.1, 4.8, 5.0]
+    pred = [0.3, 1.0, 2.9, 2.7, 4.1, 4.9]
+    stsb = glue_score("stsb", gold, pred)
+    assert stsb["pearson"] == pytest.approx(pearsonr(gold, pred)[0])
+    assert stsb["spearman"] == pytest.approx(spearmanr(gold, pred)[0])
+    assert glue_score("stsb", gold, [1.0] * 6)["pearson"] is None  # undefined for constant predictions
+
+
+def test_glue_reads_hf_default_label_names():
+    """A head without label names predicts `LABEL_<id>`; any other name counts as wrong."""
+    assert glue_score("sst2", [1, 0, 1], ["LABEL_1", "LABEL_0", "positive"])["accuracy"] == pytest.approx(2 / 3)
+    mrpc = glue_score("mrpc", [1, 0, 1, 1], ["LABEL_1", "0", "other", 1])
+    assert mrpc["f1"] == pytest.approx(f1_score([1, 0, 1, 1], [1, 0, -1, 1], labels=[1], average="macro"))
+
+
+def test_classification_confusion_matrix_and_macro_f1():
+    gold = ["earn", "acq", "earn", "crude", "acq", "earn"]
+    pred = ["earn", "earn", "earn", "crude", "acq", "trade"]
+    task = get_task("classification")
+    metrics = task.score([record(g, p) for g, p in zip(gold, pred)])
+    labels = ["acq", "crude", "earn", "trade"]
+    assert metrics["labels"] == labels
+    assert metrics["confusion_matrix"] == confusion_matrix(gold, pred, labels=labels).tolist()
+    assert metrics["confusion_matrix"] == [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 2, 1], [0, 0, 0, 0]]
+    assert metrics["f1_macro"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["support"] == {"acq": 2, "crude": 1, "earn": 3, "trade": 0}
+
+
+def test_classification_text_fields_and_integer_labels():
+    task = get_task("classification")
+    assert task.text({"text": "t", "label": 0}) == "t"
+    assert task.text({"question": "q", "sentence": "s", "label": 0}) == ("q", "s")  # the pair, not `sentence`
+    assert task.text({"premise": "p", "hypothesis": "h", "label": "entailment"}) == ("p", "h")
+    with pytest.raises(BadInputError, match="no text fields"):
+        task.text({"body": "b", "label": 0})
+    metrics = task.score([record(2, 2), record(0, 2), record(10, 10)])
+    assert metrics["labels"] == [0, 2, 10] and metrics["confusion_matrix"] == [[0, 1, 0], [0, 1, 0], [0, 0, 1]]
+
+
+# --- perplexity ---------------------------------------------------------------------------------------
+
+
+def test_perplexity_aggregation():
+    records = [{"loss": 2.0, "tokens": 10}, {"loss": 1.0, "tokens": 30}, {"loss": 0.0, "tokens": 0}]
+    metrics = get_task("perplexity").score(records)
+    assert metrics["loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    assert metrics["perplexity"] == pytest.approx(math.exp(1.25))
+    assert metrics["loss_per_sample"] == pytest.approx(1.5)
+    assert (metrics["tokens"], metrics["count"], metrics["skipped"]) == (40, 3, 1)
+    assert get_task("perplexity").score([{"loss": 800.0, "tokens": 1}])["perplexity"] == math.inf
