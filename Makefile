@@ -29,6 +29,8 @@ test-all: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/estimate.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/decompose.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/merge.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

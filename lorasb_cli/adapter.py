@@ -128,7 +128,9 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
         )
     artifact = artifacts.Artifact(file, kinds=("adapter", "factors"))
     modules = artifacts.factor_modules(artifact)
-    factors = {m: tuple(artifact.get(f"{m}.{s}", torch.float32) for s in artifacts.FACTOR_SUFFIXES) for m in modules}
+    # Copies owned in memory: a tensor read from safetensors is a view that pins a mapping of the whole file.
+    tensors = {name: tensor.clone() for name, tensor in artifact.items()}
+    factors = {m: tuple(tensors[f"{m}.{s}"].float() for s in artifacts.FACTOR_SUFFIXES) for m in modules}
     factor_names = {f"{m}.{s}" for m in modules for s in artifacts.FACTOR_SUFFIXES}
-    extra = {name: artifact.get(name) for name in artifact.names if name not in factor_names}
+    extra = {name: tensor for name, tensor in tensors.items() if name not in factor_names}
     return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra)

@@ -234,6 +234,36 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, data_fo
     context_settings=CONTEXT,
     epilog="""\b
 Example:
+  lorasb merge --model mistral --adapter run/ -o mistral-math/
+  lorasb merge --adapter run/ --format peft -o mistral-math-lora/""",
+)
+@click.option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
+@click.option("--model", "-m", default=None, help="Base model [default: the one recorded in the adapter].")
+@click.option("--format", "out_format", default="hf", show_default=True,
+              help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R).")  # fmt: skip
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16 [default: the base's].")
+@click.option("--max-shard-size", default=None, help="Re-shard, e.g. 5GB [default: keep the base's shards].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
+@click.option("-o", "--out", required=True, help="Output directory.")
+@common_options
+def merge(adapter, model, out_format, dtype, max_shard_size, overwrite, trust_remote_code, out, as_json, quiet):
+    """Fold W0 + s·B·R·A into a checkpoint that from_pretrained loads, or export a standard PEFT LoRA adapter."""
+    from .console import progress_bar
+    from .merge import merge as run_merge
+
+    with progress_bar("merge", enabled=not quiet) as progress:
+        path = run_merge(
+            adapter, out, model=model, format=out_format, dtype=dtype, max_shard_size=max_shard_size,
+            overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress,
+        )  # fmt: skip
+    report(path, {"format": out_format}, as_json)
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
   lorasb evaluate --model mistral-math/ --task gsm8k -o results.json
   lorasb evaluate --model mistral --adapter run/ --task gsm8k --data gsm8k_test.jsonl --limit 200 -o results.json""",
 )

@@ -1,0 +1,401 @@
+"""`lorasb merge`: fold a trained adapter into its base model, or export it as a PEFT LoRA adapter.
+
+`hf`: stream the base checkpoint shard by shard and write W' = W + s·B·R·A (float32, cast to the base dtype) —
+no model object and never more than about two shards in memory (DESIGN.md §4). The base's shard layout is kept
+unless `max_shard_size` asks for a new one. `peft`: `lora_A = A`, `lora_B = B·R`, so `PeftModel` (and every
+PEFT-serving stack) reproduces the adapter. Either output is built in a hidden sibling directory and renamed
+onto `out` only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__, adapter, artifacts, models, shards
+from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+
+FORMATS = ("hf", "peft")
+OUT_DTYPES = ("float32", "bfloat16", "float16")
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+# What a merge needs from a hub repo: HF-named safetensors shards, configs, tokenizer and chat-template files,
+# license and card. Not `*.safetensors`: repos such as Mistral's also carry a `consolidated.safetensors` copy.
+HUB_PATTERNS = ["model*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.md", "LICENSE*"]
+
+# Weight files of the base that are not copied: the merged shards replace them, and a stale copy of the
+# unmerged weights in another format would be loaded by some tools instead.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+# glibc keeps freed blocks below its dynamic mmap threshold (up to 32 MB: most tensors of a shard) in the heap
+# rather than handing them back, so a merge would carry about one extra shard of freed tensors
+# (benchmarks/merge.py: 2.7-3.0 instead of 1.5 largest shards). Other C libraries have no malloc_trim.
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):
+    _malloc_trim = None
+
+
+def merge(
+    adapter_dir: str,
+    out: str,
+    *,
+    model: str | None = None,
+    format: str = "hf",
+    dtype: str | None = None,
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge the adapter at `adapter_dir` into its base (`model`, default: the base the adapter records).
+
+    Writes an HF model directory (`format="hf"`) or a PEFT LoRA adapter (`format="peft"`) at `out`; returns it.
+    `dtype` and `max_shard_size` shape the `hf` output; `progress(done, total)` counts tensors (hf) or modules
+    (peft). A PEFT export from a hub base downloads nothing: there the shapes are checked by PEFT at load time.
+    """
+    if format not in FORMATS:
+        raise BadInputError(f"unknown --format '{format}'", hint=models.did_you_mean(format, FORMATS))
+    if format == "peft" and (dtype is not None or max_shard_size is not None):
+        raise BadInputError(
+            "--dtype and --max-shard-size apply to --format hf only",
+            hint="a PEFT export always stores float32 factors; drop those options",
+        )
+    out_dtype = _out_dtype(dtype)
+    shard_bytes = shards.parse_size(max_shard_size) if max_shard_size is not None else None
+
+    lora = adapter.load_adapter(adapter_dir)
+    if not lora.factors:
+        raise IncompatibleArtifactError(
+            "the adapter holds no B, R, A factors", path=str(lora.path), hint="pass the -o directory of lorasb train"
+        )
+    ref = models.resolve_model(model if model is not None else _recorded_base(lora))
+    out_path = Path(out).expanduser().resolve()
+    _check_out(out_path, overwrite)
+    _check_not_input(out_path, lora.path, "adapter")  # before a download: a bad -o fails at once
+
+    # A PEFT export needs no base weights: it checks shapes against a local base but never downloads one.
+    needs_base = format == "hf" or Path(ref.path).is_dir()
+    base_dir = _local_checkpoint(ref, trust_remote_code) if needs_base else None
+    index = None
+    if base_dir is not None:
+        _check_not_input(out_path, base_dir, "base model")
+        index = shards.CheckpointIndex(base_dir)
+        _check_compatible(lora, index)
+
+    provenance = {
+        "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")},
+        "base_model": ref.id,
+        "lorasb_version": __version__,
+    }
+    metadata = {"format": "pt", artifacts.METADATA_KEY: json.dumps(provenance, sort_keys=True)}
+    with _staging(out_path, overwrite) as tmp:
+        if format == "hf":
+            _write_merged(lora, index, tmp, out_dtype, shard_bytes, metadata, progress)
+            _copy_non_weights(base_dir, tmp)
+            if out_dtype is not None:
+                _set_config_dtype(tmp / "config.json", out_dtype)
+        else:
+            _write_peft(lora, ref, tmp, metadata, progress)
+    return out_path
+
+
+def merge_weight(
+    weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_R: torch.Tensor,
+    lora_A: torch.Tensor,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """W [m, n] + s·B [m, r]·R [r, r]·A [r, n], computed in float32 and cast to `dtype` (default: W's dtype)."""
+    # (B·R)·A: the m×n product is formed once, inside addmm, with no separate delta matrix.
+    merged = torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)
+    return merged.to(dtype or weight.dtype)
+
+
+def _out_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in OUT_DTYPES:
+        raise BadInputError(f"unknown --dtype '{name}'", hint=models.did_you_mean(name, OUT_DTYPES))
+    return models.DTYPES[name]
+
+
+def _recorded_base(lora: adapter.Adapter) -> str:
+    """The base model id or path the adapter was trained on (litgpt's merge finds it the same way)."""
+    base = (lora.config.get("base_model") or {}).get("id")
+    if not base:
+        raise BadInputError(
+            "the adapter does not record its base model", path=str(lora.path), hint="pass the base with --model"
+        )
+    if os.path.isabs(base) and not os.path.isdir(base):
+        raise BadInputError(
+            f"the adapter's base model directory {base} no longer exists",
+            path=str(lora.path),
+            hint="pass the base model's directory or hub id with --model",
+        )
+    return base
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInputError("output path is a file", path=str(out), hint="pass a directory name to -o")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInputError(
+            "output directory exists and is not empty", path=str(out), hint="pick a new -o or pass --overwrite"
+        )
+
+
+def _check_not_input(out: Path, source: Path, what: str) -> None:
+    """Refuse an `out` that is, lies inside, or (replaced with --overwrite) would delete an input."""
+    source = Path(source).resolve()
+    inside = source.is_dir() and out.is_relative_to(source)
+    if inside or source.is_relative_to(out):
+        raise BadInputError(
+            f"the output directory would overwrite or write into the {what}",
+            path=str(out),
+            hint=f"pick an -o outside {source}",
+        )
+
+
+def _local_checkpoint(ref: models.ModelRef, trust_remote_code: bool) -> Path:
+    """A local directory holding the base checkpoint: `ref.path` itself, or a hub snapshot in the HF cache."""
+    if Path(ref.path).is_dir():
+        return Path(ref.path)
+    from huggingface_hub import snapshot_download
+
+    # A model with its own code needs that code beside the merged weights to load.
+    patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(ref.path, allow_patterns=patterns))
+    except (OSError, ValueError) as e:  # hub errors (offline, unknown or gated repo, network) are OSErrors
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (
+            "HF_HUB_OFFLINE=1 is set: pass a local model directory with --model"
+            if offline
+            else "check the id and your network, or pass a local model directory with --model"
+        )
+        raise BadInputError(f"cannot download base model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
+
+
+def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex) -> None:
+    """Every adapted module must have a floating `<module>.weight` of shape (B rows, A columns) in the base."""
+    hint = f"pass the base the adapter was trained on with --model (recorded: {_recorded_id(lora)})"
+    for module, (lora_B, _, lora_A) in lora.factors.items():
+        name = f"{module}.weight"
+        expected = (lora_B.shape[0], lora_A.shape[1])
+        if name not in index:
+            raise IncompatibleArtifactError(
+                f"adapter module '{module}' has no weight '{name}' in the base model",
+                path=str(index.directory),
+                hint=hint,
+            )
+        actual = index.shape(name)
+        if actual != expected:
+            raise IncompatibleArtifactError(
+                f"adapter module '{module}' is for a {expected[0]}×{expected[1]} weight, the base model's is "
+                f"{'×'.join(map(str, actual))}",
+                path=str(index.directory),
+                hint=hint,
+            )
+        if not index.dtype(name).is_floating_point:
+            raise IncompatibleArtifactError(
+                f"weight '{name}' of the base model is {index.dtype(name)}, not floating point (quantized?)",
+                path=str(index.directory),
+                hint="merge into the unquantized base model",
+            )
+    for name, tensor in lora.extra.items():
+        if name in index and index.shape(name) != tuple(tensor.shape):
+            raise IncompatibleArtifactError(
+                f"adapter tensor '{name}' has shape {tuple(tensor.shape)}, the base model's {index.shape(name)}",
+                path=str(index.directory),
+                hint=hint,
+            )
+
+
+def _recorded_id(lora: adapter.Adapter) -> str:
+    return str((lora.config.get("base_model") or {}).get("id", "unknown"))
+
+
+@contextlib.contextmanager
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `out`; move it onto `out` only when the block succeeds.
+
+    An interrupted merge leaves at most a `.<name>.tmp-*` directory, never a partial `out`; with `overwrite`
+    the old `out` is removed only after the new one is complete.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _check_out(out, overwrite)  # another process may have written there in the meantime
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # `old` is an empty directory: rename replaces it
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_merged(
+    lora: adapter.Adapter,
+    index: shards.CheckpointIndex,
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    shard_bytes: int | None,
+    metadata: dict[str, str],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Write the merged weights: the base's shards and index (same names, same tensors), or new shards."""
+    targets = {f"{module}.weight": module for module in lora.factors}
+    # Extra tensors the base lacks (a classification head on a causal-LM checkpoint) go into the last shard,
+    # in the dtype of the adapted weights.
+    head_dtype = out_dtype or index.dtype(next(iter(targets)))
+    added = {name: t.to(head_dtype) for name, t in lora.extra.items() if name not in index}
+    last_shard = index.shard_files()[-1]
+
+    order = [(shard, name) for shard in index.shard_files() for name in index.tensors_in(shard)]
+    order += [(last_shard, name) for name in added]
+
+    def merged() -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(shard, name, output tensor) in the base's order."""
+        for done, (shard, name) in enumerate(order, start=1):
+            if _malloc_trim is not None:
+                _malloc_trim(0)  # the tensors freed since the last call, e.g. a saved shard, go back to the OS
+            yield shard, name, output(name)
+            if progress is not None:
+                progress(done, len(order))
+
+    def output(name: str) -> torch.Tensor:
+        if name in added:
+            return added[name]
+        if name in lora.extra:
+            return lora.extra[name].to(out_dtype or index.dtype(name))
+        # One memory map per tensor (`get`, not `iter_tensors`): a base weight's pages leave memory as soon as
+        # its merged copy exists, instead of the whole input shard staying resident until the shard is saved.
+        tensor = index.get(name)
+        if name in targets:
+            module = targets[name]
+            tensor = merge_weight(tensor, *lora.factors[module], lora.scale, out_dtype)
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteError(
+                    f"NaN/Inf in the merged weight of module '{module}'",
+                    path=str(lora.path),
+                    hint="check the adapter and base weights; if the values overflow, merge with --dtype float32",
+                )
+        elif out_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(out_dtype)
+        return tensor
+
+    if shard_bytes is not None:
+        with shards.ShardWriter(out_dir, shard_bytes, metadata) as writer:
+            for _, name, tensor in merged():
+                writer.add(name, tensor)
+            writer.finalize()
+        return
+
+    total_size = 0
+    for shard, group in itertools.groupby(merged(), key=lambda item: item[0]):
+        # Deleted right after saving, so no shard's tensors outlive it while the next shard is read.
+        tensors = {name: tensor.contiguous() for _, name, tensor in group}
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, out_dir / shard, metadata=metadata)
+        del tensors
+    index_path = index.directory / shards.INDEX_FILE
+    if index_path.is_file():
+        layout = json.loads(index_path.read_text())
+        layout.setdefault("metadata", {})["total_size"] = total_size
+        layout["weight_map"].update(dict.fromkeys(added, last_shard))
+        (out_dir / shards.INDEX_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_non_weights(base_dir: Path, out_dir: Path) -> None:
+    """Copy config, generation config, tokenizer and every other non-weight file (hidden ones excepted)."""
+    for path in sorted(base_dir.rglob("*")):
+        rel = path.relative_to(base_dir)
+        is_weight = path.name.endswith(_WEIGHT_SUFFIXES) or path.name.endswith(
+            (".safetensors.index.json", ".bin.index.json")
+        )
+        if not path.is_file() or is_weight or any(part.startswith(".") for part in rel.parts):
+            continue
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out_dir / rel)  # follows the HF cache's symlinks to the blobs
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Record the new dtype under the key the config uses (`dtype` in transformers 5, `torch_dtype` before)."""
+    config = json.loads(config_path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for key in keys:
+        config[key] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_peft(
+    lora: adapter.Adapter,
+    ref: models.ModelRef,
+    out_dir: Path,
+    metadata: dict[str, str],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """PEFT LoRA: `lora_A` = A [r, n], `lora_B` = B·R [m, r], scale lora_alpha / r = s (float32 throughout)."""
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for done, (module, (lora_B, lora_R, lora_A)) in enumerate(lora.factors.items(), start=1):
+        # Adapter factors are float32 (load_adapter), so B·R is computed and stored in float32.
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora_A.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (lora_B @ lora_R).contiguous()
+        ranks[module] = lora_R.shape[0]
+        if progress is not None:
+            progress(done, len(lora.factors))
+    # Trained full tensors (a classification head) are PEFT's `modules_to_save`, stored under their own names.
+    for name, tensor in lora.extra.items():
+        tensors[f"base_model.model.{name}"] = tensor.contiguous()
+    heads = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in lora.extra))
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+
+    def alpha(rank: int) -> int | float:
+        value = lora.scale * rank
+        return int(value) if float(value).is_integer() else value
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
+        "base_model_name_or_path": ref.id,
+        "r": r,
+        "lora_alpha": alpha(r),
+        "target_modules": list(lora.factors),
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: alpha(k) for m, k in ranks.items() if k != r},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": heads or None,
+        "inference_mode": True,
+    }
+    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=metadata)
+    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

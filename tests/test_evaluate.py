@@ -1,0 +1,140 @@
+"""evaluate: the full loop on a scripted fake generator (known accuracy), adapter vs merged identity, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import QA_ROWS, write_jsonl
+
+from lorasb_cli import adapter, estimate, evaluate
+from lorasb_cli.decompose import decompose
+from lorasb_cli.errors import BadInputError
+from lorasb_cli.merge import merge
+
+GSM_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A box holds 1,200 pens; 35 are sold. How many remain?", "answer": "#### 1,165"},
+    {"question": "What is 5 minus 8?", "answer": "5 - 8 = -3\n#### -3"},
+    {"question": "Half of 9?", "answer": "#### 4.5"},
+]
+
+
+class ScriptedAnswerer:
+    """Returns fixed strings, so the accuracy is known exactly."""
+
+    def __init__(self, outputs=(), scores=None):
+        self.outputs, self.scores, self.prompts = list(outputs), scores, []
+
+    def generate(self, prompts):
+        self.prompts += prompts
+        return self.outputs[: len(prompts)]
+
+    def loglik(self, prompt, choices):
+        return [self.scores[c] for c in choices]
+
+
+def test_scripted_generator_gives_exact_accuracy(tmp_path):
+    data = write_jsonl(tmp_path / "gsm.jsonl", GSM_ROWS)
+    outputs = [
+        "3 plus 4 is 7. The answer is: 7",
+        "1200 - 35 = 1165.\n#### 1,165",
+        "The answer is: 3",  # wrong sign
+        "So half is $4.50.",
+    ]
+    answerer = ScriptedAnswerer(outputs)
+    config = evaluate.EvaluateConfig(model="unused", task="gsm8k", data=str(data), out=str(tmp_path / "r.json"))
+    summary = evaluate.evaluate(config, answerer=answerer)
+    assert summary.metrics["accuracy"] == 0.75 and summary.count == 4
+    assert answerer.prompts[0].startswith("Below is an instruction") and "Tom has 3 apples" in answerer.prompts[0]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["task"] == "gsm8k" and results["metrics"]["accuracy"] == 0.75 and results["count"] == 4
+    assert {"lorasb", "torch", "transformers"} <= set(results["versions"])
+    lines = [json.loads(line) for line in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in lines] == [True, True, False, True]
+    assert lines[1] | {"input": None} == {
+        "input": None, "reference": "1165", "output": outputs[1], "extracted": "1165", "correct": True,
+    }  # fmt: skip
+
+
+def test_loglik_scoring_picks_the_likeliest_option(tmp_path):
+    rows = [
+        {"instruction": "Is the sky blue?\n\nAnswer format: true/false", "answer": "true", "task": "boolq"},
+        {"instruction": "Is fire cold?\n\nAnswer format: true/false", "answer": "false", "task": "boolq"},
+    ]
+    data = write_jsonl(tmp_path / "cs.jsonl", rows)
+    config = evaluate.EvaluateConfig(model="x", task="commonsense", data=str(data), out=str(tmp_path / "r.json"),
+                                     scoring="loglik")  # fmt: skip
+    summary = evaluate.evaluate(config, answerer=ScriptedAnswerer(scores={"true": -1.0, "false": -2.0}))
+    assert summary.metrics["accuracy"] == 0.5
+
+
+def test_unknown_task_and_missing_fields(tmp_path):
+    with pytest.raises(BadInputError, match="did you mean 'gsm8k'"):
+        evaluate.evaluate(evaluate.EvaluateConfig(model="x", task="gsm8kk", out=str(tmp_path / "r.json")))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    with pytest.raises(BadInputError, match="needs the fields question, answer; the data lacks question, answer"):
+        evaluate.evaluate(evaluate.EvaluateConfig(model="x", task="gsm8k", data=str(data), out=str(tmp_path / "r.json")))
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_classification_task_on_a_causal_lm_names_the_auto_class(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}])
+    config = evaluate.EvaluateConfig(model=str(tiny_model_dir), task="classification", data=str(data),
+                                     out=str(tmp_path / "r.json"))  # fmt: skip
+    with pytest.raises(BadInputError, match="AutoModelForSequenceClassification"):
+        evaluate.evaluate(config)
+
+
+@pytest.fixture(scope="module")
+def trained_like_adapter(tiny_model_dir, qa_file, tmp_path_factory):
+    """An adapter whose R is a random non-symmetric matrix large enough to change the model's outputs."""
+    folder = tmp_path_factory.mktemp("adapter")
+    estimate.estimate(
+        estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(folder / "u.safetensors"), samples=8)
+    )
+    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    from lorasb_cli.train import load_factors
+
+    factors_file, factors = load_factors(str(folder / "f.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (lora_B, _, lora_A) in factors.items():
+        tensors |= {f"{module}.lora_B": lora_B, f"{module}.lora_R": torch.randn(4, 4, generator=generator) * 2,
+                    f"{module}.lora_A": lora_A}  # fmt: skip
+    config = {"base_model": factors_file.meta["base_model"], "targets": "all-linear", "rank": 4, "scale": 1.0,
+              "method": "lorasb"}  # fmt: skip
+    return adapter.save_adapter(folder / "run", tensors, config)
+
+
+def test_adapter_and_merged_model_give_identical_predictions(tiny_model_dir, trained_like_adapter, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:6])
+    merged = merge(str(trained_like_adapter), str(tmp_path / "merged"))
+    common = dict(task="gsm8k", data=str(data), max_new_tokens=6, batch_size=4, dtype="float32")
+    unmerged = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), adapter=str(trained_like_adapter),
+                                                         out=str(tmp_path / "a.json"), **common))  # fmt: skip
+    folded = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), out=str(tmp_path / "m.json"), **common))
+    base = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), out=str(tmp_path / "b.json"), **common))
+    read = lambda p: [json.loads(x)["output"] for x in p.read_text().splitlines()]  # noqa: E731
+    assert read(unmerged.predictions) == read(folded.predictions)
+    assert read(unmerged.predictions) != read(base.predictions)  # the adapter changes the model
+    assert all(len(o) > 0 for o in read(unmerged.predictions))
+
+    perplexity = dict(task="perplexity", data=str(data), dtype="float32")
+    a = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), adapter=str(trained_like_adapter),
+                                                  out=str(tmp_path / "pa.json"), **perplexity))  # fmt: skip
+    m = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), out=str(tmp_path / "pm.json"), **perplexity))
+    assert a.metrics["loss"] == pytest.approx(m.metrics["loss"], abs=1e-5)
+
+
+def test_adapter_for_another_model_is_refused(trained_like_adapter, tmp_path):
+    from conftest import make_llama, save_model
+
+    other = save_model(*make_llama(hidden=32), tmp_path / "other")
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:2])
+    from lorasb_cli.errors import IncompatibleArtifactError
+
+    with pytest.raises(IncompatibleArtifactError, match="are for a"):
+        evaluate.evaluate(evaluate.EvaluateConfig(model=str(other), adapter=str(trained_like_adapter), task="gsm8k",
+                                                  data=str(data), out=str(tmp_path / "r.json")))  # fmt: skip
