@@ -198,7 +198,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     meta = artifacts.provenance(
         "update-raw" if config.raw else "update",
-        base_model={"id": ref.id, "fingerprint": models.fingerprint(shapes)},
+        base_model=ref.provenance(models.fingerprint(shapes)),
         targets=config.targets,
         method="lorasb",
         data={

@@ -14,19 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import bundled
 from .errors import BadInputError
 
 log = logging.getLogger("lorasb")
 
-# Short names for the models of the paper (DESIGN.md §3, §7). Values are hub ids.
+# Short names for the models of the paper (DESIGN.md §3). Values are hub ids; bundled.py adds offline ones.
 ALIASES: dict[str, str] = {
     "mistral": "mistralai/Mistral-7B-v0.1",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "gemma2-9b": "google/gemma-2-9b",
     "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "roberta-large": "FacebookAI/roberta-large",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
 }
 
 TARGET_PRESETS = ("all-linear", "attention")
@@ -49,6 +48,12 @@ class ModelRef:
 
     id: str
     path: str  # what `from_pretrained` is given: a local directory or a hub id
+    source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
+
+    def provenance(self, fingerprint: str) -> dict:
+        """The `base_model` entry of an artifact's metadata."""
+        entry = {"id": self.id, "fingerprint": fingerprint}
+        return entry | ({"source": self.source} if self.source else {})
 
 
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
@@ -69,6 +74,9 @@ def resolve_model(spec: str) -> ModelRef:
             )
         resolved = str(path.resolve())
         return ModelRef(id=resolved, path=resolved)
+    if spec in bundled.BUNDLED:
+        directory, source = bundled.materialize(bundled.BUNDLED[spec])
+        return ModelRef(id=spec, path=str(directory), source=source)
     if spec in ALIASES:
         return ModelRef(id=ALIASES[spec], path=ALIASES[spec])
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.exists()
@@ -76,7 +84,7 @@ def resolve_model(spec: str) -> ModelRef:
         return ModelRef(id=spec, path=spec)
     raise BadInputError(
         f"unknown model '{spec}': not a local directory, an alias or a hub id",
-        hint=did_you_mean(spec, list(ALIASES)),
+        hint=did_you_mean(spec, sorted({*ALIASES, *bundled.BUNDLED})),
     )
 
 

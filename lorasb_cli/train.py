@@ -284,7 +284,7 @@ def train(
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = {
-        "base_model": {"id": ref.id, "fingerprint": fingerprint},
+        "base_model": ref.provenance(fingerprint),
         "targets": factors_file.meta["targets"],
         "target_modules": list(factors),
         "rank": factors_file.meta["rank"],
