@@ -79,13 +79,33 @@ def remove(model: nn.Module) -> None:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`<module>.lora_B`, `.lora_R`, `.lora_A` of every LoraSBLinear, float32 on CPU."""
+    """What an adapter holds, float32 on CPU: `<module>.lora_B`, `.lora_R`, `.lora_A` of every LoraSBLinear,
+    and every other trainable parameter (a classifier's head) under its state_dict name."""
     tensors = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraSBLinear):
             for name in ("lora_B", "lora_R", "lora_A"):
                 tensors[f"{path}.{name}"] = getattr(module, name).detach().float().cpu().contiguous()
+    for name, param in model.named_parameters():
+        if param.requires_grad and not name.endswith(".lora_R"):
+            tensors[name] = param.detach().float().cpu().contiguous()
     return tensors
+
+
+def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable: bool) -> None:
+    """Copy full tensors (a classifier's head) into the model's parameters of the same names."""
+    params = dict(model.named_parameters())
+    unknown = [name for name in tensors if name not in params]
+    if unknown:
+        raise IncompatibleArtifactError(f"the model has no parameters {', '.join(unknown[:3])}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise IncompatibleArtifactError(
+                    f"'{name}' is {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+            params[name].requires_grad_(trainable)
 
 
 ADAPTER_FILE = "adapter.safetensors"

@@ -23,7 +23,7 @@ def common_options(command):
     """--json, --quiet and --debug on every command."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the path.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress bars or info logs on stderr.")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars, tables or info logs on stderr.")
     @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
     @functools.wraps(command)
     def wrapper(*args, as_json: bool, quiet: bool, debug: bool, **kwargs):

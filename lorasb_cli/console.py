@@ -14,9 +14,13 @@ from rich.table import Table
 
 stderr = Console(stderr=True)
 stdout = Console()
+_quiet = False
 
 
 def setup_logging(*, debug: bool, quiet: bool) -> None:
+    """Route the library's logs to stderr; `quiet` also silences summary tables."""
+    global _quiet
+    _quiet = quiet
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logger = logging.getLogger("lorasb")
     logger.handlers[:] = [RichHandler(console=stderr, show_time=False, show_path=False, markup=False)]
@@ -43,6 +47,8 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    if _quiet:
+        return
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")

@@ -64,10 +64,13 @@ class Dataset:
 @dataclass(frozen=True)
 class Example:
     """One tokenized sample, HF convention: `labels[t]` is `input_ids[t]` where token t is supervised
-    (predicted from position t−1) and IGNORE elsewhere; the loss shifts by one."""
+    (predicted from position t−1) and IGNORE elsewhere; the loss shifts by one. A classification sample has
+    `label` (a class id) instead, and `token_type_ids` where the tokenizer gives them (sentence pairs)."""
 
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int] | None = None
+    label: int | None = None
+    token_type_ids: list[int] | None = None
 
 
 def load_dataset_rows(data: str, split: str = "train", config: str | None = None) -> Dataset:
@@ -212,8 +215,23 @@ def take_shard(indices: list[int], index: int, count: int) -> list[int]:
     return parts[index].tolist()
 
 
-def encode(rows: Sequence[dict], fmt: str, tokenizer, max_length: int) -> list[Example]:
-    """Tokenize rows for a causal LM loss.
+def classification_labels(rows: Sequence[dict]) -> list[str]:
+    """The class names of classification rows, sorted: class id i is `labels[i]`."""
+    return sorted({str(row["label"]) for row in rows})
+
+
+def classification_text(row: dict) -> str | tuple[str, str]:
+    """The text, or the (first, second) pair, of a classification row; pairs are checked first."""
+    for fields in sorted(CLASSIFICATION_TEXT_FIELDS, key=len, reverse=True):
+        if all(f in row for f in fields):
+            return str(row[fields[0]]) if len(fields) == 1 else (str(row[fields[0]]), str(row[fields[1]]))
+    raise BadInputError(f"row lacks text fields: {sorted(row)}")
+
+
+def encode(
+    rows: Sequence[dict], fmt: str, tokenizer, max_length: int, labels: Sequence[str] | None = None
+) -> list[Example]:
+    """Tokenize rows for a causal LM loss, or for a classifier (`classification`, with the class names).
 
     `text`: `tokenizer(text)` with its defaults, truncated, every next token supervised.
     `prompt-response`: prompt ids (with the tokenizer's special tokens) + response ids + EOS; loss on the
@@ -221,23 +239,20 @@ def encode(rows: Sequence[dict], fmt: str, tokenizer, max_length: int) -> list[E
     """
     if max_length < 2:
         raise BadInputError(f"--max-length {max_length} is too small", hint="pass at least 2")
+    if fmt == "classification":
+        return _encode_classification(rows, tokenizer, max_length, labels)
     examples = []
     for row in rows:
         if fmt == "text":
             ids = tokenizer(str(row["text"]), truncation=True, max_length=max_length)["input_ids"]
             examples.append(Example(input_ids=ids, labels=list(ids)))
-        elif fmt == "prompt-response":
+        else:
             prompt, response = split_prompt_response(row)
             prompt_ids = tokenizer(prompt)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             ids = (prompt_ids + response_ids)[:max_length]
-            labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
-            examples.append(Example(input_ids=ids, labels=labels))
-        else:
-            raise BadInputError(
-                f"--format {fmt} needs a sequence-classification model",
-                hint="load it with AutoModelForSequenceClassification, or use text / prompt-response data",
-            )
+            labels_ = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+            examples.append(Example(input_ids=ids, labels=labels_))
     unsupervised = sum(1 for e in examples if supervised_tokens(e) == 0)
     if unsupervised:
         log.warning(
@@ -249,23 +264,56 @@ def encode(rows: Sequence[dict], fmt: str, tokenizer, max_length: int) -> list[E
     return examples
 
 
+def _encode_classification(rows, tokenizer, max_length: int, labels: Sequence[str] | None) -> list[Example]:
+    if labels is None:
+        raise BadInputError("--format classification needs a sequence-classification model with class names")
+    ids = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({str(row["label"]) for row in rows} - set(ids))
+    if unknown:
+        raise BadInputError(
+            f"labels {', '.join(unknown[:5])} are not among the model's classes {', '.join(labels)}",
+            hint="train and estimate on data with the same label set",
+        )
+    examples = []
+    for row in rows:
+        text = classification_text(row)
+        pair = (text,) if isinstance(text, str) else text
+        encoded = tokenizer(*pair, truncation=True, max_length=max_length)
+        examples.append(
+            Example(input_ids=encoded["input_ids"], label=ids[str(row["label"])],
+                    token_type_ids=encoded.get("token_type_ids"))
+        )  # fmt: skip
+    return examples
+
+
 def supervised_tokens(example: Example) -> int:
-    """Positions with a next-token target: labels are shifted by one in the loss."""
+    """Positions with a next-token target (labels shift by one in the loss); every token of a classifier's input."""
+    if example.label is not None:
+        return len(example.input_ids)
     return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: `input_ids`, `attention_mask`, `labels`, each [batch, longest]."""
+    """Right-pad to the longest example: `input_ids`, `attention_mask` [batch, longest], `labels` (token
+    labels [batch, longest], or class ids [batch]) and `token_type_ids` when the examples have them."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention_mask[row, : len(e.input_ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if examples[0].label is not None:
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    else:
+        batch["labels"] = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for row, e in enumerate(examples):
+            batch["labels"][row, : len(e.labels)] = torch.tensor(e.labels)
+    if examples[0].token_type_ids is not None:
+        batch["token_type_ids"] = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            batch["token_type_ids"][row, : len(e.token_type_ids)] = torch.tensor(e.token_type_ids)
+    return batch
 
 
 def make_batches(

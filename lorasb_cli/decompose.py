@@ -79,7 +79,9 @@ def decompose(
 ) -> DecomposeSummary:
     """Factor every module of the update at `update_path` and write `<module>.lora_{B,R,A}` to `out`."""
     update = artifacts.Artifact(update_path, kinds=("update",))
-    shapes = {name.removesuffix(".weight"): shape for name, shape in update.shapes().items()}
+    head = update.meta.get("head", [])  # a classifier's head: carried over as is, not factored
+    weights = [name for name in update.names if name not in head]
+    shapes = {name.removesuffix(".weight"): shape for name, shape in update.shapes().items() if name not in head}
     check_rank(rank, shapes, update.path)
     if niter < 0:
         raise BadInputError(f"--niter {niter} must be ≥ 0")
@@ -90,7 +92,7 @@ def decompose(
     # svd_lowrank draws from the global generator: fork it so the same seed gives the same factors.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for done, name in enumerate(update.names, start=1):
+        for done, name in enumerate(weights, start=1):
             module = name.removesuffix(".weight")
             delta = load_update(update, name).to(target_device)
             u, s, vh = truncated_svd(delta, rank, niter=niter, exact=exact)
@@ -99,7 +101,8 @@ def decompose(
             factors[f"{module}.lora_R"] = torch.diag(s).cpu()
             factors[f"{module}.lora_A"] = vh.contiguous().cpu()
             if progress is not None:
-                progress(done, len(update.names))
+                progress(done, len(weights))
+    factors |= {name: update.get(name) for name in head}
 
     meta = artifacts.provenance(
         "factors",
@@ -115,6 +118,7 @@ def decompose(
         seed=seed,
         svd={"exact": exact, "niter": niter, "oversampling": oversampling(rank)},
         energy=energy,
+        **{key: update.meta[key] for key in ("architecture", "labels", "head") if key in update.meta},
     )
     artifacts.write_artifact(out, factors, meta)
     return DecomposeSummary(path=Path(out), rank=rank, energy=energy)

@@ -68,10 +68,14 @@ class _GradientHooks:
 
 
 def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Σ over the batch of each sample's mean next-token cross-entropy, and the supervised token count.
+    """Σ over the batch of each sample's loss, and the number of supervised targets.
 
-    logits [batch, T, vocab], labels [batch, T] with data.IGNORE where no loss.
+    Language modelling: logits [batch, T, vocab], labels [batch, T] with data.IGNORE where no loss; a sample's
+    loss is its mean next-token cross-entropy. Classification: logits [batch, classes], labels [batch] (class
+    ids); a sample's loss is the cross-entropy of its label.
     """
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     targets = labels[:, 1:]
     token_losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE, reduction="none"
@@ -79,6 +83,11 @@ def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     counts = (targets != data.IGNORE).sum(dim=1)
     # A sample with no supervised token has loss 0 (it adds nothing), not 0/0.
     return (token_losses.sum(dim=1) / counts.clamp(min=1)).sum(), int(counts.sum())
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch without its labels, on `device`: what the model's forward takes."""
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
 
 def sum_gradients(
@@ -95,9 +104,8 @@ def sum_gradients(
     samples = tokens = 0
     try:
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, batch_tokens = per_sample_loss_sum(logits, batch["labels"])
+            logits = model(**model_inputs(batch, device)).logits
+            loss, batch_tokens = per_sample_loss_sum(logits, batch["labels"].to(device))
             del logits
             if loss.requires_grad:
                 loss.backward()
@@ -178,10 +186,12 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    model, tokenizer = models.load_model(ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
+    labels = data.classification_labels(dataset.rows) if fmt == "classification" else None
+    model, tokenizer = load_for_format(ref, fmt, labels, dtype=dtype, device=device, seed=config.seed,
+                                       trust_remote_code=config.trust_remote_code)  # fmt: skip
     modules = models.resolve_targets(model, config.targets)
     shapes = models.target_shapes(model, modules)
-    examples = data.encode([dataset.rows[i] for i in indices], fmt, tokenizer, config.max_length)
+    examples = data.encode([dataset.rows[i] for i in indices], fmt, tokenizer, config.max_length, labels)
 
     done = 0
 
@@ -215,10 +225,13 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
+        **models.head_provenance(model, labels),
     )
     tensors = (
         {f"{name}.weight": g for name, g in result.sums.items()} if config.raw else sign_update(result.sums)
     )
+    # The random head G was computed through: train must start from exactly this head (DESIGN.md §1).
+    tensors |= models.head_tensors(model)
     if rank == 0:
         artifacts.write_artifact(config.out, tensors, meta)
     return EstimateSummary(
@@ -229,6 +242,18 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         seconds=seconds,
         peak_memory_bytes=system.peak_memory_bytes(device),
     )
+
+
+def load_for_format(ref, fmt: str, labels, *, dtype, device, seed: int, trust_remote_code: bool):
+    """A causal LM, or for `classification` a sequence classifier with one output per label (its new head
+    drawn with `seed`, so the same seed gives the same head)."""
+    if fmt != "classification":
+        return models.load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    models.require_classifier(ref, trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return models.load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                 head="sequence-classification", labels=labels)  # fmt: skip
 
 
 # What every raw shard of one estimate must share for their sum to be that estimate.
@@ -261,11 +286,14 @@ def combine(paths: list[str], out: str) -> Path:
             raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
     _check_shard_set(shards)
 
-    # One module's float32 sum at a time; only the int8 signs of all modules are held.
-    update: dict[str, torch.Tensor] = {}
+    # One module's float32 sum at a time; only the int8 signs of all modules are held. A classifier's head is
+    # the same in every shard (same seed): it is carried over, not summed.
+    head = first.meta.get("head", [])
+    update: dict[str, torch.Tensor] = {name: first.get(name) for name in head}
     for name in first.names:
-        total = sum(shard.get(name, torch.float32) for shard in shards)
-        update.update(sign_update({name.removesuffix(".weight"): total}))
+        if name not in head:
+            total = sum(shard.get(name, torch.float32) for shard in shards)
+            update.update(sign_update({name.removesuffix(".weight"): total}))
     meta = artifacts.provenance(
         "update",
         base_model=first.meta["base_model"],
@@ -277,6 +305,7 @@ def combine(paths: list[str], out: str) -> Path:
         seed=first.meta["seed"],
         eta=first.meta["eta"],
         dtype=first.meta["dtype"],
+        **{key: first.meta[key] for key in ("architecture", "labels", "head") if key in first.meta},
     )
     return artifacts.write_artifact(out, update, meta)
 

@@ -266,10 +266,7 @@ def load_for_task(config: EvaluateConfig, task: Task, scoring: str) -> tuple[nn.
     if saved is None:
         return model, tokenizer, None
     adapter.inject(model, saved.factors, scale=saved.scale)
-    if saved.extra:
-        missing = model.load_state_dict(saved.extra, strict=False).unexpected_keys
-        if missing:
-            raise IncompatibleArtifactError(f"adapter tensors {missing[:3]} are not in the model", path=str(saved.path))
+    adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()
     return model, tokenizer, saved.config
 

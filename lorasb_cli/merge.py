@@ -93,7 +93,8 @@ def merge(
     if base_dir is not None:
         _check_not_input(out_path, base_dir, "base model")
         index = shards.CheckpointIndex(base_dir)
-        _check_compatible(lora, index)
+        prefix = base_prefix(lora, index)
+        _check_compatible(lora, index, prefix)
 
     provenance = {
         "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")},
@@ -103,10 +104,12 @@ def merge(
     metadata = {"format": "pt", artifacts.METADATA_KEY: json.dumps(provenance, sort_keys=True)}
     with _staging(out_path, overwrite) as tmp:
         if format == "hf":
-            _write_merged(lora, index, tmp, out_dtype, shard_bytes, metadata, progress)
+            _write_merged(lora, index, prefix, tmp, out_dtype, shard_bytes, metadata, progress)
             _copy_non_weights(base_dir, tmp)
             if out_dtype is not None:
                 _set_config_dtype(tmp / "config.json", out_dtype)
+            if "labels" in lora.config:
+                _set_classifier_config(tmp / "config.json", lora.config["architecture"], lora.config["labels"])
         else:
             _write_peft(lora, ref, tmp, metadata, progress)
     return out_path
@@ -191,11 +194,21 @@ def _local_checkpoint(ref: models.ModelRef, trust_remote_code: bool) -> Path:
         raise BadInputError(f"cannot download base model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
 
 
-def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex) -> None:
+def base_prefix(lora: adapter.Adapter, index: shards.CheckpointIndex) -> str:
+    """What the trained model's names add to the checkpoint's: "bert." when a BertForSequenceClassification
+    was trained over a bare BertModel checkpoint (as sentence-transformers ships them), else ""."""
+    module = next(iter(lora.factors))
+    first, _, rest = module.partition(".")
+    if f"{module}.weight" not in index and f"{rest}.weight" in index:
+        return first + "."
+    return ""
+
+
+def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex, prefix: str) -> None:
     """Every adapted module must have a floating `<module>.weight` of shape (B rows, A columns) in the base."""
     hint = f"pass the base the adapter was trained on with --model (recorded: {_recorded_id(lora)})"
     for module, (lora_B, _, lora_A) in lora.factors.items():
-        name = f"{module}.weight"
+        name = f"{module}.weight".removeprefix(prefix)
         expected = (lora_B.shape[0], lora_A.shape[1])
         if name not in index:
             raise IncompatibleArtifactError(
@@ -261,14 +274,16 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
 def _write_merged(
     lora: adapter.Adapter,
     index: shards.CheckpointIndex,
+    prefix: str,
     out_dir: Path,
     out_dtype: torch.dtype | None,
     shard_bytes: int | None,
     metadata: dict[str, str],
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Write the merged weights: the base's shards and index (same names, same tensors), or new shards."""
-    targets = {f"{module}.weight": module for module in lora.factors}
+    """Write the merged weights: the base's shards and index (same tensors; names with the trained model's
+    `prefix`), or new shards."""
+    targets = {f"{module}.weight".removeprefix(prefix): module for module in lora.factors}
     # Extra tensors the base lacks (a classification head on a causal-LM checkpoint) go into the last shard,
     # in the dtype of the adapted weights.
     head_dtype = out_dtype or index.dtype(next(iter(targets)))
@@ -283,7 +298,7 @@ def _write_merged(
         for done, (shard, name) in enumerate(order, start=1):
             if _malloc_trim is not None:
                 _malloc_trim(0)  # the tensors freed since the last call, e.g. a saved shard, go back to the OS
-            yield shard, name, output(name)
+            yield shard, name if name in added else prefix + name, output(name)
             if progress is not None:
                 progress(done, len(order))
 
@@ -326,6 +341,7 @@ def _write_merged(
     if index_path.is_file():
         layout = json.loads(index_path.read_text())
         layout.setdefault("metadata", {})["total_size"] = total_size
+        layout["weight_map"] = {prefix + name: shard for name, shard in layout["weight_map"].items()}
         layout["weight_map"].update(dict.fromkeys(added, last_shard))
         (out_dir / shards.INDEX_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
 
@@ -349,6 +365,15 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
     for key in keys:
         config[key] = str(dtype).removeprefix("torch.")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _set_classifier_config(config_path: Path, architecture: str, labels: list[str]) -> None:
+    """Make the merged config load as the trained classifier, with its class names."""
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [architecture]
+    config["id2label"] = {str(i): label for i, label in enumerate(labels)}
+    config["label2id"] = {label: i for i, label in enumerate(labels)}
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

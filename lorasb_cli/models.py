@@ -29,6 +29,8 @@ ALIASES: dict[str, str] = {
 }
 
 TARGET_PRESETS = ("all-linear", "attention")
+# Classification heads (PEFT's modules_to_save for SEQ_CLS): trained in full, never adapted.
+HEAD_MODULES = ("classifier", "score")
 _ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention"}
 
 DTYPES = {
@@ -140,6 +142,9 @@ def load_model(
         auto = AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+        if labels is not None:
+            # A new head is expected to be missing from the checkpoint: no load report for it.
+            transformers.utils.logging.set_verbosity_error()
         model = auto.from_pretrained(ref.path, **kwargs)
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -180,7 +185,7 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     linears = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and name not in ("score", "classifier")
+        if isinstance(module, nn.Linear) and module is not head and name.split(".")[0] not in HEAD_MODULES
     ]
     if targets == "all-linear":
         selected = linears
@@ -236,3 +241,36 @@ def linear_shapes_from_config(
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sequence classifier's head parameters under their state_dict names (empty for a causal LM)."""
+    if not is_classifier(model):
+        return {}
+    return {
+        name: p.detach().float().cpu().clone()
+        for name, p in model.named_parameters()
+        if name.split(".")[0] in HEAD_MODULES
+    }
+
+
+def is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def head_provenance(model: nn.Module, labels: Sequence[str] | None) -> dict:
+    """Metadata that lets later stages rebuild the same classifier: its class, labels and head tensors."""
+    if not is_classifier(model):
+        return {}
+    return {"architecture": type(model).__name__, "labels": list(labels or []), "head": sorted(head_tensors(model))}
+
+
+def require_classifier(ref: ModelRef, *, trust_remote_code: bool = False) -> None:
+    """Refuse a causal LM where a sequence classifier is needed, naming the Auto class."""
+    arch = architectures(ref, trust_remote_code=trust_remote_code)
+    if any(a.endswith("ForCausalLM") for a in arch):
+        raise BadInputError(
+            f"--format classification needs a sequence-classification model; '{ref.id}' is {', '.join(arch)}",
+            hint="use an encoder (e.g. --model minilm-l6) loaded with AutoModelForSequenceClassification, "
+            "or text / prompt-response data",
+        )

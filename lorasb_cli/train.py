@@ -114,14 +114,13 @@ def trainable_summary(model: nn.Module, layers: dict[str, adapter.LoraSBLinear])
 @torch.no_grad()
 def mean_loss(model: nn.Module, examples: Sequence[data.Example], batch_size: int, pad_id: int) -> float:
     """Mean over samples of each sample's mean supervised-token loss (forward passes only)."""
-    from .estimate import per_sample_loss_sum
+    from .estimate import model_inputs, per_sample_loss_sum
 
     device = next(model.parameters()).device
     total = 0.0
     for batch in data.make_batches(examples, batch_size, pad_id):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(per_sample_loss_sum(logits, batch["labels"])[0])
+        logits = model(**model_inputs(batch, device)).logits
+        total += float(per_sample_loss_sum(logits, batch["labels"].to(device))[0])
     return total / max(1, len(examples))
 
 
@@ -149,6 +148,7 @@ def _checkpoint_trainer_class():
             with torch.no_grad():
                 for name, (_, lora_R, _) in saved.factors.items():
                     layers[name].lora_R.copy_(lora_R)
+            adapter.load_extra(model, saved.extra, trainable=True)
 
     return AdapterTrainer
 
@@ -227,7 +227,9 @@ def train(
     factors_file, factors = load_factors(config.factors)
     ref = models.resolve_model(config.model)
     # Compare against the architecture from config.json before loading any weights.
-    shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code)
+    labels = factors_file.meta.get("labels")
+    head = "sequence-classification" if labels is not None else "causal-lm"
+    shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
     check_factors_fit(factors, shapes, ref.id, factors_file.path)
     fingerprint = models.fingerprint({m: shapes[m] for m in factors})
     if fingerprint != factors_file.meta["base_model"]["fingerprint"]:
@@ -248,13 +250,17 @@ def train(
 
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    model, tokenizer = models.load_model(ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code)
-    train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length)
-    eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length) if eval_set else None
+    model, tokenizer = models.load_model(
+        ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, head=head, labels=labels
+    )
+    train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length, labels)
+    eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length, labels) if eval_set else None
     probe = eval_examples or train_examples[: min(64, len(train_examples))]
 
     scaled = {m: (b, r * config.init_scale, a) for m, (b, r, a) in factors.items()}
     layers = adapter.inject(model, scaled, scale=float(factors_file.meta.get("scale", 1.0)))
+    # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
+    adapter.load_extra(model, {n: factors_file.get(n) for n in factors_file.meta.get("head", [])}, trainable=True)
     trainable, base_params, lora_params = trainable_summary(model, layers)
     log.info(
         "trainable parameters: %s (%.4f%% of the base model's %s; LoRA at rank %d on the same targets: %s, %.1f× more)",
@@ -295,6 +301,7 @@ def train(
         "eta": eta,
         "data": {**train_set.provenance(), "format": fmt},
         "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},
+        **{key: factors_file.meta[key] for key in ("architecture", "labels", "head") if key in factors_file.meta},
     }
 
     args = TrainingArguments(
