@@ -96,3 +96,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qa_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", QA_ROWS)
+
+
+CLASS_ROWS = [
+    {"text": f"{w} {w} the {v} said", "label": label}
+    for label, words in {"earn": ["profit", "dividend"], "crude": ["oil", "barrel"], "trade": ["tariff", "export"]}.items()
+    for w in words
+    for v in ("company", "market", "bank")
+]
+
+
+def make_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny BertModel saved the way sentence-transformers ships encoders: no head, no `bert.` prefix."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w for row in CLASS_ROWS for w in row["text"].split()})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

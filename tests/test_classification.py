@@ -1,0 +1,92 @@
+"""Classification end to end on a tiny encoder: head estimated with, trained with R, merged, evaluated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+
+from lorasb_cli import adapter, artifacts, estimate, evaluate, train
+from lorasb_cli.decompose import decompose
+from lorasb_cli.errors import BadInputError
+from lorasb_cli.merge import merge
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cls")
+    model_dir = make_bert_dir(folder / "bert")
+    data = write_jsonl(folder / "train.jsonl", CLASS_ROWS)
+    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(data), out=str(folder / "u.safetensors"),
+                                              samples=12, format="classification", seed=3))  # fmt: skip
+    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    train.train(train.TrainConfig(model=str(model_dir), factors=str(folder / "f.safetensors"), data=str(data),
+                                  out=str(folder / "run"), max_steps=12, batch_size=6, lr=2e-2, save_steps=100))  # fmt: skip
+    return folder, model_dir, data
+
+
+def test_update_and_factors_carry_the_head_g_was_computed_with(chain):
+    folder, _, _ = chain
+    update = artifacts.Artifact(folder / "u.safetensors")
+    assert update.meta["labels"] == ["crude", "earn", "trade"]
+    assert update.meta["architecture"] == "BertForSequenceClassification"
+    assert update.meta["head"] == ["classifier.bias", "classifier.weight"]
+    assert update.get("classifier.weight").shape == (3, 32)
+    assert "classifier" not in {n.rsplit(".", 1)[0] for n in update.names if n not in update.meta["head"]}
+    factors = artifacts.Artifact(folder / "f.safetensors")
+    assert torch.equal(factors.get("classifier.weight"), update.get("classifier.weight"))
+    # The same seed draws the same head; another seed another one.
+    again = folder / "again.safetensors"
+    estimate.estimate(estimate.EstimateConfig(model=str(chain[1]), data=str(chain[2]), out=str(again), samples=12,
+                                              format="classification", seed=3))  # fmt: skip
+    assert torch.equal(artifacts.Artifact(again).get("classifier.weight"), update.get("classifier.weight"))
+
+
+def test_training_moves_r_and_the_head(chain):
+    folder, _, _ = chain
+    trained = adapter.load_adapter(folder / "run")
+    factors = artifacts.Artifact(folder / "f.safetensors")
+    assert set(trained.extra) == {"classifier.weight", "classifier.bias"}
+    assert not torch.equal(trained.extra["classifier.weight"], factors.get("classifier.weight"))
+    module, (lora_B, lora_R, _) = next(iter(trained.factors.items()))
+    assert module.startswith("bert.encoder.")
+    assert torch.equal(lora_B, factors.get(f"{module}.lora_B"))
+    assert not torch.equal(lora_R, factors.get(f"{module}.lora_R"))
+
+
+def test_merged_classifier_reproduces_the_adapter_logits(chain, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder, model_dir, _ = chain
+    merged = merge(str(folder / "run"), str(tmp_path / "merged"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert loaded.config.id2label == {0: "crude", 1: "earn", 2: "trade"}
+
+    cfg = evaluate.EvaluateConfig(model=str(model_dir), adapter=str(folder / "run"), task="classification", out="x")
+    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify")
+    batch = AutoTokenizer.from_pretrained(merged)(["oil oil the bank said", "profit the market"], padding=True,
+                                                    return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
+
+    data = write_jsonl(tmp_path / "test.jsonl", CLASS_ROWS)
+    result = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), task="classification", data=str(data),
+                                                       out=str(tmp_path / "r.json")))  # fmt: skip
+    assert result.metrics["labels"] == ["crude", "earn", "trade"] and len(result.metrics["confusion_matrix"]) == 3
+
+
+def test_classification_with_a_causal_lm_names_the_auto_class(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", CLASS_ROWS)
+    config = estimate.EstimateConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "u.safetensors"),
+                                     samples=4, format="classification")  # fmt: skip
+    with pytest.raises(BadInputError, match="AutoModelForSequenceClassification"):
+        estimate.estimate(config)
+
+
+def test_eval_labels_outside_the_trained_classes_are_refused(chain, tmp_path):
+    folder, model_dir, data = chain
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "oil said", "label": "sports"}])
+    config = train.TrainConfig(model=str(model_dir), factors=str(folder / "f.safetensors"), data=str(data),
+                               eval_data=str(odd), out=str(tmp_path / "run"), max_steps=1)  # fmt: skip
+    with pytest.raises(BadInputError, match="labels sports are not among the model's classes"):
+        train.train(config)
