@@ -134,7 +134,9 @@ def load(name: str, *, split: str = "train", size: int | None = None, seed: int 
         rows = _generate(builtin, root, split, size or builtin.sizes[split], seed)
     else:
         rows = _subset(_read_split(builtin, root, split), size, seed, name)
-    return data.Dataset(rows=rows, source=f"builtin:{name}", split=split, digest=digest(rows))
+    return data.Dataset(
+        rows=rows, source=f"builtin:{name}", split=split, digest=digest(rows), extra=provenance_extra(name, seed)
+    )
 
 
 def provenance_extra(name: str, seed: int) -> dict:

@@ -52,7 +52,8 @@ def data_options(command):
     for decorator in reversed(
         (
             click.option("--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."),
-            click.option("--split", default="train", show_default=True, help="Split of a hub data set."),
+            click.option("--split", default="train", show_default=True, help="Split of a hub or built-in data set."),
+            click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list)."),
             click.option(
                 "--format",
                 "data_format",
@@ -105,14 +106,14 @@ Example:
 @click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
 @click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
-def estimate(model, dtype, device, trust_remote_code, data, split, data_format, batch_size, max_length,
+def estimate(model, dtype, device, trust_remote_code, data, split, size, data_format, batch_size, max_length,
              frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
     from .estimate import EstimateConfig, estimate as run_estimate
 
     config = EstimateConfig(
-        model=model, data=data, out=out, split=split, format=data_format,
+        model=model, data=data, out=out, split=split, size=size, format=data_format,
         frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
         batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, seed=seed, eta=eta, raw=raw,
         shard=shard, trust_remote_code=trust_remote_code,
@@ -203,7 +204,7 @@ Example:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
 @click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
 @common_options
-def train(model, dtype, device, trust_remote_code, factors, data, split, data_format, batch_size, max_length,
+def train(model, dtype, device, trust_remote_code, factors, data, split, size, data_format, batch_size, max_length,
           eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
           save_steps, eval_steps, init_scale, resume, overwrite, out, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen) and write the adapter directory."""
@@ -211,7 +212,8 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, data_fo
     from .train import TrainConfig, train as run_train
 
     config = TrainConfig(
-        model=model, factors=factors, data=data, out=out, split=split, format=data_format, eval_data=eval_data,
+        model=model, factors=factors, data=data, out=out, split=split, size=size, format=data_format,
+        eval_data=eval_data,
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
         device=device, gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
@@ -271,7 +273,8 @@ Example:
 @click.option("--adapter", "-a", default=None, help="Adapter directory (lorasb train -o) to evaluate unmerged.")
 @click.option("--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity.")
 @click.option("--data", "-d", default=None, help="Local file or hub data set [default: the task's own].")
-@click.option("--split", default=None, help="Split of a hub data set [default: the task's].")
+@click.option("--split", default=None, help="Split of a hub or built-in data set [default: the task's].")
+@click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list).")
 @click.option("--limit", default=None, type=int, help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per batch.")
 @click.option("--max-new-tokens", default=None, type=int, help="Generation length [default: the task's].")
@@ -280,14 +283,14 @@ Example:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (decoding is greedy).")
 @click.option("-o", "--out", default="results.json", show_default=True, help="Results JSON; predictions go beside it.")
 @common_options
-def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, limit, batch_size, max_new_tokens,
+def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, size, limit, batch_size, max_new_tokens,
              max_length, scoring, seed, out, as_json, quiet):
     """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
     from .console import print_table, progress_bar
     from .evaluate import EvaluateConfig, evaluate as run_evaluate
 
     config = EvaluateConfig(
-        model=model, task=task, out=out, adapter=adapter, data=data, split=split, limit=limit,
+        model=model, task=task, out=out, adapter=adapter, data=data, split=split, size=size, limit=limit,
         batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, scoring=scoring, seed=seed,
         dtype=dtype, device=device, trust_remote_code=trust_remote_code,
     )  # fmt: skip
@@ -319,6 +322,60 @@ def inspect_command(path, as_json, quiet):
         click.echo(json.dumps(description, indent=2, default=str))
     else:
         print_description(description)
+
+
+@cli.command(
+    name="data",
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb data list
+  lorasb data gsm-symbolic --split test --size 200 --seed 0 -o gsm-test.jsonl""",
+)
+@click.argument("name")
+@click.option("--split", default="train", show_default=True, help="train or test.")
+@click.option("--size", default=None, type=int, help="Rows [default: the set's own size].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of generation or subsetting.")
+@click.option("-o", "--out", default=None, help="JSONL file to write [default: NAME-SPLIT.jsonl].")
+@common_options
+def data_command(name, split, size, seed, out, as_json, quiet):
+    """Write a built-in offline data set as JSONL: exactly the rows `--data NAME` feeds a stage."""
+    from . import builtin_data
+    from .artifacts import atomic_path
+    from .console import print_rows
+
+    if name == "list":
+        sets = builtin_data.describe()
+        if as_json:
+            click.echo(json.dumps(sets, indent=2))
+        else:
+            print_rows("built-in data sets", sets, ["name", "description", "fields", "splits", "source", "available"])
+        return
+    dataset = builtin_data.load(name, split=split, size=size, seed=seed)
+    out = out or f"{name}-{split}.jsonl"
+    with atomic_path(out) as tmp:
+        tmp.write_text(builtin_data.to_jsonl(dataset.rows))
+    report(out, {"rows": len(dataset.rows), **dataset.provenance()}, as_json)
+
+
+@cli.command(name="models", context_settings=CONTEXT)
+@common_options
+def models_command(as_json, quiet):
+    """List the model aliases, what each is, and whether it is available offline here."""
+    from . import bundled
+    from .console import print_rows
+    from .models import ALIASES
+
+    rows = [
+        {"alias": m.alias, "what": m.description, "source": f"{m.package}=={m.version}",
+         "offline": "yes" if bundled.source_path(m) else f"no: {m.pip_line}"}
+        for m in bundled.BUNDLED.values()
+    ] + [{"alias": alias, "what": "hub model", "source": hub_id, "offline": "if in the HF cache"}
+         for alias, hub_id in ALIASES.items()]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        print_rows("models", rows, ["alias", "what", "source", "offline"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,3 +104,21 @@ def print_description(description: dict) -> None:
             ranks = sorted({str(i["rank"]) for i in infos if "rank" in i})
             table.add_row(kind, str(len(infos)), ", ".join(shapes), ", ".join(ranks) or "-")
         stdout.print(table)
+
+
+def print_rows(title: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """A listing command's output (its product, so on stdout)."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    stdout.print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "" if value is None else str(value)

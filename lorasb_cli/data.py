@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,9 +56,11 @@ class Dataset:
     source: str
     split: str
     digest: str
+    extra: dict = field(default_factory=dict)  # a built-in set's package, version, generator and seed
 
     def provenance(self) -> dict:
-        return {"source": self.source, "split": self.split, "rows": len(self.rows), "digest": self.digest}
+        return {"source": self.source, "split": self.split, "rows": len(self.rows), "digest": self.digest,
+                **self.extra}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,22 @@ class Example:
     token_type_ids: list[int] | None = None
 
 
-def load_dataset_rows(data: str, split: str = "train", config: str | None = None) -> Dataset:
-    """Read a local .jsonl/.json/.csv/.parquet file (one split) or a hub data set's `split` (of `config`)."""
+def load_dataset_rows(
+    data: str, split: str = "train", config: str | None = None, *, size: int | None = None, seed: int = 0
+) -> Dataset:
+    """Read a built-in data set (`size` rows from `seed`), a local .jsonl/.json/.csv/.parquet file (one
+    split) or a hub data set's `split` (of `config`)."""
     import datasets
+
+    from . import builtin_data
+
+    if data in builtin_data.NAMES:
+        return builtin_data.load(data, split=split, size=size, seed=seed)
+    if size is not None:
+        raise BadInputError(
+            f"--size applies to the built-in data sets ({', '.join(builtin_data.NAMES)})",
+            hint="to use part of a file, pass --samples/--frac (estimate) or --limit (evaluate)",
+        )
 
     datasets.disable_progress_bars()
     path = Path(data).expanduser()

@@ -143,6 +143,7 @@ class EstimateConfig:
     data: str
     out: str
     split: str = "train"
+    size: int | None = None
     format: str = "auto"
     frac: float | None = None
     samples: int | None = None
@@ -177,7 +178,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     shard = data.parse_shard(config.shard)
     ref = models.resolve_model(config.model)
-    dataset = data.load_dataset_rows(config.data, config.split)
+    dataset = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
     fmt = data.detect_format(list(dataset.rows[0]), config.format, dataset.source)
     drawn = data.sample_indices(len(dataset.rows), frac=config.frac, samples=config.samples, seed=config.seed)
     indices = data.take_shard(drawn, *shard) if shard else drawn

@@ -192,6 +192,7 @@ class EvaluateConfig:
     adapter: str | None = None
     data: str | None = None
     split: str | None = None
+    size: int | None = None
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None
@@ -216,13 +217,15 @@ def predictions_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.predictions.jsonl")
 
 
-def load_task_rows(task: Task, source: str | None, split: str | None, limit: int | None) -> tuple[list[dict], str]:
+def load_task_rows(
+    task: Task, source: str | None, split: str | None, limit: int | None, size: int | None = None, seed: int = 0
+) -> tuple[list[dict], str]:
     """Rows of the task's data (a local file or its default hub data set), checked for the task's fields."""
     source = source or task.default_data
     if source is None:
         raise BadInputError(f"task '{task.name}' has no default data set", hint="pass --data FILE")
     split = split or task.default_split
-    dataset = data.load_dataset_rows(source, split, config=task.extra.get("config"))
+    dataset = data.load_dataset_rows(source, split, config=task.extra.get("config"), size=size, seed=seed)
     rows = dataset.rows
     missing = [f for f in task.fields if f not in rows[0]]
     if missing:
@@ -279,7 +282,7 @@ def evaluate(
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
     task = get_task(config.task)
     scoring = config.scoring or task.scoring
-    rows, source = load_task_rows(task, config.data, config.split, config.limit)
+    rows, source = load_task_rows(task, config.data, config.split, config.limit, config.size, config.seed)
     adapter_provenance = None
     if answerer is None:
         model, tokenizer, adapter_provenance = load_for_task(config, task, scoring)

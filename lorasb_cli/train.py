@@ -34,6 +34,7 @@ class TrainConfig:
     data: str
     out: str
     split: str = "train"
+    size: int | None = None
     format: str = "auto"
     eval_data: str | None = None
     lr: float = 1e-3
@@ -243,9 +244,10 @@ def train(
     if eta is not None and not math.isclose(eta, config.lr):
         log.warning("--lr %g differs from the η %g the update was estimated with", config.lr, eta)
 
-    train_set = data.load_dataset_rows(config.data, config.split)
+    train_set = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
     fmt = data.detect_format(list(train_set.rows[0]), config.format, train_set.source)
-    eval_set = data.load_dataset_rows(config.eval_data) if config.eval_data else None
+    # A built-in name as --eval-data means its test split: never the rows trained on.
+    eval_set = data.load_dataset_rows(config.eval_data, "test", seed=config.seed) if config.eval_data else None
     out = _prepare_out(config)
 
     device = models.resolve_device(config.device)
