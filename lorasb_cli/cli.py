@@ -69,6 +69,13 @@ def data_options(command):
     return command
 
 
+def _number(option: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number", param_hint=option) from None
+
+
 def report(path, summary: dict, as_json: bool) -> None:
     """The only stdout output of a stage: its path, or a JSON summary with the path."""
     if as_json:
@@ -199,7 +206,8 @@ Example:
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--save-steps", default=500, show_default=True, type=int, help="Checkpoint every N steps.")
 @click.option("--eval-steps", default=None, type=int, help="Evaluate --eval-data every N steps (and at the end).")
-@click.option("--init-scale", default=1.0, show_default=True, type=float, help="Multiply R_init by this factor.")
+@click.option("--init-scale", default="1", show_default=True,
+              help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
 @click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
@@ -217,7 +225,7 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, size, d
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
         device=device, gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
-        init_scale=init_scale, resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        init_scale=init_scale if init_scale == "auto" else _number("--init-scale", init_scale), resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)

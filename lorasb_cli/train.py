@@ -51,7 +51,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 500
     eval_steps: int | None = None
-    init_scale: float = 1.0
+    init_scale: float | str = 1.0  # or "auto"
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -123,6 +123,30 @@ def mean_loss(model: nn.Module, examples: Sequence[data.Example], batch_size: in
         logits = model(**model_inputs(batch, device)).logits
         total += float(per_sample_loss_sum(logits, batch["labels"].to(device))[0])
     return total / max(1, len(examples))
+
+
+# Factors of R_init that `--init-scale auto` tries: 10^(k/2) from 0.001 to 100 (η ± 3 decades).
+INIT_SCALE_GRID = tuple(10 ** (k / 2) for k in range(-6, 5))
+
+
+@torch.no_grad()
+def choose_init_scale(
+    layers: dict[str, adapter.LoraSBLinear], probe_loss: Callable[[], float]
+) -> tuple[float, list[tuple[float, float]]]:
+    """The factor of R_init, from INIT_SCALE_GRID, with the lowest probe loss (forward passes only).
+
+    η only scales R_init (B and A do not depend on it), so the size of the simulated first step can be
+    chosen after the fact. Returns the factor and the (factor, loss) curve; R is left as it was.
+    """
+    initial = {name: layer.lora_R.detach().clone() for name, layer in layers.items()}
+    curve = []
+    for factor in INIT_SCALE_GRID:
+        for name, layer in layers.items():
+            layer.lora_R.copy_(initial[name] * factor)
+        curve.append((factor, probe_loss()))
+    for name, layer in layers.items():
+        layer.lora_R.copy_(initial[name])
+    return min(curve, key=lambda point: point[1])[0], curve
 
 
 def _checkpoint_trainer_class():
@@ -205,11 +229,12 @@ def _check_options(config: TrainConfig) -> None:
         (config.max_steps != 0, "--max-steps 0 trains nothing"),
         (config.epochs > 0, f"--epochs {config.epochs} must be positive"),
         (config.save_steps >= 1, f"--save-steps {config.save_steps} must be positive"),
-        (math.isfinite(config.init_scale), f"--init-scale {config.init_scale} must be finite"),
     ]
     for ok, message in checks:
         if not ok:
             raise BadInputError(message)
+    if config.init_scale != "auto" and not (isinstance(config.init_scale, float) and math.isfinite(config.init_scale)):
+        raise BadInputError(f"--init-scale {config.init_scale} must be auto or a finite number")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=models.did_you_mean(config.scheduler, SCHEDULERS))
 
@@ -257,10 +282,15 @@ def train(
     )
     train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length, labels)
     eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length, labels) if eval_set else None
-    probe = eval_examples or train_examples[: min(64, len(train_examples))]
+    auto = config.init_scale == "auto"
+    if auto and not eval_examples:
+        # `auto` picks the scale on data training never sees: a slice held out of the training set.
+        held = max(1, min(32, len(train_examples) // 10))
+        train_examples, probe = train_examples[:-held], train_examples[-held:]
+    else:
+        probe = eval_examples or train_examples[: min(64, len(train_examples))]
 
-    scaled = {m: (b, r * config.init_scale, a) for m, (b, r, a) in factors.items()}
-    layers = adapter.inject(model, scaled, scale=float(factors_file.meta.get("scale", 1.0)))
+    layers = adapter.inject(model, factors, scale=float(factors_file.meta.get("scale", 1.0)))
     # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
     adapter.load_extra(model, {n: factors_file.get(n) for n in factors_file.meta.get("head", [])}, trainable=True)
     trainable, base_params, lora_params = trainable_summary(model, layers)
@@ -269,6 +299,16 @@ def train(
         f"{trainable:,}", 100 * trainable / base_params, f"{base_params:,}", factors_file.meta["rank"],
         f"{lora_params:,}", lora_params / trainable,
     )  # fmt: skip
+
+    init_scale, curve = 1.0 if auto else float(config.init_scale), None
+    if auto and not config.resume:  # on resume the checkpoint's R replaces the initial one anyway
+        init_scale, curve = choose_init_scale(layers, lambda: mean_loss(model, probe, config.batch_size,
+                                                                        tokenizer.pad_token_id))  # fmt: skip
+        log.info("--init-scale auto: probe loss by scale %s → %g",
+                 ", ".join(f"{k:g}: {v:.4f}" for k, v in curve), init_scale)  # fmt: skip
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_R.mul_(init_scale)
 
     step0_base = step0_init = None
     if not config.resume:
@@ -299,7 +339,8 @@ def train(
         "scale": float(factors_file.meta.get("scale", 1.0)),
         "method": "lorasb",
         "init": factors_file.meta.get("init", "lorasb"),
-        "init_scale": config.init_scale,
+        "init_scale": init_scale,
+        "init_scale_curve": curve,
         "eta": eta,
         "data": {**train_set.provenance(), "format": fmt},
         "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},

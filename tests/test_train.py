@@ -165,3 +165,21 @@ def test_eval_data_gives_eval_loss(tiny_model_dir, qa_file, factors_file, tmp_pa
     )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["step"] for e in metrics["eval"]][:2] == [4, 8] and summary.final_eval_loss is not None
+
+
+def test_init_scale_auto_picks_the_lowest_probe_loss_and_records_it(tiny_model_dir, qa_file, factors_file, tmp_path):
+    summary = train.train(_config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", init_scale="auto", max_steps=2))
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    curve = config["init_scale_curve"]
+    assert [round(k, 6) for k, _ in curve] == [round(k, 6) for k in train.INIT_SCALE_GRID]
+    best = min(curve, key=lambda point: point[1])
+    assert config["init_scale"] == best[0]
+    assert summary.step0_init_loss == pytest.approx(best[1], rel=1e-6)  # the step-0 loss is that of the pick
+
+
+def test_choose_init_scale_restores_r():
+    layer = adapter.LoraSBLinear(torch.nn.Linear(4, 4), torch.eye(4)[:, :2], torch.eye(2), torch.eye(4)[:2], 1.0)
+    before = layer.lora_R.detach().clone()
+    best, curve = train.choose_init_scale({"m": layer}, lambda: float((layer.lora_R.sum() - 6.0) ** 2))
+    assert best == pytest.approx(3.1623, rel=1e-3) and len(curve) == len(train.INIT_SCALE_GRID)
+    assert torch.equal(layer.lora_R, before)
