@@ -206,6 +206,7 @@ Example:
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--save-steps", default=500, show_default=True, type=int, help="Checkpoint every N steps.")
 @click.option("--eval-steps", default=None, type=int, help="Evaluate --eval-data every N steps (and at the end).")
+@click.option("--eval-task", default=None, help="Also score --eval-data on this task (lorasb evaluate --task).")
 @click.option("--init-scale", default="1", show_default=True,
               help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.")
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint.")
@@ -214,7 +215,7 @@ Example:
 @common_options
 def train(model, dtype, device, trust_remote_code, factors, data, split, size, data_format, batch_size, max_length,
           eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
-          save_steps, eval_steps, init_scale, resume, overwrite, out, as_json, quiet):
+          save_steps, eval_steps, eval_task, init_scale, resume, overwrite, out, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen) and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
     from .train import TrainConfig, train as run_train
@@ -225,6 +226,7 @@ def train(model, dtype, device, trust_remote_code, factors, data, split, size, d
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
         device=device, gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
+        eval_task=eval_task,
         init_scale=init_scale if init_scale == "auto" else _number("--init-scale", init_scale), resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     with progress_bar("train", enabled=not quiet) as progress:

@@ -51,6 +51,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 500
     eval_steps: int | None = None
+    eval_task: str | None = None
     init_scale: float | str = 1.0  # or "auto"
     resume: bool = False
     overwrite: bool = False
@@ -201,6 +202,39 @@ def _callbacks(progress: Callable[[int, int], None] | None, out: Path):
     return [Guard()]
 
 
+def _task_callback(task_name: str, rows: list[dict], tokenizer, batch_size: int, eval_steps: int | None,
+                   max_length: int, results: list[dict]):  # fmt: skip
+    """Score the model on `task_name` every `eval_steps` steps and at the end; appends to `results`."""
+    from transformers import TrainerCallback
+
+    from .evaluate import ModelAnswerer, evaluate_rows
+    from .tasks import get_task
+
+    task = get_task(task_name)
+
+    class TaskEval(TrainerCallback):
+        def _score(self, model, step: int) -> None:
+            if results and results[-1]["step"] == step:
+                return
+            model.eval()
+            answerer = ModelAnswerer(model, tokenizer, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
+                                     max_length=max_length)  # fmt: skip
+            metrics = task.score(evaluate_rows(task, rows, answerer))
+            model.train()
+            results.append({"step": step, "task": task_name, **metrics})
+            log.info("step %d: %s %s", step, task_name,
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if eval_steps and state.global_step % eval_steps == 0:
+                self._score(model, state.global_step)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self._score(model, state.global_step)
+
+    return TaskEval()
+
+
 def _prepare_out(config: TrainConfig) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -235,6 +269,8 @@ def _check_options(config: TrainConfig) -> None:
             raise BadInputError(message)
     if config.init_scale != "auto" and not (isinstance(config.init_scale, float) and math.isfinite(config.init_scale)):
         raise BadInputError(f"--init-scale {config.init_scale} must be auto or a finite number")
+    if config.eval_task and not config.eval_data:
+        raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=models.did_you_mean(config.scheduler, SCHEDULERS))
 
@@ -320,7 +356,8 @@ def train(
             layer.scale = saved_scale
         log.info(
             "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
-            len(probe), "eval" if eval_examples else "training", step0_base, step0_init,
+            len(probe), "eval" if eval_examples else "held-out training" if auto else "training", step0_base,
+            step0_init,
         )  # fmt: skip
         if step0_init > step0_base:
             log.warning(
@@ -383,6 +420,10 @@ def train(
         data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
         callbacks=[*_callbacks(progress, out), *callbacks],
     )
+    task_results: list[dict] = []
+    if config.eval_task:
+        trainer.add_callback(_task_callback(config.eval_task, eval_set.rows, tokenizer, config.batch_size,
+                                            config.eval_steps, config.max_length, task_results))  # fmt: skip
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)
 
@@ -412,7 +453,8 @@ def train(
         tokens_per_second=tokens_per_second,
         peak_memory_bytes=system.peak_memory_bytes(device),
     )
-    metrics = {**asdict(summary), "path": str(out), "train_loss_mean": result.training_loss, "loss": steps, "eval": evals}
+    metrics = {**asdict(summary), "path": str(out), "train_loss_mean": result.training_loss, "loss": steps, "eval": evals,
+               "task": task_results}
     with artifacts.atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     plot_losses(steps, evals, out / "loss.png")

@@ -183,3 +183,15 @@ def test_choose_init_scale_restores_r():
     best, curve = train.choose_init_scale({"m": layer}, lambda: float((layer.lora_R.sum() - 6.0) ** 2))
     assert best == pytest.approx(3.1623, rel=1e-3) and len(curve) == len(train.INIT_SCALE_GRID)
     assert torch.equal(layer.lora_R, before)
+
+
+def test_eval_task_scores_at_eval_steps_and_at_the_end(tiny_model_dir, qa_file, factors_file, tmp_path):
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", QA_ROWS[:3])
+    config = _config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", eval_data=str(eval_file), eval_steps=3,
+                     eval_task="perplexity", max_steps=6)  # fmt: skip
+    train.train(config)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["task"]] == [3, 6]
+    assert all(r["task"] == "perplexity" and r["count"] == 3 for r in metrics["task"])
+    with pytest.raises(BadInputError, match="--eval-task needs --eval-data"):
+        train.train(_config(tiny_model_dir, qa_file, factors_file, tmp_path / "x", eval_task="gsm8k"))

@@ -1,0 +1,69 @@
+"""Slow end-to-end runs on the real bundled models (DESIGN.md §7); CI runs them, `make test` skips them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorasb_cli import bundled, estimate, evaluate, models, train
+from lorasb_cli.decompose import decompose
+from lorasb_cli.merge import merge
+
+pytestmark = pytest.mark.slow
+
+
+def _needs(alias: str) -> None:
+    if bundled.source_path(bundled.BUNDLED[alias]) is None:
+        pytest.fail(f"{alias} is not installed: {bundled.BUNDLED[alias].pip_line} (make install does it)")
+
+
+def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _needs("smollm2-135m")
+    estimate.estimate(estimate.EstimateConfig(model="smollm2-135m", data="arithmetic", size=64, samples=8,
+                                              out=str(tmp_path / "u.safetensors")))  # fmt: skip
+    decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
+    summary = train.train(train.TrainConfig(model="smollm2-135m", factors=str(tmp_path / "f.safetensors"),
+                                            data="arithmetic", size=64, out=str(tmp_path / "run"), max_steps=10,
+                                            batch_size=4, lr=2e-3, max_length=64))  # fmt: skip
+    assert summary.steps == 10 and summary.trainable_params == 210 * 64
+    merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    exported = merge(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+
+    cfg = evaluate.EvaluateConfig(model="smollm2-135m", adapter=str(tmp_path / "run"), task="perplexity", out="x",
+                                  dtype="float32")  # fmt: skip
+    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("perplexity"), "perplexity")
+    batch = tokenizer(["Calculate 12 + 30.", "The answer is 42."], return_tensors="pt", padding=True)
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert AutoTokenizer.from_pretrained(merged)("Calculate 1 + 2.")["input_ids"] == tokenizer("Calculate 1 + 2.")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(models.resolve_model("smollm2-135m").path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, exported).eval()
+    with torch.no_grad():
+        expected = adapted(**batch).logits
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_minilm_classification_chain(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    _needs("minilm-l6")
+    estimate.estimate(estimate.EstimateConfig(model="minilm-l6", data="reuters-r8", size=200, samples=16,
+                                              format="classification", max_length=64,
+                                              out=str(tmp_path / "u.safetensors")))  # fmt: skip
+    decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
+    train.train(train.TrainConfig(model="minilm-l6", factors=str(tmp_path / "f.safetensors"), data="reuters-r8",
+                                  size=200, out=str(tmp_path / "run"), max_steps=10, batch_size=8, lr=5e-3,
+                                  max_length=64))  # fmt: skip
+    merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert len(loaded.config.id2label) == 8
+
+    cfg = evaluate.EvaluateConfig(model="minilm-l6", adapter=str(tmp_path / "run"), task="classification", out="x")
+    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify")
+    batch = tokenizer(["oil prices rose as opec cut output", "net profit up in quarter"], return_tensors="pt",
+                      padding=True)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
