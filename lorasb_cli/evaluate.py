@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import adapter, artifacts, data, models
-from .errors import BadInputError, IncompatibleArtifactError
+from .errors import BadInputError
 from .tasks import INVALID, Task, get_task
 
 log = logging.getLogger("lorasb")

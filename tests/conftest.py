@@ -98,6 +98,19 @@ def qa_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", QA_ROWS)
 
 
+@pytest.fixture(scope="session")
+def factors_file(tiny_model_dir, qa_file, tmp_path_factory) -> Path:
+    """Rank-4 LoRA-SB factors of the tiny model, estimated on 8 samples of QA_ROWS."""
+    from lorasb_cli import estimate
+    from lorasb_cli.decompose import decompose
+
+    folder = tmp_path_factory.mktemp("factors")
+    update = folder / "u.safetensors"
+    estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(update), samples=8))
+    decompose(str(update), 4, str(folder / "f.safetensors"))
+    return folder / "f.safetensors"
+
+
 CLASS_ROWS = [
     {"text": f"{w} {w} the {v} said", "label": label}
     for label, words in {"earn": ["profit", "dividend"], "crude": ["oil", "barrel"], "trade": ["tariff", "export"]}.items()

@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import QA_ROWS, write_jsonl
 
-from lorasb_cli import adapter, estimate, evaluate
-from lorasb_cli.decompose import decompose
+from lorasb_cli import adapter, evaluate
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.merge import merge
 
@@ -88,16 +87,12 @@ def test_classification_task_on_a_causal_lm_names_the_auto_class(tiny_model_dir,
 
 
 @pytest.fixture(scope="module")
-def trained_like_adapter(tiny_model_dir, qa_file, tmp_path_factory):
+def trained_like_adapter(factors_file, tmp_path_factory):
     """An adapter whose R is a random non-symmetric matrix large enough to change the model's outputs."""
-    folder = tmp_path_factory.mktemp("adapter")
-    estimate.estimate(
-        estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(folder / "u.safetensors"), samples=8)
-    )
-    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
     from lorasb_cli.train import load_factors
 
-    factors_file, factors = load_factors(str(folder / "f.safetensors"))
+    folder = tmp_path_factory.mktemp("adapter")
+    factors_file, factors = load_factors(str(factors_file))
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for module, (lora_B, _, lora_A) in factors.items():
@@ -138,3 +133,45 @@ def test_adapter_for_another_model_is_refused(trained_like_adapter, tmp_path):
     with pytest.raises(IncompatibleArtifactError, match="are for a"):
         evaluate.evaluate(evaluate.EvaluateConfig(model=str(other), adapter=str(trained_like_adapter), task="gsm8k",
                                                   data=str(data), out=str(tmp_path / "r.json")))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """A tiny BERT with a two-class head, saved as a sequence classifier."""
+    from conftest import make_bert_dir
+    from transformers import AutoModelForSequenceClassification
+
+    path = make_bert_dir(tmp_path_factory.mktemp("bert-cls"))
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).save_pretrained(path)
+    return path
+
+
+def test_every_task_family_runs_from_the_cli_on_local_files(tiny_model_dir, tiny_classifier, tmp_path, capsys):
+    from lorasb_cli import cli
+    from lorasb_cli.tasks import task_names
+
+    files = {
+        "gsm8k": GSM_ROWS,
+        "math": [{"problem": "What is $1/2 + 1/4$?", "solution": "It is $\\boxed{\\frac{3}{4}}$."}],
+        "commonsense": [{"instruction": "Is water wet?\n\nAnswer format: true/false", "answer": "true",
+                         "task": "boolq"}],  # fmt: skip
+        "perplexity": QA_ROWS[:3],
+        "classification": [{"text": "oil oil said", "label": "crude"}, {"text": "profit said", "label": "earn"}],
+        "glue-sst2": [{"sentence": "profit the market", "label": 1}, {"sentence": "oil said", "label": 0}],
+        "glue-mrpc": [{"sentence1": "oil said", "sentence2": "oil the bank", "label": 1}],
+    }
+    assert {"gsm8k", "math", "commonsense", "perplexity", "classification"} <= set(task_names())
+    for task, rows in files.items():
+        data = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+        model = tiny_classifier if task.startswith(("glue", "classification")) else tiny_model_dir
+        out = tmp_path / f"{task}.json"
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main(["evaluate", "-m", str(model), "--task", task, "--data", str(data), "--max-new-tokens", "4",
+                      "-q", "-o", str(out)])  # fmt: skip
+        stdout, stderr = capsys.readouterr()
+        assert excinfo.value.code == 0, (task, stderr)
+        assert stdout == f"{out}\n"
+        results = json.loads(out.read_text())
+        assert results["task"] == task and results["count"] == len(rows) and results["metrics"]
+        assert len(evaluate.predictions_path(out).read_text().splitlines()) == len(rows)

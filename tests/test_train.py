@@ -8,19 +8,8 @@ import pytest
 import torch
 from conftest import QA_ROWS, make_llama, save_model, write_jsonl
 
-from lorasb_cli import adapter, artifacts, estimate, models, train
-from lorasb_cli.decompose import decompose
+from lorasb_cli import adapter, artifacts, train
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, RunFailure
-
-
-@pytest.fixture(scope="module")
-def factors_file(tiny_model_dir, qa_file, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("factors")
-    estimate.estimate(
-        estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(folder / "u.safetensors"), samples=8)
-    )
-    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
-    return folder / "f.safetensors"
 
 
 def _config(tiny_model_dir, qa_file, factors_file, out, **overrides):
