@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +30,14 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
-    """Median wall time of `repeats` calls of `fn`, and every time."""
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Shortest wall time of `repeats` calls of `fn`: the least disturbed by other load on the machine."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    return min(times)
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:

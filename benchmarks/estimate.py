@@ -6,9 +6,11 @@ On a randomly initialized Llama (float32, CPU) and synthetic token batches, the 
 - estimate: `lorasb_cli.estimate.sum_gradients` over all-linear targets (hooks, no weight requires grad);
 - plain:    `requires_grad=True` on every weight, `loss.backward()` per batch, gradients left in `.grad`.
 
-Wall time: after a warm-up batch of each, the two alternate for `--repeats` rounds (so load on the
-machine hits both alike); the median per full pass is reported. Peak RSS: each variant runs once in its
-own fresh subprocess (ru_maxrss only grows), which reports its RSS before the pass and its peak after.
+Wall time: after one untimed pass of each (the warm-up, which also checks that both give the same G),
+the two alternate for `--repeats` rounds, so other load on the machine hits both alike; the median
+per full pass is reported, and the ratio of the fastest passes beside it. Peak RSS: each variant runs
+once in its own fresh subprocess (ru_maxrss only grows), which reports its RSS before the pass and
+its peak after (psutil, from the `test` extra, reads the former).
 Targets: estimate time / plain time ≤ 1.10, estimate peak RSS / plain peak RSS ≤ 1.0.
 
     python benchmarks/estimate.py            # writes benchmarks/results/estimate.md
@@ -87,9 +89,8 @@ def measure_memory(args: argparse.Namespace) -> None:
     model, batches = build(args)
     gc.collect()
     before = psutil.Process().memory_info().rss
-    result = PASSES[args.measure](model, batches)
+    PASSES[args.measure](model, batches)
     print(json.dumps({"rss_before": before, "peak_rss": peak_rss_bytes()}))
-    del result
 
 
 def child_memory(variant: str, argv: list[str]) -> dict[str, int]:
@@ -106,9 +107,7 @@ def max_relative_difference(model: LlamaForCausalLM, sums: dict[str, torch.Tenso
 
 
 def time_both(model: LlamaForCausalLM, batches: list[dict[str, torch.Tensor]], repeats: int) -> dict[str, list[float]]:
-    """Alternate full passes of the two variants after a warm-up batch of each; wall seconds per pass."""
-    estimate_pass(model, batches[:1])
-    plain_pass(model, batches[:1])
+    """Wall seconds per full pass of each variant, the two alternating for `repeats` rounds."""
     times: dict[str, list[float]] = {"estimate": [], "plain": []}
     for _ in range(repeats):
         for variant, run in PASSES.items():
@@ -133,7 +132,7 @@ def report(args: argparse.Namespace, model: LlamaForCausalLM, batches, times, me
         f"({len(targets)} all-linear targets: {target_params / 1e6:.2f} M)",
         "data": f"{args.samples} samples × {args.seq_len} tokens, batch size {args.batch_size} "
         f"({len(batches)} batches of {tuple(batches[0]['input_ids'].shape)})",
-        "timing": f"median of {args.repeats} alternating full passes after a warm-up batch",
+        "timing": f"median of {args.repeats} alternating full passes after an untimed one of each",
         "max ‖G − autograd .grad‖ / ‖.grad‖": f"{difference:.1e}",
     }
     median = {v: statistics.median(t) for v, t in times.items()}
@@ -200,7 +199,7 @@ def main() -> None:
     memory = {variant: child_memory(variant, [str(s) for s in sizes]) for variant in PASSES}
 
     model, batches = build(args)
-    plain_pass(model, batches)
+    plain_pass(model, batches)  # untimed warm-up passes, and a check that both compute the same G
     difference = max_relative_difference(model, estimate_pass(model, batches).sums)
     times = time_both(model, batches, args.repeats)
     text = report(args, model, batches, times, memory, difference)

@@ -15,7 +15,7 @@ Step time: both variants live in one process; after 2 warm-up steps of each, the
 (A B B A A B ...) so drift in CPU speed or load hits both alike; the median (and the fastest) step is reported.
 
 Peak memory: each variant runs warm-up plus timed steps in its own fresh subprocess, which resets the kernel's
-peak-RSS mark right after building the base model, records its RSS there, and reports `ru_maxrss` at the end;
+peak-RSS mark right after building the base model, records its RSS there, and reports the peak (VmHWM) at the end;
 "working memory" is the difference (adapter, activations, gradients, optimizer state). The children run with
 glibc's mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave RSS at once and the
 peak is that of the live tensors, not of whatever freed heap the allocator happens to keep.
@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,12 +125,15 @@ def make_step(model: nn.Module, input_ids: torch.Tensor, lr: float) -> Callable[
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This address space's peak RSS (VmHWM). Not `ru_maxrss`: that also keeps the parent's RSS at the fork that
+    started this process, which `reset_peak_rss` cannot lower."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # KiB
 
 
 def reset_peak_rss() -> None:
-    """Lower the kernel's peak-RSS mark (which ru_maxrss reads) to the current RSS, so transients of imports and
-    model building do not hide the training peak (Linux ≥ 4.0)."""
+    """Lower the kernel's peak-RSS mark to the current RSS, so transients of imports and model building do not hide
+    the training peak (Linux ≥ 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -251,7 +253,7 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
         "step": f"causal-LM loss forward + backward + AdamW(lr={args.lr}).step() + zero_grad()",
         "timing": f"median of {args.steps} steps per variant after {WARMUP} warm-up steps, variants alternating",
         "memory": f"fresh subprocess per variant and rank, {WARMUP + args.steps} steps, "
-        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; working memory = peak RSS (ru_maxrss, mark reset after "
+        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; working memory = peak RSS (VmHWM, mark reset after "
         "the base model was built) − RSS at that point",
     }
     return (
