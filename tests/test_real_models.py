@@ -42,8 +42,9 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
     peft_model = PeftModel.from_pretrained(base, exported).eval()
     with torch.no_grad():
         expected = adapted(**batch).logits
-        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=0)
+        # 30 layers of float32 rounding (W0 + B·R·A folded vs. added per forward): 1e-4 relative to the logits.
+        torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_minilm_classification_chain(tmp_path):
