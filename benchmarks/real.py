@@ -3,10 +3,10 @@
 The other benchmarks use small random Llamas; this one loads `lorasb_cli.models.resolve_model("smollm2-135m")`
 (SmolLM2-135M-Instruct: 30 layers, hidden 576, 210 all-linear targets) and real gsm-symbolic prompt-response rows.
 
-Data: `builtin_data.load("gsm-symbolic", split="train")` rows, `data.encode(..., "prompt-response", max_length)`
-(prompt tokens carry no loss, response + EOS do), then PACKED: consecutive encoded rows are concatenated (ids and
-labels alike) until a sample holds exactly `--seq-len` tokens, and the last row is cut there. Every sample is
-therefore exactly `--seq-len` real tokens, with no padding (attention mask all ones, no document masking).
+Data: `builtin_data.load("gsm-symbolic", split="train")` rows, `data.encode(..., "prompt-response", 256)`
+(prompt tokens carry no loss, response + EOS do), then PACKED: the encoded rows are concatenated (ids and labels
+alike) into one stream, which is cut into samples of exactly `--seq-len` tokens. Every sample is therefore
+`--seq-len` real tokens, with no padding (attention mask all ones, no document masking).
 
 1. estimate vs plain: `lorasb_cli.estimate.sum_gradients` over the all-linear targets against a plain
    forward+backward with `requires_grad` on every weight (`benchmarks/estimate.py`'s `plain_pass`); both use
@@ -29,7 +29,7 @@ resets the kernel's peak-RSS mark right after loading the model and building the
 Other load on the machine pollutes the timings: unless `--wait-idle 0`, the run first waits (up to that many
 minutes) until no other process uses more than 20 % of a core, and records the load average it started at.
 
-    python benchmarks/real.py            # writes benchmarks/RESULTS.md (~10-15 min on 2 cores)
+    python benchmarks/real.py            # writes benchmarks/RESULTS.md (~5 min on 2 idle cores)
     python benchmarks/real.py --quick    # seq 64, 1 repetition, prints only
 """
 
@@ -84,7 +84,7 @@ def packed_examples(tokenizer, args: argparse.Namespace) -> tuple[list[data.Exam
     size = 16
     while True:
         rows = builtin_data.load(DATASET, split="train", size=size, seed=args.seed).rows
-        encoded = data.encode(rows, "prompt-response", tokenizer, args.seq_len)
+        encoded = data.encode(rows, "prompt-response", tokenizer, args.max_length)
         if sum(len(e.input_ids) for e in encoded) >= need:
             break
         size *= 2
@@ -128,7 +128,10 @@ def make_step(model, batch: dict[str, torch.Tensor], lr: float):
 
     def step() -> None:
         out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
         )
         out.loss.backward()
         optimizer.step()
@@ -167,6 +170,7 @@ def measure_memory(args: argparse.Namespace) -> None:
 
 def child_memory(measure: str, args: argparse.Namespace) -> dict[str, int]:
     argv = ["--samples", args.samples, "--batch-size", args.batch_size, "--seq-len", args.seq_len]
+    argv += ["--max-length", args.max_length]
     argv += ["--seed", args.seed, "--lr", args.lr, "--measure", measure]
     start = time.perf_counter()
     done = subprocess.run(
@@ -185,12 +189,12 @@ def child_memory(measure: str, args: argparse.Namespace) -> dict[str, int]:
 
 
 def alternate(runs: dict[str, object], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each run; one round calls each once, the order rotating (and reversing) each round."""
+    """Seconds per call of each run; one round calls each once, the order rotating by one each round (A B, B A,
+    A B, ... for two), so each run takes each place in the order equally often."""
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order[::-1] if i % 2 else order:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
@@ -478,6 +482,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per estimate pass (default: one batch)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=256, help="data.encode max_length of each row")
     parser.add_argument("--ranks", default="8,32", help="comma list of train ranks (default: 8,32)")
     parser.add_argument("--decompose-rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant (after 1 warm-up)")
@@ -535,8 +540,9 @@ def main() -> None:
         ),
         "data": (
             f"{args.samples} samples × {args.seq_len} tokens packed from {rows_used} real `{DATASET}` train rows "
-            f"(seed {args.seed}; `data.encode` prompt-response, max_length {args.seq_len}; consecutive rows "
-            "concatenated and cut at exactly the sequence length; loss on response tokens only; no padding)"
+            f"(seed {args.seed}; `data.encode` prompt-response, max_length {args.max_length}; consecutive encoded "
+            "rows concatenated into one stream, cut into samples of exactly the sequence length; loss on response "
+            "tokens only; no padding)"
         ),
         "batch": f"{args.batch_size} × {args.seq_len}",
         "timing": f"1 warm-up + {args.repeats} timed repetitions per variant, alternating, median",

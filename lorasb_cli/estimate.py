@@ -37,9 +37,10 @@ class _GradientHooks:
 
     def __init__(self, model: nn.Module, modules: list[str]):
         named = dict(model.named_modules())
-        self.sums = {
-            name: torch.zeros(named[name].weight.shape, dtype=torch.float32, device="cpu") for name in modules
-        }
+        self.shapes = {name: named[name].weight.shape for name in modules}
+        # Created by each module's first gradient, not up front: while the first forward holds its peak of
+        # activations, no accumulator memory is in use yet (plain autograd's .grad behaves the same).
+        self.sums: dict[str, torch.Tensor] = {}
         self._handles = [named[name].register_forward_hook(self._forward_hook(name)) for name in modules]
         # The inputs are integer ids and no weight requires grad, so make the embeddings' output the
         # leaf that backward flows to; activation gradients are all backward computes besides ours.
@@ -56,7 +57,11 @@ class _GradientHooks:
                 x = held.pop()
                 grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
                 weight_grad = grad_2d.T.mm(x.reshape(-1, x.shape[-1]).to(grad_2d.dtype))
-                self.sums[name].add_(weight_grad.float().cpu())
+                weight_grad = weight_grad.float().cpu()
+                if name in self.sums:
+                    self.sums[name].add_(weight_grad)
+                else:
+                    self.sums[name] = weight_grad
 
             output.register_hook(on_grad)
 
@@ -65,6 +70,9 @@ class _GradientHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for name, shape in self.shapes.items():  # a module no gradient reached (e.g. no supervised token)
+            self.sums.setdefault(name, torch.zeros(shape, dtype=torch.float32))
+        self.sums = {name: self.sums[name] for name in self.shapes}  # model order
 
 
 def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
