@@ -18,7 +18,8 @@ from .errors import BadInputError
 from .estimate import load_update
 
 # Sign matrices have flat spectra, where randomized SVD needs power iterations: measured on 4096² sign
-# updates, niter=4 with oversampling r/2 (at least 16) stays within 0.1% of the optimal residual.
+# updates, niter=4 with oversampling r/2 (at least 16) stays within 0.3% of the optimal residual
+# (benchmarks/results/decompose.md; worst case: random signs at r = 96).
 DEFAULT_NITER = 4
 
 
