@@ -240,7 +240,10 @@ def classification_text(row: dict) -> str | tuple[str, str]:
     for fields in sorted(CLASSIFICATION_TEXT_FIELDS, key=len, reverse=True):
         if all(f in row for f in fields):
             return str(row[fields[0]]) if len(fields) == 1 else (str(row[fields[0]]), str(row[fields[1]]))
-    raise BadInputError(f"row lacks text fields: {sorted(row)}")
+    raise BadInputError(
+        f"classification row has no text fields: {sorted(row)}",
+        hint="name them text, sentence, sentence1/sentence2, premise/hypothesis or question/sentence",
+    )
 
 
 def encode(

@@ -8,8 +8,7 @@ import re
 import warnings
 from collections import Counter
 
-from ..data import CLASSIFICATION_TEXT_FIELDS
-from ..errors import BadInputError
+from .. import data
 from . import Task, register_task
 
 # subset: (text fields, number of labels (1 = regression), metric keys, evaluation split)
@@ -93,21 +92,6 @@ for _subset, (_fields, _labels, _metrics, _split) in GLUE.items():
 
 # --- any text+label file ------------------------------------------------------------------------------
 
-# Pairs before single fields, so a QNLI-shaped row (question, sentence) is read as a pair, not `sentence`.
-_TEXT_FIELDS = sorted(CLASSIFICATION_TEXT_FIELDS, key=len, reverse=True)
-
-
-def classification_text(row: dict) -> str | tuple[str, str]:
-    """The row's text, or text pair, by the field names `--format classification` accepts."""
-    for fields in _TEXT_FIELDS:
-        if all(f in row for f in fields):
-            return _text(fields, row)
-    raise BadInputError(
-        f"classification row has no text fields: {sorted(row)}",
-        hint="name them text, sentence, sentence1/sentence2, premise/hypothesis or question/sentence",
-    )
-
-
 def _label_order(label) -> tuple[bool, int | float | str]:
     # Numbers in numeric order, then strings; lets labels of mixed types sort.
     return (isinstance(label, str), label)
@@ -143,7 +127,7 @@ register_task(
         score=lambda records: classification_metrics(
             [r["reference"] for r in records], [r["extracted"] for r in records]
         ),
-        text=classification_text,
+        text=data.classification_text,
         reference=lambda row: row["label"],
         description="any text+label file: accuracy, macro-F1, per-class support and confusion matrix",
     )
