@@ -156,26 +156,36 @@ def combine(parts, out, as_json, quiet):
 @cli.command(
     context_settings=CONTEXT,
     epilog="""\b
-Example:
-  lorasb decompose update.safetensors --rank 96 -o factors.safetensors""",
+Examples:
+  lorasb decompose update.safetensors --rank 96 -o factors.safetensors
+  lorasb decompose update.safetensors --rank 32 --init noisy --noise-std 1 -o noisy.safetensors
+  lorasb decompose --init lora-xs --model mistral --rank 32 -o lora-xs.safetensors""",
 )
-@click.argument("update")
+@click.argument("update", required=False)
 @click.option("--rank", "-r", required=True, type=int, help="Rank r of B (m×r), R (r×r), A (r×n).")
+@click.option("--init", "init", default="lorasb", show_default=True, metavar="NAME",
+              help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal.")  # fmt: skip
+@click.option("--model", "-m", default=None, help="--init lora-xs: the model whose weights W0 are factored.")
+@click.option("--targets", default="all-linear", show_default=True, help="--init lora-xs without an update: modules.")
+@click.option("--noise-std", type=float, default=None, help="--init noisy: σ of the noise, in units of η.")
 @click.option("--niter", default=None, type=int, help="Power iterations of the randomized SVD [default: 4].")
 @click.option("--exact", is_flag=True, help="Full SVD instead of torch.svd_lowrank (slower).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD and random inits.")
 @click.option("--device", default="auto", show_default=True, help="Where to run the SVDs: auto, cpu, cuda.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (--init lora-xs).")
 @click.option("-o", "--out", default="factors.safetensors", show_default=True, help="Factors file to write.")
 @common_options
-def decompose(update, rank, niter, exact, seed, device, out, as_json, quiet):
-    """Factor the update by truncated SVD into frozen orthonormal B, A and the trainable r×r R."""
+def decompose(update, rank, init, model, targets, noise_std, niter, exact, seed, device, trust_remote_code, out,
+              as_json, quiet):  # fmt: skip
+    """Factor the update (or, for --init lora-xs, the model's weights) into frozen B, A and the trainable r×r R."""
     from .console import print_table, progress_bar
     from .decompose import DEFAULT_NITER, decompose as run_decompose
 
     with progress_bar("decompose", enabled=not quiet) as progress:
         summary = run_decompose(
-            update, rank, out, niter=DEFAULT_NITER if niter is None else niter, exact=exact, seed=seed,
-            device=device, progress=progress,
+            update, rank, out, init=init, model=model, targets=targets, noise_std=noise_std,
+            niter=DEFAULT_NITER if niter is None else niter, exact=exact, seed=seed, device=device,
+            trust_remote_code=trust_remote_code, progress=progress,
         )  # fmt: skip
     print_table(
         f"captured energy Σσ²(top {rank}) / Σσ²",
@@ -188,15 +198,23 @@ def decompose(update, rank, niter, exact, seed, device, out, as_json, quiet):
 @cli.command(
     context_settings=CONTEXT,
     epilog="""\b
-Example:
+Examples:
   lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl --lr 1e-3 -o run/
-  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume""",
+  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume
+  lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/""",
 )
 @model_options
-@click.option("--factors", "-f", required=True, help="Factors file written by lorasb decompose.")
+@click.option("--method", default="lorasb", show_default=True, metavar="NAME",
+              help="lorasb, lora, rslora, dora, pissa, loraga, milora, inilora, inilora-alpha, inilora-beta, full, head.")  # fmt: skip
+@click.option("--factors", "-f", default=None, help="--method lorasb: factors file written by lorasb decompose.")
+@click.option("--rank", "-r", default=None, type=int, help="Rank of the other low-rank methods.")
+@click.option("--targets", default="all-linear", show_default=True, help="Other methods: all-linear, attention, or suffixes.")
+@click.option("--alpha", default=None, type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA].")
+@click.option("--init-samples", default=32, show_default=True, type=int, help="--method loraga: samples of its gradient.")
+@click.option("--init-iters", default=1000, show_default=True, type=int, help="--method inilora*: fit iterations.")
 @data_options
 @click.option("--eval-data", default=None, help="Held-out file for eval loss (same format as --data).")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate of R.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over --data.")
 @click.option("--max-steps", default=-1, show_default=True, type=int, help="Optimizer steps; overrides --epochs.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Batches per optimizer step.")
@@ -213,15 +231,16 @@ Example:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
 @click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
 @common_options
-def train(model, dtype, device, trust_remote_code, factors, data, split, size, data_format, batch_size, max_length,
-          eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
+def train(model, dtype, device, trust_remote_code, method, factors, rank, targets, alpha, init_samples, init_iters,
+          data, split, size, data_format, batch_size, max_length, eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
           save_steps, eval_steps, eval_task, init_scale, resume, overwrite, out, as_json, quiet):
-    """Train only the r×r matrices R (B and A frozen) and write the adapter directory."""
+    """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
     from .train import TrainConfig, train as run_train
 
     config = TrainConfig(
-        model=model, factors=factors, data=data, out=out, split=split, size=size, format=data_format,
+        model=model, factors=factors, method=method, rank=rank, targets=targets, alpha=alpha,
+        init_samples=init_samples, init_iters=init_iters, data=data, out=out, split=split, size=size, format=data_format,
         eval_data=eval_data,
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,

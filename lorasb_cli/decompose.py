@@ -1,6 +1,6 @@
-"""`lorasb decompose`: truncated SVD of each module's update ΔW_avg ≈ U S Vᵀ into B = U_r, R = diag(S_r), A = V_rᵀ.
-
-B and A are orthonormal; η scales R only. The randomized SVD must stay within 1% of the
+"""`lorasb decompose`: one matrix per target module → B [m, r], R [r, r], A [r, n] by the init `--init`
+(lorasb_cli/inits). The default, `lorasb`, is the truncated SVD of ΔW_avg ≈ U S Vᵀ: B = U_r, R = diag(S_r),
+A = V_rᵀ; B and A are orthonormal and η scales R only. The randomized SVD must stay within 1% of the
 Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (DESIGN.md §4); `exact` runs the full SVD.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, models
-from .errors import BadInputError
+from . import artifacts, inits, models
+from .errors import BadInputError, IncompatibleArtifactError
 from .estimate import load_update
 
 # Sign matrices have flat spectra, where randomized SVD needs power iterations: measured on 4096² sign
@@ -68,58 +68,106 @@ def check_rank(rank: int, shapes: dict[str, tuple[int, ...]], path: str | None =
 
 
 def decompose(
-    update_path: str,
+    update_path: str | None,
     rank: int,
     out: str,
     *,
+    init: str = "lorasb",
+    model: str | None = None,
+    targets: str = "all-linear",
+    noise_std: float | None = None,
     niter: int = DEFAULT_NITER,
     exact: bool = False,
     seed: int = 0,
     device: str = "auto",
+    trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> DecomposeSummary:
-    """Factor every module of the update at `update_path` and write `<module>.lora_{B,R,A}` to `out`."""
-    update = artifacts.Artifact(update_path, kinds=("update",))
-    head = update.meta.get("head", [])  # a classifier's head: carried over as is, not factored
-    weights = [name for name in update.names if name not in head]
-    shapes = {name.removesuffix(".weight"): shape for name, shape in update.shapes().items() if name not in head}
-    check_rank(rank, shapes, update.path)
+    """Factor one matrix per target module with the init `init` and write `<module>.lora_{B,R,A}` to `out`.
+
+    The matrix is ΔW_avg from the update at `update_path`, or W0 of `model` for a weight-based init
+    (`lora-xs`); such an init takes its modules, classifier head and labels from the update when one is
+    given (so it starts from the same head as LoRA-SB), else from `model` and `targets`.
+    """
+    method = inits.get_init(init)
     if niter < 0:
         raise BadInputError(f"--niter {niter} must be ≥ 0")
+    if method.source == "update" and update_path is None:
+        raise BadInputError(f"--init {init} factors an update", hint="pass the file lorasb estimate wrote")
+    if method.source == "update" and model is not None:
+        raise BadInputError(f"--init {init} reads no model", hint="drop --model (it is for --init lora-xs)")
+    if init == "noisy" and noise_std is None:
+        raise BadInputError("--init noisy needs --noise-std", hint="e.g. --noise-std 1 (in units of η)")
+    update = artifacts.Artifact(update_path, kinds=("update",)) if update_path is not None else None
+    meta = dict(update.meta) if update is not None else {}
+    head = meta.get("head", [])  # a classifier's head: carried over as is, not factored
+    options = inits.InitOptions(niter=niter, exact=exact, eta=meta.get("eta"), noise_std=noise_std)
     target_device = models.resolve_device(device)
 
+    if method.source == "model":
+        if model is None and update is None:
+            raise BadInputError(f"--init {init} factors the pretrained weights", hint="pass --model")
+        ref = models.resolve_model(model or update.meta["base_model"]["id"])
+        labels = meta.get("labels")
+        base, _ = models.load_model(
+            ref, dtype=torch.float32, device=torch.device("cpu"), trust_remote_code=trust_remote_code,
+            head="sequence-classification" if labels is not None else "causal-lm", labels=labels,
+        )  # fmt: skip
+        modules = (
+            [name.removesuffix(".weight") for name in update.names if name not in head]
+            if update is not None
+            else models.resolve_targets(base, targets)
+        )
+        shapes = models.target_shapes(base, modules)
+        fingerprint = models.fingerprint(shapes)
+        if update is not None and fingerprint != update.meta["base_model"]["fingerprint"]:
+            raise IncompatibleArtifactError(
+                f"model '{ref.id}' does not have the update's target modules", path=update.path,
+                hint="pass the model the update was estimated on",
+            )  # fmt: skip
+        meta |= {"base_model": ref.provenance(fingerprint), "targets": meta.get("targets", targets)}
+
+        def matrix(module: str) -> torch.Tensor:
+            return base.get_submodule(module).weight.detach()
+    else:
+        modules = [name.removesuffix(".weight") for name in update.names if name not in head]
+        shapes = {m: update.shapes()[f"{m}.weight"] for m in modules}
+
+        def matrix(module: str) -> torch.Tensor:
+            return load_update(update, f"{module}.weight")
+
+    check_rank(rank, shapes, update.path if update is not None else None)
     factors: dict[str, torch.Tensor] = {}
     energy: dict[str, float] = {}
-    # svd_lowrank draws from the global generator: fork it so the same seed gives the same factors.
+    # Randomized SVDs and random inits draw from the global generator: fork it so a seed fixes the factors.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for done, name in enumerate(weights, start=1):
-            module = name.removesuffix(".weight")
-            delta = load_update(update, name).to(target_device)
-            u, s, vh = truncated_svd(delta, rank, niter=niter, exact=exact)
-            energy[module] = float((s.square().sum() / delta.square().sum()).clamp(max=1.0)) if s.numel() else 0.0
-            factors[f"{module}.lora_B"] = u.contiguous().cpu()
-            factors[f"{module}.lora_R"] = torch.diag(s).cpu()
-            factors[f"{module}.lora_A"] = vh.contiguous().cpu()
+        for done, module in enumerate(modules, start=1):
+            source = matrix(module).to(target_device)
+            lora_B, lora_R, lora_A, s = (t.float().contiguous().cpu() for t in method.factor(source, rank, options))
+            total = source.float().square().sum().cpu()
+            energy[module] = float((s.square().sum() / total).clamp(max=1.0)) if total > 0 else 0.0
+            factors |= {f"{module}.lora_B": lora_B, f"{module}.lora_R": lora_R, f"{module}.lora_A": lora_A}
             if progress is not None:
-                progress(done, len(weights))
+                progress(done, len(modules))
     factors |= {name: update.get(name) for name in head}
 
-    meta = artifacts.provenance(
+    provenance = artifacts.provenance(
         "factors",
-        base_model=update.meta["base_model"],
-        targets=update.meta["targets"],
+        base_model=meta["base_model"],
+        targets=meta["targets"],
         method="lorasb",
-        init="lorasb",
+        init=init,
         rank=rank,
-        scale=1.0,
-        eta=update.meta["eta"],
-        data=update.meta["data"],
-        samples=update.meta["samples"],
+        scale=method.scale,
+        eta=meta.get("eta"),
+        data=meta.get("data"),
+        samples=meta.get("samples"),
         seed=seed,
         svd={"exact": exact, "niter": niter, "oversampling": oversampling(rank)},
+        **({"noise_std": noise_std} if init == "noisy" else {}),
         energy=energy,
-        **{key: update.meta[key] for key in ("architecture", "labels", "head") if key in update.meta},
+        **{key: meta[key] for key in ("architecture", "labels", "head") if key in meta},
     )
-    artifacts.write_artifact(out, factors, meta)
+    artifacts.write_artifact(out, factors, provenance)
     return DecomposeSummary(path=Path(out), rank=rank, energy=energy)

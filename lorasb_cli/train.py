@@ -1,8 +1,9 @@
-"""`lorasb train`: train only R on HF Trainer (so accelerate, DDP, FSDP and DeepSpeed work through their
-launchers) and write the adapter directory: adapter.safetensors, adapter_config.json, metrics.json, loss.png.
+"""`lorasb train`: train with `--method` (default `lorasb`: only R) on HF Trainer (so accelerate, DDP, FSDP and
+DeepSpeed work through their launchers) and write the adapter directory: adapter.safetensors,
+adapter_config.json, metrics.json, loss.png. The methods live in lorasb_cli/methods.
 
-Checkpoints hold the adapter (R, plus the frozen B and A, so each one is itself a valid adapter), the
-optimizer, scheduler and RNG states: `--resume` continues to exactly the R of an uninterrupted run.
+Checkpoints hold the adapter (so each one is itself a valid adapter), the trained tensors, the optimizer,
+scheduler and RNG states: `--resume` continues to exactly the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, system
+from safetensors.torch import load_file, save_file
+
+from . import adapter, artifacts, data, methods, models, system
 from .errors import BadInputError, IncompatibleArtifactError, RunFailure
 
 log = logging.getLogger("lorasb")
@@ -30,9 +33,15 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
-    factors: str
     data: str
     out: str
+    factors: str | None = None
+    method: str = "lorasb"
+    rank: int | None = None  # methods other than lorasb (which takes the factors' rank)
+    targets: str = "all-linear"
+    alpha: float | None = None  # LoRA-family methods; None: the method's paper default
+    init_samples: int = 32  # loraga: samples of its gradient estimate
+    init_iters: int = 1000  # inilora*: iterations of the fit to W0
     split: str = "train"
     size: int | None = None
     format: str = "auto"
@@ -105,14 +114,6 @@ def check_factors_fit(
             )
 
 
-def trainable_summary(model: nn.Module, layers: dict[str, adapter.LoraSBLinear]) -> tuple[int, int, int]:
-    """(trainable parameters, base parameters, parameters of LoRA at the same rank and targets)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = sum(p.numel() for name, p in model.named_parameters() if ".lora_" not in name)
-    lora = sum(layer.rank * (layer.lora_B.shape[0] + layer.lora_A.shape[1]) for layer in layers.values())
-    return trainable, base, lora
-
-
 @torch.no_grad()
 def mean_loss(model: nn.Module, examples: Sequence[data.Example], batch_size: int, pad_id: int) -> float:
     """Mean over samples of each sample's mean supervised-token loss (forward passes only)."""
@@ -126,55 +127,38 @@ def mean_loss(model: nn.Module, examples: Sequence[data.Example], batch_size: in
     return total / max(1, len(examples))
 
 
-# Factors of R_init that `--init-scale auto` tries: 10^(k/2) from 0.001 to 100 (η ± 3 decades).
-INIT_SCALE_GRID = tuple(10 ** (k / 2) for k in range(-6, 5))
-
-
-@torch.no_grad()
-def choose_init_scale(
-    layers: dict[str, adapter.LoraSBLinear], probe_loss: Callable[[], float]
-) -> tuple[float, list[tuple[float, float]]]:
-    """The factor of R_init, from INIT_SCALE_GRID, with the lowest probe loss (forward passes only).
-
-    η only scales R_init (B and A do not depend on it), so the size of the simulated first step can be
-    chosen after the fact. Returns the factor and the (factor, loss) curve; R is left as it was.
-    """
-    initial = {name: layer.lora_R.detach().clone() for name, layer in layers.items()}
-    curve = []
-    for factor in INIT_SCALE_GRID:
-        for name, layer in layers.items():
-            layer.lora_R.copy_(initial[name] * factor)
-        curve.append((factor, probe_loss()))
-    for name, layer in layers.items():
-        layer.lora_R.copy_(initial[name])
-    return min(curve, key=lambda point: point[1])[0], curve
+TRAINED_FILE = "trained.safetensors"
 
 
 def _checkpoint_trainer_class():
-    """A Trainer whose checkpoints hold the adapter instead of the whole model."""
+    """A Trainer whose checkpoints hold the adapter and the trained tensors instead of the whole model."""
     from transformers import Trainer
 
     class AdapterTrainer(Trainer):
         adapter_config: dict = {}
+        export: Callable[[], dict[str, torch.Tensor]] = staticmethod(dict)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
+                adapter.save_adapter(output_dir, self.export(), self.adapter_config)
                 model = self.accelerator.unwrap_model(self.model)
-                adapter.save_adapter(output_dir, adapter.adapter_tensors(model), self.adapter_config)
+                trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+                with artifacts.atomic_path(Path(output_dir) / TRAINED_FILE) as tmp:
+                    save_file(trained, tmp)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-            saved = adapter.load_adapter(resume_from_checkpoint)
             model = self.accelerator.unwrap_model(model or self.model)
-            layers = {n: m for n, m in model.named_modules() if isinstance(m, adapter.LoraSBLinear)}
-            if set(saved.factors) != set(layers):
+            saved = load_file(Path(resume_from_checkpoint) / TRAINED_FILE)
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if set(saved) != set(params):
                 raise IncompatibleArtifactError(
-                    "checkpoint modules differ from this run's factors", path=resume_from_checkpoint
-                )
+                    "checkpoint holds other trained tensors than this run", path=resume_from_checkpoint,
+                    hint="resume with the --method, --factors and --rank of the interrupted run",
+                )  # fmt: skip
             with torch.no_grad():
-                for name, (_, lora_R, _) in saved.factors.items():
-                    layers[name].lora_R.copy_(lora_R)
-            adapter.load_extra(model, saved.extra, trainable=True)
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
 
     return AdapterTrainer
 
@@ -263,6 +247,9 @@ def _check_options(config: TrainConfig) -> None:
         (config.max_steps != 0, "--max-steps 0 trains nothing"),
         (config.epochs > 0, f"--epochs {config.epochs} must be positive"),
         (config.save_steps >= 1, f"--save-steps {config.save_steps} must be positive"),
+        (config.init_samples >= 1, f"--init-samples {config.init_samples} must be positive"),
+        (config.init_iters >= 1, f"--init-iters {config.init_iters} must be positive"),
+        (config.alpha is None or config.alpha > 0, f"--alpha {config.alpha} must be positive"),
     ]
     for ok, message in checks:
         if not ok:
@@ -271,8 +258,33 @@ def _check_options(config: TrainConfig) -> None:
         raise BadInputError(f"--init-scale {config.init_scale} must be auto or a finite number")
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
+    method = methods.get_method(config.method)
+    if method.needs_factors and not config.factors:
+        raise BadInputError(f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors")
+    if not method.needs_factors and config.factors:
+        raise BadInputError(f"--factors is for --method lorasb, not {method.name}", hint="drop --factors")
+    if method.uses_rank and not method.needs_factors and config.rank is None:
+        raise BadInputError(f"--method {method.name} needs --rank", hint="e.g. --rank 8")
+    if config.init_scale != 1.0 and method.name != "lorasb":
+        raise BadInputError("--init-scale applies to --method lorasb only", hint="drop --init-scale")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=models.did_you_mean(config.scheduler, SCHEDULERS))
+
+
+def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool):
+    """The factors file, checked against the model's config before any weight is loaded."""
+    factors_file, factors = load_factors(path)
+    head = "sequence-classification" if factors_file.meta.get("labels") is not None else "causal-lm"
+    shapes = models.linear_shapes_from_config(ref, trust_remote_code=trust_remote_code, head=head)
+    check_factors_fit(factors, shapes, ref.id, factors_file.path)
+    if models.fingerprint({m: shapes[m] for m in factors}) != factors_file.meta["base_model"]["fingerprint"]:
+        raise IncompatibleArtifactError(
+            "factors come from a model with other target modules", path=factors_file.path,
+            hint="pass the model the update was estimated on",
+        )  # fmt: skip
+    if factors_file.meta["base_model"]["id"] != ref.id:
+        log.warning("factors were estimated on %s; training on %s", factors_file.meta["base_model"]["id"], ref.id)
+    return factors_file, list(factors)
 
 
 def train(
@@ -280,42 +292,39 @@ def train(
     progress: Callable[[int, int], None] | None = None,
     callbacks: Sequence[object] = (),
 ) -> TrainSummary:
-    """Train R of every factor module on `config.data`; returns what was written and measured."""
+    """Train `config.method` on `config.data`; returns what was written and measured."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .decompose import check_rank
+    from .estimate import load_for_format
+
     _check_options(config)
-    factors_file, factors = load_factors(config.factors)
+    method = methods.get_method(config.method)
     ref = models.resolve_model(config.model)
-    # Compare against the architecture from config.json before loading any weights.
-    labels = factors_file.meta.get("labels")
-    head = "sequence-classification" if labels is not None else "causal-lm"
-    shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
-    check_factors_fit(factors, shapes, ref.id, factors_file.path)
-    fingerprint = models.fingerprint({m: shapes[m] for m in factors})
-    if fingerprint != factors_file.meta["base_model"]["fingerprint"]:
-        raise IncompatibleArtifactError(
-            "factors come from a model with other target modules", path=factors_file.path,
-            hint="pass the model the update was estimated on",
-        )  # fmt: skip
-    if factors_file.meta["base_model"]["id"] != ref.id:
-        log.warning("factors were estimated on %s; training on %s", factors_file.meta["base_model"]["id"], ref.id)
-    eta = factors_file.meta.get("eta")
-    if eta is not None and not math.isclose(eta, config.lr):
-        log.warning("--lr %g differs from the η %g the update was estimated with", config.lr, eta)
+    factors_file = None
+    if method.needs_factors:
+        factors_file, modules = _load_factors_checked(config.factors, ref, config.trust_remote_code)
+        eta = factors_file.meta.get("eta")
+        if eta is not None and not math.isclose(eta, config.lr):
+            log.warning("--lr %g differs from the η %g the update was estimated with", config.lr, eta)
 
     train_set = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
     fmt = data.detect_format(list(train_set.rows[0]), config.format, train_set.source)
     # A built-in name as --eval-data means its test split: never the rows trained on.
     eval_set = data.load_dataset_rows(config.eval_data, "test", seed=config.seed) if config.eval_data else None
+    if factors_file is not None:
+        labels = factors_file.meta.get("labels")
+    else:
+        labels = data.classification_labels(train_set.rows) if fmt == "classification" else None
     out = _prepare_out(config)
 
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    model, tokenizer = models.load_model(
-        ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, head=head, labels=labels
-    )
+    # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
+    model, tokenizer = load_for_format(ref, "classification" if labels is not None else fmt, labels, dtype=dtype,
+                                       device=device, seed=config.seed, trust_remote_code=config.trust_remote_code)  # fmt: skip
     train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length, labels)
     eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length, labels) if eval_set else None
     auto = config.init_scale == "auto"
@@ -325,64 +334,68 @@ def train(
         train_examples, probe = train_examples[:-held], train_examples[-held:]
     else:
         probe = eval_examples or train_examples[: min(64, len(train_examples))]
+    probe_kind = "eval" if eval_examples else "held-out training" if auto else "training"
 
-    layers = adapter.inject(model, factors, scale=float(factors_file.meta.get("scale", 1.0)))
-    # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
-    adapter.load_extra(model, {n: factors_file.get(n) for n in factors_file.meta.get("head", [])}, trainable=True)
-    trainable, base_params, lora_params = trainable_summary(model, layers)
+    if factors_file is None:
+        modules = models.resolve_targets(model, config.targets) if method.uses_rank else []
+        if method.uses_rank:
+            check_rank(config.rank, models.target_shapes(model, modules))
+    shapes = models.target_shapes(model, modules)
+    rank = factors_file.meta["rank"] if factors_file is not None else config.rank
+    base_params = sum(p.numel() for p in model.parameters())
+    lora_params = sum((rank or 0) * (m + n) for m, n in shapes.values())
+
+    def probe_loss(m: nn.Module) -> float:
+        return mean_loss(m, probe, config.batch_size, tokenizer.pad_token_id)
+
+    step0_base = None if config.resume else probe_loss(model)
+    setup = methods.Setup(
+        model=model, modules=modules, rank=rank, alpha=config.alpha, model_id=ref.id,
+        fingerprint=models.fingerprint(shapes), seed=config.seed, factors=config.factors,
+        init_scale=config.init_scale if not config.resume else 1.0,  # on resume the checkpoint's R replaces it
+        init_samples=config.init_samples, init_iters=config.init_iters,
+        probe_loss=probe_loss, batches=lambda n: data.make_batches(train_examples[:n], config.batch_size,
+                                                                    tokenizer.pad_token_id),
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        prepared = method.prepare(setup)
+    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     log.info(
-        "trainable parameters: %s (%.4f%% of the base model's %s; LoRA at rank %d on the same targets: %s, %.1f× more)",
-        f"{trainable:,}", 100 * trainable / base_params, f"{base_params:,}", factors_file.meta["rank"],
-        f"{lora_params:,}", lora_params / trainable,
+        "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s", method.name, f"{trainable:,}",
+        100 * trainable / base_params, f"{base_params:,}",
+        f"; LoRA at rank {rank} on the same targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
+        if lora_params and trainable else "",
     )  # fmt: skip
 
-    init_scale, curve = 1.0 if auto else float(config.init_scale), None
-    if auto and not config.resume:  # on resume the checkpoint's R replaces the initial one anyway
-        init_scale, curve = choose_init_scale(layers, lambda: mean_loss(model, probe, config.batch_size,
-                                                                        tokenizer.pad_token_id))  # fmt: skip
-        log.info("--init-scale auto: probe loss by scale %s → %g",
-                 ", ".join(f"{k:g}: {v:.4f}" for k, v in curve), init_scale)  # fmt: skip
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_R.mul_(init_scale)
-
-    step0_base = step0_init = None
+    step0_init = None
     if not config.resume:
-        step0_init = mean_loss(model, probe, config.batch_size, tokenizer.pad_token_id)
-        for layer in layers.values():
-            layer.scale, saved_scale = 0.0, layer.scale
-        step0_base = mean_loss(model, probe, config.batch_size, tokenizer.pad_token_id)
-        for layer in layers.values():
-            layer.scale = saved_scale
-        log.info(
-            "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
-            len(probe), "eval" if eval_examples else "held-out training" if auto else "training", step0_base,
-            step0_init,
-        )  # fmt: skip
-        if step0_init > step0_base:
+        step0_init = probe_loss(prepared.model)
+        log.info("step-0 loss on %d %s samples: base %.4f, initialized %.4f", len(probe), probe_kind, step0_base,
+                 step0_init)  # fmt: skip
+        if step0_init > step0_base * (1 + 1e-4):
             log.warning(
-                "the initialized model is worse than the base (%.4f > %.4f): η is too large for this model; "
-                "re-run estimate with a smaller --eta or pass --init-scale below 1",
-                step0_init, step0_base,
+                "the initialized model is worse than the base (%.4f > %.4f)%s", step0_init, step0_base,
+                ": η is too large for this model; re-run estimate with a smaller --eta or pass --init-scale below 1"
+                if method.name == "lorasb" else "",
             )  # fmt: skip
 
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
+    from_factors = factors_file.meta if factors_file is not None else {}
     adapter_config = {
-        "base_model": ref.provenance(fingerprint),
-        "targets": factors_file.meta["targets"],
-        "target_modules": list(factors),
-        "rank": factors_file.meta["rank"],
-        "scale": float(factors_file.meta.get("scale", 1.0)),
-        "method": "lorasb",
-        "init": factors_file.meta.get("init", "lorasb"),
-        "init_scale": init_scale,
-        "init_scale_curve": curve,
-        "eta": eta,
+        "base_model": ref.provenance(models.fingerprint(shapes)),
+        "targets": from_factors.get("targets", config.targets if method.uses_rank else None),
+        "target_modules": modules,
+        "rank": rank,
+        "method": method.name,
+        **prepared.config,
         "data": {**train_set.provenance(), "format": fmt},
         "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},
-        **{key: factors_file.meta[key] for key in ("architecture", "labels", "head") if key in factors_file.meta},
+        **({"architecture": type(model).__name__, "labels": labels} if labels is not None else {}),
+        **({"head": sorted(methods.head_parameters(model))} if labels is not None else {}),
     }
+    log.info("method settings: %s", json.dumps({k: v for k, v in prepared.config.items() if k != "init_scale_curve"}))
 
     args = TrainingArguments(
         output_dir=str(out),
@@ -412,8 +425,9 @@ def train(
     )
     trainer_class = _checkpoint_trainer_class()
     trainer_class.adapter_config = adapter_config
+    trainer_class.export = staticmethod(prepared.export)
     trainer = trainer_class(
-        model=model,
+        model=prepared.model,
         args=args,
         train_dataset=train_examples,
         eval_dataset=eval_examples,
@@ -433,8 +447,7 @@ def train(
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate()["eval_loss"] if eval_examples else None
 
-    tensors = adapter.adapter_tensors(model)
-    adapter.save_adapter(out, tensors, adapter_config)
+    adapter.save_adapter(out, prepared.export(), adapter_config)
     history = trainer.state.log_history
     steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in history if "loss" in h]
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
@@ -453,15 +466,15 @@ def train(
         tokens_per_second=tokens_per_second,
         peak_memory_bytes=system.peak_memory_bytes(device),
     )
-    metrics = {**asdict(summary), "path": str(out), "train_loss_mean": result.training_loss, "loss": steps, "eval": evals,
-               "task": task_results}
+    metrics = {**asdict(summary), "path": str(out), "method": method.name, "train_loss_mean": result.training_loss,
+               "loss": steps, "eval": evals, "task": task_results}  # fmt: skip
     with artifacts.atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_losses(steps, evals, out / "loss.png")
+    plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {method.name}")
     return summary
 
 
-def plot_losses(steps: list[dict], evals: list[dict], path: Path) -> None:
+def plot_losses(steps: list[dict], evals: list[dict], path: Path, title: str = "lorasb train") -> None:
     """Train (per step) and eval loss curves as a PNG."""
     import matplotlib
 
@@ -474,7 +487,7 @@ def plot_losses(steps: list[dict], evals: list[dict], path: Path) -> None:
         ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("lorasb train")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

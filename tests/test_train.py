@@ -9,6 +9,7 @@ import torch
 from conftest import QA_ROWS, make_llama, save_model, write_jsonl
 
 from lorasb_cli import adapter, artifacts, train
+from lorasb_cli.methods import lorasb as lorasb_method
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, RunFailure
 
 
@@ -160,7 +161,7 @@ def test_init_scale_auto_picks_the_lowest_probe_loss_and_records_it(tiny_model_d
     summary = train.train(_config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", init_scale="auto", max_steps=2))
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     curve = config["init_scale_curve"]
-    assert [round(k, 6) for k, _ in curve] == [round(k, 6) for k in train.INIT_SCALE_GRID]
+    assert [round(k, 6) for k, _ in curve] == [round(k, 6) for k in lorasb_method.INIT_SCALE_GRID]
     best = min(curve, key=lambda point: point[1])
     assert config["init_scale"] == best[0]
     assert summary.step0_init_loss == pytest.approx(best[1], rel=1e-6)  # the step-0 loss is that of the pick
@@ -169,8 +170,8 @@ def test_init_scale_auto_picks_the_lowest_probe_loss_and_records_it(tiny_model_d
 def test_choose_init_scale_restores_r():
     layer = adapter.LoraSBLinear(torch.nn.Linear(4, 4), torch.eye(4)[:, :2], torch.eye(2), torch.eye(4)[:2], 1.0)
     before = layer.lora_R.detach().clone()
-    best, curve = train.choose_init_scale({"m": layer}, lambda: float((layer.lora_R.sum() - 6.0) ** 2))
-    assert best == pytest.approx(3.1623, rel=1e-3) and len(curve) == len(train.INIT_SCALE_GRID)
+    best, curve = lorasb_method.choose_init_scale({"m": layer}, lambda: float((layer.lora_R.sum() - 6.0) ** 2))
+    assert best == pytest.approx(3.1623, rel=1e-3) and len(curve) == len(lorasb_method.INIT_SCALE_GRID)
     assert torch.equal(layer.lora_R, before)
 
 

@@ -1,0 +1,86 @@
+"""`lorasb train --method NAME`: what is trained, and how the result becomes an adapter.
+
+Every method writes the same adapter (DESIGN.md §2): `<module>.lora_{B,R,A}` relative to the *original* W0,
+so `merge` (hf and peft) and `evaluate` need not know the method. A method that changes W0 at initialization
+(PiSSA, LoRA-GA, MiLoRA, IniLoRA: W_res = W0 − s·B0·A0) is exported as PEFT documents for PiSSA/LoRA-GA
+conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. DoRA adds a magnitude vector
+(`<module>.lora_magnitude`); full fine-tuning stores the trained tensors under their state_dict names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import models
+from ..errors import BadInputError
+
+
+@dataclass
+class Setup:
+    """What a method gets: the loaded base `model` (a classifier's head already in place), its target
+    `modules`, the `rank`, LoRA's `alpha` when the user set it, the factors file (`lorasb` only), a
+    `probe_loss(model)` on held-out samples, and `batches(n)`: training batches covering n samples."""
+
+    model: nn.Module
+    modules: list[str]
+    rank: int
+    alpha: float | None
+    model_id: str
+    fingerprint: str
+    seed: int
+    factors: object | None = None  # artifacts.Artifact
+    init_scale: float | str = 1.0
+    init_samples: int = 32
+    init_iters: int = 1000
+    probe_loss: Callable[[nn.Module], float] | None = None
+    batches: Callable[[int], Iterable[dict]] | None = None
+
+
+@dataclass
+class Prepared:
+    """The module the Trainer trains, how to export it as adapter tensors, and the settings to record."""
+
+    model: nn.Module
+    export: Callable[[], dict[str, torch.Tensor]]
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prepare: Callable[[Setup], Prepared]
+    summary: str
+    needs_factors: bool = False
+    uses_rank: bool = True  # False: full fine-tuning and head-only train no low-rank matrices
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise BadInputError(f"unknown --method '{name}'", hint=models.did_you_mean(name, sorted(METHODS)))
+    return METHODS[name]
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """A sequence classifier's head (trained with every method, as PEFT's `modules_to_save`)."""
+    if not models.is_classifier(model):
+        return {}
+    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in models.HEAD_MODULES}
+
+
+def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
+
+
+from . import full, inilora, lorasb, milora, peft_lora  # noqa: E402,F401  (each registers itself)

@@ -1,0 +1,122 @@
+"""LoRA and its PEFT-implemented variants: `lora`, `rslora`, `dora`, `pissa`, `loraga` (PEFT's own code).
+
+Defaults: α = 2r for LoRA, rsLoRA, DoRA and LoRA-GA (the LoRA-SB paper's appendix), α = r for PiSSA (its
+paper: s = 1); `--alpha` overrides. Dropout 0. `prepare_peft` also serves the methods PEFT lacks (MiLoRA,
+IniLoRA): they hand it a `custom_init` that picks the part B0·A0 of W0 the adapter starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import Method, Prepared, Setup, head_parameters, register, tensors_of
+
+log = logging.getLogger("lorasb")
+
+# (module, W0 [m, n], rank) → (B0 [m, r], A0 [r, n]): the adapter starts at B0·A0, W0 − B0·A0 stays frozen.
+CustomInit = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers of the wrapped base model, by their module path in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+
+def prepare_peft(
+    setup: Setup,
+    *,
+    alpha: float,
+    init_lora_weights: bool | str = True,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    custom_init: CustomInit | None = None,
+    lora_ga: bool = False,
+) -> Prepared:
+    from peft import LoraConfig, get_peft_model
+
+    model = setup.model
+    head = head_parameters(model)
+    kwargs = {}
+    if lora_ga:
+        from peft.tuners.lora.config import LoraGAConfig
+
+        kwargs["lora_ga_config"] = LoraGAConfig()
+    config = LoraConfig(
+        r=setup.rank, lora_alpha=alpha, target_modules=list(setup.modules), lora_dropout=0.0, bias="none",
+        use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights, **kwargs,
+    )  # fmt: skip
+    if lora_ga:
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        device = next(model.parameters()).device
+
+        def train_step() -> None:
+            for batch in setup.batches(setup.init_samples):
+                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+
+        preprocess_loraga(model, config, train_step)
+    peft_model = get_peft_model(model, config)
+    layers = lora_layers(peft_model)
+    if custom_init is not None:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                weight = layer.get_base_layer().weight
+                lora_B, lora_A = (t.to(weight.device) for t in custom_init(name, weight.detach().float(), setup.rank))
+                root = math.sqrt(layer.scaling["default"])  # s·(B0/√s)·(A0/√s) = B0·A0
+                layer.lora_B["default"].weight.copy_(lora_B / root)
+                layer.lora_A["default"].weight.copy_(lora_A / root)
+                weight.copy_((weight.float() - lora_B @ lora_A).to(weight.dtype))
+    # Methods that moved B0·A0 out of W0 export the start too, so the adapter is relative to the original W0.
+    moves_w0 = custom_init is not None or lora_ga or init_lora_weights == "pissa"
+    initial = (
+        {n: (l.lora_B["default"].weight.detach().float().cpu().clone(), l.lora_A["default"].weight.detach().float().cpu().clone())
+         for n, l in layers.items()}
+        if moves_w0 else {}
+    )  # fmt: skip
+    for p in head.values():
+        p.requires_grad_(True)
+
+    def export() -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in layers.items():
+            lora_A = layer.lora_A["default"].weight.detach().float().cpu()
+            lora_B = layer.lora_B["default"].weight.detach().float().cpu()
+            lora_R = layer.scaling["default"] * torch.eye(lora_A.shape[0])
+            if name in initial:  # W0 − s·B0·A0 + s·B·A = W0 + [B, B0]·diag(s, −s)·[A; A0]
+                start_B, start_A = initial[name]
+                lora_B, lora_A = torch.cat([lora_B, start_B], 1), torch.cat([lora_A, start_A], 0)
+                lora_R = torch.block_diag(lora_R, -lora_R)
+            tensors |= {f"{name}.lora_B": lora_B, f"{name}.lora_R": lora_R, f"{name}.lora_A": lora_A}
+            if use_dora:
+                magnitude = layer.lora_magnitude_vector["default"].weight.detach().float().cpu()
+                tensors[f"{name}.lora_magnitude"] = magnitude
+        return tensors | tensors_of(head)
+
+    settings = {"alpha": alpha, "lora_scale": alpha / (math.sqrt(setup.rank) if use_rslora else setup.rank),
+                "scale": 1.0, "peft": {"init_lora_weights": init_lora_weights, "use_rslora": use_rslora,
+                                       "use_dora": use_dora}}  # fmt: skip
+    return Prepared(model=peft_model, export=export, config=settings)
+
+
+def _alpha(setup: Setup, default: float) -> float:
+    return setup.alpha if setup.alpha is not None else default
+
+
+register(Method("lora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank)), "LoRA (PEFT), α = 2r"))
+register(Method("rslora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_rslora=True),
+                "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r"))  # fmt: skip
+register(Method("dora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_dora=True),
+                "DoRA (PEFT), α = 2r"))  # fmt: skip
+register(Method("pissa", lambda s: prepare_peft(s, alpha=_alpha(s, s.rank), init_lora_weights="pissa"),
+                "PiSSA (PEFT): principal singular components of W0, α = r"))  # fmt: skip
+register(Method("loraga", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), init_lora_weights="lora_ga",
+                                                 lora_ga=True),
+                "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r"))  # fmt: skip
