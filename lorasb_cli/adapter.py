@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +21,14 @@ from .errors import BadInputError, IncompatibleArtifactError
 
 
 class LoraSBLinear(nn.Module):
-    """`base` [m, n] + s·B [m, r] · R [r, r] · A [r, n]."""
+    """`base` [m, n] + s·B [m, r] · R [r, r] · A [r, n].
 
-    def __init__(self, base: nn.Linear, lora_B: torch.Tensor, lora_R: torch.Tensor, lora_A: torch.Tensor, scale: float):
+    With a `magnitude` [m] (a DoRA adapter, evaluation only) the weight is instead
+    W = magnitude ⊙ (W0 + s·B·R·A) / ‖W0 + s·B·R·A‖ per output row, as PEFT's DoRA computes it.
+    """
+
+    def __init__(self, base: nn.Linear, lora_B: torch.Tensor, lora_R: torch.Tensor, lora_A: torch.Tensor, scale: float,
+                 magnitude: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -31,12 +36,18 @@ class LoraSBLinear(nn.Module):
         self.register_buffer("lora_A", lora_A.detach().to(device=base.weight.device, dtype=torch.float32).clone())
         self.lora_R = nn.Parameter(lora_R.detach().to(device=base.weight.device, dtype=torch.float32).clone())
         self.scale = scale
+        if magnitude is not None:
+            magnitude = magnitude.detach().to(device=base.weight.device, dtype=torch.float32).clone()
+        self.register_buffer("lora_magnitude", magnitude)
 
     @property
     def rank(self) -> int:
         return self.lora_R.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude is not None:
+            return F.linear(x, dora_weight(self.base.weight, self.delta_weight(), self.lora_magnitude).to(x.dtype),
+                            self.base.bias)  # fmt: skip
         result = self.base(x)
         xa = F.linear(x, self.lora_A.to(x.dtype))  # [..., r]
         xar = F.linear(xa.float(), self.lora_R)  # float32: the trained part
@@ -47,10 +58,20 @@ class LoraSBLinear(nn.Module):
         return self.scale * (self.lora_B @ self.lora_R.detach() @ self.lora_A)
 
 
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's W [m, n] in float32: magnitude [m] ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ over each output row."""
+    combined = weight.float() + delta.float()
+    return combined * (magnitude.float() / combined.norm(dim=1))[:, None]
+
+
 def inject(
-    model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: float = 1.0
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    scale: float = 1.0,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, LoraSBLinear]:
-    """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear; only the Rs stay trainable."""
+    """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear; only the Rs stay trainable.
+    `magnitudes` ({module: [m]}) makes those modules DoRA layers."""
     model.requires_grad_(False)
     wrapped = {}
     for path, (lora_B, lora_R, lora_A) in factors.items():
@@ -64,7 +85,7 @@ def inject(
                 f"factors of '{path}' are for a {lora_B.shape[0]}×{lora_A.shape[1]} weight, the model's is "
                 f"{base.weight.shape[0]}×{base.weight.shape[1]}"
             )
-        layer = LoraSBLinear(base, lora_B, lora_R, lora_A, scale)
+        layer = LoraSBLinear(base, lora_B, lora_R, lora_A, scale, (magnitudes or {}).get(path))
         setattr(parent, child, layer)
         wrapped[path] = layer
     return wrapped
@@ -109,18 +130,21 @@ def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable:
 
 
 ADAPTER_FILE = "adapter.safetensors"
+MAGNITUDE = "lora_magnitude"  # `<module>.lora_magnitude` [m]: a DoRA adapter's magnitude vector
 CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
 class Adapter:
-    """A trained adapter directory: `factors` {module: (B, R, A)}, `extra` full tensors (e.g. a trained head,
-    under the base state_dict names) and `config` (adapter_config.json, the same dict as the provenance)."""
+    """A trained adapter directory: `factors` {module: (B, R, A)}, DoRA `magnitudes` {module: [m]}, `extra`
+    full tensors (a trained head, or every tensor of a full fine-tune, under the base state_dict names) and
+    `config` (adapter_config.json, the same dict as the provenance)."""
 
     path: Path
     config: dict
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     extra: dict[str, torch.Tensor]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -152,5 +176,7 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
     tensors = {name: tensor.clone() for name, tensor in artifact.items()}
     factors = {m: tuple(tensors[f"{m}.{s}"].float() for s in artifacts.FACTOR_SUFFIXES) for m in modules}
     factor_names = {f"{m}.{s}" for m in modules for s in artifacts.FACTOR_SUFFIXES}
+    magnitudes = {m: tensors[f"{m}.{MAGNITUDE}"].float() for m in modules if f"{m}.{MAGNITUDE}" in tensors}
+    factor_names |= {f"{m}.{MAGNITUDE}" for m in magnitudes}
     extra = {name: tensor for name, tensor in tensors.items() if name not in factor_names}
-    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra)
+    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, magnitudes=magnitudes)

@@ -268,7 +268,7 @@ def load_for_task(config: EvaluateConfig, task: Task, scoring: str) -> tuple[nn.
     )
     if saved is None:
         return model, tokenizer, None
-    adapter.inject(model, saved.factors, scale=saved.scale)
+    adapter.inject(model, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
     adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()
     return model, tokenizer, saved.config

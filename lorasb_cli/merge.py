@@ -77,10 +77,12 @@ def merge(
     shard_bytes = shards.parse_size(max_shard_size) if max_shard_size is not None else None
 
     lora = adapter.load_adapter(adapter_dir)
-    if not lora.factors:
+    if not lora.factors and not (lora.extra and format == "hf"):
+        method = lora.config.get("method", "?")
         raise IncompatibleArtifactError(
-            "the adapter holds no B, R, A factors", path=str(lora.path), hint="pass the -o directory of lorasb train"
-        )
+            f"the adapter holds no B, R, A factors (method {method})", path=str(lora.path),
+            hint="merge it with --format hf: it has no LoRA form" if lora.extra else "pass the -o directory of lorasb train",
+        )  # fmt: skip
     ref = models.resolve_model(model if model is not None else _recorded_base(lora))
     out_path = Path(out).expanduser().resolve()
     _check_out(out_path, overwrite)
@@ -122,10 +124,14 @@ def merge_weight(
     lora_A: torch.Tensor,
     scale: float = 1.0,
     dtype: torch.dtype | None = None,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W [m, n] + s·B [m, r]·R [r, r]·A [r, n], computed in float32 and cast to `dtype` (default: W's dtype)."""
+    """W [m, n] + s·B [m, r]·R [r, r]·A [r, n], computed in float32 and cast to `dtype` (default: W's dtype);
+    with a DoRA `magnitude` [m], each row is then rescaled to it."""
     # (B·R)·A: the m×n product is formed once, inside addmm, with no separate delta matrix.
     merged = torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)
+    if magnitude is not None:
+        merged *= (magnitude.float() / merged.norm(dim=1))[:, None]
     return merged.to(dtype or weight.dtype)
 
 
@@ -197,10 +203,10 @@ def _local_checkpoint(ref: models.ModelRef, trust_remote_code: bool) -> Path:
 def base_prefix(lora: adapter.Adapter, index: shards.CheckpointIndex) -> str:
     """What the trained model's names add to the checkpoint's: "bert." when a BertForSequenceClassification
     was trained over a bare BertModel checkpoint (as sentence-transformers ships them), else ""."""
-    module = next(iter(lora.factors))
-    first, _, rest = module.partition(".")
-    if f"{module}.weight" not in index and f"{rest}.weight" in index:
-        return first + "."
+    for name in [f"{module}.weight" for module in lora.factors] + list(lora.extra):
+        first, _, rest = name.partition(".")
+        if name not in index and rest in index:
+            return first + "."
     return ""
 
 
@@ -231,6 +237,7 @@ def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex, pref
                 hint="merge into the unquantized base model",
             )
     for name, tensor in lora.extra.items():
+        name = name.removeprefix(prefix) if name.removeprefix(prefix) in index else name
         if name in index and index.shape(name) != tuple(tensor.shape):
             raise IncompatibleArtifactError(
                 f"adapter tensor '{name}' has shape {tuple(tensor.shape)}, the base model's {index.shape(name)}",
@@ -284,10 +291,11 @@ def _write_merged(
     """Write the merged weights: the base's shards and index (same tensors; names with the trained model's
     `prefix`), or new shards."""
     targets = {f"{module}.weight".removeprefix(prefix): module for module in lora.factors}
-    # Extra tensors the base lacks (a classification head on a causal-LM checkpoint) go into the last shard,
-    # in the dtype of the adapted weights.
-    head_dtype = out_dtype or index.dtype(next(iter(targets)))
-    added = {name: t.to(head_dtype) for name, t in lora.extra.items() if name not in index}
+    # Extra tensors by their checkpoint names: those the base has replace its tensors (a full fine-tune); those
+    # it lacks (a classification head on a causal-LM checkpoint) go into the last shard, in the base's dtype.
+    extra = {(n.removeprefix(prefix) if n.removeprefix(prefix) in index else n): t for n, t in lora.extra.items()}
+    head_dtype = out_dtype or index.dtype(next(iter(targets), None) or index.names()[0])
+    added = {name: t.to(head_dtype) for name, t in extra.items() if name not in index}
     last_shard = index.shard_files()[-1]
 
     order = [(shard, name) for shard in index.shard_files() for name in index.tensors_in(shard)]
@@ -305,14 +313,14 @@ def _write_merged(
     def output(name: str) -> torch.Tensor:
         if name in added:
             return added[name]
-        if name in lora.extra:
-            return lora.extra[name].to(out_dtype or index.dtype(name))
+        if name in extra:
+            return extra[name].to(out_dtype or index.dtype(name))
         # One memory map per tensor (`get`, not `iter_tensors`): a base weight's pages leave memory as soon as
         # its merged copy exists, instead of the whole input shard staying resident until the shard is saved.
         tensor = index.get(name)
         if name in targets:
             module = targets[name]
-            tensor = merge_weight(tensor, *lora.factors[module], lora.scale, out_dtype)
+            tensor = merge_weight(tensor, *lora.factors[module], lora.scale, out_dtype, lora.magnitudes.get(module))
             if not torch.isfinite(tensor).all():
                 raise NonFiniteError(
                     f"NaN/Inf in the merged weight of module '{module}'",
@@ -391,6 +399,8 @@ def _write_peft(
         # Adapter factors are float32 (load_adapter), so B·R is computed and stored in float32.
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_A.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = (lora_B @ lora_R).contiguous()
+        if module in lora.magnitudes:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = lora.magnitudes[module].contiguous()
         ranks[module] = lora_R.shape[0]
         if progress is not None:
             progress(done, len(lora.factors))
@@ -418,7 +428,7 @@ def _write_peft(
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": bool(lora.magnitudes),
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
