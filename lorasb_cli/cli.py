@@ -264,6 +264,61 @@ def train(model, dtype, device, trust_remote_code, method, factors, rank, target
 @cli.command(
     context_settings=CONTEXT,
     epilog="""\b
+Examples:
+  lorasb compare --model smollm2-135m --data arithmetic --task gsm8k --methods lorasb,lora-xs,lora:8,full \\
+    --ranks 16,32 --seeds 3 --max-steps 100 --lr lorasb=2e-3,lora-xs=2e-3,lora=2e-4,full=2e-5 -o report/
+  (rerun the same command after an interruption: finished cells are kept)""",
+)
+@click.option("--model", "-m", required=True, help="Local directory, hub id or alias (lorasb models).")
+@click.option("--data", "-d", required=True, help="Training data: a file or a built-in name (lorasb data list).")
+@click.option("--eval-data", default=None, help="Held-out data to score [default: the built-in's test split].")
+@click.option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
+@click.option("--methods", required=True,
+              help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8.")  # fmt: skip
+@click.option("--ranks", default="", help="Comma list of ranks for methods without their own.")
+@click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..N-1 per cell.")
+@click.option("--max-steps", default=100, show_default=True, type=int, help="Optimizer steps of every cell.")
+@click.option("--lr", default="1e-3", show_default=True, help="Learning rate, or METHOD=LR,...,DEFAULT.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Training batch size.")
+@click.option("--max-length", default=256, show_default=True, type=int, help="Truncate samples to this many tokens.")
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes.")
+@click.option("--samples", default=32, show_default=True, type=int, help="Samples of each seed's estimate.")
+@click.option("--eta", default=1e-5, show_default=True, type=float, help="η of each seed's estimate.")
+@click.option("--size", default=None, type=int, help="Rows of a built-in training set.")
+@click.option("--eval-size", default=None, type=int, help="Rows of a built-in test set.")
+@click.option("--max-new-tokens", default=None, type=int, help="Generation budget of the task [default: the task's].")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
+@click.option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
+@common_options
+def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, batch_size, max_length, targets,
+            samples, eta, size, eval_size, max_new_tokens, trust_remote_code, out, as_json, quiet):  # fmt: skip
+    """Run methods × ranks × seeds on the same data, steps and evaluation; write results.md/json and PNGs."""
+    from pathlib import Path
+
+    from . import compare as cmp
+    from .console import progress_bar
+
+    try:
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--ranks '{ranks}' must be a comma list of integers") from None
+    cells = cmp.grid(cmp.parse_methods(methods, rank_list), seeds, cmp.parse_lrs(lr))
+    out_dir = Path(out)
+    train_data, held_out = cmp.prepare_data(out_dir, data, eval_data, size, eval_size)
+    settings = cmp.Settings(
+        model=model, train_data=train_data, eval_data=held_out, task=task, max_steps=max_steps, batch_size=batch_size,
+        max_length=max_length, targets=targets, samples=samples, eta=eta, max_new_tokens=max_new_tokens,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    with progress_bar("compare", enabled=not quiet) as progress:
+        results = cmp.run_grid(out_dir, settings, cells, progress)
+    path = cmp.write_report(out_dir, settings, results)
+    report(path, {"cells": len(results), "rows": cmp.aggregate(results)}, as_json)
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="""\b
 Example:
   lorasb merge --model mistral --adapter run/ -o mistral-math/
   lorasb merge --adapter run/ --format peft -o mistral-math-lora/""",

@@ -328,13 +328,14 @@ def train(
     train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length, labels)
     eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length, labels) if eval_set else None
     auto = config.init_scale == "auto"
-    if auto and not eval_examples:
-        # `auto` picks the scale on data training never sees: a slice held out of the training set.
+    if auto:
+        # `auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
+        # the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, probe = train_examples[:-held], train_examples[-held:]
     else:
         probe = eval_examples or train_examples[: min(64, len(train_examples))]
-    probe_kind = "eval" if eval_examples else "held-out training" if auto else "training"
+    probe_kind = "held-out training" if auto else "eval" if eval_examples else "training"
 
     if factors_file is None:
         modules = models.resolve_targets(model, config.targets) if method.uses_rank else []

@@ -1,0 +1,366 @@
+"""`lorasb compare`: run a grid of methods × ranks × seeds on the same data, steps and evaluation, and report it.
+
+Every cell is one `train` run and one `evaluate` of its adapter on the held-out data; a cell is done when its
+`cell.json` exists, so an interrupted grid resumes where it stopped. One estimate per seed (and per η or sample
+count, where an ablation changes them) is shared by every LoRA-SB-family cell of that seed. Writes
+`results.md` (metric mean ± std over seeds, trainable parameters, train time, peak memory), `results.json`,
+`loss.png` (mean train loss per step) and `metric.png` (metric against trainable parameters, log axis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import artifacts, data, inits, methods
+from .errors import BadInputError
+
+log = logging.getLogger("lorasb")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: `method` is a train method or an init (which trains R with `--method lorasb`)."""
+
+    method: str
+    rank: int | None
+    seed: int
+    lr: float
+    label: str = ""  # the row of the table; default: the method
+    noise_std: float | None = None  # init noisy
+    samples: int | None = None  # estimate sample count; default: Settings.samples
+    eta: float | None = None  # estimate η; default: Settings.eta
+    init_scale: float | str = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+    @property
+    def key(self) -> str:
+        """The cell's folder name: unique in a grid, stable across reruns."""
+        rank = f"r{self.rank}" if self.rank is not None else "full"
+        lr = f"{self.lr:g}".replace("+", "")
+        return f"{self.name}-{rank}-lr{lr}-s{self.seed}".replace("/", "_").replace(" ", "")
+
+    @property
+    def is_init(self) -> bool:
+        return self.method in inits.INITS
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every cell shares: model, data files, task and the training budget."""
+
+    model: str
+    train_data: str
+    eval_data: str
+    task: str
+    max_steps: int = 100
+    batch_size: int = 8
+    max_length: int = 256
+    targets: str = "all-linear"
+    samples: int = 32
+    eta: float = 1e-5
+    warmup_ratio: float = 0.05
+    eval_batch_size: int = 16
+    max_new_tokens: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CellResult:
+    cell: dict
+    metrics: dict
+    eval_loss: float | None
+    step0_base_loss: float | None
+    step0_init_loss: float | None
+    trainable_params: int
+    seconds: float
+    peak_memory_bytes: int
+    loss: list[dict] = field(default_factory=list)
+
+
+def known_methods() -> list[str]:
+    return sorted(set(methods.METHODS) | set(inits.INITS))
+
+
+def parse_methods(spec: str, ranks: Sequence[int]) -> list[tuple[str, int | None]]:
+    """`lorasb,lora:8,full` with `ranks` → [(method, rank)]: `NAME:R1/R2` overrides the ranks of one method;
+    methods that train no low-rank matrices (full, head) get one rank-less entry."""
+    pairs = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        name, _, own = item.partition(":")
+        if name not in known_methods():
+            raise BadInputError(f"unknown method '{name}' in --methods", hint=_did_you_mean(name))
+        if name in methods.METHODS and not methods.METHODS[name].uses_rank:
+            pairs.append((name, None))
+            continue
+        try:
+            method_ranks = [int(r) for r in own.split("/")] if own else list(ranks)
+        except ValueError:
+            raise BadInputError(f"bad ranks in --methods item '{item}'", hint="write NAME:R1/R2, e.g. lora:8/16") from None
+        if not method_ranks:
+            raise BadInputError(f"no rank for method '{name}'", hint="pass --ranks or NAME:R in --methods")
+        pairs += [(name, r) for r in method_ranks]
+    return pairs
+
+
+def parse_lrs(spec: str) -> Callable[[str], float]:
+    """`1e-3` or `lorasb=2e-3,lora=2e-4,1e-3` → lr of a method (the bare value is the default)."""
+    default, per_method = None, {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise BadInputError(f"bad --lr item '{item}'", hint="write 1e-3 or METHOD=1e-3,...") from None
+        if sep:
+            per_method[name] = number
+        else:
+            default = number
+
+    def lr(method: str) -> float:
+        if method in per_method:
+            return per_method[method]
+        if default is None:
+            raise BadInputError(f"--lr gives no learning rate for '{method}'", hint="add a bare default, e.g. ,1e-3")
+        return default
+
+    return lr
+
+
+def _did_you_mean(name: str) -> str:
+    from .models import did_you_mean
+
+    return did_you_mean(name, known_methods())
+
+
+def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
+    from .estimate import EstimateConfig, estimate
+
+    samples, eta = cell.samples or settings.samples, cell.eta or settings.eta
+    path = out / "updates" / f"s{cell.seed}-n{samples}-eta{eta:g}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        estimate(EstimateConfig(
+            model=settings.model, data=settings.train_data, out=str(path), samples=samples, seed=cell.seed, eta=eta,
+            targets=settings.targets, batch_size=settings.batch_size, max_length=settings.max_length,
+            trust_remote_code=settings.trust_remote_code,
+        ))  # fmt: skip
+    return path
+
+
+def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
+    from .decompose import decompose
+
+    update = _update_path(out, settings, cell)
+    noise = f"-sigma{cell.noise_std:g}" if cell.noise_std is not None else ""
+    path = out / "factors" / f"{update.stem}-{cell.method}{noise}-r{cell.rank}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        decompose(str(update), cell.rank, str(path), init=cell.method, noise_std=cell.noise_std, seed=cell.seed,
+                  model=settings.model if inits.INITS[cell.method].source == "model" else None,
+                  trust_remote_code=settings.trust_remote_code)  # fmt: skip
+    return path
+
+
+def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
+    """Train and evaluate one cell in `out/cells/<key>/` (rerunning it from scratch if it was interrupted)."""
+    from .evaluate import EvaluateConfig, evaluate
+    from .train import TrainConfig, train
+
+    folder = out / "cells" / cell.key
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
+    folder.mkdir(parents=True)
+    factors = str(_factors_path(out, settings, cell)) if cell.is_init else None
+    summary = train(TrainConfig(
+        model=settings.model, data=settings.train_data, eval_data=settings.eval_data, out=str(folder / "run"),
+        method="lorasb" if cell.is_init else cell.method, factors=factors,
+        rank=None if cell.is_init else cell.rank, targets=settings.targets, lr=cell.lr, max_steps=settings.max_steps,
+        batch_size=settings.batch_size, max_length=settings.max_length, warmup_ratio=settings.warmup_ratio,
+        seed=cell.seed, init_scale=cell.init_scale, save_steps=10**9, trust_remote_code=settings.trust_remote_code,
+    ))  # fmt: skip
+    scored = evaluate(EvaluateConfig(
+        model=settings.model, adapter=str(folder / "run"), task=settings.task, data=settings.eval_data,
+        out=str(folder / "eval.json"), batch_size=settings.eval_batch_size, max_length=settings.max_length,
+        max_new_tokens=settings.max_new_tokens, trust_remote_code=settings.trust_remote_code,
+    ))  # fmt: skip
+    metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    result = CellResult(
+        cell=asdict(cell), metrics=scored.metrics, eval_loss=summary.final_eval_loss,
+        step0_base_loss=summary.step0_base_loss, step0_init_loss=summary.step0_init_loss,
+        trainable_params=summary.trainable_params, seconds=summary.seconds,
+        peak_memory_bytes=summary.peak_memory_bytes, loss=metrics["loss"],
+    )  # fmt: skip
+    with artifacts.atomic_path(folder / "cell.json") as tmp:
+        tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def run_grid(
+    out: str | Path, settings: Settings, cells: Sequence[Cell], progress: Callable[[int, int], None] | None = None
+) -> list[CellResult]:
+    """Run every cell not finished before (a cell is finished when its cell.json exists); returns all results."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = [cell.key for cell in cells]
+    if len(set(keys)) != len(keys):
+        raise BadInputError("the grid names one cell twice", hint="drop the repeated method, rank or seed")
+    results = []
+    for done, cell in enumerate(cells, start=1):
+        finished = out / "cells" / cell.key / "cell.json"
+        if finished.is_file():
+            results.append(CellResult(**json.loads(finished.read_text())))
+        else:
+            log.info("cell %d/%d: %s", done, len(cells), cell.key)
+            results.append(run_cell(out, settings, cell))
+        if progress is not None:
+            progress(done, len(cells))
+    return results
+
+
+def prepare_data(out: Path, data_name: str, eval_data: str | None, size: int | None, eval_size: int | None) -> tuple[str, str]:
+    """Train and held-out files shared by every cell: a built-in name is written once to `out/data/` (train
+    split and test split, drawn with seed 0), so every seed trains on the same rows."""
+    from . import builtin_data
+
+    def materialize(name: str, split: str, rows: int | None) -> str:
+        if name not in builtin_data.NAMES:
+            return name
+        path = out / "data" / f"{name}-{split}.jsonl"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dataset = data.load_dataset_rows(name, split, size=rows, seed=0)
+            with artifacts.atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in dataset.rows))
+        return str(path)
+
+    if eval_data is None and data_name not in builtin_data.NAMES:
+        raise BadInputError("--eval-data is needed when --data is a file", hint="pass the held-out file to score")
+    return materialize(data_name, "train", size), materialize(eval_data or data_name, "test", eval_size)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def primary_metric(metrics: dict) -> str:
+    """The metric a table ranks by: accuracy-like first."""
+    for name in ("exact_match", "accuracy", "acc", "f1", "matthews_correlation", "pearson", "loss"):
+        if name in metrics:
+            return name
+    return next(k for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def aggregate(results: Sequence[CellResult]) -> list[dict]:
+    """One row per (label, rank): mean ± std over seeds of the metric and eval loss, and the costs."""
+    groups: dict[tuple[str, int | None], list[CellResult]] = {}
+    for result in results:
+        cell = Cell(**result.cell)
+        groups.setdefault((cell.name, cell.rank), []).append(result)
+    rows = []
+    for (name, rank), group in groups.items():
+        metric = primary_metric(group[0].metrics)
+        value, spread = _mean_std([float(r.metrics[metric]) for r in group])
+        losses = [r.eval_loss for r in group if r.eval_loss is not None]
+        rows.append({
+            "method": name, "rank": rank, "seeds": len(group), "metric": metric, "mean": value, "std": spread,
+            "eval_loss": _mean_std(losses) if losses else None,
+            "step0_loss": statistics.fmean(r.step0_init_loss for r in group if r.step0_init_loss is not None)
+            if any(r.step0_init_loss is not None for r in group) else None,
+            "trainable_params": group[0].trainable_params, "lr": group[0].cell["lr"],
+            "seconds": statistics.fmean(r.seconds for r in group),
+            "peak_memory_bytes": max(r.peak_memory_bytes for r in group),
+        })  # fmt: skip
+    return rows
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    from .console import human_bytes
+
+    header = "| method | rank | trainable | lr | {metric} (mean ± std) | eval loss | step-0 loss | seeds | train s | peak mem |"
+    lines = [header.format(metric=rows[0]["metric"] if rows else "metric"), "|" + "---|" * 10]
+    for row in rows:
+        loss = f"{row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f}" if row["eval_loss"] else "-"
+        step0 = f"{row['step0_loss']:.4f}" if row["step0_loss"] is not None else "-"
+        lines.append(
+            f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['trainable_params']:,} | "
+            f"{row['lr']:g} | {row['mean']:.4f} ± {row['std']:.4f} | {loss} | {step0} | {row['seeds']} | "
+            f"{row['seconds']:.0f} | {human_bytes(row['peak_memory_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: str) -> list[Path]:
+    """`loss.png`: mean train loss per step of each (method, rank); `metric.png`: metric vs trainable params."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for result in results:
+        cell = Cell(**result.cell)
+        label = cell.name + (f" r={cell.rank}" if cell.rank is not None else "")
+        for point in result.loss:
+            curves.setdefault(label, {}).setdefault(point["step"], []).append(point["loss"])
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for label, by_step in curves.items():
+        steps = sorted(by_step)
+        ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], label=label, lw=1.2)
+    ax.set(xlabel="step", ylabel="train loss (mean over seeds)", title=f"{title}: loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths = [out / "loss.png", out / "metric.png"]
+    with artifacts.atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in rows:
+        ax.errorbar(row["trainable_params"], row["mean"], yerr=row["std"], fmt="o", capsize=3)
+        ax.annotate(f"{row['method']}" + (f" r={row['rank']}" if row["rank"] is not None else ""),
+                    (row["trainable_params"], row["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters (log)", ylabel=rows[0]["metric"] if rows else "metric",
+           title=f"{title}: metric vs trainable parameters")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    with artifacts.atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return paths
+
+
+def write_report(out: str | Path, settings: Settings, results: Sequence[CellResult], title: str = "lorasb compare") -> Path:
+    """results.md, results.json and the two PNGs in `out`; returns the markdown path."""
+    out = Path(out)
+    rows = aggregate(results)
+    plot(results, rows, out, title)
+    with artifacts.atomic_path(out / "results.json") as tmp:
+        payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results]}
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    text = (
+        f"# {title}\n\nModel `{settings.model}`, task `{settings.task}`, {settings.max_steps} steps of batch "
+        f"{settings.batch_size}, estimate over {settings.samples} samples at η {settings.eta:g}.\n\n"
+        + markdown_table(rows)
+        + "\n![loss curves](loss.png)\n\n![metric vs trainable parameters](metric.png)\n"
+    )
+    with artifacts.atomic_path(out / "results.md") as tmp:
+        tmp.write_text(text)
+    return out / "results.md"
+
+
+def grid(pairs: Sequence[tuple[str, int | None]], seeds: int, lr: Callable[[str], float]) -> list[Cell]:
+    """Cells of every (method, rank) for seeds 0..seeds-1."""
+    if seeds < 1:
+        raise BadInputError(f"--seeds {seeds} must be positive")
+    return [Cell(method=m, rank=r, seed=s, lr=lr(m)) for m, r in pairs for s in range(seeds)]
