@@ -26,7 +26,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_the_stages_are_exactly_the_commands():
-    assert set(cli.cli.commands) == {"estimate", "combine", "decompose", "train", "merge", "evaluate", "inspect", "data", "models"}
+    assert set(cli.cli.commands) == {"estimate", "combine", "decompose", "train", "merge", "evaluate", "compare", "inspect", "data", "models"}
 
 
 def test_estimate_then_decompose_through_click_runner(tiny_model_dir, qa_file, tmp_path):
