@@ -57,3 +57,18 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text.rstrip() + "\n")
     return path
+
+
+def write_section(path: Path, name: str, text: str) -> Path:
+    """Replace the `name` section of the markdown file at `path` (between its begin/end markers, appended when
+    absent), so the scripts that share benchmarks/RESULTS.md never overwrite each other's figures."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block
+    path.write_text(new)
+    return path

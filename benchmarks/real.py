@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import machine_info, markdown_table
+from common import machine_info, markdown_table, write_section
 from estimate import max_relative_difference, plain_pass
 from train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 
@@ -554,7 +554,7 @@ def main() -> None:
     }
     text = report(args, setup, est, tr, dec)
     if not args.quick:
-        RESULTS_PATH.write_text(text)
+        write_section(RESULTS_PATH, "speed", text)
         log(f"wrote {RESULTS_PATH}")
     print(text)
 
