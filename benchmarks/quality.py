@@ -45,8 +45,8 @@ SEEDS = 3
 
 SMOLLM2 = dict(model="smollm2-135m", steps=20, batch_size=8, max_length=96, task="gsm8k", max_new_tokens=16,
                data="arithmetic", train_rows=2000, val_rows=64, test_rows=64, targets="all-linear")  # fmt: skip
-MINILM = dict(model="minilm-l6", steps=60, batch_size=16, max_length=128, task="classification", max_new_tokens=None,
-              data="reuters-r8", train_rows=2000, val_rows=128, test_rows=300,
+MINILM = dict(model="minilm-l6", steps=50, batch_size=16, max_length=64, task="classification", max_new_tokens=None,
+              data="reuters-r8", train_rows=2000, val_rows=96, test_rows=200,
               targets="query,key,value,intermediate.dense,output.dense")  # fmt: skip
 
 # Learning-rate grids: each method's plausible range for the step budget above.
@@ -125,13 +125,16 @@ def seeded(pairs: list[tuple[str, int | None]], lrs: dict[str, float], **fields)
     return [Cell(method=m, rank=r, seed=s, lr=lrs[m], **fields) for m, r in pairs for s in range(SEEDS)]
 
 
-def section(name: str, spec: dict, cells: list[Cell], run: bool, setup: Settings | None = None) -> list[dict] | None:
-    """Run one section's grid on the test split; write its report and copy its PNGs; return its table rows."""
-    folder = OUT / name
-    setup = setup or settings(spec, "test")
-    results = _grid(folder, setup, cells, run)
+def section(name: str, spec: dict, cells: list[Cell], run: bool) -> list[dict] | None:
+    """Run one section's cells on the test split, in the model's one grid folder (so a cell that two sections
+    share, such as LoRA-SB r 32 at n 32 and η 1e-5, runs once); write the section's report and PNGs."""
+    grid_folder = OUT / spec["model"]
+    setup = settings(spec, "test")
+    results = _grid(grid_folder, setup, cells, run)
     if not results:
         return None
+    folder = OUT / name
+    folder.mkdir(parents=True, exist_ok=True)
     compare.write_report(folder, setup, results, title=name)
     FIGURES.mkdir(parents=True, exist_ok=True)
     for png in ("loss.png", "metric.png"):
@@ -141,12 +144,6 @@ def section(name: str, spec: dict, cells: list[Cell], run: bool, setup: Settings
 
 def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
-    if "minilm" in sections:
-        lrs = sweep("minilm", MINILM, MINILM_SWEEP, run)
-        if lrs:
-            pairs = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (8, 16, 24)]
-            pairs += [("lora", 8), ("head", None), ("full", None)]
-            tables["minilm"] = (section("minilm", MINILM, seeded(pairs, lrs), run), lrs)
     need_smollm2_lrs = sections & {"smollm2", "inits", "samples", "eta", "inilora"}
     lrs = sweep("smollm2", SMOLLM2, SMOLLM2_SWEEP, run) if need_smollm2_lrs else {}
     if "smollm2" in sections and lrs:
@@ -162,10 +159,17 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         tables["inits"] = (section("inits", SMOLLM2, cells, run), {"all": lr})
     if "samples" in sections and lr:
         cells = [Cell("lorasb", 32, s, lr, label=f"lorasb n={n}", samples=n) for n in (1, 4, 16, 64) for s in range(SEEDS)]
+        cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # n = 32
         tables["samples"] = (section("samples", SMOLLM2, cells, run), {"all": lr})
+    if "minilm" in sections:
+        minilm_lrs = sweep("minilm", MINILM, MINILM_SWEEP, run)
+        if minilm_lrs:
+            pairs = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (8, 16, 24)]
+            pairs += [("lora", 8), ("head", None), ("full", None)]
+            tables["minilm"] = (section("minilm", MINILM, seeded(pairs, minilm_lrs), run), minilm_lrs)
     if "eta" in sections and lr:
-        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-5, 1e-4)
-                 for s in range(SEEDS)]  # fmt: skip
+        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)]
+        cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # η = 1e-5
         cells += [Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", init_scale="auto") for s in range(SEEDS)]
         tables["eta"] = (section("eta", SMOLLM2, cells, run), {"all": lr})
     if "inilora" in sections and lrs:
@@ -179,11 +183,11 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
 
 
 TITLES = {
-    "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
-    "samples": "Ablation: estimate sample count at r = 32 (paper Table 5)",
-    "eta": "Ablation: η of the simulated first step against --init-scale auto, r = 32",
+    "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
+    "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
+    "eta": "Ablation: η of the simulated first step against --init-scale auto, r = 32 (the `lorasb` row is η = 1e-5)",
     "inilora": "IniLoRA's comparison at r = 8",
 }
 

@@ -306,9 +306,6 @@ def train(
     factors_file = None
     if method.needs_factors:
         factors_file, modules = _load_factors_checked(config.factors, ref, config.trust_remote_code)
-        eta = factors_file.meta.get("eta")
-        if eta is not None and not math.isclose(eta, config.lr):
-            log.warning("--lr %g differs from the η %g the update was estimated with", config.lr, eta)
 
     train_set = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
     fmt = data.detect_format(list(train_set.rows[0]), config.format, train_set.source)
