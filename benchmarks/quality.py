@@ -32,10 +32,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, markdown_table, write_section  # noqa: E402
+from common import machine_info, write_section
 
-from lorasb_cli import compare, console, data  # noqa: E402
-from lorasb_cli.compare import Cell, Settings  # noqa: E402
+from lorasb_cli import compare, console, data
+from lorasb_cli.compare import Cell, Settings
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "quality"
@@ -43,11 +43,12 @@ FIGURES = HERE / "results" / "quality"
 RESULTS_PATH = HERE / "RESULTS.md"
 SEEDS = 3
 
-SMOLLM2 = dict(model="smollm2-135m", steps=20, batch_size=8, max_length=96, task="gsm8k", max_new_tokens=16,
-               data="arithmetic", train_rows=2000, val_rows=64, test_rows=64, targets="all-linear")  # fmt: skip
-MINILM = dict(model="minilm-l6", steps=50, batch_size=16, max_length=64, task="classification", max_new_tokens=None,
-              data="reuters-r8", train_rows=2000, val_rows=96, test_rows=200,
-              targets="query,key,value,intermediate.dense,output.dense")  # fmt: skip
+SMOLLM2 = {"model": "smollm2-135m", "steps": 20, "batch_size": 8, "max_length": 96, "task": "gsm8k",
+           "max_new_tokens": 16, "data": "arithmetic", "train_rows": 2000, "val_rows": 64, "test_rows": 64,
+           "targets": "all-linear"}  # fmt: skip
+MINILM = {"model": "minilm-l6", "steps": 50, "batch_size": 16, "max_length": 64, "task": "classification",
+          "max_new_tokens": None, "data": "reuters-r8", "train_rows": 2000, "val_rows": 96, "test_rows": 200,
+          "targets": "query,key,value,intermediate.dense,output.dense"}  # fmt: skip
 
 # Learning-rate grids: each method's plausible range for the step budget above.
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -197,9 +198,9 @@ def report(tables: dict, seconds: float) -> str:
         "# Quality: the paper's claims on the bundled real models",
         "",
         "Written by `python benchmarks/quality.py`. Machine: "
-        + ", ".join(f"{k} {v}" for k, v in machine_info().items()) + ".",
+        + (", ".join(f"{k} {v}" for k, v in machine_info().items()) + "."),
         "",
-        f"SmolLM2-135M: {SMOLLM2['steps']} steps of batch {SMOLLM2['batch_size']} (max length "
+        (f"SmolLM2-135M: {SMOLLM2['steps']} steps of batch {SMOLLM2['batch_size']} (max length "
         f"{SMOLLM2['max_length']}) on {SMOLLM2['train_rows']} `arithmetic` train rows, scored on "
         f"{SMOLLM2['test_rows']} test rows (greedy, {SMOLLM2['max_new_tokens']} new tokens; exact match of the "
         "final number) and by the mean response loss on them. MiniLM-L6: "
@@ -207,7 +208,7 @@ def report(tables: dict, seconds: float) -> str:
         f"accuracy on {MINILM['test_rows']} test rows. Estimates: 32 samples, η 1e-5, one per seed. "
         f"Every cell: {SEEDS} seeds (0, 1, 2), linear schedule, 5% warm-up, AdamW without weight decay. The lr of "
         "each method is the best of three on a validation slice of the training split (seed 0); the ablations use "
-        "LoRA-SB's.",
+        "LoRA-SB's."),
         "",
     ]
     for name, (rows, lrs) in tables.items():

@@ -57,7 +57,7 @@ def provenance(kind: str, **fields) -> dict:
         "kind": kind,
         **fields,
         "versions": library_versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

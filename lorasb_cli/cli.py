@@ -117,7 +117,8 @@ def estimate(model, dtype, device, trust_remote_code, data, split, size, data_fo
              frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
-    from .estimate import EstimateConfig, estimate as run_estimate
+    from .estimate import EstimateConfig
+    from .estimate import estimate as run_estimate
 
     config = EstimateConfig(
         model=model, data=data, out=out, split=split, size=size, format=data_format,
@@ -179,7 +180,8 @@ def decompose(update, rank, init, model, targets, noise_std, niter, exact, seed,
               as_json, quiet):  # fmt: skip
     """Factor the update (or, for --init lora-xs, the model's weights) into frozen B, A and the trainable r×r R."""
     from .console import print_table, progress_bar
-    from .decompose import DEFAULT_NITER, decompose as run_decompose
+    from .decompose import DEFAULT_NITER
+    from .decompose import decompose as run_decompose
 
     with progress_bar("decompose", enabled=not quiet) as progress:
         summary = run_decompose(
@@ -236,7 +238,8 @@ def train(model, dtype, device, trust_remote_code, method, factors, rank, target
           save_steps, eval_steps, eval_task, init_scale, resume, overwrite, out, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
-    from .train import TrainConfig, train as run_train
+    from .train import TrainConfig
+    from .train import train as run_train
 
     config = TrainConfig(
         model=model, factors=factors, method=method, rank=rank, targets=targets, alpha=alpha,
@@ -250,7 +253,7 @@ def train(model, dtype, device, trust_remote_code, method, factors, rank, target
     )  # fmt: skip
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)
-    loss = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    loss = lambda value: "-" if value is None else f"{value:.4f}"
     print_table(
         "train",
         ["steps", "trainable", "step-0 base", "step-0 init", "final train", "final eval", "tokens/s", "peak memory"],
@@ -371,7 +374,8 @@ def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split
              max_length, scoring, seed, out, as_json, quiet):
     """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
     from .console import print_table, progress_bar
-    from .evaluate import EvaluateConfig, evaluate as run_evaluate
+    from .evaluate import EvaluateConfig
+    from .evaluate import evaluate as run_evaluate
 
     config = EvaluateConfig(
         model=model, task=task, out=out, adapter=adapter, data=data, split=split, size=size, limit=limit,

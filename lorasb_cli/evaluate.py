@@ -303,7 +303,7 @@ def evaluate(
         "model": config.model,
         "adapter": adapter_provenance,
         "versions": artifacts.library_versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     out = Path(config.out)
     with artifacts.atomic_path(predictions_path(out)) as tmp:

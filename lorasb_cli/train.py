@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from torch import nn
-
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from . import adapter, artifacts, data, methods, models, system
 from .errors import BadInputError, IncompatibleArtifactError, RunFailure
@@ -135,7 +135,7 @@ def _checkpoint_trainer_class():
     from transformers import Trainer
 
     class AdapterTrainer(Trainer):
-        adapter_config: dict = {}
+        adapter_config: ClassVar[dict] = {}
         export: Callable[[], dict[str, torch.Tensor]] = staticmethod(dict)
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

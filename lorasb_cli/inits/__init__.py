@@ -59,4 +59,4 @@ def svd_factors(matrix: torch.Tensor, rank: int, options: InitOptions) -> tuple[
     return truncated_svd(matrix, rank, niter=options.niter, exact=options.exact)
 
 
-from . import kaiming, lora_xs, lorasb, noisy, non_orthonormal  # noqa: E402,F401  (each registers itself)
+from . import kaiming, lora_xs, lorasb, noisy, non_orthonormal  # noqa: F401  (each registers itself)

@@ -83,4 +83,4 @@ def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
 
 
-from . import full, inilora, lorasb, milora, peft_lora  # noqa: E402,F401  (each registers itself)
+from . import full, inilora, lorasb, milora, peft_lora  # noqa: F401  (each registers itself)

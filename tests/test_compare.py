@@ -1,0 +1,109 @@
+"""compare: one row per method × rank, the PNGs, resuming only unfinished cells, and its option parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+
+from lorasb_cli import compare
+from lorasb_cli.cli import main
+from lorasb_cli.errors import BadInputError
+
+PNG_MAGIC = b"\x89PNG"
+
+
+def _settings(tiny_model_dir, qa_file, **overrides):
+    return compare.Settings(model=str(tiny_model_dir), train_data=str(qa_file), eval_data=str(qa_file),
+                            task="perplexity", max_steps=2, batch_size=4, samples=4, **overrides)  # fmt: skip
+
+
+def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa_file, tmp_path):
+    pairs = compare.parse_methods("lorasb,lora-xs,lora:2,full", [2, 4])
+    cells = compare.grid(pairs, 2, compare.parse_lrs("full=1e-3,1e-2"))
+    results = compare.run_grid(tmp_path, _settings(tiny_model_dir, qa_file), cells)
+    report = compare.write_report(tmp_path, _settings(tiny_model_dir, qa_file), results)
+
+    rows = compare.aggregate(results)
+    assert [(r["method"], r["rank"]) for r in rows] == [
+        ("lorasb", 2), ("lorasb", 4), ("lora-xs", 2), ("lora-xs", 4), ("lora", 2), ("full", None)
+    ]  # fmt: skip
+    assert all(r["seeds"] == 2 for r in rows)
+    # Seeds differ (own estimate and init per seed), and the cheaper methods train fewer parameters.
+    by = {(r["method"], r["rank"]): r for r in rows}
+    assert by[("lorasb", 2)]["trainable_params"] == 2 * 2 * 7 * 2  # r² per module, 7 modules × 2 layers
+    assert by[("lorasb", 4)]["trainable_params"] < by[("lora", 2)]["trainable_params"] < by[("full", None)]["trainable_params"]
+    assert by[("full", None)]["lr"] == 1e-3 and by[("lora", 2)]["lr"] == 1e-2
+    assert len(list((tmp_path / "updates").glob("*.safetensors"))) == 2  # one estimate per seed, shared
+    text = report.read_text()
+    assert text.count("\n| ") == 1 + len(rows)  # header + one line per row
+    for png in ("loss.png", "metric.png"):
+        assert (tmp_path / png).read_bytes()[:4] == PNG_MAGIC
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert len(payload["cells"]) == len(cells) and len(payload["rows"]) == len(rows)
+
+
+def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file, tmp_path, monkeypatch):
+    cells = compare.grid(compare.parse_methods("lorasb,lora", [2]), 2, compare.parse_lrs("1e-2"))
+    settings = _settings(tiny_model_dir, qa_file)
+    real_run_cell = compare.run_cell
+    ran: list[str] = []
+
+    def killed_at_third(out, setup, cell):
+        if len(ran) == 2:
+            (out / "cells" / cell.key).mkdir(parents=True)  # the killed cell's partial folder
+            raise KeyboardInterrupt
+        ran.append(cell.key)
+        return real_run_cell(out, setup, cell)
+
+    monkeypatch.setattr(compare, "run_cell", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_grid(tmp_path, settings, cells)
+    first = list(ran)
+    assert len(first) == 2
+
+    ran.clear()
+    monkeypatch.setattr(compare, "run_cell", lambda out, setup, cell: ran.append(cell.key) or real_run_cell(out, setup, cell))
+    results = compare.run_grid(tmp_path, settings, cells)
+    assert ran == [c.key for c in cells[2:]]  # the killed cell and the ones after it; nothing finished reruns
+    assert len(results) == len(cells)
+    assert all((tmp_path / "cells" / c.key / "cell.json").is_file() for c in cells)
+
+
+def test_classifier_grid_shares_the_estimates_head(tmp_path):
+    model_dir = make_bert_dir(tmp_path / "bert")
+    rows = write_jsonl(tmp_path / "cls.jsonl", CLASS_ROWS)
+    settings = compare.Settings(model=str(model_dir), train_data=str(rows), eval_data=str(rows), task="classification",
+                                max_steps=2, batch_size=6, samples=6, targets="query,value")  # fmt: skip
+    cells = compare.grid(compare.parse_methods("lorasb,lora-xs,head", [2]), 1, compare.parse_lrs("1e-2"))
+    results = compare.run_grid(tmp_path / "report", settings, cells)
+    # Every method starts from the same head (the one the seed's estimate drew), so step-0 losses agree where
+    # the init leaves the encoder as it was (LoRA-XS: R ≈ 0; head only).
+    step0 = {r.cell["method"]: r.step0_init_loss for r in results}
+    assert step0["lora-xs"] == pytest.approx(step0["head"], abs=1e-4)
+    assert all("accuracy" in r.metrics for r in results)
+
+
+def test_option_parsing():
+    assert compare.parse_methods("lorasb, lora:8/16 ,full", [32]) == [("lorasb", 32), ("lora", 8), ("lora", 16), ("full", None)]
+    lr = compare.parse_lrs("lorasb=2e-3,lora=2e-4,1e-3")
+    assert (lr("lorasb"), lr("lora"), lr("dora")) == (2e-3, 2e-4, 1e-3)
+    with pytest.raises(BadInputError, match="did you mean"):
+        compare.parse_methods("lorsb", [8])
+    with pytest.raises(BadInputError, match="no rank"):
+        compare.parse_methods("lora", [])
+    with pytest.raises(BadInputError, match="no learning rate"):
+        compare.parse_lrs("lora=1e-3")("dora")
+    with pytest.raises(BadInputError):
+        compare.grid([("lora", 8)], 0, lr)
+
+
+def test_cli_bad_method_is_one_line_exit_2(tiny_model_dir, qa_file, tmp_path, capsys):
+    args = ["compare", "--model", tiny_model_dir, "--data", qa_file, "--eval-data", qa_file, "--task", "perplexity",
+            "--methods", "lorra", "--ranks", "2", "-o", tmp_path / "r"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert "unknown method 'lorra'" in err and len(err.strip().splitlines()) == 1
