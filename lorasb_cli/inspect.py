@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import adapter, artifacts, shards
+from .adapter import MAGNITUDE
 from .errors import BadInputError
 
 
@@ -45,9 +46,12 @@ def describe_file(path: Path) -> dict:
             modules[module] = {"shape": [m, n], "rank": r}
             trainable += r * r
             lora_same_rank += r * (m + n)
-        extra = [n for n in artifact.names if n.rsplit(".", 1)[-1] not in artifacts.FACTOR_SUFFIXES]
-        head = sum(_numel(shapes[n]) for n in extra)
-        counts = {"trainable_R": trainable, "trainable_head": head, "lora_same_rank": lora_same_rank}
+        extra = [n for n in artifact.names if n.rsplit(".", 1)[-1] not in (*artifacts.FACTOR_SUFFIXES, MAGNITUDE)]
+        full = sum(_numel(shapes[n]) for n in extra)
+        if artifact.meta.get("method", "lorasb") == "lorasb":
+            counts = {"trainable_R": trainable, "trainable_head": full, "lora_same_rank": lora_same_rank}
+        else:  # other methods store their result as B, R, A (and full tensors), not what they trained
+            counts = {"stored": sum(_numel(s) for s in shapes.values()), "full_tensors": full}
     ranks = sorted({m["rank"] for m in modules.values() if "rank" in m})
     return {
         "path": str(path),
