@@ -108,3 +108,13 @@ def test_factor_modules_checks_shapes(tmp_path):
     with pytest.raises(IncompatibleArtifactError, match="lacks lora_R"):
         artifacts.factor_modules(artifacts.Artifact(tmp_path / "h.safetensors"))
     assert os.path.exists(tmp_path / "h.safetensors")
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        with artifacts.atomic_path(tmp_path / "f.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
