@@ -61,7 +61,7 @@ def source_path(model: BundledModel) -> Path | None:
     spec = importlib.util.find_spec(model.module)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / model.file
+    path = Path(next(iter(spec.submodule_search_locations))) / model.file
     return path if path.exists() else None
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Self
 
 import torch
 from safetensors import safe_open
@@ -72,7 +73,7 @@ def read_header(path: Path) -> dict:
                 raise ValueError(f"header length {length} is past the end of the file or the 100 MB cap")
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+            raise ValueError("header is not a JSON object")  # noqa: TRY004  (caught below as unreadable)
         return header
     except (OSError, struct.error, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadInputError(
@@ -290,7 +291,7 @@ class ShardWriter:
         self._finalized = True
         return written
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import models
-from ..errors import BadInputError
+from ..registry import Registry
 
 # B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -38,18 +37,15 @@ class Init:
     summary: str = ""
 
 
-INITS: dict[str, Init] = {}
+INITS: Registry[Init] = Registry("--init")
 
 
 def register(init: Init) -> Init:
-    INITS[init.name] = init
-    return init
+    return INITS.register(init.name, init)
 
 
 def get_init(name: str) -> Init:
-    if name not in INITS:
-        raise BadInputError(f"unknown --init '{name}'", hint=models.did_you_mean(name, sorted(INITS)))
-    return INITS[name]
+    return INITS.lookup(name)
 
 
 def svd_factors(matrix: torch.Tensor, rank: int, options: InitOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import models
-from ..errors import BadInputError
+from ..registry import Registry
 
 
 @dataclass
@@ -58,18 +58,15 @@ class Method:
     uses_rank: bool = True  # False: full fine-tuning and head-only train no low-rank matrices
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("--method")
 
 
 def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise BadInputError(f"unknown --method '{name}'", hint=models.did_you_mean(name, sorted(METHODS)))
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -8,7 +8,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import BadInputError
+from ..registry import Registry
 
 INVALID = "[invalid]"  # what extraction returns when an output holds no answer; never raises
 
@@ -44,14 +44,11 @@ class Task:
     extra: dict = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, Task] = {}
+_REGISTRY: Registry[Task] = Registry("task")
 
 
 def register_task(task: Task) -> Task:
-    if task.name in _REGISTRY:
-        raise ValueError(f"task '{task.name}' registered twice")
-    _REGISTRY[task.name] = task
-    return task
+    return _REGISTRY.register(task.name, task)
 
 
 def _load_all() -> None:
@@ -61,11 +58,7 @@ def _load_all() -> None:
 
 def get_task(name: str) -> Task:
     _load_all()
-    if name not in _REGISTRY:
-        from ..models import did_you_mean
-
-        raise BadInputError(f"unknown task '{name}'", hint=did_you_mean(name, sorted(_REGISTRY)))
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name)
 
 
 def task_names() -> list[str]:

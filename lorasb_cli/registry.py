@@ -1,0 +1,29 @@
+"""A name → entry table for the pluggable parts (inits, methods, tasks): each module registers its entries,
+and an unknown name is a one-line error with a "did you mean" hint."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from .errors import BadInputError
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, T], Generic[T]):
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what  # how errors name a key, e.g. "--init"
+
+    def register(self, name: str, entry: T) -> T:
+        if name in self:
+            raise ValueError(f"{self.what} '{name}' registered twice")
+        self[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        if name not in self:
+            from .models import did_you_mean
+
+            raise BadInputError(f"unknown {self.what} '{name}'", hint=did_you_mean(name, sorted(self)))
+        return self[name]
