@@ -162,20 +162,20 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         cells = [Cell("lorasb", 32, s, lr, label=f"lorasb n={n}", samples=n) for n in (1, 4, 16, 64) for s in range(SEEDS)]
         cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # n = 32
         tables["samples"] = (section("samples", SMOLLM2, cells, run), {"all": lr})
+    if "eta" in sections and lr:
+        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)]
+        cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # η = 1e-5
+        cells += [Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", init_scale="auto") for s in range(SEEDS)]
+        tables["eta"] = (section("eta", SMOLLM2, cells, run), {"all": lr})
     if "minilm" in sections:
         minilm_lrs = sweep("minilm", MINILM, MINILM_SWEEP, run)
         if minilm_lrs:
             pairs = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (8, 16, 24)]
             pairs += [("lora", 8), ("head", None), ("full", None)]
             tables["minilm"] = (section("minilm", MINILM, seeded(pairs, minilm_lrs), run), minilm_lrs)
-    if "eta" in sections and lr:
-        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)]
-        cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # η = 1e-5
-        cells += [Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", init_scale="auto") for s in range(SEEDS)]
-        tables["eta"] = (section("eta", SMOLLM2, cells, run), {"all": lr})
     if "inilora" in sections and lrs:
         own = sweep("inilora", SMOLLM2, INILORA_SWEEP, run)
-        if own:
+        if {"inilora", "milora"} <= set(own):  # (a report taken mid-sweep lacks one)
             own["inilora-alpha"] = own["inilora-beta"] = own["inilora"]
             cells = seeded([(m, 8) for m in ("inilora", "inilora-alpha", "inilora-beta", "milora")], own)
             cells += seeded([("pissa", 8), ("lora", 8)], lrs)
