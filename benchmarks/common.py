@@ -40,6 +40,11 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def verdict(ratio: float, target: float) -> str:
+    """A measured ratio in bold, against its target (≤) and whether it was met."""
+    return f"**{ratio:.3f}** (target ≤ {target:.2f}: {'met' if ratio <= target else 'MISSED'})"
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

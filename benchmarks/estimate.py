@@ -30,7 +30,7 @@ import time
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, write_result
+from common import key_values, machine_info, markdown_table, verdict, write_result
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasb_cli import data
@@ -152,9 +152,9 @@ def report(args: argparse.Namespace, model: LlamaForCausalLM, batches, times, me
     rows.append(
         [
             "**estimate / plain**",
-            f"**{time_ratio:.3f}** (target ≤ {TIME_TARGET:.2f}: {'met' if time_ratio <= TIME_TARGET else 'MISSED'})",
+            verdict(time_ratio, TIME_TARGET),
             f"fastest: {min(times['estimate']) / min(times['plain']):.3f}",
-            f"**{rss_ratio:.3f}** (target ≤ {RSS_TARGET:.1f}: {'met' if rss_ratio <= RSS_TARGET else 'MISSED'})",
+            verdict(rss_ratio, RSS_TARGET),
             f"{working['estimate'] / working['plain']:.3f}",
         ]
     )

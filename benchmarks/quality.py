@@ -122,8 +122,8 @@ def _grid(folder: Path, setup: Settings, cells: list[Cell], run: bool) -> list[c
     return [compare.CellResult(**json.loads(p.read_text())) for p in finished if p.is_file()]
 
 
-def seeded(pairs: list[tuple[str, int | None]], lrs: dict[str, float], **fields) -> list[Cell]:
-    return [Cell(method=m, rank=r, seed=s, lr=lrs[m], **fields) for m, r in pairs for s in range(SEEDS)]
+def seeded(pairs: list[tuple[str, int | None]], lrs: dict[str, float]) -> list[Cell]:
+    return [Cell(method=m, rank=r, seed=s, lr=lrs[m]) for m, r in pairs for s in range(SEEDS)]
 
 
 def section(name: str, spec: dict, cells: list[Cell], run: bool) -> list[dict] | None:

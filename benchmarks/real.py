@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import machine_info, markdown_table, write_section
+from common import machine_info, markdown_table, verdict, write_section
 from estimate import max_relative_difference, plain_pass
 from train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 
@@ -314,10 +314,6 @@ def bench_decompose(sums: dict[str, torch.Tensor], args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-
-
-def verdict(ratio: float, target: float) -> str:
-    return f"**{ratio:.3f}** (≤ {target:.2f}: {'met' if ratio <= target else 'MISSED'})"
 
 
 def fmt_range(times: list[float]) -> str:

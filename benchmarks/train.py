@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, write_result
+from common import key_values, machine_info, markdown_table, verdict, write_result
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -178,10 +178,6 @@ def time_interleaved(args: argparse.Namespace, rank: int) -> tuple[dict[str, lis
             steps[name]()
             times[name].append(time.perf_counter() - start)
     return times, counts
-
-
-def verdict(ratio: float, target: float) -> str:
-    return f"**{ratio:.3f}** (target ≤ {target:.2f}: {'met' if ratio <= target else 'MISSED'})"
 
 
 def report(args: argparse.Namespace, results: dict[int, dict]) -> str:

@@ -96,8 +96,8 @@ def decompose(
         raise BadInputError(f"--init {init} factors an update", hint="pass the file lorasb estimate wrote")
     if method.source == "update" and model is not None:
         raise BadInputError(f"--init {init} reads no model", hint="drop --model (it is for --init lora-xs)")
-    if init == "noisy" and noise_std is None:
-        raise BadInputError("--init noisy needs --noise-std", hint="e.g. --noise-std 1 (in units of η)")
+    if init == "noisy" and (noise_std is None or noise_std < 0):
+        raise BadInputError("--init noisy needs --noise-std σ ≥ 0", hint="e.g. --noise-std 1 (in units of η)")
     update = artifacts.Artifact(update_path, kinds=("update",)) if update_path is not None else None
     meta = dict(update.meta) if update is not None else {}
     head = meta.get("head", [])  # a classifier's head: carried over as is, not factored

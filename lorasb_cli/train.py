@@ -284,7 +284,7 @@ def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bo
         )  # fmt: skip
     if factors_file.meta["base_model"]["id"] != ref.id:
         log.warning("factors were estimated on %s; training on %s", factors_file.meta["base_model"]["id"], ref.id)
-    return factors_file, list(factors)
+    return factors_file, factors
 
 
 def train(
@@ -303,9 +303,10 @@ def train(
     _check_options(config)
     method = methods.get_method(config.method)
     ref = models.resolve_model(config.model)
-    factors_file = None
+    factors_file = factors = None
     if method.needs_factors:
-        factors_file, modules = _load_factors_checked(config.factors, ref, config.trust_remote_code)
+        factors_file, factors = _load_factors_checked(config.factors, ref, config.trust_remote_code)
+        modules = list(factors)
 
     train_set = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
     fmt = data.detect_format(list(train_set.rows[0]), config.format, train_set.source)
@@ -348,8 +349,8 @@ def train(
 
     step0_base = None if config.resume else probe_loss(model)
     setup = methods.Setup(
-        model=model, modules=modules, rank=rank, alpha=config.alpha, model_id=ref.id,
-        fingerprint=models.fingerprint(shapes), seed=config.seed, factors=config.factors,
+        model=model, modules=modules, rank=rank, alpha=config.alpha, seed=config.seed,
+        factors=(factors_file, factors) if factors_file is not None else None,
         init_scale=config.init_scale if not config.resume else 1.0,  # on resume the checkpoint's R replaces it
         init_samples=config.init_samples, init_iters=config.init_iters,
         probe_loss=probe_loss, batches=lambda n: data.make_batches(train_examples[:n], config.batch_size,

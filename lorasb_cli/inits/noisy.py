@@ -5,13 +5,10 @@
 
 import torch
 
-from ..errors import BadInputError
 from . import Init, InitOptions, register, svd_factors
 
 
 def factor(delta: torch.Tensor, rank: int, options: InitOptions):
-    if options.noise_std is None or options.noise_std < 0:
-        raise BadInputError("--init noisy needs --noise-std σ ≥ 0", hint="e.g. --noise-std 1 (in units of η)")
     noisy = delta.float() + torch.randn_like(delta, dtype=torch.float32) * (options.noise_std * options.eta)
     u, s, vh = svd_factors(noisy, rank, options)
     return u, torch.diag(s), vh, s

@@ -22,17 +22,15 @@ from ..registry import Registry
 @dataclass
 class Setup:
     """What a method gets: the loaded base `model` (a classifier's head already in place), its target
-    `modules`, the `rank`, LoRA's `alpha` when the user set it, the factors file (`lorasb` only), a
+    `modules`, the `rank`, LoRA's `alpha` when the user set it, the checked factors (`lorasb` only), a
     `probe_loss(model)` on held-out samples, and `batches(n)`: training batches covering n samples."""
 
     model: nn.Module
     modules: list[str]
     rank: int
     alpha: float | None
-    model_id: str
-    fingerprint: str
     seed: int
-    factors: object | None = None  # artifacts.Artifact
+    factors: tuple | None = None  # (artifacts.Artifact, {module: (B, R, A)}), as train.load_factors returns
     init_scale: float | str = 1.0
     init_samples: int = 32
     init_iters: int = 1000

@@ -34,9 +34,7 @@ def choose_init_scale(layers: dict[str, adapter.LoraSBLinear], probe_loss) -> tu
 
 
 def prepare(setup: Setup) -> Prepared:
-    from ..train import load_factors
-
-    factors_file, factors = load_factors(setup.factors)
+    factors_file, factors = setup.factors
     model = setup.model
     layers = adapter.inject(model, factors, scale=float(factors_file.meta.get("scale", 1.0)))
     # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
