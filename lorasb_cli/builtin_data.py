@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import data
 from .errors import BadInputError
-from .models import did_you_mean
+from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
 

@@ -53,20 +53,33 @@ def data_options(command):
         (
             click.option("--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."),
             click.option("--split", default="train", show_default=True, help="Split of a hub or built-in data set."),
+            click.option("--data-config", default=None, help="Configuration of a hub data set (e.g. main, sst2)."),
+            click.option("--fields", default=None, help="Columns named otherwise: prompt=COL,response=COL,label=COL."),
             click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list)."),
             click.option(
                 "--format",
                 "data_format",
                 default="auto",
                 show_default=True,
-                help="text, prompt-response, classification, or auto (picked from the fields).",
+                help="text, prompt-response, classification, regression, or auto (picked from the fields).",
             ),
+            template_option,
             click.option("--batch-size", default=8, show_default=True, type=int, help="Samples per forward pass."),
             click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per sample, at most."),
         )
     ):
         command = decorator(command)
     return command
+
+
+template_option = click.option(
+    "--template", default="auto", show_default=True,
+    help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
+    "messages: chat; instruction styles: alpaca).",
+)  # fmt: skip
+force_template_option = click.option(
+    "--force-template", is_flag=True, help="Use --template even where the factors or adapter used another."
+)
 
 
 def _number(option: str, value: str) -> float:
@@ -113,16 +126,16 @@ Example:
 @click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
 @click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
-def estimate(model, dtype, device, trust_remote_code, data, split, size, data_format, batch_size, max_length,
-             frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):
+def estimate(model, dtype, device, trust_remote_code, data, split, data_config, fields, size, data_format, template,
+             batch_size, max_length, frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):  # fmt: skip
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
     from .estimate import EstimateConfig
     from .estimate import estimate as run_estimate
 
     config = EstimateConfig(
-        model=model, data=data, out=out, split=split, size=size, format=data_format,
-        frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
+        model=model, data=data, out=out, split=split, data_config=data_config, fields=fields, size=size,
+        format=data_format, template=template, frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
         batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, seed=seed, eta=eta, raw=raw,
         shard=shard, trust_remote_code=trust_remote_code,
     )  # fmt: skip
@@ -215,6 +228,7 @@ Examples:
 @click.option("--init-samples", default=32, show_default=True, type=int, help="--method loraga: samples of its gradient.")
 @click.option("--init-iters", default=1000, show_default=True, type=int, help="--method inilora*: fit iterations.")
 @data_options
+@force_template_option
 @click.option("--eval-data", default=None, help="Held-out file for eval loss (same format as --data).")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over --data.")
@@ -234,7 +248,8 @@ Examples:
 @click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
 @common_options
 def train(model, dtype, device, trust_remote_code, method, factors, rank, targets, alpha, init_samples, init_iters,
-          data, split, size, data_format, batch_size, max_length, eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
+          data, split, data_config, fields, size, data_format, template, batch_size, max_length, force_template,
+          eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
           save_steps, eval_steps, eval_task, init_scale, resume, overwrite, out, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
@@ -243,7 +258,8 @@ def train(model, dtype, device, trust_remote_code, method, factors, rank, target
 
     config = TrainConfig(
         model=model, factors=factors, method=method, rank=rank, targets=targets, alpha=alpha,
-        init_samples=init_samples, init_iters=init_iters, data=data, out=out, split=split, size=size, format=data_format,
+        init_samples=init_samples, init_iters=init_iters, data=data, out=out, split=split, data_config=data_config,
+        fields=fields, size=size, format=data_format, template=template, force_template=force_template,
         eval_data=eval_data,
         lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
@@ -290,11 +306,12 @@ Examples:
 @click.option("--size", default=None, type=int, help="Rows of a built-in training set.")
 @click.option("--eval-size", default=None, type=int, help="Rows of a built-in test set.")
 @click.option("--max-new-tokens", default=None, type=int, help="Generation budget of the task [default: the task's].")
+@template_option
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
 @click.option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 @common_options
 def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, batch_size, max_length, targets,
-            samples, eta, size, eval_size, max_new_tokens, trust_remote_code, out, as_json, quiet):  # fmt: skip
+            samples, eta, size, eval_size, max_new_tokens, template, trust_remote_code, out, as_json, quiet):  # fmt: skip
     """Run methods × ranks × seeds on the same data, steps and evaluation; write results.md/json and PNGs."""
     from pathlib import Path
 
@@ -311,7 +328,7 @@ def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, 
     settings = cmp.Settings(
         model=model, train_data=train_data, eval_data=held_out, task=task, max_steps=max_steps, batch_size=batch_size,
         max_length=max_length, targets=targets, samples=samples, eta=eta, max_new_tokens=max_new_tokens,
-        trust_remote_code=trust_remote_code,
+        template=template, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     with progress_bar("compare", enabled=not quiet) as progress:
         results = cmp.run_grid(out_dir, settings, cells, progress)
@@ -361,6 +378,10 @@ Example:
 @click.option("--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity.")
 @click.option("--data", "-d", default=None, help="Local file or hub data set [default: the task's own].")
 @click.option("--split", default=None, help="Split of a hub or built-in data set [default: the task's].")
+@click.option("--data-config", default=None, help="Configuration of a hub data set [default: the task's].")
+@click.option("--fields", default=None, help="The task's fields named otherwise: question=COL,answer=COL.")
+@template_option
+@force_template_option
 @click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list).")
 @click.option("--limit", default=None, type=int, help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per batch.")
@@ -370,15 +391,17 @@ Example:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (decoding is greedy).")
 @click.option("-o", "--out", default="results.json", show_default=True, help="Results JSON; predictions go beside it.")
 @common_options
-def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, size, limit, batch_size, max_new_tokens,
-             max_length, scoring, seed, out, as_json, quiet):
+def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, data_config, fields, template,
+             force_template, size, limit, batch_size, max_new_tokens, max_length, scoring, seed, out, as_json,
+             quiet):  # fmt: skip
     """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
     from .console import print_table, progress_bar
     from .evaluate import EvaluateConfig
     from .evaluate import evaluate as run_evaluate
 
     config = EvaluateConfig(
-        model=model, task=task, out=out, adapter=adapter, data=data, split=split, size=size, limit=limit,
+        model=model, task=task, out=out, adapter=adapter, data=data, split=split, data_config=data_config,
+        fields=fields, template=template, force_template=force_template, size=size, limit=limit,
         batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, scoring=scoring, seed=seed,
         dtype=dtype, device=device, trust_remote_code=trust_remote_code,
     )  # fmt: skip

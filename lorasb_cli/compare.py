@@ -70,6 +70,7 @@ class Settings:
     warmup_ratio: float = 0.05
     eval_batch_size: int = 16
     max_new_tokens: int | None = None
+    template: str = "auto"
     trust_remote_code: bool = False
 
 
@@ -136,7 +137,7 @@ def parse_lrs(spec: str) -> Callable[[str], float]:
 
 
 def _did_you_mean(name: str) -> str:
-    from .models import did_you_mean
+    from .registry import did_you_mean
 
     return did_you_mean(name, known_methods())
 
@@ -151,7 +152,7 @@ def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
         estimate(EstimateConfig(
             model=settings.model, data=settings.train_data, out=str(path), samples=samples, seed=cell.seed, eta=eta,
             targets=settings.targets, batch_size=settings.batch_size, max_length=settings.max_length,
-            trust_remote_code=settings.trust_remote_code,
+            template=settings.template, trust_remote_code=settings.trust_remote_code,
         ))  # fmt: skip
     return path
 
@@ -185,12 +186,14 @@ def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
         method="lorasb" if cell.is_init else cell.method, factors=factors,
         rank=None if cell.is_init else cell.rank, targets=settings.targets, lr=cell.lr, max_steps=settings.max_steps,
         batch_size=settings.batch_size, max_length=settings.max_length, warmup_ratio=settings.warmup_ratio,
-        seed=cell.seed, init_scale=cell.init_scale, save_steps=10**9, trust_remote_code=settings.trust_remote_code,
+        seed=cell.seed, init_scale=cell.init_scale, save_steps=10**9, template=settings.template,
+        trust_remote_code=settings.trust_remote_code,
     ))  # fmt: skip
     scored = evaluate(EvaluateConfig(
         model=settings.model, adapter=str(folder / "run"), task=settings.task, data=settings.eval_data,
         out=str(folder / "eval.json"), batch_size=settings.eval_batch_size, max_length=settings.max_length,
-        max_new_tokens=settings.max_new_tokens, trust_remote_code=settings.trust_remote_code,
+        max_new_tokens=settings.max_new_tokens, template=settings.template,
+        trust_remote_code=settings.trust_remote_code,
     ))  # fmt: skip
     metrics = json.loads((folder / "run" / "metrics.json").read_text())
     result = CellResult(

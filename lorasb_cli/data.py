@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -11,22 +12,17 @@ from pathlib import Path
 
 import torch
 
+from . import templates
 from .errors import BadInputError
+from .registry import did_you_mean
+from .templates import IGNORE
 
 log = logging.getLogger("lorasb")
 
-IGNORE = -100  # label of positions that carry no loss (prompt, padding)
-
-FORMATS = ("auto", "text", "prompt-response", "classification")
+FORMATS = ("auto", "text", "prompt-response", "classification", "regression")
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-# Field pairs `prompt-response` recognizes, in the order `auto` tries them.
-PROMPT_RESPONSE_FIELDS = (
-    ("query", "response"),  # MetaMathQA
-    ("question", "answer"),  # GSM8K
-    ("instruction", "output"),  # Alpaca (optional `input`)
-    ("prompt", "completion"),
-)
+# Fields `--fields ROLE=COLUMN` can name: the column is read as that role.
+FIELD_ROLES = ("prompt", "response", "completion", "input", "text", "label", "messages")
 CLASSIFICATION_TEXT_FIELDS = (
     ("text",),
     ("sentence",),
@@ -34,29 +30,47 @@ CLASSIFICATION_TEXT_FIELDS = (
     ("premise", "hypothesis"),
     ("question", "sentence"),
 )
+# The one output of a regression head (HF: num_labels == 1 is regression, trained with MSE).
+REGRESSION_LABELS = ["score"]
 
-# The Alpaca template MetaMathQA and the LoRA-SB reference train with; `evaluate` prompts with it too.
-PROMPT_TEMPLATE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_WITH_INPUT_TEMPLATE = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+
+class RowView(Sequence):
+    """Rows of an Arrow-backed `datasets.Dataset`, read on access: a 400K-row corpus is never a Python list."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return RowView(self.table.select(range(len(self))[index]))
+        return self.table[int(index)]
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def column(self, name: str) -> list:
+        return self.table[name]
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Rows of one split and where they came from; `digest` identifies the content for provenance."""
 
-    rows: list[dict]
+    rows: Sequence[dict]
     source: str
     split: str
     digest: str
     extra: dict = field(default_factory=dict)  # a built-in set's package, version, generator and seed
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.rows[0])
 
     def provenance(self) -> dict:
         return {"source": self.source, "split": self.split, "rows": len(self.rows), "digest": self.digest,
@@ -67,25 +81,39 @@ class Dataset:
 class Example:
     """One tokenized sample, HF convention: `labels[t]` is `input_ids[t]` where token t is supervised
     (predicted from position t−1) and IGNORE elsewhere; the loss shifts by one. A classification sample has
-    `label` (a class id) instead, and `token_type_ids` where the tokenizer gives them (sentence pairs)."""
+    `label` (a class id; a float target for regression) instead, and `token_type_ids` where the tokenizer
+    gives them (sentence pairs)."""
 
     input_ids: list[int]
     labels: list[int] | None = None
-    label: int | None = None
+    label: int | float | None = None
     token_type_ids: list[int] | None = None
 
 
 def load_dataset_rows(
-    data: str, split: str = "train", config: str | None = None, *, size: int | None = None, seed: int = 0
+    data: str,
+    split: str = "train",
+    config: str | None = None,
+    *,
+    size: int | None = None,
+    seed: int = 0,
+    fields: str | None = None,
+    roles: Sequence[str] = FIELD_ROLES,
 ) -> Dataset:
     """Read a built-in data set (`size` rows from `seed`), a local .jsonl/.json/.csv/.parquet file (one
-    split) or a hub data set's `split` (of `config`)."""
+    split), a local data set folder (`save_to_disk`, or a hub-style repo of data files) or a hub data set's
+    `split` (of `config`). `fields` ("prompt=COL,response=COL,...") renames columns to the `roles` the
+    caller reads. Rows stay in Arrow and are read on access."""
     import datasets
 
     from . import builtin_data
 
+    renames = parse_fields(fields, roles)
     if data in builtin_data.NAMES:
-        return builtin_data.load(data, split=split, size=size, seed=seed)
+        dataset = builtin_data.load(data, split=split, size=size, seed=seed)
+        rows = [_renamed(row, renames) for row in dataset.rows] if renames else dataset.rows
+        return Dataset(rows=rows, source=dataset.source, split=dataset.split, digest=dataset.digest,
+                       extra=dataset.extra)  # fmt: skip
     if size is not None:
         raise BadInputError(
             f"--size applies to the built-in data sets ({', '.join(builtin_data.NAMES)})",
@@ -94,42 +122,115 @@ def load_dataset_rows(
 
     datasets.disable_progress_bars()
     path = Path(data).expanduser()
-    builder = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if builder is not None or path.exists():
-        if not path.is_file():
-            raise BadInputError("data file not found", path=str(path), hint="check the path passed to --data")
-        if builder is None:
-            raise BadInputError(
-                f"unsupported data file type '{path.suffix}'",
-                path=str(path),
-                hint=f"use one of {', '.join(LOCAL_SUFFIXES)}",
-            )
-        if path.stat().st_size == 0:
-            raise BadInputError("data file is empty", path=str(path), hint="pass a file with at least one row")
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many types for malformed files
-            raise BadInputError(
-                f"cannot read data file: {str(e).splitlines()[0]}",
-                path=str(path),
-                hint=f"check that it is valid {builder}",
-            ) from e
-        digest = _file_digest(path)
-        source, split = str(path.resolve()), "file"
+    if path.is_dir():
+        table = _load_folder(path, config, split)
+        source, digest = str(path.resolve()), table._fingerprint
+    elif LOCAL_SUFFIXES.get(path.suffix.lower()) is not None or path.exists():
+        table = _load_file(path)
+        source, split, digest = str(path.resolve()), "file", _file_digest(path)
     else:
-        try:
-            table = datasets.load_dataset(data, config, split=split)
-        except Exception as e:
-            raise BadInputError(
-                f"cannot load data set '{data}' split '{split}': {str(e).splitlines()[0]}",
-                hint="pass a local .jsonl/.json/.csv/.parquet file, or check the hub name, split and network",
-            ) from e
-        digest = getattr(table, "_fingerprint", "") or ""
-        source = data
-    rows = table.to_list()
-    if not rows:
+        table = _load_hub(data, config, split)
+        source, digest = data, getattr(table, "_fingerprint", "") or ""
+    if table.num_rows == 0:
         raise BadInputError(f"data has no rows (split '{split}')", path=source, hint="pass a non-empty data set")
-    return Dataset(rows=rows, source=source, split=split, digest=digest)
+    if renames:
+        table = _rename_columns(table, renames, source)
+    extra = {"config": config} if config else {}
+    return Dataset(rows=RowView(table), source=source, split=split, digest=digest, extra=extra)
+
+
+def _load_file(path: Path):
+    import datasets
+
+    builder = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if not path.is_file():
+        raise BadInputError("data file not found", path=str(path), hint="check the path passed to --data")
+    if builder is None:
+        raise BadInputError(
+            f"unsupported data file type '{path.suffix}'", path=str(path), hint=f"use one of {', '.join(LOCAL_SUFFIXES)}"
+        )
+    if path.stat().st_size == 0:
+        raise BadInputError("data file is empty", path=str(path), hint="pass a file with at least one row")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for malformed files
+        raise BadInputError(
+            f"cannot read data file: {str(e).splitlines()[0]}", path=str(path), hint=f"check that it is valid {builder}"
+        ) from e
+
+
+def _load_folder(path: Path, config: str | None, split: str):
+    """A folder written by `save_to_disk`, or laid out as a hub data set repo (data files, configs in README)."""
+    import datasets
+
+    try:
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise BadInputError(
+                        f"data set has no split '{split}'", path=str(path), hint=f"pass --split {' or '.join(table)}"
+                    )
+                table = table[split]
+            return table
+        return datasets.load_dataset(str(path), config, split=split)
+    except BadInputError:
+        raise
+    except Exception as e:
+        raise BadInputError(
+            f"cannot load data set folder (config {config}, split '{split}'): {str(e).splitlines()[0]}",
+            path=str(path),
+            hint="check --data-config and --split",
+        ) from e
+
+
+def _load_hub(name: str, config: str | None, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise BadInputError(
+            f"cannot load data set '{name}'{f' config {config}' if config else ''} split '{split}': "
+            f"{str(e).splitlines()[0]}",
+            hint="pass a local file or folder, or check the hub name, --data-config, --split and network",
+        ) from e
+
+
+def parse_fields(spec: str | None, roles: Sequence[str] = FIELD_ROLES) -> dict[str, str]:
+    """`--fields prompt=COL,response=COL` → {COL: role}: which column to read as which role."""
+    if not spec:
+        return {}
+    renames: dict[str, str] = {}
+    for part in spec.split(","):
+        role, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not column or role not in roles:
+            raise BadInputError(
+                f"--fields '{part.strip()}' is not ROLE=COLUMN with ROLE one of {', '.join(roles)}",
+                hint="e.g. --fields prompt=question_text,response=solution",
+            )
+        renames[column] = role
+    return renames
+
+
+def _rename_columns(table, renames: dict[str, str], source: str):
+    missing = [c for c in renames if c not in table.column_names]
+    if missing:
+        raise BadInputError(
+            f"--fields names columns {', '.join(missing)} the data lacks; it has {', '.join(table.column_names)}",
+            path=source,
+        )
+    # A column already named like a role the user mapped elsewhere is not that role: drop it.
+    shadowed = [c for c in table.column_names if c in renames.values() and c not in renames]
+    return table.remove_columns(shadowed).rename_columns({c: r for c, r in renames.items() if c != r})
+
+
+def _renamed(row: dict, renames: dict[str, str]) -> dict:
+    missing = [c for c in renames if c not in row]
+    if missing:
+        raise BadInputError(f"--fields names columns {', '.join(missing)} the data lacks; it has {', '.join(row)}")
+    kept = {k: v for k, v in row.items() if k in renames or k not in renames.values()}
+    return {renames.get(k, k): v for k, v in kept.items()}
 
 
 def _file_digest(path: Path) -> str:
@@ -140,52 +241,58 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def detect_format(columns: Sequence[str], requested: str, source: str = "") -> str:
-    """Check that the rows carry the fields `requested` needs; `auto` picks a format from the fields."""
+def float_labels(rows: Sequence[dict]) -> bool:
+    """Whether the rows' `label` is a float (a regression target, e.g. STS-B's 0–5 similarity)."""
+    return "label" in rows[0] and isinstance(rows[0]["label"], float)
+
+
+def detect_format(columns: Sequence[str], requested: str, source: str = "", *, floats: bool = False) -> str:
+    """Check that the rows carry the fields `requested` needs; `auto` picks a format from the fields (and
+    `floats`: whether the labels are float, see `float_labels`)."""
     cols = set(columns)
+    text_fields = any(set(f) <= cols for f in CLASSIFICATION_TEXT_FIELDS)
     has = {
-        "prompt-response": any(set(pair) <= cols for pair in PROMPT_RESPONSE_FIELDS),
-        "classification": "label" in cols and any(set(f) <= cols for f in CLASSIFICATION_TEXT_FIELDS),
+        "prompt-response": templates.MESSAGES in cols or any(set(p) <= cols for p, _ in templates.FIELD_PAIRS),
+        "regression": "label" in cols and text_fields and floats,
+        "classification": "label" in cols and text_fields,
         "text": "text" in cols,
     }
     needs = {
-        "prompt-response": " or ".join("/".join(p) for p in PROMPT_RESPONSE_FIELDS),
+        "prompt-response": " or ".join("/".join(p) for p, _ in templates.FIELD_PAIRS) + " or messages",
         "classification": "label plus text (or sentence, sentence1/sentence2, premise/hypothesis)",
+        "regression": "a float label plus text (or sentence, sentence1/sentence2, premise/hypothesis)",
         "text": "text",
     }
     if requested not in FORMATS:
-        from .models import did_you_mean
-
-        raise BadInputError(f"unknown --format '{requested}'", hint=did_you_mean(requested, list(FORMATS)))
+        raise BadInputError(f"unknown --format '{requested}'", hint=did_you_mean(requested, FORMATS))
     if requested == "auto":
-        for fmt in ("prompt-response", "classification", "text"):
+        for fmt in ("prompt-response", "regression", "classification", "text"):
             if has[fmt]:
                 log.info("--format auto: picked %s from the fields %s", fmt, ", ".join(sorted(cols)))
                 return fmt
         raise BadInputError(
             f"cannot tell the data format from the fields {', '.join(sorted(cols))}",
             path=source,
-            hint=f"rows need {needs['prompt-response']}, text, or label plus text",
+            hint=f"rows need {needs['prompt-response']}, text, or label plus text; or name them with --fields",
         )
     if not has[requested]:
         raise BadInputError(
             f"--format {requested} needs the fields {needs[requested]}; the data has {', '.join(sorted(cols))}",
             path=source,
-            hint="rename the fields or pick another --format",
+            hint="rename the fields with --fields ROLE=COLUMN or pick another --format",
         )
     return requested
 
 
-def split_prompt_response(row: dict) -> tuple[str, str]:
-    """(prompt rendered with the Alpaca template, response) of a prompt-response row."""
-    for prompt_key, response_key in PROMPT_RESPONSE_FIELDS:
-        if prompt_key in row and response_key in row:
-            instruction, response = str(row[prompt_key]), str(row[response_key])
-            extra = row.get("input") if prompt_key == "instruction" else None
-            if extra:
-                return PROMPT_WITH_INPUT_TEMPLATE.format(instruction=instruction, input=extra), response
-            return PROMPT_TEMPLATE.format(instruction=instruction), response
-    raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
+def resolve_template(requested: str, fmt: str, columns: Sequence[str]) -> str | None:
+    """The concrete template of prompt-response data (None for other formats, which have no prompt);
+    says what `auto` picked."""
+    if fmt != "prompt-response":
+        return None
+    name = templates.resolve(requested, columns)
+    if requested == "auto":
+        log.info("--template auto: picked %s from the fields %s", name, ", ".join(sorted(columns)))
+    return name
 
 
 def sample_indices(population: int, *, frac: float | None, samples: int | None, seed: int) -> list[int]:
@@ -230,9 +337,29 @@ def take_shard(indices: list[int], index: int, count: int) -> list[int]:
     return parts[index].tolist()
 
 
-def classification_labels(rows: Sequence[dict]) -> list[str]:
-    """The class names of classification rows, sorted: class id i is `labels[i]`."""
-    return sorted({str(row["label"]) for row in rows})
+def head_labels(fmt: str, rows: Sequence[dict]) -> list[str] | None:
+    """The outputs of the head a format trains: class names (sorted; class id i is `labels[i]`) for
+    `classification`, the one score of `regression`, None for a language-model format."""
+    if fmt == "regression":
+        return list(REGRESSION_LABELS)
+    if fmt != "classification":
+        return None
+    values = rows.column("label") if isinstance(rows, RowView) else [row["label"] for row in rows]
+    return sorted({str(value) for value in values})
+
+
+def check_labels(rows: Sequence[dict], fmt: str, labels: Sequence[str] | None, source: str = "") -> None:
+    """Refuse classification rows whose labels the head does not have (checked up front: rows are encoded
+    lazily, and a bad label would otherwise stop training midway)."""
+    if fmt != "classification" or labels is None:
+        return
+    unknown = sorted(set(head_labels(fmt, rows)) - set(labels))
+    if unknown:
+        raise BadInputError(
+            f"labels {', '.join(unknown[:5])} are not among the model's classes {', '.join(labels)}",
+            path=source,
+            hint="train and estimate on data with the same label set",
+        )
 
 
 def classification_text(row: dict) -> str | tuple[str, str]:
@@ -246,31 +373,85 @@ def classification_text(row: dict) -> str | tuple[str, str]:
     )
 
 
-def encode(
-    rows: Sequence[dict], fmt: str, tokenizer, max_length: int, labels: Sequence[str] | None = None
-) -> list[Example]:
-    """Tokenize rows for a causal LM loss, or for a classifier (`classification`, with the class names).
+@dataclass(frozen=True)
+class Encoder:
+    """Turns one row into an Example: `text` (every next token supervised), `prompt-response` (the template's
+    prompt + response tokenized jointly, loss on the response and EOS), `classification` (class ids of
+    `labels`) or `regression` (the float label)."""
 
-    `text`: `tokenizer(text)` with its defaults, truncated, every next token supervised.
-    `prompt-response`: prompt ids (with the tokenizer's special tokens) + response ids + EOS; loss on the
-    response only. Ids are concatenated rather than re-tokenized so the prompt/response boundary is exact.
-    """
-    if max_length < 2:
-        raise BadInputError(f"--max-length {max_length} is too small", hint="pass at least 2")
-    if fmt == "classification":
-        return _encode_classification(rows, tokenizer, max_length, labels)
-    examples = []
-    for row in rows:
-        if fmt == "text":
-            ids = tokenizer(str(row["text"]), truncation=True, max_length=max_length)["input_ids"]
-            examples.append(Example(input_ids=ids, labels=list(ids)))
-        else:
-            prompt, response = split_prompt_response(row)
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = (prompt_ids + response_ids)[:max_length]
-            labels_ = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
-            examples.append(Example(input_ids=ids, labels=labels_))
+    fmt: str
+    tokenizer: object
+    max_length: int
+    labels: Sequence[str] | None = None
+    template: str | None = "alpaca"  # prompt-response only
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise BadInputError(f"--max-length {self.max_length} is too small", hint="pass at least 2")
+        if self.fmt in ("classification", "regression") and self.labels is None:
+            raise BadInputError(f"--format {self.fmt} needs a sequence-classification model with its outputs")
+
+    @functools.cached_property
+    def _template(self) -> templates.Template:
+        return templates.Template(self.template or "alpaca", self.tokenizer)
+
+    def __call__(self, row: dict) -> Example:
+        if self.fmt == "text":
+            ids = self.tokenizer(str(row["text"]), truncation=True, max_length=self.max_length)["input_ids"]
+            return Example(input_ids=ids, labels=list(ids))
+        if self.fmt == "prompt-response":
+            ids, prompt_length, _ = self._template.encode(*self._template.split(row))
+            labels = [IGNORE] * prompt_length + ids[prompt_length:]
+            return Example(input_ids=ids[: self.max_length], labels=labels[: self.max_length])
+        text = classification_text(row)
+        encoded = self.tokenizer(*((text,) if isinstance(text, str) else text), truncation=True,
+                                 max_length=self.max_length)  # fmt: skip
+        return Example(input_ids=encoded["input_ids"], label=self._label(row["label"]),
+                       token_type_ids=encoded.get("token_type_ids"))  # fmt: skip
+
+    @functools.cached_property
+    def _class_ids(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels or ())}
+
+    def _label(self, value) -> int | float:
+        if self.fmt == "regression":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadInputError(f"--format regression needs numeric labels, got {value!r}")
+            return float(value)
+        if str(value) not in self._class_ids:
+            raise BadInputError(
+                f"label {value} is not among the model's classes {', '.join(self.labels)}",
+                hint="train and estimate on data with the same label set",
+            )
+        return self._class_ids[str(value)]
+
+
+class LazyExamples(Sequence):
+    """Rows encoded on access (what the Trainer's data loader reads): nothing is tokenized up front."""
+
+    def __init__(self, rows: Sequence[dict], encoder: Encoder):
+        self.rows, self.encoder = rows, encoder
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyExamples(self.rows[index], self.encoder)
+        return self.encoder(self.rows[index])
+
+
+def encode(
+    rows: Sequence[dict],
+    fmt: str,
+    tokenizer,
+    max_length: int,
+    labels: Sequence[str] | None = None,
+    template: str | None = "alpaca",
+) -> list[Example]:
+    """Tokenize rows now (see `Encoder`); warns about samples that add nothing within `max_length`."""
+    encoder = Encoder(fmt, tokenizer, max_length, labels, template)
+    examples = [encoder(row) for row in rows]
     unsupervised = sum(1 for e in examples if supervised_tokens(e) == 0)
     if unsupervised:
         log.warning(
@@ -279,28 +460,6 @@ def encode(
             len(examples),
             max_length,
         )
-    return examples
-
-
-def _encode_classification(rows, tokenizer, max_length: int, labels: Sequence[str] | None) -> list[Example]:
-    if labels is None:
-        raise BadInputError("--format classification needs a sequence-classification model with class names")
-    ids = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({str(row["label"]) for row in rows} - set(ids))
-    if unknown:
-        raise BadInputError(
-            f"labels {', '.join(unknown[:5])} are not among the model's classes {', '.join(labels)}",
-            hint="train and estimate on data with the same label set",
-        )
-    examples = []
-    for row in rows:
-        text = classification_text(row)
-        pair = (text,) if isinstance(text, str) else text
-        encoded = tokenizer(*pair, truncation=True, max_length=max_length)
-        examples.append(
-            Example(input_ids=encoded["input_ids"], label=ids[str(row["label"])],
-                    token_type_ids=encoded.get("token_type_ids"))
-        )  # fmt: skip
     return examples
 
 
@@ -313,7 +472,7 @@ def supervised_tokens(example: Example) -> int:
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: `input_ids`, `attention_mask` [batch, longest], `labels` (token
-    labels [batch, longest], or class ids [batch]) and `token_type_ids` when the examples have them."""
+    labels [batch, longest], class ids [batch], or float targets [batch]) and `token_type_ids` when the examples have them."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -322,7 +481,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         attention_mask[row, : len(e.input_ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if examples[0].label is not None:
-        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        dtype = torch.float32 if isinstance(examples[0].label, float) else torch.long
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=dtype)
     else:
         batch["labels"] = torch.full((len(examples), width), IGNORE, dtype=torch.long)
         for row, e in enumerate(examples):

@@ -80,8 +80,11 @@ def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
     Language modelling: logits [batch, T, vocab], labels [batch, T] with data.IGNORE where no loss; a sample's
     loss is its mean next-token cross-entropy. Classification: logits [batch, classes], labels [batch] (class
-    ids); a sample's loss is the cross-entropy of its label.
+    ids); a sample's loss is the cross-entropy of its label. Regression: logits [batch, 1], float labels
+    [batch]; a sample's loss is its squared error (HF's MSE).
     """
+    if labels.dim() == 1 and labels.is_floating_point():  # regression: one output, squared error
+        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum"), labels.numel()
     if labels.dim() == 1:
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
     targets = labels[:, 1:]
@@ -152,7 +155,10 @@ class EstimateConfig:
     out: str
     split: str = "train"
     size: int | None = None
+    data_config: str | None = None
+    fields: str | None = None
     format: str = "auto"
+    template: str = "auto"
     frac: float | None = None
     samples: int | None = None
     targets: str = "all-linear"
@@ -186,8 +192,10 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     shard = data.parse_shard(config.shard)
     ref = models.resolve_model(config.model)
-    dataset = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
-    fmt = data.detect_format(list(dataset.rows[0]), config.format, dataset.source)
+    dataset = data.load_dataset_rows(config.data, config.split, config.data_config, size=config.size,
+                                     seed=config.seed, fields=config.fields)  # fmt: skip
+    fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
+    template = data.resolve_template(config.template, fmt, dataset.columns)
     drawn = data.sample_indices(len(dataset.rows), frac=config.frac, samples=config.samples, seed=config.seed)
     indices = data.take_shard(drawn, *shard) if shard else drawn
     rank, world = system.init_distributed()
@@ -195,12 +203,13 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    labels = data.classification_labels(dataset.rows) if fmt == "classification" else None
-    model, tokenizer = load_for_format(ref, fmt, labels, dtype=dtype, device=device, seed=config.seed,
-                                       trust_remote_code=config.trust_remote_code)  # fmt: skip
+    labels = data.head_labels(fmt, dataset.rows)
+    model, tokenizer = models.load_for_labels(ref, labels, dtype=dtype, device=device, seed=config.seed,
+                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
     modules = models.resolve_targets(model, config.targets)
     shapes = models.target_shapes(model, modules)
-    examples = data.encode([dataset.rows[i] for i in indices], fmt, tokenizer, config.max_length, labels)
+    # Only the drawn rows are read and tokenized.
+    examples = data.encode([dataset.rows[i] for i in indices], fmt, tokenizer, config.max_length, labels, template)
 
     done = 0
 
@@ -223,6 +232,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         data={
             **dataset.provenance(),
             "format": fmt,
+            "template": template,
             "drawn": len(drawn),
             "frac": config.frac,
             "seed": config.seed,
@@ -253,20 +263,8 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     )
 
 
-def load_for_format(ref, fmt: str, labels, *, dtype, device, seed: int, trust_remote_code: bool):
-    """A causal LM, or for `classification` a sequence classifier with one output per label (its new head
-    drawn with `seed`, so the same seed gives the same head)."""
-    if fmt != "classification":
-        return models.load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    models.require_classifier(ref, trust_remote_code=trust_remote_code)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return models.load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                 head="sequence-classification", labels=labels)  # fmt: skip
-
-
 # What every raw shard of one estimate must share for their sum to be that estimate.
-_SAMPLING_KEYS = ("source", "split", "digest", "format", "drawn", "frac", "seed", "max_length")
+_SAMPLING_KEYS = ("source", "split", "digest", "format", "template", "drawn", "frac", "seed", "max_length")
 
 
 def combine(paths: list[str], out: str) -> Path:

@@ -19,9 +19,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models
+from . import adapter, artifacts, data, models, templates
 from .errors import BadInputError
-from .tasks import INVALID, Task, get_task
+from .tasks import Task, get_task
 
 log = logging.getLogger("lorasb")
 
@@ -39,10 +39,13 @@ class Answerer(Protocol):
 
 
 class ModelAnswerer:
-    """A loaded HF model (with or without an injected adapter) answering in batches."""
+    """A loaded HF model (with or without an injected adapter) answering in batches. Prompts are tokenized as
+    `template` tokenizes them in training, so generation starts from exactly the training ids."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, batch_size: int, max_new_tokens: int, max_length: int):
+    def __init__(self, model: nn.Module, tokenizer, *, template: str, batch_size: int, max_new_tokens: int,
+                 max_length: int):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        self.template = templates.Template(template, tokenizer)
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.device = next(model.parameters()).device
 
@@ -61,7 +64,8 @@ class ModelAnswerer:
         outputs: dict[int, str] = {}
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            encoded = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(self.device)
+            encoded = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                                     add_special_tokens=self.template.add_special_tokens).to(self.device)
             generated = self.model.generate(**encoded, generation_config=config)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
@@ -70,12 +74,11 @@ class ModelAnswerer:
 
     @torch.no_grad()
     def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]:
-        """Σ log p(choice tokens | prompt) for each choice."""
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        """Σ log p(choice tokens | prompt) for each choice, the choice tokenized jointly with the prompt."""
         examples = []
         for choice in choices:
-            choice_ids = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
-            examples.append(data.Example(prompt_ids + choice_ids, [data.IGNORE] * len(prompt_ids) + choice_ids))
+            ids, prompt_length, _ = self.template.encode(prompt, choice, eos=False)
+            examples.append(data.Example(ids, [data.IGNORE] * prompt_length + ids[prompt_length:]))
         batch = {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
@@ -113,7 +116,7 @@ class ModelAnswerer:
         from .estimate import per_sample_loss_sum
 
         fmt = data.detect_format(list(rows[0]), "auto")
-        examples = data.encode(rows, fmt, self.tokenizer, self.max_length)
+        examples = data.encode(rows, fmt, self.tokenizer, self.max_length, template=self.template.name)
         results = []
         for example in examples:
             batch = {k: v.to(self.device) for k, v in data.collate([example], self.tokenizer.pad_token_id).items()}
@@ -127,36 +130,40 @@ def evaluate_rows(
     task: Task,
     rows: Sequence[dict],
     answerer: Answerer,
+    template: templates.Template,
     scoring: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 32,
 ) -> list[dict]:
-    """Per-example records: input, reference, raw output, extracted answer, correct (and the row's task).
+    """Per-example records: input (the prompt as rendered by `template`), reference, raw output, extracted
+    answer, correct (and the row's task; `extracted/NAME`, `correct/NAME` for each of the task's filters).
 
     Rows go to the answerer `chunk` at a time so `progress(done, total)` moves during long runs.
     """
     records: list[dict] = []
     for start in range(0, len(rows), chunk):
-        records += _score_chunk(task, rows[start : start + chunk], answerer, scoring or task.scoring)
+        records += _score_chunk(task, rows[start : start + chunk], answerer, template, scoring or task.scoring)
         if progress is not None:
             progress(len(records), len(rows))
     return records
 
 
-def _score_chunk(task: Task, rows: Sequence[dict], answerer: Answerer, scoring: str) -> list[dict]:
+def _score_chunk(
+    task: Task, rows: Sequence[dict], answerer: Answerer, template: templates.Template, scoring: str
+) -> list[dict]:
     records = []
     if scoring == "generate":
-        prompts = [task.prompt(row) for row in rows]
+        prompts = [template.prompt(*task.prompt(row)) for row in rows]
         for row, prompt, output in zip(rows, prompts, answerer.generate(prompts)):
             reference = task.reference(row)
-            extracted = task.extract(output)
-            correct = extracted != INVALID and task.is_correct(extracted, reference)
-            records.append(_record(row, prompt, reference, output, extracted, correct))
+            judged = task.judge(output, reference)
+            records.append(_record(row, prompt, reference, output, judged.pop("extracted"), judged.pop("correct"))
+                           | judged)  # fmt: skip
     elif scoring == "loglik":
         if task.choices is None:
             raise BadInputError(f"task '{task.name}' has no answer options to score by log-likelihood")
         for row in rows:
-            prompt, options = task.prompt(row), task.choices(row)
+            prompt, options = template.prompt(*task.prompt(row)), task.choices(row)
             scores = answerer.loglik(prompt, options)
             best = options[max(range(len(options)), key=scores.__getitem__)]
             reference = task.reference(row)
@@ -192,8 +199,12 @@ class EvaluateConfig:
     adapter: str | None = None
     data: str | None = None
     split: str | None = None
+    data_config: str | None = None
+    fields: str | None = None
     size: int | None = None
     limit: int | None = None
+    template: str = "auto"
+    force_template: bool = False
     batch_size: int = 8
     max_new_tokens: int | None = None
     max_length: int = 1024
@@ -217,34 +228,61 @@ def predictions_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.predictions.jsonl")
 
 
-def load_task_rows(
-    task: Task, source: str | None, split: str | None, limit: int | None, size: int | None = None, seed: int = 0
-) -> tuple[list[dict], str]:
-    """Rows of the task's data (a local file or its default hub data set), checked for the task's fields."""
-    source = source or task.default_data
+def load_task_rows(config: EvaluateConfig, task: Task) -> tuple[Sequence[dict], str]:
+    """Rows of the task's data (`--data`, or the task's default hub data set), checked for the task's fields;
+    `--fields` names the task's fields (e.g. question=problem_text)."""
+    source = config.data or task.default_data
     if source is None:
         raise BadInputError(f"task '{task.name}' has no default data set", hint="pass --data FILE")
-    split = split or task.default_split
-    dataset = data.load_dataset_rows(source, split, config=task.extra.get("config"), size=size, seed=seed)
+    split = config.split or task.default_split
+    data_config = config.data_config or (None if config.data else task.extra.get("config"))
+    dataset = data.load_dataset_rows(source, split, data_config, size=config.size, seed=config.seed,
+                                     fields=config.fields, roles=task.fields)  # fmt: skip
     rows = dataset.rows
     missing = [f for f in task.fields if f not in rows[0]]
     if missing:
         raise BadInputError(
             f"task '{task.name}' needs the fields {', '.join(task.fields)}; the data lacks {', '.join(missing)}",
             path=dataset.source,
-            hint="rename the fields or pick the matching task",
+            hint="name them with --fields FIELD=COLUMN or pick the matching task",
         )
-    if limit is not None:
-        if limit < 1:
-            raise BadInputError(f"--limit {limit} must be positive")
-        rows = rows[:limit]
+    if config.limit is not None:
+        if config.limit < 1:
+            raise BadInputError(f"--limit {config.limit} must be positive")
+        rows = rows[: config.limit]
     return rows, dataset.source
 
 
-def load_for_task(config: EvaluateConfig, task: Task, scoring: str) -> tuple[nn.Module, object, dict | None]:
-    """The model (with the adapter injected, unmerged) and the adapter's provenance."""
+def resolve_template(config: EvaluateConfig, columns: Sequence[str], recorded: str | None) -> str:
+    """The template prompts are rendered with: the one the adapter (or merged model) was trained with, unless
+    `--template` names another (an error without `--force-template`); `auto` otherwise picks from the fields."""
+    if config.template == "auto" and recorded is not None:
+        return recorded
+    used = templates.resolve(config.template, columns)
+    templates.check_same(recorded, used, "training", force=config.force_template)
+    return used
+
+
+def merged_template(ref: models.ModelRef) -> str | None:
+    """The template a `lorasb merge` checkpoint was trained with (its safetensors metadata), else None."""
+    from safetensors import safe_open
+
+    shard = next(iter(sorted(Path(ref.path).glob("*.safetensors"))), None) if Path(ref.path).is_dir() else None
+    if shard is None:
+        return None
+    with safe_open(str(shard), framework="pt") as f:
+        raw = (f.metadata() or {}).get(artifacts.METADATA_KEY)
+    try:
+        return (json.loads(raw).get("merged_from") or {}).get("template") if raw else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def load_for_task(
+    config: EvaluateConfig, task: Task, scoring: str, saved: adapter.Adapter | None
+) -> tuple[nn.Module, object]:
+    """The model, with the adapter `saved` injected unmerged."""
     ref = models.resolve_model(config.model)
-    saved = adapter.load_adapter(config.adapter) if config.adapter else None
     head = "sequence-classification" if scoring == "classify" else "causal-lm"
     if head == "sequence-classification":
         arch = models.architectures(ref, trust_remote_code=config.trust_remote_code)
@@ -267,11 +305,11 @@ def load_for_task(config: EvaluateConfig, task: Task, scoring: str) -> tuple[nn.
         ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, head=head, labels=labels
     )
     if saved is None:
-        return model, tokenizer, None
+        return model, tokenizer
     adapter.inject(model, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
     adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()
-    return model, tokenizer, saved.config
+    return model, tokenizer
 
 
 def evaluate(
@@ -282,26 +320,35 @@ def evaluate(
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
     task = get_task(config.task)
     scoring = config.scoring or task.scoring
-    rows, source = load_task_rows(task, config.data, config.split, config.limit, config.size, config.seed)
-    adapter_provenance = None
+    rows, source = load_task_rows(config, task)
+    saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
+    if saved is not None:
+        recorded = (saved.config.get("data") or {}).get("template")
+    else:
+        recorded = merged_template(models.resolve_model(config.model)) if answerer is None else None
+    template_name = resolve_template(config, list(rows[0]), recorded)
     if answerer is None:
-        model, tokenizer, adapter_provenance = load_for_task(config, task, scoring)
+        model, tokenizer = load_for_task(config, task, scoring, saved)
         answerer = ModelAnswerer(
-            model, tokenizer, batch_size=config.batch_size,
+            model, tokenizer, template=template_name, batch_size=config.batch_size,
             max_new_tokens=config.max_new_tokens or task.max_new_tokens, max_length=config.max_length,
         )  # fmt: skip
+        template = answerer.template
+    else:
+        template = templates.Template(template_name, None)  # a scripted answerer: text templates only
     torch.manual_seed(config.seed)
-    records = evaluate_rows(task, rows, answerer, scoring, progress)
+    records = evaluate_rows(task, rows, answerer, template, scoring, progress)
     metrics = task.score(records)
     results = {
         "task": task.name,
         "task_version": task.version,
         "scoring": scoring,
+        "template": template_name,
         "count": len(records),
         "metrics": metrics,
         "config": {**vars(config), "data": source},
         "model": config.model,
-        "adapter": adapter_provenance,
+        "adapter": saved.config if saved is not None else None,
         "versions": artifacts.library_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from . import __version__, adapter, artifacts, models, shards
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+from .registry import did_you_mean
 
 FORMATS = ("hf", "peft")
 OUT_DTYPES = ("float32", "bfloat16", "float16")
@@ -67,7 +68,7 @@ def merge(
     (peft). A PEFT export from a hub base downloads nothing: there the shapes are checked by PEFT at load time.
     """
     if format not in FORMATS:
-        raise BadInputError(f"unknown --format '{format}'", hint=models.did_you_mean(format, FORMATS))
+        raise BadInputError(f"unknown --format '{format}'", hint=did_you_mean(format, FORMATS))
     if format == "peft" and (dtype is not None or max_shard_size is not None):
         raise BadInputError(
             "--dtype and --max-shard-size apply to --format hf only",
@@ -99,7 +100,8 @@ def merge(
         _check_compatible(lora, index, prefix)
 
     provenance = {
-        "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")},
+        "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")}
+        | {"template": (lora.config.get("data") or {}).get("template")},  # evaluate prompts the merged model with it
         "base_model": ref.id,
         "lorasb_version": __version__,
     }
@@ -139,7 +141,7 @@ def _out_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in OUT_DTYPES:
-        raise BadInputError(f"unknown --dtype '{name}'", hint=models.did_you_mean(name, OUT_DTYPES))
+        raise BadInputError(f"unknown --dtype '{name}'", hint=did_you_mean(name, OUT_DTYPES))
     return models.DTYPES[name]
 
 
@@ -382,6 +384,7 @@ def _set_classifier_config(config_path: Path, architecture: str, labels: list[st
     config["architectures"] = [architecture]
     config["id2label"] = {str(i): label for i, label in enumerate(labels)}
     config["label2id"] = {label: i for i, label in enumerate(labels)}
+    config["problem_type"] = "regression" if len(labels) == 1 else "single_label_classification"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -16,6 +15,7 @@ from torch import nn
 
 from . import bundled
 from .errors import BadInputError
+from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
 
@@ -56,12 +56,6 @@ class ModelRef:
         """The `base_model` entry of an artifact's metadata."""
         entry = {"id": self.id, "fingerprint": fingerprint}
         return entry | ({"source": self.source} if self.source else {})
-
-
-def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    prefix = f"did you mean '{close[0]}'? " if close else ""
-    return f"{prefix}known: {', '.join(known)}"
 
 
 def resolve_model(spec: str) -> ModelRef:
@@ -137,6 +131,7 @@ def load_model(
                 "num_labels": len(labels),
                 "id2label": dict(enumerate(map(str, labels))),
                 "label2id": {str(label): i for i, label in enumerate(labels)},
+                "problem_type": "regression" if len(labels) == 1 else "single_label_classification",
             }
     else:
         auto = AutoModelForCausalLM
@@ -162,6 +157,19 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_for_labels(ref: ModelRef, labels: Sequence[str] | None, *, dtype, device, seed: int,
+                    trust_remote_code: bool = False) -> tuple[nn.Module, object]:  # fmt: skip
+    """A causal LM, or with head `labels` (data.head_labels) a sequence classifier with one output per label
+    (one output: regression). A new head is drawn with `seed`, so the same seed gives the same head."""
+    if labels is None:
+        return load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    require_classifier(ref, trust_remote_code=trust_remote_code)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                          head="sequence-classification", labels=labels)  # fmt: skip
 
 
 def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:

@@ -3,11 +3,20 @@ and an unknown name is a one-line error with a "did you mean" hint."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Generic, TypeVar
 
 from .errors import BadInputError
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, known) -> str:
+    """The hint of an unknown-name error: the closest known name, then all of them."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    prefix = f"did you mean '{close[0]}'? " if close else ""
+    return f"{prefix}known: {', '.join(known)}"
 
 
 class Registry(dict[str, T], Generic[T]):
@@ -23,7 +32,5 @@ class Registry(dict[str, T], Generic[T]):
 
     def lookup(self, name: str) -> T:
         if name not in self:
-            from .models import did_you_mean
-
             raise BadInputError(f"unknown {self.what} '{name}'", hint=did_you_mean(name, sorted(self)))
         return self[name]

@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import adapter, artifacts, data, methods, models, system
+from . import adapter, artifacts, data, methods, models, system, templates
 from .errors import BadInputError, IncompatibleArtifactError, RunFailure
+from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
 
@@ -44,7 +45,11 @@ class TrainConfig:
     init_iters: int = 1000  # inilora*: iterations of the fit to W0
     split: str = "train"
     size: int | None = None
+    data_config: str | None = None
+    fields: str | None = None
     format: str = "auto"
+    template: str = "auto"
+    force_template: bool = False
     eval_data: str | None = None
     lr: float = 1e-3
     epochs: float = 1.0
@@ -186,8 +191,8 @@ def _callbacks(progress: Callable[[int, int], None] | None, out: Path):
     return [Guard()]
 
 
-def _task_callback(task_name: str, rows: list[dict], tokenizer, batch_size: int, eval_steps: int | None,
-                   max_length: int, results: list[dict]):  # fmt: skip
+def _task_callback(task_name: str, rows: Sequence[dict], tokenizer, template: str | None, batch_size: int,
+                   eval_steps: int | None, max_length: int, results: list[dict]):  # fmt: skip
     """Score the model on `task_name` every `eval_steps` steps and at the end; appends to `results`."""
     from transformers import TrainerCallback
 
@@ -201,9 +206,9 @@ def _task_callback(task_name: str, rows: list[dict], tokenizer, batch_size: int,
             if results and results[-1]["step"] == step:
                 return
             model.eval()
-            answerer = ModelAnswerer(model, tokenizer, batch_size=batch_size, max_new_tokens=task.max_new_tokens,
-                                     max_length=max_length)  # fmt: skip
-            metrics = task.score(evaluate_rows(task, rows, answerer))
+            answerer = ModelAnswerer(model, tokenizer, template=template or "alpaca", batch_size=batch_size,
+                                     max_new_tokens=task.max_new_tokens, max_length=max_length)  # fmt: skip
+            metrics = task.score(evaluate_rows(task, rows, answerer, answerer.template))
             model.train()
             results.append({"step": step, "task": task_name, **metrics})
             log.info("step %d: %s %s", step, task_name,
@@ -268,7 +273,7 @@ def _check_options(config: TrainConfig) -> None:
     if config.init_scale != 1.0 and method.name != "lorasb":
         raise BadInputError("--init-scale applies to --method lorasb only", hint="drop --init-scale")
     if config.scheduler not in SCHEDULERS:
-        raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=models.did_you_mean(config.scheduler, SCHEDULERS))
+        raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS))
 
 
 def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool):
@@ -298,7 +303,6 @@ def train(
     from transformers.trainer_utils import get_last_checkpoint
 
     from .decompose import check_rank
-    from .estimate import load_for_format
 
     _check_options(config)
     method = methods.get_method(config.method)
@@ -308,23 +312,33 @@ def train(
         factors_file, factors = _load_factors_checked(config.factors, ref, config.trust_remote_code)
         modules = list(factors)
 
-    train_set = data.load_dataset_rows(config.data, config.split, size=config.size, seed=config.seed)
-    fmt = data.detect_format(list(train_set.rows[0]), config.format, train_set.source)
-    # A built-in name as --eval-data means its test split: never the rows trained on.
-    eval_set = data.load_dataset_rows(config.eval_data, "test", seed=config.seed) if config.eval_data else None
+    train_set = data.load_dataset_rows(config.data, config.split, config.data_config, size=config.size,
+                                       seed=config.seed, fields=config.fields)  # fmt: skip
+    fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=data.float_labels(train_set.rows))
+    template = data.resolve_template(config.template, fmt, train_set.columns)
     if factors_file is not None:
-        labels = factors_file.meta.get("labels")
-    else:
-        labels = data.classification_labels(train_set.rows) if fmt == "classification" else None
+        recorded = (factors_file.meta.get("data") or {}).get("template")
+        templates.check_same(recorded, template, "the estimate", force=config.force_template)
+    # A built-in name as --eval-data means its test split: never the rows trained on.
+    eval_set = (
+        data.load_dataset_rows(config.eval_data, "test", config.data_config, seed=config.seed, fields=config.fields)
+        if config.eval_data
+        else None
+    )
+    labels = factors_file.meta.get("labels") if factors_file is not None else data.head_labels(fmt, train_set.rows)
+    for dataset in (train_set, eval_set) if eval_set else (train_set,):
+        data.check_labels(dataset.rows, fmt, labels, dataset.source)
     out = _prepare_out(config)
 
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
-    model, tokenizer = load_for_format(ref, "classification" if labels is not None else fmt, labels, dtype=dtype,
-                                       device=device, seed=config.seed, trust_remote_code=config.trust_remote_code)  # fmt: skip
-    train_examples = data.encode(train_set.rows, fmt, tokenizer, config.max_length, labels)
-    eval_examples = data.encode(eval_set.rows, fmt, tokenizer, config.max_length, labels) if eval_set else None
+    model, tokenizer = models.load_for_labels(ref, labels, dtype=dtype, device=device, seed=config.seed,
+                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+    # Rows are tokenized as the data loader reads them: a large corpus is never one list of examples.
+    encoder = data.Encoder(fmt, tokenizer, config.max_length, labels, template)
+    train_examples = data.LazyExamples(train_set.rows, encoder)
+    eval_examples = data.LazyExamples(eval_set.rows, encoder) if eval_set else None
     auto = config.init_scale == "auto"
     if auto:
         # `auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
@@ -333,6 +347,7 @@ def train(
         train_examples, probe = train_examples[:-held], train_examples[-held:]
     else:
         probe = eval_examples or train_examples[: min(64, len(train_examples))]
+    probe = list(probe)  # encoded once: every probe_loss call reads it
     probe_kind = "held-out training" if auto else "eval" if eval_examples else "training"
 
     if factors_file is None:
@@ -389,7 +404,7 @@ def train(
         "rank": rank,
         "method": method.name,
         **prepared.config,
-        "data": {**train_set.provenance(), "format": fmt},
+        "data": {**train_set.provenance(), "format": fmt, "template": template},
         "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},
         **({"architecture": type(model).__name__, "labels": labels} if labels is not None else {}),
         **({"head": sorted(methods.head_parameters(model))} if labels is not None else {}),
@@ -415,6 +430,9 @@ def train(
         seed=config.seed,
         activation_checkpointing=config.gradient_checkpointing,
         use_cpu=device.type == "cpu",
+        # Float32 master weights of a bf16/fp16 base (full fine-tuning) train under autocast in the base dtype.
+        bf16=prepared.mixed_precision == torch.bfloat16,
+        fp16=prepared.mixed_precision == torch.float16,
         report_to=[],
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -435,7 +453,7 @@ def train(
     )
     task_results: list[dict] = []
     if config.eval_task:
-        trainer.add_callback(_task_callback(config.eval_task, eval_set.rows, tokenizer, config.batch_size,
+        trainer.add_callback(_task_callback(config.eval_task, eval_set.rows, tokenizer, template, config.batch_size,
                                             config.eval_steps, config.max_length, task_results))  # fmt: skip
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)

@@ -63,7 +63,8 @@ def test_merged_classifier_reproduces_the_adapter_logits(chain, tmp_path):
     assert loaded.config.id2label == {0: "crude", 1: "earn", 2: "trade"}
 
     cfg = evaluate.EvaluateConfig(model=str(model_dir), adapter=str(folder / "run"), task="classification", out="x")
-    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify")
+    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify",
+                                                   adapter.load_adapter(cfg.adapter))
     batch = AutoTokenizer.from_pretrained(merged)(["oil oil the bank said", "profit the market"], padding=True,
                                                     return_tensors="pt")  # fmt: skip
     with torch.no_grad():

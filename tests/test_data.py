@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import QA_ROWS, make_tokenizer, write_jsonl
 
-from lorasb_cli import data
+from lorasb_cli import data, templates
 from lorasb_cli.errors import BadInputError
 
 
@@ -81,19 +81,21 @@ def test_format_lacking_fields_names_them():
 def test_prompt_response_masks_the_prompt_and_appends_eos():
     tokenizer = make_tokenizer()
     (example,) = data.encode([{"question": "What is 1 plus 2?", "answer": "3"}], "prompt-response", tokenizer, 256)
-    prompt, response = data.split_prompt_response({"question": "What is 1 plus 2?", "answer": "3"})
+    prompt, response = templates.Template("alpaca", tokenizer).split({"question": "What is 1 plus 2?", "answer": "3"})
     assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:\n") and response == "3"
     prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer("3", add_special_tokens=False)["input_ids"]
-    assert example.input_ids == prompt_ids + response_ids + [tokenizer.eos_token_id]
-    assert example.labels == [data.IGNORE] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
-    assert data.supervised_tokens(example) == len(response_ids) + 1
+    joint = tokenizer(prompt + response)["input_ids"]
+    assert joint[: len(prompt_ids)] == prompt_ids  # this tokenizer splits at the newline
+    assert example.input_ids == joint + [tokenizer.eos_token_id]
+    assert example.labels == [data.IGNORE] * len(prompt_ids) + joint[len(prompt_ids) :] + [tokenizer.eos_token_id]
+    assert data.supervised_tokens(example) == len(joint) - len(prompt_ids) + 1
 
 
 def test_alpaca_input_field_uses_the_input_template():
-    prompt, _ = data.split_prompt_response({"instruction": "Add.", "input": "1 and 2", "output": "3"})
+    alpaca = templates.Template("alpaca", None)
+    prompt, _ = alpaca.split({"instruction": "Add.", "input": "1 and 2", "output": "3"})
     assert "### Input:\n1 and 2" in prompt
-    prompt, _ = data.split_prompt_response({"instruction": "Add.", "input": "", "output": "3"})
+    prompt, _ = alpaca.split({"instruction": "Add.", "input": "", "output": "3"})
     assert "### Input" not in prompt
 
 

@@ -40,20 +40,24 @@ def test_scripted_generator_gives_exact_accuracy(tmp_path):
         "3 plus 4 is 7. The answer is: 7",
         "1200 - 35 = 1165.\n#### 1,165",
         "The answer is: 3",  # wrong sign
-        "So half is $4.50.",
+        "So half is $4.50.",  # right, but without an answer marker: invalid under the strict protocol
     ]
     answerer = ScriptedAnswerer(outputs)
     config = evaluate.EvaluateConfig(model="unused", task="gsm8k", data=str(data), out=str(tmp_path / "r.json"))
     summary = evaluate.evaluate(config, answerer=answerer)
-    assert summary.metrics["accuracy"] == 0.75 and summary.count == 4
+    assert summary.metrics["accuracy"] == summary.metrics["strict_accuracy"] == 0.5 and summary.count == 4
+    assert summary.metrics["flexible_accuracy"] == 0.75 and summary.metrics["invalid"] == 0.25
     assert answerer.prompts[0].startswith("Below is an instruction") and "Tom has 3 apples" in answerer.prompts[0]
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["task"] == "gsm8k" and results["metrics"]["accuracy"] == 0.75 and results["count"] == 4
+    assert results["task"] == "gsm8k" and results["metrics"]["accuracy"] == 0.5 and results["count"] == 4
+    assert results["template"] == "alpaca"  # auto, from the question/answer fields
     assert {"lorasb", "torch", "transformers"} <= set(results["versions"])
     lines = [json.loads(line) for line in (tmp_path / "r.predictions.jsonl").read_text().splitlines()]
-    assert [r["correct"] for r in lines] == [True, True, False, True]
+    assert [r["correct"] for r in lines] == [True, True, False, False]
+    assert [r["correct/flexible"] for r in lines] == [True, True, False, True]
     assert lines[1] | {"input": None} == {
         "input": None, "reference": "1165", "output": outputs[1], "extracted": "1165", "correct": True,
+        "extracted/flexible": "1165", "correct/flexible": True,
     }  # fmt: skip
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lorasb_cli import artifacts, cli, estimate, inits, models
+from lorasb_cli import artifacts, cli, estimate, inits
 from lorasb_cli.decompose import decompose
 from lorasb_cli.errors import BadInputError
+from lorasb_cli.registry import did_you_mean
 from lorasb_cli.train import load_factors
 
 RANK = 4
@@ -252,7 +253,7 @@ def test_noisy_needs_a_non_negative_noise_std(update_file, tmp_path):
 
 
 def test_unknown_init_suggests_the_closest_name(update_file, tmp_path):
-    suggestion = models.did_you_mean("lorra", sorted(inits.INITS))
+    suggestion = did_you_mean("lorra", sorted(inits.INITS))
     assert suggestion.startswith("did you mean '")
     with pytest.raises(BadInputError, match="unknown --init 'lorra'") as excinfo:
         decompose(str(update_file), RANK, str(tmp_path / "f.safetensors"), init="lorra")

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from lorasb_cli import adapter, merge, methods, models, train
+from lorasb_cli import adapter, merge, methods, train
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError
 from lorasb_cli.methods import inilora, milora
+from lorasb_cli.registry import did_you_mean
 
 RANK = 4
 PEFT_METHODS = ["lora", "rslora", "dora", "pissa", "loraga", "milora", "inilora"]
@@ -283,7 +284,7 @@ def test_bad_method_options(tiny_model_dir, qa_file, factors_file, tmp_path, ove
     with pytest.raises(BadInputError, match=pattern) as excinfo:
         train.train(_config(tiny_model_dir, qa_file, tmp_path / "run", method, **overrides))
     if method == "lorra":
-        assert excinfo.value.hint == models.did_you_mean("lorra", sorted(methods.METHODS))
+        assert excinfo.value.hint == did_you_mean("lorra", sorted(methods.METHODS))
         assert "did you mean 'lora'" in str(excinfo.value)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasb_cli import bundled, estimate, evaluate, models, train
+from lorasb_cli import adapter, bundled, estimate, evaluate, models, train
 from lorasb_cli.decompose import decompose
 from lorasb_cli.merge import merge
 
@@ -34,7 +34,8 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
 
     cfg = evaluate.EvaluateConfig(model="smollm2-135m", adapter=str(tmp_path / "run"), task="perplexity", out="x",
                                   dtype="float32")  # fmt: skip
-    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("perplexity"), "perplexity")
+    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("perplexity"), "perplexity",
+                                                   adapter.load_adapter(cfg.adapter))
     batch = tokenizer(["Calculate 12 + 30.", "The answer is 42."], return_tensors="pt", padding=True)
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     assert AutoTokenizer.from_pretrained(merged)("Calculate 1 + 2.")["input_ids"] == tokenizer("Calculate 1 + 2.")["input_ids"]
@@ -63,7 +64,8 @@ def test_minilm_classification_chain(tmp_path):
     assert len(loaded.config.id2label) == 8
 
     cfg = evaluate.EvaluateConfig(model="minilm-l6", adapter=str(tmp_path / "run"), task="classification", out="x")
-    adapted, tokenizer, _ = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify")
+    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify",
+                                                   adapter.load_adapter(cfg.adapter))
     batch = tokenizer(["oil prices rose as opec cut output", "net profit up in quarter"], return_tensors="pt",
                       padding=True)  # fmt: skip
     with torch.no_grad():

@@ -9,7 +9,6 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
-from lorasb_cli.data import PROMPT_TEMPLATE
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.tasks import INVALID, get_task, task_names
 
@@ -24,11 +23,12 @@ def record(reference, extracted, correct=None, **extra) -> dict:
 
 
 def test_every_task_is_registered_with_a_version_and_description():
-    expected = {"gsm8k", "math", "commonsense", "classification", "perplexity"} | {f"glue-{s}" for s in GLUE_SUBSETS}
-    assert set(task_names()) == expected
+    expected = {"gsm8k", "math", "math500", "commonsense", "classification", "perplexity"}
+    assert set(task_names()) == expected | {f"glue-{s}" for s in GLUE_SUBSETS}
+    versions = {"gsm8k": 2, "math": 2}  # gsm8k: strict scoring; math: the full test set. Every other task is at 1.
     for name in task_names():
         task = get_task(name)
-        assert task.name == name and task.version == 1 and task.description
+        assert task.name == name and task.version == versions.get(name, 1) and task.description
         assert task.scoring in ("generate", "classify", "perplexity")
 
 
@@ -41,8 +41,10 @@ def test_unknown_task_suggests_the_close_name():
 
 
 def test_gsm8k_prompt_data_and_reference():
+    """The prompt is the question unrendered, (instruction, None): evaluate applies the template."""
     task = get_task("gsm8k")
-    assert task.prompt({"question": "What is 2+2?"}) == PROMPT_TEMPLATE.format(instruction="What is 2+2?")
+    assert task.prompt({"question": "What is 2+2?", "answer": "#### 4"}) == ("What is 2+2?", None)
+    assert "strict" in task.description and "flexible" in task.description
     assert (task.default_data, task.default_split, task.extra["config"], task.max_new_tokens) == (
         "openai/gsm8k",
         "test",
@@ -56,36 +58,71 @@ def test_gsm8k_prompt_data_and_reference():
 
 
 @pytest.mark.parametrize(
-    ("output", "expected"),
+    ("output", "strict", "flexible"),
     [
-        ("The answer is: $1,234.50", "1234.5"),
-        ("He loses 5 dollars.\nThe answer is: -5", "-5"),
-        ("It is -$5.", "-5"),
-        ("#### 42.", "42"),
-        ("The answer is: 42.0", "42"),
-        ("So 3/4 of the cake is left.", "0.75"),
-        ("3/9 of them", "1/3"),
-        ("10-3=7", "7"),  # a '-' after a digit is subtraction, not a sign
-        ("The answer is 18 dollars per 2 days", "18"),  # the first number after the marker
-        ("She gets \\boxed{1,000} dollars", "1000"),
-        ("", INVALID),
-        ("I do not know.", INVALID),
+        ("The answer is: $1,234.50", "1234.5", "1234.5"),
+        ("He loses 5 dollars.\nThe answer is: -5", "-5", "-5"),
+        ("The answer is: 18", "18", "18"),
+        ("#### 42.", "42", "42"),
+        ("The answer is: 42.0", "42", "42"),
+        ("The answer is: 3/4", "0.75", "0.75"),
+        ("She gets \\boxed{1,000} dollars", "1000", "1000"),
+        ("So she has 18 apples.", INVALID, "18"),  # no marker: strict has no answer, flexible takes the last number
+        ("It is -$5.", INVALID, "-5"),
+        ("3/9 of them", INVALID, "1/3"),
+        ("She keeps 10-3", INVALID, "3"),  # a '-' after a digit is subtraction, not a sign
+        ("The answer is 18 dollars per 2 days", "18", "2"),  # strict: the first number after the marker
+        ("#### 18\nThen she buys 2 more, 20 in all.", "18", "20"),
+        ("The answer is: 5. #### 18 20", "18", "20"),  # strict reads after the last marker
+        ("The answer is: 12. The answer is: unknown", INVALID, "12"),  # no number after the last marker
+        ("", INVALID, INVALID),
+        ("I do not know.", INVALID, INVALID),
     ],
 )
-def test_gsm8k_extraction(output, expected):
-    assert get_task("gsm8k").extract(output) == expected
+def test_gsm8k_strict_and_flexible_extraction(output, strict, flexible):
+    task = get_task("gsm8k")
+    assert task.extract(output) == strict
+    assert task.filters["flexible"](output) == flexible
 
 
 def test_gsm8k_model_that_repeats_the_question():
-    """The rule: the first number after the last answer marker; without one, the last number of the text.
-    A new Alpaca turn the model writes (`### Instruction:` ...) is not part of its answer."""
-    extract = get_task("gsm8k").extract
+    """A model that only repeats the question is invalid under strict, and scored on the question's last number
+    under flexible. A new Alpaca turn the model writes (`### Instruction:` ...) is not part of its answer."""
+    task = get_task("gsm8k")
+    strict, flexible = task.extract, task.filters["flexible"]
     question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May."
-    assert extract(question) == "48"  # only the question: scored (wrong), not invalid
-    assert extract(f"The answer is: 72\n\n{question}") == "72"
-    assert extract(f"{question} 48 / 2 = 24. 48 + 24 = 72. The answer is: 72\n{question}") == "72"
-    assert extract(f"The answer is: 72\n\n### Instruction:\n{question}\n\n### Response:\nThe answer is: 5") == "72"
-    assert extract("### Instruction:\nWhat is 12 plus 30?") == INVALID
+    assert (strict(question), flexible(question)) == (INVALID, "48")
+    output = f"The answer is: 72\n\n{question}"
+    assert (strict(output), flexible(output)) == ("72", "48")
+    output = f"{question} 48 / 2 = 24. 48 + 24 = 72. The answer is: 72\n{question}"
+    assert (strict(output), flexible(output)) == ("72", "48")
+    output = f"The answer is: 72\n\n### Instruction:\n{question}\n\n### Response:\nThe answer is: 5"
+    assert (strict(output), flexible(output)) == ("72", "72")
+    output = "### Instruction:\nWhat is 12 plus 30?"
+    assert (strict(output), flexible(output)) == (INVALID, INVALID)
+
+
+def test_gsm8k_judge_writes_strict_and_flexible_keys():
+    task = get_task("gsm8k")
+    assert task.judge("So she has 18 apples.", "18") == {
+        "extracted": INVALID,
+        "correct": False,
+        "extracted/flexible": "18",
+        "correct/flexible": True,
+    }
+    assert task.judge("#### 18\nThen she buys 2 more, 20 in all.", "20") == {
+        "extracted": "18",
+        "correct": False,
+        "extracted/flexible": "20",
+        "correct/flexible": True,
+    }
+    assert task.judge("The answer is: 1,234.50", "1234.5") == {
+        "extracted": "1234.5",
+        "correct": True,
+        "extracted/flexible": "1234.5",
+        "correct/flexible": True,
+    }
+    assert get_task("math").judge("\\boxed{\\frac{1}{2}}", "0.5") == {"extracted": "\\frac{1}{2}", "correct": True}
 
 
 def test_gsm8k_numbers_compare_after_normalization():
@@ -115,9 +152,34 @@ def test_math_extraction(output, expected):
     assert get_task("math").extract(output) == expected
 
 
+def test_math_is_the_full_test_set_and_math500_its_own_task():
+    full, subset = get_task("math"), get_task("math500")
+    assert (full.default_data, full.default_split, full.extra) == (
+        "DigitalLearningGmbH/MATH-lighteval",
+        "test",
+        {"config": "default"},
+    )
+    assert "5,000" in full.description and "MATH-500" not in full.description
+    assert (subset.default_data, subset.default_split, subset.extra, subset.fields) == (
+        "HuggingFaceH4/MATH-500",
+        "test",
+        {},
+        ("problem", "answer"),
+    )
+    assert "MATH-500" in subset.description
+    for task in (full, subset):
+        assert task.prompt({"problem": "Find x.", "answer": "2"}) == ("Find x.", None)
+        assert task.filters == {}
+    # The full set's rows carry only a solution; MATH-500's an answer as well.
+    row = {"problem": "p", "level": "Level 2", "type": "Algebra", "solution": "So $x = \\boxed{-\\frac{3}{2}}$."}
+    assert full.reference(row) == "-\\frac{3}{2}"
+    assert subset.reference({"problem": "p", "solution": "s \\boxed{\\dfrac{1}{2}}", "answer": "\\frac{1}{2}"}) == (
+        "\\frac{1}{2}"
+    )
+
+
 def test_math_reference_prefers_the_answer_field():
     task = get_task("math")
-    assert task.prompt({"problem": "Find x."}) == PROMPT_TEMPLATE.format(instruction="Find x.")
     assert task.reference({"problem": "p", "solution": "s \\boxed{2}", "answer": "3"}) == "3"
     assert task.reference({"problem": "p", "solution": "so $\\boxed{\\frac{a}{\\{b\\}}}$."}) == "\\frac{a}{\\{b\\}}"
     with pytest.raises(BadInputError, match="boxed"):
@@ -140,9 +202,45 @@ def test_math_verify_off_the_main_thread():
     assert results == [True]
 
 
-def test_generation_accuracy_and_invalid_share():
+def with_flexible(extracted, correct) -> dict:
+    return {"extracted/flexible": extracted, "correct/flexible": correct}
+
+
+def test_gsm8k_score_reports_strict_and_flexible_accuracy():
+    records = [
+        record("1", "1", True, **with_flexible("1", True)),
+        record("2", "3", False, **with_flexible("2", True)),  # strict took the first number after the marker
+        record("4", INVALID, False, **with_flexible("4", True)),  # no marker
+        record("5", "5", True, **with_flexible("6", False)),
+    ]
+    assert get_task("gsm8k").score(records) == {
+        "accuracy": 0.5,
+        "strict_accuracy": 0.5,
+        "flexible_accuracy": 0.75,
+        "invalid": 0.25,
+        "count": 4,
+    }
+
+
+def test_gsm8k_score_of_records_without_the_flexible_filter():
+    """Records written before the filter existed (or some of them) give no flexible accuracy, not a crash."""
+    old = [record("1", "1", True), record("2", INVALID, False)]
+    assert get_task("gsm8k").score(old) == {
+        "accuracy": 0.5,
+        "strict_accuracy": 0.5,
+        "flexible_accuracy": None,
+        "invalid": 0.5,
+        "count": 2,
+    }
+    mixed = [*old, record("3", "3", True, **with_flexible("3", True))]
+    assert get_task("gsm8k").score(mixed)["flexible_accuracy"] is None
+    assert get_task("gsm8k").score([])["accuracy"] is None
+
+
+def test_math_accuracy_and_invalid_share():
     records = [record("1", "1", True), record("2", "3", False), record("4", INVALID, False), record("5", "5", True)]
-    assert get_task("gsm8k").score(records) == {"accuracy": 0.5, "invalid": 0.25, "count": 4}
+    assert get_task("math").score(records) == {"accuracy": 0.5, "invalid": 0.25, "count": 4}
+    assert get_task("math500").score(records) == {"accuracy": 0.5, "invalid": 0.25, "count": 4}
 
 
 # --- commonsense --------------------------------------------------------------------------------------
@@ -163,7 +261,9 @@ ARC = {
 
 def test_commonsense_prompt_reference_and_choices():
     task = get_task("commonsense")
-    assert task.prompt(BOOLQ) == PROMPT_TEMPLATE.format(instruction=BOOLQ["instruction"])
+    assert task.prompt(BOOLQ) == (BOOLQ["instruction"], None)
+    assert task.prompt({**BOOLQ, "input": ""}) == (BOOLQ["instruction"], None)  # an empty input is no input
+    assert task.prompt({**BOOLQ, "input": "The sky is blue."}) == (BOOLQ["instruction"], "The sky is blue.")
     assert task.reference({"answer": " Solution1 "}) == "solution1"
     assert task.choices(BOOLQ) == ["true", "false"]
     assert task.choices(ARC) == ["answer1", "answer2", "answer3", "answer4", "answer5"]

@@ -1,13 +1,13 @@
-"""CommonSense170K's eight tasks in the LLM-Adapters format: the Alpaca prompt on `instruction`, the first
-answer word of the output (`true`, `solution2`, `answer3`, `option1`, `ending4`, ...), accuracy per task and
-averaged over tasks. `--scoring loglik` picks the likeliest of the row's answer words instead."""
+"""CommonSense170K's eight tasks in the LLM-Adapters format: the prompt is `instruction` (evaluate renders the
+template; `auto` picks Alpaca, as LLM-Adapters does), the first answer word of the output (`true`, `solution2`,
+`answer3`, `option1`, `ending4`, ...), accuracy per task and averaged over tasks. `--scoring loglik` picks the
+likeliest of the row's answer words instead."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 
-from ..data import PROMPT_TEMPLATE, PROMPT_WITH_INPUT_TEMPLATE
 from ..errors import BadInputError
 from . import INVALID, Task, register_task
 
@@ -48,11 +48,9 @@ def subtask(row: dict) -> str:
     return _FORM_TASK.get(form, "commonsense")
 
 
-def prompt(row: dict) -> str:
-    """LLM-Adapters' prompt: the Alpaca template on `instruction` (with `input` when a row has one)."""
-    if row.get("input"):
-        return PROMPT_WITH_INPUT_TEMPLATE.format(instruction=row["instruction"], input=row["input"])
-    return PROMPT_TEMPLATE.format(instruction=row["instruction"])
+def prompt(row: dict) -> tuple[str, str | None]:
+    """LLM-Adapters' prompt, unrendered: (`instruction`, `input`), the input None where a row has none or it is empty."""
+    return row["instruction"], row.get("input") or None
 
 
 def extract_answer(output: str) -> str:

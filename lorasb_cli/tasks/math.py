@@ -1,5 +1,6 @@
-"""GSM8K and MATH: zero-shot generation with the Alpaca prompt MetaMathQA trains with, the final answer pulled
-from the output, exact match after normalization (numbers for GSM8K, math-verify equivalence for MATH)."""
+"""GSM8K, MATH and MATH-500: zero-shot generation on the bare problem (evaluate renders the template; `auto` picks
+Alpaca, as MetaMathQA trains with), the final answer pulled from the output, exact match after normalization
+(numbers for GSM8K, scored strict and flexible; math-verify equivalence for MATH)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import re
 import threading
 from fractions import Fraction
 
-from ..data import PROMPT_TEMPLATE
 from ..errors import BadInputError
 from . import INVALID, Task, register_task
 
@@ -63,20 +63,20 @@ def _numbers(text: str) -> list[str]:
     return [canonical_number(v) for v in values if v is not None]
 
 
-def extract_number(output: str) -> str:
-    """The final number of a GSM8K answer, canonical, or INVALID.
-
-    The first number after the last answer marker ("The answer is:", "####", "\\boxed{"), as MetaMath's
-    evaluation reads it; without a marker (or nothing after it), the last number in the text. So a model
-    that only repeats the question is scored on the question's last number: wrong, not invalid.
-    """
+def extract_strict(output: str) -> str:
+    """GSM8K's strict answer, canonical, or INVALID: the first number after the last answer marker ("The answer
+    is:", "####", "\\boxed{"), as MetaMath's evaluation reads it. No marker, or no number after the last one, is
+    INVALID: a model that only repeats the question has not answered."""
     text = answer_text(output)
     markers = list(_GSM8K_MARKER.finditer(text))
-    if markers:
-        after = _numbers(text[markers[-1].end() :])
-        if after:
-            return after[0]
-    found = _numbers(text)
+    after = _numbers(text[markers[-1].end() :]) if markers else []
+    return after[0] if after else INVALID
+
+
+def extract_flexible(output: str) -> str:
+    """GSM8K's flexible answer (lm-evaluation-harness's `flexible-extract`): the last number of the answer text,
+    canonical, or INVALID when it has none. Markers are ignored."""
+    found = _numbers(answer_text(output))
     return found[-1] if found else INVALID
 
 
@@ -131,7 +131,7 @@ def extract_math(output: str) -> str:
 
 
 def math_reference(row: dict) -> str:
-    """The row's `answer` (MATH-500), else the last `\\boxed{}` of its `solution` (MATH)."""
+    """The row's `answer` (MATH-500), else the last `\\boxed{}` of its `solution` (the full MATH test set)."""
     if str(row.get("answer") or "").strip():
         return str(row["answer"]).strip()
     boxed = last_boxed(str(row.get("solution") or ""))
@@ -180,39 +180,81 @@ def accuracy(records: list[dict]) -> dict[str, float]:
     }
 
 
+def gsm8k_score(records: list[dict]) -> dict[str, float]:
+    """`accuracy` is the strict one (MetaMath's protocol, what the paper's tables report), also as
+    `strict_accuracy`; `flexible_accuracy` from `correct/flexible`; `invalid` is the strict INVALID share."""
+    metrics = accuracy(records)
+    n = metrics["count"]
+    # Records written before the flexible filter existed lack its key; a share of some of them would mislead.
+    has_flexible = bool(records) and all("correct/flexible" in r for r in records)
+    flexible = sum(bool(r["correct/flexible"]) for r in records) / n if has_flexible else None
+    return {
+        "accuracy": metrics["accuracy"],
+        "strict_accuracy": metrics["accuracy"],
+        "flexible_accuracy": flexible,
+        "invalid": metrics["invalid"],
+        "count": n,
+    }
+
+
 register_task(
     Task(
         name="gsm8k",
-        version=1,
+        version=2,
         scoring="generate",
         fields=("question", "answer"),
-        score=accuracy,
-        prompt=lambda row: PROMPT_TEMPLATE.format(instruction=row["question"]),
+        score=gsm8k_score,
+        prompt=lambda row: (row["question"], None),
         reference=gsm8k_reference,
-        extract=extract_number,
+        extract=extract_strict,
         is_correct=numbers_equal,
         default_data="openai/gsm8k",
         default_split="test",
         max_new_tokens=512,
-        description="GSM8K grade-school math, zero-shot Alpaca prompt, exact match of the final number",
+        description="GSM8K grade-school math, zero-shot, exact match of the final number: strict (answer marker "
+        "required, MetaMath's protocol; the headline accuracy) and flexible (the last number)",
         extra={"config": "main"},
+        filters={"flexible": extract_flexible},
+    )
+)
+
+# The full MATH test split (Hendrycks et al.: 5,000 problems, `problem` + `solution`, the answer the solution's
+# last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
+# copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds all 5,000.
+register_task(
+    Task(
+        name="math",
+        version=2,
+        scoring="generate",
+        fields=("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
+        score=accuracy,
+        prompt=lambda row: (row["problem"], None),
+        reference=math_reference,
+        extract=extract_math,
+        is_correct=math_equal,
+        default_data="DigitalLearningGmbH/MATH-lighteval",
+        default_split="test",
+        max_new_tokens=512,
+        description="MATH competition problems, the full 5,000-problem test set, zero-shot, math-verify equivalence",
+        extra={"config": "default"},
     )
 )
 
 register_task(
     Task(
-        name="math",
+        name="math500",
         version=1,
         scoring="generate",
-        fields=("problem",),
+        fields=("problem", "answer"),
         score=accuracy,
-        prompt=lambda row: PROMPT_TEMPLATE.format(instruction=row["problem"]),
+        prompt=lambda row: (row["problem"], None),
         reference=math_reference,
         extract=extract_math,
         is_correct=math_equal,
         default_data="HuggingFaceH4/MATH-500",
         default_split="test",
         max_new_tokens=512,
-        description="MATH competition problems (MATH-500), zero-shot Alpaca prompt, math-verify equivalence",
+        description="MATH-500 (the 500-problem MATH test subset of Let's Verify Step by Step), zero-shot, "
+        "math-verify equivalence",
     )
 )

@@ -1,0 +1,179 @@
+"""Prompt templates and the exact prompt/response token boundary (DESIGN.md §3).
+
+A prompt-response row becomes `template(prompt) + response`, tokenized **jointly**, so the training ids begin
+with exactly the ids generation feeds for that prompt. Tokenizing the two parts separately is wrong on
+SentencePiece tokenizers (Llama-2, Mistral, Gemma): the response alone gets a dummy-prefix `▁The` where the
+model, after the prompt's newline, sees and produces `The`.
+
+Templates: `plain` (the prompt exactly as given), `alpaca` (the template MetaMathQA and the LoRA-SB reference
+train with) and `chat` (the tokenizer's own chat template). `auto` follows TRL's dataset types.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import BadInputError
+from .registry import did_you_mean
+
+log = logging.getLogger("lorasb")
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+NAMES = ("auto", "plain", "alpaca", "chat")
+
+ALPACA = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+# (prompt field, response field) pairs a prompt-response row may carry, in the order they are tried; the
+# `--template auto` each implies: TRL's prompt/completion type is `plain`, instruction styles are `alpaca`.
+FIELD_PAIRS = (
+    (("query", "response"), "alpaca"),  # MetaMathQA
+    (("question", "answer"), "alpaca"),  # GSM8K
+    (("instruction", "output"), "alpaca"),  # Alpaca, CommonSense170K (optional `input`)
+    (("prompt", "completion"), "plain"),  # OpenAI / TRL prompt-completion
+    (("prompt", "response"), "alpaca"),  # what `--fields prompt=COL,response=COL` names
+)
+MESSAGES = "messages"  # TRL's conversational rows: [{"role": ..., "content": ...}, ...]
+
+
+def resolve(requested: str, columns: Sequence[str]) -> str:
+    """The concrete template (`plain`, `alpaca` or `chat`) for rows with these fields."""
+    if requested not in NAMES:
+        raise BadInputError(f"unknown --template '{requested}'", hint=did_you_mean(requested, NAMES))
+    if requested != "auto":
+        return requested
+    cols = set(columns)
+    if MESSAGES in cols:
+        return "chat"
+    return next((name for pair, name in FIELD_PAIRS if set(pair) <= cols), "alpaca")
+
+
+def check_same(recorded: str | None, used: str, what: str, *, force: bool) -> None:
+    """Refuse a template other than the one `what` was made with (a model answers in the template it learned)."""
+    if recorded is None or recorded == used:
+        return
+    if force:
+        log.warning("--force-template: using template %s although %s used %s", used, what, recorded)
+        return
+    raise BadInputError(
+        f"template {used} differs from the template {recorded} that {what} used",
+        hint=f"pass --template {recorded}, or --force-template to use {used} anyway",
+    )
+
+
+@dataclass(frozen=True)
+class Template:
+    """A concrete template bound to a tokenizer: renders prompts and encodes prompt + response jointly."""
+
+    name: str  # plain | alpaca | chat
+    tokenizer: object
+
+    def __post_init__(self):
+        if self.name == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise BadInputError(
+                "--template chat: the tokenizer has no chat template",
+                hint="pass --template alpaca or plain, or a model whose tokenizer defines one",
+            )
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """A chat template writes its own BOS into the text; the others get the tokenizer's special tokens."""
+        return self.name != "chat"
+
+    def prompt(self, instruction: str, input: str | None = None) -> str:
+        """The text generation starts from for one instruction (and optional input)."""
+        if self.name == "plain":
+            return instruction if not input else f"{instruction}\n\n{input}"
+        if self.name == "alpaca":
+            if input:
+                return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+            return ALPACA.format(instruction=instruction)
+        content = instruction if not input else f"{instruction}\n\n{input}"
+        return self._chat([{"role": "user", "content": content}])
+
+    def split(self, row: dict) -> tuple[str, str]:
+        """(rendered prompt, response text) of a prompt-response row."""
+        if MESSAGES in row:
+            return self._split_messages(row[MESSAGES])
+        for (prompt_key, response_key), _ in FIELD_PAIRS:
+            if prompt_key in row and response_key in row:
+                extra = row.get("input") if prompt_key == "instruction" else None
+                return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), _text(
+                    row, response_key
+                )
+        raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
+
+    def _chat(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _split_messages(self, messages) -> tuple[str, str]:
+        """The conversation up to its last assistant turn as the prompt; that turn, as rendered, the response."""
+        if self.name != "chat":
+            raise BadInputError(
+                f"conversational rows (a '{MESSAGES}' field) need --template chat, not {self.name}",
+                hint="pass --template chat (or auto)",
+            )
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise BadInputError(f"'{MESSAGES}' must be a non-empty list of {{role, content}} objects")
+        if messages[-1].get("role") != "assistant":
+            raise BadInputError(f"the last of the '{MESSAGES}' must be the assistant's turn, the one trained on")
+        context = [dict(m) for m in messages[:-1]]
+        prompt = self._chat(context)
+        whole = self.tokenizer.apply_chat_template([*context, dict(messages[-1])], tokenize=False)
+        # The rendered turn carries the template's end-of-turn marker, which the model must learn to emit.
+        response = whole[len(prompt) :] if whole.startswith(prompt) else str(messages[-1].get("content", ""))
+        return prompt, response.rstrip()
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids generation feeds for `prompt` (what `evaluate` passes to `generate`)."""
+        return self.tokenizer(prompt, add_special_tokens=self.add_special_tokens)["input_ids"]
+
+    def encode(self, prompt: str, response: str, *, eos: bool = True) -> tuple[list[int], int, bool]:
+        """(ids, prompt length, exact) of `prompt + response` (+ EOS): ids[:prompt length] == prompt_ids(prompt).
+
+        The response's ids are those the joint tokenization gives after the prompt's. Where the prompt's last
+        token merges with the response's first (a prompt ending mid-word or in a space), the joint ids do not
+        start with the prompt's; then the response is the joint tokens that start inside it, and `exact` is
+        False.
+        """
+        prompt_ids = self.prompt_ids(prompt)
+        joint = self.tokenizer(prompt + response, add_special_tokens=self.add_special_tokens)["input_ids"]
+        exact = joint[: len(prompt_ids)] == prompt_ids
+        response_ids = joint[len(prompt_ids) :] if exact else self._response_ids(prompt, response)
+        eos_id = self.tokenizer.eos_token_id
+        if eos and eos_id is not None and (not response_ids or response_ids[-1] != eos_id):
+            response_ids = [*response_ids, eos_id]
+        return prompt_ids + response_ids, len(prompt_ids), exact
+
+    def _response_ids(self, prompt: str, response: str) -> list[int]:
+        """Ids of the joint tokens whose characters lie in the response (offsets); a token that straddles the
+        boundary contributes the ids of its response part. Without offsets: the response tokenized alone."""
+        text = prompt + response
+        try:
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+            return self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if start >= len(prompt):
+                ids.append(token)
+            elif end > len(prompt):
+                ids += self.tokenizer(text[len(prompt) : end], add_special_tokens=False)["input_ids"]
+        return ids
+
+
+def _text(row: dict, key: str) -> str:
+    value = row[key]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise BadInputError(f"field '{key}' must be text, not {type(value).__name__}: {str(value)[:60]!r}")
+    return str(value)
