@@ -403,11 +403,10 @@ class Encoder:
             ids, prompt_length, _ = self._template.encode(*self._template.split(row))
             labels = [IGNORE] * prompt_length + ids[prompt_length:]
             return Example(input_ids=ids[: self.max_length], labels=labels[: self.max_length])
-        text = classification_text(row)
+        label, text = self._label(row["label"]), classification_text(row)
         encoded = self.tokenizer(*((text,) if isinstance(text, str) else text), truncation=True,
                                  max_length=self.max_length)  # fmt: skip
-        return Example(input_ids=encoded["input_ids"], label=self._label(row["label"]),
-                       token_type_ids=encoded.get("token_type_ids"))  # fmt: skip
+        return Example(input_ids=encoded["input_ids"], label=label, token_type_ids=encoded.get("token_type_ids"))
 
     @functools.cached_property
     def _class_ids(self) -> dict[str, int]:
