@@ -114,17 +114,26 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable: bool) -> None:
-    """Copy full tensors (a classifier's head) into the model's parameters of the same names."""
+    """Copy full tensors (a classifier's head) into the model's parameters of the same names.
+
+    `trainable`: they become float32 master weights first (`methods.train_in_float32`: their modules take the
+    base's bf16/fp16 activations), so the copy is exact and training steps are not rounded away. Otherwise
+    (evaluation) they keep the base dtype."""
     params = dict(model.named_parameters())
     unknown = [name for name in tensors if name not in params]
     if unknown:
         raise IncompatibleArtifactError(f"the model has no parameters {', '.join(unknown[:3])}")
+    for name, tensor in tensors.items():
+        if params[name].shape != tensor.shape:
+            raise IncompatibleArtifactError(
+                f"'{name}' is {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}"
+            )
+    if trainable:
+        from .methods import train_in_float32  # methods build on this module
+
+        train_in_float32(model, tensors)
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise IncompatibleArtifactError(
-                    f"'{name}' is {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}"
-                )
             params[name].copy_(tensor)
             params[name].requires_grad_(trainable)
 

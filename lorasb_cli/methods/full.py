@@ -6,25 +6,30 @@ of the base's (a PEFT export has no LoRA form for them and refuses).
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import BadInputError
-from . import Method, Prepared, Setup, head_parameters, register, tensors_of
+from . import LOW_PRECISION, Method, Prepared, Setup, head_parameters, register, tensors_of, train_head
 
 
 def prepare_full(setup: Setup) -> Prepared:
+    """Every parameter trained. A bf16/fp16 base is upcast to float32 master weights and trains under autocast in
+    its own dtype (`Prepared.mixed_precision`: the Trainer's bf16/fp16), so steps are not rounded away."""
     model = setup.model
+    base_dtype = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)
+    if base_dtype is not None:
+        model.to(torch.float32)  # in place: the Parameter objects stay the same
     model.requires_grad_(True)
     params = dict(model.named_parameters())  # tied weights appear once
-    return Prepared(model=model, export=lambda: tensors_of(params), config={"scale": 1.0})
+    return Prepared(model=model, export=lambda: tensors_of(params), config={"scale": 1.0}, mixed_precision=base_dtype)
 
 
 def prepare_head(setup: Setup) -> Prepared:
     model = setup.model
-    params = head_parameters(model)
-    if not params:
+    if not head_parameters(model):
         raise BadInputError("--method head trains a classifier's head", hint="train on --format classification data")
     model.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_head(model)
     return Prepared(model=model, export=lambda: tensors_of(params), config={"scale": 1.0})
 
 

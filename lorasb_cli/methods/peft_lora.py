@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import Method, Prepared, Setup, head_parameters, register, tensors_of
+from . import Method, Prepared, Setup, register, tensors_of, train_head
 
 log = logging.getLogger("lorasb")
 
@@ -43,7 +43,8 @@ def prepare_peft(
     from peft import LoraConfig, get_peft_model
 
     model = setup.model
-    head = head_parameters(model)
+    # A classifier's head trains as float32 master weights (PEFT upcasts only its own LoRA A/B and DoRA magnitude).
+    head = train_head(model)
     kwargs = {}
     if lora_ga:
         from peft.tuners.lora.config import LoraGAConfig
@@ -81,7 +82,7 @@ def prepare_peft(
          for n, l in layers.items()}
         if moves_w0 else {}
     )  # fmt: skip
-    for p in head.values():
+    for p in head.values():  # get_peft_model froze every non-adapter parameter
         p.requires_grad_(True)
 
     def export() -> dict[str, torch.Tensor]:
