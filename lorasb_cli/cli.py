@@ -307,11 +307,13 @@ Examples:
 @click.option("--eval-size", default=None, type=int, help="Rows of a built-in test set.")
 @click.option("--max-new-tokens", default=None, type=int, help="Generation budget of the task [default: the task's].")
 @template_option
+@click.option("--metric", default=None, help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
 @click.option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 @common_options
 def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, batch_size, max_length, targets,
-            samples, eta, size, eval_size, max_new_tokens, template, trust_remote_code, out, as_json, quiet):  # fmt: skip
+            samples, eta, size, eval_size, max_new_tokens, template, metric, trust_remote_code, out, as_json,
+            quiet):  # fmt: skip
     """Run methods × ranks × seeds on the same data, steps and evaluation; write results.md/json and PNGs."""
     from pathlib import Path
 
@@ -328,12 +330,12 @@ def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, 
     settings = cmp.Settings(
         model=model, train_data=train_data, eval_data=held_out, task=task, max_steps=max_steps, batch_size=batch_size,
         max_length=max_length, targets=targets, samples=samples, eta=eta, max_new_tokens=max_new_tokens,
-        template=template, trust_remote_code=trust_remote_code,
+        template=template, metric=metric, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     with progress_bar("compare", enabled=not quiet) as progress:
         results = cmp.run_grid(out_dir, settings, cells, progress)
     path = cmp.write_report(out_dir, settings, results)
-    report(path, {"cells": len(results), "rows": cmp.aggregate(results)}, as_json)
+    report(path, {"cells": len(results), "rows": cmp.aggregate(results, metric)}, as_json)
 
 
 @cli.command(

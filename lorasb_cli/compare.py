@@ -71,6 +71,7 @@ class Settings:
     eval_batch_size: int = 16
     max_new_tokens: int | None = None
     template: str = "auto"
+    metric: str | None = None  # the metric the table ranks by [default: primary_metric]
     trust_remote_code: bool = False
 
 
@@ -262,19 +263,22 @@ def primary_metric(metrics: dict) -> str:
     return next(k for k, v in metrics.items() if isinstance(v, (int, float)))
 
 
-def aggregate(results: Sequence[CellResult]) -> list[dict]:
-    """One row per (label, rank): mean ± std over seeds of the metric and eval loss, and the costs."""
+def aggregate(results: Sequence[CellResult], metric: str | None = None) -> list[dict]:
+    """One row per (label, rank): mean ± std over seeds of `metric` (default: `primary_metric`) and eval loss,
+    and the costs."""
     groups: dict[tuple[str, int | None], list[CellResult]] = {}
     for result in results:
         cell = Cell(**result.cell)
         groups.setdefault((cell.name, cell.rank), []).append(result)
     rows = []
     for (name, rank), group in groups.items():
-        metric = primary_metric(group[0].metrics)
-        value, spread = _mean_std([float(r.metrics[metric]) for r in group])
+        name_of = metric or primary_metric(group[0].metrics)
+        if name_of not in group[0].metrics:
+            raise BadInputError(f"--metric {name_of}: the task reports {', '.join(group[0].metrics)}")
+        value, spread = _mean_std([float(r.metrics[name_of]) for r in group])
         losses = [r.eval_loss for r in group if r.eval_loss is not None]
         rows.append({
-            "method": name, "rank": rank, "seeds": len(group), "metric": metric, "mean": value, "std": spread,
+            "method": name, "rank": rank, "seeds": len(group), "metric": name_of, "mean": value, "std": spread,
             "eval_loss": _mean_std(losses) if losses else None,
             "step0_loss": statistics.fmean(r.step0_init_loss for r in group if r.step0_init_loss is not None)
             if any(r.step0_init_loss is not None for r in group) else None,
@@ -346,7 +350,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
 def write_report(out: str | Path, settings: Settings, results: Sequence[CellResult], title: str = "lorasb compare") -> Path:
     """results.md, results.json and the two PNGs in `out`; returns the markdown path."""
     out = Path(out)
-    rows = aggregate(results)
+    rows = aggregate(results, settings.metric)
     plot(results, rows, out, title)
     with artifacts.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results]}

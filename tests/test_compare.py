@@ -38,6 +38,11 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     assert len(list((tmp_path / "updates").glob("*.safetensors"))) == 2  # one estimate per seed, shared
     text = report.read_text()
     assert text.count("\n| ") == 1 + len(rows)  # header + one line per row
+    # --metric ranks by another of the task's metrics; one the task does not report is a one-line error
+    by_tokens = compare.aggregate(results, "tokens")
+    assert all(r["metric"] == "tokens" and r["mean"] > 0 for r in by_tokens)
+    with pytest.raises(BadInputError, match="--metric flexible_accuracy: the task reports"):
+        compare.aggregate(results, "flexible_accuracy")
     for png in ("loss.png", "metric.png"):
         assert (tmp_path / png).read_bytes()[:4] == PNG_MAGIC
     payload = json.loads((tmp_path / "results.json").read_text())
