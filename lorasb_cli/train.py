@@ -384,7 +384,10 @@ def train(
 
     step0_init = None
     if not config.resume:
-        step0_init = probe_loss(prepared.model)
+        # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
+        mixed = prepared.mixed_precision
+        with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+            step0_init = probe_loss(prepared.model)
         log.info("step-0 loss on %d %s samples: base %.4f, initialized %.4f", len(probe), probe_kind, step0_base,
                  step0_init)  # fmt: skip
         if step0_init > step0_base * (1 + 1e-4):
