@@ -95,7 +95,7 @@ def _projector(matrix: torch.Tensor) -> torch.Tensor:
 def test_registry_names():
     assert set(methods.METHODS) == {
         "lorasb", "lora", "rslora", "dora", "pissa", "loraga", "milora", "inilora", "inilora-alpha", "inilora-beta",
-        "full", "head",
+        "lora-pro", "full", "head",
     }  # fmt: skip
     assert methods.METHODS["lorasb"].needs_factors and not methods.METHODS["lora"].needs_factors
     assert not methods.METHODS["full"].uses_rank and not methods.METHODS["head"].uses_rank

@@ -48,6 +48,9 @@ class Prepared:
     # Set when the parameters were upcast to float32 master weights (full fine-tuning of a bf16/fp16 base): train
     # under autocast in this dtype, as the Trainer's bf16/fp16 does.
     mixed_precision: torch.dtype | None = None
+    # A method with its own optimizer (LoRA-Pro): builds it from the TrainingArguments (lr, betas, eps, weight
+    # decay); the Trainer still makes the --scheduler around it. None: the Trainer's AdamW.
+    optimizer: Callable[[object], torch.optim.Optimizer] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,4 +129,4 @@ def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
 
 
-from . import full, inilora, lorasb, milora, peft_lora  # noqa: F401  (each registers itself)
+from . import full, inilora, lora_pro, lorasb, milora, peft_lora  # noqa: F401  (each registers itself)
