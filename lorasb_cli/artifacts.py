@@ -2,28 +2,49 @@
 
 Kinds: `update` (int8 signs of −G, scale η in metadata), `update-raw` (float32 sums of G and a sample count),
 `factors` (B, R, A per module) and `adapter`. Writes are atomic; reads never unpickle.
+
+Every read goes through one schema (`read_provenance`): size and nesting limits before the JSON is parsed, then
+each field's type and range, then integrity. An artifact records the sha256 of each tensor (dtype, shape and
+bytes; `shards.tensor_hash`) under `tensor_sha256` and of the rest of its metadata under `metadata_sha256`;
+`Artifact.get`/`items` check each tensor as they read it. Artifacts written before hashes were recorded still
+load, unverified.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import itertools
 import json
+import math
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import shards
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 
 METADATA_KEY = "lorasb"
 FORMAT_VERSION = 1
 KINDS = ("update", "update-raw", "factors", "adapter")
 FACTOR_SUFFIXES = ("lora_B", "lora_R", "lora_A")
+
+TENSOR_HASHES = "tensor_sha256"
+METADATA_HASH = "metadata_sha256"
+# Checked before parsing: a corrupt or hostile header must cost neither memory nor recursion. The size allows
+# for fields that grow with the model (each tensor's hash, each module's energy), so huge MoE models fit.
+MAX_METADATA_BYTES = 1_000_000
+METADATA_BYTES_PER_TENSOR = 256
+MAX_METADATA_DEPTH = 32
 
 # Which command writes each kind: named in errors when a stage gets the wrong file.
 PRODUCER = {
@@ -51,6 +72,8 @@ def library_versions() -> dict[str, str]:
 def provenance(kind: str, **fields) -> dict:
     """The metadata every artifact carries: format, kind, versions and creation time plus `fields`."""
     assert kind in KINDS, kind
+    # Hashes copied from an artifact read earlier describe its tensors, not these: write_artifact records new ones.
+    fields = {k: v for k, v in fields.items() if k not in (TENSOR_HASHES, METADATA_HASH)}
     return {
         "format": "lorasb",
         "format_version": FORMAT_VERSION,
@@ -89,11 +112,21 @@ def _umask() -> int:
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write `tensors` with provenance `meta` atomically; returns the final path."""
-    for name, tensor in tensors.items():
-        check_finite(name, tensor, str(path))
-    header = {"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    """Write `tensors` with provenance `meta` and their hashes atomically; returns the final path.
+
+    The metadata is validated first by the reader's schema: no stage writes a file a later stage refuses."""
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    for name, tensor in contiguous.items():
+        check_finite(name, tensor, str(path))
+    text = _sealed({**meta, TENSOR_HASHES: {name: shards.tensor_hash(t) for name, t in contiguous.items()}})
+    try:
+        read_provenance(text, str(path), list(contiguous))
+    except IncompatibleArtifactError as e:
+        raise BadInputError(
+            f"refusing to write an artifact whose {e.message}", path=str(path),
+            hint="check the option that sets it (e.g. --eta must be a finite number > 0)",
+        ) from None  # fmt: skip
+    header = {"format": "pt", METADATA_KEY: text}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=header)
     return Path(path)
@@ -102,6 +135,266 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
 def check_finite(name: str, tensor: torch.Tensor, path: str | None = None) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise NonFiniteError(f"NaN/Inf in tensor '{name}'", path=path, hint="recompute it in float32")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """`base_model`: the model an artifact was made from (the id is for people; stages match the fingerprint)."""
+
+    id: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The validated `lorasb` metadata of one artifact. `fields` is the whole JSON object as written, with the
+    typed fields below already checked in it (stages read it as `Artifact.meta`)."""
+
+    kind: str
+    format_version: int
+    base_model: BaseModel
+    targets: str | tuple[str, ...] | None
+    method: str | None
+    rank: int | None
+    eta: float | None
+    scale: float
+    samples: int | None
+    head: tuple[str, ...]
+    labels: tuple[str, ...] | None
+    tensor_sha256: dict[str, str] | None  # None: written before lorasb recorded hashes
+    fields: dict
+
+
+# Fields each kind must carry, because the stages reading that kind use them: decompose and combine read an
+# update's η, targets and base model; combine reads a raw shard's sampling and counts; train reads the rank.
+_REQUIRED = {
+    "update": {"base_model", "targets", "eta"},
+    "update-raw": {"base_model", "targets", "eta", "method", "data", "samples", "tokens", "seed", "dtype"},
+    "factors": {"base_model", "rank"},
+    "adapter": {"base_model"},
+}
+_CORRUPT_HINT = "the file is corrupt or was edited; re-create it with {producer}"
+_STRINGS = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)  # possessive: linear even on hostile input
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def read_provenance(text: str, path: str, names: Sequence[str], kinds: tuple[str, ...] | None = None) -> Provenance:
+    """Parse and validate the `lorasb` metadata of the artifact at `path`, whose tensors are `names`.
+
+    `kinds`: the kinds the caller accepts. Every violation is one IncompatibleArtifactError naming the file and
+    the field."""
+    meta = parse_metadata(text, path, MAX_METADATA_BYTES + METADATA_BYTES_PER_TENSOR * len(names))
+    return _Fields(meta, path, names).validate(kinds)
+
+
+def parse_metadata(text: object, path: str, limit: int = MAX_METADATA_BYTES) -> dict:
+    """The JSON object in a `lorasb` metadata string, refused (one line naming `path`) when over `limit` bytes,
+    nested deeper than MAX_METADATA_DEPTH, not JSON or not an object."""
+    hint = _CORRUPT_HINT.format(producer="the lorasb stage that wrote it")
+    if not isinstance(text, str):
+        raise IncompatibleArtifactError("lorasb metadata is not a string", path=path, hint=hint)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise IncompatibleArtifactError(f"lorasb metadata is {size:,} bytes, over the limit of {limit:,}",
+                                        path=path, hint=hint)  # fmt: skip
+    depth = _json_depth(text)
+    if depth > MAX_METADATA_DEPTH:
+        raise IncompatibleArtifactError(
+            f"lorasb metadata nests {depth} levels deep, over the limit of {MAX_METADATA_DEPTH}", path=path, hint=hint
+        )
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints past Python's 4300-digit limit
+        raise IncompatibleArtifactError(f"lorasb metadata is not valid JSON ({e})", path=path, hint=hint) from None
+    if not isinstance(meta, dict):
+        raise IncompatibleArtifactError(
+            f"lorasb metadata is a JSON {_json_type(meta)}, not an object", path=path, hint=hint
+        )
+    return meta
+
+
+class _Fields:
+    """Type and range checks of one artifact's metadata; each failure names the file and the field."""
+
+    def __init__(self, meta: dict, path: str, names: Sequence[str]):
+        self.meta, self.path, self.names = meta, path, names
+        self.hint = _CORRUPT_HINT.format(producer="the lorasb stage that wrote it")
+        self.required: set[str] = set()
+
+    def fail(self, key: str, problem: str, hint: str | None = None) -> NoReturn:
+        raise IncompatibleArtifactError(f"metadata field '{key}' {problem}", path=self.path, hint=hint or self.hint)
+
+    def value(self, key: str, want: str, ok: Callable[[object], bool], *, nullable: bool = False):
+        """`key`'s value if `ok(value)`; None if absent and not required (or null and `nullable`)."""
+        if key not in self.meta:
+            if key in self.required:
+                self.fail(key, f"is missing; it must be {want}")
+            return None
+        value = self.meta[key]
+        if value is None and nullable and key not in self.required:
+            return None
+        if not ok(value):
+            self.fail(key, f"is {_show(value)}; it must be {want}")
+        return value
+
+    def string(self, key: str, **kw) -> str | None:
+        return self.value(key, "a string", lambda v: isinstance(v, str), **kw)
+
+    def integer(self, key: str, minimum: int | None = None, **kw) -> int | None:
+        want = "an integer" if minimum is None else f"an integer ≥ {minimum}"
+        return self.value(key, want, lambda v: _is_int(v) and (minimum is None or v >= minimum), **kw)
+
+    def number(self, key: str, positive: bool = False, **kw) -> float | None:
+        want = "a finite number > 0" if positive else "a finite number"
+        value = self.value(key, want, lambda v: _is_number(v) and math.isfinite(v) and (v > 0 or not positive), **kw)
+        return None if value is None else float(value)
+
+    def strings(self, key: str, **kw) -> tuple[str, ...] | None:
+        value = self.value(key, "a list of strings", _is_strs, **kw)
+        return None if value is None else tuple(value)
+
+    def object(self, key: str, **kw) -> dict | None:
+        return self.value(key, "an object", lambda v: isinstance(v, dict), **kw)
+
+    def validate(self, kinds: tuple[str, ...] | None) -> Provenance:
+        meta = self.meta
+        if meta.get("format") != "lorasb":
+            found = _show(meta["format"]) if "format" in meta else "missing"
+            self.fail("format", f"is {found}, not \"lorasb\": this is no lorasb artifact",
+                      hint="pass a file written by lorasb (estimate, decompose or train)")  # fmt: skip
+        self.required = {"format_version", "kind"}
+        version = self.integer("format_version", minimum=1)
+        if version > FORMAT_VERSION:
+            raise IncompatibleArtifactError(
+                f"artifact format version {version} is newer than this lorasb reads ({FORMAT_VERSION})",
+                path=self.path, hint="upgrade lorasb",
+            )  # fmt: skip
+        kind = self.value("kind", f"one of {', '.join(KINDS)}", lambda v: v in KINDS)
+        if kinds is not None and kind not in kinds:
+            raise IncompatibleArtifactError(
+                f"expected a {' or '.join(kinds)} artifact, got a {kind}",
+                path=self.path, hint=f"pass the file written by {PRODUCER[kinds[0]]}",
+            )  # fmt: skip
+        self.hint = _CORRUPT_HINT.format(producer=PRODUCER[kind])
+        self.required |= _REQUIRED[kind]
+
+        base = self.object("base_model")
+        for key in ("id", "fingerprint"):
+            if not isinstance(base.get(key), str):
+                self.fail(f"base_model.{key}", f"is {_show(base.get(key))}; it must be a string")
+        targets = self.value("targets", "a string or a list of strings",
+                             lambda v: isinstance(v, str) or _is_strs(v), nullable=True)  # fmt: skip
+        method = self.string("method")
+        self.string("init")
+        self.string("dtype")
+        self.string("architecture")
+        self.string("created")
+        self.integer("seed", nullable=True)
+        samples = self.integer("samples", minimum=0, nullable=True)
+        self.integer("tokens", minimum=0, nullable=True)
+        # η scales every update (ΔW = η·signs): only updates must have one; a weight-based init's factors have none.
+        eta = self.number("eta", positive=True, nullable=kind in ("factors", "adapter"))
+        rank = self.integer("rank", minimum=1, nullable=kind == "adapter") if kind in ("factors", "adapter") else None
+        scale = self.number("scale")
+        labels = self.strings("labels")
+        if labels is not None and not isinstance(meta.get("architecture"), str):
+            # merge and evaluate rebuild the classifier from both: its class and its labels.
+            found = _show(meta["architecture"]) if "architecture" in meta else "missing"
+            self.fail("architecture", f"is {found} beside 'labels'; it must be the classifier's class name")
+        head = self.strings("head") or ()
+        missing = [name for name in head if name not in self.names]
+        if missing:
+            self.fail("head", f"names tensor '{missing[0]}', which the file does not hold")
+        versions = self.object("versions")
+        if versions is not None and not all(isinstance(v, str) for v in versions.values()):
+            self.fail("versions", "must map each library to a version string")
+        self._check_data()
+        hashes = self._check_integrity()
+        return Provenance(
+            kind=kind, format_version=version, base_model=BaseModel(base["id"], base["fingerprint"]),
+            targets=tuple(targets) if isinstance(targets, list) else targets, method=method, rank=rank, eta=eta,
+            scale=1.0 if scale is None else scale, samples=samples, head=tuple(head), labels=labels,
+            tensor_sha256=hashes, fields=meta,
+        )  # fmt: skip
+
+    def _check_data(self) -> None:
+        """The data provenance: train compares its template; combine matches shards by their `shard` [i, n]."""
+        data = self.object("data", nullable=True)
+        if data is None:
+            return
+        template = data.get("template")
+        if template is not None and not isinstance(template, str):
+            self.fail("data.template", f"is {_show(template)}; it must be a string")
+        shard = data.get("shard")
+        ok = shard is None or (isinstance(shard, list) and len(shard) == 2 and all(_is_int(x) for x in shard)
+                               and 0 <= shard[0] < shard[1])  # fmt: skip
+        if not ok:
+            self.fail("data.shard", f"is {_show(shard)}; it must be [i, n] with 0 ≤ i < n")
+
+    def _check_integrity(self) -> dict[str, str] | None:
+        """The recorded hashes: one per tensor (exactly the file's tensors), and one of the other fields."""
+        if TENSOR_HASHES not in self.meta and METADATA_HASH not in self.meta:
+            return None  # written before lorasb recorded hashes: loads, unverified
+        self.required |= {TENSOR_HASHES, METADATA_HASH}  # one without the other is a damaged file
+        hashes = self.value(TENSOR_HASHES, "an object mapping each tensor to its sha256 prefix",
+                            lambda v: isinstance(v, dict) and all(shards.is_hash(h) for h in v.values()))  # fmt: skip
+        digest = self.value(METADATA_HASH, "a sha256 prefix", shards.is_hash)
+        odd = sorted(set(self.names) ^ hashes.keys())
+        if odd and odd[0] in self.names:
+            self.fail(TENSOR_HASHES, f"records no hash of tensor '{odd[0]}', which the file holds")
+        if odd:
+            self.fail(TENSOR_HASHES, f"names tensor '{odd[0]}', which the file does not hold")
+        if _metadata_digest({k: v for k, v in self.meta.items() if k != METADATA_HASH}) != digest:
+            raise IncompatibleArtifactError(
+                "lorasb metadata does not match the hash recorded when it was written", path=self.path, hint=self.hint,
+            )  # fmt: skip
+        return hashes
+
+
+def _sealed(meta: dict) -> str:
+    """`meta` as the JSON written to a file, with the hash of its other fields under METADATA_HASH."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != METADATA_HASH}))  # as a reader parses it
+    return json.dumps({**body, METADATA_HASH: _metadata_digest(body)}, sort_keys=True)
+
+
+def _metadata_digest(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[: shards.HASH_HEX_DIGITS]
+
+
+def _json_depth(text: str) -> int:
+    """How deep arrays and objects nest in `text`, without parsing it (so without recursion)."""
+    steps = (1 if c in "[{" else -1 for c in _BRACKETS.findall(_STRINGS.sub("", text)))
+    return max(itertools.accumulate(steps), default=0)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_strs(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(s, str) for s in value)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return {list: "array", dict: "object", str: "string"}.get(type(value), "number")
+
+
+def _show(value: object) -> str:
+    """A value as an error names it: numbers and short strings as they are, anything else by its JSON type."""
+    if _is_number(value):
+        return repr(value)
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:40])}" + ("…" if len(value) > 40 else "")
+    return "null" if value is None else f"a JSON {_json_type(value)}"
 
 
 class Artifact:
@@ -116,57 +409,62 @@ class Artifact:
                 header = f.metadata() or {}
                 self.names: list[str] = list(f.keys())
         except Exception as e:  # safetensors raises SafetensorError / OSError for bad or truncated files
-            raise BadInputError(
-                f"not a readable safetensors file ({str(e).splitlines()[0]})",
-                path=self.path,
-                hint="the file is truncated or of another format; re-create it with the stage that wrote it",
-            ) from e
+            raise _unreadable(self.path, e) from e
         if METADATA_KEY not in header:
             raise IncompatibleArtifactError(
                 "safetensors file without lorasb metadata",
                 path=self.path,
                 hint="pass a file written by lorasb (estimate, decompose or train)",
             )
-        try:
-            self.meta: dict = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise IncompatibleArtifactError("corrupt lorasb metadata", path=self.path) from e
-        kind = self.meta.get("kind")
-        if self.meta.get("format") != "lorasb" or kind not in KINDS:
-            raise IncompatibleArtifactError(f"unknown artifact kind '{kind}'", path=self.path)
-        if self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise IncompatibleArtifactError(
-                f"artifact format version {self.meta['format_version']} is newer than this lorasb reads",
-                path=self.path,
-                hint="upgrade lorasb",
-            )
-        if kinds is not None and kind not in kinds:
-            wanted = " or ".join(kinds)
-            raise IncompatibleArtifactError(
-                f"expected a {wanted} artifact, got a {kind}",
-                path=self.path,
-                hint=f"pass the file written by {PRODUCER[kinds[0]]}",
-            )
-        self.kind: str = kind
+        self.provenance: Provenance = read_provenance(header[METADATA_KEY], self.path, self.names, kinds)
+        self.meta: dict = self.provenance.fields  # the validated JSON object, read by the stages as a dict
+        self.kind: str = self.provenance.kind
+        self.hashes: dict[str, str] | None = self.provenance.tensor_sha256  # None: written before hashes
+        self._name_set = set(self.names)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, checked for NaN/Inf (optionally cast to `dtype`)."""
-        with safe_open(self.path, framework="pt") as f:
-            tensor = f.get_tensor(name)
-        check_finite(name, tensor, self.path)
+        """One tensor, checked against its recorded hash and for NaN/Inf (optionally cast to `dtype`)."""
+        if name not in self._name_set:
+            raise IncompatibleArtifactError(f"no tensor '{name}' in the artifact", path=self.path,
+                                            hint=f"re-create it with {PRODUCER[self.kind]}")  # fmt: skip
+        with self._open() as f:
+            tensor = self._checked(name, f.get_tensor(name))
         return tensor if dtype is None else tensor.to(dtype)
 
     def items(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Tensors one at a time from one open handle (bounded memory)."""
-        with safe_open(self.path, framework="pt") as f:
+        """Tensors one at a time from one open handle (bounded memory), each checked as `get` does."""
+        with self._open() as f:
             for name in self.names:
-                tensor = f.get_tensor(name)
-                check_finite(name, tensor, self.path)
+                tensor = self._checked(name, f.get_tensor(name))
                 yield name, (tensor if dtype is None else tensor.to(dtype))
 
+    def verify(self) -> int:
+        """Read and check every tensor; returns how many had a recorded hash (0 for an older artifact)."""
+        for _ in self.items():
+            pass
+        return len(self.hashes or {})
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        with safe_open(self.path, framework="pt") as f:
+        with self._open() as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in self.names}
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # Hash first: flipped bytes that happen to make a NaN are corruption, and should be named as such.
+        if self.hashes is not None and shards.tensor_hash(tensor) != self.hashes[name]:
+            raise shards.hash_mismatch(name, self.path, self.hashes[name],
+                                       hint=f"copy it again, or re-create it with {PRODUCER[self.kind]}")  # fmt: skip
+        check_finite(name, tensor, self.path)
+        return tensor
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator:
+        """safe_open, with a file that changed or vanished since it was opened reported as unreadable."""
+        try:
+            handle = safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(self.path, e) from e
+        with handle as f:
+            yield f
 
 
 def update_modules(artifact: Artifact) -> list[str]:
@@ -189,8 +487,30 @@ def factor_modules(artifact: Artifact) -> list[str]:
             raise IncompatibleArtifactError(
                 f"module '{module}' has inconsistent shapes B{b} R{r} A{a}", path=artifact.path
             )
+        (m, rank), n = b, a[1]
+        if rank > min(m, n):
+            raise IncompatibleArtifactError(
+                f"module '{module}' has rank {rank}, more than min(m, n) = {min(m, n)} of its {m}×{n} weight",
+                path=artifact.path, hint=f"re-run lorasb decompose with --rank {min(m, n)} or less",
+            )  # fmt: skip
+        # decompose writes one rank for every module (adapters of other methods may vary per module).
+        recorded = artifact.provenance.rank
+        if artifact.kind == "factors" and rank != recorded:
+            raise IncompatibleArtifactError(
+                f"module '{module}' has rank {rank}, the metadata field 'rank' says {recorded}",
+                path=artifact.path, hint="the file is corrupt or was edited; re-run lorasb decompose",
+            )  # fmt: skip
     return modules
 
 
 def _is_factor(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES
+
+
+def _unreadable(path: str, error: Exception) -> BadInputError:
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return BadInputError(
+        f"not a readable safetensors file ({reason})",
+        path=path,
+        hint="the file is truncated or of another format; re-create it with the stage that wrote it",
+    )

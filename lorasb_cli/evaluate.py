@@ -272,10 +272,8 @@ def merged_template(ref: models.ModelRef) -> str | None:
         return None
     with safe_open(str(shard), framework="pt") as f:
         raw = (f.metadata() or {}).get(artifacts.METADATA_KEY)
-    try:
-        return (json.loads(raw).get("merged_from") or {}).get("template") if raw else None
-    except (ValueError, AttributeError):
-        return None
+    merged_from = artifacts.parse_metadata(raw, str(shard)).get("merged_from") if raw else None
+    return merged_from.get("template") if isinstance(merged_from, dict) else None
 
 
 def load_for_task(

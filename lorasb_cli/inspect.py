@@ -1,4 +1,5 @@
-"""`lorasb inspect`: what a lorasb artifact is — kind, provenance, modules, shapes, rank, parameter counts."""
+"""`lorasb inspect`: what a lorasb artifact is — kind, provenance, modules, shapes, rank, parameter counts — and,
+with `--verify`, whether its tensors are still those it was written with."""
 
 from __future__ import annotations
 
@@ -10,25 +11,54 @@ from . import adapter, artifacts, shards
 from .adapter import MAGNITUDE
 from .errors import BadInputError
 
+PEFT_FILE = "adapter_model.safetensors"
+
 
 def describe(path: str | os.PathLike) -> dict:
     """A JSON-able description of an update/factors/adapter file, an adapter run directory, a PEFT export
     or a merged model directory."""
+    kind, target = _resolve(path)
+    return {"artifact": describe_file, "peft": _describe_peft, "model": _describe_model}[kind](target)
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Read every tensor of what `describe` accepts and check it against the hash recorded when it was written.
+
+    Raises IncompatibleArtifactError naming the file and tensor at the first mismatch. Returns the counts and a
+    status: `ok`, `no hashes recorded` (written before lorasb recorded them) or `partly hashed`."""
+    kind, target = _resolve(path)
+    if kind == "artifact":
+        artifact = artifacts.Artifact(target)
+        verified, total, what = artifact.verify(), len(artifact.names), artifact.kind
+    elif kind == "peft":
+        verified, total = shards.verify_file(target / PEFT_FILE)
+        what = "peft-lora"
+    else:
+        index = shards.CheckpointIndex(target)
+        verified, total = index.verify(), len(index)
+        what = "model"
+    status = "ok" if verified == total else "no hashes recorded" if verified == 0 else "partly hashed"
+    return {"path": str(target), "kind": what, "tensors": total, "verified": verified, "status": status}
+
+
+def _resolve(path: str | os.PathLike) -> tuple[str, Path]:
+    """What `path` is — `artifact` (a lorasb safetensors file), `peft` or `model` (a directory) — and the file
+    or directory to read."""
     target = Path(path)
     if not target.exists():
         raise BadInputError("no such file or directory", path=str(target))
     if target.is_dir():
         if (target / adapter.ADAPTER_FILE).is_file():
-            return describe_file(target / adapter.ADAPTER_FILE)
-        if (target / "adapter_model.safetensors").is_file():
-            return _describe_peft(target)
+            return "artifact", target / adapter.ADAPTER_FILE
+        if (target / PEFT_FILE).is_file():
+            return "peft", target
         if (target / "config.json").is_file():
-            return _describe_model(target)
+            return "model", target
         raise BadInputError(
             "directory holds no lorasb artifact", path=str(target),
             hint="pass an update/factors file, a train -o directory or a merge -o directory",
         )  # fmt: skip
-    return describe_file(target)
+    return "artifact", target
 
 
 def describe_file(path: Path) -> dict:
@@ -36,9 +66,14 @@ def describe_file(path: Path) -> dict:
     shapes = artifact.shapes()
     modules: dict[str, dict] = {}
     if artifact.kind in ("update", "update-raw"):
+        # A classifier's update also carries the head G was computed through (1-D biases among them).
+        head = set(artifact.provenance.head)
         for name, shape in shapes.items():
-            modules[name.removesuffix(".weight")] = {"shape": list(shape)}
-        counts = {"update_entries": sum(s[0] * s[1] for s in shapes.values())}
+            if name not in head:
+                modules[name.removesuffix(".weight")] = {"shape": list(shape)}
+        counts = {"update_entries": sum(_numel(s) for n, s in shapes.items() if n not in head)}
+        if head:
+            counts["head"] = sum(_numel(shapes[n]) for n in head)
     else:
         trainable = lora_same_rank = 0
         for module in artifacts.factor_modules(artifact):
@@ -65,8 +100,8 @@ def describe_file(path: Path) -> dict:
 
 
 def _describe_peft(directory: Path) -> dict:
-    config = json.loads((directory / "adapter_config.json").read_text())
-    header = shards.read_header(directory / "adapter_model.safetensors")
+    config = _read_json(directory / "adapter_config.json")
+    header = shards.read_header(directory / PEFT_FILE)
     header.pop("__metadata__", None)
     return {
         "path": str(directory),
@@ -81,17 +116,32 @@ def _describe_peft(directory: Path) -> dict:
 
 def _describe_model(directory: Path) -> dict:
     index = shards.CheckpointIndex(directory)
-    first = shards.read_header(directory / index.shard_files()[0]).get("__metadata__", {})
-    provenance = json.loads(first["lorasb"]) if "lorasb" in first else {}
+    first = shards.read_header(directory / index.shard_files()[0]).get("__metadata__") or {}
+    provenance = _merged_provenance(first.get(artifacts.METADATA_KEY), directory / index.shard_files()[0])
     return {
         "path": str(directory),
         "kind": "merged-model" if provenance else "model",
         "modules": len(index),
         "rank": None,
         "parameters": {"total": sum(_numel(index.shape(n)) for n in index.names())},
-        "provenance": provenance or json.loads((directory / "config.json").read_text()),
+        "provenance": provenance or _read_json(directory / "config.json"),
         "shapes": {},
     }
+
+
+def _merged_provenance(text: object, shard: Path) -> dict:
+    """A merged checkpoint's `lorasb` metadata ({} if none), under the artifact reader's size and depth limits."""
+    return {} if text is None else artifacts.parse_metadata(text, str(shard))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"unreadable JSON file ({e})", path=str(path), hint="copy the directory again") from None
+    if not isinstance(value, dict):
+        raise BadInputError("JSON file holds no object", path=str(path), hint="copy the directory again")
+    return value
 
 
 def _numel(shape) -> int:

@@ -341,16 +341,20 @@ def _write_merged(
         return
 
     total_size = 0
+    hashes: dict[str, str] = {}  # recorded in each shard and the index, so `inspect --verify` can check them
     for shard, group in itertools.groupby(merged(), key=lambda item: item[0]):
         # Deleted right after saving, so no shard's tensors outlive it while the next shard is read.
         tensors = {name: tensor.contiguous() for _, name, tensor in group}
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, out_dir / shard, metadata=metadata)
+        shard_hashes = shards.tensor_hashes(tensors)
+        hashes |= shard_hashes
+        save_file(tensors, out_dir / shard, metadata=shards.hashed_metadata(metadata, shard_hashes))
         del tensors
     index_path = index.directory / shards.INDEX_FILE
     if index_path.is_file():
         layout = json.loads(index_path.read_text())
         layout.setdefault("metadata", {})["total_size"] = total_size
+        layout["metadata"][shards.INDEX_HASH_KEY] = hashes  # the base's own hashes, if any, are not these
         layout["weight_map"] = {prefix + name: shard for name, shard in layout["weight_map"].items()}
         layout["weight_map"].update(dict.fromkeys(added, last_shard))
         (out_dir / shards.INDEX_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
@@ -435,5 +439,6 @@ def _write_peft(
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
-    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=metadata)
+    hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
+    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
     (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

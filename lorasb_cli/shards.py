@@ -3,16 +3,20 @@
 `CheckpointIndex` maps tensor names to shard files from headers alone and reads tensors by name or shard by
 shard; `ShardWriter` writes tensors into shards of capped size with HF file names and index. Neither ever
 unpickles, and neither holds more than one shard open (reader) or buffered (writer) at a time.
+
+Integrity: the writer records each tensor's `tensor_hash` in its shard's header and in the index; the reader
+checks every tensor it returns against them (checkpoints without hashes, such as the base models, read as is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import BadInputError
+from .errors import BadInputError, IncompatibleArtifactError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,7 +51,50 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
 _MAX_HEADER_BYTES = 100_000_000
+
+# Per-tensor content hashes: a merged shard records its own in its header under SHARD_HASH_KEY (a JSON object
+# string, as safetensors metadata values are strings) and the index repeats them all under INDEX_HASH_KEY.
+SHARD_HASH_KEY = "lorasb_tensor_sha256"
+INDEX_HASH_KEY = "tensor_sha256"
+HASH_HEX_DIGITS = 32  # 128 bits: ample against corruption, and short enough for thousands of tensors
+
+
+def tensor_hash(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's safetensors dtype code, shape and raw bytes, as HASH_HEX_DIGITS hex digits.
+
+    Dtype and shape are hashed too: a header edit that keeps the byte size (F32 → I32, [4, 8] → [8, 4]) must
+    not pass."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{_DTYPE_CODES[flat.dtype]}{list(tensor.shape)}".encode())
+    digest.update(flat.view(torch.uint8).numpy())  # the bytes as stored (little-endian), no copy
+    return digest.hexdigest()[:HASH_HEX_DIGITS]
+
+
+def tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: tensor_hash(tensor) for name, tensor in tensors.items()}
+
+
+def hashed_metadata(metadata: dict[str, str], hashes: dict[str, str]) -> dict[str, str]:
+    """`metadata` for a shard whose tensors have `hashes` (`tensor_hashes`), recorded for readers to verify."""
+    return {**metadata, SHARD_HASH_KEY: json.dumps(hashes, sort_keys=True)}
+
+
+def is_hash(value: object) -> bool:
+    return isinstance(value, str) and len(value) == HASH_HEX_DIGITS and all(c in "0123456789abcdef" for c in value)
+
+
+def hash_mismatch(name: str, path: str | os.PathLike, recorded: str, hint: str | None = None) -> BadInputError:
+    """The error for a tensor whose bytes, dtype or shape are not those it was written with."""
+    return IncompatibleArtifactError(
+        f"tensor '{name}' does not match the hash recorded when it was written (sha256 {recorded}): "
+        "the file is corrupt or was modified",
+        path=str(path),
+        hint=hint or "copy the file again, or re-run the stage that wrote it",
+    )
+
 
 # Weight files of the pickle-based formats: named in the error, never opened.
 _PICKLE_PATTERNS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
@@ -94,8 +141,9 @@ class CheckpointIndex:
         if not self.directory.is_dir():
             raise BadInputError("model directory not found", path=str(self.directory), hint="check the path")
         index_path = self.directory / INDEX_FILE
+        index_hashes: dict[str, str] | None = None
         if index_path.is_file():
-            weight_map = _read_weight_map(index_path)
+            weight_map, index_hashes = _read_weight_map(index_path)
         elif (self.directory / SINGLE_FILE).is_file():
             weight_map = None
         else:
@@ -109,8 +157,10 @@ class CheckpointIndex:
 
         self._tensors: dict[str, TensorInfo] = {}
         self._shards: dict[str, list[str]] = {}
+        # name → recorded content hash, for the tensors whose shard or index records one (lorasb-written).
+        self.hashes: dict[str, str] = {}
         for shard in sorted(listed) if listed is not None else [SINGLE_FILE]:
-            infos = _shard_tensors(self.directory / shard, shard)
+            infos, shard_hashes = _shard_tensors(self.directory / shard, shard)
             if listed is not None:
                 missing = sorted(listed[shard] - infos.keys())
                 if missing:
@@ -123,6 +173,18 @@ class CheckpointIndex:
                 infos = {n: info for n, info in infos.items() if n in listed[shard]}
             self._shards[shard] = list(infos)
             self._tensors.update(infos)
+            for name in infos:
+                # lorasb writes a shard's hashes into the shard and the index alike: any difference between the
+                # two (an index copied from another checkpoint, say) is a checkpoint that was changed since.
+                in_shard, in_index = (shard_hashes or {}).get(name), (index_hashes or {}).get(name)
+                if in_index is not None and in_index != in_shard:
+                    raise IncompatibleArtifactError(
+                        f"the index records a hash for '{name}' that {shard} "
+                        + ("does not record" if in_shard is None else "contradicts"),
+                        path=str(index_path), hint="the checkpoint is mixed up; copy it again or re-run the merge",
+                    )  # fmt: skip
+                if in_shard is not None:
+                    self.hashes[name] = in_shard
 
     def names(self) -> list[str]:
         """Every tensor name, shard by shard, in each shard's storage order."""
@@ -154,32 +216,78 @@ class CheckpointIndex:
         return len(self._tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor by name, read from its shard (only that tensor's bytes)."""
+        """One tensor by name, read from its shard (only that tensor's bytes), checked against its recorded hash."""
         with safe_open(self.directory / self.info(name).shard, framework="pt") as f:
-            return f.get_tensor(name)
+            return self._checked(name, f.get_tensor(name))
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) for every tensor, shard by shard, with exactly one shard open at a time."""
         for shard, names in self._shards.items():
             with safe_open(self.directory / shard, framework="pt") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    yield name, self._checked(name, f.get_tensor(name))
+
+    def verify(self) -> int:
+        """Read every tensor that has a recorded hash and check it; returns how many were checked."""
+        for shard, names in self._shards.items():
+            hashed = [n for n in names if n in self.hashes]
+            if hashed:
+                with safe_open(self.directory / shard, framework="pt") as f:
+                    for name in hashed:
+                        self._checked(name, f.get_tensor(name))
+        return len(self.hashes)
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        recorded = self.hashes.get(name)
+        if recorded is not None and tensor_hash(tensor) != recorded:
+            raise hash_mismatch(name, self.directory / self.info(name).shard, recorded)
+        return tensor
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
+def verify_file(path: str | os.PathLike) -> tuple[int, int]:
+    """Check each tensor of one safetensors file against the hashes its header records (SHARD_HASH_KEY);
+    returns (tensors checked, tensors in the file)."""
+    path = Path(path)
+    infos, hashes = _shard_tensors(path, path.name)
+    if hashes:
+        with safe_open(path, framework="pt") as f:
+            for name in infos:
+                if tensor_hash(f.get_tensor(name)) != hashes[name]:
+                    raise hash_mismatch(name, path, hashes[name])
+    return len(hashes or {}), len(infos)
+
+
+def _read_weight_map(index_path: Path) -> tuple[dict[str, str], dict[str, str] | None]:
+    """The index's weight map, and the tensor hashes its metadata records (None when it records none)."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not an object of file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        hashes = (index.get("metadata") or {}).get(INDEX_HASH_KEY)
+        if hashes is not None:
+            _check_hashes(hashes, weight_map)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BadInputError(
             f"unreadable checkpoint index ({e})", path=str(index_path), hint="download or copy the checkpoint again"
         ) from e
-    return weight_map
+    return weight_map, hashes
 
 
-def _shard_tensors(path: Path, shard: str) -> dict[str, TensorInfo]:
-    """TensorInfo of every tensor in one shard file, in storage (data offset) order."""
+def _check_hashes(hashes: object, names: Iterable[str]) -> None:
+    """A recorded hash map must be {name: hash} for exactly `names`: a name more or less is a corrupt file."""
+    if not isinstance(hashes, dict) or not all(is_hash(h) for h in hashes.values()):
+        raise ValueError("its tensor hashes are not an object of sha256 prefixes")
+    names = set(names)
+    odd = sorted(names ^ hashes.keys())
+    if odd:
+        which = "has no recorded hash" if odd[0] in names else "has a hash but is not stored"
+        raise ValueError(f"tensor '{odd[0]}' {which}")
+
+
+def _shard_tensors(path: Path, shard: str) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+    """TensorInfo of every tensor in one shard file, in storage (data offset) order, and the hashes the shard
+    records (None when it records none)."""
     if not path.is_file():
         raise BadInputError(
             "a shard listed in the checkpoint index is missing",
@@ -187,8 +295,9 @@ def _shard_tensors(path: Path, shard: str) -> dict[str, TensorInfo]:
             hint="download or copy the complete checkpoint",
         )
     header = read_header(path)
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
     infos: dict[str, TensorInfo] = {}
+    hashes = None
     try:
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         for name, entry in entries:
@@ -197,11 +306,14 @@ def _shard_tensors(path: Path, shard: str) -> dict[str, TensorInfo]:
                 raise BadInputError(f"tensor '{name}' has unsupported dtype {code}", path=str(path))
             start, end = entry["data_offsets"]
             infos[name] = TensorInfo(shard, _DTYPES[code], tuple(int(d) for d in entry["shape"]), end - start)
-    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(metadata, dict) and SHARD_HASH_KEY in metadata:
+            hashes = json.loads(metadata[SHARD_HASH_KEY])
+            _check_hashes(hashes, infos)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BadInputError(
             f"malformed safetensors header ({e!r})", path=str(path), hint="download or copy the file again"
         ) from e
-    return infos
+    return infos, hashes
 
 
 def _no_safetensors_error(directory: Path) -> BadInputError:
@@ -226,7 +338,8 @@ class ShardWriter:
     A tensor larger than the cap gets a shard of its own. Shards go to hidden temporary files in `out_dir`
     and get their HF names (`model-0000k-of-0000N.safetensors`, or `model.safetensors` for one shard) only
     in `finalize`, so an interrupted write leaves nothing a loader would read. Use as a context manager to
-    delete the temporary files when the block raises.
+    delete the temporary files when the block raises. Each shard's header records its tensors' hashes
+    (SHARD_HASH_KEY) and the index all of them (INDEX_HASH_KEY), for `CheckpointIndex` and `inspect --verify`.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_size_bytes: int, metadata: dict[str, str] | None = None):
@@ -248,6 +361,7 @@ class ShardWriter:
         self._buffered_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []  # temporary shard files and their tensor names
         self._names: set[str] = set()
+        self._hashes: dict[str, str] = {}  # of every flushed tensor: the index records them all
         self._total_size = 0
         self._finalized = False
 
@@ -283,7 +397,8 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(names, final))
         if count > 1:
             # Written last: a checkpoint only exists for loaders once every shard it names is in place.
-            index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
+            metadata = {"total_size": self._total_size, INDEX_HASH_KEY: self._hashes}
+            index = {"metadata": metadata, "weight_map": weight_map}
             tmp = self._temp_file(".index.json.tmp")
             tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, self.out_dir / INDEX_FILE)
@@ -301,8 +416,11 @@ class ShardWriter:
 
     def _flush(self) -> None:
         tmp = self._temp_file(".safetensors.tmp")
+        hashes = tensor_hashes(self._buffer)
+        self._hashes.update(hashes)
+        metadata = hashed_metadata(self.metadata, hashes)
         try:
-            save_file(self._buffer, str(tmp), metadata=self.metadata)
+            save_file(self._buffer, str(tmp), metadata=metadata)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -14,7 +14,9 @@ from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFinit
 
 
 def _meta(kind="update"):
-    return artifacts.provenance(kind, base_model={"id": "toy", "fingerprint": "f" * 16}, eta=1e-5)
+    rank = {"rank": 2} if kind in ("factors", "adapter") else {}  # the schema requires what the stages read
+    return artifacts.provenance(kind, base_model={"id": "toy", "fingerprint": "f" * 16}, targets="all-linear",
+                                eta=1e-5, **rank)  # fmt: skip
 
 
 def test_round_trip_keeps_tensors_and_provenance(tmp_path):

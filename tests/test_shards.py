@@ -152,8 +152,11 @@ def test_writer_with_one_byte_cap_gives_each_tensor_a_shard(model, sharded_dir, 
     saved = json.loads((out / INDEX_FILE).read_text())
     assert saved["weight_map"] == dict(zip(index.names(), shard_names))
     assert saved["metadata"]["total_size"] == sum(index.info(n).nbytes for n in index.names())
-    for shard in shard_names:
-        assert shards.read_header(out / shard)["__metadata__"] == {"format": "pt", "lorasb": "{}"}
+    for shard, name in zip(shard_names, index.names()):
+        metadata = shards.read_header(out / shard)["__metadata__"]
+        hashes = json.loads(metadata.pop(shards.SHARD_HASH_KEY))  # each shard records its own tensors' hashes
+        assert metadata == {"format": "pt", "lorasb": "{}"}
+        assert hashes == {name: shards.tensor_hash(index.get(name))} == {name: saved["metadata"]["tensor_sha256"][name]}
 
     reread = CheckpointIndex(out)
     state = model.state_dict()
