@@ -19,17 +19,34 @@ from .errors import LorasbError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+# Commands whose processes form one job under a launcher (torchrun, accelerate launch): they join its process group.
+# Every other command runs on global rank 0 alone and the other ranks return at once, so that a job writes each
+# file and prints its stdout line once (DESIGN.md §3).
+DATA_PARALLEL = ("estimate", "train")
+
+
 def common_options(command):
-    """--json, --quiet and --debug on every command."""
+    """--json, --quiet and --debug on every command, and its place in a launcher's job."""
 
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout instead of the path.")
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars, tables or info logs on stderr.")
     @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
     @functools.wraps(command)
     def wrapper(*args, as_json: bool, quiet: bool, debug: bool, **kwargs):
+        from . import system
         from .console import setup_logging
+        from .errors import BadInputError
 
-        setup_logging(debug=debug, quiet=quiet)
+        rank, world = system.launcher_rank()
+        setup_logging(debug=debug, quiet=quiet, rank=rank)
+        if world > 1 and command.__name__ not in DATA_PARALLEL:
+            if command.__name__ == "compare":  # its cells would join the job's process group from rank 0 alone
+                raise BadInputError(
+                    "lorasb compare runs its cells one process each, not under a launcher",
+                    hint="run it without torchrun / accelerate launch",
+                )
+            if rank > 0:
+                return None
         return command(*args, as_json=as_json, quiet=quiet, **kwargs)
 
     return wrapper
@@ -90,7 +107,12 @@ def _number(option: str, value: str) -> float:
 
 
 def report(path, summary: dict, as_json: bool) -> None:
-    """The only stdout output of a stage: its path, or a JSON summary with the path."""
+    """The only stdout output of a stage: its path, or a JSON summary with the path; printed by global rank 0 only,
+    so that `$(torchrun ... -m lorasb_cli estimate ...)` is one path."""
+    from .system import is_main_process
+
+    if not is_main_process():
+        return
     if as_json:
         click.echo(json.dumps({"path": str(path), **summary}, default=str))
     else:
@@ -108,13 +130,23 @@ def cli():
     """
 
 
+def _data_optional(command):
+    """estimate's --data: needed by every run but --dry-run, so the command checks it rather than click."""
+    for param in command.__click_params__:
+        if param.name == "data":
+            param.required = False
+    return command
+
+
 @cli.command(
     context_settings=CONTEXT,
     epilog="""\b
 Example:
   lorasb estimate --model mistral --data metamathqa.jsonl --frac 0.001 -o update.safetensors
-  lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors""",
+  lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors
+  lorasb estimate --model mistral --dry-run --batch-size 8 --max-length 512 --rank 96 --dtype bfloat16""",
 )
+@_data_optional
 @model_options
 @data_options
 @click.option("--frac", type=float, default=None, help="Fraction of the split to sample [default: 0.001].")
@@ -124,28 +156,66 @@ Example:
 @click.option("--eta", default=1e-5, show_default=True, type=float, help="Size η of the simulated first step.")
 @click.option("--raw", is_flag=True, help="Write float32 sums of G and the sample count (for lorasb combine).")
 @click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
+@click.option("--accumulate-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
+                   "when everything fits there, else the CPU.")  # fmt: skip
+@click.option("--accumulate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="bfloat16 halves the accumulators; each batch rounds once into G.")  # fmt: skip
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).")
+@click.option("--rank", "-r", default=32, show_default=True, type=int, help="--dry-run: the rank train is planned at.")
 @click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
 def estimate(model, dtype, device, trust_remote_code, data, split, data_config, fields, size, data_format, template,
-             batch_size, max_length, frac, samples, targets, seed, eta, raw, shard, out, as_json, quiet):  # fmt: skip
+             batch_size, max_length, frac, samples, targets, seed, eta, raw, shard, accumulate_on, accumulate_dtype,
+             dry_run, rank, out, as_json, quiet):  # fmt: skip
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
     from .estimate import EstimateConfig
     from .estimate import estimate as run_estimate
 
+    if dry_run:
+        from . import plan
+
+        head = "sequence-classification" if data_format in ("classification", "regression") else "causal-lm"
+        planned = plan.plan_model(model, targets=targets, batch_size=batch_size, max_length=max_length, rank=rank,
+                                  dtype=dtype, device=device, accumulate_on=accumulate_on,
+                                  accumulate_dtype=accumulate_dtype, head=head,
+                                  trust_remote_code=trust_remote_code)  # fmt: skip
+        facts = planned.facts
+        print_table(
+            f"memory plan: {facts.model}, {facts.dtype}, batch {batch_size} × {max_length}, rank {rank}, "
+            f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
+            ["stage", "holds", "on", "size"],
+            [[name, item.what, item.where, human_bytes(item.bytes)]
+             for name, stage in planned.stages.items() for item in stage.items]
+            + [[name, "total" + {True: "", False: " — does NOT fit", None: ""}[planned.fits(name)],
+                ", ".join(f"{w} (free {human_bytes(planned.free[w]) if w in planned.free else 'unknown here'})"
+                          for w in stage.need()),
+                human_bytes(stage.total)] for name, stage in planned.stages.items()],
+        )  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(planned.to_json()))
+        else:
+            click.echo("; ".join(f"{name} {stage.total / 2**30:.2f} GiB" for name, stage in planned.stages.items()))
+        return
+    if data is None:
+        raise click.UsageError("Missing option '--data' / '-d' (only --dry-run runs without data).")
     config = EstimateConfig(
         model=model, data=data, out=out, split=split, data_config=data_config, fields=fields, size=size,
         format=data_format, template=template, frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
         batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, seed=seed, eta=eta, raw=raw,
-        shard=shard, trust_remote_code=trust_remote_code,
+        shard=shard, trust_remote_code=trust_remote_code, accumulate_on=accumulate_on,
+        accumulate_dtype=accumulate_dtype,
     )  # fmt: skip
     with progress_bar("estimate", enabled=not quiet) as progress:
         summary = run_estimate(config, progress)
+    planned = ", ".join(f"{human_bytes(b)} on {w}" for w, b in (summary.planned_bytes or {}).items()) or "-"
     print_table(
         "estimate",
-        ["modules", "samples", "tokens", "seconds", "peak memory"],
+        ["modules", "samples", "tokens", "seconds", "peak memory", "planned", "accumulators"],
         [[summary.modules, summary.samples, summary.tokens, f"{summary.seconds:.1f}",
-          human_bytes(summary.peak_memory_bytes)]],
+          human_bytes(summary.peak_memory_bytes), planned, f"{summary.accumulate_dtype} on {summary.accumulate_on}"]],
     )  # fmt: skip
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
@@ -220,7 +290,8 @@ Examples:
 )
 @model_options
 @click.option("--method", default="lorasb", show_default=True, metavar="NAME",
-              help="lorasb, lora, rslora, dora, pissa, loraga, milora, inilora, inilora-alpha, inilora-beta, full, head.")  # fmt: skip
+              help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
+                   "full, head.")  # fmt: skip
 @click.option("--factors", "-f", default=None, help="--method lorasb: factors file written by lorasb decompose.")
 @click.option("--rank", "-r", default=None, type=int, help="Rank of the other low-rank methods.")
 @click.option("--targets", default="all-linear", show_default=True, help="Other methods: all-linear, attention, or suffixes.")
@@ -421,15 +492,32 @@ def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split
     epilog="""\b
 Example:
   lorasb inspect factors.safetensors
-  lorasb inspect run/ --json""",
+  lorasb inspect run/ --json
+  lorasb inspect --verify merged/""",
 )
 @click.argument("path")
+@click.option("--verify", is_flag=True,
+              help="Read every tensor and check it against the hash recorded when it was written.")  # fmt: skip
 @common_options
-def inspect_command(path, as_json, quiet):
+def inspect_command(path, verify, as_json, quiet):
     """Show what a lorasb artifact is: kind, provenance, modules, shapes, rank and parameter counts."""
     from .console import print_description
     from .inspect import describe
+    from .inspect import verify as verify_tensors
 
+    if verify:
+        result = verify_tensors(path)  # a mismatch raises: one error line naming the file and tensor, exit 2
+        if as_json:
+            click.echo(json.dumps(result))
+        elif result["status"] == "ok":
+            click.echo(f"verified: all {result['tensors']} tensors match their recorded hashes ({result['path']})")
+        elif result["status"] == "no hashes recorded":
+            click.echo(f"no hashes recorded: {result['path']} was written before lorasb recorded them; "
+                       f"its {result['tensors']} tensors cannot be verified")  # fmt: skip
+        else:
+            click.echo(f"verified {result['verified']} of {result['tensors']} tensors (all match); the others have "
+                       f"no recorded hash ({result['path']})")  # fmt: skip
+        return
     description = describe(path)
     if as_json:
         click.echo(json.dumps(description, indent=2, default=str))
@@ -500,24 +588,31 @@ def main(argv: list[str] | None = None) -> None:
     except LorasbError as e:
         if debug:
             raise
-        click.echo(f"Error: {e.one_line()}", err=True)
+        _error(e.one_line())
         sys.exit(e.exit_status)
     except click.exceptions.Abort:
-        click.echo("Error: aborted", err=True)
+        _error("aborted")
         sys.exit(1)
     except click.ClickException as e:
         if debug:
             raise
         command = f"lorasb {e.ctx.info_name} --help" if getattr(e, "ctx", None) and e.ctx.parent else "lorasb --help"
-        click.echo(f"Error: {e.format_message()} (see '{command}')", err=True)
+        _error(f"{e.format_message()} (see '{command}')")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
+        _error("interrupted")
         sys.exit(130)
     except Exception as e:
         if debug:
             raise
         message = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"Error: {type(e).__name__}: {message} — rerun with --debug for the traceback", err=True)
+        _error(f"{type(e).__name__}: {message} — rerun with --debug for the traceback")
         sys.exit(1)
     sys.exit(status or 0)
+
+
+def _error(text: str) -> None:
+    """The one stderr line of a failed command; `[rank N] Error: ...` on a launcher's ranks other than 0."""
+    from .console import rank_prefix
+
+    click.echo(f"{rank_prefix()}Error: {text}", err=True)

@@ -15,23 +15,36 @@ from rich.table import Table
 stderr = Console(stderr=True)
 stdout = Console()
 _quiet = False
+_rank = 0
 
 
-def setup_logging(*, debug: bool, quiet: bool) -> None:
-    """Route the library's logs to stderr; `quiet` also silences summary tables."""
-    global _quiet
-    _quiet = quiet
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+def setup_logging(*, debug: bool, quiet: bool, rank: int = 0) -> None:
+    """Route the library's logs to stderr; `quiet` also silences summary tables.
+
+    Under a launcher, global rank `rank` > 0 shows no bars or tables and logs warnings and errors (everything with
+    `debug`) prefixed `[rank N]`, as the Trainer's `log_level_replica`: rank 0 speaks for the job.
+    """
+    global _quiet, _rank
+    _quiet, _rank = quiet or rank > 0, rank
+    level = logging.DEBUG if debug else logging.WARNING if quiet or rank > 0 else logging.INFO
     logger = logging.getLogger("lorasb")
-    logger.handlers[:] = [RichHandler(console=stderr, show_time=False, show_path=False, markup=False)]
+    handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
+    if rank > 0:
+        handler.setFormatter(logging.Formatter(f"{rank_prefix()}%(message)s"))
+    logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
 
 
+def rank_prefix() -> str:
+    """`[rank N] ` for what a rank other than 0 writes to stderr; empty on rank 0 and without a launcher."""
+    return f"[rank {_rank}] " if _rank > 0 else ""
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield `update(done, total)` driving one rich bar on stderr (a no-op when disabled)."""
-    if not enabled:
+    """Yield `update(done, total)` driving one rich bar on stderr (a no-op when disabled, and on ranks > 0)."""
+    if not enabled or _rank > 0:
         yield lambda done, total: None
         return
     columns = (

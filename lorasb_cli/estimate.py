@@ -8,7 +8,9 @@ accumulator; base weights never get `requires_grad`, so no full set of parameter
 from __future__ import annotations
 
 import logging
+import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts, data, models, system
+from . import artifacts, data, models, plan, system
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 
 log = logging.getLogger("lorasb")
@@ -25,7 +27,8 @@ log = logging.getLogger("lorasb")
 
 @dataclass
 class GradientSums:
-    """Float32 G per target module ([m, n], on CPU), and what it was summed over."""
+    """G per target module ([m, n], in the accumulators' dtype and place: float32 on CPU by default), and what
+    it was summed over."""
 
     sums: dict[str, torch.Tensor]
     samples: int
@@ -33,14 +36,23 @@ class GradientSums:
 
 
 class _GradientHooks:
-    """Hooks that add each target weight's gradient into its accumulator as backward produces it."""
+    """Hooks that add each target weight's gradient into its accumulator as backward produces it.
 
-    def __init__(self, model: nn.Module, modules: list[str]):
+    Accumulators live on `accumulate_device` in `accumulate_dtype`. Each batch's gradient ∂L/∂yᵀ·x is one matmul
+    (float32 sums inside it); only the running sum across batches is rounded to `accumulate_dtype`.
+    """
+
+    def __init__(self, model: nn.Module, modules: list[str], *, accumulate_device: torch.device | None = None,
+                 accumulate_dtype: torch.dtype = torch.float32):  # fmt: skip
         named = dict(model.named_modules())
         self.shapes = {name: named[name].weight.shape for name in modules}
+        self.device = accumulate_device or torch.device("cpu")
+        self.dtype = accumulate_dtype
         # Created by each module's first gradient, not up front: while the first forward holds its peak of
         # activations, no accumulator memory is in use yet (plain autograd's .grad behaves the same).
         self.sums: dict[str, torch.Tensor] = {}
+        self._rebuilds: dict[str, bool] = {}  # per module: whether its input is rebuilt (checked bitwise once)
+        self._last: tuple[weakref.ref, _HeldInput] | None = None  # the input the previous target read
         self._handles = [named[name].register_forward_hook(self._forward_hook(name)) for name in modules]
         # The inputs are integer ids and no weight requires grad, so make the embeddings' output the
         # leaf that backward flows to; activation gradients are all backward computes besides ours.
@@ -51,28 +63,64 @@ class _GradientHooks:
         def hook(_module, inputs, output):
             if not output.requires_grad:
                 return
-            held = [inputs[0].detach()]  # released as soon as the gradient arrives
+            held = self._held(name, inputs[0])
 
             def on_grad(grad_output: torch.Tensor) -> None:
-                x = held.pop()
+                x = held.take()
                 grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
                 weight_grad = grad_2d.T.mm(x.reshape(-1, x.shape[-1]).to(grad_2d.dtype))
-                weight_grad = weight_grad.float().cpu()
+                del x
                 if name in self.sums:
-                    self.sums[name].add_(weight_grad)
+                    # One rounding per batch: add_ computes in float32 and rounds into a bf16 accumulator.
+                    self.sums[name].add_(weight_grad.to(self.device))
                 else:
-                    self.sums[name] = weight_grad
+                    # The matmul's own result becomes the accumulator when dtype and place already match.
+                    self.sums[name] = weight_grad.to(device=self.device, dtype=self.dtype)
 
             output.register_hook(on_grad)
 
         return hook
 
+    def _held(self, name: str, x: torch.Tensor) -> _HeldInput:
+        """The holder of target `name`'s input x: shared with the previous target when it read the same tensor."""
+        if self._last is not None and self._last[0]() is x:
+            holder = self._last[1]
+        else:
+            # Bit-exactness of a rebuild is checked on each module's first forward; the code path is the same later.
+            source, rebuilt = plan.held_input(x, rebuild=self._rebuilds.get(name))
+            self._rebuilds.setdefault(name, rebuilt)
+            holder = _HeldInput(source)
+            self._last = (weakref.ref(x), holder)
+        holder.users += 1
+        return holder
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for name, shape in self.shapes.items():  # a module no gradient reached (e.g. no supervised token)
-            self.sums.setdefault(name, torch.zeros(shape, dtype=torch.float32))
+        self._last = None
+        for name, shape in self.shapes.items():
+            if name not in self.sums:  # a module no gradient reached (e.g. no supervised token)
+                self.sums[name] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.sums = {name: self.sums[name] for name in self.shapes}  # model order
+
+
+class _HeldInput:
+    """One target input for the targets that read it (q/k/v read one tensor, gate/up another): made once, when
+    the first of their gradients arrives (a rebuild, or the held tensor), and dropped after the last takes it."""
+
+    def __init__(self, source: Callable[[], torch.Tensor]):
+        self.source: Callable[[], torch.Tensor] | None = source
+        self.value: torch.Tensor | None = None
+        self.users = 0
+
+    def take(self) -> torch.Tensor:
+        if self.value is None:
+            self.value = self.source()
+        x = self.value
+        self.users -= 1
+        if self.users == 0:
+            self.source = self.value = None
+        return x
 
 
 def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -87,13 +135,57 @@ def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum"), labels.numel()
     if labels.dim() == 1:
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    targets = labels[:, 1:]
-    token_losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE, reduction="none"
-    ).view(targets.shape)
-    counts = (targets != data.IGNORE).sum(dim=1)
+    # The target of position t is label t+1; the last position has none. Shifting the labels, not the logits,
+    # keeps the logits un-copied.
+    targets = F.pad(labels[:, 1:], (0, 1), value=data.IGNORE)
+    supervised = targets != data.IGNORE
+    counts = supervised.sum(dim=1)
     # A sample with no supervised token has loss 0 (it adds nothing), not 0/0.
-    return (token_losses.sum(dim=1) / counts.clamp(min=1)).sum(), int(counts.sum())
+    weights = supervised / counts.clamp(min=1)[:, None].to(torch.float32)
+    vocab = logits.shape[-1]
+    loss = _WeightedCrossEntropy.apply(logits.reshape(-1, vocab), targets.reshape(-1), weights.reshape(-1))
+    return loss, int(counts.sum())
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows of logits per float32 chunk in _WeightedCrossEntropy: plan.LOSS_CHUNK_BYTES of temporaries a chunk."""
+    return max(1, plan.LOSS_CHUNK_BYTES // (4 * vocab))
+
+
+class _WeightedCrossEntropy(torch.autograd.Function):
+    """Σ_t w_t·(logsumexp(z_t) − z_t[y_t]) over the rows z_t of logits [N, V], in float32 chunks of rows.
+
+    Same value as `F.cross_entropy(z.float(), y, reduction="none") @ w`, but autograd's version keeps a float32
+    log-softmax [N, V] for backward and builds two more float32 [N, V] tensors in it (plus the float32 copy of
+    bf16 logits); this keeps the logits and one float32 per row, and writes the gradient w_t·(softmax(z_t) − e_y)
+    chunk by chunk into one [N, V] tensor of the logits' dtype. Rows with w_t = 0 contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rows = _chunk_rows(logits.shape[1])
+        index = targets.clamp(min=0)[:, None]
+        lse = torch.cat([torch.logsumexp(logits[i : i + rows].float(), dim=1) for i in range(0, len(logits), rows)])
+        picked = logits.gather(1, index).squeeze(1).float()
+        ctx.save_for_backward(logits, index, weights, lse)
+        return torch.where(weights > 0, (lse - picked) * weights, 0.0).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, index, weights, lse = ctx.saved_tensors
+        rows = _chunk_rows(logits.shape[1])
+        scale = (weights * grad_loss)[:, None]
+        grad = torch.empty_like(logits)
+        for i in range(0, len(logits), rows):
+            part = slice(i, i + rows)
+            # float32 logits: computed in place in the gradient's rows; others in a float32 chunk, then cast.
+            chunk = grad[part] if grad.dtype == torch.float32 else None
+            chunk = torch.sub(logits[part].float(), lse[part, None], out=chunk)
+            chunk.exp_().mul_(scale[part]).scatter_add_(1, index[part], -scale[part])
+            if chunk.data_ptr() != grad[part].data_ptr():
+                grad[part] = chunk
+        return grad, None, None
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -107,11 +199,25 @@ def sum_gradients(
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     on_batch: Callable[[int], None] | None = None,
+    accumulate_on: torch.device | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
 ) -> GradientSums:
-    """G for each target module over all batches (and all ranks of a process group, if one is running)."""
+    """G for each target module over all batches (and all ranks of a process group, if one is running).
+
+    The accumulators ([m, n] per target) live on `accumulate_on` (default CPU) in `accumulate_dtype`.
+
+    bfloat16 against float32: half the memory (2 instead of 4 bytes per target weight entry: 13 instead of 26 GiB
+    for Mistral-7B). Within a batch nothing changes: ∂L/∂yᵀ·x is one matmul that sums its tokens in float32.
+    Across batches each batch's gradient is rounded once into the running sum, to 8 significant bits, so after
+    b batches an entry can be off by up to 2⁻⁸·Σ|partial sums| (tests/test_estimate.py checks this bound). The
+    update keeps only the sign of G, and wherever |G| is above that bound the sign is G's; the entries whose
+    sign can differ are those near 0, whose sign float32 noise and the sample draw already make arbitrary. With
+    many small batches (e.g. 50 batches of 1) the bound grows with b: prefer float32 when it fits, or bigger
+    batches. (The reference implementation sums bf16 batch-mean losses: coarser still.)
+    """
     device = next(model.parameters()).device
     model.requires_grad_(False)
-    hooks = _GradientHooks(model, modules)
+    hooks = _GradientHooks(model, modules, accumulate_device=accumulate_on, accumulate_dtype=accumulate_dtype)
     samples = tokens = 0
     try:
         for batch in batches:
@@ -130,7 +236,10 @@ def sum_gradients(
     for tensor in hooks.sums.values():
         system.all_reduce_sum(tensor)
     for name, tensor in hooks.sums.items():
-        if not torch.isfinite(tensor).all():
+        # A finite Σg² means every entry is finite (an Inf or NaN entry makes it Inf or NaN): one BLAS pass instead
+        # of isfinite's five elementwise ones (profiled: 3% of a pass). Only an overflowing Σg² checks entries.
+        flat = tensor.view(-1)
+        if not torch.isfinite(torch.dot(flat, flat)) and not torch.isfinite(tensor).all():
             raise NonFiniteError(
                 f"NaN/Inf in the gradient of {name}",
                 hint="run with --dtype float32, check the data for extreme samples, or lower --max-length",
@@ -171,6 +280,8 @@ class EstimateConfig:
     raw: bool = False
     shard: str | None = None
     trust_remote_code: bool = False
+    accumulate_on: str = "auto"  # plan.ACCUMULATE_ON: auto is the device when everything fits there
+    accumulate_dtype: str = "float32"  # or bfloat16: half the memory, one rounding per batch (sum_gradients)
 
 
 @dataclass
@@ -181,6 +292,9 @@ class EstimateSummary:
     tokens: int
     seconds: float
     peak_memory_bytes: int
+    accumulate_on: str = "cpu"  # where the accumulators were: "cpu" or the device, e.g. "cuda:0"
+    accumulate_dtype: str = "float32"
+    planned_bytes: dict[str, int] | None = None  # plan.estimate_plan's need on each place
 
 
 def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None = None) -> EstimateSummary:
@@ -188,7 +302,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     `progress(done, total)` is called with sample counts as batches finish.
     """
-    if not config.eta > 0:
+    if not (math.isfinite(config.eta) and config.eta > 0):
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     shard = data.parse_shard(config.shard)
     ref = models.resolve_model(config.model)
@@ -204,6 +318,25 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     labels = data.head_labels(fmt, dataset.rows)
+    # Before any weight is read: the accumulators' place, and a one-line refusal when the run cannot fit.
+    accumulate_dtype = plan.accumulate_dtype_of(config.accumulate_dtype)
+    accumulate_on = plan.accumulate_on_of(config.accumulate_on)
+    where = plan.place(device)
+    try:
+        facts = plan.model_facts(ref, targets=config.targets, batch_size=max(1, min(config.batch_size, len(indices))),
+                                 max_length=config.max_length, dtype=dtype, train=False,
+                                 head="causal-lm" if labels is None else "sequence-classification",
+                                 trust_remote_code=config.trust_remote_code)  # fmt: skip
+    except (RuntimeError, NotImplementedError) as e:  # model code that cannot run on the meta device
+        log.warning("no memory plan for %s (%s: %s); memory is not checked", ref.id, type(e).__name__, e)
+        facts = None
+    if facts is None:
+        accumulate_on, planned = ("cpu" if accumulate_on == "auto" else accumulate_on), None
+    else:
+        accumulate_on = plan.choose_accumulation(facts, device=where, accumulate_on=config.accumulate_on,
+                                                 accumulate_dtype=accumulate_dtype)  # fmt: skip
+        planned = plan.estimate_plan(facts, device=where, accumulate_on=accumulate_on,
+                                     accumulate_dtype=accumulate_dtype).need()  # fmt: skip
     model, tokenizer = models.load_for_labels(ref, labels, dtype=dtype, device=device, seed=config.seed,
                                               trust_remote_code=config.trust_remote_code)  # fmt: skip
     modules = models.resolve_targets(model, config.targets)
@@ -221,7 +354,8 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     start = time.perf_counter()
     batches = data.make_batches(examples, config.batch_size, tokenizer.pad_token_id)
-    result = sum_gradients(model, modules, batches, on_batch=on_batch)
+    result = sum_gradients(model, modules, batches, on_batch=on_batch, accumulate_dtype=accumulate_dtype,
+                           accumulate_on=device if accumulate_on == "device" else torch.device("cpu"))  # fmt: skip
     seconds = time.perf_counter() - start
 
     meta = artifacts.provenance(
@@ -246,8 +380,11 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         dtype=str(dtype).removeprefix("torch."),
         **models.head_provenance(model, labels),
     )
+    # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.
     tensors = (
-        {f"{name}.weight": g for name, g in result.sums.items()} if config.raw else sign_update(result.sums)
+        {f"{name}.weight": g.float().cpu() for name, g in result.sums.items()}
+        if config.raw
+        else {name: t.cpu() for name, t in sign_update(result.sums).items()}
     )
     # The random head G was computed through: train must start from exactly this head (DESIGN.md §1).
     tensors |= models.head_tensors(model)
@@ -260,11 +397,18 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         tokens=result.tokens,
         seconds=seconds,
         peak_memory_bytes=system.peak_memory_bytes(device),
+        accumulate_on=where if accumulate_on == "device" else "cpu",
+        accumulate_dtype=config.accumulate_dtype,
+        planned_bytes=planned,
     )
 
 
 # What every raw shard of one estimate must share for their sum to be that estimate.
-_SAMPLING_KEYS = ("source", "split", "digest", "format", "template", "drawn", "frac", "seed", "max_length")
+# Identities, never paths: the same model and data copied to two machines agree. The paths (`base_model.id`,
+# `data.source`) are only reported. `digest` is of the rows (data.load_dataset_rows), `weights_digest` of the
+# checkpoint's tensors (models.weights_digest), `fingerprint` of the target modules' names and shapes.
+_BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights"}
+_SAMPLING_KEYS = ("digest", "split", "config", "format", "template", "drawn", "frac", "seed", "max_length")
 
 
 def combine(paths: list[str], out: str) -> Path:
@@ -274,7 +418,16 @@ def combine(paths: list[str], out: str) -> Path:
     shards = [artifacts.Artifact(p, kinds=("update-raw",)) for p in paths]
     first = shards[0]
     for shard in shards[1:]:
-        for what, key in (("base model", "base_model"), ("targets", "targets"), ("eta", "eta")):
+        for key, what in _BASE_KEYS.items():
+            mine, theirs = first.meta["base_model"].get(key), shard.meta["base_model"].get(key)
+            if mine != theirs:
+                raise IncompatibleArtifactError(
+                    f"shards differ in base model {what}: {mine} ({first.meta['base_model']['id']}) vs {theirs} "
+                    f"({shard.meta['base_model']['id']})",
+                    path=shard.path,
+                    hint="run every shard on the same checkpoint (copies in other folders agree) and --targets",
+                )
+        for what, key in (("targets", "targets"), ("eta", "eta")):
             if shard.meta[key] != first.meta[key]:
                 raise IncompatibleArtifactError(
                     f"shards differ in {what}: {first.meta[key]} vs {shard.meta[key]}",
@@ -292,6 +445,10 @@ def combine(paths: list[str], out: str) -> Path:
         if shard.names != first.names:
             raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
     _check_shard_set(shards)
+    for what, paths_seen in (("model", {s.meta["base_model"]["id"] for s in shards}),
+                             ("data", {s.meta["data"].get("source") for s in shards})):  # fmt: skip
+        if len(paths_seen) > 1:
+            log.info("shards read the %s from %s; their digests agree", what, ", ".join(sorted(map(str, paths_seen))))
 
     # One module's float32 sum at a time; only the int8 signs of all modules are held. A classifier's head is
     # the same in every shard (same seed): it is carried over, not summed.

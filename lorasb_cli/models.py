@@ -53,8 +53,9 @@ class ModelRef:
     source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
 
     def provenance(self, fingerprint: str) -> dict:
-        """The `base_model` entry of an artifact's metadata."""
-        entry = {"id": self.id, "fingerprint": fingerprint}
+        """The `base_model` entry of an artifact's metadata: `id` (a path or hub id, for people), the target
+        `fingerprint` and the checkpoint's `weights_digest`, which stages match instead of the id."""
+        entry = {"id": self.id, "fingerprint": fingerprint, "weights_digest": weights_digest(self)}
         return entry | ({"source": self.source} if self.source else {})
 
 
@@ -233,6 +234,59 @@ def fingerprint(shapes: dict[str, tuple[int, int]]) -> str:
     """A short hash of target module names and weight shapes: equal for the same architecture and targets."""
     blob = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Elements of each tensor's first row that weights_digest reads: ≤ 16 KiB of a float32 row, ~3 MB for a 7B model.
+_DIGEST_ROW_ELEMENTS = 4096
+
+
+def weights_digest(ref: ModelRef) -> str | None:
+    """A short hash of the checkpoint's content: every tensor's name, dtype, shape and the leading elements of its
+    first row, read lazily from the safetensors files (no full read: a slice per tensor).
+
+    The same files in two folders (two machines) agree; another checkpoint of the same architecture (other random
+    weights, a fine-tune, a merge) differs, since every changed tensor changes in its first row too. None where no
+    local safetensors checkpoint is found (a hub model not in the cache, pickle weights).
+    """
+    from safetensors import safe_open
+
+    from . import shards
+    from .errors import LorasbError
+
+    directory = _local_checkpoint(ref)
+    try:
+        index = shards.CheckpointIndex(directory) if directory is not None else None
+    except LorasbError as e:
+        log.debug("no weights digest of %s: %s", ref.id, e)
+        index = None
+    if index is None:
+        return None
+    h = hashlib.sha256()
+    for shard in index.shard_files():
+        with safe_open(index.directory / shard, framework="pt") as f:
+            for name in sorted(index.tensors_in(shard)):
+                piece = f.get_slice(name)
+                shape = piece.get_shape()
+                if not shape:  # a scalar
+                    row = f.get_tensor(name)
+                else:
+                    row = piece[:1, :_DIGEST_ROW_ELEMENTS] if len(shape) >= 2 else piece[:_DIGEST_ROW_ELEMENTS]
+                h.update(json.dumps([name, str(piece.get_dtype()), list(shape)]).encode())
+                h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _local_checkpoint(ref: ModelRef) -> Path | None:
+    """The directory holding the model's weight files: `ref.path` itself, or its hub snapshot if already cached."""
+    if Path(ref.path).is_dir():
+        return Path(ref.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref.path, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+    except (OSError, ValueError) as e:  # not cached (LocalEntryNotFoundError), a bad id: no digest, no download
+        log.debug("no local checkpoint of %s: %s", ref.id, e)
+        return None
 
 
 def linear_shapes_from_config(

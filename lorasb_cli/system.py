@@ -1,4 +1,4 @@
-"""Process-level facts: peak memory and the torch.distributed group a launcher may have set up."""
+"""Process-level facts: peak memory, the global rank a launcher gives this process, and its torch.distributed group."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import resource
 import torch
 import torch.distributed as dist
 
+from .errors import BadInputError
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak accelerator memory allocated on `device`, or the process's peak RSS on CPU."""
@@ -16,9 +18,36 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def launcher_rank() -> tuple[int, int]:
+    """(global rank, world size) of this process as a launcher describes it: torchrun and `accelerate launch` both
+    set RANK and WORLD_SIZE; (0, 1) without a launcher. Readable before any process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Whether this process is global rank 0: the one process of a job that writes files and prints to stdout."""
+    return launcher_rank()[0] == 0
+
+
+def check_launcher() -> None:
+    """Refuse the launcher modes no test runs, before any weight loads (DESIGN.md §5: only tested launchers).
+
+    accelerate's FSDP plugin applies only to GPU-class process groups: on CPU `accelerate launch --use_fsdp` would
+    quietly run DDP, so no CPU test can run FSDP, and on GPUs the checkpoints would read sharded parameters.
+    DeepSpeed is no dependency of lorasb. Both set these variables for the Trainer (accelerate launch, its config).
+    """
+    for name, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(name, "false").lower() in ("true", "1"):
+            raise BadInputError(
+                f"lorasb train does not support {what} ({name} is set)",
+                hint="launch data-parallel training with torchrun --nproc-per-node N or accelerate launch "
+                "--multi_gpu (each process holds the whole base model; only the r×r R matrices train)",
+            )
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the process group a launcher (torchrun) describes in the environment; returns (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_rank()[1]
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)

@@ -1,6 +1,6 @@
-"""`lorasb train`: train with `--method` (default `lorasb`: only R) on HF Trainer (so accelerate, DDP, FSDP and
-DeepSpeed work through their launchers) and write the adapter directory: adapter.safetensors,
-adapter_config.json, metrics.json, loss.png. The methods live in lorasb_cli/methods.
+"""`lorasb train`: train with `--method` (default `lorasb`: only R) on HF Trainer (so DDP runs under torchrun and
+`accelerate launch --multi_gpu`; FSDP and DeepSpeed are refused) and write the adapter directory:
+adapter.safetensors, adapter_config.json, metrics.json, loss.png. The methods live in lorasb_cli/methods.
 
 Checkpoints hold the adapter (so each one is itself a valid adapter), the trained tensors, the optimizer,
 scheduler and RNG states: `--resume` continues to exactly the weights of an uninterrupted run.
@@ -136,7 +136,11 @@ TRAINED_FILE = "trained.safetensors"
 
 
 def _checkpoint_trainer_class():
-    """A Trainer whose checkpoints hold the adapter and the trained tensors instead of the whole model."""
+    """A Trainer whose checkpoints hold the adapter and the trained tensors instead of the whole model.
+
+    Each rank's module holds whole parameters (DDP replicas; FSDP and DeepSpeed, which would shard them, are refused
+    by system.check_launcher), so global rank 0 (`should_save`) writes them and every rank reads them on resume.
+    """
     from transformers import Trainer
 
     class AdapterTrainer(Trainer):
@@ -239,6 +243,8 @@ def _prepare_out(config: TrainConfig) -> Path:
 
         if not out.is_dir() or get_last_checkpoint(str(out)) is None:
             raise BadInputError("--resume: no checkpoint-* directory to resume from", path=str(out))
+    # Under a launcher every rank checks the same folder here: rank 0 writes nothing into it before the Trainer's
+    # process group forms, which waits for every rank to have passed this point.
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -287,8 +293,11 @@ def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bo
             "factors come from a model with other target modules", path=factors_file.path,
             hint="pass the model the update was estimated on",
         )  # fmt: skip
-    if factors_file.meta["base_model"]["id"] != ref.id:
-        log.warning("factors were estimated on %s; training on %s", factors_file.meta["base_model"]["id"], ref.id)
+    # By content, not path: the same checkpoint in another folder (another machine) is the same model.
+    estimated, here = factors_file.meta["base_model"].get("weights_digest"), models.weights_digest(ref)
+    if (estimated != here) if estimated and here else factors_file.meta["base_model"]["id"] != ref.id:
+        log.warning("factors were estimated on other weights (%s) than %s's", factors_file.meta["base_model"]["id"],
+                    ref.id)  # fmt: skip
     return factors_file, factors
 
 
@@ -305,6 +314,7 @@ def train(
     from .decompose import check_rank
 
     _check_options(config)
+    system.check_launcher()
     method = methods.get_method(config.method)
     ref = models.resolve_model(config.model)
     factors_file = factors = None
@@ -453,6 +463,8 @@ def train(
         eval_dataset=eval_examples,
         data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
         callbacks=[*_callbacks(progress, out), *callbacks],
+        # A method's own optimizer (LoRA-Pro); the Trainer still builds the --scheduler around it.
+        optimizers=(prepared.optimizer(args) if prepared.optimizer else None, None),
     )
     task_results: list[dict] = []
     if config.eval_task:
@@ -467,7 +479,11 @@ def train(
     seconds = time.perf_counter() - start
     final_eval = trainer.evaluate()["eval_loss"] if eval_examples else None
 
-    adapter.save_adapter(out, prepared.export(), adapter_config)
+    # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
+    # and global rank 0 writes them (as the Trainer's checkpoints: `should_save`).
+    writer = system.is_main_process()
+    if writer:
+        adapter.save_adapter(out, prepared.export(), adapter_config)
     history = trainer.state.log_history
     steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in history if "loss" in h]
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
@@ -488,9 +504,10 @@ def train(
     )
     metrics = {**asdict(summary), "path": str(out), "method": method.name, "train_loss_mean": result.training_loss,
                "loss": steps, "eval": evals, "task": task_results}  # fmt: skip
-    with artifacts.atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {method.name}")
+    if writer:
+        with artifacts.atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {method.name}")
     return summary
 
 

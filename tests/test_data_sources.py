@@ -4,6 +4,7 @@ and STS-B-shaped regression through estimate, train, merge and evaluate."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_estimate_train_evaluate_on_a_hub_style_data_set_with_config_and_renamed
     results = run(["evaluate", "-m", tiny_model_dir, "--adapter", run_dir, "--task", "gsm8k", "--data", hub_folder,
                    "--data-config", "main", "--split", "test", "--fields", "question=problem_text,answer=solution",
                    "--max-new-tokens", "4", "-o", tmp_path / "r.json"], capsys)  # fmt: skip
-    scored = json.loads(open(results).read())
+    scored = json.loads(Path(results).read_text())
     assert scored["count"] == 4 and scored["template"] == "alpaca"
     assert {"strict_accuracy", "flexible_accuracy"} <= set(scored["metrics"])
 
@@ -94,9 +95,10 @@ def test_estimate_train_evaluate_on_a_hub_style_data_set_with_config_and_renamed
 def test_estimate_reads_only_the_rows_it_draws(tiny_model_dir, tmp_path, monkeypatch):
     rows = [{"question": f"What is {i} plus 1?", "answer": f"#### {i + 1}"} for i in range(3000)]
     path = write_jsonl(tmp_path / "big.jsonl", rows)
+    assert isinstance(data.load_dataset_rows(str(path)).rows, data.JsonLines)
     read: list[int] = []
-    get = data.RowView.__getitem__
-    monkeypatch.setattr(data.RowView, "__getitem__", lambda self, i: read.append(i) or get(self, i))
+    get = data.JsonLines.__getitem__
+    monkeypatch.setattr(data.JsonLines, "__getitem__", lambda self, i: read.append(i) or get(self, i))
     estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(path), out=str(tmp_path / "u"),
                                               frac=0.001))  # fmt: skip
     drawn = set(data.sample_indices(3000, frac=0.001, samples=None, seed=0))

@@ -207,3 +207,72 @@ def test_fingerprint_depends_on_names_and_shapes():
         for k, m in dict(a=a, b=b, c=c).items()
     }
     assert fp["a"] == fp["b"] != fp["c"]
+
+
+# --- issue 13: the chunked per-sample loss, bfloat16 accumulators ---------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_per_sample_loss_equals_autograd_cross_entropy(dtype, monkeypatch):
+    """Value and logits gradient of per_sample_loss_sum against F.cross_entropy per sample, over several chunks."""
+    from lorasb_cli import plan
+
+    monkeypatch.setattr(plan, "LOSS_CHUNK_BYTES", 4 * 7 * 3)  # 3 rows of the 7-token vocabulary per chunk
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 7)).to(dtype).requires_grad_(True)
+    labels = torch.tensor([[9, 1, 2, 3, 4], [9, data.IGNORE, 5, data.IGNORE, 6], [9] + [data.IGNORE] * 4])
+    loss, tokens = estimate.per_sample_loss_sum(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    reference = logits.detach().float().requires_grad_(True)
+    expected = sum(
+        torch.nn.functional.cross_entropy(reference[i, :-1], labels[i, 1:], ignore_index=data.IGNORE)
+        for i in range(2)  # sample 2 has no supervised token: it adds 0
+    )
+    (expected_grad,) = torch.autograd.grad(expected, reference)
+    assert tokens == 6 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    assert grad.dtype == dtype
+    assert not grad[2].any() and not grad[:, -1].any()  # no supervised token, no target: no gradient
+    tolerance = {} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}  # bf16 logits' gradient rounds
+    torch.testing.assert_close(grad.float(), expected_grad, **tolerance)
+
+
+def test_bfloat16_accumulators_keep_the_sign_wherever_g_is_clear_of_rounding():
+    """Summing in bf16 rounds each batch's float32 gradient into the running sum: |G_bf16 − G| ≤ Σ_b u·|S_b| with
+    S_b the partial sums and u = 2⁻⁸ (bf16's 8 significant bits). Where |G| exceeds that bound, the sign — all
+    the update keeps — is G's; the rest are entries near 0 whose sign float32 noise could flip too."""
+    model, tokenizer = make_llama()
+    modules = models.resolve_targets(model, "all-linear")
+    examples = _examples(tokenizer)
+    per_batch = [estimate.sum_gradients(model, modules, [b]).sums for b in data.make_batches(examples, 1, 0)]
+    assert len(per_batch) == 12  # twelve roundings into the running sum
+    g32 = estimate.sum_gradients(model, modules, data.make_batches(examples, 1, 0)).sums
+    g16 = estimate.sum_gradients(model, modules, data.make_batches(examples, 1, 0),
+                                 accumulate_dtype=torch.bfloat16).sums  # fmt: skip
+    clear = total = 0
+    for name in modules:
+        assert g16[name].dtype == torch.bfloat16 and g32[name].dtype == torch.float32
+        partial = torch.cumsum(torch.stack([g[name] for g in per_batch]), dim=0)
+        bound = 2.0**-8 * partial.abs().sum(dim=0)
+        error = (g16[name].float() - g32[name]).abs()
+        assert (error <= bound + 1e-12).all(), name
+        is_clear = g32[name].abs() > bound
+        assert torch.equal(torch.sign(g16[name].float())[is_clear], torch.sign(g32[name])[is_clear]), name
+        clear += int(is_clear.sum())
+        total += is_clear.numel()
+    assert clear > 0.9 * total  # the bound excludes only entries near 0
+    assert any(not torch.equal(g16[n].float(), g32[n]) for n in modules)  # bf16 really rounded
+
+
+def test_accumulators_on_the_model_device_and_dtype_reach_the_artifact(tiny_model_dir, qa_file, tmp_path):
+    base = _run(tiny_model_dir, qa_file, tmp_path / "f32.safetensors", raw=True)
+    half = _run(tiny_model_dir, qa_file, tmp_path / "bf16.safetensors", raw=True, accumulate_dtype="bfloat16",
+                accumulate_on="cpu")  # fmt: skip
+    assert (base.accumulate_dtype, half.accumulate_dtype) == ("float32", "bfloat16")
+    a, b = (artifacts.Artifact(tmp_path / f, kinds=("update-raw",)) for f in ("f32.safetensors", "bf16.safetensors"))
+    for name in a.names:
+        g, h = a.get(name), b.get(name)
+        assert h.dtype == torch.float32  # raw shards store float32 sums whatever the accumulators were
+        assert torch.equal(h, h.to(torch.bfloat16).float())  # ...of values that are bf16
+        torch.testing.assert_close(h, g, atol=1e-3 * float(g.abs().max()), rtol=2**-7)

@@ -1,0 +1,277 @@
+"""7B figures on one GPU: estimate, decompose, a LoRA-SB step against PEFT LoRA, and the plan (issue 13 item 9).
+
+A random-init Mistral-7B-shaped model (`--shape mistral-7b`: hidden 4096, 32 layers, 32/8 heads, MLP 14336,
+vocab 32000) is built in bfloat16 directly on the device — random weights are enough for time and memory,
+nothing is downloaded. Data: `--samples` random-token samples of `--seq-len` tokens, every token supervised, in
+batches of `--batch-size`. In one run (under 8 minutes on an H100/H200-class GPU):
+
+1. estimate: `estimate.sum_gradients` over the 224 all-linear targets, accumulators on the device (float32);
+2. decompose: ΔW = −η·sign(G) of every target, `decompose.truncated_svd` at `--lorasb-rank` (the paper: under
+   a second), timed over all 224 modules;
+3. train: `--steps` steps (after one warm-up step that also allocates AdamW's state) of LoRA-SB at
+   `--lorasb-rank` (B, R, A from step 2; only R trained) and then of PEFT LoRA at `--lora-rank` (A, B trained),
+   each `model(input_ids, labels).loss.backward()`, AdamW step, zero_grad, on one batch; time per step and peak;
+4. the plan: `lorasb_cli.plan` (meta device, from the config alone) against the measured peaks.
+
+Peaks are `torch.cuda.max_memory_allocated` (tensor bytes, weights included) reset before each phase. The
+section of benchmarks/RESULTS.md it writes is labelled with the device's name.
+
+    python benchmarks/gpu.py                                   # on a CUDA machine: writes the RESULTS.md section
+    python benchmarks/gpu.py --shape tiny --device cpu --no-write   # the same code paths in seconds, on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+GIB = 2**30
+SHAPES = {
+    "mistral-7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000},
+    "tiny": {"hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000},
+}  # fmt: skip
+
+
+class Clock:
+    """Wall seconds of device work: synchronizes before reading the time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+class Memory:
+    """Peak tensor bytes on the device since the last `reset` (CUDA's allocator; on CPU: nothing measured)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+
+def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The random model in `dtype` straight on `device` (never a float32 copy of 7B parameters)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len),
+                           tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(args.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval(), config
+
+
+def make_batches(args: argparse.Namespace, vocab: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=generator)
+    return [
+        {"input_ids": ids[i : i + args.batch_size].to(device), "labels": ids[i : i + args.batch_size].to(device),
+         "attention_mask": torch.ones_like(ids[i : i + args.batch_size]).to(device)}
+        for i in range(0, args.samples, args.batch_size)
+    ]  # fmt: skip
+
+
+def train_steps(model, batch: dict[str, torch.Tensor], steps: int, clock: Clock, memory: Memory) -> dict:
+    """One warm-up step (allocates AdamW's state), then `steps` timed steps; the peak covers all of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    memory.reset()
+    step()
+    times = []
+    for _ in range(steps):
+        start = clock.now()
+        step()
+        times.append(clock.now() - start)
+    return {"seconds": statistics.median(times), "peak": memory.peak(), "trainable": sum(p.numel() for p in params)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="mistral-7b")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --shape tiny, to test)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lorasb-rank", type=int, default=96)
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps per variant")
+    parser.add_argument("--eta", type=float, default=1e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
+                 "figures on a GPU. To test its code paths on CPU: python benchmarks/gpu.py --shape tiny --device cpu "
+                 "--no-write")  # fmt: skip
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    text = run(args, device)
+    if not args.no_write:
+        from common import write_section
+
+        write_section(RESULTS_PATH, "gpu", text)
+        print(f"wrote {RESULTS_PATH}", file=sys.stderr)
+    print(text)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    from lorasb_cli import adapter, models, plan
+    from lorasb_cli.decompose import truncated_svd
+    from lorasb_cli.estimate import sum_gradients
+
+    started = time.perf_counter()
+    clock, memory = Clock(device), Memory(device)
+    dtype = getattr(torch, args.dtype)
+    where = plan.place(device)
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    model, config = build(args, device, dtype)
+    modules = models.resolve_targets(model, "all-linear")
+    batches = make_batches(args, config.vocab_size, device)
+    log(f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+        f"{len(modules)} targets) on {device}")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)  # the plan reads the config alone
+        ref = models.ModelRef(id=f"{args.shape} (random)", path=folder)
+        facts = {r: plan.model_facts(ref, batch_size=args.batch_size, max_length=args.seq_len, rank=r, dtype=dtype)
+                 for r in (args.lorasb_rank,)}[args.lorasb_rank]  # fmt: skip
+    planned_estimate = plan.estimate_plan(facts, device=where, accumulate_on="device")
+    planned_train = plan.train_plan(facts, device=where)
+    log("planned")
+
+    # 1. estimate
+    memory.reset()
+    start = clock.now()
+    result = sum_gradients(model, modules, batches, accumulate_on=device)
+    estimate_seconds = clock.now() - start
+    estimate_peak = memory.peak()
+    log(f"estimate: {estimate_seconds:.1f} s")
+
+    # 2. decompose: the SVD of the update −η·sign(G), module by module on the device
+    factors = {}
+    start = clock.now()
+    for name in modules:
+        g = result.sums.pop(name)
+        u, s, vh = truncated_svd(torch.sign(g).neg_().mul_(args.eta), args.lorasb_rank)
+        factors[name] = (u, torch.diag(s), vh)
+        del g
+    decompose_seconds = clock.now() - start
+    del result
+    gc.collect()
+    log(f"decompose: {decompose_seconds:.2f} s")
+
+    # 3. train steps: LoRA-SB at --lorasb-rank, then PEFT LoRA at --lora-rank, on the same base
+    model.train()
+    adapter.inject(model, factors)
+    del factors
+    lorasb = train_steps(model, batches[0], args.steps, clock, memory)
+    adapter.remove(model)
+    model.requires_grad_(False)
+    gc.collect()
+    log(f"LoRA-SB step: {lorasb['seconds']:.2f} s")
+    peft_model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules,
+                                                  lora_dropout=0.0))  # fmt: skip
+    lora = train_steps(peft_model, batches[0], args.steps, clock, memory)
+    log(f"PEFT LoRA step: {lora['seconds']:.2f} s")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    minutes = (time.perf_counter() - started) / 60
+    return report(args, name, facts, planned_estimate, planned_train,
+                  {"estimate": (estimate_seconds, estimate_peak), "decompose": decompose_seconds,
+                   "lorasb": lorasb, "lora": lora}, minutes)  # fmt: skip
+
+
+def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
+    from common import markdown_table
+
+    def gib(value: int | None) -> str:
+        return "—" if value is None else f"{value / GIB:.2f}"
+
+    def ratio(a, b) -> str:
+        return "—" if a is None or b is None else f"{a / b:.3f}"
+
+    est_seconds, est_peak = measured["estimate"]
+    sb, lora = measured["lorasb"], measured["lora"]
+    tokens = args.samples * args.seq_len
+    stages = markdown_table(
+        ["phase", "seconds", "peak (GiB)", "plan (GiB)", "plan / peak"],
+        [
+            [f"estimate: {args.samples} samples × {args.seq_len} tokens ({tokens / est_seconds:,.0f} tokens/s)",
+             f"{est_seconds:.2f}", gib(est_peak), gib(planned_estimate.total), ratio(planned_estimate.total, est_peak)],
+            [f"decompose: truncated SVD of {len(facts.targets)} updates at r={args.lorasb_rank}",
+             f"{measured['decompose']:.2f}", "", "", ""],
+            [f"train step: LoRA-SB r={args.lorasb_rank}", f"{sb['seconds']:.3f}", gib(sb["peak"]),
+             gib(planned_train.total), ratio(planned_train.total, sb["peak"])],
+            [f"train step: PEFT LoRA r={args.lora_rank}", f"{lora['seconds']:.3f}", gib(lora["peak"]), "", ""],
+        ],
+    )  # fmt: skip
+    counts = (f"{sb['trainable']:,} / {lora['trainable']:,} = {sb['trainable'] / lora['trainable']:.4f} "
+              f"({lora['trainable'] / sb['trainable']:.1f}× fewer)")  # fmt: skip
+    versus = markdown_table(
+        [f"LoRA-SB r={args.lorasb_rank} / PEFT LoRA r={args.lora_rank}", "value"],
+        [["trainable parameters", counts],
+         ["step time (median)", ratio(sb["seconds"], lora["seconds"])],
+         ["peak memory", ratio(sb["peak"], lora["peak"])]],
+    )  # fmt: skip
+    items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in planned_estimate.items)
+    return (
+        f"# 7B-shaped figures on {device_name}\n\n"
+        f"Written by `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()} "
+        f"({minutes:.1f} min): random-init {args.shape} (Mistral architecture, {facts.parameters / 1e9:.2f} B "
+        f"parameters, {len(facts.targets)} all-linear targets) in {args.dtype} on the device; random tokens, all "
+        f"supervised, batch {args.batch_size} × {args.seq_len}; torch {torch.__version__}.\n\n"
+        f"{stages}\n\n{versus}\n\n"
+        "Peaks: `torch.cuda.max_memory_allocated` (weights included), reset before each phase. estimate keeps its "
+        f"float32 accumulators on the device; its plan: {items} (GiB). Train steps: one warm-up step (AdamW's "
+        f"state), then the median of {args.steps}; PEFT's LoRA A, B stay float32 (its default autocast of adapter "
+        "dtypes), as LoRA-SB's R, B, A.\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
