@@ -199,15 +199,19 @@ def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict
     argv += ["--max-length", args.max_length, "--rank", args.rank, "--seed", args.seed, "--measure", variant]
     argv += ["--intermediate", args.intermediate] if args.intermediate else []
     argv += ["--threads", args.threads] if args.threads else []
-    done = subprocess.run(
-        [sys.executable, __file__, *map(str, argv), *extra],
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+    for attempt in range(2):
+        done = subprocess.run(
+            [sys.executable, __file__, *map(str, argv), *extra],
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode >= 0 or attempt == 1:
+            break
+        log(f"  {variant}: killed by signal {-done.returncode}; once more")  # from outside, not a failure of its own
     if done.returncode != 0:
-        raise RuntimeError(f"child {variant} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"child {variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     log(f"  {variant}: {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} CPU s), peak "
         f"{result['peak_rss'] / MIB:.0f} MiB")  # fmt: skip

@@ -176,7 +176,10 @@ def estimate(model, dtype, device, trust_remote_code, data, split, data_config, 
 
     if dry_run:
         from . import plan
+        from .system import is_main_process
 
+        if not is_main_process():  # one plan per job under a launcher
+            return
         head = "sequence-classification" if data_format in ("classification", "regression") else "causal-lm"
         planned = plan.plan_model(model, targets=targets, batch_size=batch_size, max_length=max_length, rank=rank,
                                   dtype=dtype, device=device, accumulate_on=accumulate_on,

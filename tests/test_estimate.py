@@ -276,3 +276,22 @@ def test_accumulators_on_the_model_device_and_dtype_reach_the_artifact(tiny_mode
         assert h.dtype == torch.float32  # raw shards store float32 sums whatever the accumulators were
         assert torch.equal(h, h.to(torch.bfloat16).float())  # ...of values that are bf16
         torch.testing.assert_close(h, g, atol=1e-3 * float(g.abs().max()), rtol=2**-7)
+
+
+def test_chunked_loss_gradient_of_a_scaled_or_negated_loss(monkeypatch):
+    """The backward folds w into the exponent for w ≥ 0 and multiplies otherwise: both give autograd's gradient."""
+    from lorasb_cli import plan
+
+    monkeypatch.setattr(plan, "LOSS_CHUNK_BYTES", 4 * 11 * 4)  # 4 rows of the 11-token vocabulary per chunk
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 11, dtype=torch.float64).float().requires_grad_(True)
+    labels = torch.tensor([[3, 1, 2, data.IGNORE, 4, 5], [7, 8, 9, 10, 0, data.IGNORE]])
+    reference = logits.detach().clone().requires_grad_(True)
+    expected = sum(
+        torch.nn.functional.cross_entropy(reference[i, :-1], labels[i, 1:], ignore_index=data.IGNORE) for i in range(2)
+    )
+    for factor in (2.5, -0.5):
+        loss, _ = estimate.per_sample_loss_sum(logits, labels)
+        (grad,) = torch.autograd.grad(factor * loss, logits)
+        (expected_grad,) = torch.autograd.grad(factor * expected, reference, retain_graph=True)
+        torch.testing.assert_close(grad, expected_grad)

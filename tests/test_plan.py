@@ -67,8 +67,8 @@ def _real_saved_bytes(model, batch, *, track_held: bool, monkeypatch) -> int:
     if track_held:
         real_held_input = plan.held_input
 
-        def recording(x, **kwargs):
-            source, rebuilt = real_held_input(x, **kwargs)
+        def recording(x):
+            source, rebuilt = real_held_input(x)
             if not rebuilt:
                 keep(x)
             return source, rebuilt
@@ -102,22 +102,43 @@ def test_meta_trace_equals_what_a_real_forward_keeps(tmp_path, monkeypatch, dtyp
     assert facts.train_activations == _real_saved_bytes(model, batch, track_held=False, monkeypatch=monkeypatch)
 
 
-def test_recompute_is_used_only_when_bit_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rebuilt_target_inputs_are_bit_for_bit_the_forwards(dtype):
+    """RMSNorm's output (q/k/v, gate/up) and SwiGLU's product (down_proj) are rebuilt, o_proj's input is held."""
+    model, _ = make_llama(hidden=64, layers=2, dtype=dtype)
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    seen = {}
+
+    def check(name):
+        def hook(_module, inputs, _output):
+            recipe = plan.recomputable(inputs[0])
+            seen[name.rsplit(".", 1)[1]] = recipe is not None and torch.equal(recipe(), inputs[0])
+
+        return hook
+
+    for name in models.resolve_targets(model, "all-linear"):
+        model.get_submodule(name).register_forward_hook(check(name))
+    model(input_ids=torch.randint(0, model.config.vocab_size, (2, 12)))
+    assert seen == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False, "gate_proj": True,
+                    "up_proj": True, "down_proj": True}  # fmt: skip
+
+
+def test_rebuild_refuses_what_it_cannot_know():
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(4, 8, requires_grad=True)
     product = a * b
-    recipe = plan.recomputable(product)
-    assert recipe is not None and torch.equal(recipe(), product)
-    # A cast the rebuild would get wrong (it casts to the result's dtype, float32, not float16): refused.
+    source, rebuilt = plan.held_input(product)
+    assert rebuilt and torch.equal(source(), product) and source().data_ptr() != product.data_ptr()
+    # w·c.to(float16) with w float32: the product is float32 whatever c was cast to, so the cast's dtype is not
+    # known from the graph — held, not rebuilt (rebuilding with a float32 cast would change the bits).
     w = torch.randn(8)
     mixed = w * (a * b).to(torch.float16)
     assert mixed.dtype == torch.float32 and plan.recomputable(mixed) is None
     source, rebuilt = plan.held_input(mixed)
-    assert not rebuilt and torch.equal(source(), mixed) and source().data_ptr() == mixed.data_ptr()
-    source, rebuilt = plan.held_input(product)
-    assert rebuilt and torch.equal(source(), product) and source().data_ptr() != product.data_ptr()
-    # The meta trace trusts the structure instead.
-    assert plan.recomputable(mixed, verify=False) is not None
+    assert not rebuilt and source().data_ptr() == mixed.data_ptr()
+    # A product with an operand autograd does not save (and cannot rebuild): held.
+    assert plan.recomputable(torch.exp(a) * 2.0) is None and plan.recomputable(a.sin() * a.cos().detach()) is None
 
 
 def _estimate_config(tiny_model_dir, qa_file, tmp_path, **overrides):
