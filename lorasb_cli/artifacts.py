@@ -90,11 +90,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     if target.is_dir():
         raise BadInputError("output path is a directory", path=str(target), hint="pass a file name to -o")
-    if not target.parent.is_dir():
+    make_output_folder(target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except PermissionError:
         raise BadInputError(
-            "output folder does not exist", path=str(target.parent), hint="create it first or pick another -o"
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            "output folder is not writable", path=str(target.parent), hint="pick another -o or fix its permissions"
+        ) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -103,6 +105,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def make_output_folder(folder: Path) -> None:
+    """Create an output folder and its parents, as `mkdir -p`; a path under a regular file or in a folder that
+    cannot be written is a one-line error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise BadInputError(
+            "output folder lies under a regular file", path=str(blocker), hint="pick another -o"
+        ) from None
+    except PermissionError:
+        raise BadInputError(
+            "cannot create the output folder: permission denied", path=str(folder), hint="pick another -o"
+        ) from None
 
 
 def _umask() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console
@@ -101,32 +102,53 @@ def print_description(description: dict) -> None:
         ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
         *((f"params: {k}", f"{v:,}") for k, v in description["parameters"].items()),
     ]
-    for key, value in rows:
-        if value not in (None, ""):
-            summary.add_row(key, str(value))
-    stdout.print(summary)
+    rows = [(key, str(value)) for key, value in rows if value not in (None, "")]
     groups: dict[str, list[dict]] = {}
     for module, info in description["shapes"].items():
         groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(info)
-    if groups:
+    modules = [
+        [kind, str(len(infos)), ", ".join(sorted({"×".join(map(str, i["shape"])) for i in infos})),
+         ", ".join(sorted({str(i["rank"]) for i in infos if "rank" in i})) or "-"]
+        for kind, infos in groups.items()
+    ]  # fmt: skip
+    module_columns = ("module", "count", "shape (m×n)", "rank")
+    if not stdout.is_terminal:
+        write_tsv(("field", "value"), [("path", description["path"]), *rows])
+        if modules:
+            sys.stdout.write("\n")
+            write_tsv(module_columns, modules)
+        return
+    for key, value in rows:
+        summary.add_row(key, value)
+    stdout.print(summary)
+    if modules:
         table = Table(title="modules", title_justify="left")
-        for column in ("module", "count", "shape (m×n)", "rank"):
-            table.add_column(column)
-        for kind, infos in groups.items():
-            shapes = sorted({"×".join(map(str, i["shape"])) for i in infos})
-            ranks = sorted({str(i["rank"]) for i in infos if "rank" in i})
-            table.add_row(kind, str(len(infos)), ", ".join(shapes), ", ".join(ranks) or "-")
+        for column in module_columns:
+            table.add_column(column, overflow="fold")
+        for row in modules:
+            table.add_row(*row)
         stdout.print(table)
 
 
 def print_rows(title: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """A listing command's output (its product, so on stdout)."""
+    """A listing command's output (its product, so on stdout). On a terminal a table whose cells wrap, never cut;
+    in a pipe, tab-separated lines under a header line, so `| grep`, `| cut -f1` and `| column -t` see whole names."""
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    if not stdout.is_terminal:
+        write_tsv(columns, cells)
+        return
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(_cell(row.get(column)) for column in columns))
+        table.add_column(column, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     stdout.print(table)
+
+
+def write_tsv(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Tab-separated lines on stdout; tabs and newlines inside a cell become spaces."""
+    for line in [columns, *rows]:
+        sys.stdout.write("\t".join(re.sub(r"[\t\n\r]+", " ", cell) for cell in line) + "\n")
 
 
 def _cell(value) -> str:

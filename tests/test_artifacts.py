@@ -41,9 +41,26 @@ def test_failed_write_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_folder_is_bad_input(tmp_path):
-    with pytest.raises(BadInputError, match="output folder does not exist"):
-        artifacts.write_artifact(tmp_path / "no" / "u.safetensors", {"x": torch.zeros(1)}, _meta())
+def test_a_missing_output_folder_is_created_and_one_under_a_file_is_bad_input(tmp_path):
+    """File outputs create their parent folder, as `train -o run/` creates its folder."""
+    written = artifacts.write_artifact(tmp_path / "no" / "deeper" / "u.safetensors", {"x": torch.zeros(1)}, _meta())
+    assert written.is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BadInputError, match="output folder lies under a regular file") as excinfo:
+        artifacts.write_artifact(tmp_path / "file" / "sub" / "u.safetensors", {"x": torch.zeros(1)}, _meta())
+    assert excinfo.value.path == str(tmp_path / "file")
+
+
+def test_a_read_only_output_folder_is_bad_input(tmp_path, monkeypatch):
+    """As a non-root user meets it (root writes into a 0555 folder, so the refusal is simulated at the syscall)."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
+    with pytest.raises(BadInputError, match="output folder is not writable"):
+        artifacts.write_artifact(tmp_path / "u.safetensors", {"x": torch.zeros(1)}, _meta())
+    assert list(tmp_path.iterdir()) == []
 
 
 def _written(tmp_path):

@@ -198,3 +198,44 @@ def test_inspect_describes_update_and_factors(update_file, tmp_path, capsys):
     status, out, _ = run(["inspect", update_file], capsys)
     assert status == 0 and "update" in out and "model.layers.*.mlp.up_proj" in out
     _assert_one_line_error(*run(["inspect", tmp_path / "none"], capsys), "no such file", tmp_path)
+
+
+# --- issue 15: listings that survive pipes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["data", "list"], ["models"]])
+def test_listings_in_a_pipe_are_whole_tab_separated_lines(args, capsys):
+    from lorasb_cli import builtin_data, bundled
+    from lorasb_cli.models import ALIASES
+
+    status, out, _ = run(args, capsys)
+    lines = out.splitlines()
+    names = [line.split("\t")[0] for line in lines[1:]]
+    expected = list(builtin_data.BUILTINS) if args == ["data", "list"] else [*bundled.BUNDLED, *ALIASES]
+    assert status == 0 and lines[0].split("\t")[0] in ("name", "alias") and names == expected
+    assert len({len(line.split("\t")) for line in lines}) == 1  # every line has every column
+    assert "…" not in out
+
+
+def test_listings_on_a_narrow_terminal_wrap_and_never_cut(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from lorasb_cli import builtin_data, console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(console, "stdout", Console(file=screen, force_terminal=True, width=40, color_system=None))
+    console.print_rows("built-in data sets", builtin_data.describe(), ["name", "description", "source"])
+    text = screen.getvalue()
+    assert "…" not in text
+    # A folded cell continues on the next lines of its column: joined back, every name is whole.
+    cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") >= 2)
+    assert all(name in cells for name in builtin_data.BUILTINS)
+
+
+def test_inspect_in_a_pipe_is_field_value_lines(update_file, capsys):
+    status, out, _ = run(["inspect", update_file], capsys)
+    fields = dict(line.split("\t", 1) for line in out.split("\n\n")[0].splitlines()[1:])
+    assert status == 0 and fields["kind"] == "update" and fields["path"] == str(update_file)
+    assert out.split("\n\n")[1].splitlines()[0] == "module\tcount\tshape (m×n)\trank"
