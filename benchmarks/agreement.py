@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lorasb_cli import artifacts, data, estimate, models
+from lorasb_cli import artifacts, data, loss, models
 
 OUT = Path(__file__).parent / "results" / "agreement.md"
 
@@ -51,7 +51,7 @@ def main() -> None:
         excess = []
         for name in update_file.names[: args.svd_modules]:
             module = name.removesuffix(".weight")
-            delta = estimate.load_update(update_file, name).double()
+            delta = artifacts.load_update(update_file, name).double()
             b, r, a = (factors_file.get(f"{module}.lora_{x}").double() for x in "BRA")
             residual = torch.linalg.matrix_norm(delta - b @ r @ a)
             optimum = torch.linalg.svdvals(delta)[args.rank :].square().sum().sqrt()
@@ -88,7 +88,7 @@ def autograd_g(model_name: str, data_name: str, samples: int) -> dict[str, torch
         named[name].weight.requires_grad_(True)
     for batch in data.make_batches(examples, 1, tokenizer.pad_token_id):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        estimate.per_sample_loss_sum(logits, batch["labels"])[0].backward()
+        loss.per_sample_loss_sum(logits, batch["labels"])[0].backward()
     return {name: named[name].weight.grad for name in modules}
 
 

@@ -1,6 +1,6 @@
 """Randomized vs exact SVD for `lorasb decompose` on sign updates (DESIGN.md §4).
 
-Per module-sized matrix ΔW and rank r: the wall time of `lorasb_cli.decompose.truncated_svd` with its
+Per module-sized matrix ΔW and rank r: the wall time of `lorasb_cli.linalg.truncated_svd` with its
 defaults (`torch.svd_lowrank`, niter and oversampling as decompose uses them) against the exact path
 (`exact=True`, `torch.linalg.svd`), and the relative excess residual
 
@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from common import best_seconds, key_values, machine_info, markdown_table, write_result
 
-from lorasb_cli.decompose import DEFAULT_NITER, oversampling, truncated_svd
+from lorasb_cli.linalg import DEFAULT_NITER, oversampling, truncated_svd
 
 EXCESS_TARGET = 0.01
 SIGNAL_RANK = 64

@@ -54,7 +54,8 @@ from common import key_values, machine_info, markdown_table, verdict, write_resu
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasb_cli import data, models, plan
-from lorasb_cli.estimate import per_sample_loss_sum, sum_gradients
+from lorasb_cli.estimate import sum_gradients
+from lorasb_cli.loss import per_sample_loss_sum
 from lorasb_cli.models import resolve_targets
 
 CONTRACT_TARGET = 1.00  # estimate peak / LoRA-SB step peak (DESIGN.md §4)

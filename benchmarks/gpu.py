@@ -6,7 +6,7 @@ nothing is downloaded. Data: `--samples` random-token samples of `--seq-len` tok
 batches of `--batch-size`. In one run (under 8 minutes on an H100/H200-class GPU):
 
 1. estimate: `estimate.sum_gradients` over the 224 all-linear targets, accumulators on the device (float32);
-2. decompose: ΔW = −η·sign(G) of every target, `decompose.truncated_svd` at `--lorasb-rank` (the paper: under
+2. decompose: ΔW = −η·sign(G) of every target, `linalg.truncated_svd` at `--lorasb-rank` (the paper: under
    a second), timed over all 224 modules;
 3. train: `--steps` steps (after one warm-up step that also allocates AdamW's state) of LoRA-SB at
    `--lorasb-rank` (B, R, A from step 2; only R trained) and then of PEFT LoRA at `--lora-rank` (A, B trained),
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     from peft import LoraConfig, get_peft_model
 
     from lorasb_cli import adapter, models, plan
-    from lorasb_cli.decompose import truncated_svd
     from lorasb_cli.estimate import sum_gradients
+    from lorasb_cli.linalg import truncated_svd
 
     started = time.perf_counter()
     clock, memory = Clock(device), Memory(device)

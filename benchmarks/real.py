@@ -17,7 +17,7 @@ alike) into one stream, which is cut into samples of exactly `--seq-len` tokens.
    rank: step time ratio ≤ 1.05, memory ratio ≤ 1.0. LoRA-SB at the highest rank is also set against PEFT LoRA at
    the lowest (trainable parameters, time, memory).
 3. decompose: ΔW = −sign(G) of the real G from section 1's warm-up `sum_gradients` over the same samples;
-   `lorasb_cli.decompose.truncated_svd` (its defaults) for all modules at `--decompose-rank`, seeded as
+   `lorasb_cli.linalg.truncated_svd` (its defaults) for all modules at `--decompose-rank`, seeded as
    `decompose` seeds it; captured energy Σσ_r²/‖ΔW‖² per module, and the exact SVD's optimum beside it.
 
 Timing: all variants of a section live in the main process; after one untimed warm-up of each, they alternate
@@ -55,8 +55,8 @@ from estimate import max_relative_difference, plain_pass
 from train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 
 from lorasb_cli import builtin_data, data, models
-from lorasb_cli.decompose import DEFAULT_NITER, oversampling, truncated_svd
 from lorasb_cli.estimate import sum_gradients
+from lorasb_cli.linalg import DEFAULT_NITER, oversampling, truncated_svd
 
 MODEL = "smollm2-135m"
 DATASET = "gsm-symbolic"

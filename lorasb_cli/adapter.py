@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,25 +67,20 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
 
 def inject(
     model: nn.Module,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    factors: dict[str, artifacts.Factor],
     scale: float = 1.0,
     magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, LoraSBLinear]:
     """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear; only the Rs stay trainable.
     `magnitudes` ({module: [m]}) makes those modules DoRA layers."""
+    linear = {path: tuple(m.weight.shape) for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    artifacts.check_fits(factors, linear, model="the model", path=None, hint=None)
     model.requires_grad_(False)
     wrapped = {}
     for path, (lora_B, lora_R, lora_A) in factors.items():
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        base = getattr(parent, child, None)
-        if not isinstance(base, nn.Linear):
-            raise IncompatibleArtifactError(f"module '{path}' is not a linear layer of the model")
-        if (lora_B.shape[0], lora_A.shape[1]) != tuple(base.weight.shape):
-            raise IncompatibleArtifactError(
-                f"factors of '{path}' are for a {lora_B.shape[0]}×{lora_A.shape[1]} weight, the model's is "
-                f"{base.weight.shape[0]}×{base.weight.shape[1]}"
-            )
+        base = getattr(parent, child)
         layer = LoraSBLinear(base, lora_B, lora_R, lora_A, scale, (magnitudes or {}).get(path))
         setattr(parent, child, layer)
         wrapped[path] = layer
@@ -113,10 +109,50 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _float32_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: floating tensor inputs cast to float32 (the module's own dtype)."""
+
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+            return value.float()
+        return value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def train_in_float32(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
+    """Make the parameters `names` of `model` trainable float32 master weights, whatever the base dtype.
+
+    Every trained tensor is float32 (DESIGN.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
+    entries of a bf16 weight. So each module owning one of `names` (a classifier's head) gets its parameters upcast
+    to float32 in place (the Parameter objects stay the same) and, when that changed its dtype, a forward pre-hook
+    that casts floating inputs to float32: it takes the base's bf16/fp16 activations and returns float32 outputs
+    (the head's logits). Returns {name: parameter} with requires_grad set.
+    """
+    params = dict(model.named_parameters())
+    trained = {name: params[name] for name in names}
+    for owner_path in dict.fromkeys(name.rpartition(".")[0] for name in trained):
+        owner = model.get_submodule(owner_path) if owner_path else model
+        upcast = False
+        for param in owner.parameters(recurse=False):
+            if param.dtype in LOW_PRECISION:
+                param.data = param.data.float()
+                upcast = True
+        if upcast and not getattr(owner, "_lorasb_float32_inputs", False):
+            owner.register_forward_pre_hook(_float32_inputs, with_kwargs=True)
+            owner._lorasb_float32_inputs = True
+    for param in trained.values():
+        param.requires_grad_(True)
+    return trained
+
+
 def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable: bool) -> None:
     """Copy full tensors (a classifier's head) into the model's parameters of the same names.
 
-    `trainable`: they become float32 master weights first (`methods.train_in_float32`: their modules take the
+    `trainable`: they become float32 master weights first (`train_in_float32`: their modules take the
     base's bf16/fp16 activations), so the copy is exact and training steps are not rounded away. Otherwise
     (evaluation) they keep the base dtype."""
     params = dict(model.named_parameters())
@@ -129,8 +165,6 @@ def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable:
                 f"'{name}' is {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)}"
             )
     if trainable:
-        from .methods import train_in_float32  # methods build on this module
-
         train_in_float32(model, tensors)
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -144,20 +178,11 @@ CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
-class Adapter:
-    """A trained adapter directory: `factors` {module: (B, R, A)}, DoRA `magnitudes` {module: [m]}, `extra`
-    full tensors (a trained head, or every tensor of a full fine-tune, under the base state_dict names) and
-    `config` (adapter_config.json, the same dict as the provenance)."""
+class Adapter(artifacts.Factors):
+    """A trained adapter directory: the factors, DoRA `magnitudes` {module: [m]}, `extra` full tensors (a trained
+    head, or every tensor of a full fine-tune) and `config` (adapter_config.json, the same dict as the provenance)."""
 
-    path: Path
-    config: dict
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    extra: dict[str, torch.Tensor]
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def scale(self) -> float:
-        return float(self.config.get("scale", 1.0))
 
 
 def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -180,12 +205,6 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
             f"adapter directory lacks {ADAPTER_FILE}", path=str(path), hint="pass the -o directory of lorasb train"
         )
     artifact = artifacts.Artifact(file, kinds=("adapter", "factors"))
-    modules = artifacts.factor_modules(artifact)
-    # Copies owned in memory: a tensor read from safetensors is a view that pins a mapping of the whole file.
-    tensors = {name: tensor.clone() for name, tensor in artifact.items()}
-    factors = {m: tuple(tensors[f"{m}.{s}"].float() for s in artifacts.FACTOR_SUFFIXES) for m in modules}
-    factor_names = {f"{m}.{s}" for m in modules for s in artifacts.FACTOR_SUFFIXES}
-    magnitudes = {m: tensors[f"{m}.{MAGNITUDE}"].float() for m in modules if f"{m}.{MAGNITUDE}" in tensors}
-    factor_names |= {f"{m}.{MAGNITUDE}" for m in magnitudes}
-    extra = {name: tensor for name, tensor in tensors.items() if name not in factor_names}
+    factors, extra = artifacts.read_factors(artifact)
+    magnitudes = {m: extra.pop(f"{m}.{MAGNITUDE}").float() for m in factors if f"{m}.{MAGNITUDE}" in extra}
     return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, magnitudes=magnitudes)

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -519,6 +519,69 @@ def factor_modules(artifact: Artifact) -> list[str]:
                 path=artifact.path, hint="the file is corrupt or was edited; re-run lorasb decompose",
             )  # fmt: skip
     return modules
+
+
+Factor = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B [m, r], R [r, r], A [r, n])
+
+
+@dataclass
+class Factors:
+    """A factors file, or anything laid out like one: `factors` {module: (B, R, A)} in float32, `extra` the other
+    tensors under their base state_dict names (a classifier head; every tensor of a full fine-tune), `config` the
+    provenance."""
+
+    path: Path
+    config: dict
+    factors: dict[str, Factor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return float(self.config.get("scale", 1.0))
+
+    def check_fits(self, shapes: dict[str, tuple[int, ...]], model: str, hint: str) -> None:
+        """Each module must be a linear layer in `shapes` ({module: weight shape}) of weight shape (B rows, A
+        columns). `model` names the model in errors ("model 'x'", "the base model")."""
+        check_fits(self.factors, shapes, model=model, path=str(self.path), hint=hint)
+
+
+def check_fits(factors: dict[str, Factor], shapes: dict[str, tuple[int, ...]], *, model: str, path: str | None,
+               hint: str | None) -> None:
+    """Every factor module must be in `shapes` ({module: weight shape}) with weight shape (B rows, A columns)."""
+    for module, (lora_B, _, lora_A) in factors.items():
+        want = (lora_B.shape[0], lora_A.shape[1])
+        if module not in shapes:
+            raise IncompatibleArtifactError(f"module '{module}' is not a linear layer of {model}", path=path, hint=hint)
+        if tuple(shapes[module]) != want:
+            raise IncompatibleArtifactError(
+                f"factors of '{module}' are for a {want[0]}×{want[1]} weight, {model}'s is "
+                f"{'×'.join(map(str, shapes[module]))}",
+                path=path,
+                hint=hint,
+            )
+
+
+def read_factors(artifact: Artifact) -> tuple[dict[str, Factor], dict[str, torch.Tensor]]:
+    """(factors {module: (B, R, A)} in float32, the artifact's other tensors) of a factors/adapter artifact."""
+    modules = factor_modules(artifact)
+    # Copies owned in memory: a tensor read from safetensors is a view that pins a mapping of the whole file.
+    tensors = {name: tensor.clone() for name, tensor in artifact.items()}
+    factors = {m: tuple(tensors.pop(f"{m}.{s}").float() for s in FACTOR_SUFFIXES) for m in modules}
+    return factors, tensors
+
+
+def load_factors(path: str | os.PathLike) -> Factors:
+    """A factors file written by `lorasb decompose`."""
+    artifact = Artifact(path, kinds=("factors",))
+    factors, extra = read_factors(artifact)
+    if not factors:
+        raise IncompatibleArtifactError("factors file holds no modules", path=artifact.path, hint="re-run decompose")
+    return Factors(path=Path(artifact.path), config=artifact.meta, factors=factors, extra=extra)
+
+
+def load_update(artifact: Artifact, name: str) -> torch.Tensor:
+    """ΔW_avg of one weight as float32: η·(stored signs)."""
+    return artifact.get(name, torch.float32).mul_(artifact.meta["eta"])
 
 
 def _is_factor(name: str) -> bool:

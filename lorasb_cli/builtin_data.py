@@ -20,9 +20,9 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data
 from .errors import BadInputError
 from .registry import did_you_mean
+from .rows import Dataset
 
 log = logging.getLogger("lorasb")
 
@@ -110,7 +110,7 @@ def describe() -> list[dict]:
     return entries
 
 
-def load(name: str, *, split: str = "train", size: int | None = None, seed: int = 0) -> data.Dataset:
+def load(name: str, *, split: str = "train", size: int | None = None, seed: int = 0) -> Dataset:
     """Rows of one split of a built-in data set: `size` items generated from `seed`, or for a data set read
     from files a random subset of `size` rows drawn with `seed` (the whole split when `size` is None)."""
     builtin = _lookup(name)
@@ -134,7 +134,7 @@ def load(name: str, *, split: str = "train", size: int | None = None, seed: int 
         rows = _generate(builtin, root, split, size or builtin.sizes[split], seed)
     else:
         rows = _subset(_read_split(builtin, root, split), size, seed, name)
-    return data.Dataset(
+    return Dataset(
         rows=rows, source=f"builtin:{name}", split=split, digest=digest(rows), extra=provenance_extra(name, seed)
     )
 

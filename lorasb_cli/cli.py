@@ -266,8 +266,8 @@ def decompose(update, rank, init, model, targets, noise_std, niter, exact, seed,
               as_json, quiet):  # fmt: skip
     """Factor the update (or, for --init lora-xs, the model's weights) into frozen B, A and the trainable r×r R."""
     from .console import print_table, progress_bar
-    from .decompose import DEFAULT_NITER
     from .decompose import decompose as run_decompose
+    from .linalg import DEFAULT_NITER
 
     with progress_bar("decompose", enabled=not quiet) as progress:
         summary = run_decompose(

@@ -13,31 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, inits, models
+from . import artifacts, inits, linalg, models
 from .errors import BadInputError, IncompatibleArtifactError
-from .estimate import load_update
-
-# Sign matrices have flat spectra, where randomized SVD needs power iterations: measured on 4096² sign
-# updates, niter=4 with oversampling r/2 (at least 16) stays within 0.3% of the optimal residual
-# (benchmarks/results/decompose.md; worst case: random signs at r = 96).
-DEFAULT_NITER = 4
-
-
-def oversampling(rank: int) -> int:
-    return max(16, rank // 2)
-
-
-def truncated_svd(
-    matrix: torch.Tensor, rank: int, *, niter: int = DEFAULT_NITER, exact: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` singular triplets of `matrix` [m, n] in float32: U [m, r], S [r], Vh [r, n]."""
-    matrix = matrix.float()
-    if exact:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
-    q = min(rank + oversampling(rank), *matrix.shape)
-    u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
-    return u[:, :rank], s[:rank], v[:, :rank].T
 
 
 @dataclass
@@ -54,19 +31,6 @@ class DecomposeSummary:
         return [(k, len(v), sum(v) / len(v), min(v), max(v)) for k, v in groups.items()]
 
 
-def check_rank(rank: int, shapes: dict[str, tuple[int, ...]], path: str | None = None) -> None:
-    """A rank must be positive and at most min(m, n) of every module."""
-    if rank <= 0:
-        raise BadInputError(f"--rank {rank} must be positive", hint="the paper uses 32, 64 or 96")
-    for name, shape in shapes.items():
-        if rank > min(shape):
-            raise BadInputError(
-                f"--rank {rank} exceeds min(m, n) = {min(shape)} of {name} {tuple(shape)}",
-                path=path,
-                hint=f"pass --rank {min(min(s) for s in shapes.values())} or less, or narrow --targets",
-            )
-
-
 def decompose(
     update_path: str | None,
     rank: int,
@@ -76,7 +40,7 @@ def decompose(
     model: str | None = None,
     targets: str = "all-linear",
     noise_std: float | None = None,
-    niter: int = DEFAULT_NITER,
+    niter: int = linalg.DEFAULT_NITER,
     exact: bool = False,
     seed: int = 0,
     device: str = "auto",
@@ -134,9 +98,9 @@ def decompose(
         shapes = {m: update.shapes()[f"{m}.weight"] for m in modules}
 
         def matrix(module: str) -> torch.Tensor:
-            return load_update(update, f"{module}.weight")
+            return artifacts.load_update(update, f"{module}.weight")
 
-    check_rank(rank, shapes, update.path if update is not None else None)
+    linalg.check_rank(rank, shapes, update.path if update is not None else None)
     factors: dict[str, torch.Tensor] = {}
     energy: dict[str, float] = {}
     # Randomized SVDs and random inits draw from the global generator: fork it so a seed fixes the factors.
@@ -164,7 +128,7 @@ def decompose(
         data=meta.get("data"),
         samples=meta.get("samples"),
         seed=seed,
-        svd={"exact": exact, "niter": niter, "oversampling": oversampling(rank)},
+        svd={"exact": exact, "niter": niter, "oversampling": linalg.oversampling(rank)},
         **({"noise_std": noise_std} if init == "noisy" else {}),
         energy=energy,
         **{key: meta[key] for key in ("architecture", "labels", "head") if key in meta},

@@ -10,11 +10,9 @@ import datetime as dt
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,173 +20,9 @@ from torch import nn
 from . import adapter, artifacts, data, models, templates
 from .errors import BadInputError
 from .tasks import Task, get_task
+from .tasks.runner import Answerer, ModelAnswerer, evaluate_rows
 
 log = logging.getLogger("lorasb")
-
-
-class Answerer(Protocol):
-    """What a task needs from a model; `ModelAnswerer` is the real one, tests script fake ones."""
-
-    def generate(self, prompts: Sequence[str]) -> list[str]: ...
-
-    def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]: ...
-
-    def classify(self, texts: Sequence[str | tuple[str, str]]) -> list[int | float | str]: ...
-
-    def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]: ...
-
-
-class ModelAnswerer:
-    """A loaded HF model (with or without an injected adapter) answering in batches. Prompts are tokenized as
-    `template` tokenizes them in training, so generation starts from exactly the training ids."""
-
-    def __init__(self, model: nn.Module, tokenizer, *, template: str, batch_size: int, max_new_tokens: int,
-                 max_length: int):  # fmt: skip
-        self.model, self.tokenizer = model, tokenizer
-        self.template = templates.Template(template, tokenizer)
-        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
-        self.device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
-        )
-        self.tokenizer.padding_side = "left"  # generation appends on the right: prompts must end together
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        outputs: dict[int, str] = {}
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            encoded = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                                     add_special_tokens=self.template.add_special_tokens).to(self.device)
-            generated = self.model.generate(**encoded, generation_config=config)
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text
-        return [outputs[i] for i in range(len(prompts))]
-
-    @torch.no_grad()
-    def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]:
-        """Σ log p(choice tokens | prompt) for each choice, the choice tokenized jointly with the prompt."""
-        examples = []
-        for choice in choices:
-            ids, prompt_length, _ = self.template.encode(prompt, choice, eos=False)
-            examples.append(data.Example(ids, [data.IGNORE] * prompt_length + ids[prompt_length:]))
-        batch = {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * (targets != data.IGNORE)).sum(dim=1).tolist()
-
-    @torch.no_grad()
-    def classify(self, texts: Sequence[str | tuple[str, str]]) -> list[int | float | str]:
-        self.tokenizer.padding_side = "right"
-        # Label names when the head has real ones; a default `LABEL_k` head answers with the id k.
-        id2label = {
-            i: name
-            for i, name in (getattr(self.model.config, "id2label", None) or {}).items()
-            if not re.fullmatch(r"LABEL_\d+", str(name))
-        }
-        predictions: list[int | float | str] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            pairs = [t if isinstance(t, tuple) else (t, None) for t in chunk]
-            first, second = [p[0] for p in pairs], [p[1] for p in pairs]
-            encoded = self.tokenizer(
-                first, second if any(s is not None for s in second) else None,
-                truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
-            logits = self.model(**encoded).logits.float()
-            if logits.shape[-1] == 1:  # regression (STS-B)
-                predictions += logits[:, 0].tolist()
-            else:
-                predictions += [id2label.get(i, i) for i in logits.argmax(-1).tolist()]
-        return predictions
-
-    @torch.no_grad()
-    def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]:
-        from .estimate import per_sample_loss_sum
-
-        fmt = data.detect_format(list(rows[0]), "auto")
-        examples = data.encode(rows, fmt, self.tokenizer, self.max_length, template=self.template.name)
-        results = []
-        for example in examples:
-            batch = {k: v.to(self.device) for k, v in data.collate([example], self.tokenizer.pad_token_id).items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, tokens = per_sample_loss_sum(logits, batch["labels"])
-            results.append((float(loss), tokens))
-        return results
-
-
-def evaluate_rows(
-    task: Task,
-    rows: Sequence[dict],
-    answerer: Answerer,
-    template: templates.Template,
-    scoring: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    chunk: int = 32,
-) -> list[dict]:
-    """Per-example records: input (the prompt as rendered by `template`), reference, raw output, extracted
-    answer, correct (and the row's task; `extracted/NAME`, `correct/NAME` for each of the task's filters).
-
-    Rows go to the answerer `chunk` at a time so `progress(done, total)` moves during long runs.
-    """
-    records: list[dict] = []
-    for start in range(0, len(rows), chunk):
-        records += _score_chunk(task, rows[start : start + chunk], answerer, template, scoring or task.scoring)
-        if progress is not None:
-            progress(len(records), len(rows))
-    return records
-
-
-def _score_chunk(
-    task: Task, rows: Sequence[dict], answerer: Answerer, template: templates.Template, scoring: str
-) -> list[dict]:
-    records = []
-    if scoring == "generate":
-        prompts = [template.prompt(*task.prompt(row)) for row in rows]
-        for row, prompt, output in zip(rows, prompts, answerer.generate(prompts)):
-            reference = task.reference(row)
-            judged = task.judge(output, reference)
-            records.append(_record(row, prompt, reference, output, judged.pop("extracted"), judged.pop("correct"))
-                           | judged)  # fmt: skip
-    elif scoring == "loglik":
-        if task.choices is None:
-            raise BadInputError(f"task '{task.name}' has no answer options to score by log-likelihood")
-        for row in rows:
-            prompt, options = template.prompt(*task.prompt(row)), task.choices(row)
-            scores = answerer.loglik(prompt, options)
-            best = options[max(range(len(options)), key=scores.__getitem__)]
-            reference = task.reference(row)
-            records.append(_record(row, prompt, reference, json.dumps(dict(zip(options, scores))), best,
-                                   task.is_correct(best, reference)))  # fmt: skip
-    elif scoring == "classify":
-        texts = [task.text(row) for row in rows]
-        for row, text, predicted in zip(rows, texts, answerer.classify(texts)):
-            reference = task.reference(row) if task.reference else row["label"]
-            correct = None if isinstance(predicted, float) else str(predicted) == str(reference)
-            records.append(_record(row, text, reference, predicted, predicted, correct))
-    elif scoring == "perplexity":
-        for row, (loss, tokens) in zip(rows, answerer.losses(rows)):
-            record = _record(row, None, None, None, None, None)
-            records.append({**record, "loss": loss, "tokens": tokens})
-    else:
-        raise BadInputError(f"unknown --scoring '{scoring}'", hint="use generate or loglik")
-    return records
-
-
-def _record(row: dict, prompt, reference, output, extracted, correct) -> dict:
-    record = {"input": prompt, "reference": reference, "output": output, "extracted": extracted, "correct": correct}
-    if "task" in row:
-        record["task"] = row["task"]
-    return record
 
 
 @dataclass(frozen=True)
@@ -293,9 +127,7 @@ def load_for_task(
             )
     if saved is not None:
         shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
-        from .train import check_factors_fit
-
-        check_factors_fit(saved.factors, shapes, ref.id, str(saved.path))
+        saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     labels = saved.config.get("labels") if saved is not None else None

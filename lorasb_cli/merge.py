@@ -214,24 +214,11 @@ def base_prefix(lora: adapter.Adapter, index: shards.CheckpointIndex) -> str:
 
 def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex, prefix: str) -> None:
     """Every adapted module must have a floating `<module>.weight` of shape (B rows, A columns) in the base."""
+    weights = {module: f"{module}.weight".removeprefix(prefix) for module in lora.factors}
+    shapes = {module: index.shape(name) for module, name in weights.items() if name in index}
     hint = f"pass the base the adapter was trained on with --model (recorded: {_recorded_id(lora)})"
-    for module, (lora_B, _, lora_A) in lora.factors.items():
-        name = f"{module}.weight".removeprefix(prefix)
-        expected = (lora_B.shape[0], lora_A.shape[1])
-        if name not in index:
-            raise IncompatibleArtifactError(
-                f"adapter module '{module}' has no weight '{name}' in the base model",
-                path=str(index.directory),
-                hint=hint,
-            )
-        actual = index.shape(name)
-        if actual != expected:
-            raise IncompatibleArtifactError(
-                f"adapter module '{module}' is for a {expected[0]}×{expected[1]} weight, the base model's is "
-                f"{'×'.join(map(str, actual))}",
-                path=str(index.directory),
-                hint=hint,
-            )
+    artifacts.check_fits(lora.factors, shapes, model="the base model", path=str(index.directory), hint=hint)
+    for name in weights.values():
         if not index.dtype(name).is_floating_point:
             raise IncompatibleArtifactError(
                 f"weight '{name}' of the base model is {index.dtype(name)}, not floating point (quantized?)",

@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import adapter, artifacts, data, methods, models, system, templates
-from .errors import BadInputError, IncompatibleArtifactError, RunFailure
+from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
+from .errors import BadInputError, IncompatibleArtifactError
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -88,146 +85,6 @@ class TrainSummary:
     peak_memory_bytes: int
 
 
-def load_factors(path: str) -> tuple[artifacts.Artifact, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """The factors file and its {module: (B [m, r], R [r, r], A [r, n])} in float32."""
-    artifact = artifacts.Artifact(path, kinds=("factors",))
-    modules = artifacts.factor_modules(artifact)
-    if not modules:
-        raise IncompatibleArtifactError("factors file holds no modules", path=artifact.path, hint="re-run decompose")
-    factors = {m: tuple(artifact.get(f"{m}.{s}", torch.float32) for s in artifacts.FACTOR_SUFFIXES) for m in modules}
-    return artifact, factors
-
-
-def check_factors_fit(
-    factors: dict[str, tuple[torch.Tensor, ...]], shapes: dict[str, tuple[int, int]], model_id: str, path: str
-) -> None:
-    """Every factor module must be a linear layer of the model with weight shape (B rows, A columns)."""
-    for module, (lora_B, _, lora_A) in factors.items():
-        want = (lora_B.shape[0], lora_A.shape[1])
-        if module not in shapes:
-            raise IncompatibleArtifactError(
-                f"factors name module '{module}', which model '{model_id}' lacks",
-                path=path,
-                hint="pass the model the update was estimated on, or re-run estimate on this one",
-            )
-        if tuple(shapes[module]) != want:
-            raise IncompatibleArtifactError(
-                f"factors of '{module}' are for a {want[0]}×{want[1]} weight, model '{model_id}' has "
-                f"{shapes[module][0]}×{shapes[module][1]}",
-                path=path,
-                hint="pass the model the update was estimated on",
-            )
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, examples: Sequence[data.Example], batch_size: int, pad_id: int) -> float:
-    """Mean over samples of each sample's mean supervised-token loss (forward passes only)."""
-    from .estimate import model_inputs, per_sample_loss_sum
-
-    device = next(model.parameters()).device
-    total = 0.0
-    for batch in data.make_batches(examples, batch_size, pad_id):
-        logits = model(**model_inputs(batch, device)).logits
-        total += float(per_sample_loss_sum(logits, batch["labels"].to(device))[0])
-    return total / max(1, len(examples))
-
-
-TRAINED_FILE = "trained.safetensors"
-
-
-def _checkpoint_trainer_class():
-    """A Trainer whose checkpoints hold the adapter and the trained tensors instead of the whole model.
-
-    Each rank's module holds whole parameters (DDP replicas; FSDP and DeepSpeed, which would shard them, are refused
-    by system.check_launcher), so global rank 0 (`should_save`) writes them and every rank reads them on resume.
-    """
-    from transformers import Trainer
-
-    class AdapterTrainer(Trainer):
-        adapter_config: ClassVar[dict] = {}
-        export: Callable[[], dict[str, torch.Tensor]] = staticmethod(dict)
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if self.args.should_save:
-                os.makedirs(output_dir, exist_ok=True)
-                adapter.save_adapter(output_dir, self.export(), self.adapter_config)
-                model = self.accelerator.unwrap_model(self.model)
-                trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-                with artifacts.atomic_path(Path(output_dir) / TRAINED_FILE) as tmp:
-                    save_file(trained, tmp)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-            model = self.accelerator.unwrap_model(model or self.model)
-            saved = load_file(Path(resume_from_checkpoint) / TRAINED_FILE)
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            if set(saved) != set(params):
-                raise IncompatibleArtifactError(
-                    "checkpoint holds other trained tensors than this run", path=resume_from_checkpoint,
-                    hint="resume with the --method, --factors and --rank of the interrupted run",
-                )  # fmt: skip
-            with torch.no_grad():
-                for name, tensor in saved.items():
-                    params[name].copy_(tensor)
-
-    return AdapterTrainer
-
-
-def _callbacks(progress: Callable[[int, int], None] | None, out: Path):
-    from transformers import TrainerCallback
-
-    class Guard(TrainerCallback):
-        """Stop on NaN/Inf in R before a checkpoint could save it, naming the last good checkpoint."""
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if progress is not None:
-                progress(state.global_step, state.max_steps)
-            for name, param in model.named_parameters():
-                if param.requires_grad and not torch.isfinite(param).all():
-                    from transformers.trainer_utils import get_last_checkpoint
-
-                    last = get_last_checkpoint(str(out))
-                    raise RunFailure(
-                        f"training diverged: NaN/Inf in {name} at step {state.global_step}",
-                        hint=(f"last good checkpoint: {last}; " if last else "")
-                        + "lower --lr or use --dtype float32, then --resume",
-                    )
-
-    return [Guard()]
-
-
-def _task_callback(task_name: str, rows: Sequence[dict], tokenizer, template: str | None, batch_size: int,
-                   eval_steps: int | None, max_length: int, results: list[dict]):  # fmt: skip
-    """Score the model on `task_name` every `eval_steps` steps and at the end; appends to `results`."""
-    from transformers import TrainerCallback
-
-    from .evaluate import ModelAnswerer, evaluate_rows
-    from .tasks import get_task
-
-    task = get_task(task_name)
-
-    class TaskEval(TrainerCallback):
-        def _score(self, model, step: int) -> None:
-            if results and results[-1]["step"] == step:
-                return
-            model.eval()
-            answerer = ModelAnswerer(model, tokenizer, template=template or "alpaca", batch_size=batch_size,
-                                     max_new_tokens=task.max_new_tokens, max_length=max_length)  # fmt: skip
-            metrics = task.score(evaluate_rows(task, rows, answerer, answerer.template))
-            model.train()
-            results.append({"step": step, "task": task_name, **metrics})
-            log.info("step %d: %s %s", step, task_name,
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if eval_steps and state.global_step % eval_steps == 0:
-                self._score(model, state.global_step)
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            self._score(model, state.global_step)
-
-    return TaskEval()
-
-
 def _prepare_out(config: TrainConfig) -> Path:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -282,52 +139,51 @@ def _check_options(config: TrainConfig) -> None:
         raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS))
 
 
-def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool):
+def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool) -> artifacts.Factors:
     """The factors file, checked against the model's config before any weight is loaded."""
-    factors_file, factors = load_factors(path)
-    head = "sequence-classification" if factors_file.meta.get("labels") is not None else "causal-lm"
+    factors = artifacts.load_factors(path)
+    head = "sequence-classification" if factors.config.get("labels") is not None else "causal-lm"
     shapes = models.linear_shapes_from_config(ref, trust_remote_code=trust_remote_code, head=head)
-    check_factors_fit(factors, shapes, ref.id, factors_file.path)
-    if models.fingerprint({m: shapes[m] for m in factors}) != factors_file.meta["base_model"]["fingerprint"]:
+    factors.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the update was estimated on")
+    base = factors.config["base_model"]
+    if models.fingerprint({m: shapes[m] for m in factors.factors}) != base["fingerprint"]:
         raise IncompatibleArtifactError(
-            "factors come from a model with other target modules", path=factors_file.path,
+            "factors come from a model with other target modules", path=str(factors.path),
             hint="pass the model the update was estimated on",
         )  # fmt: skip
     # By content, not path: the same checkpoint in another folder (another machine) is the same model.
-    estimated, here = factors_file.meta["base_model"].get("weights_digest"), models.weights_digest(ref)
-    if (estimated != here) if estimated and here else factors_file.meta["base_model"]["id"] != ref.id:
-        log.warning("factors were estimated on other weights (%s) than %s's", factors_file.meta["base_model"]["id"],
-                    ref.id)  # fmt: skip
-    return factors_file, factors
+    estimated, here = base.get("weights_digest"), models.weights_digest(ref)
+    if (estimated != here) if estimated and here else base["id"] != ref.id:
+        log.warning("factors were estimated on other weights (%s) than %s's", base["id"], ref.id)
+    return factors
 
 
-def train(
-    config: TrainConfig,
-    progress: Callable[[int, int], None] | None = None,
-    callbacks: Sequence[object] = (),
-) -> TrainSummary:
-    """Train `config.method` on `config.data`; returns what was written and measured."""
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
+@dataclass
+class _Inputs:
+    """What a run reads, checked before any weight is loaded."""
 
-    from .decompose import check_rank
+    method: methods.Method
+    ref: models.ModelRef
+    factors: artifacts.Factors | None
+    train_set: data.Dataset
+    eval_set: data.Dataset | None
+    fmt: str
+    template: str | None
+    labels: list[str] | None
+    out: Path
 
-    _check_options(config)
-    system.check_launcher()
+
+def _read_inputs(config: TrainConfig) -> _Inputs:
     method = methods.get_method(config.method)
     ref = models.resolve_model(config.model)
-    factors_file = factors = None
-    if method.needs_factors:
-        factors_file, factors = _load_factors_checked(config.factors, ref, config.trust_remote_code)
-        modules = list(factors)
-
+    factors = _load_factors_checked(config.factors, ref, config.trust_remote_code) if method.needs_factors else None
     train_set = data.load_dataset_rows(config.data, config.split, config.data_config, size=config.size,
                                        seed=config.seed, fields=config.fields)  # fmt: skip
-    fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=data.float_labels(train_set.rows))
+    floats = data.float_labels(train_set.rows)
+    fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
     template = data.resolve_template(config.template, fmt, train_set.columns)
-    if factors_file is not None:
-        recorded = (factors_file.meta.get("data") or {}).get("template")
+    if factors is not None:
+        recorded = (factors.config.get("data") or {}).get("template")
         templates.check_same(recorded, template, "the estimate", force=config.force_template)
     # A built-in name as --eval-data means its test split: never the rows trained on.
     eval_set = (
@@ -335,50 +191,79 @@ def train(
         if config.eval_data
         else None
     )
-    labels = factors_file.meta.get("labels") if factors_file is not None else data.head_labels(fmt, train_set.rows)
+    labels = factors.config.get("labels") if factors is not None else data.head_labels(fmt, train_set.rows)
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
-    out = _prepare_out(config)
+    return _Inputs(method, ref, factors, train_set, eval_set, fmt, template, labels, _prepare_out(config))
 
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
-    # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
-    model, tokenizer = models.load_for_labels(ref, labels, dtype=dtype, device=device, seed=config.seed,
-                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+
+@dataclass
+class _Examples:
+    """Training and eval examples (tokenized as the data loader reads them), and the probe the step-0 losses and
+    `--init-scale auto` are measured on."""
+
+    train: Sequence[data.Example]
+    eval: Sequence[data.Example] | None
+    probe: list[data.Example]
+    probe_kind: str
+
+
+def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     # Rows are tokenized as the data loader reads them: a large corpus is never one list of examples.
-    encoder = data.Encoder(fmt, tokenizer, config.max_length, labels, template)
-    train_examples = data.LazyExamples(train_set.rows, encoder)
-    eval_examples = data.LazyExamples(eval_set.rows, encoder) if eval_set else None
-    auto = config.init_scale == "auto"
-    if auto:
+    encoder = data.Encoder(inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template)
+    train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
+    eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
+    if config.init_scale == "auto":
         # `auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
         # the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, probe = train_examples[:-held], train_examples[-held:]
+        kind = "held-out training"
     else:
         probe = eval_examples or train_examples[: min(64, len(train_examples))]
-    probe = list(probe)  # encoded once: every probe_loss call reads it
-    probe_kind = "held-out training" if auto else "eval" if eval_examples else "training"
+        kind = "eval" if eval_examples else "training"
+    return _Examples(train_examples, eval_examples, list(probe), kind)  # the probe is encoded once
 
-    if factors_file is None:
+
+@dataclass
+class _Run:
+    """The method set up on the model: what trains, its size, and the step-0 losses."""
+
+    prepared: methods.Prepared
+    modules: list[str]
+    shapes: dict[str, tuple[int, int]]
+    rank: int | None
+    trainable: int
+    base_params: int
+    lora_params: int
+    step0_base: float | None
+    step0_init: float | None
+
+
+def _prepare_method(config: TrainConfig, inputs: _Inputs, model: nn.Module, tokenizer, examples: _Examples,
+                    device: torch.device) -> _Run:  # fmt: skip
+    method, factors = inputs.method, inputs.factors
+    if factors is not None:
+        modules, rank = list(factors.factors), factors.config["rank"]
+    else:
         modules = models.resolve_targets(model, config.targets) if method.uses_rank else []
+        rank = config.rank
         if method.uses_rank:
-            check_rank(config.rank, models.target_shapes(model, modules))
+            linalg.check_rank(config.rank, models.target_shapes(model, modules))
     shapes = models.target_shapes(model, modules)
-    rank = factors_file.meta["rank"] if factors_file is not None else config.rank
     base_params = sum(p.numel() for p in model.parameters())
     lora_params = sum((rank or 0) * (m + n) for m, n in shapes.values())
 
     def probe_loss(m: nn.Module) -> float:
-        return mean_loss(m, probe, config.batch_size, tokenizer.pad_token_id)
+        return loss.mean_loss(m, examples.probe, config.batch_size, tokenizer.pad_token_id)
 
     step0_base = None if config.resume else probe_loss(model)
     setup = methods.Setup(
         model=model, modules=modules, rank=rank, alpha=config.alpha, seed=config.seed,
-        factors=(factors_file, factors) if factors_file is not None else None,
+        factors=factors,
         init_scale=config.init_scale if not config.resume else 1.0,  # on resume the checkpoint's R replaces it
         init_samples=config.init_samples, init_iters=config.init_iters,
-        probe_loss=probe_loss, batches=lambda n: data.make_batches(train_examples[:n], config.batch_size,
+        probe_loss=probe_loss, batches=lambda n: data.make_batches(examples.train[:n], config.batch_size,
                                                                     tokenizer.pad_token_id),
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
@@ -391,40 +276,49 @@ def train(
         f"; LoRA at rank {rank} on the same targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
         if lora_params and trainable else "",
     )  # fmt: skip
-
     step0_init = None
     if not config.resume:
         # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
         mixed = prepared.mixed_precision
         with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
             step0_init = probe_loss(prepared.model)
-        log.info("step-0 loss on %d %s samples: base %.4f, initialized %.4f", len(probe), probe_kind, step0_base,
-                 step0_init)  # fmt: skip
+        log.info("step-0 loss on %d %s samples: base %.4f, initialized %.4f", len(examples.probe),
+                 examples.probe_kind, step0_base, step0_init)  # fmt: skip
         if step0_init > step0_base * (1 + 1e-4):
             log.warning(
                 "the initialized model is worse than the base (%.4f > %.4f)%s", step0_init, step0_base,
                 ": η is too large for this model; re-run estimate with a smaller --eta or pass --init-scale below 1"
                 if method.name == "lorasb" else "",
             )  # fmt: skip
+    return _Run(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
 
-    if config.gradient_checkpointing:
-        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
-    from_factors = factors_file.meta if factors_file is not None else {}
+
+def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _Run) -> dict:
+    """The adapter's provenance (adapter_config.json), also written into every checkpoint."""
+    from_factors = inputs.factors.config if inputs.factors is not None else {}
+    labels = inputs.labels
     adapter_config = {
-        "base_model": ref.provenance(models.fingerprint(shapes)),
-        "targets": from_factors.get("targets", config.targets if method.uses_rank else None),
-        "target_modules": modules,
-        "rank": rank,
-        "method": method.name,
-        **prepared.config,
-        "data": {**train_set.provenance(), "format": fmt, "template": template},
+        "base_model": inputs.ref.provenance(models.fingerprint(run.shapes)),
+        "targets": from_factors.get("targets", config.targets if inputs.method.uses_rank else None),
+        "target_modules": run.modules,
+        "rank": run.rank,
+        "method": inputs.method.name,
+        **run.prepared.config,
+        "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},
         "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},
         **({"architecture": type(model).__name__, "labels": labels} if labels is not None else {}),
         **({"head": sorted(methods.head_parameters(model))} if labels is not None else {}),
     }
-    log.info("method settings: %s", json.dumps({k: v for k, v in prepared.config.items() if k != "init_scale_curve"}))
+    log.info("method settings: %s", json.dumps({k: v for k, v in run.prepared.config.items()
+                                                if k != "init_scale_curve"}))  # fmt: skip
+    return adapter_config
 
-    args = TrainingArguments(
+
+def _training_arguments(config: TrainConfig, out: Path, prepared: methods.Prepared, *, evaluates: bool,
+                        device: torch.device):  # fmt: skip
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -438,7 +332,7 @@ def train(
         logging_steps=1,
         save_strategy="steps",
         save_steps=config.save_steps,
-        eval_strategy="steps" if eval_examples and config.eval_steps else "no",
+        eval_strategy="steps" if evaluates and config.eval_steps else "no",
         eval_steps=config.eval_steps,
         seed=config.seed,
         activation_checkpointing=config.gradient_checkpointing,
@@ -453,37 +347,76 @@ def train(
         dataloader_num_workers=0,
         optim="adamw_torch",
     )
-    trainer_class = _checkpoint_trainer_class()
-    trainer_class.adapter_config = adapter_config
-    trainer_class.export = staticmethod(prepared.export)
-    trainer = trainer_class(
+
+
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int], None] | None = None,
+    callbacks: Sequence[object] = (),
+) -> TrainSummary:
+    """Train `config.method` on `config.data`; returns what was written and measured."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .tasks import get_task
+    from .trainer import AdapterTrainer, DivergenceGuard, TaskEval
+
+    _check_options(config)
+    system.check_launcher()
+    inputs = _read_inputs(config)
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.dtype, device)
+    # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
+    model, tokenizer = models.load_for_labels(inputs.ref, inputs.labels, dtype=dtype, device=device, seed=config.seed,
+                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+    examples = _examples(config, inputs, tokenizer)
+    run = _prepare_method(config, inputs, model, tokenizer, examples, device)
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
+    adapter_config = _adapter_config(config, inputs, model, run)
+    args = _training_arguments(config, inputs.out, run.prepared, evaluates=examples.eval is not None, device=device)
+    prepared = run.prepared
+    trainer = AdapterTrainer(
         model=prepared.model,
         args=args,
-        train_dataset=train_examples,
-        eval_dataset=eval_examples,
+        train_dataset=examples.train,
+        eval_dataset=examples.eval,
         data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
-        callbacks=[*_callbacks(progress, out), *callbacks],
+        callbacks=[DivergenceGuard(progress, inputs.out), *callbacks],
         # A method's own optimizer (LoRA-Pro); the Trainer still builds the --scheduler around it.
         optimizers=(prepared.optimizer(args) if prepared.optimizer else None, None),
+        adapter_config=adapter_config,
+        export=prepared.export,
     )
-    task_results: list[dict] = []
+    task_eval = None
     if config.eval_task:
-        trainer.add_callback(_task_callback(config.eval_task, eval_set.rows, tokenizer, template, config.batch_size,
-                                            config.eval_steps, config.max_length, task_results))  # fmt: skip
+        task_eval = TaskEval(get_task(config.eval_task), inputs.eval_set.rows, tokenizer,
+                             template=inputs.template or "alpaca", batch_size=config.batch_size,
+                             eval_steps=config.eval_steps, max_length=config.max_length)  # fmt: skip
+        trainer.add_callback(task_eval)
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)
 
     start = time.perf_counter()
-    resume_from = get_last_checkpoint(str(out)) if config.resume else None
+    resume_from = get_last_checkpoint(str(inputs.out)) if config.resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
-    final_eval = trainer.evaluate()["eval_loss"] if eval_examples else None
+    final_eval = trainer.evaluate()["eval_loss"] if examples.eval else None
+    return _write_run(
+        inputs, run, trainer, adapter_config, seconds=seconds, final_eval=final_eval, device=device,
+        train_loss_mean=result.training_loss, task_results=task_eval.results if task_eval else [],
+    )  # fmt: skip
 
+
+def _write_run(inputs: _Inputs, run: _Run, trainer, adapter_config: dict, *, seconds: float, final_eval: float | None,
+               device: torch.device, train_loss_mean: float, task_results: list[dict]) -> TrainSummary:  # fmt: skip
+    """The run directory's adapter, metrics.json and loss.png (global rank 0 only), and the summary."""
+    out = inputs.out
     # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
     # and global rank 0 writes them (as the Trainer's checkpoints: `should_save`).
     writer = system.is_main_process()
     if writer:
-        adapter.save_adapter(out, prepared.export(), adapter_config)
+        adapter.save_adapter(out, run.prepared.export(), adapter_config)
     history = trainer.state.log_history
     steps = [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")} for h in history if "loss" in h]
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
@@ -491,23 +424,23 @@ def train(
     summary = TrainSummary(
         path=out,
         steps=trainer.state.global_step,
-        trainable_params=trainable,
-        base_params=base_params,
-        lora_params_same_rank=lora_params,
-        step0_base_loss=step0_base,
-        step0_init_loss=step0_init,
+        trainable_params=run.trainable,
+        base_params=run.base_params,
+        lora_params_same_rank=run.lora_params,
+        step0_base_loss=run.step0_base,
+        step0_init_loss=run.step0_init,
         final_train_loss=steps[-1]["loss"] if steps else None,
         final_eval_loss=final_eval,
         seconds=seconds,
         tokens_per_second=tokens_per_second,
         peak_memory_bytes=system.peak_memory_bytes(device),
     )
-    metrics = {**asdict(summary), "path": str(out), "method": method.name, "train_loss_mean": result.training_loss,
+    metrics = {**asdict(summary), "path": str(out), "method": inputs.method.name, "train_loss_mean": train_loss_mean,
                "loss": steps, "eval": evals, "task": task_results}  # fmt: skip
     if writer:
         with artifacts.atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {method.name}")
+        plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {inputs.method.name}")
     return summary
 
 

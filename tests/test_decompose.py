@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasb_cli import artifacts, decompose
+from lorasb_cli import artifacts, decompose, linalg
 from lorasb_cli.errors import BadInputError
 
 
@@ -26,7 +26,7 @@ def _optimal_residual(matrix: torch.Tensor, rank: int) -> float:
 @pytest.mark.parametrize(("m", "n", "rank"), [(96, 160, 8), (256, 128, 32), (200, 200, 4)])
 def test_randomized_svd_is_orthonormal_and_within_one_percent(m, n, rank):
     delta = _sign_update(m, n) * 1e-5
-    b, s, a = decompose.truncated_svd(delta, rank)
+    b, s, a = linalg.truncated_svd(delta, rank)
     assert b.shape == (m, rank) and s.shape == (rank,) and a.shape == (rank, n)
     torch.testing.assert_close(b.T @ b, torch.eye(rank), atol=1e-5, rtol=0)
     torch.testing.assert_close(a @ a.T, torch.eye(rank), atol=1e-5, rtol=0)
@@ -38,7 +38,7 @@ def test_randomized_svd_is_orthonormal_and_within_one_percent(m, n, rank):
 
 def test_exact_svd_reaches_the_optimum():
     delta = _sign_update(80, 120)
-    b, s, a = decompose.truncated_svd(delta, 6, exact=True)
+    b, s, a = linalg.truncated_svd(delta, 6, exact=True)
     residual = float(torch.linalg.matrix_norm((delta - b @ torch.diag(s) @ a).double()))
     assert residual == pytest.approx(_optimal_residual(delta, 6), rel=1e-5)
 

@@ -13,6 +13,7 @@ from conftest import QA_ROWS, make_llama
 
 from lorasb_cli import artifacts, data, estimate, models
 from lorasb_cli.errors import IncompatibleArtifactError, NonFiniteError
+from lorasb_cli.loss import per_sample_loss_sum
 
 
 def _examples(tokenizer, rows=QA_ROWS, max_length=256):
@@ -28,7 +29,7 @@ def _autograd_reference(model, modules, examples) -> dict[str, torch.Tensor]:
         w.grad = None
     for batch in data.make_batches(examples, 1, pad_id=0):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = estimate.per_sample_loss_sum(logits, batch["labels"])
+        loss, _ = per_sample_loss_sum(logits, batch["labels"])
         loss.backward()
     grads = {name: w.grad.detach().clone() for name, w in weights.items()}
     for w in weights.values():
@@ -75,7 +76,7 @@ def test_no_weight_ever_requires_grad_and_no_grads_are_kept():
 def test_per_sample_loss_ignores_padding_and_counts_unsupervised_as_zero():
     logits = torch.randn(2, 4, 7)
     labels = torch.tensor([[1, 2, 3, data.IGNORE], [data.IGNORE, data.IGNORE, data.IGNORE, data.IGNORE]])
-    loss, tokens = estimate.per_sample_loss_sum(logits, labels)
+    loss, tokens = per_sample_loss_sum(logits, labels)
     expected = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, 1:3])
     torch.testing.assert_close(loss, expected)
     assert tokens == 2
@@ -221,7 +222,7 @@ def test_chunked_per_sample_loss_equals_autograd_cross_entropy(dtype, monkeypatc
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 5, 7)).to(dtype).requires_grad_(True)
     labels = torch.tensor([[9, 1, 2, 3, 4], [9, data.IGNORE, 5, data.IGNORE, 6], [9] + [data.IGNORE] * 4])
-    loss, tokens = estimate.per_sample_loss_sum(logits, labels)
+    loss, tokens = per_sample_loss_sum(logits, labels)
     (grad,) = torch.autograd.grad(loss, logits)
 
     reference = logits.detach().float().requires_grad_(True)
@@ -291,7 +292,7 @@ def test_chunked_loss_gradient_of_a_scaled_or_negated_loss(monkeypatch):
         torch.nn.functional.cross_entropy(reference[i, :-1], labels[i, 1:], ignore_index=data.IGNORE) for i in range(2)
     )
     for factor in (2.5, -0.5):
-        loss, _ = estimate.per_sample_loss_sum(logits, labels)
+        loss, _ = per_sample_loss_sum(logits, labels)
         (grad,) = torch.autograd.grad(factor * loss, logits)
         (expected_grad,) = torch.autograd.grad(factor * expected, reference, retain_graph=True)
         torch.testing.assert_close(grad, expected_grad)

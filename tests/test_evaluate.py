@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import QA_ROWS, write_jsonl
 
-from lorasb_cli import adapter, evaluate
+from lorasb_cli import adapter, artifacts, evaluate
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.merge import merge
 
@@ -93,16 +93,14 @@ def test_classification_task_on_a_causal_lm_names_the_auto_class(tiny_model_dir,
 @pytest.fixture(scope="module")
 def trained_like_adapter(factors_file, tmp_path_factory):
     """An adapter whose R is a random non-symmetric matrix large enough to change the model's outputs."""
-    from lorasb_cli.train import load_factors
-
     folder = tmp_path_factory.mktemp("adapter")
-    factors_file, factors = load_factors(str(factors_file))
+    loaded = artifacts.load_factors(str(factors_file))
     generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for module, (lora_B, _, lora_A) in factors.items():
+    for module, (lora_B, _, lora_A) in loaded.factors.items():
         tensors |= {f"{module}.lora_B": lora_B, f"{module}.lora_R": torch.randn(4, 4, generator=generator) * 2,
                     f"{module}.lora_A": lora_A}  # fmt: skip
-    config = {"base_model": factors_file.meta["base_model"], "targets": "all-linear", "rank": 4, "scale": 1.0,
+    config = {"base_model": loaded.config["base_model"], "targets": "all-linear", "rank": 4, "scale": 1.0,
               "method": "lorasb"}  # fmt: skip
     return adapter.save_adapter(folder / "run", tensors, config)
 

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lorasb_cli import adapter, artifacts, inspect, train
+from lorasb_cli import adapter, artifacts, inspect
 from lorasb_cli.errors import BadInputError, LorasbError
 
 # The deadline guards against a loader that turns slow or loops on some input (each example takes
@@ -72,7 +72,7 @@ def _artifact_loader(kind):
 
 
 def _load_factors(path):
-    _, factors = train.load_factors(str(path))
+    factors = artifacts.load_factors(str(path)).factors
     return {f"{m}.{s}": t for m, abc in factors.items() for s, t in zip(artifacts.FACTOR_SUFFIXES, abc)}
 
 

@@ -10,7 +10,6 @@ from lorasb_cli import artifacts, cli, estimate, inits
 from lorasb_cli.decompose import decompose
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.registry import did_you_mean
-from lorasb_cli.train import load_factors
 
 RANK = 4
 
@@ -27,7 +26,7 @@ def update_file(tiny_model_dir, qa_file, tmp_path_factory):
 def deltas(update_file) -> dict[str, torch.Tensor]:
     """{module: ΔW_avg} in float64 (η·stored signs)."""
     update = artifacts.Artifact(update_file, kinds=("update",))
-    return {name.removesuffix(".weight"): estimate.load_update(update, name).double() for name in update.names}
+    return {name.removesuffix(".weight"): artifacts.load_update(update, name).double() for name in update.names}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,8 @@ def _decompose(update_file, tmp_path, name: str, **kwargs):
     """Run decompose into tmp_path/name.safetensors; returns (artifact, {module: (B, R, A) float64})."""
     out = tmp_path / f"{name}.safetensors"
     decompose(str(update_file) if update_file is not None else None, kwargs.pop("rank", RANK), str(out), **kwargs)
-    artifact, factors = load_factors(str(out))
-    return artifact, {m: tuple(t.double() for t in triple) for m, triple in factors.items()}
+    loaded = artifacts.load_factors(str(out))
+    return artifacts.Artifact(out), {m: tuple(t.double() for t in triple) for m, triple in loaded.factors.items()}
 
 
 def _projector(matrix: torch.Tensor) -> torch.Tensor:
@@ -290,8 +289,8 @@ def test_cli_lora_xs_prints_the_path(tiny_model_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
-    artifact, factors = load_factors(str(out))
-    assert artifact.meta["init"] == "lora-xs" and artifact.meta["rank"] == 2 and len(factors) == 14
+    loaded = artifacts.load_factors(str(out))
+    assert loaded.config["init"] == "lora-xs" and loaded.config["rank"] == 2 and len(loaded.factors) == 14
 
 
 def test_cli_init_typo_is_one_line_and_exit_2(update_file, tmp_path, capsys):

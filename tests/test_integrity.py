@@ -13,7 +13,7 @@ import torch
 from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from lorasb_cli import adapter, artifacts, cli, shards, train
+from lorasb_cli import adapter, artifacts, cli, shards
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError
 
 UPDATE_HINT = "the file is corrupt or was edited; re-create it with lorasb estimate (or lorasb combine)"
@@ -116,7 +116,7 @@ def test_a_flipped_data_byte_is_named_by_file_and_tensor_on_every_read_path(tmp_
 def test_flipped_factors_are_refused_by_train_and_adapter_loaders(tmp_path):
     path, _ = _factors(tmp_path / "f.safetensors")
     _flip(path, _data_offset(path, "m.lora_R") + 1)
-    for load in (train.load_factors, adapter.load_adapter):
+    for load in (artifacts.load_factors, adapter.load_adapter):
         with pytest.raises(IncompatibleArtifactError, match=f"'m.lora_R' does not match.*{re.escape(str(path))}"):
             load(str(path))
 
@@ -171,7 +171,7 @@ def test_a_rank_above_min_m_n_is_refused(tmp_path):
     meta = artifacts.provenance("factors", base_model={"id": "toy", "fingerprint": "0" * 16}, rank=3)
     artifacts.write_artifact(tmp_path / "f.safetensors", tensors, meta)
     with pytest.raises(IncompatibleArtifactError) as excinfo:
-        train.load_factors(str(tmp_path / "f.safetensors"))
+        artifacts.load_factors(str(tmp_path / "f.safetensors"))
     assert str(excinfo.value) == (
         f"module 'm' has rank 3, more than min(m, n) = 2 of its 2×4 weight ({tmp_path / 'f.safetensors'}) — re-run "
         "lorasb decompose with --rank 2 or less"

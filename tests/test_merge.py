@@ -267,7 +267,7 @@ def test_factors_for_another_model_are_refused_before_writing(setup, tmp_path):
     other, tokenizer = make_llama(hidden=32)
     other_dir = save_model(other, tokenizer, tmp_path / "other")
     build_adapter(other_dir, tmp_path / "run")
-    expected = r"module 'model\.layers\.0\.mlp\.down_proj' is for a 32×64 weight, the base model's is 64×128"
+    expected = r"factors of 'model\.layers\.0\.mlp\.down_proj' are for a 32×64 weight, the base model's is 64×128"
     with pytest.raises(IncompatibleArtifactError, match=expected):
         merge.merge(str(tmp_path / "run"), str(tmp_path / "out"), model=str(setup.base_dir))
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

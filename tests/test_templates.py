@@ -11,9 +11,9 @@ import torch
 from conftest import make_bert_dir, make_mistral, make_tokenizer
 from torch import nn
 
-from lorasb_cli import data, evaluate, templates
+from lorasb_cli import data, templates
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.tasks import get_task
+from lorasb_cli.tasks import get_task, runner
 
 CHAT = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -53,7 +53,7 @@ class _Recorder(nn.Module):
 def fed_prompt_ids(tokenizer, template: str, rows: list[dict]) -> list[list[int]]:
     """The prompt ids `lorasb evaluate --task gsm8k` feeds for each row, in row order."""
     recorder = _Recorder()
-    answerer = evaluate.ModelAnswerer(recorder, tokenizer, template=template, batch_size=8, max_new_tokens=1,
+    answerer = runner.ModelAnswerer(recorder, tokenizer, template=template, batch_size=8, max_new_tokens=1,
                                       max_length=512)  # fmt: skip
     task = get_task("gsm8k")
     answerer.generate([answerer.template.prompt(*task.prompt(row)) for row in rows])

@@ -9,8 +9,8 @@ import torch
 from conftest import QA_ROWS, make_llama, save_model, write_jsonl
 
 from lorasb_cli import adapter, artifacts, train
-from lorasb_cli.methods import lorasb as lorasb_method
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, RunFailure
+from lorasb_cli.methods import lorasb as lorasb_method
 
 
 def _config(tiny_model_dir, qa_file, factors_file, out, **overrides):

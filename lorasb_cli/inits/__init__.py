@@ -50,7 +50,7 @@ def get_init(name: str) -> Init:
 
 def svd_factors(matrix: torch.Tensor, rank: int, options: InitOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U_r [m, r], S_r [r], V_rᵀ [r, n] of `matrix` (randomized unless `options.exact`)."""
-    from ..decompose import truncated_svd
+    from ..linalg import truncated_svd
 
     return truncated_svd(matrix, rank, niter=options.niter, exact=options.exact)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import models
+from .. import adapter, artifacts, models
 from ..registry import Registry
 
 
@@ -30,7 +30,7 @@ class Setup:
     rank: int
     alpha: float | None
     seed: int
-    factors: tuple | None = None  # (artifacts.Artifact, {module: (B, R, A)}), as train.load_factors returns
+    factors: artifacts.Factors | None = None  # as artifacts.load_factors returns
     init_scale: float | str = 1.0
     init_samples: int = 32
     init_iters: int = 1000
@@ -80,49 +80,9 @@ def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.split(".")[0] in models.HEAD_MODULES}
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _float32_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: floating tensor inputs cast to float32 (the module's own dtype)."""
-
-    def cast(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
-            return value.float()
-        return value
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
-def train_in_float32(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
-    """Make the parameters `names` of `model` trainable float32 master weights, whatever the base dtype.
-
-    Every trained tensor is float32 (DESIGN.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
-    entries of a bf16 weight. So each module owning one of `names` (a classifier's head) gets its parameters upcast
-    to float32 in place (the Parameter objects stay the same) and, when that changed its dtype, a forward pre-hook
-    that casts floating inputs to float32: it takes the base's bf16/fp16 activations and returns float32 outputs
-    (the head's logits). Returns {name: parameter} with requires_grad set.
-    """
-    params = dict(model.named_parameters())
-    trained = {name: params[name] for name in names}
-    for owner_path in dict.fromkeys(name.rpartition(".")[0] for name in trained):
-        owner = model.get_submodule(owner_path) if owner_path else model
-        upcast = False
-        for param in owner.parameters(recurse=False):
-            if param.dtype in LOW_PRECISION:
-                param.data = param.data.float()
-                upcast = True
-        if upcast and not getattr(owner, "_lorasb_float32_inputs", False):
-            owner.register_forward_pre_hook(_float32_inputs, with_kwargs=True)
-            owner._lorasb_float32_inputs = True
-    for param in trained.values():
-        param.requires_grad_(True)
-    return trained
-
-
 def train_head(model: nn.Module) -> dict[str, nn.Parameter]:
     """A sequence classifier's head, made trainable float32 master weights (`train_in_float32`)."""
-    return train_in_float32(model, head_parameters(model))
+    return adapter.train_in_float32(model, head_parameters(model))
 
 
 def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

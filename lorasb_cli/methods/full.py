@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..adapter import LOW_PRECISION
 from ..errors import BadInputError
-from . import LOW_PRECISION, Method, Prepared, Setup, head_parameters, register, tensors_of, train_head
+from . import Method, Prepared, Setup, head_parameters, register, tensors_of, train_head
 
 
 def prepare_full(setup: Setup) -> Prepared:

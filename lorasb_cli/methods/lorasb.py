@@ -34,11 +34,11 @@ def choose_init_scale(layers: dict[str, adapter.LoraSBLinear], probe_loss) -> tu
 
 
 def prepare(setup: Setup) -> Prepared:
-    factors_file, factors = setup.factors
+    factors, recorded = setup.factors, setup.factors.config
     model = setup.model
-    layers = adapter.inject(model, factors, scale=float(factors_file.meta.get("scale", 1.0)))
+    layers = adapter.inject(model, factors.factors, scale=factors.scale)
     # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
-    adapter.load_extra(model, {n: factors_file.get(n) for n in factors_file.meta.get("head", [])}, trainable=True)
+    adapter.load_extra(model, {n: factors.extra[n] for n in recorded.get("head", [])}, trainable=True)
 
     init_scale, curve = (1.0, None) if setup.init_scale == "auto" else (float(setup.init_scale), None)
     if setup.init_scale == "auto" and setup.probe_loss is not None:
@@ -49,11 +49,11 @@ def prepare(setup: Setup) -> Prepared:
         for layer in layers.values():
             layer.lora_R.mul_(init_scale)
     config = {
-        "init": factors_file.meta.get("init", "lorasb"),
+        "init": recorded.get("init", "lorasb"),
         "init_scale": init_scale,
         "init_scale_curve": curve,
-        "eta": factors_file.meta.get("eta"),
-        "scale": float(factors_file.meta.get("scale", 1.0)),
+        "eta": recorded.get("eta"),
+        "scale": factors.scale,
     }
     return Prepared(model=model, export=lambda: adapter.adapter_tensors(model), config=config)
 
