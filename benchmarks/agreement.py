@@ -34,10 +34,29 @@ def main() -> None:
     lorasb = [sys.executable, "-m", "lorasb_cli"]
     with tempfile.TemporaryDirectory() as tmp:
         update, factors = Path(tmp) / "u.safetensors", Path(tmp) / "f.safetensors"
-        subprocess.run([*lorasb, "estimate", "-m", args.model, "-d", args.data, "--size", "200", "--samples",
-                        str(args.samples), "--max-length", "256", "-q", "-o", str(update)], check=True)  # fmt: skip
-        subprocess.run([*lorasb, "decompose", str(update), "--rank", str(args.rank), "-q", "-o", str(factors)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                *lorasb,
+                "estimate",
+                "-m",
+                args.model,
+                "-d",
+                args.data,
+                "--size",
+                "200",
+                "--samples",
+                str(args.samples),
+                "--max-length",
+                "256",
+                "-q",
+                "-o",
+                str(update),
+            ],
+            check=True,
+        )
+        subprocess.run(
+            [*lorasb, "decompose", str(update), "--rank", str(args.rank), "-q", "-o", str(factors)], check=True
+        )
         update_file, factors_file = artifacts.Artifact(update), artifacts.Artifact(factors)
 
         reference = autograd_g(args.model, args.data, args.samples)
@@ -60,8 +79,10 @@ def main() -> None:
     lines = [
         "# estimate/decompose agreement on a real model",
         "",
-        f"Model `{args.model}`, data `{args.data}` (train, 200 rows), {args.samples} samples, max length 256, "
-        f"all-linear targets ({len(update_file.names)} modules), rank {args.rank}.",
+        (
+            f"Model `{args.model}`, data `{args.data}` (train, 200 rows), {args.samples} samples, max length 256, "
+            f"all-linear targets ({len(update_file.names)} modules), rank {args.rank}."
+        ),
         "",
         "| check | measured | target |",
         "|---|---|---|",

@@ -68,15 +68,38 @@ VARIANTS = ("estimate", "loraga", "plain", "lorasb-step")
 
 # The real config values that fix the memory of the paper's models (their config.json on the hub).
 PAPER_MODELS = {
-    "Mistral-7B-v0.1": ("MistralConfig", {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000, "max_position_embeddings": 32768,
-        "sliding_window": 4096, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}),
-    "Llama-3.2-3B": ("LlamaConfig", {
-        "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
-        "tie_word_embeddings": True, "rms_norm_eps": 1e-5}),
-}  # fmt: skip
+    "Mistral-7B-v0.1": (
+        "MistralConfig",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 32000,
+            "max_position_embeddings": 32768,
+            "sliding_window": 4096,
+            "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5,
+        },
+    ),
+    "Llama-3.2-3B": (
+        "LlamaConfig",
+        {
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 24,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 128256,
+            "max_position_embeddings": 131072,
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5,
+        },
+    ),
+}
 
 
 def random_config(args: argparse.Namespace) -> LlamaConfig:
@@ -128,8 +151,12 @@ def loraga_pass(model: LlamaForCausalLM, batches: list[dict[str, torch.Tensor]])
     from peft.tuners.lora.config import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    config = LoraConfig(r=32, target_modules=resolve_targets(model, "all-linear"), init_lora_weights="lora_ga",
-                        lora_ga_config=LoraGAConfig())  # fmt: skip
+    config = LoraConfig(
+        r=32,
+        target_modules=resolve_targets(model, "all-linear"),
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
 
     def train_step() -> None:
         for batch in batches:
@@ -176,8 +203,12 @@ def measure(args: argparse.Namespace) -> None:
                     step()
 
         else:
-            passes = {"estimate": estimate_pass, "estimate-twice": estimate_pass, "loraga": loraga_pass,
-                      "plain": plain_pass}  # fmt: skip
+            passes = {
+                "estimate": estimate_pass,
+                "estimate-twice": estimate_pass,
+                "loraga": loraga_pass,
+                "plain": plain_pass,
+            }
             chosen = batches + batches if args.measure == "estimate-twice" else batches
 
             def run() -> None:
@@ -189,8 +220,17 @@ def measure(args: argparse.Namespace) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     run()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    print(json.dumps({"start_rss": start_rss, "loaded_rss": loaded_rss, "peak_rss": peak_rss_bytes(),
-                      "seconds": seconds, "cpu_seconds": cpu_seconds}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "start_rss": start_rss,
+                "loaded_rss": loaded_rss,
+                "peak_rss": peak_rss_bytes(),
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+            }
+        )
+    )
 
 
 def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
@@ -214,8 +254,10 @@ def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict
     if done.returncode != 0:
         raise RuntimeError(f"child {variant} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    log(f"  {variant}: {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} CPU s), peak "
-        f"{result['peak_rss'] / MIB:.0f} MiB")  # fmt: skip
+    log(
+        f"  {variant}: {result['seconds']:.2f} s ({result['cpu_seconds']:.2f} CPU s), peak "
+        f"{result['peak_rss'] / MIB:.0f} MiB"
+    )
     return result
 
 
@@ -253,13 +295,19 @@ def medians(runs: list[dict]) -> dict[str, float]:
 def report_peers(args: argparse.Namespace, runs: dict[str, list[dict]], difference: float) -> str:
     m = {v: medians(r) for v, r in runs.items()}
     rows = [
-        [variant, f"{m[variant]['seconds']:.2f}",
-         f"{min(r['seconds'] for r in runs[variant]):.2f} – {max(r['seconds'] for r in runs[variant]):.2f}",
-         f"{m[variant]['cpu_seconds']:.2f}", f"{m[variant]['peak'] / MIB:.0f}", f"{m[variant]['working'] / MIB:.0f}"]
+        [
+            variant,
+            f"{m[variant]['seconds']:.2f}",
+            f"{min(r['seconds'] for r in runs[variant]):.2f} – {max(r['seconds'] for r in runs[variant]):.2f}",
+            f"{m[variant]['cpu_seconds']:.2f}",
+            f"{m[variant]['peak'] / MIB:.0f}",
+            f"{m[variant]['working'] / MIB:.0f}",
+        ]
         for variant in VARIANTS
-    ]  # fmt: skip
-    table = markdown_table(["variant", "seconds (median)", "range", "CPU seconds (median)", "peak RSS (MiB)",
-                            "working memory (MiB)"], rows)  # fmt: skip
+    ]
+    table = markdown_table(
+        ["variant", "seconds (median)", "range", "CPU seconds (median)", "peak RSS (MiB)", "working memory (MiB)"], rows
+    )
 
     def ratio(other: str, key: str, target: float | None = None) -> str:
         value = m["estimate"][key] / m[other][key]
@@ -269,15 +317,29 @@ def report_peers(args: argparse.Namespace, runs: dict[str, list[dict]], differen
     ratios = markdown_table(
         ["estimate / …", "time (median)", "CPU time (median)", "peak RSS", "working memory"],
         [
-            [step, "(two steps: not compared)", "", ratio("lorasb-step", "peak", CONTRACT_TARGET),
-             ratio("lorasb-step", "working")],
-            ["PEFT LoRA-GA preprocess_loraga", ratio("loraga", "seconds", PEER_TARGET),
-             ratio("loraga", "cpu_seconds", PEER_TARGET), ratio("loraga", "peak"),
-             ratio("loraga", "working", PEER_TARGET)],
-            ["plain autograd", ratio("plain", "seconds"), ratio("plain", "cpu_seconds"), ratio("plain", "peak"),
-             ratio("plain", "working")],
+            [
+                step,
+                "(two steps: not compared)",
+                "",
+                ratio("lorasb-step", "peak", CONTRACT_TARGET),
+                ratio("lorasb-step", "working"),
+            ],
+            [
+                "PEFT LoRA-GA preprocess_loraga",
+                ratio("loraga", "seconds", PEER_TARGET),
+                ratio("loraga", "cpu_seconds", PEER_TARGET),
+                ratio("loraga", "peak"),
+                ratio("loraga", "working", PEER_TARGET),
+            ],
+            [
+                "plain autograd",
+                ratio("plain", "seconds"),
+                ratio("plain", "cpu_seconds"),
+                ratio("plain", "peak"),
+                ratio("plain", "working"),
+            ],
         ],
-    )  # fmt: skip
+    )
     threads = args.threads or torch.get_num_threads()
     return (
         f"## estimate against its peers: {describe_model(args)}\n\n{table}\n\n{ratios}\n\n"
@@ -295,8 +357,10 @@ def report_peers(args: argparse.Namespace, runs: dict[str, list[dict]], differen
 def describe_model(args: argparse.Namespace) -> str:
     if args.model == "random":
         c = random_config(args)
-        return (f"random Llama, {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
-                f"vocab {c.vocab_size}, float32, CPU")  # fmt: skip
+        return (
+            f"random Llama, {c.num_hidden_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+            f"vocab {c.vocab_size}, float32, CPU"
+        )
     return f"{args.model}, float32, CPU"
 
 
@@ -316,8 +380,16 @@ def make_factors(args: argparse.Namespace, folder: Path) -> Path:
     rows_file = folder / "rows.jsonl"
     rows_file.write_text(builtin_data.to_jsonl(rows))
     update = folder / "update.safetensors"
-    estimate.estimate(estimate.EstimateConfig(model=args.model, data=str(rows_file), out=str(update), samples=8,
-                                              max_length=args.max_length, dtype="float32"))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=args.model,
+            data=str(rows_file),
+            out=str(update),
+            samples=8,
+            max_length=args.max_length,
+            dtype="float32",
+        )
+    )
     factors = folder / "factors.safetensors"
     decompose.decompose(str(update), args.rank, str(factors))
     return factors
@@ -327,15 +399,18 @@ def report_plan(args: argparse.Namespace, facts: plan.ModelFacts, measured: dict
     """The plan's figures beside the measured peaks (peak RSS − RSS before the model was loaded)."""
     stages = plan.plan_stages(facts).stages
     rows = []
-    for stage, variant, what in (("estimate", "estimate-twice", "estimate, the batches twice"),
-                                 ("train", "lorasb-step", f"LoRA-SB r={args.rank} step"),
-                                 ("merge", "merge", f"merge of a rank-{args.rank} adapter")):  # fmt: skip
+    for stage, variant, what in (
+        ("estimate", "estimate-twice", "estimate, the batches twice"),
+        ("train", "lorasb-step", f"LoRA-SB r={args.rank} step"),
+        ("merge", "merge", f"merge of a rank-{args.rank} adapter"),
+    ):
         if variant not in measured:
             continue
         got = measured[variant]["peak_rss"] - measured[variant]["start_rss"]
         items = ", ".join(f"{i.what.split(' (')[0]} {i.bytes / MIB:.0f}" for i in stages[stage].items)
-        rows.append([what, f"{stages[stage].total / MIB:.0f}", f"{got / MIB:.0f}", f"{stages[stage].total / got:.3f}",
-                     items])  # fmt: skip
+        rows.append(
+            [what, f"{stages[stage].total / MIB:.0f}", f"{got / MIB:.0f}", f"{stages[stage].total / got:.3f}", items]
+        )
     table = markdown_table(["stage", "plan (MiB)", "measured (MiB)", "plan / measured", "plan's items (MiB)"], rows)
     return (
         f"## the memory plan against measured peaks: {describe_model(args)}, batch {args.batch_size} × "
@@ -356,18 +431,26 @@ def report_paper_models(rows_per_model: dict[str, tuple[plan.ModelFacts, dict]],
             items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in stage.items)
             rows.append([name, label, f"**{stage.total / GIB:.1f}**", need, items])
     facts_rows = [
-        [name, f"{facts.parameters / 1e9:.2f} B", f"{facts.weight_bytes / GIB:.2f}", len(facts.targets),
-         f"{facts.target_entries / 1e9:.3f} B", f"{plan.accumulator_bytes(facts.targets) / GIB:.2f}"]
+        [
+            name,
+            f"{facts.parameters / 1e9:.2f} B",
+            f"{facts.weight_bytes / GIB:.2f}",
+            len(facts.targets),
+            f"{facts.target_entries / 1e9:.3f} B",
+            f"{plan.accumulator_bytes(facts.targets) / GIB:.2f}",
+        ]
         for name, (facts, _) in rows_per_model.items()
-    ]  # fmt: skip
+    ]
     facts_header = ["model", "parameters", "bf16 weights (GiB)", "targets", "Σ m·n", "float32 accumulators (GiB)"]
     return (
         f"## the plan for the paper's models (bfloat16, batch {batch} × {length}, all-linear targets)\n\n"
         + markdown_table(facts_header, facts_rows)
-        + "\n\n" + markdown_table(header, rows) + "\n\n"
+        + "\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
         "From `lorasb_cli.plan.model_facts` on a folder holding only a config.json built from the real config "
         "values (transformers' MistralConfig / LlamaConfig: hidden, layers, heads, KV heads, MLP width, vocab, "
-        "tied embeddings; nothing downloaded, no weights), on the meta device; \"cuda:0\" names the accelerator "
+        'tied embeddings; nothing downloaded, no weights), on the meta device; "cuda:0" names the accelerator '
         "(no GPU is needed to plan). merge assumes the whole checkpoint is one shard (the layout of a hub "
         "checkpoint is not in its config): an upper bound for checkpoints split into smaller shards. "
         "`lorasb estimate --model DIR --dry-run --dtype bfloat16 --device cuda ...` prints the same plans.\n"
@@ -382,20 +465,27 @@ def paper_model_plans(batch: int, length: int, folder: Path) -> dict[str, tuple[
         directory = folder / name
         getattr(transformers, config_class)(**values).save_pretrained(directory)
         ref = models.ModelRef(id=f"{name} (config values)", path=str(directory))
-        by_rank = {r: plan.model_facts(ref, batch_size=batch, max_length=length, rank=r, dtype=torch.bfloat16)
-                   for r in (32, 96)}  # fmt: skip
+        by_rank = {
+            r: plan.model_facts(ref, batch_size=batch, max_length=length, rank=r, dtype=torch.bfloat16)
+            for r in (32, 96)
+        }
         facts = by_rank[96]
         device = "cuda:0"
-        out[name] = (facts, {
-            "estimate, float32 accumulators on cpu": plan.estimate_plan(facts, device=device, accumulate_on="cpu"),
-            "estimate, float32 accumulators on device": plan.estimate_plan(facts, device=device,
-                                                                           accumulate_on="device"),
-            "estimate, bfloat16 accumulators on device": plan.estimate_plan(
-                facts, device=device, accumulate_on="device", accumulate_dtype=torch.bfloat16),
-            "train, LoRA-SB r=32": plan.train_plan(by_rank[32], device=device),
-            "train, LoRA-SB r=96": plan.train_plan(facts, device=device),
-            "merge (r=96)": plan.merge_plan(facts),
-        })  # fmt: skip
+        out[name] = (
+            facts,
+            {
+                "estimate, float32 accumulators on cpu": plan.estimate_plan(facts, device=device, accumulate_on="cpu"),
+                "estimate, float32 accumulators on device": plan.estimate_plan(
+                    facts, device=device, accumulate_on="device"
+                ),
+                "estimate, bfloat16 accumulators on device": plan.estimate_plan(
+                    facts, device=device, accumulate_on="device", accumulate_dtype=torch.bfloat16
+                ),
+                "train, LoRA-SB r=32": plan.train_plan(by_rank[32], device=device),
+                "train, LoRA-SB r=96": plan.train_plan(facts, device=device),
+                "merge (r=96)": plan.merge_plan(facts),
+            },
+        )
     return out
 
 
@@ -417,8 +507,11 @@ def main() -> None:
     parser.add_argument("--plan-batch", default="8x512", help="batch × length of the paper-model plans")
     parser.add_argument("--quick", action="store_true", help="seq 64, 1 round; prints only, writes no file")
     parser.add_argument("--plan-only", action="store_true", help="only the paper-model plans (RESULTS.md section)")
-    parser.add_argument("--peers-only", action="store_true",
-                        help="only the peers table, printed (e.g. PYTHONPATH=<older checkout> for a before figure)")
+    parser.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the peers table, printed (e.g. PYTHONPATH=<older checkout> for a before figure)",
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--factors", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -454,16 +547,24 @@ def main() -> None:
 
     log("== plan against measured peaks")
     with tempfile.TemporaryDirectory() as tmp:
-        facts = plan.model_facts(plan_ref(args, Path(tmp) / "config"), batch_size=args.batch_size,
-                                 max_length=args.seq_len, rank=args.rank, dtype=torch.float32)  # fmt: skip
+        facts = plan.model_facts(
+            plan_ref(args, Path(tmp) / "config"),
+            batch_size=args.batch_size,
+            max_length=args.seq_len,
+            rank=args.rank,
+            dtype=torch.float32,
+        )
         measured = {"estimate-twice": child("estimate-twice", args), "lorasb-step": runs["lorasb-step"][0]}
         if args.model != "random":
             measured["merge"] = child("merge", args, ["--factors", str(make_factors(args, Path(tmp)))])
     text = "\n".join([report_peers(args, runs, difference), report_plan(args, facts, measured)])
-    setup = {**machine_info(), "date": datetime.date.today().isoformat(),
-             "1-min load average at start / end": f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
-             "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-             "command": "python benchmarks/estimate.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    setup = {
+        **machine_info(),
+        "date": datetime.date.today().isoformat(),
+        "1-min load average at start / end": f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
+        "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
+        "command": "python benchmarks/estimate.py " + " ".join(sys.argv[1:]),
+    }
     text = f"# estimate: peers, the §4 memory contract and the memory plan\n\n{text}\n{key_values(setup)}\n"
     if not args.quick:
         write_result("estimate", text)

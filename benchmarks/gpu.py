@@ -39,11 +39,25 @@ import torch
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 GIB = 2**30
 SHAPES = {
-    "mistral-7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000},
-    "tiny": {"hidden_size": 128, "intermediate_size": 448, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000},
-}  # fmt: skip
+    "mistral-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 32000,
+    },
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 448,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 1000,
+    },
+}
 
 
 class Clock:
@@ -80,8 +94,9 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """The random model in `dtype` straight on `device` (never a float32 copy of 7B parameters)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len),
-                           tie_word_embeddings=False)  # fmt: skip
+    config = MistralConfig(
+        **SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len), tie_word_embeddings=False
+    )
     torch.manual_seed(args.seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -97,10 +112,13 @@ def make_batches(args: argparse.Namespace, vocab: int, device: torch.device) -> 
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=generator)
     return [
-        {"input_ids": ids[i : i + args.batch_size].to(device), "labels": ids[i : i + args.batch_size].to(device),
-         "attention_mask": torch.ones_like(ids[i : i + args.batch_size]).to(device)}
+        {
+            "input_ids": ids[i : i + args.batch_size].to(device),
+            "labels": ids[i : i + args.batch_size].to(device),
+            "attention_mask": torch.ones_like(ids[i : i + args.batch_size]).to(device),
+        }
         for i in range(0, args.samples, args.batch_size)
-    ]  # fmt: skip
+    ]
 
 
 def train_steps(model, batch: dict[str, torch.Tensor], steps: int, clock: Clock, memory: Memory) -> dict:
@@ -140,9 +158,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
-                 "figures on a GPU. To test its code paths on CPU: python benchmarks/gpu.py --shape tiny --device cpu "
-                 "--no-write")  # fmt: skip
+        sys.exit(
+            "benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
+            "figures on a GPU. To test its code paths on CPU: python benchmarks/gpu.py --shape tiny --device cpu "
+            "--no-write"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     text = run(args, device)
@@ -172,14 +192,18 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     model, config = build(args, device, dtype)
     modules = models.resolve_targets(model, "all-linear")
     batches = make_batches(args, config.vocab_size, device)
-    log(f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
-        f"{len(modules)} targets) on {device}")  # fmt: skip
+    log(
+        f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+        f"{len(modules)} targets) on {device}"
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)  # the plan reads the config alone
         ref = models.ModelRef(id=f"{args.shape} (random)", path=folder)
-        facts = {r: plan.model_facts(ref, batch_size=args.batch_size, max_length=args.seq_len, rank=r, dtype=dtype)
-                 for r in (args.lorasb_rank,)}[args.lorasb_rank]  # fmt: skip
+        facts = {
+            r: plan.model_facts(ref, batch_size=args.batch_size, max_length=args.seq_len, rank=r, dtype=dtype)
+            for r in (args.lorasb_rank,)
+        }[args.lorasb_rank]
     planned_estimate = plan.estimate_plan(facts, device=where, accumulate_on="device")
     planned_train = plan.train_plan(facts, device=where)
     log("planned")
@@ -214,16 +238,23 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     model.requires_grad_(False)
     gc.collect()
     log(f"LoRA-SB step: {lorasb['seconds']:.2f} s")
-    peft_model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules,
-                                                  lora_dropout=0.0))  # fmt: skip
+    peft_model = get_peft_model(
+        model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules, lora_dropout=0.0)
+    )
     lora = train_steps(peft_model, batches[0], args.steps, clock, memory)
     log(f"PEFT LoRA step: {lora['seconds']:.2f} s")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     minutes = (time.perf_counter() - started) / 60
-    return report(args, name, facts, planned_estimate, planned_train,
-                  {"estimate": (estimate_seconds, estimate_peak), "decompose": decompose_seconds,
-                   "lorasb": lorasb, "lora": lora}, minutes)  # fmt: skip
+    return report(
+        args,
+        name,
+        facts,
+        planned_estimate,
+        planned_train,
+        {"estimate": (estimate_seconds, estimate_peak), "decompose": decompose_seconds, "lorasb": lorasb, "lora": lora},
+        minutes,
+    )
 
 
 def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
@@ -241,23 +272,42 @@ def report(args, device_name: str, facts, planned_estimate, planned_train, measu
     stages = markdown_table(
         ["phase", "seconds", "peak (GiB)", "plan (GiB)", "plan / peak"],
         [
-            [f"estimate: {args.samples} samples × {args.seq_len} tokens ({tokens / est_seconds:,.0f} tokens/s)",
-             f"{est_seconds:.2f}", gib(est_peak), gib(planned_estimate.total), ratio(planned_estimate.total, est_peak)],
-            [f"decompose: truncated SVD of {len(facts.targets)} updates at r={args.lorasb_rank}",
-             f"{measured['decompose']:.2f}", "", "", ""],
-            [f"train step: LoRA-SB r={args.lorasb_rank}", f"{sb['seconds']:.3f}", gib(sb["peak"]),
-             gib(planned_train.total), ratio(planned_train.total, sb["peak"])],
+            [
+                f"estimate: {args.samples} samples × {args.seq_len} tokens ({tokens / est_seconds:,.0f} tokens/s)",
+                f"{est_seconds:.2f}",
+                gib(est_peak),
+                gib(planned_estimate.total),
+                ratio(planned_estimate.total, est_peak),
+            ],
+            [
+                f"decompose: truncated SVD of {len(facts.targets)} updates at r={args.lorasb_rank}",
+                f"{measured['decompose']:.2f}",
+                "",
+                "",
+                "",
+            ],
+            [
+                f"train step: LoRA-SB r={args.lorasb_rank}",
+                f"{sb['seconds']:.3f}",
+                gib(sb["peak"]),
+                gib(planned_train.total),
+                ratio(planned_train.total, sb["peak"]),
+            ],
             [f"train step: PEFT LoRA r={args.lora_rank}", f"{lora['seconds']:.3f}", gib(lora["peak"]), "", ""],
         ],
-    )  # fmt: skip
-    counts = (f"{sb['trainable']:,} / {lora['trainable']:,} = {sb['trainable'] / lora['trainable']:.4f} "
-              f"({lora['trainable'] / sb['trainable']:.1f}× fewer)")  # fmt: skip
+    )
+    counts = (
+        f"{sb['trainable']:,} / {lora['trainable']:,} = {sb['trainable'] / lora['trainable']:.4f} "
+        f"({lora['trainable'] / sb['trainable']:.1f}× fewer)"
+    )
     versus = markdown_table(
         [f"LoRA-SB r={args.lorasb_rank} / PEFT LoRA r={args.lora_rank}", "value"],
-        [["trainable parameters", counts],
-         ["step time (median)", ratio(sb["seconds"], lora["seconds"])],
-         ["peak memory", ratio(sb["peak"], lora["peak"])]],
-    )  # fmt: skip
+        [
+            ["trainable parameters", counts],
+            ["step time (median)", ratio(sb["seconds"], lora["seconds"])],
+            ["peak memory", ratio(sb["peak"], lora["peak"])],
+        ],
+    )
     items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in planned_estimate.items)
     return (
         f"# 7B-shaped figures on {device_name}\n\n"

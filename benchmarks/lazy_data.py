@@ -64,11 +64,45 @@ MARK = "LAZYDATA "
 
 # ------------------------------------------------------------------------------------------------ the data files
 
-NAMES = ["Janet", "Tom", "Maria", "Ahmed", "Lena", "Carlos", "Priya", "Kenji", "Olivia", "Samuel", "Fatima", "Noah",
-         "Grace", "Ivan", "Chloe", "Mateo", "Aisha", "Lucas", "Mei", "Daniel"]  # fmt: skip
-ITEMS = [("apples", "bag"), ("cookies", "box"), ("pencils", "pack"), ("marbles", "jar"), ("eggs", "carton"),
-         ("stickers", "sheet"), ("books", "shelf"), ("cupcakes", "tray"), ("oranges", "crate"), ("cards", "deck"),
-         ("flowers", "bunch"), ("bottles", "case"), ("candles", "set"), ("shirts", "pile"), ("tiles", "row")]  # fmt: skip
+NAMES = [
+    "Janet",
+    "Tom",
+    "Maria",
+    "Ahmed",
+    "Lena",
+    "Carlos",
+    "Priya",
+    "Kenji",
+    "Olivia",
+    "Samuel",
+    "Fatima",
+    "Noah",
+    "Grace",
+    "Ivan",
+    "Chloe",
+    "Mateo",
+    "Aisha",
+    "Lucas",
+    "Mei",
+    "Daniel",
+]
+ITEMS = [
+    ("apples", "bag"),
+    ("cookies", "box"),
+    ("pencils", "pack"),
+    ("marbles", "jar"),
+    ("eggs", "carton"),
+    ("stickers", "sheet"),
+    ("books", "shelf"),
+    ("cupcakes", "tray"),
+    ("oranges", "crate"),
+    ("cards", "deck"),
+    ("flowers", "bunch"),
+    ("bottles", "case"),
+    ("candles", "set"),
+    ("shirts", "pile"),
+    ("tiles", "row"),
+]
 PLURALS = {"box": "boxes", "shelf": "shelves", "bunch": "bunches", "case": "cases"}
 PLACES = ["the market", "school", "the bakery", "a garage sale", "the library", "the farm", "the mall", "a fair"]
 TYPES = ["GSM_Rephrased", "GSM_AnsAug", "GSM_SV", "GSM_FOBAR", "MATH_AnsAug", "MATH_Rephrased", "MATH_SV"]
@@ -86,8 +120,15 @@ OPS = [("buys", "+"), ("finds", "+"), ("receives", "+"), ("sells", "-"), ("eats"
 
 
 def _sentence(rng: random.Random, name: str, item: str, container: str) -> str:
-    return rng.choice(FILLERS).format(n=name, i=item, c=container, p=rng.choice(PLACES), a=rng.randint(2, 60),
-                                      b=rng.randint(5, 200), k=rng.randint(2, 12))  # fmt: skip
+    return rng.choice(FILLERS).format(
+        n=name,
+        i=item,
+        c=container,
+        p=rng.choice(PLACES),
+        a=rng.randint(2, 60),
+        b=rng.randint(5, 200),
+        k=rng.randint(2, 12),
+    )
 
 
 def make_row(rng: random.Random) -> dict:
@@ -100,16 +141,20 @@ def make_row(rng: random.Random) -> dict:
     change = rng.randint(1, total - 1)
     answer = total + change if sign == "+" else total - change
     question = f"How many {item} does {name} have now?"
-    facts = [f"{name} has {boxes} {containers} of {item}, and every {container} holds {per} {item}.",
-             f"Then {name} {verb} {change} {item} at {rng.choice(PLACES)}."]  # fmt: skip
+    facts = [
+        f"{name} has {boxes} {containers} of {item}, and every {container} holds {per} {item}.",
+        f"Then {name} {verb} {change} {item} at {rng.choice(PLACES)}.",
+    ]
     fillers = []
     target = rng.randint(300, 520)
     while len(" ".join(facts)) + len(question) < target:
         fillers.append(_sentence(rng, name, item, container))
         facts.insert(rng.randrange(len(facts) + 1), fillers[-1])
     query = " ".join(facts) + " " + question
-    steps = [f"{name} starts with {boxes} {containers} of {per} {item} each, so {boxes} * {per} = {total} {item}.",
-             f"After {name} {verb} {change} {item}, the count is {total} {sign} {change} = {answer}."]  # fmt: skip
+    steps = [
+        f"{name} starts with {boxes} {containers} of {per} {item} each, so {boxes} * {per} = {total} {item}.",
+        f"After {name} {verb} {change} {item}, the count is {total} {sign} {change} = {answer}.",
+    ]
     target = rng.randint(300, 540)
     while fillers and len(" ".join(steps)) < target:
         steps.insert(1, f'"{fillers.pop()[:-1]}" does not change how many {item} there are.')
@@ -140,8 +185,13 @@ def ensure_files(large: int, small: int, seed: int) -> dict[int, dict]:
             os.replace(str(path) + ".tmp", path)
             q = [a for a, _ in lengths[n]]
             r = [b for _, b in lengths[n]]
-            facts = {"rows": n, "bytes": path.stat().st_size, "query chars": [min(q), statistics.mean(q), max(q)],
-                     "response chars": [min(r), statistics.mean(r), max(r)], "seed": seed}  # fmt: skip
+            facts = {
+                "rows": n,
+                "bytes": path.stat().st_size,
+                "query chars": [min(q), statistics.mean(q), max(q)],
+                "response chars": [min(r), statistics.mean(r), max(r)],
+                "seed": seed,
+            }
             path.with_suffix(".json").write_text(json.dumps(facts))
         log(f"wrote {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - start:.0f} s)")
     return {n: {"path": p, **json.loads(p.with_suffix(".json").read_text())} for n, p in paths.items()}
@@ -224,15 +274,28 @@ sys.exit(3)
 
 def run_child(path: Path, cache: Path, out: Path, profile: Path | None = None) -> dict:
     """One fresh subprocess up to the first forward; its figures (seconds counted from the spawn)."""
-    argv = ["estimate", "--model", MODEL, "--data", str(path), "--frac", str(FRAC), "-o", str(out),
-            "--max-length", str(MAX_LENGTH), "-q"]  # fmt: skip
+    argv = [
+        "estimate",
+        "--model",
+        MODEL,
+        "--data",
+        str(path),
+        "--frac",
+        str(FRAC),
+        "-o",
+        str(out),
+        "--max-length",
+        str(MAX_LENGTH),
+        "-q",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache)}
     env.pop("LAZYDATA_PROFILE", None)
     if profile is not None:
         env["LAZYDATA_PROFILE"] = str(profile)
     spawned = time.time()
-    done = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, cwd=REPO, capture_output=True, text=True,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *argv], env=env, cwd=REPO, capture_output=True, text=True, check=False
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"lazy_data: the estimate subprocess failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -257,8 +320,10 @@ def measure(files: dict[int, dict], rounds: int, work: Path) -> dict[tuple[int, 
             for state in STATES:
                 result = run_child(files[n]["path"], cache, work / "update.safetensors")
                 runs[n, state].append(result)
-                log(f"round {i + 1}/{rounds} {n:>7,} rows {state}: {result['from_spawn']:6.2f} s to the first forward, "
-                    f"peak RSS {result['hwm_kib'] / 1024:6.0f} MiB (ru_maxrss {result['ru_maxrss_kib'] / 1024:.0f})")  # fmt: skip
+                log(
+                    f"round {i + 1}/{rounds} {n:>7,} rows {state}: {result['from_spawn']:6.2f} s to the first forward, "
+                    f"peak RSS {result['hwm_kib'] / 1024:6.0f} MiB (ru_maxrss {result['ru_maxrss_kib'] / 1024:.0f})"
+                )
             shutil.rmtree(cache, ignore_errors=True)
     return runs
 
@@ -294,8 +359,9 @@ STAGES = [
 ]
 
 
-def report(files: dict[int, dict], runs: dict, rounds: int, minutes: float, load: tuple[float, float],
-           idle: str) -> str:  # fmt: skip
+def report(
+    files: dict[int, dict], runs: dict, rounds: int, minutes: float, load: tuple[float, float], idle: str
+) -> str:
     large, small = sorted(files, reverse=True)
     secs = {k: median(v, lambda r: r["from_spawn"]) for k, v in runs.items()}
     hwm = {k: median(v, lambda r: r["hwm_kib"] * 1024) for k, v in runs.items()}
@@ -312,17 +378,47 @@ def report(files: dict[int, dict], runs: dict, rounds: int, minutes: float, load
     for n in (large, small):
         for state in STATES:
             times = [r["from_spawn"] for r in runs[n, state]]
-            rows.append([f"{n:,}", state, f"{secs[n, state]:.2f}", f"{min(times):.2f} – {max(times):.2f}",
-                         f"{hwm[n, state] / MIB:.0f}", f"{maxrss[n, state] / MIB:.0f}",
-                         f"{mid(runs[n, state], 'anon_kib') / 1024:.0f} / {mid(runs[n, state], 'file_kib') / 1024:.0f}",
-                         f"{median(runs[n, state], lambda r: r['cpu_s']):.1f}", drawn(n)])  # fmt: skip
+            rows.append(
+                [
+                    f"{n:,}",
+                    state,
+                    f"{secs[n, state]:.2f}",
+                    f"{min(times):.2f} – {max(times):.2f}",
+                    f"{hwm[n, state] / MIB:.0f}",
+                    f"{maxrss[n, state] / MIB:.0f}",
+                    f"{mid(runs[n, state], 'anon_kib') / 1024:.0f} / {mid(runs[n, state], 'file_kib') / 1024:.0f}",
+                    f"{median(runs[n, state], lambda r: r['cpu_s']):.1f}",
+                    drawn(n),
+                ]
+            )
     for state in STATES:
-        rows.append([f"**{large:,} / {small:,}**", state, verdict(secs[large, state] / secs[small, state], TIME_TARGET),
-                     "", verdict(hwm[large, state] / hwm[small, state], MEMORY_TARGET),
-                     f"{maxrss[large, state] / maxrss[small, state]:.3f}", excess(state), "", ""])  # fmt: skip
+        rows.append(
+            [
+                f"**{large:,} / {small:,}**",
+                state,
+                verdict(secs[large, state] / secs[small, state], TIME_TARGET),
+                "",
+                verdict(hwm[large, state] / hwm[small, state], MEMORY_TARGET),
+                f"{maxrss[large, state] / maxrss[small, state]:.3f}",
+                excess(state),
+                "",
+                "",
+            ]
+        )
     main_table = markdown_table(
-        ["rows", "datasets cache", "s to first forward (median)", "range (s)", "peak RSS (MiB, VmHWM)",
-         "ru_maxrss (MiB)", "RSS at first forward: anon / file-backed (MiB)", "CPU s", "rows drawn"], rows)  # fmt: skip
+        [
+            "rows",
+            "datasets cache",
+            "s to first forward (median)",
+            "range (s)",
+            "peak RSS (MiB, VmHWM)",
+            "ru_maxrss (MiB)",
+            "RSS at first forward: anon / file-backed (MiB)",
+            "CPU s",
+            "rows drawn",
+        ],
+        rows,
+    )
 
     stage_rows = []
     for stage, what, _ in STAGES:
@@ -333,8 +429,10 @@ def report(files: dict[int, dict], runs: dict, rounds: int, minutes: float, load
             for state in STATES:
                 cells.append(f"{statistics.median(stage_seconds(r, stage) for r in runs[n, state]):.2f}")
         for state in STATES:
-            peak, anon, file = (statistics.median(stage_value(r, stage, k) or 0 for r in runs[large, state])
-                                for k in ("hwm_kib", "anon_kib", "file_kib"))  # fmt: skip
+            peak, anon, file = (
+                statistics.median(stage_value(r, stage, k) or 0 for r in runs[large, state])
+                for k in ("hwm_kib", "anon_kib", "file_kib")
+            )
             cells.append(f"{peak / 1024:.0f} ({anon / 1024:.0f} / {file / 1024:.0f})")
         stage_rows.append(cells)
     top = [stage for stage, _, nested in STAGES if not nested]
@@ -352,19 +450,46 @@ def report(files: dict[int, dict], runs: dict, rounds: int, minutes: float, load
             cells.append(f"{mid(runs[n, state], 'seconds'):.2f}")
     stage_rows.append([*cells, "", ""])
     stage_table = markdown_table(
-        ["stage", "what", f"{large:,} cold (s)", f"{large:,} warm (s)", f"{small:,} cold (s)", f"{small:,} warm (s)",
-         f"{large:,} cold: peak RSS after it (anon / file-backed RSS), MiB", f"{large:,} warm: the same"],
-        stage_rows)  # fmt: skip
+        [
+            "stage",
+            "what",
+            f"{large:,} cold (s)",
+            f"{large:,} warm (s)",
+            f"{small:,} cold (s)",
+            f"{small:,} warm (s)",
+            f"{large:,} cold: peak RSS after it (anon / file-backed RSS), MiB",
+            f"{large:,} warm: the same",
+        ],
+        stage_rows,
+    )
 
     file_rows = []
     for n in (large, small):
         f = files[n]
         q, r = f["query chars"], f["response chars"]
-        file_rows.append([f"{n:,}", f"`{Path(f['path']).relative_to(REPO)}`", f"{f['bytes'] / MIB:.1f}",
-                          f"{q[0]} / {q[1]:.0f} / {q[2]}", f"{r[0]} / {r[1]:.0f} / {r[2]}", drawn(n),
-                          stage_value(runs[n, "cold"][0], "data.encode", "count")])  # fmt: skip
-    file_table = markdown_table(["rows", "file", "MiB", "query chars min / mean / max",
-                                 "response chars min / mean / max", "rows drawn", "tokens encoded"], file_rows)  # fmt: skip
+        file_rows.append(
+            [
+                f"{n:,}",
+                f"`{Path(f['path']).relative_to(REPO)}`",
+                f"{f['bytes'] / MIB:.1f}",
+                f"{q[0]} / {q[1]:.0f} / {q[2]}",
+                f"{r[0]} / {r[1]:.0f} / {r[2]}",
+                drawn(n),
+                stage_value(runs[n, "cold"][0], "data.encode", "count"),
+            ]
+        )
+    file_table = markdown_table(
+        [
+            "rows",
+            "file",
+            "MiB",
+            "query chars min / mean / max",
+            "response chars min / mean / max",
+            "rows drawn",
+            "tokens encoded",
+        ],
+        file_rows,
+    )
 
     info = machine_info()
     idle = idle.split(":")[0]  # not the list of busy processes
@@ -427,8 +552,11 @@ def main() -> None:
         # In a subprocess: importing benchmarks/real.py (torch, peft, ...) here would raise this process's RSS,
         # which the estimate subprocesses' ru_maxrss inherits at the spawn.
         code = f"from real import wait_until_idle; print(wait_until_idle({args.wait_idle}))"
-        idle = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip().splitlines()[-1]  # fmt: skip
+        idle = (
+            subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
     else:
         idle = "idleness not checked"
     load_start = os.getloadavg()[0]

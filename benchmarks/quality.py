@@ -43,14 +43,34 @@ FIGURES = HERE / "results" / "quality"
 RESULTS_PATH = HERE / "RESULTS.md"
 SEEDS = 3
 
-SMOLLM2 = {"model": "smollm2-135m", "steps": 20, "batch_size": 8, "max_length": 96, "task": "gsm8k",
-           "max_new_tokens": 16, "data": "arithmetic", "train_rows": 2000, "val_rows": 64, "test_rows": 64,
-           "targets": "all-linear",
-           # arithmetic answers are bare numbers (no "The answer is" / "####"): GSM8K's strict score needs a marker
-           "metric": "flexible_accuracy"}  # fmt: skip
-MINILM = {"model": "minilm-l6", "steps": 50, "batch_size": 16, "max_length": 64, "task": "classification",
-          "max_new_tokens": None, "data": "reuters-r8", "train_rows": 2000, "val_rows": 96, "test_rows": 200,
-          "targets": "query,key,value,intermediate.dense,output.dense"}  # fmt: skip
+SMOLLM2 = {
+    "model": "smollm2-135m",
+    "steps": 20,
+    "batch_size": 8,
+    "max_length": 96,
+    "task": "gsm8k",
+    "max_new_tokens": 16,
+    "data": "arithmetic",
+    "train_rows": 2000,
+    "val_rows": 64,
+    "test_rows": 64,
+    "targets": "all-linear",
+    # arithmetic answers are bare numbers (no "The answer is" / "####"): GSM8K's strict score needs a marker
+    "metric": "flexible_accuracy",
+}
+MINILM = {
+    "model": "minilm-l6",
+    "steps": 50,
+    "batch_size": 16,
+    "max_length": 64,
+    "task": "classification",
+    "max_new_tokens": None,
+    "data": "reuters-r8",
+    "train_rows": 2000,
+    "val_rows": 96,
+    "test_rows": 200,
+    "targets": "query,key,value,intermediate.dense,output.dense",
+}
 
 # Learning-rate grids: each method's plausible range for the step budget above.
 LORA_LRS = (3e-4, 1e-3, 3e-3)
@@ -85,7 +105,7 @@ def split_files(spec: dict) -> dict[str, str]:
     if not all(p.is_file() for p in paths.values()):
         train = data.load_dataset_rows(spec["data"], "train", size=spec["train_rows"] + spec["val_rows"], seed=0).rows
         test = data.load_dataset_rows(spec["data"], "test", size=spec["test_rows"], seed=0).rows
-        parts = {"train": train[: spec["train_rows"]], "val": train[spec["train_rows"]:], "test": test}
+        parts = {"train": train[: spec["train_rows"]], "val": train[spec["train_rows"] :], "test": test}
         for part, rows in parts.items():
             paths[part].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {part: str(p) for part, p in paths.items()}
@@ -94,10 +114,18 @@ def split_files(spec: dict) -> dict[str, str]:
 def settings(spec: dict, eval_part: str, task: str | None = None, **overrides) -> Settings:
     files = split_files(spec)
     return Settings(
-        model=spec["model"], train_data=files["train"], eval_data=files[eval_part], task=task or spec["task"],
-        max_steps=spec["steps"], batch_size=spec["batch_size"], max_length=spec["max_length"],
-        targets=spec["targets"], max_new_tokens=spec["max_new_tokens"], metric=spec.get("metric"), **overrides,
-    )  # fmt: skip
+        model=spec["model"],
+        train_data=files["train"],
+        eval_data=files[eval_part],
+        task=task or spec["task"],
+        max_steps=spec["steps"],
+        batch_size=spec["batch_size"],
+        max_length=spec["max_length"],
+        targets=spec["targets"],
+        max_new_tokens=spec["max_new_tokens"],
+        metric=spec.get("metric"),
+        **overrides,
+    )
 
 
 def sweep(name: str, spec: dict, grid: dict, run: bool) -> dict[str, float]:
@@ -157,15 +185,22 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
     if "inits" in sections and lr:
         cells = [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]
         cells += [Cell(init, 32, s, lr) for init in ("kaiming", "non-orthonormal") for s in range(SEEDS)]
-        cells += [Cell("noisy", 32, s, lr, label=f"noisy σ={sigma:g}", noise_std=sigma)
-                  for sigma in (1.0, 10.0) for s in range(SEEDS)]  # fmt: skip
+        cells += [
+            Cell("noisy", 32, s, lr, label=f"noisy σ={sigma:g}", noise_std=sigma)
+            for sigma in (1.0, 10.0)
+            for s in range(SEEDS)
+        ]
         tables["inits"] = (section("inits", SMOLLM2, cells, run), {"all": lr})
     if "samples" in sections and lr:
-        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb n={n}", samples=n) for n in (1, 4, 16, 64) for s in range(SEEDS)]
+        cells = [
+            Cell("lorasb", 32, s, lr, label=f"lorasb n={n}", samples=n) for n in (1, 4, 16, 64) for s in range(SEEDS)
+        ]
         cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # n = 32
         tables["samples"] = (section("samples", SMOLLM2, cells, run), {"all": lr})
     if "eta" in sections and lr:
-        cells = [Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)]
+        cells = [
+            Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)
+        ]
         cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # η = 1e-5
         cells += [Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", init_scale="auto") for s in range(SEEDS)]
         tables["eta"] = (section("eta", SMOLLM2, cells, run), {"all": lr})
@@ -181,7 +216,10 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
             own["inilora-alpha"] = own["inilora-beta"] = own["inilora"]
             cells = seeded([(m, 8) for m in ("inilora", "inilora-alpha", "inilora-beta", "milora")], own)
             cells += seeded([("pissa", 8), ("lora", 8)], lrs)
-            tables["inilora"] = (section("inilora", SMOLLM2, cells, run), {**own, "pissa": lrs["pissa"], "lora": lrs["lora"]})
+            tables["inilora"] = (
+                section("inilora", SMOLLM2, cells, run),
+                {**own, "pissa": lrs["pissa"], "lora": lrs["lora"]},
+            )
     return tables
 
 
@@ -202,15 +240,17 @@ def report(tables: dict, seconds: float) -> str:
         "Written by `python benchmarks/quality.py`. Machine: "
         + (", ".join(f"{k} {v}" for k, v in machine_info().items()) + "."),
         "",
-        (f"SmolLM2-135M: {SMOLLM2['steps']} steps of batch {SMOLLM2['batch_size']} (max length "
-        f"{SMOLLM2['max_length']}) on {SMOLLM2['train_rows']} `arithmetic` train rows, scored on "
-        f"{SMOLLM2['test_rows']} test rows (greedy, {SMOLLM2['max_new_tokens']} new tokens; exact match of the "
-        "final number) and by the mean response loss on them. MiniLM-L6: "
-        f"{MINILM['steps']} steps of batch {MINILM['batch_size']} on {MINILM['train_rows']} `reuters-r8` rows, "
-        f"accuracy on {MINILM['test_rows']} test rows. Estimates: 32 samples, η 1e-5, one per seed. "
-        f"Every cell: {SEEDS} seeds (0, 1, 2), linear schedule, 5% warm-up, AdamW without weight decay. The lr of "
-        "each method is the best of three on a validation slice of the training split (seed 0); the ablations use "
-        "LoRA-SB's."),
+        (
+            f"SmolLM2-135M: {SMOLLM2['steps']} steps of batch {SMOLLM2['batch_size']} (max length "
+            f"{SMOLLM2['max_length']}) on {SMOLLM2['train_rows']} `arithmetic` train rows, scored on "
+            f"{SMOLLM2['test_rows']} test rows (greedy, {SMOLLM2['max_new_tokens']} new tokens; exact match of the "
+            "final number) and by the mean response loss on them. MiniLM-L6: "
+            f"{MINILM['steps']} steps of batch {MINILM['batch_size']} on {MINILM['train_rows']} `reuters-r8` rows, "
+            f"accuracy on {MINILM['test_rows']} test rows. Estimates: 32 samples, η 1e-5, one per seed. "
+            f"Every cell: {SEEDS} seeds (0, 1, 2), linear schedule, 5% warm-up, AdamW without weight decay. The lr of "
+            "each method is the best of three on a validation slice of the training split (seed 0); the ablations use "
+            "LoRA-SB's."
+        ),
         "",
     ]
     for name, (rows, lrs) in tables.items():

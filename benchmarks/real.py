@@ -251,8 +251,14 @@ def bench_estimate(ref, args) -> dict:
     runs = {v: (lambda run=ESTIMATE_PASSES[v]: run(model, batches)) for v in ESTIMATE_VARIANTS}
     times = alternate(runs, args.repeats)
     model.zero_grad(set_to_none=True)
-    return {"times": times, "memory": memory, "difference": difference, "sums": warm.sums,
-            "samples": warm.samples, "tokens": warm.tokens}  # fmt: skip
+    return {
+        "times": times,
+        "memory": memory,
+        "difference": difference,
+        "sums": warm.sums,
+        "samples": warm.samples,
+        "tokens": warm.tokens,
+    }
 
 
 def bench_train(ref, args) -> dict:
@@ -309,8 +315,16 @@ def bench_decompose(sums: dict[str, torch.Tensor], args) -> dict:
     shapes: dict[tuple[int, int], list[str]] = {}
     for name, delta in updates.items():
         shapes.setdefault(tuple(delta.shape), []).append(name)
-    return {"totals": totals, "per_module": per_module, "energy": energy, "optimum": optimum, "excess": excess,
-            "exact_total": exact_total, "shapes": shapes, "rank": rank}  # fmt: skip
+    return {
+        "totals": totals,
+        "per_module": per_module,
+        "energy": energy,
+        "optimum": optimum,
+        "excess": excess,
+        "exact_total": exact_total,
+        "shapes": shapes,
+        "rank": rank,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -368,10 +382,17 @@ def report_train(r: dict, args) -> str:
         for variant, rank in combos
     ]
     table = markdown_table(
-        ["rank", "variant", "trainable params", "step (s, median)", "range (s)", "peak RSS (MiB)",
-         "working memory (MiB)"],
+        [
+            "rank",
+            "variant",
+            "trainable params",
+            "step (s, median)",
+            "range (s)",
+            "peak RSS (MiB)",
+            "working memory (MiB)",
+        ],
         rows,
-    )  # fmt: skip
+    )
 
     def compare(label, sb, lora, targets: bool):
         time_ratio = median[sb] / median[lora]
@@ -392,10 +413,9 @@ def report_train(r: dict, args) -> str:
         hi, lo = max(args.ranks), min(args.ranks)
         ratios.append(compare(f"LoRA-SB r={hi} vs PEFT LoRA r={lo}", (sb, hi), (lora, lo), False))
     ratio_table = markdown_table(
-        ["LoRA-SB / PEFT LoRA", "trainable params", "step time (median)", "(fastest)", "working memory",
-         "peak RSS"],
+        ["LoRA-SB / PEFT LoRA", "trainable params", "step time (median)", "(fastest)", "working memory", "peak RSS"],
         ratios,
-    )  # fmt: skip
+    )
     return (
         "## 2. train: LoRA-SB vs PEFT LoRA, one training step\n\n"
         f"{table}\n\n{ratio_table}\n\n"
@@ -443,10 +463,17 @@ def report_decompose(r: dict, args) -> str:
         ]
     )
     table = markdown_table(
-        ["shape", "modules", "truncated_svd per module (ms)", "total (s)", "captured energy (mean)",
-         "exact top-r energy (mean)", "max excess residual"],
+        [
+            "shape",
+            "modules",
+            "truncated_svd per module (ms)",
+            "total (s)",
+            "captured energy (mean)",
+            "exact top-r energy (mean)",
+            "max excess residual",
+        ],
         rows,
-    )  # fmt: skip
+    )
     return (
         f"## 3. decompose: rank {rank}, all {len(all_energy)} modules\n\n"
         f"{table}\n\n"

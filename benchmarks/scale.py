@@ -35,9 +35,28 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "
 
 def run_estimate(processes: int, out: Path, args: argparse.Namespace) -> dict:
     """One estimate job on `processes` processes: its --json summary plus the wall time."""
-    command = ["-m", "lorasb_cli", "estimate", "--model", args.model, "--data", args.data, "--size", str(args.size),
-               "--samples", str(args.samples), "--batch-size", str(args.batch_size), "--raw", "--json", "-q",
-               "--seed", "0", "-o", str(out)]  # fmt: skip
+    command = [
+        "-m",
+        "lorasb_cli",
+        "estimate",
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--size",
+        str(args.size),
+        "--samples",
+        str(args.samples),
+        "--batch-size",
+        str(args.batch_size),
+        "--raw",
+        "--json",
+        "-q",
+        "--seed",
+        "0",
+        "-o",
+        str(out),
+    ]
     argv = [sys.executable, *command] if processes == 1 else [*TORCHRUN, *command]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
@@ -85,25 +104,38 @@ def main() -> None:
         difference, differ, total = compare_sums(Path(folder) / "g1-0.safetensors", Path(folder) / "g2-0.safetensors")
     seconds = {p: statistics.median(r["seconds"] for r in rs) for p, rs in runs.items()}
     wall = {p: statistics.median(r["wall"] for r in rs) for p, rs in runs.items()}
-    rows = [[p, f"{seconds[p]:.1f}", f"{wall[p]:.1f}", f"{seconds[p] / seconds[1]:.2f}", f"{wall[p] / wall[1]:.2f}"]
-            for p in (1, 2)]  # fmt: skip
-    text = "\n\n".join([
-        "## Scale: estimate on 1 vs 2 processes (SmolLM2-135M, CPU, gloo)",
-        (f"`lorasb estimate --model {args.model} --data {args.data} --size {args.size} --samples {args.samples} "
-        f"--batch-size {args.batch_size} --raw` (float32, all-linear targets), as one process and under `torchrun "
-        f"--nproc-per-node 2` ({args.samples // 2} samples per rank, G all-reduced), `OMP_NUM_THREADS=1` per "
-        f"process; medians of {args.rounds} rounds, the order alternating. estimate = the stage's own `seconds` "
-        "(forward, backward, accumulation, all-reduce); wall includes start-up and loading."),
-        markdown_table(["processes", "estimate (s)", "wall (s)", "estimate ratio to 1 process", "wall ratio"], rows),
-        (f"Same G: max |G₂ − G₁| / max |G₁| over modules is {difference:.1e} (float32 summation order); {differ:,} of "
-        f"{total:,} signs differ. Each job printed one line on stdout."),
-        key_values(machine_info() | {
-            "date": datetime.date.today().isoformat(),
-            "1-min load average at start / end": f"{load_start:.2f} / {psutil.getloadavg()[0]:.2f}",
-            "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-            "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-        }),
-    ])  # fmt: skip
+    rows = [
+        [p, f"{seconds[p]:.1f}", f"{wall[p]:.1f}", f"{seconds[p] / seconds[1]:.2f}", f"{wall[p] / wall[1]:.2f}"]
+        for p in (1, 2)
+    ]
+    text = "\n\n".join(
+        [
+            "## Scale: estimate on 1 vs 2 processes (SmolLM2-135M, CPU, gloo)",
+            (
+                f"`lorasb estimate --model {args.model} --data {args.data} --size {args.size} --samples {args.samples} "
+                f"--batch-size {args.batch_size} --raw` (float32, all-linear targets), as one process and under `torchrun "
+                f"--nproc-per-node 2` ({args.samples // 2} samples per rank, G all-reduced), `OMP_NUM_THREADS=1` per "
+                f"process; medians of {args.rounds} rounds, the order alternating. estimate = the stage's own `seconds` "
+                "(forward, backward, accumulation, all-reduce); wall includes start-up and loading."
+            ),
+            markdown_table(
+                ["processes", "estimate (s)", "wall (s)", "estimate ratio to 1 process", "wall ratio"], rows
+            ),
+            (
+                f"Same G: max |G₂ − G₁| / max |G₁| over modules is {difference:.1e} (float32 summation order); {differ:,} of "
+                f"{total:,} signs differ. Each job printed one line on stdout."
+            ),
+            key_values(
+                machine_info()
+                | {
+                    "date": datetime.date.today().isoformat(),
+                    "1-min load average at start / end": f"{load_start:.2f} / {psutil.getloadavg()[0]:.2f}",
+                    "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
+                    "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+                }
+            ),
+        ]
+    )
     print(text)
     write_result("scale", text)
     write_section(RESULTS_PATH, "scale", text)

@@ -95,9 +95,7 @@ def lorasb(model: LlamaForCausalLM, rank: int, seed: int) -> nn.Module:
 
 def peft_lora(model: LlamaForCausalLM, rank: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=resolve_targets(model, "all-linear"), lora_dropout=0.0
-    )
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=resolve_targets(model, "all-linear"), lora_dropout=0.0)
     return get_peft_model(model, config)
 
 

@@ -28,8 +28,15 @@ class LoraSBLinear(nn.Module):
     W = magnitude ⊙ (W0 + s·B·R·A) / ‖W0 + s·B·R·A‖ per output row, as PEFT's DoRA computes it.
     """
 
-    def __init__(self, base: nn.Linear, lora_B: torch.Tensor, lora_R: torch.Tensor, lora_A: torch.Tensor, scale: float,
-                 magnitude: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Linear,
+        lora_B: torch.Tensor,
+        lora_R: torch.Tensor,
+        lora_A: torch.Tensor,
+        scale: float,
+        magnitude: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -47,8 +54,9 @@ class LoraSBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude is not None:
-            return F.linear(x, dora_weight(self.base.weight, self.delta_weight(), self.lora_magnitude).to(x.dtype),
-                            self.base.bias)  # fmt: skip
+            return F.linear(
+                x, dora_weight(self.base.weight, self.delta_weight(), self.lora_magnitude).to(x.dtype), self.base.bias
+            )
         result = self.base(x)
         xa = F.linear(x, self.lora_A.to(x.dtype))  # [..., r]
         xar = F.linear(xa.float(), self.lora_R)  # float32: the trained part

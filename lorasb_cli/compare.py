@@ -106,7 +106,9 @@ def parse_methods(spec: str, ranks: Sequence[int]) -> list[tuple[str, int | None
         try:
             method_ranks = [int(r) for r in own.split("/")] if own else list(ranks)
         except ValueError:
-            raise BadInputError(f"bad ranks in --methods item '{item}'", hint="write NAME:R1/R2, e.g. lora:8/16") from None
+            raise BadInputError(
+                f"bad ranks in --methods item '{item}'", hint="write NAME:R1/R2, e.g. lora:8/16"
+            ) from None
         if not method_ranks:
             raise BadInputError(f"no rank for method '{name}'", hint="pass --ranks or NAME:R in --methods")
         pairs += [(name, r) for r in method_ranks]
@@ -150,11 +152,21 @@ def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
     path = out / "updates" / f"s{cell.seed}-n{samples}-eta{eta:g}.safetensors"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        estimate(EstimateConfig(
-            model=settings.model, data=settings.train_data, out=str(path), samples=samples, seed=cell.seed, eta=eta,
-            targets=settings.targets, batch_size=settings.batch_size, max_length=settings.max_length,
-            template=settings.template, trust_remote_code=settings.trust_remote_code,
-        ))  # fmt: skip
+        estimate(
+            EstimateConfig(
+                model=settings.model,
+                data=settings.train_data,
+                out=str(path),
+                samples=samples,
+                seed=cell.seed,
+                eta=eta,
+                targets=settings.targets,
+                batch_size=settings.batch_size,
+                max_length=settings.max_length,
+                template=settings.template,
+                trust_remote_code=settings.trust_remote_code,
+            )
+        )
     return path
 
 
@@ -166,9 +178,16 @@ def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
     path = out / "factors" / f"{update.stem}-{cell.method}{noise}-r{cell.rank}.safetensors"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        decompose(str(update), cell.rank, str(path), init=cell.method, noise_std=cell.noise_std, seed=cell.seed,
-                  model=settings.model if inits.INITS[cell.method].source == "model" else None,
-                  trust_remote_code=settings.trust_remote_code)  # fmt: skip
+        decompose(
+            str(update),
+            cell.rank,
+            str(path),
+            init=cell.method,
+            noise_std=cell.noise_std,
+            seed=cell.seed,
+            model=settings.model if inits.INITS[cell.method].source == "model" else None,
+            trust_remote_code=settings.trust_remote_code,
+        )
     return path
 
 
@@ -182,27 +201,54 @@ def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
         shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
     folder.mkdir(parents=True)
     factors = str(_factors_path(out, settings, cell)) if cell.is_init else None
-    summary = train(TrainConfig(
-        model=settings.model, data=settings.train_data, eval_data=settings.eval_data, out=str(folder / "run"),
-        method="lorasb" if cell.is_init else cell.method, factors=factors,
-        rank=None if cell.is_init else cell.rank, targets=settings.targets, lr=cell.lr, max_steps=settings.max_steps,
-        batch_size=settings.batch_size, max_length=settings.max_length, warmup_ratio=settings.warmup_ratio,
-        seed=cell.seed, init_scale=cell.init_scale, save_steps=10**9, template=settings.template,
-        trust_remote_code=settings.trust_remote_code,
-    ))  # fmt: skip
-    scored = evaluate(EvaluateConfig(
-        model=settings.model, adapter=str(folder / "run"), task=settings.task, data=settings.eval_data,
-        out=str(folder / "eval.json"), batch_size=settings.eval_batch_size, max_length=settings.max_length,
-        max_new_tokens=settings.max_new_tokens, template=settings.template,
-        trust_remote_code=settings.trust_remote_code,
-    ))  # fmt: skip
+    summary = train(
+        TrainConfig(
+            model=settings.model,
+            data=settings.train_data,
+            eval_data=settings.eval_data,
+            out=str(folder / "run"),
+            method="lorasb" if cell.is_init else cell.method,
+            factors=factors,
+            rank=None if cell.is_init else cell.rank,
+            targets=settings.targets,
+            lr=cell.lr,
+            max_steps=settings.max_steps,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            warmup_ratio=settings.warmup_ratio,
+            seed=cell.seed,
+            init_scale=cell.init_scale,
+            save_steps=10**9,
+            template=settings.template,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    )
+    scored = evaluate(
+        EvaluateConfig(
+            model=settings.model,
+            adapter=str(folder / "run"),
+            task=settings.task,
+            data=settings.eval_data,
+            out=str(folder / "eval.json"),
+            batch_size=settings.eval_batch_size,
+            max_length=settings.max_length,
+            max_new_tokens=settings.max_new_tokens,
+            template=settings.template,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    )
     metrics = json.loads((folder / "run" / "metrics.json").read_text())
     result = CellResult(
-        cell=asdict(cell), metrics=scored.metrics, eval_loss=summary.final_eval_loss,
-        step0_base_loss=summary.step0_base_loss, step0_init_loss=summary.step0_init_loss,
-        trainable_params=summary.trainable_params, seconds=summary.seconds,
-        peak_memory_bytes=summary.peak_memory_bytes, loss=metrics["loss"],
-    )  # fmt: skip
+        cell=asdict(cell),
+        metrics=scored.metrics,
+        eval_loss=summary.final_eval_loss,
+        step0_base_loss=summary.step0_base_loss,
+        step0_init_loss=summary.step0_init_loss,
+        trainable_params=summary.trainable_params,
+        seconds=summary.seconds,
+        peak_memory_bytes=summary.peak_memory_bytes,
+        loss=metrics["loss"],
+    )
     with artifacts.atomic_path(folder / "cell.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
@@ -230,7 +276,9 @@ def run_grid(
     return results
 
 
-def prepare_data(out: Path, data_name: str, eval_data: str | None, size: int | None, eval_size: int | None) -> tuple[str, str]:
+def prepare_data(
+    out: Path, data_name: str, eval_data: str | None, size: int | None, eval_size: int | None
+) -> tuple[str, str]:
     """Train and held-out files shared by every cell: a built-in name is written once to `out/data/` (train
     split and test split, drawn with seed 0), so every seed trains on the same rows."""
     from . import builtin_data
@@ -277,15 +325,24 @@ def aggregate(results: Sequence[CellResult], metric: str | None = None) -> list[
             raise BadInputError(f"--metric {name_of}: the task reports {', '.join(group[0].metrics)}")
         value, spread = _mean_std([float(r.metrics[name_of]) for r in group])
         losses = [r.eval_loss for r in group if r.eval_loss is not None]
-        rows.append({
-            "method": name, "rank": rank, "seeds": len(group), "metric": name_of, "mean": value, "std": spread,
-            "eval_loss": _mean_std(losses) if losses else None,
-            "step0_loss": statistics.fmean(r.step0_init_loss for r in group if r.step0_init_loss is not None)
-            if any(r.step0_init_loss is not None for r in group) else None,
-            "trainable_params": group[0].trainable_params, "lr": group[0].cell["lr"],
-            "seconds": statistics.fmean(r.seconds for r in group),
-            "peak_memory_bytes": max(r.peak_memory_bytes for r in group),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "rank": rank,
+                "seeds": len(group),
+                "metric": name_of,
+                "mean": value,
+                "std": spread,
+                "eval_loss": _mean_std(losses) if losses else None,
+                "step0_loss": statistics.fmean(r.step0_init_loss for r in group if r.step0_init_loss is not None)
+                if any(r.step0_init_loss is not None for r in group)
+                else None,
+                "trainable_params": group[0].trainable_params,
+                "lr": group[0].cell["lr"],
+                "seconds": statistics.fmean(r.seconds for r in group),
+                "peak_memory_bytes": max(r.peak_memory_bytes for r in group),
+            }
+        )
     return rows
 
 
@@ -334,11 +391,19 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for row in rows:
         ax.errorbar(row["trainable_params"], row["mean"], yerr=row["std"], fmt="o", capsize=3)
-        ax.annotate(f"{row['method']}" + (f" r={row['rank']}" if row["rank"] is not None else ""),
-                    (row["trainable_params"], row["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            f"{row['method']}" + (f" r={row['rank']}" if row["rank"] is not None else ""),
+            (row["trainable_params"], row["mean"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (log)", ylabel=rows[0]["metric"] if rows else "metric",
-           title=f"{title}: metric vs trainable parameters")  # fmt: skip
+    ax.set(
+        xlabel="trainable parameters (log)",
+        ylabel=rows[0]["metric"] if rows else "metric",
+        title=f"{title}: metric vs trainable parameters",
+    )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     with artifacts.atomic_path(paths[1]) as tmp:
@@ -347,7 +412,9 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     return paths
 
 
-def write_report(out: str | Path, settings: Settings, results: Sequence[CellResult], title: str = "lorasb compare") -> Path:
+def write_report(
+    out: str | Path, settings: Settings, results: Sequence[CellResult], title: str = "lorasb compare"
+) -> Path:
     """results.md, results.json and the two PNGs in `out`; returns the markdown path."""
     out = Path(out)
     rows = aggregate(results, settings.metric)

@@ -107,10 +107,14 @@ def print_description(description: dict) -> None:
     for module, info in description["shapes"].items():
         groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(info)
     modules = [
-        [kind, str(len(infos)), ", ".join(sorted({"×".join(map(str, i["shape"])) for i in infos})),
-         ", ".join(sorted({str(i["rank"]) for i in infos if "rank" in i})) or "-"]
+        [
+            kind,
+            str(len(infos)),
+            ", ".join(sorted({"×".join(map(str, i["shape"])) for i in infos})),
+            ", ".join(sorted({str(i["rank"]) for i in infos if "rank" in i})) or "-",
+        ]
         for kind, infos in groups.items()
-    ]  # fmt: skip
+    ]
     module_columns = ("module", "count", "shape (m×n)", "rank")
     if not stdout.is_terminal:
         write_tsv(("field", "value"), [("path", description["path"]), *rows])

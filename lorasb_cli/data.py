@@ -68,8 +68,9 @@ def load_dataset_rows(
     if data in builtin_data.NAMES:
         dataset = builtin_data.load(data, split=split, size=size, seed=seed)
         rows = [renamed(row, renames) for row in dataset.rows] if renames else dataset.rows
-        return Dataset(rows=rows, source=dataset.source, split=dataset.split, digest=dataset.digest,
-                       extra=dataset.extra)  # fmt: skip
+        return Dataset(
+            rows=rows, source=dataset.source, split=dataset.split, digest=dataset.digest, extra=dataset.extra
+        )
     if size is not None:
         raise BadInputError(
             f"--size applies to the built-in data sets ({', '.join(builtin_data.NAMES)})",
@@ -108,7 +109,9 @@ def _load_file(path: Path):
         raise BadInputError("data file not found", path=str(path), hint="check the path passed to --data")
     if builder is None:
         raise BadInputError(
-            f"unsupported data file type '{path.suffix}'", path=str(path), hint=f"use one of {', '.join(LOCAL_SUFFIXES)}"
+            f"unsupported data file type '{path.suffix}'",
+            path=str(path),
+            hint=f"use one of {', '.join(LOCAL_SUFFIXES)}",
         )
     if path.stat().st_size == 0:
         raise BadInputError("data file is empty", path=str(path), hint="pass a file with at least one row")
@@ -373,8 +376,9 @@ class Encoder:
             labels = [IGNORE] * prompt_length + ids[prompt_length:]
             return Example(input_ids=ids[: self.max_length], labels=labels[: self.max_length])
         label, text = self._label(row["label"]), classification_text(row)
-        encoded = self.tokenizer(*((text,) if isinstance(text, str) else text), truncation=True,
-                                 max_length=self.max_length)  # fmt: skip
+        encoded = self.tokenizer(
+            *((text,) if isinstance(text, str) else text), truncation=True, max_length=self.max_length
+        )
         return Example(input_ids=encoded["input_ids"], label=label, token_type_ids=encoded.get("token_type_ids"))
 
     @functools.cached_property

@@ -62,6 +62,7 @@ def decompose(
         raise BadInputError(f"--init {init} reads no model", hint="drop --model (it is for --init lora-xs)")
     if init == "noisy" and (noise_std is None or noise_std < 0):
         raise BadInputError("--init noisy needs --noise-std σ ≥ 0", hint="e.g. --noise-std 1 (in units of η)")
+    artifacts.check_output(out, {"update": update_path})
     update = artifacts.Artifact(update_path, kinds=("update",)) if update_path is not None else None
     meta = dict(update.meta) if update is not None else {}
     head = meta.get("head", [])  # a classifier's head: carried over as is, not factored
@@ -72,11 +73,16 @@ def decompose(
         if model is None and update is None:
             raise BadInputError(f"--init {init} factors the pretrained weights", hint="pass --model")
         ref = models.resolve_model(model or update.meta["base_model"]["id"])
+        artifacts.check_output(out, {"model": ref.path})
         labels = meta.get("labels")
         base, _ = models.load_model(
-            ref, dtype=torch.float32, device=torch.device("cpu"), trust_remote_code=trust_remote_code,
-            head="sequence-classification" if labels is not None else "causal-lm", labels=labels,
-        )  # fmt: skip
+            ref,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            trust_remote_code=trust_remote_code,
+            head="sequence-classification" if labels is not None else "causal-lm",
+            labels=labels,
+        )
         modules = (
             [name.removesuffix(".weight") for name in update.names if name not in head]
             if update is not None
@@ -86,9 +92,10 @@ def decompose(
         fingerprint = models.fingerprint(shapes)
         if update is not None and fingerprint != update.meta["base_model"]["fingerprint"]:
             raise IncompatibleArtifactError(
-                f"model '{ref.id}' does not have the update's target modules", path=update.path,
+                f"model '{ref.id}' does not have the update's target modules",
+                path=update.path,
                 hint="pass the model the update was estimated on",
-            )  # fmt: skip
+            )
         meta |= {"base_model": ref.provenance(fingerprint), "targets": meta.get("targets", targets)}
 
         def matrix(module: str) -> torch.Tensor:

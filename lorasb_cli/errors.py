@@ -44,5 +44,13 @@ class NonFiniteError(BadInputError):
     """NaN or Inf in gradients or tensors; names the module (exit 2)."""
 
 
+class Interrupted(LorasbError):
+    """A run stopped by a signal after saving what it needs to resume: exit 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message: str, *, signum: int, path: str | None = None, hint: str | None = None):
+        super().__init__(message, path=path, hint=hint)
+        self.exit_status = 128 + signum
+
+
 class RunFailure(LorasbError):
     """A failure while running that is not the input's fault (exit 1)."""

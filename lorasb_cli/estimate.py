@@ -41,8 +41,14 @@ class _GradientHooks:
     (float32 sums inside it); only the running sum across batches is rounded to `accumulate_dtype`.
     """
 
-    def __init__(self, model: nn.Module, modules: list[str], *, accumulate_device: torch.device | None = None,
-                 accumulate_dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: list[str],
+        *,
+        accumulate_device: torch.device | None = None,
+        accumulate_dtype: torch.dtype = torch.float32,
+    ):
         named = dict(model.named_modules())
         self.shapes = {name: named[name].weight.shape for name in modules}
         self.device = accumulate_device or torch.device("cpu")
@@ -200,6 +206,7 @@ class EstimateConfig:
     raw: bool = False
     shard: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
     accumulate_on: str = "auto"  # plan.ACCUMULATE_ON: auto is the device when everything fits there
     accumulate_dtype: str = "float32"  # or bfloat16: half the memory, one rounding per batch (sum_gradients)
 
@@ -224,10 +231,18 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     """
     if not (math.isfinite(config.eta) and config.eta > 0):
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
+    if config.max_length < 2:
+        raise BadInputError(f"--max-length {config.max_length} is too small", hint="pass at least 2")
+    if config.shard is not None and not config.raw:
+        raise BadInputError(
+            "--shard writes one part of a sum: it needs --raw", hint="pass --raw, then lorasb combine the parts"
+        )
     shard = data.parse_shard(config.shard)
     ref = models.resolve_model(config.model)
-    dataset = data.load_dataset_rows(config.data, config.split, config.data_config, size=config.size,
-                                     seed=config.seed, fields=config.fields)  # fmt: skip
+    artifacts.check_output(config.out, {"model": ref.path, "data": config.data})
+    dataset = data.load_dataset_rows(
+        config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
+    )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
     template = data.resolve_template(config.template, fmt, dataset.columns)
     drawn = data.sample_indices(len(dataset.rows), frac=config.frac, samples=config.samples, seed=config.seed)
@@ -243,22 +258,37 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     accumulate_on = plan.accumulate_on_of(config.accumulate_on)
     where = plan.place(device)
     try:
-        facts = plan.model_facts(ref, targets=config.targets, batch_size=max(1, min(config.batch_size, len(indices))),
-                                 max_length=config.max_length, dtype=dtype, train=False,
-                                 head="causal-lm" if labels is None else "sequence-classification",
-                                 trust_remote_code=config.trust_remote_code)  # fmt: skip
+        facts = plan.model_facts(
+            ref,
+            targets=config.targets,
+            batch_size=max(1, min(config.batch_size, len(indices))),
+            max_length=config.max_length,
+            dtype=dtype,
+            train=False,
+            head="causal-lm" if labels is None else "sequence-classification",
+            trust_remote_code=config.trust_remote_code,
+        )
     except (RuntimeError, NotImplementedError) as e:  # model code that cannot run on the meta device
         log.warning("no memory plan for %s (%s: %s); memory is not checked", ref.id, type(e).__name__, e)
         facts = None
     if facts is None:
         accumulate_on, planned = ("cpu" if accumulate_on == "auto" else accumulate_on), None
     else:
-        accumulate_on = plan.choose_accumulation(facts, device=where, accumulate_on=config.accumulate_on,
-                                                 accumulate_dtype=accumulate_dtype)  # fmt: skip
-        planned = plan.estimate_plan(facts, device=where, accumulate_on=accumulate_on,
-                                     accumulate_dtype=accumulate_dtype).need()  # fmt: skip
-    model, tokenizer = models.load_for_labels(ref, labels, dtype=dtype, device=device, seed=config.seed,
-                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+        accumulate_on = plan.choose_accumulation(
+            facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
+        )
+        planned = plan.estimate_plan(
+            facts, device=where, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype
+        ).need()
+    model, tokenizer = models.load_for_labels(
+        ref,
+        labels,
+        dtype=dtype,
+        device=device,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
+    )
     modules = models.resolve_targets(model, config.targets)
     shapes = models.target_shapes(model, modules)
     # Only the drawn rows are read and tokenized.
@@ -274,8 +304,14 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     start = time.perf_counter()
     batches = data.make_batches(examples, config.batch_size, tokenizer.pad_token_id)
-    result = sum_gradients(model, modules, batches, on_batch=on_batch, accumulate_dtype=accumulate_dtype,
-                           accumulate_on=device if accumulate_on == "device" else torch.device("cpu"))  # fmt: skip
+    result = sum_gradients(
+        model,
+        modules,
+        batches,
+        on_batch=on_batch,
+        accumulate_dtype=accumulate_dtype,
+        accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
+    )
     seconds = time.perf_counter() - start
 
     meta = artifacts.provenance(
@@ -335,6 +371,7 @@ def combine(paths: list[str], out: str) -> Path:
     """Sum raw shards' G and write the sign update; refuses shards of different models, targets or samplings."""
     if not paths:
         raise BadInputError("no shards given", hint="pass the files written by estimate --raw --shard i/N")
+    artifacts.check_output(out, {f"shard {p}": p for p in paths})
     shards = [artifacts.Artifact(p, kinds=("update-raw",)) for p in paths]
     first = shards[0]
     for shard in shards[1:]:
@@ -365,8 +402,10 @@ def combine(paths: list[str], out: str) -> Path:
         if shard.names != first.names:
             raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
     _check_shard_set(shards)
-    for what, paths_seen in (("model", {s.meta["base_model"]["id"] for s in shards}),
-                             ("data", {s.meta["data"].get("source") for s in shards})):  # fmt: skip
+    for what, paths_seen in (
+        ("model", {s.meta["base_model"]["id"] for s in shards}),
+        ("data", {s.meta["data"].get("source") for s in shards}),
+    ):
         if len(paths_seen) > 1:
             log.info("shards read the %s from %s; their digests agree", what, ", ".join(sorted(map(str, paths_seen))))
 

@@ -47,6 +47,7 @@ class EvaluateConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
 
 
 @dataclass
@@ -70,8 +71,9 @@ def load_task_rows(config: EvaluateConfig, task: Task) -> tuple[Sequence[dict], 
         raise BadInputError(f"task '{task.name}' has no default data set", hint="pass --data FILE")
     split = config.split or task.default_split
     data_config = config.data_config or (None if config.data else task.extra.get("config"))
-    dataset = data.load_dataset_rows(source, split, data_config, size=config.size, seed=config.seed,
-                                     fields=config.fields, roles=task.fields)  # fmt: skip
+    dataset = data.load_dataset_rows(
+        source, split, data_config, size=config.size, seed=config.seed, fields=config.fields, roles=task.fields
+    )
     rows = dataset.rows
     missing = [f for f in task.fields if f not in rows[0]]
     if missing:
@@ -132,7 +134,13 @@ def load_for_task(
     dtype = models.resolve_dtype(config.dtype, device)
     labels = saved.config.get("labels") if saved is not None else None
     model, tokenizer = models.load_model(
-        ref, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, head=head, labels=labels
+        ref,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+        head=head,
+        labels=labels,
+        allow_pickle=config.allow_pickle,
     )
     if saved is None:
         return model, tokenizer
@@ -148,6 +156,11 @@ def evaluate(
     answerer: Answerer | None = None,
 ) -> EvaluateSummary:
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
+    for value, option in ((config.batch_size, "--batch-size"), (config.max_new_tokens, "--max-new-tokens")):
+        if value is not None and value < 1:
+            raise BadInputError(f"{option} {value} must be positive")
+    for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
+        artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
     task = get_task(config.task)
     scoring = config.scoring or task.scoring
     rows, source = load_task_rows(config, task)
@@ -160,9 +173,13 @@ def evaluate(
     if answerer is None:
         model, tokenizer = load_for_task(config, task, scoring, saved)
         answerer = ModelAnswerer(
-            model, tokenizer, template=template_name, batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens or task.max_new_tokens, max_length=config.max_length,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            template=template_name,
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+            max_length=config.max_length,
+        )
         template = answerer.template
     else:
         template = templates.Template(template_name, None)  # a scripted answerer: text templates only

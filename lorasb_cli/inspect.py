@@ -55,9 +55,10 @@ def _resolve(path: str | os.PathLike) -> tuple[str, Path]:
         if (target / "config.json").is_file():
             return "model", target
         raise BadInputError(
-            "directory holds no lorasb artifact", path=str(target),
+            "directory holds no lorasb artifact",
+            path=str(target),
             hint="pass an update/factors file, a train -o directory or a merge -o directory",
-        )  # fmt: skip
+        )
     return "artifact", target
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import itertools
 import json
 import os
@@ -81,20 +82,23 @@ def merge(
     if not lora.factors and not (lora.extra and format == "hf"):
         method = lora.config.get("method", "?")
         raise IncompatibleArtifactError(
-            f"the adapter holds no B, R, A factors (method {method})", path=str(lora.path),
-            hint="merge it with --format hf: it has no LoRA form" if lora.extra else "pass the -o directory of lorasb train",
-        )  # fmt: skip
+            f"the adapter holds no B, R, A factors (method {method})",
+            path=str(lora.path),
+            hint="merge it with --format hf: it has no LoRA form"
+            if lora.extra
+            else "pass the -o directory of lorasb train",
+        )
     ref = models.resolve_model(model if model is not None else _recorded_base(lora))
     out_path = Path(out).expanduser().resolve()
     _check_out(out_path, overwrite)
-    _check_not_input(out_path, lora.path, "adapter")  # before a download: a bad -o fails at once
+    artifacts.check_output(out_path, {"adapter": lora.path}, folder=True)  # before a download: fails at once
 
     # A PEFT export needs no base weights: it checks shapes against a local base but never downloads one.
     needs_base = format == "hf" or Path(ref.path).is_dir()
     base_dir = _local_checkpoint(ref, trust_remote_code) if needs_base else None
     index = None
     if base_dir is not None:
-        _check_not_input(out_path, base_dir, "base model")
+        artifacts.check_output(out_path, {"base model": base_dir}, folder=True)
         index = shards.CheckpointIndex(base_dir)
         prefix = base_prefix(lora, index)
         _check_compatible(lora, index, prefix)
@@ -162,23 +166,9 @@ def _recorded_base(lora: adapter.Adapter) -> str:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadInputError("output path is a file", path=str(out), hint="pass a directory name to -o")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BadInputError(
             "output directory exists and is not empty", path=str(out), hint="pick a new -o or pass --overwrite"
-        )
-
-
-def _check_not_input(out: Path, source: Path, what: str) -> None:
-    """Refuse an `out` that is, lies inside, or (replaced with --overwrite) would delete an input."""
-    source = Path(source).resolve()
-    inside = source.is_dir() and out.is_relative_to(source)
-    if inside or source.is_relative_to(out):
-        raise BadInputError(
-            f"the output directory would overwrite or write into the {what}",
-            path=str(out),
-            hint=f"pick an -o outside {source}",
         )
 
 
@@ -247,6 +237,8 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
     the old `out` is removed only after the new one is complete.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # of a merge that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

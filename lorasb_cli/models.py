@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bundled
+from . import bundled, shards
 from .errors import BadInputError
 from .registry import did_you_mean
 
@@ -100,9 +100,15 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise BadInputError(f"unknown --device '{name}'", hint="use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and device.index is None and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: this machine has no CUDA device", hint="devices here: cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        here = ", ".join(["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))])
+        raise BadInputError(f"--device {name}: no such device", hint=f"devices here: {here}")
+    return device
 
 
 def load_model(
@@ -113,8 +119,12 @@ def load_model(
     trust_remote_code: bool = False,
     head: str = "causal-lm",
     labels: Sequence[str] | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer; every loading failure becomes a one-line BadInputError.
+
+    Weights are read from safetensors only (DESIGN.md §2): a pickle checkpoint (.bin/.pt) is refused unless
+    `allow_pickle`, and then transformers reads it with torch.load(weights_only=True).
 
     `head` "causal-lm" loads AutoModelForCausalLM; "sequence-classification" loads
     AutoModelForSequenceClassification, with one output per entry of `labels` when given (a new head
@@ -124,7 +134,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle or None}
+    if not allow_pickle and Path(ref.path).is_dir() and not any(Path(ref.path).glob("*.safetensors")):
+        raise shards.pickle_checkpoint_error(Path(ref.path), option="--allow-pickle")
     if head == "sequence-classification":
         auto = AutoModelForSequenceClassification
         if labels is not None:
@@ -160,17 +172,34 @@ def load_model(
     return model, tokenizer
 
 
-def load_for_labels(ref: ModelRef, labels: Sequence[str] | None, *, dtype, device, seed: int,
-                    trust_remote_code: bool = False) -> tuple[nn.Module, object]:  # fmt: skip
+def load_for_labels(
+    ref: ModelRef,
+    labels: Sequence[str] | None,
+    *,
+    dtype,
+    device,
+    seed: int,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, object]:
     """A causal LM, or with head `labels` (data.head_labels) a sequence classifier with one output per label
     (one output: regression). A new head is drawn with `seed`, so the same seed gives the same head."""
     if labels is None:
-        return load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_model(
+            ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
     require_classifier(ref, trust_remote_code=trust_remote_code)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                          head="sequence-classification", labels=labels)  # fmt: skip
+        return load_model(
+            ref,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            head="sequence-classification",
+            labels=labels,
+            allow_pickle=allow_pickle,
+        )
 
 
 def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
@@ -250,7 +279,6 @@ def weights_digest(ref: ModelRef) -> str | None:
     """
     from safetensors import safe_open
 
-    from . import shards
     from .errors import LorasbError
 
     directory = _local_checkpoint(ref)

@@ -119,8 +119,9 @@ def held_input(x: torch.Tensor) -> tuple[Callable[[], torch.Tensor], bool]:
 # ------------------------------------------------------------------------------------------- the meta model
 
 
-def meta_model(ref: models.ModelRef, *, dtype: torch.dtype, head: str = "causal-lm",
-               trust_remote_code: bool = False) -> nn.Module:  # fmt: skip
+def meta_model(
+    ref: models.ModelRef, *, dtype: torch.dtype, head: str = "causal-lm", trust_remote_code: bool = False
+) -> nn.Module:
     """The model of `ref` built from its config.json on the meta device, in `dtype`: shapes, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -163,8 +164,9 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def activation_bytes(model: nn.Module, batch_size: int, length: int, *, targets: list[str] | None = None,
-                     mode: str = "estimate") -> tuple[int, int]:  # fmt: skip
+def activation_bytes(
+    model: nn.Module, batch_size: int, length: int, *, targets: list[str] | None = None, mode: str = "estimate"
+) -> tuple[int, int]:
     """(activation bytes, logits entries) of one forward of the meta `model` at batch_size × length.
 
     Activations: each storage that autograd saves for backward, and in `mode` "estimate" each target input that
@@ -272,9 +274,18 @@ def accumulator_bytes(shapes: dict[str, tuple[int, int]], dtype: torch.dtype = t
     return sum(m * n for m, n in shapes.values()) * dtype.itemsize
 
 
-def model_facts(ref: models.ModelRef, *, targets: str = "all-linear", batch_size: int = 8, max_length: int = 512,
-                rank: int = 32, dtype: torch.dtype = torch.bfloat16, head: str = "causal-lm", train: bool = True,
-                trust_remote_code: bool = False) -> ModelFacts:  # fmt: skip
+def model_facts(
+    ref: models.ModelRef,
+    *,
+    targets: str = "all-linear",
+    batch_size: int = 8,
+    max_length: int = 512,
+    rank: int = 32,
+    dtype: torch.dtype = torch.bfloat16,
+    head: str = "causal-lm",
+    train: bool = True,
+    trust_remote_code: bool = False,
+) -> ModelFacts:
     """Sizes of the model at `dtype`, its targets, and the activations of estimate and (`train`) of a LoRA-SB
     train step at batch_size × max_length: meta forwards, no weights read."""
     from . import adapter
@@ -298,11 +309,21 @@ def model_facts(ref: models.ModelRef, *, targets: str = "all-linear", batch_size
         train_activations, _ = activation_bytes(model, batch_size, max_length, mode="train")
     shard, source = _largest_shard(ref, weight_bytes)
     return ModelFacts(
-        model=ref.id, dtype=str(dtype).removeprefix("torch."), parameters=parameters, weight_bytes=weight_bytes,
-        targets=shapes, batch_size=batch_size, max_length=max_length, rank=rank,
-        estimate_activations=estimate_activations, train_activations=train_activations, logits_entries=logits,
-        largest_shard_bytes=shard, shard_source=source, itemsize=dtype.itemsize,
-    )  # fmt: skip
+        model=ref.id,
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=parameters,
+        weight_bytes=weight_bytes,
+        targets=shapes,
+        batch_size=batch_size,
+        max_length=max_length,
+        rank=rank,
+        estimate_activations=estimate_activations,
+        train_activations=train_activations,
+        logits_entries=logits,
+        largest_shard_bytes=shard,
+        shard_source=source,
+        itemsize=dtype.itemsize,
+    )
 
 
 def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:
@@ -314,8 +335,9 @@ def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:
     return weight_bytes, "shard layout unknown: the whole checkpoint assumed"
 
 
-def estimate_plan(facts: ModelFacts, *, device: str = "cpu", accumulate_on: str = "cpu",
-                  accumulate_dtype: torch.dtype = torch.float32) -> StagePlan:  # fmt: skip
+def estimate_plan(
+    facts: ModelFacts, *, device: str = "cpu", accumulate_on: str = "cpu", accumulate_dtype: torch.dtype = torch.float32
+) -> StagePlan:
     """estimate's peak: weights, accumulators, activations and the loss at batch × length (see the module doc)."""
     accumulate_where = device if accumulate_on == "device" else "cpu"
     logits = facts.logits_entries * facts.itemsize
@@ -395,28 +417,56 @@ class Plan:
         }
 
 
-def plan_stages(facts: ModelFacts, *, device: str = "cpu", accumulate_on: str = "cpu",
-                accumulate_dtype: torch.dtype = torch.float32, free: dict[str, int] | None = None) -> Plan:  # fmt: skip
+def plan_stages(
+    facts: ModelFacts,
+    *,
+    device: str = "cpu",
+    accumulate_on: str = "cpu",
+    accumulate_dtype: torch.dtype = torch.float32,
+    free: dict[str, int] | None = None,
+) -> Plan:
     """The plans of estimate (accumulators on `accumulate_on`: "cpu" or "device"), train and merge."""
-    return Plan(facts, {
-        "estimate": estimate_plan(facts, device=device, accumulate_on=accumulate_on,
-                                  accumulate_dtype=accumulate_dtype),
-        "train": train_plan(facts, device=device),
-        "merge": merge_plan(facts),
-    }, free or {})  # fmt: skip
+    return Plan(
+        facts,
+        {
+            "estimate": estimate_plan(
+                facts, device=device, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype
+            ),
+            "train": train_plan(facts, device=device),
+            "merge": merge_plan(facts),
+        },
+        free or {},
+    )
 
 
-def plan_model(model: str, *, targets: str = "all-linear", batch_size: int = 8, max_length: int = 512,
-               rank: int = 32, dtype: str = "auto", device: str = "auto", accumulate_on: str = "auto",
-               accumulate_dtype: str = "float32", head: str = "causal-lm",
-               trust_remote_code: bool = False) -> Plan:  # fmt: skip
+def plan_model(
+    model: str,
+    *,
+    targets: str = "all-linear",
+    batch_size: int = 8,
+    max_length: int = 512,
+    rank: int = 32,
+    dtype: str = "auto",
+    device: str = "auto",
+    accumulate_on: str = "auto",
+    accumulate_dtype: str = "float32",
+    head: str = "causal-lm",
+    trust_remote_code: bool = False,
+) -> Plan:
     """`lorasb estimate --dry-run`: the plan of every stage for `--model` (alias, hub id, or a local directory —
     config.json alone is enough), with the options resolved as the stages resolve them and what is free now."""
     ref = models.resolve_model(model)
     resolved_device = models.resolve_device(device)
-    facts = model_facts(ref, targets=targets, batch_size=batch_size, max_length=max_length, rank=rank,
-                        dtype=models.resolve_dtype(dtype, resolved_device), head=head,
-                        trust_remote_code=trust_remote_code)  # fmt: skip
+    facts = model_facts(
+        ref,
+        targets=targets,
+        batch_size=batch_size,
+        max_length=max_length,
+        rank=rank,
+        dtype=models.resolve_dtype(dtype, resolved_device),
+        head=head,
+        trust_remote_code=trust_remote_code,
+    )
     where = place(resolved_device)
     dtype_ = accumulate_dtype_of(accumulate_dtype)
     free = available_memory({"cpu", where})
@@ -477,8 +527,9 @@ def shortfall(stage: StagePlan, free: dict[str, int]) -> dict[str, tuple[int, in
     return {where: (b, free[where]) for where, b in need.items() if where in free and b > free[where]}
 
 
-def resolve_accumulate_on(facts: ModelFacts, *, device: str, accumulate_on: str, accumulate_dtype: torch.dtype,
-                          free: dict[str, int]) -> str:  # fmt: skip
+def resolve_accumulate_on(
+    facts: ModelFacts, *, device: str, accumulate_on: str, accumulate_dtype: torch.dtype, free: dict[str, int]
+) -> str:
     """`--accumulate-on` as "cpu" or "device": "auto" is "device" on an accelerator when all of estimate fits
     there (no copy to the host per module and batch), else "cpu"."""
     if accumulate_on_of(accumulate_on) != "auto":
@@ -487,28 +538,41 @@ def resolve_accumulate_on(facts: ModelFacts, *, device: str, accumulate_on: str,
     return "device" if device != "cpu" and not shortfall(on_device, free) else "cpu"
 
 
-def choose_accumulation(facts: ModelFacts, *, device: str, accumulate_on: str, accumulate_dtype: torch.dtype,
-                        free: dict[str, int] | None = None) -> str:  # fmt: skip
+def choose_accumulation(
+    facts: ModelFacts,
+    *,
+    device: str,
+    accumulate_on: str,
+    accumulate_dtype: torch.dtype,
+    free: dict[str, int] | None = None,
+) -> str:
     """Resolve `--accumulate-on` and check that estimate fits in `free` (default: what is free now), before
     any weight is loaded. Raises BadInputError when it does not, naming the options that would fit."""
     free = available_memory({"cpu", device}) if free is None else free
-    accumulate_on = resolve_accumulate_on(facts, device=device, accumulate_on=accumulate_on,
-                                          accumulate_dtype=accumulate_dtype, free=free)  # fmt: skip
+    accumulate_on = resolve_accumulate_on(
+        facts, device=device, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype, free=free
+    )
     stage = estimate_plan(facts, device=device, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype)
     short = shortfall(stage, free)
     if not short:
         return accumulate_on
-    missing = "; ".join(f"{need / GIB:.1f} GiB on {where} but {have / GIB:.1f} GiB is free"
-                        for where, (need, have) in short.items())  # fmt: skip
+    missing = "; ".join(
+        f"{need / GIB:.1f} GiB on {where} but {have / GIB:.1f} GiB is free" for where, (need, have) in short.items()
+    )
     fits = []
     for on in ("cpu", "device") if device != "cpu" else ("cpu",):
         for name, dtype in ACCUMULATE_DTYPES.items():
             option = estimate_plan(facts, device=device, accumulate_on=on, accumulate_dtype=dtype)
             if (on, dtype) != (accumulate_on, accumulate_dtype) and not shortfall(option, free):
                 fits.append(f"--accumulate-on {on} --accumulate-dtype {name}")
-    hint = ("these fit: " + ", or ".join(fits)) if fits else (
-        "no accumulator placement fits: lower --batch-size or --max-length, use --dtype bfloat16, or a machine "
-        "with more memory (lorasb estimate --dry-run shows the plan)")  # fmt: skip
+    hint = (
+        ("these fit: " + ", or ".join(fits))
+        if fits
+        else (
+            "no accumulator placement fits: lower --batch-size or --max-length, use --dtype bfloat16, or a machine "
+            "with more memory (lorasb estimate --dry-run shows the plan)"
+        )
+    )
     accumulators = next(i for i in stage.items if i.what.startswith("accumulators"))
     raise BadInputError(
         f"estimate needs {missing} (accumulators {accumulators.bytes / GIB:.1f} GiB on {accumulators.where}, "

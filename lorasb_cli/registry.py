@@ -4,6 +4,9 @@ and an unknown name is a one-line error with a "did you mean" hint."""
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from .errors import BadInputError
@@ -17,6 +20,12 @@ def did_you_mean(name: str, known) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     prefix = f"did you mean '{close[0]}'? " if close else ""
     return f"{prefix}known: {', '.join(known)}"
+
+
+def import_plugins(package: str, path: Iterable[str]) -> None:
+    """Import every module of a plug-in package (each registers its entries): a new plug-in is one new file."""
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")
 
 
 class Registry(dict[str, T], Generic[T]):

@@ -82,9 +82,10 @@ class JsonLines(Sequence):
             row = json.loads(line)
         except ValueError as e:
             raise BadInputError(
-                f"cannot read data file: row {index + 1} is not JSON ({e})", path=str(self.path),
+                f"cannot read data file: row {index + 1} is not JSON ({e})",
+                path=str(self.path),
                 hint="check that it is valid json lines: one object per line",
-            ) from None  # fmt: skip
+            ) from None
         if not isinstance(row, dict):
             raise BadInputError(f"cannot read data file: row {index + 1} is not a JSON object", path=str(self.path))
         return renamed(row, self.renames) if self.renames else row
@@ -108,8 +109,7 @@ class Dataset:
         return list(self.rows[0])
 
     def provenance(self) -> dict:
-        return {"source": self.source, "split": self.split, "rows": len(self.rows), "digest": self.digest,
-                **self.extra}  # fmt: skip
+        return {"source": self.source, "split": self.split, "rows": len(self.rows), "digest": self.digest, **self.extra}
 
 
 def renamed(row: dict, renames: dict[str, str]) -> dict:

@@ -147,7 +147,7 @@ class CheckpointIndex:
         elif (self.directory / SINGLE_FILE).is_file():
             weight_map = None
         else:
-            raise _no_safetensors_error(self.directory)
+            raise pickle_checkpoint_error(self.directory)
 
         listed: dict[str, set[str]] | None = None  # shard → the tensor names the index assigns to it
         if weight_map is not None:
@@ -181,8 +181,9 @@ class CheckpointIndex:
                     raise IncompatibleArtifactError(
                         f"the index records a hash for '{name}' that {shard} "
                         + ("does not record" if in_shard is None else "contradicts"),
-                        path=str(index_path), hint="the checkpoint is mixed up; copy it again or re-run the merge",
-                    )  # fmt: skip
+                        path=str(index_path),
+                        hint="the checkpoint is mixed up; copy it again or re-run the merge",
+                    )
                 if in_shard is not None:
                     self.hashes[name] = in_shard
 
@@ -316,14 +317,16 @@ def _shard_tensors(path: Path, shard: str) -> tuple[dict[str, TensorInfo], dict[
     return infos, hashes
 
 
-def _no_safetensors_error(directory: Path) -> BadInputError:
+def pickle_checkpoint_error(directory: Path, option: str | None = None) -> BadInputError:
+    """The refusal of a checkpoint without safetensors weights; `option` names the flag that would load it anyway."""
     found = sorted(p.name for pattern in _PICKLE_PATTERNS for p in directory.glob(pattern))
     if found:
         return BadInputError(
-            f"checkpoint is not safetensors (found {', '.join(found)}); lorasb never unpickles weights",
+            f"checkpoint is not safetensors (found {', '.join(found)}); lorasb does not unpickle weights",
             path=str(directory),
             hint="convert it: load it with transformers' from_pretrained and save_pretrained(NEW_DIR, "
-            "safe_serialization=True) (the only format transformers >= 5 writes), then pass NEW_DIR",
+            "safe_serialization=True) (the only format transformers >= 5 writes), then pass NEW_DIR"
+            + (f"; or pass {option} (torch.load with weights_only=True)" if option else ""),
         )
     return BadInputError(
         f"no {SINGLE_FILE} or {INDEX_FILE} found",

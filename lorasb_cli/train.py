@@ -8,19 +8,22 @@ scheduler and RNG states: `--resume` continues to exactly the weights of an unin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
-from .errors import BadInputError, IncompatibleArtifactError
+from .errors import BadInputError, IncompatibleArtifactError, Interrupted
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -67,6 +70,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
 
 
 @dataclass
@@ -85,21 +89,21 @@ class TrainSummary:
     peak_memory_bytes: int
 
 
-def _prepare_out(config: TrainConfig) -> Path:
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise BadInputError("output exists and is not a directory", path=str(out), hint="pass a directory to -o")
+def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
+    inputs = {"model": ref.path, "data": config.data, "eval data": config.eval_data, "factors": config.factors}
+    out = artifacts.check_output(config.out, inputs, folder=True)
     if out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
         raise BadInputError(
             "output directory exists and is not empty",
             path=str(out),
             hint="pass --resume to continue its run, --overwrite to replace it, or another -o",
         )
-    if config.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not out.is_dir() or get_last_checkpoint(str(out)) is None:
-            raise BadInputError("--resume: no checkpoint-* directory to resume from", path=str(out))
+    if config.resume and not out.is_dir():
+        raise BadInputError(
+            "--resume: no checkpoint to resume from: the run folder does not exist",
+            path=str(out),
+            hint="pass the -o of the interrupted run",
+        )
     # Under a launcher every rank checks the same folder here: rank 0 writes nothing into it before the Trainer's
     # process group forms, which waits for every rank to have passed this point.
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +132,9 @@ def _check_options(config: TrainConfig) -> None:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
     method = methods.get_method(config.method)
     if method.needs_factors and not config.factors:
-        raise BadInputError(f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors")
+        raise BadInputError(
+            f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors"
+        )
     if not method.needs_factors and config.factors:
         raise BadInputError(f"--factors is for --method lorasb, not {method.name}", hint="drop --factors")
     if method.uses_rank and not method.needs_factors and config.rank is None:
@@ -136,7 +142,9 @@ def _check_options(config: TrainConfig) -> None:
     if config.init_scale != 1.0 and method.name != "lorasb":
         raise BadInputError("--init-scale applies to --method lorasb only", hint="drop --init-scale")
     if config.scheduler not in SCHEDULERS:
-        raise BadInputError(f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS))
+        raise BadInputError(
+            f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS)
+        )
 
 
 def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool) -> artifacts.Factors:
@@ -148,9 +156,10 @@ def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bo
     base = factors.config["base_model"]
     if models.fingerprint({m: shapes[m] for m in factors.factors}) != base["fingerprint"]:
         raise IncompatibleArtifactError(
-            "factors come from a model with other target modules", path=str(factors.path),
+            "factors come from a model with other target modules",
+            path=str(factors.path),
             hint="pass the model the update was estimated on",
-        )  # fmt: skip
+        )
     # By content, not path: the same checkpoint in another folder (another machine) is the same model.
     estimated, here = base.get("weights_digest"), models.weights_digest(ref)
     if (estimated != here) if estimated and here else base["id"] != ref.id:
@@ -177,8 +186,9 @@ def _read_inputs(config: TrainConfig) -> _Inputs:
     method = methods.get_method(config.method)
     ref = models.resolve_model(config.model)
     factors = _load_factors_checked(config.factors, ref, config.trust_remote_code) if method.needs_factors else None
-    train_set = data.load_dataset_rows(config.data, config.split, config.data_config, size=config.size,
-                                       seed=config.seed, fields=config.fields)  # fmt: skip
+    train_set = data.load_dataset_rows(
+        config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
+    )
     floats = data.float_labels(train_set.rows)
     fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
     template = data.resolve_template(config.template, fmt, train_set.columns)
@@ -194,7 +204,7 @@ def _read_inputs(config: TrainConfig) -> _Inputs:
     labels = factors.config.get("labels") if factors is not None else data.head_labels(fmt, train_set.rows)
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
-    return _Inputs(method, ref, factors, train_set, eval_set, fmt, template, labels, _prepare_out(config))
+    return _Inputs(method, ref, factors, train_set, eval_set, fmt, template, labels, _prepare_out(config, ref))
 
 
 @dataclass
@@ -240,8 +250,9 @@ class _Run:
     step0_init: float | None
 
 
-def _prepare_method(config: TrainConfig, inputs: _Inputs, model: nn.Module, tokenizer, examples: _Examples,
-                    device: torch.device) -> _Run:  # fmt: skip
+def _prepare_method(
+    config: TrainConfig, inputs: _Inputs, model: nn.Module, tokenizer, examples: _Examples, device: torch.device
+) -> _Run:
     method, factors = inputs.method, inputs.factors
     if factors is not None:
         modules, rank = list(factors.factors), factors.config["rank"]
@@ -259,37 +270,54 @@ def _prepare_method(config: TrainConfig, inputs: _Inputs, model: nn.Module, toke
 
     step0_base = None if config.resume else probe_loss(model)
     setup = methods.Setup(
-        model=model, modules=modules, rank=rank, alpha=config.alpha, seed=config.seed,
+        model=model,
+        modules=modules,
+        rank=rank,
+        alpha=config.alpha,
+        seed=config.seed,
         factors=factors,
         init_scale=config.init_scale if not config.resume else 1.0,  # on resume the checkpoint's R replaces it
-        init_samples=config.init_samples, init_iters=config.init_iters,
-        probe_loss=probe_loss, batches=lambda n: data.make_batches(examples.train[:n], config.batch_size,
-                                                                    tokenizer.pad_token_id),
-    )  # fmt: skip
+        init_samples=config.init_samples,
+        init_iters=config.init_iters,
+        probe_loss=probe_loss,
+        batches=lambda n: data.make_batches(examples.train[:n], config.batch_size, tokenizer.pad_token_id),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         prepared = method.prepare(setup)
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     log.info(
-        "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s", method.name, f"{trainable:,}",
-        100 * trainable / base_params, f"{base_params:,}",
+        "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s",
+        method.name,
+        f"{trainable:,}",
+        100 * trainable / base_params,
+        f"{base_params:,}",
         f"; LoRA at rank {rank} on the same targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
-        if lora_params and trainable else "",
-    )  # fmt: skip
+        if lora_params and trainable
+        else "",
+    )
     step0_init = None
     if not config.resume:
         # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
         mixed = prepared.mixed_precision
         with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
             step0_init = probe_loss(prepared.model)
-        log.info("step-0 loss on %d %s samples: base %.4f, initialized %.4f", len(examples.probe),
-                 examples.probe_kind, step0_base, step0_init)  # fmt: skip
+        log.info(
+            "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
+            len(examples.probe),
+            examples.probe_kind,
+            step0_base,
+            step0_init,
+        )
         if step0_init > step0_base * (1 + 1e-4):
             log.warning(
-                "the initialized model is worse than the base (%.4f > %.4f)%s", step0_init, step0_base,
+                "the initialized model is worse than the base (%.4f > %.4f)%s",
+                step0_init,
+                step0_base,
                 ": η is too large for this model; re-run estimate with a smaller --eta or pass --init-scale below 1"
-                if method.name == "lorasb" else "",
-            )  # fmt: skip
+                if method.name == "lorasb"
+                else "",
+            )
     return _Run(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
 
 
@@ -305,17 +333,19 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         "method": inputs.method.name,
         **run.prepared.config,
         "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},
-        "train": {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")},
+        "train": _recorded_options(config),
         **({"architecture": type(model).__name__, "labels": labels} if labels is not None else {}),
         **({"head": sorted(methods.head_parameters(model))} if labels is not None else {}),
     }
-    log.info("method settings: %s", json.dumps({k: v for k, v in run.prepared.config.items()
-                                                if k != "init_scale_curve"}))  # fmt: skip
+    log.info(
+        "method settings: %s", json.dumps({k: v for k, v in run.prepared.config.items() if k != "init_scale_curve"})
+    )
     return adapter_config
 
 
-def _training_arguments(config: TrainConfig, out: Path, prepared: methods.Prepared, *, evaluates: bool,
-                        device: torch.device):  # fmt: skip
+def _training_arguments(
+    config: TrainConfig, out: Path, prepared: methods.Prepared, *, evaluates: bool, device: torch.device
+):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -354,21 +384,131 @@ def train(
     progress: Callable[[int, int], None] | None = None,
     callbacks: Sequence[object] = (),
 ) -> TrainSummary:
-    """Train `config.method` on `config.data`; returns what was written and measured."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    """Train `config.method` on `config.data`; returns what was written and measured.
 
-    from .tasks import get_task
-    from .trainer import AdapterTrainer, DivergenceGuard, TaskEval
-
+    One run at a time writes into `config.out` (a lock file); `--overwrite` empties it first; `--resume` continues
+    from its newest complete checkpoint with the options the run was started with, and a finished run resumed is
+    left as it is. SIGINT/SIGTERM end the run with a checkpoint (`Interrupted`, exit 130/143)."""
     _check_options(config)
     system.check_launcher()
+    existed = Path(config.out).expanduser().exists()
     inputs = _read_inputs(config)
+    main = system.is_main_process()
+    try:
+        return _locked_train(config, inputs, main, progress, callbacks)
+    except BaseException:
+        if main and not existed:
+            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
+                inputs.out.rmdir()
+        raise
+
+
+def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks) -> TrainSummary:
+    with artifacts.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
+        if config.overwrite and main:
+            _clear_run(inputs.out)
+        resume_from = None
+        if config.resume:
+            finished = inputs.out / "metrics.json"  # written last, after the final adapter
+            if finished.is_file() and (inputs.out / adapter.ADAPTER_FILE).is_file():
+                log.warning("the run in %s finished: nothing to resume", inputs.out)
+                return _finished_summary(finished, inputs.out)
+            resume_from = _resume_point(config, inputs)
+        return _run(config, inputs, resume_from, progress, callbacks)
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: the old run goes first, so no checkpoint of it can be resumed into the new one."""
+    for child in out.iterdir():
+        if child.name == artifacts.LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _finished_summary(metrics_file: Path, out: Path) -> TrainSummary:
+    metrics = json.loads(metrics_file.read_text())
+    return TrainSummary(**{f.name: metrics[f.name] for f in fields(TrainSummary) if f.name != "path"}, path=out)
+
+
+# Options a resumed run may change: where things are (another machine), how often it saves and scores.
+_FREE_ON_RESUME = {
+    "model",
+    "data",
+    "factors",
+    "eval_data",
+    "save_steps",
+    "eval_steps",
+    "eval_task",
+    "device",
+    "trust_remote_code",
+    "allow_pickle",
+    "force_template",
+}
+
+
+def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
+    """The newest complete checkpoint of the run, checked against this command's options and data."""
+    from .trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(inputs.out)
+    if checkpoint is None:
+        cut = sorted(p.name for p in inputs.out.glob("checkpoint-*"))
+        raise BadInputError(
+            "--resume: no complete checkpoint to resume from"
+            + (f" ({', '.join(cut)} were cut off by a kill)" if cut else ""),
+            path=str(inputs.out),
+            hint="start the run again with --overwrite",
+        )
+    recorded = json.loads((checkpoint / adapter.CONFIG_FILE).read_text())
+    before, now = recorded.get("train", {}), _recorded_options(config)
+    changed = [k for k, v in now.items() if k not in _FREE_ON_RESUME and k in before and before[k] != v]
+    if changed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {before[k]} → {now[k]}" for k in changed)
+        raise BadInputError(
+            f"--resume continues the run with its own options; this command changes {shown}",
+            path=str(inputs.out),
+            hint="resume with the run's options, or start a new run with --overwrite or another -o",
+        )
+    if (recorded.get("data") or {}).get("digest") not in (None, inputs.train_set.digest):
+        raise BadInputError(
+            "--resume: the training data differs from the run's", path=str(inputs.out), hint="pass the run's --data"
+        )
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def _recorded_options(config: TrainConfig) -> dict:
+    """The options recorded in the adapter (and compared on resume): all but where the run writes."""
+    return {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")}
+
+
+def _run(
+    config: TrainConfig,
+    inputs: _Inputs,
+    resume_from: Path | None,
+    progress: Callable[[int, int], None] | None,
+    callbacks: Sequence[object],
+) -> TrainSummary:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .tasks import get_task
+    from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval
+
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
-    model, tokenizer = models.load_for_labels(inputs.ref, inputs.labels, dtype=dtype, device=device, seed=config.seed,
-                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+    model, tokenizer = models.load_for_labels(
+        inputs.ref,
+        inputs.labels,
+        dtype=dtype,
+        device=device,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
+    )
     examples = _examples(config, inputs, tokenizer)
     run = _prepare_method(config, inputs, model, tokenizer, examples, device)
     if config.gradient_checkpointing:
@@ -390,26 +530,77 @@ def train(
     )
     task_eval = None
     if config.eval_task:
-        task_eval = TaskEval(get_task(config.eval_task), inputs.eval_set.rows, tokenizer,
-                             template=inputs.template or "alpaca", batch_size=config.batch_size,
-                             eval_steps=config.eval_steps, max_length=config.max_length)  # fmt: skip
+        task_eval = TaskEval(
+            get_task(config.eval_task),
+            inputs.eval_set.rows,
+            tokenizer,
+            template=inputs.template or "alpaca",
+            batch_size=config.batch_size,
+            eval_steps=config.eval_steps,
+            max_length=config.max_length,
+        )
         trainer.add_callback(task_eval)
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)
+    # Under a launcher the launcher owns signals: one rank stopping alone would leave the others waiting.
+    stop = StopOnSignal() if system.launcher_rank()[1] == 1 else None
+    if stop is not None:
+        trainer.add_callback(stop)
 
     start = time.perf_counter()
-    resume_from = get_last_checkpoint(str(inputs.out)) if config.resume else None
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_loss_mean = _train(trainer, resume_from)
     seconds = time.perf_counter() - start
+    if stop is not None and stop.signal is not None:
+        name = signal.Signals(stop.signal).name
+        raise Interrupted(
+            f"{name} at step {trainer.state.global_step}: the run is saved in checkpoint-{trainer.state.global_step}",
+            signum=stop.signal,
+            path=str(inputs.out),
+            hint="to continue it, run the same command with --resume",
+        )
     final_eval = trainer.evaluate()["eval_loss"] if examples.eval else None
     return _write_run(
-        inputs, run, trainer, adapter_config, seconds=seconds, final_eval=final_eval, device=device,
-        train_loss_mean=result.training_loss, task_results=task_eval.results if task_eval else [],
-    )  # fmt: skip
+        inputs,
+        run,
+        trainer,
+        adapter_config,
+        seconds=seconds,
+        final_eval=final_eval,
+        device=device,
+        train_loss_mean=train_loss_mean,
+        task_results=task_eval.results if task_eval else [],
+    )
 
 
-def _write_run(inputs: _Inputs, run: _Run, trainer, adapter_config: dict, *, seconds: float, final_eval: float | None,
-               device: torch.device, train_loss_mean: float, task_results: list[dict]) -> TrainSummary:  # fmt: skip
+def _train(trainer, resume_from: Path | None) -> float | None:
+    """Train (from `resume_from`), returning the mean training loss. A checkpoint of the run's last step is
+    the trained run: its tensors and state are loaded, and nothing is trained (the Trainer, resumed at its last
+    step in the middle of an epoch, would take one step more)."""
+    from transformers.trainer_callback import TrainerState
+
+    state_file = resume_from / "trainer_state.json" if resume_from else None
+    saved = TrainerState.load_from_json(str(state_file)) if state_file else None
+    if saved is None or not 0 < saved.max_steps <= saved.global_step:
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+    log.info("%s holds the run's last step (%d): the run is written from it", resume_from, saved.global_step)
+    trainer.state = saved
+    trainer._load_from_checkpoint(str(resume_from))
+    losses = [h["loss"] for h in saved.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _write_run(
+    inputs: _Inputs,
+    run: _Run,
+    trainer,
+    adapter_config: dict,
+    *,
+    seconds: float,
+    final_eval: float | None,
+    device: torch.device,
+    train_loss_mean: float | None,
+    task_results: list[dict],
+) -> TrainSummary:
     """The run directory's adapter, metrics.json and loss.png (global rank 0 only), and the summary."""
     out = inputs.out
     # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
@@ -435,8 +626,15 @@ def _write_run(inputs: _Inputs, run: _Run, trainer, adapter_config: dict, *, sec
         tokens_per_second=tokens_per_second,
         peak_memory_bytes=system.peak_memory_bytes(device),
     )
-    metrics = {**asdict(summary), "path": str(out), "method": inputs.method.name, "train_loss_mean": train_loss_mean,
-               "loss": steps, "eval": evals, "task": task_results}  # fmt: skip
+    metrics = {
+        **asdict(summary),
+        "path": str(out),
+        "method": inputs.method.name,
+        "train_loss_mean": train_loss_mean,
+        "loss": steps,
+        "eval": evals,
+        "task": task_results,
+    }
     if writer:
         with artifacts.atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -6,8 +6,11 @@ system.check_launcher), so global rank 0 (`should_save`) writes checkpoints and 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import adapter, artifacts
 from .errors import IncompatibleArtifactError, RunFailure
@@ -25,6 +27,20 @@ from .tasks.runner import ModelAnswerer, evaluate_rows
 log = logging.getLogger("lorasb")
 
 TRAINED_FILE = "trained.safetensors"  # in each checkpoint: the trained tensors by parameter name, float32
+# Written last into a checkpoint, after the Trainer's optimizer, scheduler, RNG and state files: a checkpoint
+# without it was cut off by a kill and is never resumed from.
+COMPLETE_FILE = "lorasb-complete.json"
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The run folder's complete `checkpoint-N` folders, oldest first."""
+    found = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    return sorted((p for p in found if (p / COMPLETE_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    complete = complete_checkpoints(out)
+    return complete[-1] if complete else None
 
 
 class AdapterTrainer(Trainer):
@@ -34,6 +50,14 @@ class AdapterTrainer(Trainer):
     def __init__(self, *args, adapter_config: dict, export: Callable[[], dict[str, torch.Tensor]], **kwargs):
         self.adapter_config, self.export = adapter_config, export
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in before the checkpoint counts
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            with artifacts.atomic_path(folder / COMPLETE_FILE) as tmp:
+                tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
@@ -71,19 +95,29 @@ class DivergenceGuard(TrainerCallback):
             self.progress(state.global_step, state.max_steps)
         for name, param in model.named_parameters():
             if param.requires_grad and not torch.isfinite(param).all():
-                last = get_last_checkpoint(str(self.out))
+                # A resumed run keeps its options (train refuses new ones), so the way out is a new run.
+                last = last_complete_checkpoint(self.out)
                 raise RunFailure(
                     f"training diverged: NaN/Inf in {name} at step {state.global_step}",
-                    hint=(f"last good checkpoint: {last}; " if last else "")
-                    + "lower --lr or use --dtype float32, then --resume",
+                    hint=(f"the last good checkpoint, {last}, is kept; " if last else "")
+                    + "start a new run (another -o, or --overwrite) with a lower --lr or --dtype float32",
                 )
 
 
 class TaskEval(TrainerCallback):
     """Scores the model on `task` every `eval_steps` steps and at the end; `results` holds one dict per score."""
 
-    def __init__(self, task: Task, rows: Sequence[dict], tokenizer, *, template: str, batch_size: int,
-                 eval_steps: int | None, max_length: int):  # fmt: skip
+    def __init__(
+        self,
+        task: Task,
+        rows: Sequence[dict],
+        tokenizer,
+        *,
+        template: str,
+        batch_size: int,
+        eval_steps: int | None,
+        max_length: int,
+    ):
         self.task, self.rows, self.tokenizer, self.template = task, rows, tokenizer, template
         self.batch_size, self.eval_steps, self.max_length = batch_size, eval_steps, max_length
         self.results: list[dict] = []
@@ -92,13 +126,23 @@ class TaskEval(TrainerCallback):
         if self.results and self.results[-1]["step"] == step:
             return
         model.eval()
-        answerer = ModelAnswerer(model, self.tokenizer, template=self.template, batch_size=self.batch_size,
-                                 max_new_tokens=self.task.max_new_tokens, max_length=self.max_length)  # fmt: skip
+        answerer = ModelAnswerer(
+            model,
+            self.tokenizer,
+            template=self.template,
+            batch_size=self.batch_size,
+            max_new_tokens=self.task.max_new_tokens,
+            max_length=self.max_length,
+        )
         metrics = self.task.score(evaluate_rows(self.task, self.rows, answerer, answerer.template))
         model.train()
         self.results.append({"step": step, "task": self.task.name, **metrics})
-        log.info("step %d: %s %s", step, self.task.name,
-                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))  # fmt: skip
+        log.info(
+            "step %d: %s %s",
+            step,
+            self.task.name,
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.eval_steps and state.global_step % self.eval_steps == 0:
@@ -106,3 +150,29 @@ class TaskEval(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.score(model, state.global_step)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT and SIGTERM (what schedulers send before preemption) end the run at the end of the current step with
+    a checkpoint; `signal` is then the signal's number. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

@@ -15,12 +15,16 @@ from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFinit
 
 def _meta(kind="update"):
     rank = {"rank": 2} if kind in ("factors", "adapter") else {}  # the schema requires what the stages read
-    return artifacts.provenance(kind, base_model={"id": "toy", "fingerprint": "f" * 16}, targets="all-linear",
-                                eta=1e-5, **rank)  # fmt: skip
+    return artifacts.provenance(
+        kind, base_model={"id": "toy", "fingerprint": "f" * 16}, targets="all-linear", eta=1e-5, **rank
+    )
 
 
 def test_round_trip_keeps_tensors_and_provenance(tmp_path):
-    tensors = {"a.weight": torch.tensor([[1, -1], [0, 1]], dtype=torch.int8), "b.weight": torch.ones(3, 2, dtype=torch.int8)}
+    tensors = {
+        "a.weight": torch.tensor([[1, -1], [0, 1]], dtype=torch.int8),
+        "b.weight": torch.ones(3, 2, dtype=torch.int8),
+    }
     artifacts.write_artifact(tmp_path / "u.safetensors", tensors, _meta())
     art = artifacts.Artifact(tmp_path / "u.safetensors", kinds=("update",))
     assert art.kind == "update" and art.meta["eta"] == 1e-5 and art.meta["base_model"]["id"] == "toy"
@@ -34,10 +38,9 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(NonFiniteError, match="'x'"):
         artifacts.write_artifact(tmp_path / "u.safetensors", {"x": torch.tensor([float("nan")])}, _meta())
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(tmp_path / "v.bin") as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), artifacts.atomic_path(tmp_path / "v.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -64,7 +67,9 @@ def test_a_read_only_output_folder_is_bad_input(tmp_path, monkeypatch):
 
 
 def _written(tmp_path):
-    return artifacts.write_artifact(tmp_path / "u.safetensors", {"w.weight": torch.ones(64, 64, dtype=torch.int8)}, _meta())
+    return artifacts.write_artifact(
+        tmp_path / "u.safetensors", {"w.weight": torch.ones(64, 64, dtype=torch.int8)}, _meta()
+    )
 
 
 def test_truncated_file_is_rejected(tmp_path):
@@ -108,7 +113,9 @@ def test_newer_format_version_is_refused(tmp_path):
 
 def test_nan_in_a_stored_tensor_is_caught_on_read(tmp_path):
     path = tmp_path / "f.safetensors"
-    save_file({"m.lora_R": torch.tensor([[float("inf")]])}, str(path), metadata={"lorasb": json.dumps(_meta("factors"))})
+    save_file(
+        {"m.lora_R": torch.tensor([[float("inf")]])}, str(path), metadata={"lorasb": json.dumps(_meta("factors"))}
+    )
     art = artifacts.Artifact(path, kinds=("factors",))
     with pytest.raises(NonFiniteError, match="m.lora_R"):
         art.get("m.lora_R")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import adapter, artifacts, estimate, evaluate, train
 from lorasb_cli.decompose import decompose
@@ -17,11 +17,29 @@ def chain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cls")
     model_dir = make_bert_dir(folder / "bert")
     data = write_jsonl(folder / "train.jsonl", CLASS_ROWS)
-    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(data), out=str(folder / "u.safetensors"),
-                                              samples=12, format="classification", seed=3))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(model_dir),
+            data=str(data),
+            out=str(folder / "u.safetensors"),
+            samples=12,
+            format="classification",
+            seed=3,
+        )
+    )
     decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
-    train.train(train.TrainConfig(model=str(model_dir), factors=str(folder / "f.safetensors"), data=str(data),
-                                  out=str(folder / "run"), max_steps=12, batch_size=6, lr=2e-2, save_steps=100))  # fmt: skip
+    train.train(
+        train.TrainConfig(
+            model=str(model_dir),
+            factors=str(folder / "f.safetensors"),
+            data=str(data),
+            out=str(folder / "run"),
+            max_steps=12,
+            batch_size=6,
+            lr=2e-2,
+            save_steps=100,
+        )
+    )
     return folder, model_dir, data
 
 
@@ -37,8 +55,11 @@ def test_update_and_factors_carry_the_head_g_was_computed_with(chain):
     assert torch.equal(factors.get("classifier.weight"), update.get("classifier.weight"))
     # The same seed draws the same head; another seed another one.
     again = folder / "again.safetensors"
-    estimate.estimate(estimate.EstimateConfig(model=str(chain[1]), data=str(chain[2]), out=str(again), samples=12,
-                                              format="classification", seed=3))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(chain[1]), data=str(chain[2]), out=str(again), samples=12, format="classification", seed=3
+        )
+    )
     assert torch.equal(artifacts.Artifact(again).get("classifier.weight"), update.get("classifier.weight"))
 
 
@@ -63,23 +84,31 @@ def test_merged_classifier_reproduces_the_adapter_logits(chain, tmp_path):
     assert loaded.config.id2label == {0: "crude", 1: "earn", 2: "trade"}
 
     cfg = evaluate.EvaluateConfig(model=str(model_dir), adapter=str(folder / "run"), task="classification", out="x")
-    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify",
-                                                   adapter.load_adapter(cfg.adapter))
-    batch = AutoTokenizer.from_pretrained(merged)(["oil oil the bank said", "profit the market"], padding=True,
-                                                    return_tensors="pt")  # fmt: skip
+    adapted, _tokenizer = evaluate.load_for_task(
+        cfg, evaluate.get_task("classification"), "classify", adapter.load_adapter(cfg.adapter)
+    )
+    batch = AutoTokenizer.from_pretrained(merged)(
+        ["oil oil the bank said", "profit the market"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
 
     data = write_jsonl(tmp_path / "test.jsonl", CLASS_ROWS)
-    result = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), task="classification", data=str(data),
-                                                       out=str(tmp_path / "r.json")))  # fmt: skip
+    result = evaluate.evaluate(
+        evaluate.EvaluateConfig(model=str(merged), task="classification", data=str(data), out=str(tmp_path / "r.json"))
+    )
     assert result.metrics["labels"] == ["crude", "earn", "trade"] and len(result.metrics["confusion_matrix"]) == 3
 
 
 def test_classification_with_a_causal_lm_names_the_auto_class(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", CLASS_ROWS)
-    config = estimate.EstimateConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "u.safetensors"),
-                                     samples=4, format="classification")  # fmt: skip
+    config = estimate.EstimateConfig(
+        model=str(tiny_model_dir),
+        data=str(data),
+        out=str(tmp_path / "u.safetensors"),
+        samples=4,
+        format="classification",
+    )
     with pytest.raises(BadInputError, match="AutoModelForSequenceClassification"):
         estimate.estimate(config)
 
@@ -87,7 +116,13 @@ def test_classification_with_a_causal_lm_names_the_auto_class(tiny_model_dir, tm
 def test_eval_labels_outside_the_trained_classes_are_refused(chain, tmp_path):
     folder, model_dir, data = chain
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "oil said", "label": "sports"}])
-    config = train.TrainConfig(model=str(model_dir), factors=str(folder / "f.safetensors"), data=str(data),
-                               eval_data=str(odd), out=str(tmp_path / "run"), max_steps=1)  # fmt: skip
+    config = train.TrainConfig(
+        model=str(model_dir),
+        factors=str(folder / "f.safetensors"),
+        data=str(data),
+        eval_data=str(odd),
+        out=str(tmp_path / "run"),
+        max_steps=1,
+    )
     with pytest.raises(BadInputError, match="labels sports are not among the model's classes"):
         train.train(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import compare
 from lorasb_cli.cli import main
@@ -15,8 +15,16 @@ PNG_MAGIC = b"\x89PNG"
 
 
 def _settings(tiny_model_dir, qa_file, **overrides):
-    return compare.Settings(model=str(tiny_model_dir), train_data=str(qa_file), eval_data=str(qa_file),
-                            task="perplexity", max_steps=2, batch_size=4, samples=4, **overrides)  # fmt: skip
+    return compare.Settings(
+        model=str(tiny_model_dir),
+        train_data=str(qa_file),
+        eval_data=str(qa_file),
+        task="perplexity",
+        max_steps=2,
+        batch_size=4,
+        samples=4,
+        **overrides,
+    )
 
 
 def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa_file, tmp_path):
@@ -27,13 +35,22 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
 
     rows = compare.aggregate(results)
     assert [(r["method"], r["rank"]) for r in rows] == [
-        ("lorasb", 2), ("lorasb", 4), ("lora-xs", 2), ("lora-xs", 4), ("lora", 2), ("full", None)
-    ]  # fmt: skip
+        ("lorasb", 2),
+        ("lorasb", 4),
+        ("lora-xs", 2),
+        ("lora-xs", 4),
+        ("lora", 2),
+        ("full", None),
+    ]
     assert all(r["seeds"] == 2 for r in rows)
     # Seeds differ (own estimate and init per seed), and the cheaper methods train fewer parameters.
     by = {(r["method"], r["rank"]): r for r in rows}
     assert by[("lorasb", 2)]["trainable_params"] == 2 * 2 * 7 * 2  # r² per module, 7 modules × 2 layers
-    assert by[("lorasb", 4)]["trainable_params"] < by[("lora", 2)]["trainable_params"] < by[("full", None)]["trainable_params"]
+    assert (
+        by[("lorasb", 4)]["trainable_params"]
+        < by[("lora", 2)]["trainable_params"]
+        < by[("full", None)]["trainable_params"]
+    )
     assert by[("full", None)]["lr"] == 1e-3 and by[("lora", 2)]["lr"] == 1e-2
     assert len(list((tmp_path / "updates").glob("*.safetensors"))) == 2  # one estimate per seed, shared
     text = report.read_text()
@@ -69,7 +86,9 @@ def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file
     assert len(first) == 2
 
     ran.clear()
-    monkeypatch.setattr(compare, "run_cell", lambda out, setup, cell: ran.append(cell.key) or real_run_cell(out, setup, cell))
+    monkeypatch.setattr(
+        compare, "run_cell", lambda out, setup, cell: ran.append(cell.key) or real_run_cell(out, setup, cell)
+    )
     results = compare.run_grid(tmp_path, settings, cells)
     assert ran == [c.key for c in cells[2:]]  # the killed cell and the ones after it; nothing finished reruns
     assert len(results) == len(cells)
@@ -79,8 +98,16 @@ def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file
 def test_classifier_grid_shares_the_estimates_head(tmp_path):
     model_dir = make_bert_dir(tmp_path / "bert")
     rows = write_jsonl(tmp_path / "cls.jsonl", CLASS_ROWS)
-    settings = compare.Settings(model=str(model_dir), train_data=str(rows), eval_data=str(rows), task="classification",
-                                max_steps=2, batch_size=6, samples=6, targets="query,value")  # fmt: skip
+    settings = compare.Settings(
+        model=str(model_dir),
+        train_data=str(rows),
+        eval_data=str(rows),
+        task="classification",
+        max_steps=2,
+        batch_size=6,
+        samples=6,
+        targets="query,value",
+    )
     cells = compare.grid(compare.parse_methods("lorasb,lora-xs,head", [2]), 1, compare.parse_lrs("1e-2"))
     results = compare.run_grid(tmp_path / "report", settings, cells)
     # Every method starts from the same head (the one the seed's estimate drew), so step-0 losses agree where
@@ -91,7 +118,12 @@ def test_classifier_grid_shares_the_estimates_head(tmp_path):
 
 
 def test_option_parsing():
-    assert compare.parse_methods("lorasb, lora:8/16 ,full", [32]) == [("lorasb", 32), ("lora", 8), ("lora", 16), ("full", None)]
+    assert compare.parse_methods("lorasb, lora:8/16 ,full", [32]) == [
+        ("lorasb", 32),
+        ("lora", 8),
+        ("lora", 16),
+        ("full", None),
+    ]
     lr = compare.parse_lrs("lorasb=2e-3,lora=2e-4,1e-3")
     assert (lr("lorasb"), lr("lora"), lr("dora")) == (2e-3, 2e-4, 1e-3)
     with pytest.raises(BadInputError, match="did you mean"):
@@ -105,8 +137,23 @@ def test_option_parsing():
 
 
 def test_cli_bad_method_is_one_line_exit_2(tiny_model_dir, qa_file, tmp_path, capsys):
-    args = ["compare", "--model", tiny_model_dir, "--data", qa_file, "--eval-data", qa_file, "--task", "perplexity",
-            "--methods", "lorra", "--ranks", "2", "-o", tmp_path / "r"]  # fmt: skip
+    args = [
+        "compare",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        qa_file,
+        "--eval-data",
+        qa_file,
+        "--task",
+        "perplexity",
+        "--methods",
+        "lorra",
+        "--ranks",
+        "2",
+        "-o",
+        tmp_path / "r",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])
     out, err = capsys.readouterr()

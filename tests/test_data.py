@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import QA_ROWS, make_tokenizer, write_jsonl
+from helpers import QA_ROWS, make_tokenizer, write_jsonl
 
 from lorasb_cli import data, templates
 from lorasb_cli.errors import BadInputError
@@ -111,7 +111,11 @@ def test_sampling_by_fraction_and_count():
     assert len(data.sample_indices(10, frac=0.001, samples=None, seed=0)) == 1  # rounded up, at least 1
     assert len(data.sample_indices(1001, frac=0.001, samples=None, seed=0)) == 2
     a = data.sample_indices(100, frac=None, samples=10, seed=1)
-    assert a == data.sample_indices(100, frac=None, samples=10, seed=1) != data.sample_indices(100, frac=None, samples=10, seed=2)
+    assert (
+        a
+        == data.sample_indices(100, frac=None, samples=10, seed=1)
+        != data.sample_indices(100, frac=None, samples=10, seed=2)
+    )
     assert len(set(a)) == 10 and all(0 <= i < 100 for i in a)
 
 
@@ -129,7 +133,7 @@ def test_samples_larger_than_split():
 def test_shards_are_disjoint_and_cover_the_sample():
     drawn = data.sample_indices(50, frac=None, samples=17, seed=0)
     parts = [data.take_shard(drawn, i, 3) for i in range(3)]
-    assert sorted(sum(parts, [])) == sorted(drawn) and sum(len(p) for p in parts) == 17
+    assert sorted(i for part in parts for i in part) == sorted(drawn) and sum(len(p) for p in parts) == 17
     assert data.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/0", "-1/2"):
         with pytest.raises(BadInputError, match="--shard"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASS_ROWS, QA_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, QA_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import adapter, cli, data, estimate, evaluate, models, train
 from lorasb_cli.decompose import decompose
@@ -37,8 +37,10 @@ def hub_style_folder(root, rows_by_config: dict[str, dict[str, list[dict]]]):
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
     other = [{"problem_text": "unused", "solution": "#### 0"}]
-    return hub_style_folder(tmp_path_factory.mktemp("hub") / "someone--gsm",
-                            {"main": {"train": RENAMED, "test": RENAMED[:4]}, "other": {"train": other}})  # fmt: skip
+    return hub_style_folder(
+        tmp_path_factory.mktemp("hub") / "someone--gsm",
+        {"main": {"train": RENAMED, "test": RENAMED[:4]}, "other": {"train": other}},
+    )
 
 
 def run(args, capsys) -> str:
@@ -67,8 +69,9 @@ def test_config_split_and_fields_pick_the_rows(hub_folder):
 def test_save_to_disk_folders_load_by_split(tmp_path):
     import datasets
 
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(QA_ROWS), "test": datasets.Dataset.from_list(QA_ROWS[:2])}
-                         ).save_to_disk(str(tmp_path / "saved"))  # fmt: skip
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(QA_ROWS), "test": datasets.Dataset.from_list(QA_ROWS[:2])}
+    ).save_to_disk(str(tmp_path / "saved"))
     assert len(data.load_dataset_rows(str(tmp_path / "saved"), "test").rows) == 2
     with pytest.raises(BadInputError, match="no split 'validation'"):
         data.load_dataset_rows(str(tmp_path / "saved"), "validation")
@@ -78,15 +81,40 @@ def test_estimate_train_evaluate_on_a_hub_style_data_set_with_config_and_renamed
     tiny_model_dir, hub_folder, tmp_path, capsys
 ):
     common = ["--data", hub_folder, "--data-config", "main", "--fields", "prompt=problem_text,response=solution"]
-    update = run(["estimate", "-m", tiny_model_dir, *common, "--samples", "8", "-o", tmp_path / "u.safetensors"], capsys)
+    update = run(
+        ["estimate", "-m", tiny_model_dir, *common, "--samples", "8", "-o", tmp_path / "u.safetensors"], capsys
+    )
     factors = run(["decompose", update, "--rank", "4", "-o", tmp_path / "f.safetensors"], capsys)
-    run_dir = run(["train", "-m", tiny_model_dir, "--factors", factors, *common, "--max-steps", "2", "-o",
-                   tmp_path / "run"], capsys)  # fmt: skip
+    run_dir = run(
+        ["train", "-m", tiny_model_dir, "--factors", factors, *common, "--max-steps", "2", "-o", tmp_path / "run"],
+        capsys,
+    )
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["data"]["config"] == "main" and config["data"]["template"] == "alpaca"
-    results = run(["evaluate", "-m", tiny_model_dir, "--adapter", run_dir, "--task", "gsm8k", "--data", hub_folder,
-                   "--data-config", "main", "--split", "test", "--fields", "question=problem_text,answer=solution",
-                   "--max-new-tokens", "4", "-o", tmp_path / "r.json"], capsys)  # fmt: skip
+    results = run(
+        [
+            "evaluate",
+            "-m",
+            tiny_model_dir,
+            "--adapter",
+            run_dir,
+            "--task",
+            "gsm8k",
+            "--data",
+            hub_folder,
+            "--data-config",
+            "main",
+            "--split",
+            "test",
+            "--fields",
+            "question=problem_text,answer=solution",
+            "--max-new-tokens",
+            "4",
+            "-o",
+            tmp_path / "r.json",
+        ],
+        capsys,
+    )
     scored = json.loads(Path(results).read_text())
     assert scored["count"] == 4 and scored["template"] == "alpaca"
     assert {"strict_accuracy", "flexible_accuracy"} <= set(scored["metrics"])
@@ -99,8 +127,9 @@ def test_estimate_reads_only_the_rows_it_draws(tiny_model_dir, tmp_path, monkeyp
     read: list[int] = []
     get = data.JsonLines.__getitem__
     monkeypatch.setattr(data.JsonLines, "__getitem__", lambda self, i: read.append(i) or get(self, i))
-    estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(path), out=str(tmp_path / "u"),
-                                              frac=0.001))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(model=str(tiny_model_dir), data=str(path), out=str(tmp_path / "u"), frac=0.001)
+    )
     drawn = set(data.sample_indices(3000, frac=0.001, samples=None, seed=0))
     assert len(drawn) == 3 and drawn <= set(read) <= drawn | {0}  # row 0 tells the fields
     assert len(read) <= len(drawn) + 4
@@ -111,8 +140,16 @@ def test_train_tokenizes_rows_as_the_loader_reads_them(tiny_model_dir, factors_f
     encoded: list[str] = []
     call = data.Encoder.__call__
     monkeypatch.setattr(data.Encoder, "__call__", lambda self, row: encoded.append(row["question"]) or call(self, row))
-    train.train(train.TrainConfig(model=str(tiny_model_dir), factors=str(factors_file), data=str(rows),
-                                  out=str(tmp_path / "run"), max_steps=1, batch_size=2))  # fmt: skip
+    train.train(
+        train.TrainConfig(
+            model=str(tiny_model_dir),
+            factors=str(factors_file),
+            data=str(rows),
+            out=str(tmp_path / "run"),
+            max_steps=1,
+            batch_size=2,
+        )
+    )
     # the step-0 probe (the first 64 rows) and the batch of two (accelerate's loader reads one batch ahead), not
     # all 240 rows up front
     assert 64 + 2 <= len(encoded) <= 64 + 4
@@ -120,10 +157,20 @@ def test_train_tokenizes_rows_as_the_loader_reads_them(tiny_model_dir, factors_f
 
 STS_ROWS = [
     {"sentence1": f"{a} the {v} said", "sentence2": f"{b} the {v} said", "label": 5.0 if a == b else 0.4 * i}
-    for i, (a, b) in enumerate([("oil", "oil"), ("oil", "barrel"), ("profit", "dividend"), ("tariff", "tariff"),
-                                ("export", "oil"), ("bank", "bank"), ("dividend", "export"), ("barrel", "barrel")])
+    for i, (a, b) in enumerate(
+        [
+            ("oil", "oil"),
+            ("oil", "barrel"),
+            ("profit", "dividend"),
+            ("tariff", "tariff"),
+            ("export", "oil"),
+            ("bank", "bank"),
+            ("dividend", "export"),
+            ("barrel", "barrel"),
+        ]
+    )
     for v in ("company", "market")
-]  # fmt: skip
+]
 
 
 def test_float_labels_are_regression(tmp_path):
@@ -137,8 +184,9 @@ def test_float_labels_are_regression(tmp_path):
 def test_regression_gradient_is_the_sum_of_per_sample_mse_gradients(tmp_path):
     """G through the MSE of a one-output head equals autograd of HF's own regression loss, sample by sample."""
     ref = models.resolve_model(str(make_bert_dir(tmp_path / "bert")))
-    model, tokenizer = models.load_for_labels(ref, data.REGRESSION_LABELS, dtype=torch.float32,
-                                              device=torch.device("cpu"), seed=0)  # fmt: skip
+    model, tokenizer = models.load_for_labels(
+        ref, data.REGRESSION_LABELS, dtype=torch.float32, device=torch.device("cpu"), seed=0
+    )
     examples = data.encode(STS_ROWS, "regression", tokenizer, 32, data.REGRESSION_LABELS)
     modules = models.resolve_targets(model, "all-linear")
     named = dict(model.named_modules())
@@ -159,11 +207,19 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
 
     model_dir = make_bert_dir(tmp_path / "bert")
     rows = write_jsonl(tmp_path / "sts.jsonl", STS_ROWS)
-    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(rows), out=str(tmp_path / "u"),
-                                              samples=8))  # fmt: skip
+    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(rows), out=str(tmp_path / "u"), samples=8))
     decompose(str(tmp_path / "u"), 4, str(tmp_path / "f"))
-    summary = train.train(train.TrainConfig(model=str(model_dir), factors=str(tmp_path / "f"), data=str(rows),
-                                            out=str(tmp_path / "run"), max_steps=30, batch_size=8, lr=2e-2))  # fmt: skip
+    summary = train.train(
+        train.TrainConfig(
+            model=str(model_dir),
+            factors=str(tmp_path / "f"),
+            data=str(rows),
+            out=str(tmp_path / "run"),
+            max_steps=30,
+            batch_size=8,
+            lr=2e-2,
+        )
+    )
     assert summary.final_train_loss < summary.step0_init_loss  # MSE goes down
     trained = adapter.load_adapter(tmp_path / "run")
     assert trained.config["labels"] == ["score"] and trained.extra["classifier.weight"].shape == (1, 32)
@@ -171,9 +227,14 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(merged)
     assert loaded.config.num_labels == 1 and loaded.config.problem_type == "regression"
     for model in (str(merged), str(model_dir)):
-        scored = evaluate.evaluate(evaluate.EvaluateConfig(
-            model=model, adapter=None if model == str(merged) else str(tmp_path / "run"), task="glue-stsb",
-            data=str(rows), out=str(tmp_path / "r.json"),
-        ))  # fmt: skip
+        scored = evaluate.evaluate(
+            evaluate.EvaluateConfig(
+                model=model,
+                adapter=None if model == str(merged) else str(tmp_path / "run"),
+                task="glue-stsb",
+                data=str(rows),
+                out=str(tmp_path / "r.json"),
+            )
+        )
         assert scored.count == len(STS_ROWS) and -1 <= scored.metrics["pearson"] <= 1
         assert isinstance(scored.metrics["spearman"], float)

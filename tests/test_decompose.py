@@ -45,9 +45,17 @@ def test_exact_svd_reaches_the_optimum():
 
 def _write_update(path, tensors: dict[str, torch.Tensor], eta: float = 2e-5):
     meta = artifacts.provenance(
-        "update", base_model={"id": "toy", "fingerprint": "0" * 16}, targets="all-linear", method="lorasb",
-        data={"source": "toy"}, samples=4, tokens=40, seed=0, eta=eta, dtype="float32",
-    )  # fmt: skip
+        "update",
+        base_model={"id": "toy", "fingerprint": "0" * 16},
+        targets="all-linear",
+        method="lorasb",
+        data={"source": "toy"},
+        samples=4,
+        tokens=40,
+        seed=0,
+        eta=eta,
+        dtype="float32",
+    )
     return artifacts.write_artifact(path, {k: v.to(torch.int8) for k, v in tensors.items()}, meta)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_ROWS, make_llama, save_model, write_jsonl
+from helpers import QA_ROWS, make_llama, save_model, write_jsonl
 
 from lorasb_cli import adapter, artifacts, cli, console, data, estimate, models, train
 
@@ -56,8 +56,9 @@ def test_combine_shards_estimated_on_two_machines(tiny_model_dir, qa_file, tmp_p
     parts = []
     for i, host in enumerate(("host-a", "host-b")):
         model, rows = _machine(tmp_path / host, tiny_model_dir, qa_file)
-        status, out, err = run(_estimate_args(model, rows, tmp_path / host / f"part{i}.safetensors", "--raw",
-                                              "--shard", f"{i}/2"), capsys)  # fmt: skip
+        status, out, err = run(
+            _estimate_args(model, rows, tmp_path / host / f"part{i}.safetensors", "--raw", "--shard", f"{i}/2"), capsys
+        )
         assert status == 0, err
         parts.append(out.strip())
     metas = [artifacts.Artifact(p).meta for p in parts]
@@ -78,26 +79,32 @@ def test_combine_shards_estimated_on_two_machines(tiny_model_dir, qa_file, tmp_p
 
     # Same architecture, other random weights: the fingerprint agrees, the weights do not.
     other = save_model(*make_llama(seed=1), tmp_path / "host-b" / "models" / "other-llama")
-    status, out, err = run(_estimate_args(other, qa_file, tmp_path / "other.safetensors", "--raw", "--shard", "1/2"),
-                           capsys)  # fmt: skip
+    status, out, err = run(
+        _estimate_args(other, qa_file, tmp_path / "other.safetensors", "--raw", "--shard", "1/2"), capsys
+    )
     assert status == 0, err
     other_meta = artifacts.Artifact(out.strip()).meta["base_model"]
     assert other_meta["fingerprint"] == metas[0]["base_model"]["fingerprint"]
     assert other_meta["weights_digest"] != metas[0]["base_model"]["weights_digest"]
-    status, out, err = run(["combine", parts[0], tmp_path / "other.safetensors", "-o", tmp_path / "x.safetensors"],
-                           capsys)  # fmt: skip
+    status, out, err = run(
+        ["combine", parts[0], tmp_path / "other.safetensors", "-o", tmp_path / "x.safetensors"], capsys
+    )
     assert (status, out) == (2, "") and err.startswith("Error: shards differ in base model weights"), err
     assert err.count("\n") == 1
 
     # Same file name, other rows: a different sampling.
     (tmp_path / "host-c").mkdir()
-    edited = write_jsonl(tmp_path / "host-c" / "qa.jsonl",
-                         [*QA_ROWS[:-1], {"question": "What is 0 plus 0?", "answer": "0 plus 0 is 0. #### 0"}])
-    status, _, err = run(_estimate_args(tiny_model_dir, edited, tmp_path / "edited.safetensors", "--raw", "--shard",
-                                        "1/2"), capsys)  # fmt: skip
+    edited = write_jsonl(
+        tmp_path / "host-c" / "qa.jsonl",
+        [*QA_ROWS[:-1], {"question": "What is 0 plus 0?", "answer": "0 plus 0 is 0. #### 0"}],
+    )
+    status, _, err = run(
+        _estimate_args(tiny_model_dir, edited, tmp_path / "edited.safetensors", "--raw", "--shard", "1/2"), capsys
+    )
     assert status == 0, err
-    status, _, err = run(["combine", parts[0], tmp_path / "edited.safetensors", "-o", tmp_path / "x.safetensors"],
-                         capsys)  # fmt: skip
+    status, _, err = run(
+        ["combine", parts[0], tmp_path / "edited.safetensors", "-o", tmp_path / "x.safetensors"], capsys
+    )
     assert status == 2 and "different samplings (data digest" in err, err
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -116,8 +123,10 @@ def test_data_digest_is_of_the_rows_not_the_path(qa_file, tmp_path):
         here, there = (data.load_dataset_rows(str(tmp_path / host / name)) for host in ("a", "b"))
         assert here.source != there.source and here.digest == there.digest, name
     # A folder holds Arrow rows: saved and hub-style folders of the same rows agree with each other too.
-    assert data.load_dataset_rows(str(tmp_path / "a" / "saved")).digest == data.load_dataset_rows(
-        str(tmp_path / "a" / "hub")).digest  # fmt: skip
+    assert (
+        data.load_dataset_rows(str(tmp_path / "a" / "saved")).digest
+        == data.load_dataset_rows(str(tmp_path / "a" / "hub")).digest
+    )
     rows[3] = {**rows[3], "answer": rows[3]["answer"].replace("15", "16")}
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "c" / "saved"))
     assert data.load_dataset_rows(str(tmp_path / "c" / "saved")).digest != here.digest
@@ -135,8 +144,9 @@ def test_weights_digest_reads_content_not_path(tiny_model_dir, tmp_path):
     assert models.weights_digest(models.ModelRef(id="nobody/not-cached", path="nobody/not-cached")) is None
 
 
-def test_single_process_stages_run_on_global_rank_0_only(tiny_model_dir, qa_file, tmp_path, capsys, monkeypatch,
-                                                         console_state):  # fmt: skip
+def test_single_process_stages_run_on_global_rank_0_only(
+    tiny_model_dir, qa_file, tmp_path, capsys, monkeypatch, console_state
+):
     """Under a launcher's environment (RANK, WORLD_SIZE) a stage that does not join the job runs on rank 0 alone."""
     update = tmp_path / "u.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(update), samples=4))
@@ -144,25 +154,59 @@ def test_single_process_stages_run_on_global_rank_0_only(tiny_model_dir, qa_file
     capsys.readouterr()  # what estimate logged
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    for args in (["decompose", update, "--rank", "2", "-o", tmp_path / "f.safetensors"], ["inspect", update],
-                 ["combine", update, "-o", tmp_path / "c.safetensors"]):  # fmt: skip
+    for args in (
+        ["decompose", update, "--rank", "2", "-o", tmp_path / "f.safetensors"],
+        ["inspect", update],
+        ["combine", update, "-o", tmp_path / "c.safetensors"],
+    ):
         assert run(args, capsys) == (0, "", "") and set(tmp_path.iterdir()) == before, args
     # A stage that joins the job reports its errors with the rank.
-    status, out, err = run(["train", "-m", tiny_model_dir, "-d", qa_file, "--method", "lora", "--rank", "2",
-                            "--lr", "-1", "-o", tmp_path / "run"], capsys)  # fmt: skip
+    status, out, err = run(
+        [
+            "train",
+            "-m",
+            tiny_model_dir,
+            "-d",
+            qa_file,
+            "--method",
+            "lora",
+            "--rank",
+            "2",
+            "--lr",
+            "-1",
+            "-o",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert (status, out) == (2, "") and err == "[rank 1] Error: --lr -1.0 must be positive\n"
 
     monkeypatch.setenv("RANK", "0")
     status, out, err = run(["decompose", update, "--rank", "2", "-q", "-o", tmp_path / "f.safetensors"], capsys)
     assert (status, out) == (0, f"{tmp_path / 'f.safetensors'}\n"), err
     assert artifacts.Artifact(tmp_path / "f.safetensors").meta["rank"] == 2
-    status, out, err = run(["compare", "-m", tiny_model_dir, "-d", qa_file, "-t", "gsm8k", "--methods", "lora:2",
-                            "-o", tmp_path / "report"], capsys)  # fmt: skip
+    status, out, err = run(
+        [
+            "compare",
+            "-m",
+            tiny_model_dir,
+            "-d",
+            qa_file,
+            "-t",
+            "gsm8k",
+            "--methods",
+            "lora:2",
+            "-o",
+            tmp_path / "report",
+        ],
+        capsys,
+    )
     assert (status, out) == (2, "") and err.startswith("Error: lorasb compare runs its cells one process each"), err
 
 
-def test_fsdp_and_deepspeed_are_refused_in_one_line(tiny_model_dir, qa_file, factors_file, tmp_path, capsys,
-                                                    monkeypatch, console_state):  # fmt: skip
+def test_fsdp_and_deepspeed_are_refused_in_one_line(
+    tiny_model_dir, qa_file, factors_file, tmp_path, capsys, monkeypatch, console_state
+):
     args = ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "-q", "-o", tmp_path / "run"]
     for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         monkeypatch.setenv(variable, "true")
@@ -196,10 +240,27 @@ def test_accelerate_launch_with_fsdp_is_refused_on_every_rank(tiny_model_dir, qa
     """accelerate's FSDP plugin needs GPU process groups (on CPU it would silently run DDP): refused up front."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     cmd = [
-        "accelerate", "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--main_process_port",
-        str(_free_ports(1)), "-m", "lorasb_cli", "train", "-m", str(tiny_model_dir), "-f", str(factors_file), "-d",
-        str(qa_file), "-o", str(tmp_path / "run"),
-    ]  # fmt: skip
+        "accelerate",
+        "launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_ports(1)),
+        "-m",
+        "lorasb_cli",
+        "train",
+        "-m",
+        str(tiny_model_dir),
+        "-f",
+        str(factors_file),
+        "-d",
+        str(qa_file),
+        "-o",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and done.stdout == ""
     # The first rank to fail ends the job (torchrun stops the others), so one or both ranks print the line.
@@ -213,7 +274,7 @@ def test_accelerate_launch_with_fsdp_is_refused_on_every_rank(tiny_model_dir, qa
 # LORASB_AUDIT_ROOT (files opened for writing, renames, folders made) with the process's RANK. It sees what Python
 # opens and renames, which is every write lorasb makes (artifacts.atomic_path: mkstemp + os.replace; open for
 # JSON and PNG); files that torch.save or safetensors open from C++ are not seen.
-AUDIT_HOOK = '''
+AUDIT_HOOK = """
 import json, os, sys
 
 _root, _log = os.environ.get("LORASB_AUDIT_ROOT"), os.environ.get("LORASB_AUDIT_LOG")
@@ -241,16 +302,25 @@ if _root and _log:
         _out.write(json.dumps(record) + "\\n")
 
     sys.addaudithook(_hook)
-'''
+"""
 
 STEPS, LR = 3, 1e-2
 
 
 def _train_reference(tiny_model_dir, qa_file, out, **overrides) -> Path:
     """One process, the batch of both ranks together (here the whole data set, so sample order cannot matter)."""
-    config = train.TrainConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(out), batch_size=len(QA_ROWS),
-                               max_steps=STEPS, lr=LR, dtype="float64", scheduler="constant", save_steps=2,
-                               **overrides)  # fmt: skip
+    config = train.TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(qa_file),
+        out=str(out),
+        batch_size=len(QA_ROWS),
+        max_steps=STEPS,
+        lr=LR,
+        dtype="float64",
+        scheduler="constant",
+        save_steps=2,
+        **overrides,
+    )
     return train.train(config).path
 
 
@@ -277,12 +347,26 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
     (hooks / "sitecustomize.py").write_text(AUDIT_HOOK)
     python_path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
     env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": python_path,
-        "OMP_NUM_THREADS": "1", "LORASB_AUDIT_ROOT": f"{out}{os.sep}", "LORASB_AUDIT_LOG": str(logs),
-        "MODEL": str(tiny_model_dir), "DATA": str(qa_file), "OUT": str(out), "NPROC": "2", "PORT": str(_free_ports(4)),
-        "SAMPLES": "8", "RANK_R": "4", "LORA_RANK": "4", "BATCH": str(len(QA_ROWS) // 2), "STEPS": str(STEPS),
-        "LR": str(LR), "DTYPE": "float64", "TRAIN_ARGS": "--scheduler constant --save-steps 2",
-    }  # fmt: skip
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": python_path,
+        "OMP_NUM_THREADS": "1",
+        "LORASB_AUDIT_ROOT": f"{out}{os.sep}",
+        "LORASB_AUDIT_LOG": str(logs),
+        "MODEL": str(tiny_model_dir),
+        "DATA": str(qa_file),
+        "OUT": str(out),
+        "NPROC": "2",
+        "PORT": str(_free_ports(4)),
+        "SAMPLES": "8",
+        "RANK_R": "4",
+        "LORA_RANK": "4",
+        "BATCH": str(len(QA_ROWS) // 2),
+        "STEPS": str(STEPS),
+        "LR": str(LR),
+        "DTYPE": "float64",
+        "TRAIN_ARGS": "--scheduler constant --save-steps 2",
+    }
     done = subprocess.run(["bash", str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     names = ["update.safetensors", "factors.safetensors", "lorasb-torchrun", "lorasb-accelerate", "lora-torchrun"]
@@ -295,17 +379,22 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
     assert [e for e in events if e["rank"] not in ("0", "-") and e["event"] != "os.mkdir"] == []
     placed = collections.Counter((e["rank"], e["paths"][1]) for e in events if e["event"] == "os.rename")
     expected = {("0", str(out / "update.safetensors")), ("-", str(out / "factors.safetensors"))} | {
-        ("0", str(out / run / file)) for run in names[2:]
+        ("0", str(out / run / file))
+        for run in names[2:]
         for file in ("adapter.safetensors", "adapter_config.json", "metrics.json", "loss.png")
-    }  # fmt: skip
+    }
     assert {key: placed[key] for key in expected} == dict.fromkeys(expected, 1)
-    assert sum(count for (_, path), count in placed.items() if Path(path).parent in (out, *(out / n for n in names)))\
-        == len(expected)  # fmt: skip
+    assert sum(
+        count for (_, path), count in placed.items() if Path(path).parent in (out, *(out / n for n in names))
+    ) == len(expected)
 
     # The numbers, against one process.
     single = tmp_path / "single.safetensors"
-    estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(single),
-                                              samples=8, dtype="float64"))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(tiny_model_dir), data=str(qa_file), out=str(single), samples=8, dtype="float64"
+        )
+    )
     two, one = artifacts.Artifact(out / "update.safetensors"), artifacts.Artifact(single)
     assert two.meta["samples"] == 8 and two.names == one.names
     for name in one.names:
@@ -314,8 +403,9 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
     reference = _train_reference(tiny_model_dir, qa_file, tmp_path / "lorasb-one", factors=factors_path)
     _assert_same_training(out / "lorasb-torchrun", reference)
     _assert_same_training(out / "lorasb-accelerate", reference)
-    _assert_same_training(out / "lora-torchrun",
-                          _train_reference(tiny_model_dir, qa_file, tmp_path / "lora-one", method="lora", rank=4))
+    _assert_same_training(
+        out / "lora-torchrun", _train_reference(tiny_model_dir, qa_file, tmp_path / "lora-one", method="lora", rank=4)
+    )
     # Provenance carries the checkpoint's identity through every stage.
     digest = models.weights_digest(models.resolve_model(str(tiny_model_dir)))
     factors = artifacts.Artifact(out / "factors.safetensors").meta

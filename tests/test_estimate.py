@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import QA_ROWS, make_llama
+from helpers import QA_ROWS, make_llama
 
 from lorasb_cli import artifacts, data, estimate, models
 from lorasb_cli.errors import IncompatibleArtifactError, NonFiniteError
@@ -84,7 +84,7 @@ def test_per_sample_loss_ignores_padding_and_counts_unsupervised_as_zero():
 
 def test_sign_update_is_minus_sign_of_g():
     g = torch.tensor([[0.5, -2.0], [0.0, 1e-30]])
-    (name, update), = estimate.sign_update({"m": g}).items()
+    ((name, update),) = estimate.sign_update({"m": g}).items()
     assert name == "m.weight" and update.dtype == torch.int8
     assert update.tolist() == [[-1, 1], [0, -1]]
 
@@ -95,8 +95,9 @@ def test_non_finite_gradient_names_the_module():
     modules = models.resolve_targets(model, "all-linear")
     with pytest.raises(NonFiniteError) as excinfo:
         estimate.sum_gradients(model, modules, data.make_batches(_examples(tokenizer), 4, tokenizer.pad_token_id))
-    assert re.fullmatch(r"NaN/Inf in the gradient of model\.layers\.\d\.\S+ — run with --dtype float32.*",
-                        excinfo.value.one_line())
+    assert re.fullmatch(
+        r"NaN/Inf in the gradient of model\.layers\.\d\.\S+ — run with --dtype float32.*", excinfo.value.one_line()
+    )
 
 
 def _run(model_dir, qa_file, out, **overrides):
@@ -169,11 +170,29 @@ def test_torchrun_two_processes_equal_one(tiny_model_dir, qa_file, tmp_path):
     two = tmp_path / "two.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-        "-m", "lorasb_cli", "estimate", "-m", str(tiny_model_dir), "-d", str(qa_file), "--samples", "8",
-        "--dtype", "float64", "-q", "-o", str(two),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "lorasb_cli",
+        "estimate",
+        "-m",
+        str(tiny_model_dir),
+        "-d",
+        str(qa_file),
+        "--samples",
+        "8",
+        "--dtype",
+        "float64",
+        "-q",
+        "-o",
+        str(two),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = artifacts.Artifact(single), artifacts.Artifact(two)
     assert b.meta["samples"] == 8
@@ -205,7 +224,7 @@ def test_fingerprint_depends_on_names_and_shapes():
     c, _ = make_llama(hidden=32)
     fp = {
         k: models.fingerprint(models.target_shapes(m, models.resolve_targets(m, "all-linear")))
-        for k, m in dict(a=a, b=b, c=c).items()
+        for k, m in {"a": a, "b": b, "c": c}.items()
     }
     assert fp["a"] == fp["b"] != fp["c"]
 
@@ -249,8 +268,9 @@ def test_bfloat16_accumulators_keep_the_sign_wherever_g_is_clear_of_rounding():
     per_batch = [estimate.sum_gradients(model, modules, [b]).sums for b in data.make_batches(examples, 1, 0)]
     assert len(per_batch) == 12  # twelve roundings into the running sum
     g32 = estimate.sum_gradients(model, modules, data.make_batches(examples, 1, 0)).sums
-    g16 = estimate.sum_gradients(model, modules, data.make_batches(examples, 1, 0),
-                                 accumulate_dtype=torch.bfloat16).sums  # fmt: skip
+    g16 = estimate.sum_gradients(
+        model, modules, data.make_batches(examples, 1, 0), accumulate_dtype=torch.bfloat16
+    ).sums
     clear = total = 0
     for name in modules:
         assert g16[name].dtype == torch.bfloat16 and g32[name].dtype == torch.float32
@@ -268,8 +288,14 @@ def test_bfloat16_accumulators_keep_the_sign_wherever_g_is_clear_of_rounding():
 
 def test_accumulators_on_the_model_device_and_dtype_reach_the_artifact(tiny_model_dir, qa_file, tmp_path):
     base = _run(tiny_model_dir, qa_file, tmp_path / "f32.safetensors", raw=True)
-    half = _run(tiny_model_dir, qa_file, tmp_path / "bf16.safetensors", raw=True, accumulate_dtype="bfloat16",
-                accumulate_on="cpu")  # fmt: skip
+    half = _run(
+        tiny_model_dir,
+        qa_file,
+        tmp_path / "bf16.safetensors",
+        raw=True,
+        accumulate_dtype="bfloat16",
+        accumulate_on="cpu",
+    )
     assert (base.accumulate_dtype, half.accumulate_dtype) == ("float32", "bfloat16")
     a, b = (artifacts.Artifact(tmp_path / f, kinds=("update-raw",)) for f in ("f32.safetensors", "bf16.safetensors"))
     for name in a.names:

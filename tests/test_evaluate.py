@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, write_jsonl
 
 from lorasb_cli import adapter, artifacts, evaluate
 from lorasb_cli.errors import BadInputError
@@ -56,9 +56,14 @@ def test_scripted_generator_gives_exact_accuracy(tmp_path):
     assert [r["correct"] for r in lines] == [True, True, False, False]
     assert [r["correct/flexible"] for r in lines] == [True, True, False, True]
     assert lines[1] | {"input": None} == {
-        "input": None, "reference": "1165", "output": outputs[1], "extracted": "1165", "correct": True,
-        "extracted/flexible": "1165", "correct/flexible": True,
-    }  # fmt: skip
+        "input": None,
+        "reference": "1165",
+        "output": outputs[1],
+        "extracted": "1165",
+        "correct": True,
+        "extracted/flexible": "1165",
+        "correct/flexible": True,
+    }
 
 
 def test_loglik_scoring_picks_the_likeliest_option(tmp_path):
@@ -67,8 +72,9 @@ def test_loglik_scoring_picks_the_likeliest_option(tmp_path):
         {"instruction": "Is fire cold?\n\nAnswer format: true/false", "answer": "false", "task": "boolq"},
     ]
     data = write_jsonl(tmp_path / "cs.jsonl", rows)
-    config = evaluate.EvaluateConfig(model="x", task="commonsense", data=str(data), out=str(tmp_path / "r.json"),
-                                     scoring="loglik")  # fmt: skip
+    config = evaluate.EvaluateConfig(
+        model="x", task="commonsense", data=str(data), out=str(tmp_path / "r.json"), scoring="loglik"
+    )
     summary = evaluate.evaluate(config, answerer=ScriptedAnswerer(scores={"true": -1.0, "false": -2.0}))
     assert summary.metrics["accuracy"] == 0.5
 
@@ -78,14 +84,17 @@ def test_unknown_task_and_missing_fields(tmp_path):
         evaluate.evaluate(evaluate.EvaluateConfig(model="x", task="gsm8kk", out=str(tmp_path / "r.json")))
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
     with pytest.raises(BadInputError, match="needs the fields question, answer; the data lacks question, answer"):
-        evaluate.evaluate(evaluate.EvaluateConfig(model="x", task="gsm8k", data=str(data), out=str(tmp_path / "r.json")))
+        evaluate.evaluate(
+            evaluate.EvaluateConfig(model="x", task="gsm8k", data=str(data), out=str(tmp_path / "r.json"))
+        )
     assert not (tmp_path / "r.json").exists()
 
 
 def test_classification_task_on_a_causal_lm_names_the_auto_class(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": "good", "label": "pos"}])
-    config = evaluate.EvaluateConfig(model=str(tiny_model_dir), task="classification", data=str(data),
-                                     out=str(tmp_path / "r.json"))  # fmt: skip
+    config = evaluate.EvaluateConfig(
+        model=str(tiny_model_dir), task="classification", data=str(data), out=str(tmp_path / "r.json")
+    )
     with pytest.raises(BadInputError, match="AutoModelForSequenceClassification"):
         evaluate.evaluate(config)
 
@@ -98,49 +107,70 @@ def trained_like_adapter(factors_file, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     tensors = {}
     for module, (lora_B, _, lora_A) in loaded.factors.items():
-        tensors |= {f"{module}.lora_B": lora_B, f"{module}.lora_R": torch.randn(4, 4, generator=generator) * 2,
-                    f"{module}.lora_A": lora_A}  # fmt: skip
-    config = {"base_model": loaded.config["base_model"], "targets": "all-linear", "rank": 4, "scale": 1.0,
-              "method": "lorasb"}  # fmt: skip
+        tensors |= {
+            f"{module}.lora_B": lora_B,
+            f"{module}.lora_R": torch.randn(4, 4, generator=generator) * 2,
+            f"{module}.lora_A": lora_A,
+        }
+    config = {
+        "base_model": loaded.config["base_model"],
+        "targets": "all-linear",
+        "rank": 4,
+        "scale": 1.0,
+        "method": "lorasb",
+    }
     return adapter.save_adapter(folder / "run", tensors, config)
 
 
 def test_adapter_and_merged_model_give_identical_predictions(tiny_model_dir, trained_like_adapter, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:6])
     merged = merge(str(trained_like_adapter), str(tmp_path / "merged"))
-    common = dict(task="gsm8k", data=str(data), max_new_tokens=6, batch_size=4, dtype="float32")
-    unmerged = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), adapter=str(trained_like_adapter),
-                                                         out=str(tmp_path / "a.json"), **common))  # fmt: skip
+    common = {"task": "gsm8k", "data": str(data), "max_new_tokens": 6, "batch_size": 4, "dtype": "float32"}
+    unmerged = evaluate.evaluate(
+        evaluate.EvaluateConfig(
+            model=str(tiny_model_dir), adapter=str(trained_like_adapter), out=str(tmp_path / "a.json"), **common
+        )
+    )
     folded = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), out=str(tmp_path / "m.json"), **common))
     base = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), out=str(tmp_path / "b.json"), **common))
-    read = lambda p: [json.loads(x)["output"] for x in p.read_text().splitlines()]  # noqa: E731
+    read = lambda p: [json.loads(x)["output"] for x in p.read_text().splitlines()]
     assert read(unmerged.predictions) == read(folded.predictions)
     assert read(unmerged.predictions) != read(base.predictions)  # the adapter changes the model
     assert all(len(o) > 0 for o in read(unmerged.predictions))
 
-    perplexity = dict(task="perplexity", data=str(data), dtype="float32")
-    a = evaluate.evaluate(evaluate.EvaluateConfig(model=str(tiny_model_dir), adapter=str(trained_like_adapter),
-                                                  out=str(tmp_path / "pa.json"), **perplexity))  # fmt: skip
+    perplexity = {"task": "perplexity", "data": str(data), "dtype": "float32"}
+    a = evaluate.evaluate(
+        evaluate.EvaluateConfig(
+            model=str(tiny_model_dir), adapter=str(trained_like_adapter), out=str(tmp_path / "pa.json"), **perplexity
+        )
+    )
     m = evaluate.evaluate(evaluate.EvaluateConfig(model=str(merged), out=str(tmp_path / "pm.json"), **perplexity))
     assert a.metrics["loss"] == pytest.approx(m.metrics["loss"], abs=1e-5)
 
 
 def test_adapter_for_another_model_is_refused(trained_like_adapter, tmp_path):
-    from conftest import make_llama, save_model
+    from helpers import make_llama, save_model
 
     other = save_model(*make_llama(hidden=32), tmp_path / "other")
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:2])
     from lorasb_cli.errors import IncompatibleArtifactError
 
     with pytest.raises(IncompatibleArtifactError, match="are for a"):
-        evaluate.evaluate(evaluate.EvaluateConfig(model=str(other), adapter=str(trained_like_adapter), task="gsm8k",
-                                                  data=str(data), out=str(tmp_path / "r.json")))  # fmt: skip
+        evaluate.evaluate(
+            evaluate.EvaluateConfig(
+                model=str(other),
+                adapter=str(trained_like_adapter),
+                task="gsm8k",
+                data=str(data),
+                out=str(tmp_path / "r.json"),
+            )
+        )
 
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
     """A tiny BERT with a two-class head, saved as a sequence classifier."""
-    from conftest import make_bert_dir
+    from helpers import make_bert_dir
     from transformers import AutoModelForSequenceClassification
 
     path = make_bert_dir(tmp_path_factory.mktemp("bert-cls"))
@@ -156,8 +186,9 @@ def test_every_task_family_runs_from_the_cli_on_local_files(tiny_model_dir, tiny
     files = {
         "gsm8k": GSM_ROWS,
         "math": [{"problem": "What is $1/2 + 1/4$?", "solution": "It is $\\boxed{\\frac{3}{4}}$."}],
-        "commonsense": [{"instruction": "Is water wet?\n\nAnswer format: true/false", "answer": "true",
-                         "task": "boolq"}],  # fmt: skip
+        "commonsense": [
+            {"instruction": "Is water wet?\n\nAnswer format: true/false", "answer": "true", "task": "boolq"}
+        ],
         "perplexity": QA_ROWS[:3],
         "classification": [{"text": "oil oil said", "label": "crude"}, {"text": "profit said", "label": "earn"}],
         "glue-sst2": [{"sentence": "profit the market", "label": 1}, {"sentence": "oil said", "label": 0}],
@@ -169,8 +200,22 @@ def test_every_task_family_runs_from_the_cli_on_local_files(tiny_model_dir, tiny
         model = tiny_classifier if task.startswith(("glue", "classification")) else tiny_model_dir
         out = tmp_path / f"{task}.json"
         with pytest.raises(SystemExit) as excinfo:
-            cli.main(["evaluate", "-m", str(model), "--task", task, "--data", str(data), "--max-new-tokens", "4",
-                      "-q", "-o", str(out)])  # fmt: skip
+            cli.main(
+                [
+                    "evaluate",
+                    "-m",
+                    str(model),
+                    "--task",
+                    task,
+                    "--data",
+                    str(data),
+                    "--max-new-tokens",
+                    "4",
+                    "-q",
+                    "-o",
+                    str(out),
+                ]
+            )
         stdout, stderr = capsys.readouterr()
         assert excinfo.value.code == 0, (task, stderr)
         assert stdout == f"{out}\n"

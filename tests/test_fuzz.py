@@ -23,8 +23,14 @@ from lorasb_cli.errors import BadInputError, LorasbError
 
 # The deadline guards against a loader that turns slow or loops on some input (each example takes
 # milliseconds); it is far above any machine's speed, so it asserts nothing about timing.
-FUZZ = settings(max_examples=40, deadline=timedelta(seconds=10), derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow], print_blob=True)  # fmt: skip
+FUZZ = settings(
+    max_examples=40,
+    deadline=timedelta(seconds=10),
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
 
 HEAD = {"classifier.weight": (3, 6), "classifier.bias": (3,)}
 MODULES = {"layer.0.q": (8, 6), "layer.0.o": (6, 8)}
@@ -32,8 +38,14 @@ RANK = 2
 
 
 def _base_meta() -> dict:
-    return {"base_model": {"id": "toy", "fingerprint": "0" * 16}, "targets": "all-linear", "method": "lorasb",
-            "labels": ["a", "b", "c"], "head": sorted(HEAD), "architecture": "ToyForClassification"}  # fmt: skip
+    return {
+        "base_model": {"id": "toy", "fingerprint": "0" * 16},
+        "targets": "all-linear",
+        "method": "lorasb",
+        "labels": ["a", "b", "c"],
+        "head": sorted(HEAD),
+        "architecture": "ToyForClassification",
+    }
 
 
 def _build(folder) -> dict[str, dict]:
@@ -42,22 +54,50 @@ def _build(folder) -> dict[str, dict]:
     head = {name: torch.randn(shape, generator=gen) for name, shape in HEAD.items()}
     signs = {f"{m}.weight": torch.randint(-1, 2, s, generator=gen, dtype=torch.int8) for m, s in MODULES.items()}
     update = {**signs, **head}
-    artifacts.write_artifact(folder / "u.safetensors", update, artifacts.provenance(
-        "update", **_base_meta(), data={"source": "toy", "template": None, "shard": None}, samples=8, tokens=80,
-        seed=0, eta=1e-5, dtype="float32",
-    ))  # fmt: skip
+    artifacts.write_artifact(
+        folder / "u.safetensors",
+        update,
+        artifacts.provenance(
+            "update",
+            **_base_meta(),
+            data={"source": "toy", "template": None, "shard": None},
+            samples=8,
+            tokens=80,
+            seed=0,
+            eta=1e-5,
+            dtype="float32",
+        ),
+    )
     factors = dict(head)
     for m, (rows, cols) in MODULES.items():
-        factors |= {f"{m}.lora_B": torch.randn(rows, RANK, generator=gen), f"{m}.lora_R": torch.randn(RANK, RANK,
-                    generator=gen), f"{m}.lora_A": torch.randn(RANK, cols, generator=gen)}  # fmt: skip
-    artifacts.write_artifact(folder / "f.safetensors", factors, artifacts.provenance(
-        "factors", **_base_meta(), init="lorasb", rank=RANK, scale=1.0, eta=1e-5, data=None, samples=8, seed=0,
-        energy={m: 0.5 for m in MODULES},
-    ))  # fmt: skip
+        factors |= {
+            f"{m}.lora_B": torch.randn(rows, RANK, generator=gen),
+            f"{m}.lora_R": torch.randn(RANK, RANK, generator=gen),
+            f"{m}.lora_A": torch.randn(RANK, cols, generator=gen),
+        }
+    artifacts.write_artifact(
+        folder / "f.safetensors",
+        factors,
+        artifacts.provenance(
+            "factors",
+            **_base_meta(),
+            init="lorasb",
+            rank=RANK,
+            scale=1.0,
+            eta=1e-5,
+            data=None,
+            samples=8,
+            seed=0,
+            energy={m: 0.5 for m in MODULES},
+        ),
+    )
     trained = {n: (t + 1 if n.endswith("lora_R") else t) for n, t in factors.items()}
     run_dir = adapter.save_adapter(folder / "run", trained, {**_base_meta(), "rank": RANK, "scale": 1.0})
-    files = {"update": (folder / "u.safetensors", update), "factors": (folder / "f.safetensors", factors),
-             "adapter": (run_dir / adapter.ADAPTER_FILE, trained)}  # fmt: skip
+    files = {
+        "update": (folder / "u.safetensors", update),
+        "factors": (folder / "f.safetensors", factors),
+        "adapter": (run_dir / adapter.ADAPTER_FILE, trained),
+    }
     return {kind: {"path": p, "bytes": p.read_bytes(), "tensors": tensors} for kind, (p, tensors) in files.items()}
 
 
@@ -230,8 +270,13 @@ def test_rewritten_metadata_is_rejected_or_reads_the_original_tensors(originals,
     unhashed = {"tensor_sha256", "metadata_sha256"}
 
     @settings(FUZZ, max_examples=80)
-    @given(action=st.sampled_from(["set", "delete", "replace", "text"]), key=st.sampled_from(keys),
-           value=json_values, strip=st.booleans(), text=st.text(max_size=40))  # fmt: skip
+    @given(
+        action=st.sampled_from(["set", "delete", "replace", "text"]),
+        key=st.sampled_from(keys),
+        value=json_values,
+        strip=st.booleans(),
+        text=st.text(max_size=40),
+    )
     def check(action, key, value, strip, text):
         changed = json.loads(json.dumps(meta))
         if strip:  # as an artifact written before hashes were recorded: only the schema stands guard

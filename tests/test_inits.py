@@ -76,8 +76,12 @@ def _assert_orthonormal(lora_B: torch.Tensor, lora_A: torch.Tensor, module: str)
 
 def test_registry_holds_the_five_inits_with_their_sources():
     assert {name: init.source for name, init in inits.INITS.items()} == {
-        "lorasb": "update", "non-orthonormal": "update", "kaiming": "update", "noisy": "update", "lora-xs": "model",
-    }  # fmt: skip
+        "lorasb": "update",
+        "non-orthonormal": "update",
+        "kaiming": "update",
+        "noisy": "update",
+        "lora-xs": "model",
+    }
     assert all(init.summary for init in inits.INITS.values())
     assert inits.get_init("lora-xs") is inits.INITS["lora-xs"]
 
@@ -114,8 +118,9 @@ def test_lorasb_exact_is_the_rank_r_truncation(update_file, deltas, tmp_path):
         torch.testing.assert_close(torch.diagonal(lora_R), torch.linalg.svdvals(delta)[:RANK], atol=0, rtol=1e-5)
         # The recorded energy is the captured fraction Σσ²(top r)/‖ΔW‖².
         s = torch.linalg.svdvals(delta)
-        assert artifact.meta["energy"][module] == pytest.approx(float(s[:RANK].square().sum() / s.square().sum()),
-                                                                rel=1e-4)  # fmt: skip
+        assert artifact.meta["energy"][module] == pytest.approx(
+            float(s[:RANK].square().sum() / s.square().sum()), rel=1e-4
+        )
 
 
 # ------------------------------------------------------------------------------------------- non-orthonormal
@@ -177,8 +182,9 @@ def test_lora_xs_with_an_update_takes_its_modules_and_model(update_file, deltas,
 
 
 def test_lora_xs_with_narrow_targets(tiny_model_dir, base_weights, tmp_path):
-    artifact, factors = _decompose(None, tmp_path, "xs-q", init="lora-xs", model=str(tiny_model_dir), targets="q_proj",
-                                   exact=True)  # fmt: skip
+    artifact, factors = _decompose(
+        None, tmp_path, "xs-q", init="lora-xs", model=str(tiny_model_dir), targets="q_proj", exact=True
+    )
     assert sorted(factors) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert artifact.meta["targets"] == "q_proj"
     _assert_lora_xs(artifact, factors, base_weights, exact=True)

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 import torch
-from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
 from safetensors.torch import load_file, save_file
 
 from lorasb_cli import adapter, artifacts, cli, shards
@@ -30,23 +30,47 @@ def run(args, capsys) -> tuple[int, str, str]:
 
 
 def _update(path, eta=1e-5):
-    tensors = {"layer.q.weight": torch.tensor([[1, -1, 0], [1, 1, -1]], dtype=torch.int8),
-               "classifier.weight": torch.randn(3, 3), "classifier.bias": torch.zeros(3)}  # fmt: skip
+    tensors = {
+        "layer.q.weight": torch.tensor([[1, -1, 0], [1, 1, -1]], dtype=torch.int8),
+        "classifier.weight": torch.randn(3, 3),
+        "classifier.bias": torch.zeros(3),
+    }
     meta = artifacts.provenance(
-        "update", base_model={"id": "toy", "fingerprint": "0" * 16}, targets="all-linear", method="lorasb",
-        data={"source": "toy", "shard": None}, samples=4, tokens=40, seed=0, eta=eta, dtype="float32",
-        labels=["a", "b", "c"], head=["classifier.bias", "classifier.weight"], architecture="ToyForClassification",
-    )  # fmt: skip
+        "update",
+        base_model={"id": "toy", "fingerprint": "0" * 16},
+        targets="all-linear",
+        method="lorasb",
+        data={"source": "toy", "shard": None},
+        samples=4,
+        tokens=40,
+        seed=0,
+        eta=eta,
+        dtype="float32",
+        labels=["a", "b", "c"],
+        head=["classifier.bias", "classifier.weight"],
+        architecture="ToyForClassification",
+    )
     artifacts.write_artifact(path, tensors, meta)
     return path, tensors
 
 
 def _factors(path):
     gen = torch.Generator().manual_seed(0)
-    tensors = {"m.lora_B": torch.randn(6, 2, generator=gen), "m.lora_R": torch.randn(2, 2, generator=gen),
-               "m.lora_A": torch.randn(2, 5, generator=gen)}  # fmt: skip
-    meta = artifacts.provenance("factors", base_model={"id": "toy", "fingerprint": "0" * 16}, targets="all-linear",
-                                method="lorasb", init="lorasb", rank=2, scale=1.0, eta=1e-5)  # fmt: skip
+    tensors = {
+        "m.lora_B": torch.randn(6, 2, generator=gen),
+        "m.lora_R": torch.randn(2, 2, generator=gen),
+        "m.lora_A": torch.randn(2, 5, generator=gen),
+    }
+    meta = artifacts.provenance(
+        "factors",
+        base_model={"id": "toy", "fingerprint": "0" * 16},
+        targets="all-linear",
+        method="lorasb",
+        init="lorasb",
+        rank=2,
+        scale=1.0,
+        eta=1e-5,
+    )
     artifacts.write_artifact(path, tensors, meta)
     return path, tensors
 
@@ -92,8 +116,16 @@ def test_every_tensor_and_the_metadata_get_a_hash(tmp_path):
     assert shards.is_hash(art.meta["metadata_sha256"])
     # The hash covers dtype and shape, not the bytes alone: the same bytes as another dtype or shape differ.
     ones = torch.ones(4, 8)
-    assert len({shards.tensor_hash(ones), shards.tensor_hash(ones.view(torch.int32)),
-                shards.tensor_hash(ones.reshape(8, 4))}) == 3  # fmt: skip
+    assert (
+        len(
+            {
+                shards.tensor_hash(ones),
+                shards.tensor_hash(ones.view(torch.int32)),
+                shards.tensor_hash(ones.reshape(8, 4)),
+            }
+        )
+        == 3
+    )
     assert art.verify() == 3
     assert all(torch.equal(t, tensors[n]) for n, t in art.items())
 
@@ -102,9 +134,11 @@ def test_a_flipped_data_byte_is_named_by_file_and_tensor_on_every_read_path(tmp_
     path, _ = _update(tmp_path / "u.safetensors")
     _flip(path, _data_offset(path, "layer.q.weight"))  # an int8 sign 1 → 17: finite, silently wrong without hashes
     art = artifacts.Artifact(path, kinds=("update",))
-    expected = (f"tensor 'layer.q.weight' does not match the hash recorded when it was written (sha256 "
-                f"{art.hashes['layer.q.weight']}): the file is corrupt or was modified ({path}) — copy it again, or "
-                "re-create it with lorasb estimate (or lorasb combine)")  # fmt: skip
+    expected = (
+        f"tensor 'layer.q.weight' does not match the hash recorded when it was written (sha256 "
+        f"{art.hashes['layer.q.weight']}): the file is corrupt or was modified ({path}) — copy it again, or "
+        "re-create it with lorasb estimate (or lorasb combine)"
+    )
     with pytest.raises(IncompatibleArtifactError) as excinfo:
         art.get("layer.q.weight", torch.float32)
     assert str(excinfo.value) == expected
@@ -151,8 +185,9 @@ def test_artifacts_written_before_hashes_still_load_unverified(tmp_path, capsys)
     assert torch.equal(art.get("layer.q.weight"), tensors["layer.q.weight"])
     status, out, err = run(["inspect", "--verify", path], capsys)
     assert (status, err) == (0, "")
-    assert out == (f"no hashes recorded: {path} was written before lorasb recorded them; its 3 tensors cannot be "
-                   "verified\n")  # fmt: skip
+    assert out == (
+        f"no hashes recorded: {path} was written before lorasb recorded them; its 3 tensors cannot be verified\n"
+    )
 
 
 def test_copied_hashes_never_describe_new_tensors(tmp_path):
@@ -184,14 +219,27 @@ def test_a_rank_above_min_m_n_is_refused(tmp_path):
 def test_inspect_verify_a_file_and_an_adapter_directory(tmp_path, capsys):
     path, tensors = _factors(tmp_path / "f.safetensors")
     assert run(["inspect", "--verify", path], capsys) == (
-        0, f"verified: all 3 tensors match their recorded hashes ({path})\n", "")  # fmt: skip
-    config = {"base_model": {"id": "toy", "fingerprint": "0" * 16}, "targets": "all-linear", "rank": 2,
-              "scale": 1.0, "method": "lorasb"}  # fmt: skip
+        0,
+        f"verified: all 3 tensors match their recorded hashes ({path})\n",
+        "",
+    )
+    config = {
+        "base_model": {"id": "toy", "fingerprint": "0" * 16},
+        "targets": "all-linear",
+        "rank": 2,
+        "scale": 1.0,
+        "method": "lorasb",
+    }
     run_dir = adapter.save_adapter(tmp_path / "run", tensors, config)
     status, out, _ = run(["inspect", "--verify", run_dir, "--json"], capsys)
     assert status == 0
-    assert json.loads(out) == {"path": str(run_dir / "adapter.safetensors"), "kind": "adapter", "tensors": 3,
-                               "verified": 3, "status": "ok"}  # fmt: skip
+    assert json.loads(out) == {
+        "path": str(run_dir / "adapter.safetensors"),
+        "kind": "adapter",
+        "tensors": 3,
+        "verified": 3,
+        "status": "ok",
+    }
     _flip(run_dir / "adapter.safetensors", _data_offset(run_dir / "adapter.safetensors", "m.lora_A"))
     status, out, err = run(["inspect", "--verify", run_dir], capsys)
     assert (status, out) == (2, "")
@@ -216,7 +264,10 @@ def test_merged_checkpoint_shards_and_index_record_the_hashes(tmp_path, capsys):
     index_meta = json.loads((out / shards.INDEX_FILE).read_text())["metadata"]
     assert index_meta[shards.INDEX_HASH_KEY] == {n: shards.tensor_hash(t) for n, t in tensors.items()}
     assert run(["inspect", "--verify", out], capsys) == (
-        0, f"verified: all 3 tensors match their recorded hashes ({out})\n", "")  # fmt: skip
+        0,
+        f"verified: all 3 tensors match their recorded hashes ({out})\n",
+        "",
+    )
     index = shards.CheckpointIndex(out)
     shard = index.info("layer.1.weight").shard
     _flip(out / shard, _data_offset(out / shard, "layer.1.weight"))
@@ -261,11 +312,17 @@ def test_inspect_verify_a_peft_export(tmp_path, capsys):
     out.mkdir()
     prefix = "base_model.model.m"
     tensors = {f"{prefix}.lora_A.weight": torch.ones(2, 5), f"{prefix}.lora_B.weight": torch.ones(6, 2)}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata=shards.hashed_metadata(
-        {"format": "pt"}, shards.tensor_hashes(tensors)))  # fmt: skip
+    save_file(
+        tensors,
+        str(out / "adapter_model.safetensors"),
+        metadata=shards.hashed_metadata({"format": "pt"}, shards.tensor_hashes(tensors)),
+    )
     (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     assert run(["inspect", "--verify", out], capsys) == (
-        0, f"verified: all 2 tensors match their recorded hashes ({out})\n", "")  # fmt: skip
+        0,
+        f"verified: all 2 tensors match their recorded hashes ({out})\n",
+        "",
+    )
     _flip(out / "adapter_model.safetensors", _data_offset(out / "adapter_model.safetensors", next(iter(tensors))))
     status, _, err = run(["inspect", "--verify", out], capsys)
     assert status == 2 and "tensor 'base_model.model.m.lora_A.weight' does not match" in err
@@ -286,8 +343,17 @@ def test_inspect_describes_and_verifies_a_classification_update(tmp_path, capsys
     model_dir = make_bert_dir(tmp_path / "bert")
     data = write_jsonl(tmp_path / "train.jsonl", CLASS_ROWS)
     update = tmp_path / "u.safetensors"
-    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(data), out=str(update), samples=6,
-                                              format="classification", batch_size=6, max_length=32))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(model_dir),
+            data=str(data),
+            out=str(update),
+            samples=6,
+            format="classification",
+            batch_size=6,
+            max_length=32,
+        )
+    )
     capsys.readouterr()  # transformers' progress bars while saving and loading the model
     status, out, err = run(["inspect", update, "--json"], capsys)
     assert (status, err) == (0, "")
@@ -297,7 +363,10 @@ def test_inspect_describes_and_verifies_a_classification_update(tmp_path, capsys
     assert described["parameters"]["head"] == 3 * 32 + 3
     assert run(["inspect", update], capsys)[0] == 0
     assert run(["inspect", "--verify", update], capsys) == (
-        0, f"verified: all 15 tensors match their recorded hashes ({update})\n", "")  # fmt: skip
+        0,
+        f"verified: all 15 tensors match their recorded hashes ({update})\n",
+        "",
+    )
 
 
 # --- the schema: one exact line for each kind of bad metadata -------------------------------------------------

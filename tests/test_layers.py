@@ -44,8 +44,9 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
             if parts:
                 found.append((parts[0], names))
             else:  # `from . import a, b` at the top level: each name is a module
-                found += [(name, []) for name in names if (PACKAGE / f"{name}.py").exists()
-                          or (PACKAGE / name).is_dir()]  # fmt: skip
+                found += [
+                    (name, []) for name in names if (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
+                ]
     return found
 
 
@@ -65,8 +66,9 @@ def test_no_stage_imports_another():
     graph = _graph()
     sideways = [f"{s} → {t}" for s in STAGES - {"compare"} for t in graph[s] if t in STAGES]
     assert sideways == []
-    private = [f"compare → {t}.{n}" for t, names in graph["compare"].items() if t in STAGES for n in names
-               if n.startswith("_")]  # fmt: skip
+    private = [
+        f"compare → {t}.{n}" for t, names in graph["compare"].items() if t in STAGES for n in names if n.startswith("_")
+    ]
     assert private == []
     assert [s for s, edges in graph.items() if "cli" in edges and s != "__main__"] == []
 

@@ -71,8 +71,9 @@ def test_equivalent_gradient_is_the_projection_of_the_full_gradient(kind):
     p_B = torch.zeros(M, M, dtype=F64) if columns is None else _projector(columns)
     expected = full - (torch.eye(M, dtype=F64) - p_B) @ full @ (torch.eye(N, dtype=F64) - _projector(lora_A.T))
     torch.testing.assert_close(equivalent, expected, atol=1e-10, rtol=0)
-    torch.testing.assert_close(lora_pro.equivalent_gradient(lora_B, lora_A, grad_B, grad_A, S), expected,
-                               atol=1e-10, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        lora_pro.equivalent_gradient(lora_B, lora_A, grad_B, grad_A, S), expected, atol=1e-10, rtol=0
+    )
     # Vanilla LoRA's equivalent gradient is a worse approximation of the full gradient.
     vanilla = S * (lora_B @ grad_A + grad_B @ lora_A)
     assert float((expected - full).norm()) < float((vanilla - full).norm())
@@ -182,8 +183,18 @@ def test_first_step_from_peft_init_moves_w_by_adam_on_the_projected_gradient():
 
 
 def _config(model_dir, data, out, method="lora-pro", **overrides) -> train.TrainConfig:
-    settings = {"model": str(model_dir), "data": str(data), "out": str(out), "method": method, "rank": RANK,
-                "max_steps": 6, "lr": 5e-3, "batch_size": 4, "seed": 0, "overwrite": True}  # fmt: skip
+    settings = {
+        "model": str(model_dir),
+        "data": str(data),
+        "out": str(out),
+        "method": method,
+        "rank": RANK,
+        "max_steps": 6,
+        "lr": 5e-3,
+        "batch_size": 4,
+        "seed": 0,
+        "overwrite": True,
+    }
     return train.TrainConfig(**(settings | overrides))
 
 
@@ -265,8 +276,9 @@ def test_adapter_merges_and_exports_like_lora(run, tiny_model_dir, base_model, t
     hf_dir = merge.merge(str(out), str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
     merged = _logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval())
     peft_dir = merge.merge(str(out), str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
-    exported = _logits(peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                                      str(peft_dir)).eval())  # fmt: skip
+    exported = _logits(
+        peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_dir)).eval()
+    )
     assert float((merged - _logits(base_model)).abs().max()) > 1e-2
     torch.testing.assert_close(merged, watch.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(exported, merged, atol=1e-4, rtol=1e-4)
@@ -286,8 +298,9 @@ def test_resumes_to_the_uninterrupted_adapter(run, tiny_model_dir, qa_file, tmp_
         def on_step_end(self, args, state, control, **kwargs):
             seen.append(state.global_step)
 
-    summary = train.train(_config(tiny_model_dir, qa_file, copy, save_steps=3, resume=True, overwrite=False),
-                          callbacks=[Steps()])  # fmt: skip
+    summary = train.train(
+        _config(tiny_model_dir, qa_file, copy, save_steps=3, resume=True, overwrite=False), callbacks=[Steps()]
+    )
     assert summary.steps == 6 and seen == [4, 5, 6]  # it continued from checkpoint-3
     full, resumed = load_file(out / "adapter.safetensors"), load_file(copy / "adapter.safetensors")
     assert set(full) == set(resumed)

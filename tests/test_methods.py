@@ -30,10 +30,19 @@ def _lorasb_home(tmp_path_factory, monkeypatch):
 
 def _config(model_dir, data, out, method, **overrides) -> train.TrainConfig:
     settings = {
-        "model": str(model_dir), "data": str(data), "out": str(out), "method": method,
-        "rank": None if method == "full" else RANK, "max_steps": 2, "lr": 1e-2, "batch_size": 4, "init_iters": 10,
-        "init_samples": 8, "seed": 0, "overwrite": True,
-    }  # fmt: skip
+        "model": str(model_dir),
+        "data": str(data),
+        "out": str(out),
+        "method": method,
+        "rank": None if method == "full" else RANK,
+        "max_steps": 2,
+        "lr": 1e-2,
+        "batch_size": 4,
+        "init_iters": 10,
+        "init_samples": 8,
+        "seed": 0,
+        "overwrite": True,
+    }
     settings.update(overrides)
     return train.TrainConfig(**settings)
 
@@ -94,9 +103,20 @@ def _projector(matrix: torch.Tensor) -> torch.Tensor:
 
 def test_registry_names():
     assert set(methods.METHODS) == {
-        "lorasb", "lora", "rslora", "dora", "pissa", "loraga", "milora", "inilora", "inilora-alpha", "inilora-beta",
-        "lora-pro", "full", "head",
-    }  # fmt: skip
+        "lorasb",
+        "lora",
+        "rslora",
+        "dora",
+        "pissa",
+        "loraga",
+        "milora",
+        "inilora",
+        "inilora-alpha",
+        "inilora-beta",
+        "lora-pro",
+        "full",
+        "head",
+    }
     assert methods.METHODS["lorasb"].needs_factors and not methods.METHODS["lora"].needs_factors
     assert not methods.METHODS["full"].uses_rank and not methods.METHODS["head"].uses_rank
 
@@ -129,8 +149,9 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     torch.testing.assert_close(exported, merged, atol=1e-4, rtol=1e-4)
 
 
-def test_full_fine_tune_merges_as_full_tensors_and_has_no_peft_form(trained, tiny_model_dir, base_model, base_logits,
-                                                                    tmp_path):  # fmt: skip
+def test_full_fine_tune_merges_as_full_tensors_and_has_no_peft_form(
+    trained, tiny_model_dir, base_model, base_logits, tmp_path
+):
     run, summary, trained_logits = trained("full")
     assert summary.trainable_params == summary.base_params
     saved = adapter.load_adapter(run)
@@ -203,8 +224,13 @@ def test_minor_components_are_the_bottom_singular_triplets(shape):
 @pytest.mark.parametrize("variant", inilora.VARIANTS)
 def test_inilora_fit_decreases_the_residual(variant):
     g = torch.Generator().manual_seed(0)
-    weights = torch.stack([0.05 * torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g)
-                           + 0.002 * torch.randn(12, 10, generator=g) for _ in range(2)])  # fmt: skip
+    weights = torch.stack(
+        [
+            0.05 * torch.randn(12, 2, generator=g) @ torch.randn(2, 10, generator=g)
+            + 0.002 * torch.randn(12, 10, generator=g)
+            for _ in range(2)
+        ]
+    )
     torch.manual_seed(0)
     lora_B, lora_A, history = inilora.fit(variant, weights, 2, 1000)
     assert lora_B.shape == (2, 12, 2) and lora_A.shape == (2, 2, 10) and len(history) == 1000
@@ -259,8 +285,9 @@ def test_every_method_but_lorasb_starts_at_the_base_loss(method, trained):
 
 
 def test_lorasb_starts_one_simulated_step_ahead(tiny_model_dir, qa_file, factors_file, tmp_path):
-    summary = train.train(_config(tiny_model_dir, qa_file, tmp_path / "run", "lorasb", rank=None,
-                                  factors=str(factors_file)))  # fmt: skip
+    summary = train.train(
+        _config(tiny_model_dir, qa_file, tmp_path / "run", "lorasb", rank=None, factors=str(factors_file))
+    )
     assert summary.step0_init_loss < summary.step0_base_loss * (1 - 1e-4)
 
 
@@ -312,8 +339,9 @@ def test_peft_method_resumes_to_the_uninterrupted_adapter(tiny_model_dir, qa_fil
             self.seen.append(state.global_step)
 
     steps = Steps()
-    summary = train.train(_config(tiny_model_dir, qa_file, run, "lora", resume=True, overwrite=False, **settings),
-                          callbacks=[steps])  # fmt: skip
+    summary = train.train(
+        _config(tiny_model_dir, qa_file, run, "lora", resume=True, overwrite=False, **settings), callbacks=[steps]
+    )
     assert summary.steps == 4 and steps.seen == [3, 4]  # it continued from checkpoint-2
     resumed = load_file(run / "adapter.safetensors")
     assert set(full) == set(resumed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, write_jsonl
 
 from lorasb_cli import adapter, bundled, cli, evaluate, merge, models
 from lorasb_cli.errors import BadInputError
@@ -18,10 +18,17 @@ MISTRAL_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95
 
 # Mistral-7B-v0.1's config.json, the values that fix the shapes of its linear layers.
 MISTRAL_7B = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 32000, "head_dim": 128, "max_position_embeddings": 32768,
-    "sliding_window": 4096, "tie_word_embeddings": False,
-}  # fmt: skip
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "head_dim": 128,
+    "max_position_embeddings": 32768,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+}
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 PROJECTIONS = ATTENTION | {"gate_proj", "up_proj", "down_proj"}
 
@@ -99,7 +106,9 @@ def test_missing_packages_are_one_line_errors_naming_the_pip_line(tmp_path, monk
     monkeypatch.setenv("LORASB_HOME", str(tmp_path))
     real_source_path = bundled.source_path
     monkeypatch.setattr(bundled, "source_path", lambda spec: None)
-    with pytest.raises(BadInputError, match=r"install it with: pip install --no-deps --target \S+ mistral-common==1\.13\.1") as e:
+    with pytest.raises(
+        BadInputError, match=r"install it with: pip install --no-deps --target \S+ mistral-common==1\.13\.1"
+    ) as e:
         bundled.mistral_tokenizer_dir()
     assert "\n" not in str(e.value)
 
@@ -128,8 +137,15 @@ def test_mistral_alias_targets_and_shapes_on_meta_device(tmp_path):
     modules = models.resolve_targets(model, "all-linear")
     assert len(modules) == 32 * 7
     assert "lm_head" not in modules and not any("embed" in m for m in modules)
-    expected = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-                "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}  # fmt: skip
+    expected = {
+        "q_proj": (4096, 4096),
+        "k_proj": (1024, 4096),
+        "v_proj": (1024, 4096),
+        "o_proj": (4096, 4096),
+        "gate_proj": (14336, 4096),
+        "up_proj": (14336, 4096),
+        "down_proj": (4096, 14336),
+    }
     shapes = models.target_shapes(model, modules)
     assert shapes == {
         f"model.layers.{i}.{'self_attn' if p in ATTENTION else 'mlp'}.{p}": shape
@@ -180,12 +196,48 @@ def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
 
     base_dir = mistral_model_dir
     data = write_jsonl(tmp_path / "gsm.jsonl", QA_ROWS)  # question / answer ending "#### N"
-    update = run(["estimate", "-m", base_dir, "-d", data, "--samples", 8, "--max-length", 64, "-q",
-                  "-o", tmp_path / "u.safetensors"], capsys)  # fmt: skip
+    update = run(
+        [
+            "estimate",
+            "-m",
+            base_dir,
+            "-d",
+            data,
+            "--samples",
+            8,
+            "--max-length",
+            64,
+            "-q",
+            "-o",
+            tmp_path / "u.safetensors",
+        ],
+        capsys,
+    )
     assert update == str(tmp_path / "u.safetensors")
     factors = run(["decompose", update, "--rank", 4, "-q", "-o", tmp_path / "f.safetensors"], capsys)
-    run_dir = run(["train", "-m", base_dir, "-f", factors, "-d", data, "--max-steps", 3, "--batch-size", 4,
-                   "--lr", "1e-2", "--max-length", 64, "-q", "-o", tmp_path / "run"], capsys)  # fmt: skip
+    run_dir = run(
+        [
+            "train",
+            "-m",
+            base_dir,
+            "-f",
+            factors,
+            "-d",
+            data,
+            "--max-steps",
+            3,
+            "--batch-size",
+            4,
+            "--lr",
+            "1e-2",
+            "--max-length",
+            64,
+            "-q",
+            "-o",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert run_dir == str(tmp_path / "run")
     merged = run(["merge", "-a", run_dir, "-q", "-o", tmp_path / "merged"], capsys)
     exported = run(["merge", "-a", run_dir, "--format", "peft", "-q", "-o", tmp_path / "peft"], capsys)
@@ -193,8 +245,26 @@ def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
 
     results = {}
     for name, model_args in {"adapter": ["-m", base_dir, "-a", run_dir], "merged": ["-m", merged]}.items():
-        out = run(["evaluate", *model_args, "--task", "gsm8k", "-d", data, "--limit", 4, "--max-new-tokens", 8,
-                   "--dtype", "float32", "-q", "-o", tmp_path / f"{name}.json"], capsys)  # fmt: skip
+        out = run(
+            [
+                "evaluate",
+                *model_args,
+                "--task",
+                "gsm8k",
+                "-d",
+                data,
+                "--limit",
+                4,
+                "--max-new-tokens",
+                8,
+                "--dtype",
+                "float32",
+                "-q",
+                "-o",
+                tmp_path / f"{name}.json",
+            ],
+            capsys,
+        )
         results[name] = json.loads(Path(out).read_text())
         assert results[name]["task"] == "gsm8k" and results[name]["count"] == 4
     assert results["merged"]["metrics"] == results["adapter"]["metrics"]

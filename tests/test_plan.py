@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama
+from helpers import make_llama
 from test_mistral import MISTRAL_7B
 
 from lorasb_cli import adapter, cli, estimate, models, plan
@@ -44,8 +44,9 @@ def test_mistral_7b_accumulators_from_its_config_alone(tmp_path):
 
     MistralConfig(**MISTRAL_7B).save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
-    facts = plan.model_facts(models.resolve_model(str(tmp_path)), batch_size=1, max_length=8, dtype=torch.bfloat16,
-                             train=False)  # fmt: skip
+    facts = plan.model_facts(
+        models.resolve_model(str(tmp_path)), batch_size=1, max_length=8, dtype=torch.bfloat16, train=False
+    )
     per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096  # q, o; k, v; gate, up, down
     assert facts.target_entries == 32 * per_layer == 6_979_321_856
     assert plan.accumulator_bytes(facts.targets) == 27_917_287_424
@@ -120,8 +121,15 @@ def test_rebuilt_target_inputs_are_bit_for_bit_the_forwards(dtype):
     for name in models.resolve_targets(model, "all-linear"):
         model.get_submodule(name).register_forward_hook(check(name))
     model(input_ids=torch.randint(0, model.config.vocab_size, (2, 12)))
-    assert seen == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": False, "gate_proj": True,
-                    "up_proj": True, "down_proj": True}  # fmt: skip
+    assert seen == {
+        "q_proj": True,
+        "k_proj": True,
+        "v_proj": True,
+        "o_proj": False,
+        "gate_proj": True,
+        "up_proj": True,
+        "down_proj": True,
+    }
 
 
 def test_rebuild_refuses_what_it_cannot_know():
@@ -142,13 +150,21 @@ def test_rebuild_refuses_what_it_cannot_know():
 
 
 def _estimate_config(tiny_model_dir, qa_file, tmp_path, **overrides):
-    return estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(tmp_path / "u.safetensors"),
-                                   samples=8, batch_size=4, max_length=64, **overrides)  # fmt: skip
+    return estimate.EstimateConfig(
+        model=str(tiny_model_dir),
+        data=str(qa_file),
+        out=str(tmp_path / "u.safetensors"),
+        samples=8,
+        batch_size=4,
+        max_length=64,
+        **overrides,
+    )
 
 
 def test_estimate_refuses_before_loading_when_memory_is_short(tiny_model_dir, qa_file, tmp_path, monkeypatch):
-    facts = plan.model_facts(models.resolve_model(str(tiny_model_dir)), batch_size=4, max_length=64,
-                             dtype=torch.float32, train=False)  # fmt: skip
+    facts = plan.model_facts(
+        models.resolve_model(str(tiny_model_dir)), batch_size=4, max_length=64, dtype=torch.float32, train=False
+    )
     need32 = plan.estimate_plan(facts).total
     need16 = plan.estimate_plan(facts, accumulate_dtype=torch.bfloat16).total
     assert need16 < need32
@@ -173,8 +189,20 @@ def test_estimate_refuses_before_loading_when_memory_is_short(tiny_model_dir, qa
 def test_cli_memory_error_is_one_line_exit_2(tiny_model_dir, qa_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plan, "available_memory", lambda places: {"cpu": 1024})
     with pytest.raises(SystemExit) as e:
-        cli.main(["estimate", "-m", str(tiny_model_dir), "-d", str(qa_file), "--samples", "4", "-q",
-                  "-o", str(tmp_path / "u.safetensors")])  # fmt: skip
+        cli.main(
+            [
+                "estimate",
+                "-m",
+                str(tiny_model_dir),
+                "-d",
+                str(qa_file),
+                "--samples",
+                "4",
+                "-q",
+                "-o",
+                str(tmp_path / "u.safetensors"),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("Error: estimate needs ") and err.count("\n") == 1
@@ -190,8 +218,20 @@ def test_estimate_reports_where_it_accumulated(tiny_model_dir, qa_file, tmp_path
 def test_dry_run_reads_only_the_config(tmp_path, capsys):
     model, _ = make_llama(hidden=64, layers=2)
     model.config.save_pretrained(tmp_path)  # no weights, no tokenizer
-    args = ["estimate", "-m", str(tmp_path), "--dry-run", "--batch-size", "2", "--max-length", "32", "--rank", "4",
-            "--dtype", "float32"]  # fmt: skip
+    args = [
+        "estimate",
+        "-m",
+        str(tmp_path),
+        "--dry-run",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "32",
+        "--rank",
+        "4",
+        "--dtype",
+        "float32",
+    ]
     with pytest.raises(SystemExit) as e:
         cli.main([*args, "--json"])
     out, err = capsys.readouterr()
@@ -227,21 +267,54 @@ def test_plan_of_estimate_is_below_a_lorasb_step_on_llama_shapes(tmp_path):
 
 
 def test_plan_inputs_are_checked():
-    facts = plan.ModelFacts(model="m", dtype="float32", parameters=1, weight_bytes=1, targets={"a": (2, 2)},
-                            batch_size=1, max_length=1, rank=1, estimate_activations=0, train_activations=0,
-                            logits_entries=0, largest_shard_bytes=0, shard_source="")  # fmt: skip
+    facts = plan.ModelFacts(
+        model="m",
+        dtype="float32",
+        parameters=1,
+        weight_bytes=1,
+        targets={"a": (2, 2)},
+        batch_size=1,
+        max_length=1,
+        rank=1,
+        estimate_activations=0,
+        train_activations=0,
+        logits_entries=0,
+        largest_shard_bytes=0,
+        shard_source="",
+    )
     with pytest.raises(BadInputError, match="unknown --accumulate-on 'gpu'"):
-        plan.choose_accumulation(facts, device="cpu", accumulate_on="gpu", accumulate_dtype=torch.float32,
-                                 free={"cpu": 10**9})  # fmt: skip
+        plan.choose_accumulation(
+            facts, device="cpu", accumulate_on="gpu", accumulate_dtype=torch.float32, free={"cpu": 10**9}
+        )
     with pytest.raises(BadInputError, match="unknown --accumulate-dtype 'fp8'"):
         plan.accumulate_dtype_of("fp8")
     # auto on an accelerator: the device when all of estimate fits there, else the CPU.
-    assert plan.resolve_accumulate_on(facts, device="cuda:0", accumulate_on="auto", accumulate_dtype=torch.float32,
-                                      free={"cpu": 10**9, "cuda:0": 10**9}) == "device"  # fmt: skip
-    assert plan.resolve_accumulate_on(facts, device="cuda:0", accumulate_on="auto", accumulate_dtype=torch.float32,
-                                      free={"cpu": 10**9, "cuda:0": 10}) == "cpu"  # fmt: skip
-    assert plan.resolve_accumulate_on(facts, device="cpu", accumulate_on="auto", accumulate_dtype=torch.float32,
-                                      free={"cpu": 10**9}) == "cpu"  # fmt: skip
+    assert (
+        plan.resolve_accumulate_on(
+            facts,
+            device="cuda:0",
+            accumulate_on="auto",
+            accumulate_dtype=torch.float32,
+            free={"cpu": 10**9, "cuda:0": 10**9},
+        )
+        == "device"
+    )
+    assert (
+        plan.resolve_accumulate_on(
+            facts,
+            device="cuda:0",
+            accumulate_on="auto",
+            accumulate_dtype=torch.float32,
+            free={"cpu": 10**9, "cuda:0": 10},
+        )
+        == "cpu"
+    )
+    assert (
+        plan.resolve_accumulate_on(
+            facts, device="cpu", accumulate_on="auto", accumulate_dtype=torch.float32, free={"cpu": 10**9}
+        )
+        == "cpu"
+    )
 
 
 # --- benchmarks/gpu.py: ready for the minutes a GPU is lent -------------------------------------------------
@@ -260,18 +333,49 @@ def test_gpu_benchmark_without_cuda_exits_at_once_with_a_clear_message():
 
 def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(GPU_SCRIPT), "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--no-write",
-           "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--lorasb-rank", "8", "--lora-rank", "4",
-           "--steps", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(GPU_SCRIPT),
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no-write",
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--lorasb-rank",
+        "8",
+        "--lora-rank",
+        "4",
+        "--steps",
+        "1",
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert out.startswith("# 7B-shaped figures on CPU")
-    for phase in ("estimate: 4 samples × 16 tokens", "decompose: truncated SVD of 14 updates at r=8",
-                  "train step: LoRA-SB r=8", "train step: PEFT LoRA r=4"):  # fmt: skip
+    for phase in (
+        "estimate: 4 samples × 16 tokens",
+        "decompose: truncated SVD of 14 updates at r=8",
+        "train step: LoRA-SB r=8",
+        "train step: PEFT LoRA r=4",
+    ):
         assert phase in out
     # LoRA-SB trains r² per target, PEFT LoRA r·(m + n): the trainable counts of the 2 × 7 targets are exact.
-    shapes = {"q": (128, 128), "k": (64, 128), "v": (64, 128), "o": (128, 128), "gate": (448, 128),
-              "up": (448, 128), "down": (128, 448)}  # fmt: skip
+    shapes = {
+        "q": (128, 128),
+        "k": (64, 128),
+        "v": (64, 128),
+        "o": (128, 128),
+        "gate": (448, 128),
+        "up": (448, 128),
+        "down": (128, 448),
+    }
     lora = 2 * sum(4 * (m + n) for m, n in shapes.values())
     assert f"| trainable parameters | {2 * 7 * 64:,} / {lora:,} =" in out

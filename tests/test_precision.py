@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
 from transformers import TrainerCallback
 
 from lorasb_cli import adapter, artifacts, estimate, train
@@ -29,14 +29,34 @@ def bert(tmp_path_factory):
 def lorasb_runs(bert):
     """The factors (float32 estimate of the tiny BERT classifier) and the same LoRA-SB run in bf16 and float32."""
     folder, model_dir, data = bert
-    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(data), out=str(folder / "u.safetensors"),
-                                              samples=12, format="classification", seed=3))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(model_dir),
+            data=str(data),
+            out=str(folder / "u.safetensors"),
+            samples=12,
+            format="classification",
+            seed=3,
+        )
+    )
     decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
     runs = {}
     for dtype in ("bfloat16", "float32"):
-        train.train(train.TrainConfig(model=str(model_dir), factors=str(folder / "f.safetensors"), data=str(data),
-                                      out=str(folder / dtype), max_steps=STEPS, batch_size=6, lr=LR,
-                                      scheduler="constant", dtype=dtype, device="cpu", save_steps=100))  # fmt: skip
+        train.train(
+            train.TrainConfig(
+                model=str(model_dir),
+                factors=str(folder / "f.safetensors"),
+                data=str(data),
+                out=str(folder / dtype),
+                max_steps=STEPS,
+                batch_size=6,
+                lr=LR,
+                scheduler="constant",
+                dtype=dtype,
+                device="cpu",
+                save_steps=100,
+            )
+        )
         runs[dtype] = adapter.load_adapter(folder / dtype)
     return artifacts.Artifact(folder / "f.safetensors"), runs
 
@@ -117,10 +137,22 @@ class _Watch(TrainerCallback):
 def test_every_trained_tensor_is_float32_on_a_bf16_base(method, bert, tmp_path):
     _, model_dir, data = bert
     watch = _Watch()
-    summary = train.train(train.TrainConfig(model=str(model_dir), data=str(data), out=str(tmp_path / method),
-                                            method=method, rank=None if method in ("full", "head") else 2, max_steps=1,
-                                            batch_size=6, lr=LR, dtype="bfloat16", device="cpu", save_steps=100),
-                          callbacks=[watch])  # fmt: skip
+    summary = train.train(
+        train.TrainConfig(
+            model=str(model_dir),
+            data=str(data),
+            out=str(tmp_path / method),
+            method=method,
+            rank=None if method in ("full", "head") else 2,
+            max_steps=1,
+            batch_size=6,
+            lr=LR,
+            dtype="bfloat16",
+            device="cpu",
+            save_steps=100,
+        ),
+        callbacks=[watch],
+    )
     assert summary.steps == 1 and summary.final_train_loss is not None and summary.final_train_loss > 0
     start, end = watch.start, watch.end
     assert not {n for n, p in start.items() if p.dtype != torch.float32}

@@ -22,23 +22,41 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _needs("smollm2-135m")
-    estimate.estimate(estimate.EstimateConfig(model="smollm2-135m", data="arithmetic", size=64, samples=8,
-                                              out=str(tmp_path / "u.safetensors")))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model="smollm2-135m", data="arithmetic", size=64, samples=8, out=str(tmp_path / "u.safetensors")
+        )
+    )
     decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
-    summary = train.train(train.TrainConfig(model="smollm2-135m", factors=str(tmp_path / "f.safetensors"),
-                                            data="arithmetic", size=64, out=str(tmp_path / "run"), max_steps=10,
-                                            batch_size=4, lr=2e-3, max_length=64))  # fmt: skip
+    summary = train.train(
+        train.TrainConfig(
+            model="smollm2-135m",
+            factors=str(tmp_path / "f.safetensors"),
+            data="arithmetic",
+            size=64,
+            out=str(tmp_path / "run"),
+            max_steps=10,
+            batch_size=4,
+            lr=2e-3,
+            max_length=64,
+        )
+    )
     assert summary.steps == 10 and summary.trainable_params == 210 * 64
     merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
     exported = merge(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
 
-    cfg = evaluate.EvaluateConfig(model="smollm2-135m", adapter=str(tmp_path / "run"), task="perplexity", out="x",
-                                  dtype="float32")  # fmt: skip
-    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("perplexity"), "perplexity",
-                                                   adapter.load_adapter(cfg.adapter))
+    cfg = evaluate.EvaluateConfig(
+        model="smollm2-135m", adapter=str(tmp_path / "run"), task="perplexity", out="x", dtype="float32"
+    )
+    adapted, tokenizer = evaluate.load_for_task(
+        cfg, evaluate.get_task("perplexity"), "perplexity", adapter.load_adapter(cfg.adapter)
+    )
     batch = tokenizer(["Calculate 12 + 30.", "The answer is 42."], return_tensors="pt", padding=True)
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    assert AutoTokenizer.from_pretrained(merged)("Calculate 1 + 2.")["input_ids"] == tokenizer("Calculate 1 + 2.")["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(merged)("Calculate 1 + 2.")["input_ids"]
+        == tokenizer("Calculate 1 + 2.")["input_ids"]
+    )
     base = AutoModelForCausalLM.from_pretrained(models.resolve_model("smollm2-135m").path, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, exported).eval()
     with torch.no_grad():
@@ -52,21 +70,41 @@ def test_minilm_classification_chain(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     _needs("minilm-l6")
-    estimate.estimate(estimate.EstimateConfig(model="minilm-l6", data="reuters-r8", size=200, samples=16,
-                                              format="classification", max_length=64,
-                                              out=str(tmp_path / "u.safetensors")))  # fmt: skip
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model="minilm-l6",
+            data="reuters-r8",
+            size=200,
+            samples=16,
+            format="classification",
+            max_length=64,
+            out=str(tmp_path / "u.safetensors"),
+        )
+    )
     decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
-    train.train(train.TrainConfig(model="minilm-l6", factors=str(tmp_path / "f.safetensors"), data="reuters-r8",
-                                  size=200, out=str(tmp_path / "run"), max_steps=10, batch_size=8, lr=5e-3,
-                                  max_length=64))  # fmt: skip
+    train.train(
+        train.TrainConfig(
+            model="minilm-l6",
+            factors=str(tmp_path / "f.safetensors"),
+            data="reuters-r8",
+            size=200,
+            out=str(tmp_path / "run"),
+            max_steps=10,
+            batch_size=8,
+            lr=5e-3,
+            max_length=64,
+        )
+    )
     merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
     loaded = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert len(loaded.config.id2label) == 8
 
     cfg = evaluate.EvaluateConfig(model="minilm-l6", adapter=str(tmp_path / "run"), task="classification", out="x")
-    adapted, tokenizer = evaluate.load_for_task(cfg, evaluate.get_task("classification"), "classify",
-                                                   adapter.load_adapter(cfg.adapter))
-    batch = tokenizer(["oil prices rose as opec cut output", "net profit up in quarter"], return_tensors="pt",
-                      padding=True)  # fmt: skip
+    adapted, tokenizer = evaluate.load_for_task(
+        cfg, evaluate.get_task("classification"), "classify", adapter.load_adapter(cfg.adapter)
+    )
+    batch = tokenizer(
+        ["oil prices rose as opec cut output", "net profit up in quarter"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)

@@ -225,11 +225,10 @@ def test_writer_single_shard_has_hf_name_and_no_index(model, tmp_path):
 
 
 def test_writer_leaves_no_files_when_interrupted(model, tmp_path):
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with ShardWriter(tmp_path, 1) as writer:
-            for name, tensor in model.state_dict().items():
-                writer.add(name, tensor)
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError, match="interrupted"), ShardWriter(tmp_path, 1) as writer:
+        for name, tensor in model.state_dict().items():
+            writer.add(name, tensor)
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
 
 

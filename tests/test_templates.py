@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_bert_dir, make_mistral, make_tokenizer
+from helpers import make_bert_dir, make_mistral, make_tokenizer
 from torch import nn
 
 from lorasb_cli import data, templates
@@ -29,7 +29,9 @@ def gsm_rows(count: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(count):
         a, b = rng.randint(1, 999), rng.randint(1, 999)
-        question = f"Natalia sold {a} clips in April and {b} in May. How many clips did she sell{rng.choice(['?', '', ' ?'])}"
+        question = (
+            f"Natalia sold {a} clips in April and {b} in May. How many clips did she sell{rng.choice(['?', '', ' ?'])}"
+        )
         answer = f"{rng.choice(starts)}{a} + {b} = {a + b}. #### {a + b}"
         rows.append({"question": question, "answer": answer})
     return rows
@@ -53,14 +55,17 @@ class _Recorder(nn.Module):
 def fed_prompt_ids(tokenizer, template: str, rows: list[dict]) -> list[list[int]]:
     """The prompt ids `lorasb evaluate --task gsm8k` feeds for each row, in row order."""
     recorder = _Recorder()
-    answerer = runner.ModelAnswerer(recorder, tokenizer, template=template, batch_size=8, max_new_tokens=1,
-                                      max_length=512)  # fmt: skip
+    answerer = runner.ModelAnswerer(
+        recorder, tokenizer, template=template, batch_size=8, max_new_tokens=1, max_length=512
+    )
     task = get_task("gsm8k")
     answerer.generate([answerer.template.prompt(*task.prompt(row)) for row in rows])
     # generate sorts prompts by length within batches; match them back by their text
     by_text = {tokenizer.decode(ids): ids for ids in recorder.fed}
-    return [by_text[tokenizer.decode(answerer.template.prompt_ids(answerer.template.prompt(*task.prompt(row))))]
-            for row in rows]  # fmt: skip
+    return [
+        by_text[tokenizer.decode(answerer.template.prompt_ids(answerer.template.prompt(*task.prompt(row))))]
+        for row in rows
+    ]
 
 
 def assert_boundary_exact(tokenizer, template: str, rows: list[dict]) -> None:
@@ -92,7 +97,12 @@ def test_mistral_response_starts_as_generation_continues_not_with_a_dummy_prefix
     first = example.labels.index(next(label for label in example.labels if label != data.IGNORE))
     tokens = mistral_tokenizer.convert_ids_to_tokens(example.input_ids[first - 1 : first + 2])
     assert tokens == ["<0x0A>", "The", "▁answer"]  # separately tokenized, the response would begin '▁The'
-    assert mistral_tokenizer.convert_ids_to_tokens(mistral_tokenizer("The answer", add_special_tokens=False)["input_ids"])[0] == "▁The"
+    assert (
+        mistral_tokenizer.convert_ids_to_tokens(mistral_tokenizer("The answer", add_special_tokens=False)["input_ids"])[
+            0
+        ]
+        == "▁The"
+    )
 
 
 def test_byte_level_bpe_boundary_is_exact():
@@ -147,8 +157,9 @@ def test_auto_template_follows_trl_dataset_types():
 
 def test_plain_template_trains_the_prompt_exactly_as_given():
     tokenizer = make_tokenizer()
-    (example,) = data.encode([{"prompt": "12 plus 30 is", "completion": " 42"}], "prompt-response", tokenizer, 64,
-                             template="plain")  # fmt: skip
+    (example,) = data.encode(
+        [{"prompt": "12 plus 30 is", "completion": " 42"}], "prompt-response", tokenizer, 64, template="plain"
+    )
     assert tokenizer.decode(example.input_ids, skip_special_tokens=True) == "12 plus 30 is 42"
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import QA_ROWS, make_llama, save_model, write_jsonl
+from helpers import QA_ROWS, make_llama, save_model, write_jsonl
 
 from lorasb_cli import adapter, artifacts, train
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, RunFailure
@@ -14,10 +14,17 @@ from lorasb_cli.methods import lorasb as lorasb_method
 
 
 def _config(tiny_model_dir, qa_file, factors_file, out, **overrides):
-    settings = dict(
-        model=str(tiny_model_dir), factors=str(factors_file), data=str(qa_file), out=str(out), max_steps=8,
-        batch_size=4, lr=5e-2, save_steps=2, seed=0,
-    )  # fmt: skip
+    settings = {
+        "model": str(tiny_model_dir),
+        "factors": str(factors_file),
+        "data": str(qa_file),
+        "out": str(out),
+        "max_steps": 8,
+        "batch_size": 4,
+        "lr": 5e-2,
+        "save_steps": 2,
+        "seed": 0,
+    }
     settings.update(overrides)
     return train.TrainConfig(**settings)
 
@@ -31,7 +38,12 @@ def test_only_r_changes_b_a_identical_and_loss_falls(tiny_model_dir, qa_file, fa
     summary = train.train(_config(tiny_model_dir, qa_file, factors_file, tmp_path / "run"))
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"adapter.safetensors", "adapter_config.json", "metrics.json", "loss.png"}
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     trained = adapter.load_adapter(run)
     original = artifacts.Artifact(factors_file)
     assert trained.config["kind"] == "adapter" and trained.config["rank"] == 4 and trained.config["method"] == "lorasb"
@@ -158,7 +170,9 @@ def test_eval_data_gives_eval_loss(tiny_model_dir, qa_file, factors_file, tmp_pa
 
 
 def test_init_scale_auto_picks_the_lowest_probe_loss_and_records_it(tiny_model_dir, qa_file, factors_file, tmp_path):
-    summary = train.train(_config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", init_scale="auto", max_steps=2))
+    summary = train.train(
+        _config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", init_scale="auto", max_steps=2)
+    )
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     curve = config["init_scale_curve"]
     assert [round(k, 6) for k, _ in curve] == [round(k, 6) for k in lorasb_method.INIT_SCALE_GRID]
@@ -177,8 +191,16 @@ def test_choose_init_scale_restores_r():
 
 def test_eval_task_scores_at_eval_steps_and_at_the_end(tiny_model_dir, qa_file, factors_file, tmp_path):
     eval_file = write_jsonl(tmp_path / "eval.jsonl", QA_ROWS[:3])
-    config = _config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", eval_data=str(eval_file), eval_steps=3,
-                     eval_task="perplexity", max_steps=6)  # fmt: skip
+    config = _config(
+        tiny_model_dir,
+        qa_file,
+        factors_file,
+        tmp_path / "run",
+        eval_data=str(eval_file),
+        eval_steps=3,
+        eval_task="perplexity",
+        max_steps=6,
+    )
     train.train(config)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["step"] for r in metrics["task"]] == [3, 6]

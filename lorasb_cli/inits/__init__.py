@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..registry import Registry
+from ..registry import Registry, import_plugins
 
 # B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -48,11 +48,13 @@ def get_init(name: str) -> Init:
     return INITS.lookup(name)
 
 
-def svd_factors(matrix: torch.Tensor, rank: int, options: InitOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(
+    matrix: torch.Tensor, rank: int, options: InitOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U_r [m, r], S_r [r], V_rᵀ [r, n] of `matrix` (randomized unless `options.exact`)."""
     from ..linalg import truncated_svd
 
     return truncated_svd(matrix, rank, niter=options.niter, exact=options.exact)
 
 
-from . import kaiming, lora_xs, lorasb, noisy, non_orthonormal  # noqa: F401  (each registers itself)
+import_plugins(__name__, __path__)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import adapter, artifacts, models
-from ..registry import Registry
+from ..registry import Registry, import_plugins
 
 
 @dataclass
@@ -89,4 +89,4 @@ def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
 
 
-from . import full, inilora, lora_pro, lorasb, milora, peft_lora  # noqa: F401  (each registers itself)
+import_plugins(__name__, __path__)

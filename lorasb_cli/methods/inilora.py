@@ -80,10 +80,12 @@ def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(setup.seed)
         for shape, modules in groups.items():
-            lora_B, lora_A, history = fit(variant, torch.stack([weights[m] for m in modules]), setup.rank,
-                                          setup.init_iters)  # fmt: skip
-            log.info("%s: ‖W0 − B·A‖ of %d modules %s: %.4g → %.4g", variant, len(modules), shape, history[0],
-                     history[-1])  # fmt: skip
+            lora_B, lora_A, history = fit(
+                variant, torch.stack([weights[m] for m in modules]), setup.rank, setup.init_iters
+            )
+            log.info(
+                "%s: ‖W0 − B·A‖ of %d modules %s: %.4g → %.4g", variant, len(modules), shape, history[0], history[-1]
+            )
             fits |= {m: (lora_B[i], lora_A[i]) for i, m in enumerate(modules)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_path(cache) as tmp:

@@ -75,9 +75,15 @@ def solve_sylvester(gram_B: torch.Tensor, gram_A: torch.Tensor, rhs: torch.Tenso
 
 
 def adjusted_gradients(
-    lora_B: torch.Tensor, lora_A: torch.Tensor, grad_B: torch.Tensor, grad_A: torch.Tensor, scale: float,
-    *, sylvester: bool = True, spectra: tuple[Spectrum, Spectrum] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    grad_A: torch.Tensor,
+    scale: float,
+    *,
+    sylvester: bool = True,
+    spectra: tuple[Spectrum, Spectrum] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-Pro's (g_B [m, r], g_A [r, n], X [r, r]) from B [m, r], A [r, n] and their LoRA gradients
     ∂L/∂B [m, r], ∂L/∂A [r, n] (Theorem 2.1), X from the Sylvester equation (Theorem 2.3) or 0 (`sylvester=False`:
     the equivalent gradient does not depend on X). `spectra`: `gram_spectra(B, A)` when already computed.
@@ -98,9 +104,14 @@ def adjusted_gradients(
 
 
 def equivalent_gradient(
-    lora_B: torch.Tensor, lora_A: torch.Tensor, grad_B: torch.Tensor, grad_A: torch.Tensor, scale: float,
-    *, spectra: tuple[Spectrum, Spectrum] | None = None,
-) -> torch.Tensor:  # fmt: skip
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    grad_A: torch.Tensor,
+    scale: float,
+    *,
+    spectra: tuple[Spectrum, Spectrum] | None = None,
+) -> torch.Tensor:
     """s·(B·g_A + g_B·A) [m, n] of LoRA-Pro's g_A, g_B: the full gradient projected onto {B·X + Y·A}."""
     g_B, g_A, _ = adjusted_gradients(lora_B, lora_A, grad_B, grad_A, scale, sylvester=False, spectra=spectra)
     return scale * (lora_B @ g_A + g_B @ lora_A)
@@ -111,9 +122,15 @@ class LoraProAdamW(torch.optim.Optimizer):
     `others` (a classifier's head). State of a pair, under its A: step, exp_avg and exp_avg_sq, both [m, n]."""
 
     def __init__(
-        self, pairs: Sequence[tuple[nn.Parameter, nn.Parameter, float]], others: Iterable[nn.Parameter] = (), *,
-        lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        pairs: Sequence[tuple[nn.Parameter, nn.Parameter, float]],
+        others: Iterable[nn.Parameter] = (),
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         groups = [{"params": [lora_B, lora_A], "scale": float(scale)} for lora_B, lora_A, scale in pairs]
         others = list(others)
         if others:
@@ -155,8 +172,9 @@ class LoraProAdamW(torch.optim.Optimizer):
             full = equivalent_gradient(lora_B, lora_A, lora_B.grad, lora_A.grad, scale, spectra=spectra)
             direction = self._adam_direction(self.state[lora_A], full, group)
             # The Adam direction is a full [m, n] "gradient": its own LoRA gradients go through the closed form.
-            g_B, g_A, _ = adjusted_gradients(lora_B, lora_A, scale * direction @ lora_A.T, scale * lora_B.T @ direction,
-                                             scale, spectra=spectra)  # fmt: skip
+            g_B, g_A, _ = adjusted_gradients(
+                lora_B, lora_A, scale * direction @ lora_A.T, scale * lora_B.T @ direction, scale, spectra=spectra
+            )
             lora_B.mul_(decay).sub_(lr * g_B)
             lora_A.mul_(decay).sub_(lr * g_A)
         return loss
@@ -164,14 +182,22 @@ class LoraProAdamW(torch.optim.Optimizer):
 
 def prepare(setup: Setup) -> Prepared:
     prepared = prepare_peft(setup, alpha=_alpha(setup, 2 * setup.rank))
-    pairs = [(layer.lora_B["default"].weight, layer.lora_A["default"].weight, layer.scaling["default"])
-             for layer in lora_layers(prepared.model).values()]  # fmt: skip
+    pairs = [
+        (layer.lora_B["default"].weight, layer.lora_A["default"].weight, layer.scaling["default"])
+        for layer in lora_layers(prepared.model).values()
+    ]
     paired = {id(p) for lora_B, lora_A, _ in pairs for p in (lora_B, lora_A)}
     others = [p for p in prepared.model.parameters() if p.requires_grad and id(p) not in paired]
 
     def optimizer(args) -> LoraProAdamW:
-        return LoraProAdamW(pairs, others, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                            eps=args.adam_epsilon, weight_decay=args.weight_decay)  # fmt: skip
+        return LoraProAdamW(
+            pairs,
+            others,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
 
     prepared.optimizer = optimizer
     prepared.config["optimizer"] = "lora-pro-adamw: full-size moments of the equivalent gradient"

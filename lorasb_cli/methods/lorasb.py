@@ -43,8 +43,9 @@ def prepare(setup: Setup) -> Prepared:
     init_scale, curve = (1.0, None) if setup.init_scale == "auto" else (float(setup.init_scale), None)
     if setup.init_scale == "auto" and setup.probe_loss is not None:
         init_scale, curve = choose_init_scale(layers, lambda: setup.probe_loss(model))
-        log.info("--init-scale auto: probe loss by scale %s → %g",
-                 ", ".join(f"{k:g}: {v:.4f}" for k, v in curve), init_scale)  # fmt: skip
+        log.info(
+            "--init-scale auto: probe loss by scale %s → %g", ", ".join(f"{k:g}: {v:.4f}" for k, v in curve), init_scale
+        )
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_R.mul_(init_scale)

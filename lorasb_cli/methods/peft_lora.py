@@ -51,9 +51,16 @@ def prepare_peft(
 
         kwargs["lora_ga_config"] = LoraGAConfig()
     config = LoraConfig(
-        r=setup.rank, lora_alpha=alpha, target_modules=list(setup.modules), lora_dropout=0.0, bias="none",
-        use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights, **kwargs,
-    )  # fmt: skip
+        r=setup.rank,
+        lora_alpha=alpha,
+        target_modules=list(setup.modules),
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+        **kwargs,
+    )
     if lora_ga:
         from peft.tuners.lora.loraga import preprocess_loraga
 
@@ -78,10 +85,16 @@ def prepare_peft(
     # Methods that moved B0·A0 out of W0 export the start too, so the adapter is relative to the original W0.
     moves_w0 = custom_init is not None or lora_ga or init_lora_weights == "pissa"
     initial = (
-        {n: (l.lora_B["default"].weight.detach().float().cpu().clone(), l.lora_A["default"].weight.detach().float().cpu().clone())
-         for n, l in layers.items()}
-        if moves_w0 else {}
-    )  # fmt: skip
+        {
+            n: (
+                l.lora_B["default"].weight.detach().float().cpu().clone(),
+                l.lora_A["default"].weight.detach().float().cpu().clone(),
+            )
+            for n, l in layers.items()
+        }
+        if moves_w0
+        else {}
+    )
     for p in head.values():  # get_peft_model froze every non-adapter parameter
         p.requires_grad_(True)
 
@@ -101,9 +114,12 @@ def prepare_peft(
                 tensors[f"{name}.lora_magnitude"] = magnitude
         return tensors | tensors_of(head)
 
-    settings = {"alpha": alpha, "lora_scale": alpha / (math.sqrt(setup.rank) if use_rslora else setup.rank),
-                "scale": 1.0, "peft": {"init_lora_weights": init_lora_weights, "use_rslora": use_rslora,
-                                       "use_dora": use_dora}}  # fmt: skip
+    settings = {
+        "alpha": alpha,
+        "lora_scale": alpha / (math.sqrt(setup.rank) if use_rslora else setup.rank),
+        "scale": 1.0,
+        "peft": {"init_lora_weights": init_lora_weights, "use_rslora": use_rslora, "use_dora": use_dora},
+    }
     return Prepared(model=peft_model, export=export, config=settings)
 
 
@@ -112,12 +128,25 @@ def _alpha(setup: Setup, default: float) -> float:
 
 
 register(Method("lora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank)), "LoRA (PEFT), α = 2r"))
-register(Method("rslora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_rslora=True),
-                "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r"))  # fmt: skip
-register(Method("dora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_dora=True),
-                "DoRA (PEFT), α = 2r"))  # fmt: skip
-register(Method("pissa", lambda s: prepare_peft(s, alpha=_alpha(s, s.rank), init_lora_weights="pissa"),
-                "PiSSA (PEFT): principal singular components of W0, α = r"))  # fmt: skip
-register(Method("loraga", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), init_lora_weights="lora_ga",
-                                                 lora_ga=True),
-                "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r"))  # fmt: skip
+register(
+    Method(
+        "rslora",
+        lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_rslora=True),
+        "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r",
+    )
+)
+register(Method("dora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_dora=True), "DoRA (PEFT), α = 2r"))
+register(
+    Method(
+        "pissa",
+        lambda s: prepare_peft(s, alpha=_alpha(s, s.rank), init_lora_weights="pissa"),
+        "PiSSA (PEFT): principal singular components of W0, α = r",
+    )
+)
+register(
+    Method(
+        "loraga",
+        lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), init_lora_weights="lora_ga", lora_ga=True),
+        "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r",
+    )
+)

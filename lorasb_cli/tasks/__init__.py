@@ -3,12 +3,10 @@ extraction and metric in one place and registers itself with `@register_task`.""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..registry import Registry
+from ..registry import Registry, import_plugins
 
 INVALID = "[invalid]"  # what extraction returns when an output holds no answer; never raises
 
@@ -71,8 +69,7 @@ def register_task(task: Task) -> Task:
 
 
 def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    import_plugins(__name__, __path__)
 
 
 def get_task(name: str) -> Task:

@@ -92,6 +92,7 @@ for _subset, (_fields, _labels, _metrics, _split) in GLUE.items():
 
 # --- any text+label file ------------------------------------------------------------------------------
 
+
 def _label_order(label) -> tuple[bool, int | float | str]:
     # Numbers in numeric order, then strings; lets labels of mixed types sort.
     return (isinstance(label, str), label)

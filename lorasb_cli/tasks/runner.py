@@ -34,8 +34,9 @@ class ModelAnswerer:
     """A loaded HF model (with or without an injected adapter) answering in batches. Prompts are tokenized as
     `template` tokenizes them in training, so generation starts from exactly the training ids."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, template: str, batch_size: int, max_new_tokens: int,
-                 max_length: int):  # fmt: skip
+    def __init__(
+        self, model: nn.Module, tokenizer, *, template: str, batch_size: int, max_new_tokens: int, max_length: int
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.template = templates.Template(template, tokenizer)
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
@@ -56,8 +57,12 @@ class ModelAnswerer:
         outputs: dict[int, str] = {}
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            encoded = self.tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                                     add_special_tokens=self.template.add_special_tokens).to(self.device)
+            encoded = self.tokenizer(
+                [prompts[i] for i in chunk],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=self.template.add_special_tokens,
+            ).to(self.device)
             generated = self.model.generate(**encoded, generation_config=config)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
@@ -93,9 +98,13 @@ class ModelAnswerer:
             pairs = [t if isinstance(t, tuple) else (t, None) for t in chunk]
             first, second = [p[0] for p in pairs], [p[1] for p in pairs]
             encoded = self.tokenizer(
-                first, second if any(s is not None for s in second) else None,
-                truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+                first,
+                second if any(s is not None for s in second) else None,
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(self.device)
             logits = self.model(**encoded).logits.float()
             if logits.shape[-1] == 1:  # regression (STS-B)
                 predictions += logits[:, 0].tolist()
@@ -147,8 +156,9 @@ def _score_chunk(
         for row, prompt, output in zip(rows, prompts, answerer.generate(prompts)):
             reference = task.reference(row)
             judged = task.judge(output, reference)
-            records.append(_record(row, prompt, reference, output, judged.pop("extracted"), judged.pop("correct"))
-                           | judged)  # fmt: skip
+            records.append(
+                _record(row, prompt, reference, output, judged.pop("extracted"), judged.pop("correct")) | judged
+            )
     elif scoring == "loglik":
         if task.choices is None:
             raise BadInputError(f"task '{task.name}' has no answer options to score by log-likelihood")
@@ -157,8 +167,16 @@ def _score_chunk(
             scores = answerer.loglik(prompt, options)
             best = options[max(range(len(options)), key=scores.__getitem__)]
             reference = task.reference(row)
-            records.append(_record(row, prompt, reference, json.dumps(dict(zip(options, scores))), best,
-                                   task.is_correct(best, reference)))  # fmt: skip
+            records.append(
+                _record(
+                    row,
+                    prompt,
+                    reference,
+                    json.dumps(dict(zip(options, scores))),
+                    best,
+                    task.is_correct(best, reference),
+                )
+            )
     elif scoring == "classify":
         texts = [task.text(row) for row in rows]
         for row, text, predicted in zip(rows, texts, answerer.classify(texts)):

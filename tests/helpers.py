@@ -1,0 +1,146 @@
+"""Builders the tests share: tiny models, tokenizers and data, made in-process (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "what is 12 plus 30 ? 12 plus 30 is 42 . the answer is 42",
+    "below is an instruction that describes a task . write a response that appropriately completes the request",
+    "### instruction : ### response : #### 7 seven eight nine ten",
+    "natalia sold clips to 48 of her friends in april , and then she sold half as many clips in may",
+]
+
+QA_ROWS = [
+    {"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"}
+    for a, b in [(1, 2), (3, 4), (10, 20), (7, 8), (12, 30), (5, 5), (9, 1), (2, 40), (6, 7), (11, 3), (8, 8), (4, 9)]
+]
+
+
+CLASS_ROWS = [
+    {"text": f"{w} {w} the {v} said", "label": label}
+    for label, words in {
+        "earn": ["profit", "dividend"],
+        "crude": ["oil", "barrel"],
+        "trade": ["tariff", "export"],
+    }.items()
+    for w in words
+    for v in ("company", "market", "bank")
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on CORPUS, with BOS prepended like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path: Path, **kwargs) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def make_bert_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny BertModel saved the way sentence-transformers ships encoders: no head, no `bert.` prefix."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = sorted({w for row in CLASS_ROWS for w in row["text"].split()})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    # from_pretrained reads vocab.txt; transformers 5 ignores `vocab_file=` and would leave a 5-token vocabulary.
+    tokenizer = BertTokenizer.from_pretrained(path)
+    assert len(tokenizer) == len(words) + 5
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_mistral(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.float32):
+    """A tiny random MistralForCausalLM with Mistral-7B-v0.1's real tokenizer and vocabulary (32000 tokens).
+
+    The tokenizer is converted once from mistral-common's SentencePiece file into the lorasb cache (bundled.py);
+    skips when mistral-common is not installed.
+    """
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from lorasb_cli import bundled
+
+    spec = bundled.MISTRAL_TOKENIZER
+    if bundled.source_path(spec) is None:
+        pytest.skip(f"Mistral fixture: {spec.package} is not installed ({spec.pip_line}; make install does it)")
+    tokenizer = AutoTokenizer.from_pretrained(bundled.mistral_tokenizer_dir())
+    config = MistralConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,  # as Mistral-7B-v0.1: no pad token
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config).to(dtype)
+    model.eval()
+    return model, tokenizer
