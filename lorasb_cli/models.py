@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import bundled, shards
@@ -154,6 +155,11 @@ def load_model(
             # A new head is expected to be missing from the checkpoint: no load report for it.
             transformers.utils.logging.set_verbosity_error()
         model = auto.from_pretrained(ref.path, **kwargs)
+    except SafetensorError as e:
+        raise BadInputError(
+            f"cannot load model '{ref.id}': its weights are unreadable ({str(e).splitlines()[0]})",
+            hint="the weight files are truncated or corrupt: download or copy them again",
+        ) from e
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (

@@ -108,9 +108,10 @@ class Template:
         for (prompt_key, response_key), _ in FIELD_PAIRS:
             if prompt_key in row and response_key in row:
                 extra = row.get("input") if prompt_key == "instruction" else None
-                return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), _text(
-                    row, response_key
-                )
+                response = _text(row, response_key)
+                if not response.strip():  # nothing to supervise but EOS: a broken row, not a sample
+                    raise BadInputError(f"field '{response_key}' is empty in a row", hint="drop or fix such rows")
+                return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), response
         raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
 
     def _chat(self, messages: list[dict]) -> str:

@@ -34,9 +34,13 @@ def world(tiny_model_dir, tmp_path_factory):
     (root / "empty.jsonl").write_text("")
     (root / "notjson.jsonl").write_text("this is not json\n")
     write_jsonl(root / "nulls.jsonl", [{"question": None, "answer": "1"}] * 4)
+    write_jsonl(root / "blank.jsonl", [{"question": "", "answer": " "}] * 4)
     write_jsonl(root / "noanswer.jsonl", [{"question": "What is 1 plus 1?"}] * 4)
     (root / "plain.txt").write_text("not a data file")
     (root / "file").write_text("a regular file")
+    truncated = Path(shutil.copytree(model, root / "truncated"))
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     torch.save({"x": torch.zeros(1)}, root / "pickle.bin")
     update = root / "update.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(model), data=str(qa), out=str(update), samples=8))
@@ -104,6 +108,12 @@ CASES = [
     # --- missing or wrong files
     ("estimate-no-model", ["estimate", "-m", "{root}/nope", "-d", "{data}", "-q"], "nope"),
     ("estimate-not-a-model-dir", ["estimate", "-m", "{root}", "-d", "{data}", "-q"], "config.json is missing"),
+    ("estimate-truncated-weights", ["estimate", "-m", "{root}/truncated", "-d", "{data}", "-q"], "unreadable"),
+    (
+        "evaluate-truncated-weights",
+        ["evaluate", "-m", "{root}/truncated", "-t", "gsm8k", "-d", "{data}", "-q"],
+        "unreadable",
+    ),
     ("estimate-no-data", ["estimate", "-m", "{model}", "-d", "{root}/none.jsonl", "-q"], "none.jsonl"),
     ("estimate-empty-data", ["estimate", "-m", "{model}", "-d", "{root}/empty.jsonl", "-q"], "empty"),
     ("estimate-not-json", ["estimate", "-m", "{model}", "-d", "{root}/notjson.jsonl", "-q"], "not JSON"),
@@ -125,6 +135,8 @@ CASES = [
     ("inspect-text", ["inspect", "{root}/plain.txt", "-q"], "plain.txt"),
     # --- data that does not fit the run
     ("estimate-nulls", ["estimate", "-m", "{model}", "-d", "{root}/nulls.jsonl", "-q"], "question"),
+    ("estimate-blank-text", ["estimate", "-m", "{model}", "-d", "{root}/blank.jsonl", "-q"], "empty"),
+    ("train-blank-text", [*T[:3], "-d", "{root}/blank.jsonl", *T[5:]], "empty"),
     ("estimate-fields-unknown-column", [*E, "--fields", "prompt=nope,response=answer"], "nope"),
     ("estimate-fields-bad-role", [*E, "--fields", "colour=question"], "colour"),
     ("estimate-fields-syntax", [*E, "--fields", "prompt"], "--fields"),
