@@ -14,6 +14,7 @@ import ctypes
 import glob
 import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,9 +29,14 @@ from . import __version__, adapter, artifacts, models, shards
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .registry import did_you_mean
 
+log = logging.getLogger("lorasb")
+
 FORMATS = ("hf", "peft")
 OUT_DTYPES = ("float32", "bfloat16", "float16")
 PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_CARD_FILE = "README.md"
+# The ranks vLLM's --max-lora-rank accepts (its LoRA config's choices): an adapter needs the smallest one ≥ its rank.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 # What a merge needs from a hub repo: HF-named safetensors shards, configs, tokenizer and chat-template files,
@@ -421,3 +427,25 @@ def _write_peft(
     hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
     save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
     (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
+    for line in hints:
+        log.info("serving: %s", line)
+    card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
+    (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
+
+
+def serving_hints(rank: int, *, dora: bool, modules_to_save: list[str]) -> list[str]:
+    """What a server needs to load the export: vLLM's `--max-lora-rank` (the smallest it accepts that holds
+    `rank`) and what vLLM's LoRA support lacks (DoRA, trained full modules)."""
+    fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+    hints = [
+        f"vLLM: --enable-lora --max-lora-rank {fitting[0]} (rank {rank})"
+        if fitting
+        else f"vLLM: rank {rank} exceeds the largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]}); merge instead"
+    ]
+    if dora:
+        hints.append("DoRA magnitudes: vLLM's LoRA serving does not apply them; serve the merged model instead")
+    if modules_to_save:
+        hints.append(f"trained full modules ({', '.join(modules_to_save)}): serve the merged model instead")
+    hints.append("PEFT / transformers: PeftModel.from_pretrained(base, this_folder)")
+    return hints

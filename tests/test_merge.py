@@ -142,7 +142,8 @@ def test_peft_export_reproduces_adapter_logits(setup, tmp_path):
     import peft
 
     out = merge.merge(str(setup.adapter_dir), str(tmp_path / "peft"), format="peft")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert f"--max-lora-rank 8 (rank {RANK})" in (out / "README.md").read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config = peft.PeftConfig.from_pretrained(str(out))
@@ -153,6 +154,18 @@ def test_peft_export_reproduces_adapter_logits(setup, tmp_path):
         assert f.metadata()["format"] == "pt"
     model = peft.PeftModel.from_pretrained(load(setup.base_dir), str(out)).eval()
     assert_logits_equal(logits(model, setup.inputs), setup.adapter_logits)
+
+
+def test_serving_hints_name_the_smallest_vllm_rank_that_holds_the_adapter():
+    assert (
+        merge.serving_hints(96, dora=False, modules_to_save=[])[0]
+        == "vLLM: --enable-lora --max-lora-rank 128 (rank 96)"
+    )
+    assert "--max-lora-rank 8 " in merge.serving_hints(8, dora=False, modules_to_save=[])[0]
+    assert "--max-lora-rank 320 " in merge.serving_hints(257, dora=False, modules_to_save=[])[0]
+    assert "merge instead" in merge.serving_hints(600, dora=False, modules_to_save=[])[0]
+    hints = merge.serving_hints(32, dora=True, modules_to_save=["score"])
+    assert any("DoRA" in h for h in hints) and any("score" in h for h in hints)
 
 
 def test_peft_export_with_mixed_ranks_and_scale(setup, tmp_path):
