@@ -343,20 +343,42 @@ def aggregate(results: Sequence[CellResult], metric: str | None = None) -> list[
                 "peak_memory_bytes": max(r.peak_memory_bytes for r in group),
             }
         )
+    return mark_noise(rows)
+
+
+def mark_noise(rows: list[dict]) -> list[dict]:
+    """Each row's `vs_best`: "best", "within noise" when its mean ± std over seeds overlaps the best row's, or
+    "below". A loss-like metric is best when lowest. With one seed there is no spread to judge by: "n/a"."""
+    if not rows:
+        return rows
+    lower = any(word in rows[0]["metric"] for word in ("loss", "perplexity"))
+    best = (min if lower else max)(rows, key=lambda r: r["mean"])
+    for row in rows:
+        if row is best:
+            row["vs_best"] = "best"
+        elif row["seeds"] < 2 or best["seeds"] < 2:
+            row["vs_best"] = "n/a"
+        else:
+            overlap = abs(row["mean"] - best["mean"]) <= row["std"] + best["std"]
+            row["vs_best"] = "within noise" if overlap else "below"
     return rows
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
     from .console import human_bytes
 
-    header = "| method | rank | trainable | lr | {metric} (mean ± std) | eval loss | step-0 loss | seeds | train s | peak mem |"
-    lines = [header.format(metric=rows[0]["metric"] if rows else "metric"), "|" + "---|" * 10]
+    header = (
+        "| method | rank | trainable | lr | {metric} (mean ± std) | vs best | eval loss | step-0 loss | seeds | "
+        "train s | peak mem |"
+    )
+    lines = [header.format(metric=rows[0]["metric"] if rows else "metric"), "|" + "---|" * 11]
     for row in rows:
         loss = f"{row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f}" if row["eval_loss"] else "-"
         step0 = f"{row['step0_loss']:.4f}" if row["step0_loss"] is not None else "-"
         lines.append(
             f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['trainable_params']:,} | "
-            f"{row['lr']:g} | {row['mean']:.4f} ± {row['std']:.4f} | {loss} | {step0} | {row['seeds']} | "
+            f"{row['lr']:g} | {row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {step0} | "
+            f"{row['seeds']} | "
             f"{row['seconds']:.0f} | {human_bytes(row['peak_memory_bytes'])} |"
         )
     return "\n".join(lines) + "\n"

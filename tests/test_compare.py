@@ -66,6 +66,17 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     assert len(payload["cells"]) == len(cells) and len(payload["rows"]) == len(rows)
 
 
+def test_a_gap_inside_the_seeds_spread_is_marked_noise():
+    def row(name, mean, std, seeds=3, metric="accuracy"):
+        return {"method": name, "mean": mean, "std": std, "seeds": seeds, "metric": metric}
+
+    rows = compare.mark_noise([row("a", 0.50, 0.02), row("b", 0.47, 0.02), row("c", 0.40, 0.02)])
+    assert [r["vs_best"] for r in rows] == ["best", "within noise", "below"]
+    losses = compare.mark_noise([row("a", 1.2, 0.05, metric="loss"), row("b", 1.0, 0.05, metric="loss")])
+    assert [r["vs_best"] for r in losses] == ["below", "best"]  # lower is better for a loss
+    assert compare.mark_noise([row("a", 0.5, 0.0, seeds=1), row("b", 0.4, 0.0, seeds=1)])[1]["vs_best"] == "n/a"
+
+
 def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file, tmp_path, monkeypatch):
     cells = compare.grid(compare.parse_methods("lorasb,lora", [2]), 2, compare.parse_lrs("1e-2"))
     settings = _settings(tiny_model_dir, qa_file)
