@@ -233,11 +233,11 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     if config.max_length < 2:
         raise BadInputError(f"--max-length {config.max_length} is too small", hint="pass at least 2")
-    if config.shard is not None and not config.raw:
+    shard = data.parse_shard(config.shard)
+    if shard is not None and not config.raw:
         raise BadInputError(
             "--shard writes one part of a sum: it needs --raw", hint="pass --raw, then lorasb combine the parts"
         )
-    shard = data.parse_shard(config.shard)
     ref = models.resolve_model(config.model)
     artifacts.check_output(config.out, {"model": ref.path, "data": config.data})
     dataset = data.load_dataset_rows(
