@@ -271,6 +271,11 @@ def run_grid(
         else:
             log.info("cell %d/%d: %s", done, len(cells), cell.key)
             results.append(run_cell(out, settings, cell))
+        if settings.metric and settings.metric not in results[-1].metrics:  # after one cell, not the whole grid
+            raise BadInputError(
+                f"--metric {settings.metric}: the task reports {', '.join(results[-1].metrics)}",
+                hint="pick one of those (the finished cell is kept: rerun with the right --metric)",
+            )
         if progress is not None:
             progress(done, len(cells))
     return results

@@ -66,6 +66,14 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     assert len(payload["cells"]) == len(cells) and len(payload["rows"]) == len(rows)
 
 
+def test_a_metric_the_task_lacks_stops_the_grid_after_its_first_cell(tiny_model_dir, qa_file, tmp_path):
+    cells = compare.grid(compare.parse_methods("lora:2", [2]), 2, compare.parse_lrs("1e-2"))
+    settings = _settings(tiny_model_dir, qa_file, metric="vibes")
+    with pytest.raises(BadInputError, match="--metric vibes: the task reports loss"):
+        compare.run_grid(tmp_path, settings, cells)
+    assert len(list((tmp_path / "cells").glob("*/cell.json"))) == 1  # the second seed never ran
+
+
 def test_a_gap_inside_the_seeds_spread_is_marked_noise():
     def row(name, mean, std, seeds=3, metric="accuracy"):
         return {"method": name, "mean": mean, "std": std, "seeds": seeds, "metric": metric}
