@@ -74,14 +74,14 @@ def decompose(
             raise BadInputError(f"--init {init} factors the pretrained weights", hint="pass --model")
         ref = models.resolve_model(model or update.meta["base_model"]["id"])
         artifacts.check_output(out, {"model": ref.path})
-        labels = meta.get("labels")
+        spec = models.HeadSpec.from_meta(meta)
         base, _ = models.load_model(
             ref,
             dtype=torch.float32,
             device=torch.device("cpu"),
             trust_remote_code=trust_remote_code,
-            head="sequence-classification" if labels is not None else "causal-lm",
-            labels=labels,
+            head=models.auto_head(spec),
+            labels=spec.labels if spec is not None else None,
         )
         modules = (
             [name.removesuffix(".weight") for name in update.names if name not in head]
@@ -138,7 +138,7 @@ def decompose(
         svd={"exact": exact, "niter": niter, "oversampling": linalg.oversampling(rank)},
         **({"noise_std": noise_std} if init == "noisy" else {}),
         energy=energy,
-        **{key: meta[key] for key in ("architecture", "labels", "head") if key in meta},
+        **models.head_meta(models.HeadSpec.from_meta(meta)),
     )
     artifacts.write_artifact(out, factors, provenance)
     return DecomposeSummary(path=Path(out), rank=rank, energy=energy)

@@ -334,7 +334,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
-        **models.head_provenance(model, labels),
+        **models.head_meta(models.HeadSpec.from_model(model, labels)),
     )
     # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.
     tensors = (
@@ -428,7 +428,7 @@ def combine(paths: list[str], out: str) -> Path:
         seed=first.meta["seed"],
         eta=first.meta["eta"],
         dtype=first.meta["dtype"],
-        **{key: first.meta[key] for key in ("architecture", "labels", "head") if key in first.meta},
+        **models.head_meta(models.HeadSpec.from_meta(first.meta)),
     )
     return artifacts.write_artifact(out, update, meta)
 

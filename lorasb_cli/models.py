@@ -339,26 +339,56 @@ def linear_shapes_from_config(
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """A sequence classifier's head parameters under their state_dict names (empty for a causal LM)."""
     if not is_classifier(model):
         return {}
-    return {
-        name: p.detach().float().cpu().clone()
-        for name, p in model.named_parameters()
-        if name.split(".")[0] in HEAD_MODULES
-    }
+    return {name: p for name, p in model.named_parameters() if name.split(".")[0] in HEAD_MODULES}
+
+
+def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The head's tensors as float32 CPU copies (what an update or factors file carries)."""
+    return {name: p.detach().float().cpu().clone() for name, p in head_parameters(model).items()}
 
 
 def is_classifier(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
-def head_provenance(model: nn.Module, labels: Sequence[str] | None) -> dict:
-    """Metadata that lets later stages rebuild the same classifier: its class, labels and head tensors."""
-    if not is_classifier(model):
-        return {}
-    return {"architecture": type(model).__name__, "labels": list(labels or []), "head": sorted(head_tensors(model))}
+@dataclass(frozen=True)
+class HeadSpec:
+    """A sequence classifier's head as every artifact records it (metadata keys `architecture`, `labels`, `head`):
+    the class that rebuilds the model, its labels (one label: regression) and its tensors' state_dict names. A
+    causal LM has none: `from_model`/`from_meta` give None, which is how a stage asks "is this a classifier"."""
+
+    architecture: str
+    labels: tuple[str, ...]
+    tensors: tuple[str, ...]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, labels: Sequence[str] | None) -> HeadSpec | None:
+        if not is_classifier(model):
+            return None
+        return cls(type(model).__name__, tuple(labels or ()), tuple(sorted(head_parameters(model))))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> HeadSpec | None:
+        if meta.get("labels") is None:
+            return None
+        return cls(meta["architecture"], tuple(meta["labels"]), tuple(meta.get("head", ())))
+
+    def to_meta(self) -> dict:
+        return {"architecture": self.architecture, "labels": list(self.labels), "head": list(self.tensors)}
+
+
+def head_meta(spec: HeadSpec | None) -> dict:
+    """The metadata entries of `spec`: none for a causal LM."""
+    return spec.to_meta() if spec is not None else {}
+
+
+def auto_head(spec: HeadSpec | None) -> str:
+    """The `head` argument of `load_model` (and the meta-device builders) for a run with or without `spec`."""
+    return "sequence-classification" if spec is not None else "causal-lm"
 
 
 def require_classifier(ref: ModelRef, *, trust_remote_code: bool = False) -> None:

@@ -150,7 +150,7 @@ def _check_options(config: TrainConfig) -> None:
 def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool) -> artifacts.Factors:
     """The factors file, checked against the model's config before any weight is loaded."""
     factors = artifacts.load_factors(path)
-    head = "sequence-classification" if factors.config.get("labels") is not None else "causal-lm"
+    head = models.auto_head(models.HeadSpec.from_meta(factors.config))
     shapes = models.linear_shapes_from_config(ref, trust_remote_code=trust_remote_code, head=head)
     factors.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the update was estimated on")
     base = factors.config["base_model"]
@@ -334,8 +334,7 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         **run.prepared.config,
         "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},
         "train": _recorded_options(config),
-        **({"architecture": type(model).__name__, "labels": labels} if labels is not None else {}),
-        **({"head": sorted(methods.head_parameters(model))} if labels is not None else {}),
+        **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
     }
     log.info(
         "method settings: %s", json.dumps({k: v for k, v in run.prepared.config.items() if k != "init_scale_curve"})

@@ -126,3 +126,17 @@ def test_eval_labels_outside_the_trained_classes_are_refused(chain, tmp_path):
     )
     with pytest.raises(BadInputError, match="labels sports are not among the model's classes"):
         train.train(config)
+
+
+def test_the_head_spec_is_what_each_artifact_of_the_chain_records(chain):
+    """One HeadSpec from the model, the same from the update's, the factors' and the adapter's metadata."""
+    from lorasb_cli import models
+
+    folder = chain[0]
+    paths = [folder / "u.safetensors", folder / "f.safetensors", folder / "run" / "adapter.safetensors"]
+    specs = {models.HeadSpec.from_meta(artifacts.Artifact(path).meta) for path in paths}
+    assert len(specs) == 1
+    spec = specs.pop()
+    assert spec.architecture == "BertForSequenceClassification" and spec.tensors and len(spec.labels) == 3
+    assert models.HeadSpec.from_meta(spec.to_meta()) == spec
+    assert models.head_meta(None) == {} and models.auto_head(None) == "causal-lm"

@@ -73,16 +73,9 @@ def get_method(name: str) -> Method:
     return METHODS.lookup(name)
 
 
-def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """A sequence classifier's head (trained with every method, as PEFT's `modules_to_save`)."""
-    if not models.is_classifier(model):
-        return {}
-    return {n: p for n, p in model.named_parameters() if n.split(".")[0] in models.HEAD_MODULES}
-
-
 def train_head(model: nn.Module) -> dict[str, nn.Parameter]:
     """A sequence classifier's head, made trainable float32 master weights (`train_in_float32`)."""
-    return adapter.train_in_float32(model, head_parameters(model))
+    return adapter.train_in_float32(model, models.head_parameters(model))
 
 
 def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

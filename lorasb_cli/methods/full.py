@@ -10,7 +10,8 @@ import torch
 
 from ..adapter import LOW_PRECISION
 from ..errors import BadInputError
-from . import Method, Prepared, Setup, head_parameters, register, tensors_of, train_head
+from ..models import head_parameters
+from . import Method, Prepared, Setup, register, tensors_of, train_head
 
 
 def prepare_full(setup: Setup) -> Prepared:
