@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, templates
+from . import adapter, artifacts, data, models, shards, templates
 from .errors import BadInputError
 from .tasks import Task, get_task
 from .tasks.runner import Answerer, ModelAnswerer, evaluate_rows
@@ -101,20 +101,12 @@ def resolve_template(config: EvaluateConfig, columns: Sequence[str], recorded: s
 
 def merged_template(ref: models.ModelRef) -> str | None:
     """The template a `lorasb merge` checkpoint was trained with (its safetensors metadata), else None."""
-    from safetensors import SafetensorError, safe_open
-
     shard = next(iter(sorted(Path(ref.path).glob("*.safetensors"))), None) if Path(ref.path).is_dir() else None
     if shard is None:
         return None
-    try:
-        with safe_open(str(shard), framework="pt") as f:
-            raw = (f.metadata() or {}).get(artifacts.METADATA_KEY)
-    except SafetensorError as e:
-        raise BadInputError(
-            f"cannot load model '{ref.id}': its weights are unreadable ({str(e).splitlines()[0]})",
-            path=str(shard),
-            hint="the weight files are truncated or corrupt: download or copy them again",
-        ) from e
+    # The header alone (shards.read_header: one-line error if unreadable); the weights are checked by loading.
+    metadata = shards.read_header(shard).get("__metadata__")
+    raw = metadata.get(artifacts.METADATA_KEY) if isinstance(metadata, dict) else None
     merged_from = artifacts.parse_metadata(raw, str(shard)).get("merged_from") if raw else None
     return merged_from.get("template") if isinstance(merged_from, dict) else None
 

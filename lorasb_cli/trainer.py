@@ -32,15 +32,12 @@ TRAINED_FILE = "trained.safetensors"  # in each checkpoint: the trained tensors 
 COMPLETE_FILE = "lorasb-complete.json"
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """The run folder's complete `checkpoint-N` folders, oldest first."""
-    found = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
-    return sorted((p for p in found if (p / COMPLETE_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
-
-
 def last_complete_checkpoint(out: Path) -> Path | None:
-    complete = complete_checkpoints(out)
-    return complete[-1] if complete else None
+    """The run folder's newest complete `checkpoint-N` folder, or None."""
+    complete = [
+        p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE_FILE).is_file()
+    ]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 class AdapterTrainer(Trainer):
