@@ -56,11 +56,9 @@ def make_tokenizer():
     )
 
 
-def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
+def _tiny_causal_lm(config_class, model_class, tokenizer, seed, hidden, layers, dtype, pad_token_id):
+    """A random causal LM of `hidden` width and `layers` layers (4 heads, 2 KV heads) over `tokenizer`'s vocabulary."""
+    config = config_class(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -70,11 +68,19 @@ def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.flo
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.eval()
+    return model_class(config).to(dtype).eval()
+
+
+def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    model = _tiny_causal_lm(
+        LlamaConfig, LlamaForCausalLM, tokenizer, seed, hidden, layers, dtype, tokenizer.pad_token_id
+    )
     return model, tokenizer
 
 
@@ -128,19 +134,27 @@ def make_mistral(seed: int = 0, hidden: int = 64, layers: int = 2, dtype=torch.f
     if bundled.source_path(spec) is None:
         pytest.skip(f"Mistral fixture: {spec.package} is not installed ({spec.pip_line}; make install does it)")
     tokenizer = AutoTokenizer.from_pretrained(bundled.mistral_tokenizer_dir())
-    config = MistralConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,  # as Mistral-7B-v0.1: no pad token
+    # As Mistral-7B-v0.1: no pad token.
+    model = _tiny_causal_lm(
+        MistralConfig, MistralForCausalLM, tokenizer, seed, hidden, layers, dtype, pad_token_id=None
     )
-    torch.manual_seed(seed)
-    model = MistralForCausalLM(config).to(dtype)
-    model.eval()
     return model, tokenizer
+
+
+def classifier_factors(folder: Path, model_dir: Path, data: Path) -> Path:
+    """`folder/u.safetensors` (estimate on 12 samples of classification `data`, seed 3) and its rank-4
+    `folder/f.safetensors`, which is returned."""
+    from lorasb_cli import estimate
+    from lorasb_cli.decompose import decompose
+
+    config = estimate.EstimateConfig(
+        model=str(model_dir),
+        data=str(data),
+        out=str(folder / "u.safetensors"),
+        samples=12,
+        format="classification",
+        seed=3,
+    )
+    estimate.estimate(config)
+    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    return folder / "f.safetensors"

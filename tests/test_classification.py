@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, classifier_factors, make_bert_dir, write_jsonl
 
 from lorasb_cli import adapter, artifacts, estimate, evaluate, train
-from lorasb_cli.decompose import decompose
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.merge import merge
 
@@ -17,17 +16,7 @@ def chain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cls")
     model_dir = make_bert_dir(folder / "bert")
     data = write_jsonl(folder / "train.jsonl", CLASS_ROWS)
-    estimate.estimate(
-        estimate.EstimateConfig(
-            model=str(model_dir),
-            data=str(data),
-            out=str(folder / "u.safetensors"),
-            samples=12,
-            format="classification",
-            seed=3,
-        )
-    )
-    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    classifier_factors(folder, model_dir, data)
     train.train(
         train.TrainConfig(
             model=str(model_dir),

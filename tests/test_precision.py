@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, classifier_factors, make_bert_dir, write_jsonl
 from transformers import TrainerCallback
 
-from lorasb_cli import adapter, artifacts, estimate, train
-from lorasb_cli.decompose import decompose
+from lorasb_cli import adapter, artifacts, train
 
 LR = 2e-5
 STEPS = 3
@@ -29,17 +28,7 @@ def bert(tmp_path_factory):
 def lorasb_runs(bert):
     """The factors (float32 estimate of the tiny BERT classifier) and the same LoRA-SB run in bf16 and float32."""
     folder, model_dir, data = bert
-    estimate.estimate(
-        estimate.EstimateConfig(
-            model=str(model_dir),
-            data=str(data),
-            out=str(folder / "u.safetensors"),
-            samples=12,
-            format="classification",
-            seed=3,
-        )
-    )
-    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    classifier_factors(folder, model_dir, data)
     runs = {}
     for dtype in ("bfloat16", "float32"):
         train.train(
