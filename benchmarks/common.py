@@ -12,6 +12,17 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# Mistral-7B-v0.1's layer shapes (its config.json on the hub): what fixes its memory and its matmul sizes.
+MISTRAL_7B_SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 32000,
+}
+
 
 def machine_info() -> dict[str, str]:
     """What a reader needs to compare timings across machines."""

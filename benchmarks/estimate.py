@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, verdict, write_result, write_section
+from common import MISTRAL_7B_SHAPE, key_values, machine_info, markdown_table, verdict, write_result, write_section
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorasb_cli import data, models, plan
@@ -71,13 +71,7 @@ PAPER_MODELS = {
     "Mistral-7B-v0.1": (
         "MistralConfig",
         {
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "vocab_size": 32000,
+            **MISTRAL_7B_SHAPE,
             "max_position_embeddings": 32768,
             "sliding_window": 4096,
             "tie_word_embeddings": False,

@@ -35,19 +35,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import MISTRAL_7B_SHAPE
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 GIB = 2**30
 SHAPES = {
-    "mistral-7b": {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 32000,
-    },
+    "mistral-7b": MISTRAL_7B_SHAPE,
     "tiny": {
         "hidden_size": 128,
         "intermediate_size": 448,
