@@ -345,6 +345,12 @@ def classification_text(row: dict) -> str | tuple[str, str]:
     )
 
 
+def check_max_length(max_length: int) -> None:
+    """A sample needs a prompt token and a supervised one (causal LM) or [CLS] and [SEP] (encoder)."""
+    if max_length < 2:
+        raise BadInputError(f"--max-length {max_length} is too small", hint="pass at least 2")
+
+
 @dataclass(frozen=True)
 class Encoder:
     """Turns one row into an Example: `text` (every next token supervised), `prompt-response` (the template's
@@ -358,8 +364,7 @@ class Encoder:
     template: str | None = "alpaca"  # prompt-response only
 
     def __post_init__(self):
-        if self.max_length < 2:
-            raise BadInputError(f"--max-length {self.max_length} is too small", hint="pass at least 2")
+        check_max_length(self.max_length)
         if self.fmt in ("classification", "regression") and self.labels is None:
             raise BadInputError(f"--format {self.fmt} needs a sequence-classification model with its outputs")
 

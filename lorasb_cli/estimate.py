@@ -231,8 +231,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     """
     if not (math.isfinite(config.eta) and config.eta > 0):
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
-    if config.max_length < 2:
-        raise BadInputError(f"--max-length {config.max_length} is too small", hint="pass at least 2")
+    data.check_max_length(config.max_length)  # before the plan, which would build batches of it
     shard = data.parse_shard(config.shard)
     if shard is not None and not config.raw:
         raise BadInputError(
