@@ -7,6 +7,7 @@ Exit status: 0 success, 2 bad usage or input, 1 failure while running.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -52,65 +53,40 @@ def common_options(command):
     return wrapper
 
 
-def model_options(command):
-    for decorator in reversed(
-        (
-            click.option("--model", "-m", required=True, help="Local HF directory, hub id, or alias (e.g. mistral)."),
-            click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
-            click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-            click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code."),
-            click.option(
-                "--allow-pickle",
-                is_flag=True,
-                help="Load .bin/.pt weights (torch.load, weights_only) when a model has no safetensors.",
-            ),
-        )
-    ):
-        command = decorator(command)
-    return command
+class ConfigCommand(click.Command):
+    """A command whose options are generated from a stage's config class (lorasb_cli/options.py) and, where the
+    config takes a plug-in's options, from every plug-in of that kind. They are made when the command first
+    parses or shows help, so `lorasb --help` imports no stage (nor torch). The callback gets the filled config as
+    `config`, and the options the command declares itself (--json, estimate's --dry-run) as they are."""
 
+    def __init__(self, *args, config: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config  # "module:Class" in lorasb_cli
+        self.own = {p.name for p in self.params}
+        self._generated = False
 
-def data_options(command):
-    for decorator in reversed(
-        (
-            click.option("--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."),
-            click.option("--split", default="train", show_default=True, help="Split of a hub or built-in data set."),
-            click.option("--data-config", default=None, help="Configuration of a hub data set (e.g. main, sst2)."),
-            click.option("--fields", default=None, help="Columns named otherwise: prompt=COL,response=COL,label=COL."),
-            click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list)."),
-            click.option(
-                "--format",
-                "data_format",
-                default="auto",
-                show_default=True,
-                help="text, prompt-response, classification, regression, or auto (picked from the fields).",
-            ),
-            template_option,
-            click.option("--batch-size", default=8, show_default=True, type=int, help="Samples per forward pass."),
-            click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per sample, at most."),
-        )
-    ):
-        command = decorator(command)
-    return command
+    def config_class(self):
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(f"lorasb_cli.{module}"), name)
 
+    def get_params(self, ctx):
+        if not self._generated:
+            from .options import cli_fields, click_param
 
-template_option = click.option(
-    "--template",
-    default="auto",
-    show_default=True,
-    help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
-    "messages: chat; instruction styles: alpaca).",
-)
-force_template_option = click.option(
-    "--force-template", is_flag=True, help="Use --template even where the factors or adapter used another."
-)
+            cls = self.config_class()
+            plugins = cls.plugin_fields() if hasattr(cls, "plugin_fields") else []
+            self.params[:0] = [click_param(f) for f in cli_fields(cls)] + [click_param(f, plugin=True) for f in plugins]
+            self._generated = True
+        return super().get_params(ctx)
 
+    def invoke(self, ctx):
+        from .options import build
 
-def _number(option: str, value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a number", param_hint=option) from None
+        values = {k: v for k, v in ctx.params.items() if k not in self.own}
+        ctx.params = {k: v for k, v in ctx.params.items() if k in self.own} | {
+            "config": build(self.config_class(), values)
+        }
+        return super().invoke(ctx)
 
 
 def report(path, summary: dict, as_json: bool) -> None:
@@ -137,15 +113,9 @@ def cli():
     """
 
 
-def _data_optional(command):
-    """estimate's --data: needed by every run but --dry-run, so the command checks it rather than click."""
-    for param in command.__click_params__:
-        if param.name == "data":
-            param.required = False
-    return command
-
-
 @cli.command(
+    cls=ConfigCommand,
+    config="estimate:EstimateConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Example:
@@ -153,152 +123,26 @@ Example:
   lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors
   lorasb estimate --model mistral --dry-run --batch-size 8 --max-length 512 --rank 96 --dtype bfloat16""",
 )
-@_data_optional
-@model_options
-@data_options
-@click.option("--frac", type=float, default=None, help="Fraction of the split to sample [default: 0.001].")
-@click.option("--samples", type=int, default=None, help="Number of samples instead of --frac.")
-@click.option(
-    "--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes q_proj,v_proj."
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sample draw.")
-@click.option("--eta", default=1e-5, show_default=True, type=float, help="Size η of the simulated first step.")
-@click.option("--raw", is_flag=True, help="Write float32 sums of G and the sample count (for lorasb combine).")
-@click.option("--shard", default=None, help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
-@click.option(
-    "--accumulate-on",
-    type=click.Choice(["auto", "cpu", "device"]),
-    default="auto",
-    show_default=True,
-    help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
-    "when everything fits there, else the CPU.",
-)
-@click.option(
-    "--accumulate-dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="bfloat16 halves the accumulators; each batch rounds once into G.",
-)
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).",
 )
 @click.option("--rank", "-r", default=32, show_default=True, type=int, help="--dry-run: the rank train is planned at.")
-@click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
-def estimate(
-    model,
-    dtype,
-    device,
-    trust_remote_code,
-    allow_pickle,
-    data,
-    split,
-    data_config,
-    fields,
-    size,
-    data_format,
-    template,
-    batch_size,
-    max_length,
-    frac,
-    samples,
-    targets,
-    seed,
-    eta,
-    raw,
-    shard,
-    accumulate_on,
-    accumulate_dtype,
-    dry_run,
-    rank,
-    out,
-    as_json,
-    quiet,
-):
+def estimate(config, dry_run, rank, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import human_bytes, print_table, progress_bar
-    from .estimate import EstimateConfig
     from .estimate import estimate as run_estimate
 
     if dry_run:
-        from . import plan
         from .system import is_main_process
 
-        if not is_main_process():  # one plan per job under a launcher
-            return
-        head = "sequence-classification" if data_format in ("classification", "regression") else "causal-lm"
-        planned = plan.plan_model(
-            model,
-            targets=targets,
-            batch_size=batch_size,
-            max_length=max_length,
-            rank=rank,
-            dtype=dtype,
-            device=device,
-            accumulate_on=accumulate_on,
-            accumulate_dtype=accumulate_dtype,
-            head=head,
-            trust_remote_code=trust_remote_code,
-        )
-        facts = planned.facts
-        print_table(
-            f"memory plan: {facts.model}, {facts.dtype}, batch {batch_size} × {max_length}, rank {rank}, "
-            f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
-            ["stage", "holds", "on", "size"],
-            [
-                [name, item.what, item.where, human_bytes(item.bytes)]
-                for name, stage in planned.stages.items()
-                for item in stage.items
-            ]
-            + [
-                [
-                    name,
-                    "total" + {True: "", False: " — does NOT fit", None: ""}[planned.fits(name)],
-                    ", ".join(
-                        f"{w} (free {human_bytes(planned.free[w]) if w in planned.free else 'unknown here'})"
-                        for w in stage.need()
-                    ),
-                    human_bytes(stage.total),
-                ]
-                for name, stage in planned.stages.items()
-            ],
-        )
-        if as_json:
-            click.echo(json.dumps(planned.to_json()))
-        else:
-            click.echo("; ".join(f"{name} {stage.total / 2**30:.2f} GiB" for name, stage in planned.stages.items()))
+        if is_main_process():  # one plan per job under a launcher
+            _print_plan(config, rank, as_json)
         return
-    if data is None:
+    if config.data is None:
         raise click.UsageError("Missing option '--data' / '-d' (only --dry-run runs without data).")
-    config = EstimateConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        data=data,
-        out=out,
-        split=split,
-        data_config=data_config,
-        fields=fields,
-        size=size,
-        format=data_format,
-        template=template,
-        frac=frac if frac is not None or samples is not None else 0.001,
-        samples=samples,
-        targets=targets,
-        batch_size=batch_size,
-        max_length=max_length,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-        eta=eta,
-        raw=raw,
-        shard=shard,
-        trust_remote_code=trust_remote_code,
-        accumulate_on=accumulate_on,
-        accumulate_dtype=accumulate_dtype,
-    )
     with progress_bar("estimate", enabled=not quiet) as progress:
         summary = run_estimate(config, progress)
     planned = ", ".join(f"{human_bytes(b)} on {w}" for w, b in (summary.planned_bytes or {}).items()) or "-"
@@ -318,6 +162,55 @@ def estimate(
         ],
     )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
+
+
+def _print_plan(config, rank: int, as_json: bool) -> None:
+    """estimate --dry-run: the memory each stage needs, from the model's config alone."""
+    from . import plan
+    from .console import human_bytes, print_table
+
+    head = "sequence-classification" if config.format in ("classification", "regression") else "causal-lm"
+    planned = plan.plan_model(
+        config.model,
+        targets=config.targets,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        rank=rank,
+        dtype=config.dtype,
+        device=config.device,
+        accumulate_on=config.accumulate_on,
+        accumulate_dtype=config.accumulate_dtype,
+        head=head,
+        trust_remote_code=config.trust_remote_code,
+    )
+    facts = planned.facts
+    totals = [
+        [
+            name,
+            "total" + {True: "", False: " — does NOT fit", None: ""}[planned.fits(name)],
+            ", ".join(
+                f"{w} (free {human_bytes(planned.free[w]) if w in planned.free else 'unknown here'})"
+                for w in stage.need()
+            ),
+            human_bytes(stage.total),
+        ]
+        for name, stage in planned.stages.items()
+    ]
+    print_table(
+        f"memory plan: {facts.model}, {facts.dtype}, batch {config.batch_size} × {config.max_length}, rank {rank}, "
+        f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
+        ["stage", "holds", "on", "size"],
+        [
+            [name, item.what, item.where, human_bytes(item.bytes)]
+            for name, stage in planned.stages.items()
+            for item in stage.items
+        ]
+        + totals,
+    )
+    if as_json:
+        click.echo(json.dumps(planned.to_json()))
+    else:
+        click.echo("; ".join(f"{name} {stage.total / 2**30:.2f} GiB" for name, stage in planned.stages.items()))
 
 
 @cli.command(
@@ -398,6 +291,8 @@ def decompose(
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="train:TrainConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -405,140 +300,12 @@ Examples:
   lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume
   lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/""",
 )
-@model_options
-@click.option(
-    "--method",
-    default="lorasb",
-    show_default=True,
-    metavar="NAME",
-    help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
-    "full, head.",
-)
-@click.option("--factors", "-f", default=None, help="--method lorasb: factors file written by lorasb decompose.")
-@click.option("--rank", "-r", default=None, type=int, help="Rank of the other low-rank methods.")
-@click.option(
-    "--targets", default="all-linear", show_default=True, help="Other methods: all-linear, attention, or suffixes."
-)
-@click.option(
-    "--alpha", default=None, type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
-)
-@click.option(
-    "--init-samples", default=32, show_default=True, type=int, help="--method loraga: samples of its gradient."
-)
-@click.option("--init-iters", default=1000, show_default=True, type=int, help="--method inilora*: fit iterations.")
-@data_options
-@force_template_option
-@click.option("--eval-data", default=None, help="Held-out file for eval loss (same format as --data).")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
-@click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over --data.")
-@click.option("--max-steps", default=-1, show_default=True, type=int, help="Optimizer steps; overrides --epochs.")
-@click.option("--grad-accum", default=1, show_default=True, type=int, help="Batches per optimizer step.")
-@click.option("--warmup-ratio", default=0.0, show_default=True, type=float, help="Fraction of steps to warm up.")
-@click.option(
-    "--scheduler", default="linear", show_default=True, help="linear, cosine, constant, constant_with_warmup."
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of data order and any randomness.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward to save memory.")
-@click.option("--save-steps", default=500, show_default=True, type=int, help="Checkpoint every N steps.")
-@click.option("--eval-steps", default=None, type=int, help="Evaluate --eval-data every N steps (and at the end).")
-@click.option("--eval-task", default=None, help="Also score --eval-data on this task (lorasb evaluate --task).")
-@click.option(
-    "--init-scale",
-    default="1",
-    show_default=True,
-    help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.",
-)
-@click.option("--resume", is_flag=True, help="Continue the run in -o from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
-@click.option("-o", "--out", required=True, help="Run directory to write the adapter into.")
 @common_options
-def train(
-    model,
-    dtype,
-    device,
-    trust_remote_code,
-    allow_pickle,
-    method,
-    factors,
-    rank,
-    targets,
-    alpha,
-    init_samples,
-    init_iters,
-    data,
-    split,
-    data_config,
-    fields,
-    size,
-    data_format,
-    template,
-    batch_size,
-    max_length,
-    force_template,
-    eval_data,
-    lr,
-    epochs,
-    max_steps,
-    grad_accum,
-    warmup_ratio,
-    scheduler,
-    seed,
-    gradient_checkpointing,
-    save_steps,
-    eval_steps,
-    eval_task,
-    init_scale,
-    resume,
-    overwrite,
-    out,
-    as_json,
-    quiet,
-):
+def train(config, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
     from .console import human_bytes, print_table, progress_bar
-    from .train import TrainConfig
     from .train import train as run_train
 
-    config = TrainConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        factors=factors,
-        method=method,
-        rank=rank,
-        targets=targets,
-        alpha=alpha,
-        init_samples=init_samples,
-        init_iters=init_iters,
-        data=data,
-        out=out,
-        split=split,
-        data_config=data_config,
-        fields=fields,
-        size=size,
-        format=data_format,
-        template=template,
-        force_template=force_template,
-        eval_data=eval_data,
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup_ratio=warmup_ratio,
-        scheduler=scheduler,
-        max_length=max_length,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        gradient_checkpointing=gradient_checkpointing,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        eval_task=eval_task,
-        init_scale=init_scale if init_scale == "auto" else _number("--init-scale", init_scale),
-        resume=resume,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-    )
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
@@ -562,6 +329,8 @@ def train(
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="compare:CompareConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -569,90 +338,15 @@ Examples:
     --ranks 16,32 --seeds 3 --max-steps 100 --lr lorasb=2e-3,lora-xs=2e-3,lora=2e-4,full=2e-5 -o report/
   (rerun the same command after an interruption: finished cells are kept)""",
 )
-@click.option("--model", "-m", required=True, help="Local directory, hub id or alias (lorasb models).")
-@click.option("--data", "-d", required=True, help="Training data: a file or a built-in name (lorasb data list).")
-@click.option("--eval-data", default=None, help="Held-out data to score [default: the built-in's test split].")
-@click.option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
-@click.option(
-    "--methods",
-    required=True,
-    help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8.",
-)
-@click.option("--ranks", default="", help="Comma list of ranks for methods without their own.")
-@click.option("--seeds", default=3, show_default=True, type=int, help="Seeds 0..N-1 per cell.")
-@click.option("--max-steps", default=100, show_default=True, type=int, help="Optimizer steps of every cell.")
-@click.option("--lr", default="1e-3", show_default=True, help="Learning rate, or METHOD=LR,...,DEFAULT.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Training batch size.")
-@click.option("--max-length", default=256, show_default=True, type=int, help="Truncate samples to this many tokens.")
-@click.option("--targets", default="all-linear", show_default=True, help="all-linear, attention, or suffixes.")
-@click.option("--samples", default=32, show_default=True, type=int, help="Samples of each seed's estimate.")
-@click.option("--eta", default=1e-5, show_default=True, type=float, help="η of each seed's estimate.")
-@click.option("--size", default=None, type=int, help="Rows of a built-in training set.")
-@click.option("--eval-size", default=None, type=int, help="Rows of a built-in test set.")
-@click.option("--max-new-tokens", default=None, type=int, help="Generation budget of the task [default: the task's].")
-@template_option
-@click.option("--metric", default=None, help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
-@click.option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 @common_options
-def compare(
-    model,
-    data,
-    eval_data,
-    task,
-    methods,
-    ranks,
-    seeds,
-    max_steps,
-    lr,
-    batch_size,
-    max_length,
-    targets,
-    samples,
-    eta,
-    size,
-    eval_size,
-    max_new_tokens,
-    template,
-    metric,
-    trust_remote_code,
-    out,
-    as_json,
-    quiet,
-):
+def compare(config, as_json, quiet):
     """Run methods × ranks × seeds on the same data, steps and evaluation; write results.md/json and PNGs."""
-    from pathlib import Path
-
-    from . import compare as cmp
+    from .compare import compare as run_compare
     from .console import progress_bar
 
-    try:
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-    except ValueError:
-        raise click.BadParameter(f"--ranks '{ranks}' must be a comma list of integers") from None
-    cells = cmp.grid(cmp.parse_methods(methods, rank_list), seeds, cmp.parse_lrs(lr))
-    out_dir = Path(out)
-    train_data, held_out = cmp.prepare_data(out_dir, data, eval_data, size, eval_size)
-    settings = cmp.Settings(
-        model=model,
-        train_data=train_data,
-        eval_data=held_out,
-        task=task,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        max_length=max_length,
-        targets=targets,
-        samples=samples,
-        eta=eta,
-        max_new_tokens=max_new_tokens,
-        template=template,
-        metric=metric,
-        trust_remote_code=trust_remote_code,
-    )
     with progress_bar("compare", enabled=not quiet) as progress:
-        results = cmp.run_grid(out_dir, settings, cells, progress)
-    path = cmp.write_report(out_dir, settings, results)
-    report(path, {"cells": len(results), "rows": cmp.aggregate(results, metric)}, as_json)
+        summary = run_compare(config, progress)
+    report(summary.path, {"cells": summary.cells, "rows": summary.rows}, as_json)
 
 
 @cli.command(
@@ -698,88 +392,25 @@ def merge(adapter, model, out_format, dtype, max_shard_size, overwrite, trust_re
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="evaluate:EvaluateConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Example:
   lorasb evaluate --model mistral-math/ --task gsm8k -o results.json
   lorasb evaluate --model mistral --adapter run/ --task gsm8k --data gsm8k_test.jsonl --limit 200 -o results.json""",
 )
-@model_options
-@click.option("--adapter", "-a", default=None, help="Adapter directory (lorasb train -o) to evaluate unmerged.")
-@click.option("--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity.")
-@click.option("--data", "-d", default=None, help="Local file or hub data set [default: the task's own].")
-@click.option("--split", default=None, help="Split of a hub or built-in data set [default: the task's].")
-@click.option("--data-config", default=None, help="Configuration of a hub data set [default: the task's].")
-@click.option("--fields", default=None, help="The task's fields named otherwise: question=COL,answer=COL.")
-@template_option
-@force_template_option
-@click.option("--size", default=None, type=int, help="Rows of a built-in data set (lorasb data list).")
-@click.option("--limit", default=None, type=int, help="Evaluate the first N examples only.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Examples per batch.")
-@click.option("--max-new-tokens", default=None, type=int, help="Generation length [default: the task's].")
-@click.option("--max-length", default=1024, show_default=True, type=int, help="Input tokens, at most.")
-@click.option("--scoring", default=None, help="generate or loglik (pick the most likely option) [default: the task's].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed (decoding is greedy).")
-@click.option("-o", "--out", default="results.json", show_default=True, help="Results JSON; predictions go beside it.")
 @common_options
-def evaluate(
-    model,
-    dtype,
-    device,
-    trust_remote_code,
-    allow_pickle,
-    adapter,
-    task,
-    data,
-    split,
-    data_config,
-    fields,
-    template,
-    force_template,
-    size,
-    limit,
-    batch_size,
-    max_new_tokens,
-    max_length,
-    scoring,
-    seed,
-    out,
-    as_json,
-    quiet,
-):
+def evaluate(config, as_json, quiet):
     """Score a model (or model + adapter) on a task; write results JSON and per-example predictions JSONL."""
     from .console import print_table, progress_bar
-    from .evaluate import EvaluateConfig
     from .evaluate import evaluate as run_evaluate
 
-    config = EvaluateConfig(
-        model=model,
-        allow_pickle=allow_pickle,
-        task=task,
-        out=out,
-        adapter=adapter,
-        data=data,
-        split=split,
-        data_config=data_config,
-        fields=fields,
-        template=template,
-        force_template=force_template,
-        size=size,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        scoring=scoring,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-    )
     with progress_bar("evaluate", enabled=not quiet) as progress:
         summary = run_evaluate(config, progress)
     scalars = {k: v for k, v in summary.metrics.items() if isinstance(v, (int, float))}
     print_table(
-        f"{task} ({summary.count} examples)",
+        f"{config.task} ({summary.count} examples)",
         ["metric", "value"],
         [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in scalars.items()],
     )

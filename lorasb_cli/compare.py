@@ -14,11 +14,12 @@ import logging
 import shutil
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import artifacts, data, inits, methods
 from .errors import BadInputError
+from .options import ModelOptions, TrainingDataOptions, option, takes
 
 log = logging.getLogger("lorasb")
 
@@ -35,7 +36,7 @@ class Cell:
     noise_std: float | None = None  # init noisy
     samples: int | None = None  # estimate sample count; default: Settings.samples
     eta: float | None = None  # estimate η; default: Settings.eta
-    init_scale: float | str = 1.0
+    init_scale: float | str | None = None  # lorasb's --init-scale [default: its own]
 
     @property
     def name(self) -> str:
@@ -51,6 +52,32 @@ class Cell:
     @property
     def is_init(self) -> bool:
         return self.method in inits.INITS
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(TrainingDataOptions, ModelOptions):
+    """`lorasb compare`'s options: the model and data groups every cell's stages get, then the grid's own."""
+
+    data: str = option(
+        "--data", "-d", required=True, help="Training data: a file, hub data set or built-in name (lorasb data list)."
+    )
+    eval_data: str | None = option(help="Held-out data to score [default: the built-in's test split].")
+    eval_size: int | None = option(type=int, help="Rows of a built-in test set.")
+    task: str = option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
+    methods: str = option(
+        required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
+    )
+    ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
+    seeds: int = option(default=3, help="Seeds 0..N-1 per cell.")
+    max_steps: int = option(default=100, help="Optimizer steps of every cell.")
+    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
+    max_length: int = option(default=256, help="Tokens per sample, at most.")
+    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
+    samples: int = option(default=32, help="Samples of each seed's estimate.")
+    eta: float = option(default=1e-5, help="η of each seed's estimate.")
+    max_new_tokens: int | None = option(type=int, help="Generation budget of the task [default: the task's].")
+    metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
+    out: str = option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 
 
 @dataclass(frozen=True)
@@ -72,7 +99,46 @@ class Settings:
     max_new_tokens: int | None = None
     template: str = "auto"
     metric: str | None = None  # the metric the table ranks by [default: primary_metric]
+    split: str = "train"
+    data_config: str | None = None
+    fields: str | None = None
+    format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def model_options(self) -> dict:
+        """The model group, as every cell's estimate, train and evaluate take it."""
+        names = ("dtype", "device", "trust_remote_code", "allow_pickle")
+        return {"model": self.model} | {name: getattr(self, name) for name in names}
+
+    def data_options(self) -> dict:
+        """How the training data is read, as every cell's estimate and train take it."""
+        names = ("split", "data_config", "fields", "format", "template", "batch_size", "max_length")
+        return {"data": self.train_data} | {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class CompareSummary:
+    path: Path
+    cells: int
+    rows: list[dict]
+
+
+def compare(config: CompareConfig, progress: Callable[[int, int], None] | None = None) -> CompareSummary:
+    """Run the grid `config` describes into `config.out` (finished cells are kept) and write its report."""
+    try:
+        ranks = [int(r) for r in config.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
+    cells = grid(parse_methods(config.methods, ranks), config.seeds, parse_lrs(config.lr))
+    out = Path(config.out)
+    train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
+    shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}
+    settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out})
+    results = run_grid(out, settings, cells, progress)
+    return CompareSummary(write_report(out, settings, results), len(results), aggregate(results, config.metric))
 
 
 @dataclass
@@ -154,17 +220,13 @@ def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         estimate(
             EstimateConfig(
-                model=settings.model,
-                data=settings.train_data,
+                **settings.model_options(),
+                **settings.data_options(),
                 out=str(path),
                 samples=samples,
                 seed=cell.seed,
                 eta=eta,
                 targets=settings.targets,
-                batch_size=settings.batch_size,
-                max_length=settings.max_length,
-                template=settings.template,
-                trust_remote_code=settings.trust_remote_code,
             )
         )
     return path
@@ -191,52 +253,56 @@ def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
     return path
 
 
-def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
-    """Train and evaluate one cell in `out/cells/<key>/` (rerunning it from scratch if it was interrupted)."""
-    from .evaluate import EvaluateConfig, evaluate
+def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
+    """The cell's `lorasb train` into `run`: an init's cells train R between its factors (`--method lorasb`)."""
     from .train import TrainConfig, train
 
-    folder = out / "cells" / cell.key
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
-    folder.mkdir(parents=True)
-    factors = str(_factors_path(out, settings, cell)) if cell.is_init else None
-    summary = train(
-        TrainConfig(
-            model=settings.model,
-            data=settings.train_data,
+    method = methods.get_method("lorasb" if cell.is_init else cell.method)
+    wanted = {"rank": cell.rank, "targets": settings.targets, "init_scale": cell.init_scale}
+    return train(
+        TrainConfig.from_options(
+            **settings.model_options(),
+            **settings.data_options(),
+            **{k: v for k, v in wanted.items() if takes(method.options, k)},
             eval_data=settings.eval_data,
-            out=str(folder / "run"),
-            method="lorasb" if cell.is_init else cell.method,
-            factors=factors,
-            rank=None if cell.is_init else cell.rank,
-            targets=settings.targets,
+            out=str(run),
+            method=method.name,
+            factors=str(_factors_path(out, settings, cell)) if cell.is_init else None,
             lr=cell.lr,
             max_steps=settings.max_steps,
-            batch_size=settings.batch_size,
-            max_length=settings.max_length,
             warmup_ratio=settings.warmup_ratio,
             seed=cell.seed,
-            init_scale=cell.init_scale,
             save_steps=10**9,
-            template=settings.template,
-            trust_remote_code=settings.trust_remote_code,
         )
     )
-    scored = evaluate(
+
+
+def _evaluate_cell(settings: Settings, run: Path, out: Path):
+    from .evaluate import EvaluateConfig, evaluate
+
+    return evaluate(
         EvaluateConfig(
-            model=settings.model,
-            adapter=str(folder / "run"),
+            **settings.model_options(),
+            adapter=str(run),
             task=settings.task,
             data=settings.eval_data,
-            out=str(folder / "eval.json"),
+            out=str(out),
             batch_size=settings.eval_batch_size,
             max_length=settings.max_length,
             max_new_tokens=settings.max_new_tokens,
             template=settings.template,
-            trust_remote_code=settings.trust_remote_code,
         )
     )
+
+
+def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
+    """Train and evaluate one cell in `out/cells/<key>/` (rerunning it from scratch if it was interrupted)."""
+    folder = out / "cells" / cell.key
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
+    folder.mkdir(parents=True)
+    summary = _train_cell(out, settings, cell, folder / "run")
+    scored = _evaluate_cell(settings, folder / "run", folder / "eval.json")
     metrics = json.loads((folder / "run" / "metrics.json").read_text())
     result = CellResult(
         cell=asdict(cell),

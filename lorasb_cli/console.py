@@ -44,7 +44,8 @@ def rank_prefix() -> str:
 
 @contextlib.contextmanager
 def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield `update(done, total)` driving one rich bar on stderr (a no-op when disabled, and on ranks > 0)."""
+    """Yield `update(done, total)` driving one rich bar on stderr (a no-op when disabled, and on ranks > 0). The
+    bar appears with the first update: a stage that fails its checks before any work prints its error line alone."""
     if not enabled or _rank > 0:
         yield lambda done, total: None
         return
@@ -55,9 +56,17 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=stderr) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+    with contextlib.ExitStack() as stack:
+        shown: list = []  # [(Progress, task id)] once the first update came
+
+        def update(done: int, total: int) -> None:
+            if not shown:
+                progress = stack.enter_context(Progress(*columns, console=stderr))
+                shown.append((progress, progress.add_task(description, total=total)))
+            progress, task = shown[0]
+            progress.update(task, completed=done, total=total)
+
+        yield update
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

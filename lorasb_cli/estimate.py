@@ -15,13 +15,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 from torch import nn
 
 from . import artifacts, data, loss, models, plan, system
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+from .options import ModelOptions, TrainingDataOptions, option
 
 log = logging.getLogger("lorasb")
+
+DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
 
 
 @dataclass
@@ -183,32 +187,36 @@ def sign_update(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": torch.sign(g).neg_().to(torch.int8) for name, g in sums.items()}
 
 
-@dataclass(frozen=True)
-class EstimateConfig:
-    model: str
-    data: str
-    out: str
-    split: str = "train"
-    size: int | None = None
-    data_config: str | None = None
-    fields: str | None = None
-    format: str = "auto"
-    template: str = "auto"
-    frac: float | None = None
-    samples: int | None = None
-    targets: str = "all-linear"
-    batch_size: int = 8
-    max_length: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    eta: float = 1e-5
-    raw: bool = False
-    shard: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
-    accumulate_on: str = "auto"  # plan.ACCUMULATE_ON: auto is the device when everything fits there
-    accumulate_dtype: str = "float32"  # or bfloat16: half the memory, one rounding per batch (sum_gradients)
+@dataclass(frozen=True, kw_only=True)
+class EstimateConfig(TrainingDataOptions, ModelOptions):
+    """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
+
+    data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
+    frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
+    samples: int | None = option(type=int, help="Number of samples instead of --frac.")
+    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    seed: int = option(default=0, help="Seed of the sample draw.")
+    eta: float = option(default=1e-5, help="Size η of the simulated first step.")
+    raw: bool = option(
+        flag=True, default=False, help="Write float32 sums of G and the sample count (for lorasb combine)."
+    )
+    shard: str | None = option(help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
+    accumulate_on: str = option(
+        type=click.Choice(plan.ACCUMULATE_ON),
+        default="auto",
+        help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
+        "when everything fits there, else the CPU.",
+    )
+    accumulate_dtype: str = option(
+        type=click.Choice(["float32", "bfloat16"]),
+        default="float32",
+        help="bfloat16 halves the accumulators; each batch rounds once into G.",
+    )
+    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
+
+    def __post_init__(self):
+        if self.frac is None and self.samples is None:
+            object.__setattr__(self, "frac", DEFAULT_FRAC)
 
 
 @dataclass

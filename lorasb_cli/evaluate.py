@@ -19,35 +19,33 @@ from torch import nn
 
 from . import adapter, artifacts, data, models, shards, templates
 from .errors import BadInputError
+from .options import DataOptions, ModelOptions, force_template, option
 from .tasks import Task, get_task
 from .tasks.runner import Answerer, ModelAnswerer, evaluate_rows
 
 log = logging.getLogger("lorasb")
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    model: str
-    task: str
-    out: str
-    adapter: str | None = None
-    data: str | None = None
-    split: str | None = None
-    data_config: str | None = None
-    fields: str | None = None
-    size: int | None = None
-    limit: int | None = None
-    template: str = "auto"
-    force_template: bool = False
-    batch_size: int = 8
-    max_new_tokens: int | None = None
-    max_length: int = 1024
-    scoring: str | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(DataOptions, ModelOptions):
+    """`lorasb evaluate`'s options: the model and data groups (the data defaulting to the task's), then its own."""
+
+    adapter: str | None = option("--adapter", "-a", help="Adapter directory (lorasb train -o) to evaluate unmerged.")
+    task: str = option(
+        "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
+    )
+    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
+    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
+    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
+    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
+    force_template: bool = force_template()
+    limit: int | None = option(type=int, help="Evaluate the first N examples only.")
+    batch_size: int = option(default=8, help="Examples per batch.")
+    max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
+    max_length: int = option(default=1024, help="Input tokens, at most.")
+    scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
+    seed: int = option(default=0, help="Seed (decoding is greedy).")
+    out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
 
 
 @dataclass
@@ -155,9 +153,9 @@ def evaluate(
     answerer: Answerer | None = None,
 ) -> EvaluateSummary:
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
-    for value, option in ((config.batch_size, "--batch-size"), (config.max_new_tokens, "--max-new-tokens")):
+    for value, flag in ((config.batch_size, "--batch-size"), (config.max_new_tokens, "--max-new-tokens")):
         if value is not None and value < 1:
-            raise BadInputError(f"{option} {value} must be positive")
+            raise BadInputError(f"{flag} {value} must be positive")
     for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
         artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
     task = get_task(config.task)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
+from . import adapter, artifacts, data, linalg, loss, methods, models, options, system, templates
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
+from .options import ModelOptions, TrainingDataOptions, force_template, option
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -31,46 +32,48 @@ log = logging.getLogger("lorasb")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    data: str
-    out: str
-    factors: str | None = None
-    method: str = "lorasb"
-    rank: int | None = None  # methods other than lorasb (which takes the factors' rank)
-    targets: str = "all-linear"
-    alpha: float | None = None  # LoRA-family methods; None: the method's paper default
-    init_samples: int = 32  # loraga: samples of its gradient estimate
-    init_iters: int = 1000  # inilora*: iterations of the fit to W0
-    split: str = "train"
-    size: int | None = None
-    data_config: str | None = None
-    fields: str | None = None
-    format: str = "auto"
-    template: str = "auto"
-    force_template: bool = False
-    eval_data: str | None = None
-    lr: float = 1e-3
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.0
-    scheduler: str = "linear"
-    max_length: int = 512
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    save_steps: int = 500
-    eval_steps: int | None = None
-    eval_task: str | None = None
-    init_scale: float | str = 1.0  # or "auto"
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # .bin/.pt weights through torch.load(weights_only=True)
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(TrainingDataOptions, ModelOptions):
+    """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
+    --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
+    given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
+
+    method: str = option(
+        default="lorasb",
+        metavar="NAME",
+        help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
+        "full, head.",
+    )
+    factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
+    force_template: bool = force_template()
+    eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
+    lr: float = option(default=1e-3, help="AdamW learning rate.")
+    epochs: float = option(default=1.0, help="Passes over --data.")
+    max_steps: int = option(default=-1, help="Optimizer steps; overrides --epochs.")
+    grad_accum: int = option(default=1, help="Batches per optimizer step.")
+    warmup_ratio: float = option(default=0.0, help="Fraction of steps to warm up.")
+    scheduler: str = option(default="linear", help="linear, cosine, constant, constant_with_warmup.")
+    seed: int = option(default=0, help="Seed of data order and any randomness.")
+    gradient_checkpointing: bool = option(
+        flag=True, default=False, help="Recompute activations in backward to save memory."
+    )
+    save_steps: int = option(default=500, help="Checkpoint every N steps.")
+    eval_steps: int | None = option(type=int, help="Evaluate --eval-data every N steps (and at the end).")
+    eval_task: str | None = option(help="Also score --eval-data on this task (lorasb evaluate --task).")
+    resume: bool = option(flag=True, default=False, help="Continue the run in -o from its last checkpoint.")
+    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
+    out: str = option("-o", "--out", required=True, help="Run directory to write the adapter into.")
+    method_options: Mapping[str, object] = field(default_factory=dict)
+
+    PLUGIN_FIELD: ClassVar[str] = "method_options"
+
+    @staticmethod
+    def plugin_fields() -> list:
+        return methods.option_fields()
+
+    @classmethod
+    def from_options(cls, **values) -> TrainConfig:
+        return options.build(cls, values)
 
 
 @dataclass
@@ -110,7 +113,8 @@ def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
     return out
 
 
-def _check_options(config: TrainConfig) -> None:
+def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodOptions]:
+    """The checked options: the method, and its own options resolved from those given."""
     checks = [
         (config.lr > 0, f"--lr {config.lr} must be positive"),
         (config.batch_size >= 1, f"--batch-size {config.batch_size} must be positive"),
@@ -119,15 +123,10 @@ def _check_options(config: TrainConfig) -> None:
         (config.max_steps != 0, "--max-steps 0 trains nothing"),
         (config.epochs > 0, f"--epochs {config.epochs} must be positive"),
         (config.save_steps >= 1, f"--save-steps {config.save_steps} must be positive"),
-        (config.init_samples >= 1, f"--init-samples {config.init_samples} must be positive"),
-        (config.init_iters >= 1, f"--init-iters {config.init_iters} must be positive"),
-        (config.alpha is None or config.alpha > 0, f"--alpha {config.alpha} must be positive"),
     ]
     for ok, message in checks:
         if not ok:
             raise BadInputError(message)
-    if config.init_scale != "auto" and not (isinstance(config.init_scale, float) and math.isfinite(config.init_scale)):
-        raise BadInputError(f"--init-scale {config.init_scale} must be auto or a finite number")
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
     method = methods.get_method(config.method)
@@ -136,15 +135,13 @@ def _check_options(config: TrainConfig) -> None:
             f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors"
         )
     if not method.needs_factors and config.factors:
-        raise BadInputError(f"--factors is for --method lorasb, not {method.name}", hint="drop --factors")
-    if method.uses_rank and not method.needs_factors and config.rank is None:
-        raise BadInputError(f"--method {method.name} needs --rank", hint="e.g. --rank 8")
-    if config.init_scale != 1.0 and method.name != "lorasb":
-        raise BadInputError("--init-scale applies to --method lorasb only", hint="drop --init-scale")
+        users = ", ".join(m.name for m in methods.METHODS.values() if m.needs_factors)
+        raise BadInputError(f"--factors is for --method {users}, not {method.name}", hint="drop --factors")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(
             f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS)
         )
+    return method, method.resolve_options(config.method_options)
 
 
 def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool) -> artifacts.Factors:
@@ -172,6 +169,7 @@ class _Inputs:
     """What a run reads, checked before any weight is loaded."""
 
     method: methods.Method
+    options: methods.MethodOptions
     ref: models.ModelRef
     factors: artifacts.Factors | None
     train_set: data.Dataset
@@ -182,8 +180,7 @@ class _Inputs:
     out: Path
 
 
-def _read_inputs(config: TrainConfig) -> _Inputs:
-    method = methods.get_method(config.method)
+def _read_inputs(config: TrainConfig, method: methods.Method, method_options: methods.MethodOptions) -> _Inputs:
     ref = models.resolve_model(config.model)
     factors = _load_factors_checked(config.factors, ref, config.trust_remote_code) if method.needs_factors else None
     train_set = data.load_dataset_rows(
@@ -204,7 +201,8 @@ def _read_inputs(config: TrainConfig) -> _Inputs:
     labels = factors.config.get("labels") if factors is not None else data.head_labels(fmt, train_set.rows)
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
-    return _Inputs(method, ref, factors, train_set, eval_set, fmt, template, labels, _prepare_out(config, ref))
+    out = _prepare_out(config, ref)
+    return _Inputs(method, method_options, ref, factors, train_set, eval_set, fmt, template, labels, out)
 
 
 @dataclass
@@ -223,8 +221,8 @@ def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     encoder = data.Encoder(inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template)
     train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
     eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
-    if config.init_scale == "auto":
-        # `auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
+    if inputs.options.holds_out_probe:
+        # E.g. `--init-scale auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
         # the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, probe = train_examples[:-held], train_examples[-held:]
@@ -257,10 +255,11 @@ def _prepare_method(
     if factors is not None:
         modules, rank = list(factors.factors), factors.config["rank"]
     else:
-        modules = models.resolve_targets(model, config.targets) if method.uses_rank else []
-        rank = config.rank
-        if method.uses_rank:
-            linalg.check_rank(config.rank, models.target_shapes(model, modules))
+        low_rank = method.uses_rank
+        modules = models.resolve_targets(model, inputs.options.targets) if low_rank else []
+        rank = inputs.options.rank if low_rank else None
+        if low_rank:
+            linalg.check_rank(rank, models.target_shapes(model, modules))
     shapes = models.target_shapes(model, modules)
     base_params = sum(p.numel() for p in model.parameters())
     lora_params = sum((rank or 0) * (m + n) for m, n in shapes.values())
@@ -273,14 +272,12 @@ def _prepare_method(
         model=model,
         modules=modules,
         rank=rank,
-        alpha=config.alpha,
         seed=config.seed,
+        options=inputs.options,
         factors=factors,
-        init_scale=config.init_scale if not config.resume else 1.0,  # on resume the checkpoint's R replaces it
-        init_samples=config.init_samples,
-        init_iters=config.init_iters,
         probe_loss=probe_loss,
         batches=lambda n: data.make_batches(examples.train[:n], config.batch_size, tokenizer.pad_token_id),
+        resumes=config.resume,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -314,9 +311,7 @@ def _prepare_method(
                 "the initialized model is worse than the base (%.4f > %.4f)%s",
                 step0_init,
                 step0_base,
-                ": η is too large for this model; re-run estimate with a smaller --eta or pass --init-scale below 1"
-                if method.name == "lorasb"
-                else "",
+                f": {method.worse_init_hint}" if method.worse_init_hint else "",
             )
     return _Run(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
 
@@ -327,13 +322,13 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
     labels = inputs.labels
     adapter_config = {
         "base_model": inputs.ref.provenance(models.fingerprint(run.shapes)),
-        "targets": from_factors.get("targets", config.targets if inputs.method.uses_rank else None),
+        "targets": from_factors.get("targets", getattr(inputs.options, "targets", None)),
         "target_modules": run.modules,
         "rank": run.rank,
         "method": inputs.method.name,
         **run.prepared.config,
         "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},
-        "train": _recorded_options(config),
+        "train": _recorded_options(config, inputs.options),
         **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
     }
     log.info(
@@ -388,10 +383,10 @@ def train(
     One run at a time writes into `config.out` (a lock file); `--overwrite` empties it first; `--resume` continues
     from its newest complete checkpoint with the options the run was started with, and a finished run resumed is
     left as it is. SIGINT/SIGTERM end the run with a checkpoint (`Interrupted`, exit 130/143)."""
-    _check_options(config)
+    method, method_options = _check_options(config)
     system.check_launcher()
     existed = Path(config.out).expanduser().exists()
-    inputs = _read_inputs(config)
+    inputs = _read_inputs(config, method, method_options)
     main = system.is_main_process()
     try:
         return _locked_train(config, inputs, main, progress, callbacks)
@@ -462,7 +457,7 @@ def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
             hint="start the run again with --overwrite",
         )
     recorded = json.loads((checkpoint / adapter.CONFIG_FILE).read_text())
-    before, now = recorded.get("train", {}), _recorded_options(config)
+    before, now = recorded.get("train", {}), _recorded_options(config, inputs.options)
     changed = [k for k, v in now.items() if k not in _FREE_ON_RESUME and k in before and before[k] != v]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {before[k]} → {now[k]}" for k in changed)
@@ -479,9 +474,11 @@ def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
     return checkpoint
 
 
-def _recorded_options(config: TrainConfig) -> dict:
-    """The options recorded in the adapter (and compared on resume): all but where the run writes."""
-    return {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite")}
+def _recorded_options(config: TrainConfig, method_options: methods.MethodOptions) -> dict:
+    """The options recorded in the adapter (and compared on resume): all but where the run writes, the method's
+    own with the values it resolved."""
+    own = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "overwrite", "method_options")}
+    return own | asdict(method_options)
 
 
 def _run(

@@ -50,7 +50,7 @@ def world(tiny_model_dir, tmp_path_factory):
     estimate.estimate(estimate.EstimateConfig(model=str(model), data=str(qa), out=str(raw), samples=8, raw=True))
     run = root / "run"
     train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model=str(model), data=str(qa), out=str(run), factors=str(factors), max_steps=2, batch_size=4, save_steps=50
         )
     )

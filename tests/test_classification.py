@@ -18,7 +18,7 @@ def chain(tmp_path_factory):
     data = write_jsonl(folder / "train.jsonl", CLASS_ROWS)
     classifier_factors(folder, model_dir, data)
     train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model=str(model_dir),
             factors=str(folder / "f.safetensors"),
             data=str(data),
@@ -105,7 +105,7 @@ def test_classification_with_a_causal_lm_names_the_auto_class(tiny_model_dir, tm
 def test_eval_labels_outside_the_trained_classes_are_refused(chain, tmp_path):
     folder, model_dir, data = chain
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "oil said", "label": "sports"}])
-    config = train.TrainConfig(
+    config = train.TrainConfig.from_options(
         model=str(model_dir),
         factors=str(folder / "f.safetensors"),
         data=str(data),

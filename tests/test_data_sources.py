@@ -141,7 +141,7 @@ def test_train_tokenizes_rows_as_the_loader_reads_them(tiny_model_dir, factors_f
     call = data.Encoder.__call__
     monkeypatch.setattr(data.Encoder, "__call__", lambda self, row: encoded.append(row["question"]) or call(self, row))
     train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model=str(tiny_model_dir),
             factors=str(factors_file),
             data=str(rows),
@@ -210,7 +210,7 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
     estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(rows), out=str(tmp_path / "u"), samples=8))
     decompose(str(tmp_path / "u"), 4, str(tmp_path / "f"))
     summary = train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model=str(model_dir),
             factors=str(tmp_path / "f"),
             data=str(rows),

@@ -309,7 +309,7 @@ STEPS, LR = 3, 1e-2
 
 def _train_reference(tiny_model_dir, qa_file, out, **overrides) -> Path:
     """One process, the batch of both ranks together (here the whole data set, so sample order cannot matter)."""
-    config = train.TrainConfig(
+    config = train.TrainConfig.from_options(
         model=str(tiny_model_dir),
         data=str(qa_file),
         out=str(out),

@@ -195,7 +195,7 @@ def _config(model_dir, data, out, method="lora-pro", **overrides) -> train.Train
         "seed": 0,
         "overwrite": True,
     }
-    return train.TrainConfig(**(settings | overrides))
+    return train.TrainConfig.from_options(**(settings | overrides))
 
 
 def _logits(model) -> torch.Tensor:

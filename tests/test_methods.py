@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from lorasb_cli import adapter, merge, methods, train
+from lorasb_cli import adapter, merge, methods, options, train
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError
 from lorasb_cli.methods import inilora, milora
 from lorasb_cli.registry import did_you_mean
@@ -34,17 +34,17 @@ def _config(model_dir, data, out, method, **overrides) -> train.TrainConfig:
         "data": str(data),
         "out": str(out),
         "method": method,
-        "rank": None if method == "full" else RANK,
         "max_steps": 2,
         "lr": 1e-2,
         "batch_size": 4,
-        "init_iters": 10,
-        "init_samples": 8,
         "seed": 0,
         "overwrite": True,
     }
+    # The method's own options, those it takes: a short IniLoRA fit and LoRA-GA gradient.
+    own = {"rank": RANK, "init_iters": 10, "init_samples": 8}
+    settings |= {k: v for k, v in own.items() if options.takes(methods.get_method(method).options, k)}
     settings.update(overrides)
-    return train.TrainConfig(**settings)
+    return train.TrainConfig.from_options(**settings)
 
 
 def _logits(model) -> torch.Tensor:

@@ -32,7 +32,7 @@ def lorasb_runs(bert):
     runs = {}
     for dtype in ("bfloat16", "float32"):
         train.train(
-            train.TrainConfig(
+            train.TrainConfig.from_options(
                 model=str(model_dir),
                 factors=str(folder / "f.safetensors"),
                 data=str(data),
@@ -127,7 +127,7 @@ def test_every_trained_tensor_is_float32_on_a_bf16_base(method, bert, tmp_path):
     _, model_dir, data = bert
     watch = _Watch()
     summary = train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model=str(model_dir),
             data=str(data),
             out=str(tmp_path / method),

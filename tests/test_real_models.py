@@ -29,7 +29,7 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
     )
     decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
     summary = train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model="smollm2-135m",
             factors=str(tmp_path / "f.safetensors"),
             data="arithmetic",
@@ -83,7 +83,7 @@ def test_minilm_classification_chain(tmp_path):
     )
     decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
     train.train(
-        train.TrainConfig(
+        train.TrainConfig.from_options(
             model="minilm-l6",
             factors=str(tmp_path / "f.safetensors"),
             data="reuters-r8",

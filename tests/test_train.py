@@ -26,7 +26,7 @@ def _config(tiny_model_dir, qa_file, factors_file, out, **overrides):
         "seed": 0,
     }
     settings.update(overrides)
-    return train.TrainConfig(**settings)
+    return train.TrainConfig.from_options(**settings)
 
 
 def _adapter_r(run_dir) -> dict[str, torch.Tensor]:

@@ -9,33 +9,62 @@ conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import adapter, artifacts, models
+from ..errors import BadInputError
+from ..options import option, plugin_fields, plugin_options, takes
 from ..registry import Registry, import_plugins
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodOptions:
+    """A method's own options (`Method.options`), declared as lorasb_cli/options.py fields: `lorasb train`'s
+    flags are generated from them and a flag the chosen method does not take is refused. This base has none."""
+
+    @property
+    def holds_out_probe(self) -> bool:
+        """Whether the method chooses something by the loss on held-out training samples, which train then keeps
+        out of the training set."""
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRankOptions(MethodOptions):
+    """Low-rank matrices of `rank` on the `targets` modules, scaled α/r (LoRA and its variants)."""
+
+    rank: int | None = option("--rank", "-r", type=int, required=True, help="Rank of the low-rank matrices.")
+    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    alpha: float | None = option(type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA].")
+
+    def __post_init__(self):
+        if self.alpha is not None and not self.alpha > 0:
+            raise BadInputError(f"--alpha {self.alpha} must be positive")
+
+    def alpha_or(self, default: float) -> float:
+        return self.alpha if self.alpha is not None else default
 
 
 @dataclass
 class Setup:
     """What a method gets: the loaded base `model` (a classifier's head already in place), its target
-    `modules`, the `rank`, LoRA's `alpha` when the user set it, the checked factors (`lorasb` only), a
-    `probe_loss(model)` on held-out samples, and `batches(n)`: training batches covering n samples."""
+    `modules`, the `rank`, the method's `options`, the checked factors (`lorasb` only), a `probe_loss(model)` on
+    held-out samples, `batches(n)`: training batches covering n samples, and whether the run `resumes` (its
+    checkpoint's tensors replace whatever the method initializes)."""
 
     model: nn.Module
     modules: list[str]
-    rank: int
-    alpha: float | None
+    rank: int | None
     seed: int
+    options: MethodOptions = field(default_factory=MethodOptions)
     factors: artifacts.Factors | None = None  # as artifacts.load_factors returns
-    init_scale: float | str = 1.0
-    init_samples: int = 32
-    init_iters: int = 1000
     probe_loss: Callable[[nn.Module], float] | None = None
     batches: Callable[[int], Iterable[dict]] | None = None
+    resumes: bool = False
 
 
 @dataclass
@@ -58,8 +87,18 @@ class Method:
     name: str
     prepare: Callable[[Setup], Prepared]
     summary: str
-    needs_factors: bool = False
-    uses_rank: bool = True  # False: full fine-tuning and head-only train no low-rank matrices
+    options: type[MethodOptions] = MethodOptions
+    needs_factors: bool = False  # trains between the B, A of a factors file (train --factors)
+    worse_init_hint: str = ""  # what to change when the initialized model is worse than the base
+
+    @property
+    def uses_rank(self) -> bool:
+        """False for the methods that train no low-rank matrices (full fine-tuning, the head alone)."""
+        return self.needs_factors or takes(self.options, "rank")
+
+    def resolve_options(self, given: Mapping[str, object]) -> MethodOptions:
+        """This method's options from those given on the command line (`TrainConfig.method_options`)."""
+        return plugin_options(self.options, given, kind="--method", name=self.name, takers=_takers)
 
 
 METHODS: Registry[Method] = Registry("--method")
@@ -71,6 +110,15 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     return METHODS.lookup(name)
+
+
+def option_fields():
+    """Every method's options, each once: the flags of `lorasb train`."""
+    return plugin_fields(m.options for m in METHODS.values())
+
+
+def _takers(option_name: str) -> list[str]:
+    return [m.name for m in METHODS.values() if takes(m.options, option_name)]
 
 
 def train_head(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -35,5 +35,5 @@ def prepare_head(setup: Setup) -> Prepared:
     return Prepared(model=model, export=lambda: tensors_of(params), config={"scale": 1.0})
 
 
-register(Method("full", prepare_full, "full fine-tuning of every parameter", uses_rank=False))
-register(Method("head", prepare_head, "the classifier head only (sequence classification)", uses_rank=False))
+register(Method("full", prepare_full, "full fine-tuning of every parameter"))
+register(Method("head", prepare_head, "the classifier head only (sequence classification)"))

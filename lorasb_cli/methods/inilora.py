@@ -13,19 +13,32 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import artifacts, bundled
-from . import Method, Setup, register
+from ..errors import BadInputError
+from ..options import option
+from . import LowRankOptions, Method, Setup, register
 from .peft_lora import prepare_peft
 
 log = logging.getLogger("lorasb")
 
 FIT_LR = 5e-4
 VARIANTS = ("inilora", "inilora-alpha", "inilora-beta")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IniLoraOptions(LowRankOptions):
+    init_iters: int = option(default=1000, help="Iterations of IniLoRA's fit of B·A to W0.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_iters < 1:
+            raise BadInputError(f"--init-iters {self.init_iters} must be positive")
 
 
 def start(variant: str, weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +76,7 @@ def fit(variant: str, weights: torch.Tensor, rank: int, iters: int) -> tuple[tor
 def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (B, A)} for every target of `setup.model`, from the cache when the same fit ran before."""
     weights = {m: setup.model.get_submodule(m).weight.detach().float().cpu() for m in setup.modules}
-    digest = hashlib.sha256(f"{variant}|{setup.rank}|{setup.init_iters}|{setup.seed}".encode())
+    digest = hashlib.sha256(f"{variant}|{setup.rank}|{setup.options.init_iters}|{setup.seed}".encode())
     for module, weight in weights.items():
         digest.update(module.encode())
         digest.update(weight.numpy().tobytes())
@@ -81,7 +94,7 @@ def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch
         torch.manual_seed(setup.seed)
         for shape, modules in groups.items():
             lora_B, lora_A, history = fit(
-                variant, torch.stack([weights[m] for m in modules]), setup.rank, setup.init_iters
+                variant, torch.stack([weights[m] for m in modules]), setup.rank, setup.options.init_iters
             )
             log.info(
                 "%s: ‖W0 − B·A‖ of %d modules %s: %.4g → %.4g", variant, len(modules), shape, history[0], history[-1]
@@ -97,13 +110,15 @@ def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch
 def _method(variant: str) -> Method:
     def prepare(setup: Setup):
         fits = fit_model(setup, variant)
-        alpha = setup.alpha if setup.alpha is not None else 2 * setup.rank
-        prepared = prepare_peft(setup, alpha=alpha, custom_init=lambda module, weight, rank: fits[module])
-        prepared.config |= {"init_iters": setup.init_iters, "fit_lr": FIT_LR}
+        prepared = prepare_peft(
+            setup, alpha=setup.options.alpha_or(2 * setup.rank), custom_init=lambda module, weight, rank: fits[module]
+        )
+        prepared.config |= {"init_iters": setup.options.init_iters, "fit_lr": FIT_LR}
         return prepared
 
     start_text = {"inilora": "N(μ, σ²) of W0", "inilora-alpha": "N(0, 0.5²)", "inilora-beta": "Kaiming"}[variant]
-    return Method(variant, prepare, f"IniLoRA: A, B fitted to W0 from {start_text}, residual frozen, α = 2r")
+    summary = f"IniLoRA: A, B fitted to W0 from {start_text}, residual frozen, α = 2r"
+    return Method(variant, prepare, summary, options=IniLoraOptions)
 
 
 for _variant in VARIANTS:

@@ -35,8 +35,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import Method, Prepared, Setup, register
-from .peft_lora import _alpha, lora_layers, prepare_peft
+from . import LowRankOptions, Method, Prepared, Setup, register
+from .peft_lora import lora_layers, prepare_peft
 
 Spectrum = tuple[torch.Tensor, torch.Tensor]  # eigh of BᵀB or AAᵀ: eigenvalues [r], eigenvectors [r, r]
 
@@ -181,7 +181,7 @@ class LoraProAdamW(torch.optim.Optimizer):
 
 
 def prepare(setup: Setup) -> Prepared:
-    prepared = prepare_peft(setup, alpha=_alpha(setup, 2 * setup.rank))
+    prepared = prepare_peft(setup, alpha=setup.options.alpha_or(2 * setup.rank))
     pairs = [
         (layer.lora_B["default"].weight, layer.lora_A["default"].weight, layer.scaling["default"])
         for layer in lora_layers(prepared.model).values()
@@ -204,4 +204,11 @@ def prepare(setup: Setup) -> Prepared:
     return prepared
 
 
-register(Method("lora-pro", prepare, "LoRA-Pro: LoRA whose optimizer follows the full gradient's AdamW, α = 2r"))
+register(
+    Method(
+        "lora-pro",
+        prepare,
+        "LoRA-Pro: LoRA whose optimizer follows the full gradient's AdamW, α = 2r",
+        options=LowRankOptions,
+    )
+)

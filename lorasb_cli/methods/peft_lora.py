@@ -10,16 +10,29 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import Method, Prepared, Setup, register, tensors_of, train_head
+from ..errors import BadInputError
+from ..options import option
+from . import LowRankOptions, Method, Prepared, Setup, register, tensors_of, train_head
 
 log = logging.getLogger("lorasb")
 
 # (module, W0 [m, n], rank) → (B0 [m, r], A0 [r, n]): the adapter starts at B0·A0, W0 − B0·A0 stays frozen.
 CustomInit = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraGAOptions(LowRankOptions):
+    init_samples: int = option(default=32, help="Samples of LoRA-GA's gradient estimate.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_samples < 1:
+            raise BadInputError(f"--init-samples {self.init_samples} must be positive")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -67,7 +80,7 @@ def prepare_peft(
         device = next(model.parameters()).device
 
         def train_step() -> None:
-            for batch in setup.batches(setup.init_samples):
+            for batch in setup.batches(setup.options.init_samples):
                 model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
 
         preprocess_loraga(model, config, train_step)
@@ -123,30 +136,23 @@ def prepare_peft(
     return Prepared(model=peft_model, export=export, config=settings)
 
 
-def _alpha(setup: Setup, default: float) -> float:
-    return setup.alpha if setup.alpha is not None else default
+def _lora(name: str, summary: str, alpha_per_rank: float = 2, options=LowRankOptions, **peft) -> Method:
+    """A PEFT LoRA variant with α = `alpha_per_rank`·r unless --alpha."""
+
+    def prepare(setup: Setup) -> Prepared:
+        return prepare_peft(setup, alpha=setup.options.alpha_or(alpha_per_rank * setup.rank), **peft)
+
+    return register(Method(name, prepare, summary, options=options))
 
 
-register(Method("lora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank)), "LoRA (PEFT), α = 2r"))
-register(
-    Method(
-        "rslora",
-        lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_rslora=True),
-        "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r",
-    )
-)
-register(Method("dora", lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), use_dora=True), "DoRA (PEFT), α = 2r"))
-register(
-    Method(
-        "pissa",
-        lambda s: prepare_peft(s, alpha=_alpha(s, s.rank), init_lora_weights="pissa"),
-        "PiSSA (PEFT): principal singular components of W0, α = r",
-    )
-)
-register(
-    Method(
-        "loraga",
-        lambda s: prepare_peft(s, alpha=_alpha(s, 2 * s.rank), init_lora_weights="lora_ga", lora_ga=True),
-        "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r",
-    )
+_lora("lora", "LoRA (PEFT), α = 2r")
+_lora("rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", use_rslora=True)
+_lora("dora", "DoRA (PEFT), α = 2r", use_dora=True)
+_lora("pissa", "PiSSA (PEFT): principal singular components of W0, α = r", 1, init_lora_weights="pissa")
+_lora(
+    "loraga",
+    "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r",
+    options=LoraGAOptions,
+    init_lora_weights="lora_ga",
+    lora_ga=True,
 )

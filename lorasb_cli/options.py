@@ -1,0 +1,170 @@
+"""Options declared once: a dataclass field carries its flag, help and default, and `click_options` makes the
+click options of a command from the config class it fills. The groups every command that reads a model or data
+shares live here (`ModelOptions`, `DataOptions`, `TrainingDataOptions`); a stage's config adds its own fields,
+and a plug-in (method, init) declares its options the same way (`plugin_options` builds and checks them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import click
+
+from .errors import BadInputError
+
+
+def option(
+    *decls: str,
+    default=None,
+    help: str,
+    type=None,
+    flag: bool = False,
+    required: bool = False,
+    metavar: str | None = None,
+    show_default: bool | str | None = None,
+):
+    """A dataclass field that is also a click option; `decls` default to `--field-name`."""
+    spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
+    spec["show_default"] = show_default if show_default is not None else default is not None and not flag
+    # A required option has no default in the dataclass either: a config built in Python must name it too.
+    missing = required and default is None
+    return dataclasses.field(default=dataclasses.MISSING if missing else default, metadata={"cli": spec})
+
+
+def argument(*, required: bool = True):
+    """A dataclass field that is the command's positional argument."""
+    return dataclasses.field(default=None, metadata={"cli": {"argument": True, "required": required}})
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "cli" in f.metadata]
+
+
+def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Parameter:
+    """The click option (or argument) of a field. A plug-in's option (`plugin`) is never required by click and
+    defaults to None, "not given": the chosen plug-in fills its own default and rejects what it does not take."""
+    spec = f.metadata["cli"]
+    if spec.get("argument"):
+        return click.Argument([f.name], required=spec["required"])
+    decls = spec["decls"] or (flag_of(f.name),)
+    default = None if f.default is dataclasses.MISSING else f.default
+    kind = spec["type"] if spec["type"] is not None else type(default) if default is not None else None
+    extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
+    help_text, show_default = spec["help"], spec["show_default"]
+    if plugin:
+        if default is not None and show_default:
+            help_text = f"{help_text}  [default: {default}]"
+        default, show_default = None, False
+    if default is not None:  # click tells "not given" from an explicit None default
+        extra["default"] = default
+    return click.Option(
+        [*decls, f.name],
+        required=spec["required"] and not plugin,
+        help=help_text,
+        metavar=spec["metavar"],
+        show_default=show_default,
+        **extra,
+    )
+
+
+def plugin_fields(option_classes: Iterable[type]) -> list[dataclasses.Field]:
+    """The options of all plug-ins of one kind, each name once (its first declaration), for one command."""
+    seen: dict[str, dataclasses.Field] = {}
+    for cls in option_classes:
+        for f in cli_fields(cls):
+            seen.setdefault(f.name, f)
+    return list(seen.values())
+
+
+def build(cls, values: Mapping[str, object]):
+    """A config from flat option values, as the CLI parses them: `cls`'s own fields, and where `cls.PLUGIN_FIELD`
+    names one, the plug-in options that were given (not None) gathered into it."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    config = {k: v for k, v in values.items() if k in own}
+    rest = {k: v for k, v in values.items() if k not in own}
+    plugin = getattr(cls, "PLUGIN_FIELD", None)
+    if plugin is None and rest:
+        raise TypeError(f"{cls.__name__} has no options {', '.join(rest)}")
+    if plugin is not None:
+        config[plugin] = {**config.get(plugin, {}), **{k: v for k, v in rest.items() if v is not None}}
+    return cls(**config)
+
+
+def takes(cls, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def flag_of(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def plugin_options(cls, given: Mapping[str, object], *, kind: str, name: str, takers: Callable[[str], list[str]]):
+    """`cls(**given)`: the options of the plug-in `kind name` (e.g. --method lora). An option it does not take is a
+    one-line error naming the plug-ins that do (`takers(option)`), a required one not given another;
+    `cls.__post_init__` checks the values."""
+    for option_name in given:
+        if not takes(cls, option_name):
+            users = takers(option_name)
+            raise BadInputError(
+                f"{flag_of(option_name)} applies to {kind} {', '.join(users)} only"
+                if users
+                else f"{flag_of(option_name)} is an option of no {kind}",
+                hint=f"drop {flag_of(option_name)}",
+            )
+    for f in cli_fields(cls):
+        if f.metadata["cli"]["required"] and given.get(f.name) is None:
+            raise BadInputError(f"{kind} {name} needs {flag_of(f.name)}", hint=f"pass {flag_of(f.name)}")
+    return cls(**given)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    """Which model, and how it is placed: every command that loads one."""
+
+    model: str = option("--model", "-m", required=True, help="Local HF directory, hub id, or alias (e.g. mistral).")
+    dtype: str = option(default="auto", help="auto, float32, bfloat16 or float16.")
+    device: str = option(default="auto", help="auto, cpu, cuda or cuda:N.")
+    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    allow_pickle: bool = option(
+        flag=True,
+        default=False,
+        help="Load .bin/.pt weights (torch.load, weights_only) when a model has no safetensors.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """Where rows come from and how they are batched: every command that reads data."""
+
+    data: str | None = option(
+        "--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."
+    )
+    split: str | None = option(default="train", help="Split of a hub or built-in data set.")
+    data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
+    fields: str | None = option(help="Columns named otherwise: prompt=COL,response=COL,label=COL.")
+    size: int | None = option(type=int, help="Rows of a built-in data set (lorasb data list).")
+    template: str = option(
+        default="auto",
+        help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
+        "messages: chat; instruction styles: alpaca).",
+    )
+    batch_size: int = option(default=8, help="Samples per forward pass.")
+    max_length: int = option(default=512, help="Tokens per sample, at most.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingDataOptions(DataOptions):
+    """Data a model learns from (estimate, train, compare): its format is chosen, not fixed by a task."""
+
+    format: str = option(
+        "--format",
+        default="auto",
+        help="text, prompt-response, classification, regression, or auto (picked from the fields).",
+    )
+
+
+def force_template():
+    """--force-template, for the commands that read a template recorded by an earlier stage."""
+    return option(flag=True, default=False, help="Use --template even where the factors or adapter used another.")
