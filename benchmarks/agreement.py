@@ -5,7 +5,7 @@
 
 Runs `lorasb estimate` / `lorasb decompose` as a user would (subprocesses), then recomputes G with plain autograd
 (requires_grad on the target weights, one sample at a time) and exact SVDs. Writes results/agreement.md.
-Usage: python benchmarks/agreement.py [--model smollm2-135m] [--samples 8] [--rank 32] [--svd-modules 6]
+Usage: python -m benchmarks.agreement [--model smollm2-135m] [--samples 8] [--rank 32] [--svd-modules 6]
 """
 
 from __future__ import annotations

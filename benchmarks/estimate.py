@@ -26,10 +26,10 @@ before the model was loaded: estimate over the batches twice (every accumulator 
 the LoRA-SB step, and `merge.merge` of a rank-`--rank` factors file made by estimate + decompose. A last
 section gives the plans of Mistral-7B and Llama-3.2-3B from their real config values (nothing downloaded).
 
-    python benchmarks/estimate.py              # results/estimate.md and the estimate + plan sections of RESULTS.md
-    python benchmarks/estimate.py --quick      # seq 64, 1 round, prints only
-    python benchmarks/estimate.py --plan-only  # just the Mistral-7B / Llama-3.2-3B plans (seconds; RESULTS.md)
-    python benchmarks/estimate.py --model random --layers 4 --hidden 512 --samples 32   # the old random Llama
+    python -m benchmarks.estimate              # results/estimate.md and the estimate + plan sections of RESULTS.md
+    python -m benchmarks.estimate --quick      # seq 64, 1 round, prints only
+    python -m benchmarks.estimate --plan-only  # just the Mistral-7B / Llama-3.2-3B plans (seconds; RESULTS.md)
+    python -m benchmarks.estimate --model random --layers 4 --hidden 512 --samples 32   # the old random Llama
 """
 
 from __future__ import annotations
@@ -50,9 +50,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import MISTRAL_7B_SHAPE, key_values, machine_info, markdown_table, verdict, write_result, write_section
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import (
+    MISTRAL_7B_SHAPE,
+    ROOT,
+    key_values,
+    machine_info,
+    markdown_table,
+    verdict,
+    write_result,
+    write_section,
+)
 from lorasb_cli import data, models, plan
 from lorasb_cli.estimate import sum_gradients
 from lorasb_cli.loss import per_sample_loss_sum
@@ -113,7 +122,7 @@ def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, list[dict[str, to
     """The model (float32, CPU) and the batches: SmolLM2 with real packed rows, or the seeded random Llama with
     synthetic tokens (every token supervised, no padding)."""
     if args.model != "random":
-        from real import load, make_batches
+        from benchmarks.real import load, make_batches
 
         model, tokenizer = load(models.resolve_model(args.model))
         return model, make_batches(tokenizer, args)
@@ -186,8 +195,8 @@ def measure(args: argparse.Namespace) -> None:
     else:
         model, batches = build(args)
         if args.measure == "lorasb-step":
-            from real import make_step
-            from train import lorasb
+            from benchmarks.real import make_step
+            from benchmarks.train import lorasb
 
             model.train()
             step = make_step(lorasb(model, args.rank, args.seed), batches[0], lr=1e-4)
@@ -236,7 +245,8 @@ def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict
     argv += ["--threads", args.threads] if args.threads else []
     for attempt in range(2):
         done = subprocess.run(
-            [sys.executable, __file__, *map(str, argv), *extra],
+            [sys.executable, "-m", "benchmarks.estimate", *map(str, argv), *extra],
+            cwd=ROOT,
             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
             check=False,
             capture_output=True,
@@ -557,7 +567,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "1-min load average at start / end": f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
         "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-        "command": "python benchmarks/estimate.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.estimate " + " ".join(sys.argv[1:]),
     }
     text = f"# estimate: peers, the §4 memory contract and the memory plan\n\n{text}\n{key_values(setup)}\n"
     if not args.quick:

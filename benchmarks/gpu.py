@@ -16,8 +16,8 @@ batches of `--batch-size`. In one run (under 8 minutes on an H100/H200-class GPU
 Peaks are `torch.cuda.max_memory_allocated` (tensor bytes, weights included) reset before each phase. The
 section of benchmarks/RESULTS.md it writes is labelled with the device's name.
 
-    python benchmarks/gpu.py                                   # on a CUDA machine: writes the RESULTS.md section
-    python benchmarks/gpu.py --shape tiny --device cpu --no-write   # the same code paths in seconds, on CPU
+    python -m benchmarks.gpu                                   # on a CUDA machine: writes the RESULTS.md section
+    python -m benchmarks.gpu --shape tiny --device cpu --no-write   # the same code paths in seconds, on CPU
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import MISTRAL_7B_SHAPE
+
+from benchmarks.common import MISTRAL_7B_SHAPE
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 GIB = 2**30
@@ -152,15 +153,15 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
-            "figures on a GPU. To test its code paths on CPU: python benchmarks/gpu.py --shape tiny --device cpu "
+            "benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
+            "figures on a GPU. To test its code paths on CPU: python -m benchmarks.gpu --shape tiny --device cpu "
             "--no-write"
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     text = run(args, device)
     if not args.no_write:
-        from common import write_section
+        from benchmarks.common import write_section
 
         write_section(RESULTS_PATH, "gpu", text)
         print(f"wrote {RESULTS_PATH}", file=sys.stderr)
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
-    from common import markdown_table
+    from benchmarks.common import markdown_table
 
     def gib(value: int | None) -> str:
         return "—" if value is None else f"{value / GIB:.2f}"
@@ -304,7 +305,7 @@ def report(args, device_name: str, facts, planned_estimate, planned_train, measu
     items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in planned_estimate.items)
     return (
         f"# 7B-shaped figures on {device_name}\n\n"
-        f"Written by `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()} "
+        f"Written by `python -m benchmarks.gpu {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()} "
         f"({minutes:.1f} min): random-init {args.shape} (Mistral architecture, {facts.parameters / 1e9:.2f} B "
         f"parameters, {len(facts.targets)} all-linear targets) in {args.dtype} on the device; random tokens, all "
         f"supervised, batch {args.batch_size} × {args.seq_len}; torch {torch.__version__}.\n\n"

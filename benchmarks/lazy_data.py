@@ -23,10 +23,10 @@ both (they were just written or read). Before the rounds, one untimed run conver
 $LORASB_HOME (once per machine) and warms the page cache for the model files. Rounds alternate the two sizes (the
 order rotating each round), each size cold then warm; medians are reported.
 
-    python benchmarks/lazy_data.py                    # 3 rounds; writes benchmarks/out/lazy_data/report.md and
+    python -m benchmarks.lazy_data                    # 3 rounds; writes benchmarks/out/lazy_data/report.md and
                                                       # the lazy-data section of benchmarks/RESULTS.md
-    python benchmarks/lazy_data.py --rounds 1 --large 40000 --small 400 --no-section   # quick look, no RESULTS.md
-    python benchmarks/lazy_data.py --profile          # then cProfile one cold and one warm run of the large file
+    python -m benchmarks.lazy_data --rounds 1 --large 40000 --small 400 --no-section   # quick look, no RESULTS.md
+    python -m benchmarks.lazy_data --profile          # then cProfile one cold and one warm run of the large file
 """
 
 from __future__ import annotations
@@ -45,12 +45,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, markdown_table, verdict, write_section
+from benchmarks.common import ROOT, machine_info, markdown_table, verdict, write_section
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULTS_PATH = HERE / "RESULTS.md"
 OUT_DIR = HERE / "out" / "lazy_data"
 MODEL = "smollm2-135m"
@@ -294,7 +292,7 @@ def run_child(path: Path, cache: Path, out: Path, profile: Path | None = None) -
         env["LAZYDATA_PROFILE"] = str(profile)
     spawned = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, *argv], env=env, cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, *argv], env=env, cwd=ROOT, capture_output=True, text=True, check=False
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not lines:
@@ -470,7 +468,7 @@ def report(
         file_rows.append(
             [
                 f"{n:,}",
-                f"`{Path(f['path']).relative_to(REPO)}`",
+                f"`{Path(f['path']).relative_to(ROOT)}`",
                 f"{f['bytes'] / MIB:.1f}",
                 f"{q[0]} / {q[1]:.0f} / {q[2]}",
                 f"{r[0]} / {r[1]:.0f} / {r[2]}",
@@ -495,7 +493,7 @@ def report(
     idle = idle.split(":")[0]  # not the list of busy processes
     return f"""# Lazy data: `lorasb estimate --frac {FRAC}` on {large:,} against {small:,} JSONL rows
 
-Written by `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lazy_data.py` (issue 12 item 5), {datetime.date.today()}.
+Written by `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.lazy_data` (issue 12 item 5), {datetime.date.today()}.
 Machine: {info["CPU count"]} CPU cores ({info["CPU"]}), no GPU, torch {info["torch"]} ({info["torch threads"]} threads),
 python {info["python"]}; 1-min load average {load[0]:.2f} at start, {load[1]:.2f} at end ({idle}); whole run
 {minutes:.1f} min.
@@ -551,9 +549,9 @@ def main() -> None:
     if args.wait_idle > 0:
         # In a subprocess: importing benchmarks/real.py (torch, peft, ...) here would raise this process's RSS,
         # which the estimate subprocesses' ru_maxrss inherits at the spawn.
-        code = f"from real import wait_until_idle; print(wait_until_idle({args.wait_idle}))"
+        code = f"from benchmarks.real import wait_until_idle; print(wait_until_idle({args.wait_idle}))"
         idle = (
-            subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
             .stdout.strip()
             .splitlines()[-1]
         )

@@ -9,11 +9,12 @@ a first merge (torch kernels and allocator pools paged in) is left out and what 
 checkpoint; a "no-trim" run shows what the merge's glibc malloc_trim calls save.
 Writes benchmarks/results/merge.md.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge.py
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -24,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import key_values, machine_info, markdown_table, write_result
+from benchmarks.common import ROOT, key_values, machine_info, markdown_table, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "out" / "merge"
 RANK = 32
 SHARD_SIZE = "75MB"  # gives 8 shards: the two 65.5 MB embedding matrices set the largest shard
@@ -102,7 +102,8 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
 
 def measure(options: dict, mode: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(WORK), json.dumps(options), mode],
+        [sys.executable, "-m", "benchmarks.merge", "--child", str(WORK), json.dumps(options), mode],
+        cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
@@ -113,6 +114,7 @@ def measure(options: dict, mode: str) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help
     import safetensors
 
     from lorasb_cli import shards
@@ -173,7 +175,7 @@ def main() -> None:
         "one-off cost of paging in torch's kernels; no-trim: cold, with the merge's glibc `malloc_trim` calls "
         "disabled, i.e. what freed tensors kept in the heap would cost.\n\n"
         f"{key_values(setup)}\n\n"
-        "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge.py`\n"
+        "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge`\n"
     )
     print(f"wrote {write_result('merge', text)}", file=sys.stderr)
     print(text)

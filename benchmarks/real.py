@@ -29,8 +29,8 @@ resets the kernel's peak-RSS mark right after loading the model and building the
 Other load on the machine pollutes the timings: unless `--wait-idle 0`, the run first waits (up to that many
 minutes) until no other process uses more than 20 % of a core, and records the load average it started at.
 
-    python benchmarks/real.py            # writes benchmarks/RESULTS.md (~5 min on 2 idle cores)
-    python benchmarks/real.py --quick    # seq 64, 1 repetition, prints only
+    python -m benchmarks.real            # writes benchmarks/RESULTS.md (~5 min on 2 idle cores)
+    python -m benchmarks.real --quick    # seq 64, 1 repetition, prints only
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import machine_info, markdown_table, verdict, write_section
-from estimate import max_relative_difference, plain_pass
-from train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 
+from benchmarks.common import ROOT, machine_info, markdown_table, verdict, write_section
+from benchmarks.estimate import max_relative_difference, plain_pass
+from benchmarks.train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 from lorasb_cli import builtin_data, data, models
 from lorasb_cli.estimate import sum_gradients
 from lorasb_cli.linalg import DEFAULT_NITER, oversampling, truncated_svd
@@ -174,7 +174,8 @@ def child_memory(measure: str, args: argparse.Namespace) -> dict[str, int]:
     argv += ["--seed", args.seed, "--lr", args.lr, "--measure", measure]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, *map(str, argv)],
+        [sys.executable, "-m", "benchmarks.real", *map(str, argv)],
+        cwd=ROOT,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
         check=True,
         capture_output=True,

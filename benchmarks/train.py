@@ -23,9 +23,9 @@ peak is that of the live tensors, not of whatever freed heap the allocator happe
 Targets at equal rank: LoRA-SB step time / PEFT LoRA step time ≤ 1.05 and LoRA-SB working memory / PEFT LoRA
 working memory ≤ 1.0.
 
-    python benchmarks/train.py                 # ranks 8 and 32; writes benchmarks/results/train.md
-    python benchmarks/train.py --ranks 8,32,96
-    python benchmarks/train.py --quick         # small smoke run, prints only
+    python -m benchmarks.train                 # ranks 8 and 32; writes benchmarks/results/train.md
+    python -m benchmarks.train --ranks 8,32,96
+    python -m benchmarks.train --quick         # small smoke run, prints only
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from collections.abc import Callable
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, verdict, write_result
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import ROOT, key_values, machine_info, markdown_table, verdict, write_result
 from lorasb_cli.adapter import inject
 from lorasb_cli.models import resolve_targets
 
@@ -151,7 +151,8 @@ def measure_memory(args: argparse.Namespace) -> None:
 
 def child_memory(variant: str, rank: int, argv: list[str]) -> dict[str, int]:
     done = subprocess.run(
-        [sys.executable, __file__, *argv, "--measure", variant, "--measure-rank", str(rank)],
+        [sys.executable, "-m", "benchmarks.train", *argv, "--measure", variant, "--measure-rank", str(rank)],
+        cwd=ROOT,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
         check=True,
         capture_output=True,
