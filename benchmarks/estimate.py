@@ -493,7 +493,7 @@ def paper_model_plans(batch: int, length: int, folder: Path) -> dict[str, tuple[
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a bundled model alias, or random")
     parser.add_argument("--layers", type=int, default=4, help="--model random: its sizes")
@@ -522,34 +522,28 @@ def main() -> None:
     args.samples = args.samples or args.batch_size
     if args.quick:
         args.seq_len, args.max_length, args.rounds = 64, 64, 1
-    if args.measure:
-        measure(args)
-        return
-    started = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    batch, length = (int(x) for x in args.plan_batch.split("x"))
-    if args.plan_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            paper = report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
-        write_section(RESULTS_PATH, "plan", paper)
-        print(paper)
-        return
+    return args
 
-    log(f"== peers on {describe_model(args)}")
-    runs = rounds(args)
+
+def paper_section(batch: int, length: int) -> str:
+    """The plan section of RESULTS.md: the paper models' plans from their config values (in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
+
+
+def gradient_difference(args: argparse.Namespace) -> float:
+    """max ‖G − .grad‖ / ‖.grad‖ of estimate against plain autograd, on the benchmark's model and batches."""
     model, batches = build(args)
     plain_pass(model, batches)  # the check that estimate's G is autograd's
     difference = max_relative_difference(model, estimate_pass(model, batches).sums)
     del model, batches
     gc.collect()
-    if args.peers_only:
-        print(report_peers(args, runs, difference))
-        print(json.dumps({v: medians(r) for v, r in runs.items()}))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        paper = report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
+    return difference
 
-    log("== plan against measured peaks")
+
+def plan_and_peaks(args: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[plan.ModelFacts, dict[str, dict]]:
+    """The plan's facts for the benchmark's model, and the runs whose peaks it is set against: estimate over the
+    batches twice, the first round's LoRA-SB step, and (bundled model) a merge of a rank-`--rank` factors file."""
     with tempfile.TemporaryDirectory() as tmp:
         facts = plan.model_facts(
             plan_ref(args, Path(tmp) / "config"),
@@ -561,6 +555,34 @@ def main() -> None:
         measured = {"estimate-twice": child("estimate-twice", args), "lorasb-step": runs["lorasb-step"][0]}
         if args.model != "random":
             measured["merge"] = child("merge", args, ["--factors", str(make_factors(args, Path(tmp)))])
+    return facts, measured
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure:
+        measure(args)
+        return
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    batch, length = (int(x) for x in args.plan_batch.split("x"))
+    if args.plan_only:
+        paper = paper_section(batch, length)
+        write_section(RESULTS_PATH, "plan", paper)
+        print(paper)
+        return
+
+    log(f"== peers on {describe_model(args)}")
+    runs = rounds(args)
+    difference = gradient_difference(args)
+    if args.peers_only:
+        print(report_peers(args, runs, difference))
+        print(json.dumps({v: medians(r) for v, r in runs.items()}))
+        return
+    paper = paper_section(batch, length)
+
+    log("== plan against measured peaks")
+    facts, measured = plan_and_peaks(args, runs)
     text = "\n".join([report_peers(args, runs, difference), report_plan(args, facts, measured)])
     setup = {
         **machine_info(),
