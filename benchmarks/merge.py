@@ -113,32 +113,24 @@ def measure(options: dict, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help
-    import safetensors
+# (label, merge options, process state): each measured REPEATS times in fresh subprocesses.
+KEEP, BF16, RESHARD = {}, {"dtype": "bfloat16"}, {"max_shard_size": SHARD_SIZE}
+RUNS = [
+    ("keep the base's shards (float32)", KEEP, "cold"),
+    ("keep the base's shards (float32)", KEEP, "warm"),
+    ('`dtype="bfloat16"`', BF16, "cold"),
+    ('`dtype="bfloat16"`', BF16, "warm"),
+    (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', RESHARD, "cold"),
+    (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', RESHARD, "warm"),
+    ("keep the base's shards (float32)", KEEP, "no-trim"),
+]
 
-    from lorasb_cli import shards
 
-    shutil.rmtree(WORK, ignore_errors=True)
-    modules = build(WORK / "big", BIG, RANK, SHARD_SIZE)
-    build(WORK / "tiny", TINY, 8, SHARD_SIZE)
-    index = shards.CheckpointIndex(WORK / "big" / "base")
-    shard_sizes = [sum(index.info(n).nbytes for n in index.tensors_in(s)) for s in index.shard_files()]
-    model_size, largest = sum(shard_sizes), max(shard_sizes)
-
-    keep, bf16, reshard = {}, {"dtype": "bfloat16"}, {"max_shard_size": SHARD_SIZE}
-    runs = [
-        ("keep the base's shards (float32)", keep, "cold"),
-        ("keep the base's shards (float32)", keep, "warm"),
-        ('`dtype="bfloat16"`', bf16, "cold"),
-        ('`dtype="bfloat16"`', bf16, "warm"),
-        (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', reshard, "cold"),
-        (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', reshard, "warm"),
-        ("keep the base's shards (float32)", keep, "no-trim"),
-    ]
+def measure_rows(model_size: int, largest: int) -> list[list[str]]:
+    """A table row per entry of RUNS: merge memory (the worst of REPEATS), in largest shards, wall time."""
     mib = 2**20
     rows = []
-    for label, options, mode in runs:
+    for label, options, mode in RUNS:
         # The allocator's reuse of freed memory varies from run to run: report the worst of REPEATS.
         results = [measure(options, mode) for _ in range(REPEATS)]
         used = max(r["peak"] - r["baseline"] for r in results)
@@ -156,6 +148,24 @@ def main() -> None:
             ]
         )
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help
+    import safetensors
+
+    from lorasb_cli import shards
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    modules = build(WORK / "big", BIG, RANK, SHARD_SIZE)
+    build(WORK / "tiny", TINY, 8, SHARD_SIZE)
+    index = shards.CheckpointIndex(WORK / "big" / "base")
+    shard_sizes = [sum(index.info(n).nbytes for n in index.tensors_in(s)) for s in index.shard_files()]
+    model_size, largest = sum(shard_sizes), max(shard_sizes)
+
+    rows = measure_rows(model_size, largest)
+    mib = 2**20
 
     headers = ["merge", "process", "merge memory (MiB)", f"in largest shards (target ≤ {TARGET_SHARDS})"]
     headers += ["fraction of model", "RSS before (MiB)", "wall (s, median)"]
