@@ -39,10 +39,10 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/estimate.py
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/decompose.py
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train.py
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/merge.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.estimate
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.decompose
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.train
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.merge
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

@@ -5,7 +5,7 @@
 
 Runs `lorasb estimate` / `lorasb decompose` as a user would (subprocesses), then recomputes G with plain autograd
 (requires_grad on the target weights, one sample at a time) and exact SVDs. Writes results/agreement.md.
-Usage: python benchmarks/agreement.py [--model smollm2-135m] [--samples 8] [--rank 32] [--svd-modules 6]
+Usage: python -m benchmarks.agreement [--model smollm2-135m] [--samples 8] [--rank 32] [--svd-modules 6]
 """
 
 from __future__ import annotations
@@ -23,58 +23,75 @@ from lorasb_cli import artifacts, data, loss, models
 OUT = Path(__file__).parent / "results" / "agreement.md"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="gsm-symbolic")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--svd-modules", type=int, default=6, help="modules checked against an exact SVD")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_stages(args: argparse.Namespace, update: Path, factors: Path) -> None:
+    """`lorasb estimate` into `update`, then `lorasb decompose` into `factors`, as a user runs them."""
     lorasb = [sys.executable, "-m", "lorasb_cli"]
+    subprocess.run(
+        [
+            *lorasb,
+            "estimate",
+            "-m",
+            args.model,
+            "-d",
+            args.data,
+            "--size",
+            "200",
+            "--samples",
+            str(args.samples),
+            "--max-length",
+            "256",
+            "-q",
+            "-o",
+            str(update),
+        ],
+        check=True,
+    )
+    subprocess.run([*lorasb, "decompose", str(update), "--rank", str(args.rank), "-q", "-o", str(factors)], check=True)
+
+
+def sign_agreement(update_file: artifacts.Artifact, reference: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(entries whose sign matches −sign of the autograd G, entries)."""
+    agree = total = 0
+    for name in update_file.names:
+        ours = update_file.get(name)
+        ref = -torch.sign(reference[name.removesuffix(".weight")])
+        agree += int((ours == ref).sum())
+        total += ours.numel()
+    return agree, total
+
+
+def excess_residuals(update_file: artifacts.Artifact, factors_file: artifacts.Artifact, args) -> list[float]:
+    """‖ΔW − B·R·A‖_F / ‖ΔW − trunc_r(ΔW)‖_F − 1 of the first `--svd-modules` modules (exact SVDs)."""
+    excess = []
+    for name in update_file.names[: args.svd_modules]:
+        module = name.removesuffix(".weight")
+        delta = artifacts.load_update(update_file, name).double()
+        b, r, a = (factors_file.get(f"{module}.lora_{x}").double() for x in "BRA")
+        residual = torch.linalg.matrix_norm(delta - b @ r @ a)
+        optimum = torch.linalg.svdvals(delta)[args.rank :].square().sum().sqrt()
+        excess.append(float(residual / optimum - 1))
+    return excess
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         update, factors = Path(tmp) / "u.safetensors", Path(tmp) / "f.safetensors"
-        subprocess.run(
-            [
-                *lorasb,
-                "estimate",
-                "-m",
-                args.model,
-                "-d",
-                args.data,
-                "--size",
-                "200",
-                "--samples",
-                str(args.samples),
-                "--max-length",
-                "256",
-                "-q",
-                "-o",
-                str(update),
-            ],
-            check=True,
-        )
-        subprocess.run(
-            [*lorasb, "decompose", str(update), "--rank", str(args.rank), "-q", "-o", str(factors)], check=True
-        )
+        run_stages(args, update, factors)
         update_file, factors_file = artifacts.Artifact(update), artifacts.Artifact(factors)
-
         reference = autograd_g(args.model, args.data, args.samples)
-        agree = total = 0
-        for name in update_file.names:
-            ours = update_file.get(name)
-            ref = -torch.sign(reference[name.removesuffix(".weight")])
-            agree += int((ours == ref).sum())
-            total += ours.numel()
-
-        excess = []
-        for name in update_file.names[: args.svd_modules]:
-            module = name.removesuffix(".weight")
-            delta = artifacts.load_update(update_file, name).double()
-            b, r, a = (factors_file.get(f"{module}.lora_{x}").double() for x in "BRA")
-            residual = torch.linalg.matrix_norm(delta - b @ r @ a)
-            optimum = torch.linalg.svdvals(delta)[args.rank :].square().sum().sqrt()
-            excess.append(float(residual / optimum - 1))
+        agree, total = sign_agreement(update_file, reference)
+        excess = excess_residuals(update_file, factors_file, args)
 
     lines = [
         "# estimate/decompose agreement on a real model",

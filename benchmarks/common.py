@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+# The repository root: the working directory of every `python -m benchmarks.NAME` child a script starts.
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Mistral-7B-v0.1's layer shapes (its config.json on the hub): what fixes its memory and its matmul sizes.

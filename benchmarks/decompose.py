@@ -11,8 +11,8 @@ where trunc_r(ΔW) is the Eckart–Young optimum from the exact singular values.
 singular values ∝ 1/i plus i.i.d. gaussian noise at `--noise` times its entry RMS, closer to a real sign(G),
 since gradient sums are approximately low rank).
 
-    python benchmarks/decompose.py            # writes benchmarks/results/decompose.md
-    python benchmarks/decompose.py --quick    # small smoke run, prints only
+    python -m benchmarks.decompose            # writes benchmarks/results/decompose.md
+    python -m benchmarks.decompose --quick    # small smoke run, prints only
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from functools import partial
 
 import torch
-from common import best_seconds, key_values, machine_info, markdown_table, write_result
 
+from benchmarks.common import best_seconds, key_values, machine_info, markdown_table, write_result
 from lorasb_cli.linalg import DEFAULT_NITER, oversampling, truncated_svd
 
 EXCESS_TARGET = 0.01

@@ -26,10 +26,10 @@ before the model was loaded: estimate over the batches twice (every accumulator 
 the LoRA-SB step, and `merge.merge` of a rank-`--rank` factors file made by estimate + decompose. A last
 section gives the plans of Mistral-7B and Llama-3.2-3B from their real config values (nothing downloaded).
 
-    python benchmarks/estimate.py              # results/estimate.md and the estimate + plan sections of RESULTS.md
-    python benchmarks/estimate.py --quick      # seq 64, 1 round, prints only
-    python benchmarks/estimate.py --plan-only  # just the Mistral-7B / Llama-3.2-3B plans (seconds; RESULTS.md)
-    python benchmarks/estimate.py --model random --layers 4 --hidden 512 --samples 32   # the old random Llama
+    python -m benchmarks.estimate              # results/estimate.md and the estimate + plan sections of RESULTS.md
+    python -m benchmarks.estimate --quick      # seq 64, 1 round, prints only
+    python -m benchmarks.estimate --plan-only  # just the Mistral-7B / Llama-3.2-3B plans (seconds; RESULTS.md)
+    python -m benchmarks.estimate --model random --layers 4 --hidden 512 --samples 32   # the old random Llama
 """
 
 from __future__ import annotations
@@ -50,9 +50,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import MISTRAL_7B_SHAPE, key_values, machine_info, markdown_table, verdict, write_result, write_section
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import (
+    MISTRAL_7B_SHAPE,
+    ROOT,
+    key_values,
+    machine_info,
+    markdown_table,
+    verdict,
+    write_result,
+    write_section,
+)
 from lorasb_cli import data, models, plan
 from lorasb_cli.estimate import sum_gradients
 from lorasb_cli.loss import per_sample_loss_sum
@@ -113,7 +122,7 @@ def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, list[dict[str, to
     """The model (float32, CPU) and the batches: SmolLM2 with real packed rows, or the seeded random Llama with
     synthetic tokens (every token supervised, no padding)."""
     if args.model != "random":
-        from real import load, make_batches
+        from benchmarks.real import load, make_batches
 
         model, tokenizer = load(models.resolve_model(args.model))
         return model, make_batches(tokenizer, args)
@@ -186,8 +195,8 @@ def measure(args: argparse.Namespace) -> None:
     else:
         model, batches = build(args)
         if args.measure == "lorasb-step":
-            from real import make_step
-            from train import lorasb
+            from benchmarks.real import make_step
+            from benchmarks.train import lorasb
 
             model.train()
             step = make_step(lorasb(model, args.rank, args.seed), batches[0], lr=1e-4)
@@ -236,7 +245,8 @@ def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict
     argv += ["--threads", args.threads] if args.threads else []
     for attempt in range(2):
         done = subprocess.run(
-            [sys.executable, __file__, *map(str, argv), *extra],
+            [sys.executable, "-m", "benchmarks.estimate", *map(str, argv), *extra],
+            cwd=ROOT,
             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
             check=False,
             capture_output=True,
@@ -483,7 +493,7 @@ def paper_model_plans(batch: int, length: int, folder: Path) -> dict[str, tuple[
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="a bundled model alias, or random")
     parser.add_argument("--layers", type=int, default=4, help="--model random: its sizes")
@@ -512,34 +522,28 @@ def main() -> None:
     args.samples = args.samples or args.batch_size
     if args.quick:
         args.seq_len, args.max_length, args.rounds = 64, 64, 1
-    if args.measure:
-        measure(args)
-        return
-    started = time.perf_counter()
-    load_start = os.getloadavg()[0]
-    batch, length = (int(x) for x in args.plan_batch.split("x"))
-    if args.plan_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            paper = report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
-        write_section(RESULTS_PATH, "plan", paper)
-        print(paper)
-        return
+    return args
 
-    log(f"== peers on {describe_model(args)}")
-    runs = rounds(args)
+
+def paper_section(batch: int, length: int) -> str:
+    """The plan section of RESULTS.md: the paper models' plans from their config values (in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
+
+
+def gradient_difference(args: argparse.Namespace) -> float:
+    """max ‖G − .grad‖ / ‖.grad‖ of estimate against plain autograd, on the benchmark's model and batches."""
     model, batches = build(args)
     plain_pass(model, batches)  # the check that estimate's G is autograd's
     difference = max_relative_difference(model, estimate_pass(model, batches).sums)
     del model, batches
     gc.collect()
-    if args.peers_only:
-        print(report_peers(args, runs, difference))
-        print(json.dumps({v: medians(r) for v, r in runs.items()}))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        paper = report_paper_models(paper_model_plans(batch, length, Path(tmp)), batch, length)
+    return difference
 
-    log("== plan against measured peaks")
+
+def plan_and_peaks(args: argparse.Namespace, runs: dict[str, list[dict]]) -> tuple[plan.ModelFacts, dict[str, dict]]:
+    """The plan's facts for the benchmark's model, and the runs whose peaks it is set against: estimate over the
+    batches twice, the first round's LoRA-SB step, and (bundled model) a merge of a rank-`--rank` factors file."""
     with tempfile.TemporaryDirectory() as tmp:
         facts = plan.model_facts(
             plan_ref(args, Path(tmp) / "config"),
@@ -551,13 +555,41 @@ def main() -> None:
         measured = {"estimate-twice": child("estimate-twice", args), "lorasb-step": runs["lorasb-step"][0]}
         if args.model != "random":
             measured["merge"] = child("merge", args, ["--factors", str(make_factors(args, Path(tmp)))])
+    return facts, measured
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure:
+        measure(args)
+        return
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    batch, length = (int(x) for x in args.plan_batch.split("x"))
+    if args.plan_only:
+        paper = paper_section(batch, length)
+        write_section(RESULTS_PATH, "plan", paper)
+        print(paper)
+        return
+
+    log(f"== peers on {describe_model(args)}")
+    runs = rounds(args)
+    difference = gradient_difference(args)
+    if args.peers_only:
+        print(report_peers(args, runs, difference))
+        print(json.dumps({v: medians(r) for v, r in runs.items()}))
+        return
+    paper = paper_section(batch, length)
+
+    log("== plan against measured peaks")
+    facts, measured = plan_and_peaks(args, runs)
     text = "\n".join([report_peers(args, runs, difference), report_plan(args, facts, measured)])
     setup = {
         **machine_info(),
         "date": datetime.date.today().isoformat(),
         "1-min load average at start / end": f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
         "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-        "command": "python benchmarks/estimate.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.estimate " + " ".join(sys.argv[1:]),
     }
     text = f"# estimate: peers, the §4 memory contract and the memory plan\n\n{text}\n{key_values(setup)}\n"
     if not args.quick:

@@ -16,8 +16,8 @@ batches of `--batch-size`. In one run (under 8 minutes on an H100/H200-class GPU
 Peaks are `torch.cuda.max_memory_allocated` (tensor bytes, weights included) reset before each phase. The
 section of benchmarks/RESULTS.md it writes is labelled with the device's name.
 
-    python benchmarks/gpu.py                                   # on a CUDA machine: writes the RESULTS.md section
-    python benchmarks/gpu.py --shape tiny --device cpu --no-write   # the same code paths in seconds, on CPU
+    python -m benchmarks.gpu                                   # on a CUDA machine: writes the RESULTS.md section
+    python -m benchmarks.gpu --shape tiny --device cpu --no-write   # the same code paths in seconds, on CPU
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import MISTRAL_7B_SHAPE
+
+from benchmarks.common import MISTRAL_7B_SHAPE, markdown_table, write_section
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 GIB = 2**30
@@ -152,27 +153,79 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(
-            "benchmarks/gpu.py: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
-            "figures on a GPU. To test its code paths on CPU: python benchmarks/gpu.py --shape tiny --device cpu "
+            "benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); it measures 7B "
+            "figures on a GPU. To test its code paths on CPU: python -m benchmarks.gpu --shape tiny --device cpu "
             "--no-write"
         )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     text = run(args, device)
     if not args.no_write:
-        from common import write_section
-
         write_section(RESULTS_PATH, "gpu", text)
         print(f"wrote {RESULTS_PATH}", file=sys.stderr)
     print(text)
 
 
-def run(args: argparse.Namespace, device: torch.device) -> str:
+def plan_phases(args: argparse.Namespace, config, dtype: torch.dtype, where: str):
+    """The plan's facts (from the config alone, saved in a temporary folder) and its estimate and train stages."""
+    from lorasb_cli import models, plan
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)  # the plan reads the config alone
+        ref = models.ModelRef(id=f"{args.shape} (random)", path=folder)
+        facts = plan.model_facts(
+            ref, batch_size=args.batch_size, max_length=args.seq_len, rank=args.lorasb_rank, dtype=dtype
+        )
+    return facts, plan.estimate_plan(facts, device=where, accumulate_on="device"), plan.train_plan(facts, device=where)
+
+
+def estimate_phase(model, modules: list[str], batches, device: torch.device, clock: Clock, memory: Memory):
+    """1. estimate, the accumulators on the device: (its result, seconds, peak)."""
+    from lorasb_cli.estimate import sum_gradients
+
+    memory.reset()
+    start = clock.now()
+    result = sum_gradients(model, modules, batches, accumulate_on=device)
+    seconds = clock.now() - start
+    return result, seconds, memory.peak()
+
+
+def decompose_phase(sums: dict[str, torch.Tensor], modules: list[str], args: argparse.Namespace, clock: Clock):
+    """2. decompose: the SVD of the update −η·sign(G), module by module on the device, each G popped from `sums`
+    (freed) as it is used: (factors, seconds)."""
+    from lorasb_cli.linalg import truncated_svd
+
+    factors = {}
+    start = clock.now()
+    for name in modules:
+        g = sums.pop(name)
+        u, s, vh = truncated_svd(torch.sign(g).neg_().mul_(args.eta), args.lorasb_rank)
+        factors[name] = (u, torch.diag(s), vh)
+        del g
+    return factors, clock.now() - start
+
+
+def train_phase(model, modules: list[str], batch, args: argparse.Namespace, clock: Clock, memory: Memory, log):
+    """3. train steps on the same base: LoRA-SB (already injected) at --lorasb-rank, then PEFT LoRA at --lora-rank."""
     from peft import LoraConfig, get_peft_model
 
+    from lorasb_cli import adapter
+
+    lorasb = train_steps(model, batch, args.steps, clock, memory)
+    adapter.remove(model)
+    model.requires_grad_(False)
+    gc.collect()
+    log(f"LoRA-SB step: {lorasb['seconds']:.2f} s")
+    peft_model = get_peft_model(
+        model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules, lora_dropout=0.0)
+    )
+    lora = train_steps(peft_model, batch, args.steps, clock, memory)
+    log(f"PEFT LoRA step: {lora['seconds']:.2f} s")
+    return lorasb, lora
+
+
+def run(args: argparse.Namespace, device: torch.device) -> str:
     from lorasb_cli import adapter, models, plan
-    from lorasb_cli.estimate import sum_gradients
-    from lorasb_cli.linalg import truncated_svd
 
     started = time.perf_counter()
     clock, memory = Clock(device), Memory(device)
@@ -189,53 +242,21 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
         f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
         f"{len(modules)} targets) on {device}"
     )
-
-    with tempfile.TemporaryDirectory() as folder:
-        config.save_pretrained(folder)  # the plan reads the config alone
-        ref = models.ModelRef(id=f"{args.shape} (random)", path=folder)
-        facts = {
-            r: plan.model_facts(ref, batch_size=args.batch_size, max_length=args.seq_len, rank=r, dtype=dtype)
-            for r in (args.lorasb_rank,)
-        }[args.lorasb_rank]
-    planned_estimate = plan.estimate_plan(facts, device=where, accumulate_on="device")
-    planned_train = plan.train_plan(facts, device=where)
+    facts, planned_estimate, planned_train = plan_phases(args, config, dtype, where)
     log("planned")
 
-    # 1. estimate
-    memory.reset()
-    start = clock.now()
-    result = sum_gradients(model, modules, batches, accumulate_on=device)
-    estimate_seconds = clock.now() - start
-    estimate_peak = memory.peak()
+    result, estimate_seconds, estimate_peak = estimate_phase(model, modules, batches, device, clock, memory)
     log(f"estimate: {estimate_seconds:.1f} s")
-
-    # 2. decompose: the SVD of the update −η·sign(G), module by module on the device
-    factors = {}
-    start = clock.now()
-    for name in modules:
-        g = result.sums.pop(name)
-        u, s, vh = truncated_svd(torch.sign(g).neg_().mul_(args.eta), args.lorasb_rank)
-        factors[name] = (u, torch.diag(s), vh)
-        del g
-    decompose_seconds = clock.now() - start
+    factors, decompose_seconds = decompose_phase(result.sums, modules, args, clock)
     del result
     gc.collect()
     log(f"decompose: {decompose_seconds:.2f} s")
 
-    # 3. train steps: LoRA-SB at --lorasb-rank, then PEFT LoRA at --lora-rank, on the same base
+    # 3. LoRA-SB's factors go into the model here, so that no reference to them outlives the injection
     model.train()
     adapter.inject(model, factors)
     del factors
-    lorasb = train_steps(model, batches[0], args.steps, clock, memory)
-    adapter.remove(model)
-    model.requires_grad_(False)
-    gc.collect()
-    log(f"LoRA-SB step: {lorasb['seconds']:.2f} s")
-    peft_model = get_peft_model(
-        model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules, lora_dropout=0.0)
-    )
-    lora = train_steps(peft_model, batches[0], args.steps, clock, memory)
-    log(f"PEFT LoRA step: {lora['seconds']:.2f} s")
+    lorasb, lora = train_phase(model, modules, batches[0], args, clock, memory, log)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     minutes = (time.perf_counter() - started) / 60
@@ -250,19 +271,20 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     )
 
 
-def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
-    from common import markdown_table
+def gib(value: int | None) -> str:
+    return "—" if value is None else f"{value / GIB:.2f}"
 
-    def gib(value: int | None) -> str:
-        return "—" if value is None else f"{value / GIB:.2f}"
 
-    def ratio(a, b) -> str:
-        return "—" if a is None or b is None else f"{a / b:.3f}"
+def ratio(a, b) -> str:
+    return "—" if a is None or b is None else f"{a / b:.3f}"
 
+
+def phase_table(args, facts, planned_estimate, planned_train, measured: dict) -> str:
+    """Seconds and peak of each phase, beside the plan where it has one."""
     est_seconds, est_peak = measured["estimate"]
     sb, lora = measured["lorasb"], measured["lora"]
     tokens = args.samples * args.seq_len
-    stages = markdown_table(
+    return markdown_table(
         ["phase", "seconds", "peak (GiB)", "plan (GiB)", "plan / peak"],
         [
             [
@@ -289,11 +311,15 @@ def report(args, device_name: str, facts, planned_estimate, planned_train, measu
             [f"train step: PEFT LoRA r={args.lora_rank}", f"{lora['seconds']:.3f}", gib(lora["peak"]), "", ""],
         ],
     )
+
+
+def versus_table(args, sb: dict, lora: dict) -> str:
+    """LoRA-SB's train step against PEFT LoRA's: trainable parameters, step time, peak."""
     counts = (
         f"{sb['trainable']:,} / {lora['trainable']:,} = {sb['trainable'] / lora['trainable']:.4f} "
         f"({lora['trainable'] / sb['trainable']:.1f}× fewer)"
     )
-    versus = markdown_table(
+    return markdown_table(
         [f"LoRA-SB r={args.lorasb_rank} / PEFT LoRA r={args.lora_rank}", "value"],
         [
             ["trainable parameters", counts],
@@ -301,10 +327,15 @@ def report(args, device_name: str, facts, planned_estimate, planned_train, measu
             ["peak memory", ratio(sb["peak"], lora["peak"])],
         ],
     )
+
+
+def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
+    stages = phase_table(args, facts, planned_estimate, planned_train, measured)
+    versus = versus_table(args, measured["lorasb"], measured["lora"])
     items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in planned_estimate.items)
     return (
         f"# 7B-shaped figures on {device_name}\n\n"
-        f"Written by `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()} "
+        f"Written by `python -m benchmarks.gpu {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()} "
         f"({minutes:.1f} min): random-init {args.shape} (Mistral architecture, {facts.parameters / 1e9:.2f} B "
         f"parameters, {len(facts.targets)} all-linear targets) in {args.dtype} on the device; random tokens, all "
         f"supervised, batch {args.batch_size} × {args.seq_len}; torch {torch.__version__}.\n\n"

@@ -23,10 +23,10 @@ both (they were just written or read). Before the rounds, one untimed run conver
 $LORASB_HOME (once per machine) and warms the page cache for the model files. Rounds alternate the two sizes (the
 order rotating each round), each size cold then warm; medians are reported.
 
-    python benchmarks/lazy_data.py                    # 3 rounds; writes benchmarks/out/lazy_data/report.md and
+    python -m benchmarks.lazy_data                    # 3 rounds; writes benchmarks/out/lazy_data/report.md and
                                                       # the lazy-data section of benchmarks/RESULTS.md
-    python benchmarks/lazy_data.py --rounds 1 --large 40000 --small 400 --no-section   # quick look, no RESULTS.md
-    python benchmarks/lazy_data.py --profile          # then cProfile one cold and one warm run of the large file
+    python -m benchmarks.lazy_data --rounds 1 --large 40000 --small 400 --no-section   # quick look, no RESULTS.md
+    python -m benchmarks.lazy_data --profile          # then cProfile one cold and one warm run of the large file
 """
 
 from __future__ import annotations
@@ -45,12 +45,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, markdown_table, verdict, write_section
+from benchmarks.common import ROOT, machine_info, markdown_table, verdict, write_section
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULTS_PATH = HERE / "RESULTS.md"
 OUT_DIR = HERE / "out" / "lazy_data"
 MODEL = "smollm2-135m"
@@ -294,7 +292,7 @@ def run_child(path: Path, cache: Path, out: Path, profile: Path | None = None) -
         env["LAZYDATA_PROFILE"] = str(profile)
     spawned = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, *argv], env=env, cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, *argv], env=env, cwd=ROOT, capture_output=True, text=True, check=False
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not lines:
@@ -359,16 +357,16 @@ STAGES = [
 ]
 
 
-def report(
-    files: dict[int, dict], runs: dict, rounds: int, minutes: float, load: tuple[float, float], idle: str
-) -> str:
-    large, small = sorted(files, reverse=True)
+def rows_drawn(runs: dict, n: int):
+    """How many rows the `--frac` draw took from the `n`-row file (the same in every run)."""
+    return stage_value(runs[n, "cold"][0], "data.sample_indices", "count")
+
+
+def main_table(runs: dict, large: int, small: int) -> str:
+    """Per size and cache state: seconds to the first forward, peak RSS, RSS split; then the large / small ratios."""
     secs = {k: median(v, lambda r: r["from_spawn"]) for k, v in runs.items()}
     hwm = {k: median(v, lambda r: r["hwm_kib"] * 1024) for k, v in runs.items()}
     maxrss = {k: median(v, lambda r: r["ru_maxrss_kib"] * 1024) for k, v in runs.items()}
-
-    def drawn(n):
-        return stage_value(runs[n, "cold"][0], "data.sample_indices", "count")
 
     def excess(state):
         anon, file = (mid(runs[large, state], k) - mid(runs[small, state], k) for k in ("anon_kib", "file_kib"))
@@ -388,7 +386,7 @@ def report(
                     f"{maxrss[n, state] / MIB:.0f}",
                     f"{mid(runs[n, state], 'anon_kib') / 1024:.0f} / {mid(runs[n, state], 'file_kib') / 1024:.0f}",
                     f"{median(runs[n, state], lambda r: r['cpu_s']):.1f}",
-                    drawn(n),
+                    rows_drawn(runs, n),
                 ]
             )
     for state in STATES:
@@ -405,7 +403,7 @@ def report(
                 "",
             ]
         )
-    main_table = markdown_table(
+    return markdown_table(
         [
             "rows",
             "datasets cache",
@@ -420,21 +418,29 @@ def report(
         rows,
     )
 
-    stage_rows = []
-    for stage, what, _ in STAGES:
-        if not any(stage_value(r, stage, "end") is not None for v in runs.values() for r in v):
-            continue
-        cells = [f"`{stage}`", what]
-        for n in (large, small):
-            for state in STATES:
-                cells.append(f"{statistics.median(stage_seconds(r, stage) for r in runs[n, state]):.2f}")
+
+def stage_row(runs: dict, stage: str, what: str, large: int, small: int) -> list[str]:
+    """One stage's median seconds per size and state, then the large file's peak (anon / file-backed) RSS after it."""
+    cells = [f"`{stage}`", what]
+    for n in (large, small):
         for state in STATES:
-            peak, anon, file = (
-                statistics.median(stage_value(r, stage, k) or 0 for r in runs[large, state])
-                for k in ("hwm_kib", "anon_kib", "file_kib")
-            )
-            cells.append(f"{peak / 1024:.0f} ({anon / 1024:.0f} / {file / 1024:.0f})")
-        stage_rows.append(cells)
+            cells.append(f"{statistics.median(stage_seconds(r, stage) for r in runs[n, state]):.2f}")
+    for state in STATES:
+        peak, anon, file = (
+            statistics.median(stage_value(r, stage, k) or 0 for r in runs[large, state])
+            for k in ("hwm_kib", "anon_kib", "file_kib")
+        )
+        cells.append(f"{peak / 1024:.0f} ({anon / 1024:.0f} / {file / 1024:.0f})")
+    return cells
+
+
+def stage_table(runs: dict, large: int, small: int) -> str:
+    """Where the time goes: a row per recorded stage, then the rest ("other") and the in-process total."""
+    stage_rows = [
+        stage_row(runs, stage, what, large, small)
+        for stage, what, _ in STAGES
+        if any(stage_value(r, stage, "end") is not None for v in runs.values() for r in v)
+    ]
     top = [stage for stage, _, nested in STAGES if not nested]
     cells = ["other", "click, `detect_format`, device, targets, ... (total − the stages above)"]
     for n in (large, small):
@@ -449,7 +455,7 @@ def report(
         for state in STATES:
             cells.append(f"{mid(runs[n, state], 'seconds'):.2f}")
     stage_rows.append([*cells, "", ""])
-    stage_table = markdown_table(
+    return markdown_table(
         [
             "stage",
             "what",
@@ -463,6 +469,9 @@ def report(
         stage_rows,
     )
 
+
+def file_table(files: dict[int, dict], runs: dict, large: int, small: int) -> str:
+    """The two data files: path, size, field lengths, rows drawn and tokens encoded."""
     file_rows = []
     for n in (large, small):
         f = files[n]
@@ -470,15 +479,15 @@ def report(
         file_rows.append(
             [
                 f"{n:,}",
-                f"`{Path(f['path']).relative_to(REPO)}`",
+                f"`{Path(f['path']).relative_to(ROOT)}`",
                 f"{f['bytes'] / MIB:.1f}",
                 f"{q[0]} / {q[1]:.0f} / {q[2]}",
                 f"{r[0]} / {r[1]:.0f} / {r[2]}",
-                drawn(n),
+                rows_drawn(runs, n),
                 stage_value(runs[n, "cold"][0], "data.encode", "count"),
             ]
         )
-    file_table = markdown_table(
+    return markdown_table(
         [
             "rows",
             "file",
@@ -491,11 +500,16 @@ def report(
         file_rows,
     )
 
+
+def report(
+    files: dict[int, dict], runs: dict, rounds: int, minutes: float, load: tuple[float, float], idle: str
+) -> str:
+    large, small = sorted(files, reverse=True)
     info = machine_info()
     idle = idle.split(":")[0]  # not the list of busy processes
     return f"""# Lazy data: `lorasb estimate --frac {FRAC}` on {large:,} against {small:,} JSONL rows
 
-Written by `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lazy_data.py` (issue 12 item 5), {datetime.date.today()}.
+Written by `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.lazy_data` (issue 12 item 5), {datetime.date.today()}.
 Machine: {info["CPU count"]} CPU cores ({info["CPU"]}), no GPU, torch {info["torch"]} ({info["torch threads"]} threads),
 python {info["python"]}; 1-min load average {load[0]:.2f} at start, {load[1]:.2f} at end ({idle}); whole run
 {minutes:.1f} min.
@@ -509,16 +523,16 @@ spawn; peak RSS = the subprocess's VmHWM (`ru_maxrss` beside it); anon / file-ba
 median (range over the rounds). The model was converted into $LORASB_HOME by an untimed warm-up run; the JSONL
 files are in the OS page cache in every run.
 
-{main_table}
+{main_table(runs, large, small)}
 
 Where the time goes (median seconds per stage, in order; ↳ = inside the stage above):
 
-{stage_table}
+{stage_table(runs, large, small)}
 
 Data (MetaMathQA-shaped rows `query`, `response`, `type`; generated from seed {files[large]["seed"]}, the small file
 is the first {small:,} rows of the large one):
 
-{file_table}
+{file_table(files, runs, large, small)}
 """
 
 
@@ -551,9 +565,9 @@ def main() -> None:
     if args.wait_idle > 0:
         # In a subprocess: importing benchmarks/real.py (torch, peft, ...) here would raise this process's RSS,
         # which the estimate subprocesses' ru_maxrss inherits at the spawn.
-        code = f"from real import wait_until_idle; print(wait_until_idle({args.wait_idle}))"
+        code = f"from benchmarks.real import wait_until_idle; print(wait_until_idle({args.wait_idle}))"
         idle = (
-            subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
             .stdout.strip()
             .splitlines()[-1]
         )

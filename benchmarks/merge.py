@@ -9,11 +9,12 @@ a first merge (torch kernels and allocator pools paged in) is left out and what 
 checkpoint; a "no-trim" run shows what the merge's glibc malloc_trim calls save.
 Writes benchmarks/results/merge.md.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge.py
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -24,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import key_values, machine_info, markdown_table, write_result
+from benchmarks.common import ROOT, key_values, machine_info, markdown_table, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "out" / "merge"
 RANK = 32
 SHARD_SIZE = "75MB"  # gives 8 shards: the two 65.5 MB embedding matrices set the largest shard
@@ -102,7 +102,8 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
 
 def measure(options: dict, mode: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", str(WORK), json.dumps(options), mode],
+        [sys.executable, "-m", "benchmarks.merge", "--child", str(WORK), json.dumps(options), mode],
+        cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
@@ -112,31 +113,24 @@ def measure(options: dict, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    import safetensors
+# (label, merge options, process state): each measured REPEATS times in fresh subprocesses.
+KEEP, BF16, RESHARD = {}, {"dtype": "bfloat16"}, {"max_shard_size": SHARD_SIZE}
+RUNS = [
+    ("keep the base's shards (float32)", KEEP, "cold"),
+    ("keep the base's shards (float32)", KEEP, "warm"),
+    ('`dtype="bfloat16"`', BF16, "cold"),
+    ('`dtype="bfloat16"`', BF16, "warm"),
+    (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', RESHARD, "cold"),
+    (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', RESHARD, "warm"),
+    ("keep the base's shards (float32)", KEEP, "no-trim"),
+]
 
-    from lorasb_cli import shards
 
-    shutil.rmtree(WORK, ignore_errors=True)
-    modules = build(WORK / "big", BIG, RANK, SHARD_SIZE)
-    build(WORK / "tiny", TINY, 8, SHARD_SIZE)
-    index = shards.CheckpointIndex(WORK / "big" / "base")
-    shard_sizes = [sum(index.info(n).nbytes for n in index.tensors_in(s)) for s in index.shard_files()]
-    model_size, largest = sum(shard_sizes), max(shard_sizes)
-
-    keep, bf16, reshard = {}, {"dtype": "bfloat16"}, {"max_shard_size": SHARD_SIZE}
-    runs = [
-        ("keep the base's shards (float32)", keep, "cold"),
-        ("keep the base's shards (float32)", keep, "warm"),
-        ('`dtype="bfloat16"`', bf16, "cold"),
-        ('`dtype="bfloat16"`', bf16, "warm"),
-        (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', reshard, "cold"),
-        (f'`max_shard_size="{SHARD_SIZE}"` (re-shard)', reshard, "warm"),
-        ("keep the base's shards (float32)", keep, "no-trim"),
-    ]
+def measure_rows(model_size: int, largest: int) -> list[list[str]]:
+    """A table row per entry of RUNS: merge memory (the worst of REPEATS), in largest shards, wall time."""
     mib = 2**20
     rows = []
-    for label, options, mode in runs:
+    for label, options, mode in RUNS:
         # The allocator's reuse of freed memory varies from run to run: report the worst of REPEATS.
         results = [measure(options, mode) for _ in range(REPEATS)]
         used = max(r["peak"] - r["baseline"] for r in results)
@@ -154,6 +148,24 @@ def main() -> None:
             ]
         )
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options: --help
+    import safetensors
+
+    from lorasb_cli import shards
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    modules = build(WORK / "big", BIG, RANK, SHARD_SIZE)
+    build(WORK / "tiny", TINY, 8, SHARD_SIZE)
+    index = shards.CheckpointIndex(WORK / "big" / "base")
+    shard_sizes = [sum(index.info(n).nbytes for n in index.tensors_in(s)) for s in index.shard_files()]
+    model_size, largest = sum(shard_sizes), max(shard_sizes)
+
+    rows = measure_rows(model_size, largest)
+    mib = 2**20
 
     headers = ["merge", "process", "merge memory (MiB)", f"in largest shards (target ≤ {TARGET_SHARDS})"]
     headers += ["fraction of model", "RSS before (MiB)", "wall (s, median)"]
@@ -173,7 +185,7 @@ def main() -> None:
         "one-off cost of paging in torch's kernels; no-trim: cold, with the merge's glibc `malloc_trim` calls "
         "disabled, i.e. what freed tensors kept in the heap would cost.\n\n"
         f"{key_values(setup)}\n\n"
-        "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge.py`\n"
+        "Reproduce: `HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge`\n"
     )
     print(f"wrote {write_result('merge', text)}", file=sys.stderr)
     print(text)

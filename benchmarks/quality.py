@@ -14,9 +14,9 @@ benchmarks/out/quality/<section>/, so an interrupted run continues where it stop
   inilora   IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
 
 Usage:
-    python benchmarks/quality.py                       # every section, then benchmarks/RESULTS.md
-    python benchmarks/quality.py --only minilm,smollm2 # some sections (the report takes every finished one)
-    python benchmarks/quality.py --report              # only rebuild the report from finished cells
+    python -m benchmarks.quality                       # every section, then benchmarks/RESULTS.md
+    python -m benchmarks.quality --only minilm,smollm2 # some sections (the report takes every finished one)
+    python -m benchmarks.quality --report              # only rebuild the report from finished cells
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_section
-
+from benchmarks.common import machine_info, write_section
 from lorasb_cli import compare, console, data
 from lorasb_cli.compare import Cell, Settings
 
@@ -237,7 +235,7 @@ def report(tables: dict, seconds: float) -> str:
     lines = [
         "# Quality: the paper's claims on the bundled real models",
         "",
-        "Written by `python benchmarks/quality.py`. Machine: "
+        "Written by `python -m benchmarks.quality`. Machine: "
         + (", ".join(f"{k} {v}" for k, v in machine_info().items()) + "."),
         "",
         (

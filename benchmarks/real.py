@@ -29,8 +29,8 @@ resets the kernel's peak-RSS mark right after loading the model and building the
 Other load on the machine pollutes the timings: unless `--wait-idle 0`, the run first waits (up to that many
 minutes) until no other process uses more than 20 % of a core, and records the load average it started at.
 
-    python benchmarks/real.py            # writes benchmarks/RESULTS.md (~5 min on 2 idle cores)
-    python benchmarks/real.py --quick    # seq 64, 1 repetition, prints only
+    python -m benchmarks.real            # writes benchmarks/RESULTS.md (~5 min on 2 idle cores)
+    python -m benchmarks.real --quick    # seq 64, 1 repetition, prints only
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psutil
 import torch
-from common import machine_info, markdown_table, verdict, write_section
-from estimate import max_relative_difference, plain_pass
-from train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 
+from benchmarks.common import ROOT, machine_info, markdown_table, verdict, write_section
+from benchmarks.estimate import max_relative_difference, plain_pass
+from benchmarks.train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 from lorasb_cli import builtin_data, data, models
 from lorasb_cli.estimate import sum_gradients
 from lorasb_cli.linalg import DEFAULT_NITER, oversampling, truncated_svd
@@ -174,7 +174,8 @@ def child_memory(measure: str, args: argparse.Namespace) -> dict[str, int]:
     argv += ["--seed", args.seed, "--lr", args.lr, "--measure", measure]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, __file__, *map(str, argv)],
+        [sys.executable, "-m", "benchmarks.real", *map(str, argv)],
+        cwd=ROOT,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
         check=True,
         capture_output=True,
@@ -365,7 +366,8 @@ def report_estimate(r: dict, args) -> str:
     )
 
 
-def report_train(r: dict, args) -> str:
+def train_table(r: dict) -> str:
+    """A row per (variant, rank): trainable parameters, step time (median, range), peak and working memory."""
     times, memory, counts, combos = r["times"], r["memory"], r["counts"], r["combos"]
     median = {c: statistics.median(t) for c, t in times.items()}
     working = {c: m["peak_rss"] - m["rss_before"] for c, m in memory.items()}
@@ -381,7 +383,7 @@ def report_train(r: dict, args) -> str:
         ]
         for variant, rank in combos
     ]
-    table = markdown_table(
+    return markdown_table(
         [
             "rank",
             "variant",
@@ -394,37 +396,43 @@ def report_train(r: dict, args) -> str:
         rows,
     )
 
-    def compare(label, sb, lora, targets: bool):
-        time_ratio = median[sb] / median[lora]
-        work_ratio = working[sb] / working[lora]
-        peak_ratio = memory[sb]["peak_rss"] / memory[lora]["peak_rss"]
-        return [
-            label,
-            f"{counts[sb] / counts[lora]:.3f} ({counts[lora] / counts[sb]:.1f}× fewer)",
-            verdict(time_ratio, TRAIN_TIME_TARGET) if targets else f"{time_ratio:.3f}",
-            f"{min(times[sb]) / min(times[lora]):.3f}",
-            verdict(work_ratio, TRAIN_MEMORY_TARGET) if targets else f"{work_ratio:.3f}",
-            verdict(peak_ratio, TRAIN_MEMORY_TARGET) if targets else f"{peak_ratio:.3f}",
-        ]
 
+def train_ratio_row(r: dict, label: str, sb: tuple[str, int], lora: tuple[str, int], targets: bool) -> list[str]:
+    """LoRA-SB `sb` against PEFT LoRA `lora` ((variant, rank) each); the ratios as verdicts when `targets`."""
+    times, memory, counts = r["times"], r["memory"], r["counts"]
+    working = {c: memory[c]["peak_rss"] - memory[c]["rss_before"] for c in (sb, lora)}
+    time_ratio = statistics.median(times[sb]) / statistics.median(times[lora])
+    work_ratio = working[sb] / working[lora]
+    peak_ratio = memory[sb]["peak_rss"] / memory[lora]["peak_rss"]
+    return [
+        label,
+        f"{counts[sb] / counts[lora]:.3f} ({counts[lora] / counts[sb]:.1f}× fewer)",
+        verdict(time_ratio, TRAIN_TIME_TARGET) if targets else f"{time_ratio:.3f}",
+        f"{min(times[sb]) / min(times[lora]):.3f}",
+        verdict(work_ratio, TRAIN_MEMORY_TARGET) if targets else f"{work_ratio:.3f}",
+        verdict(peak_ratio, TRAIN_MEMORY_TARGET) if targets else f"{peak_ratio:.3f}",
+    ]
+
+
+def report_train(r: dict, args) -> str:
     sb, lora = TRAIN_VARIANTS
-    ratios = [compare(f"r={rank} vs r={rank}", (sb, rank), (lora, rank), True) for rank in args.ranks]
+    ratios = [train_ratio_row(r, f"r={rank} vs r={rank}", (sb, rank), (lora, rank), True) for rank in args.ranks]
     if len(args.ranks) > 1:
         hi, lo = max(args.ranks), min(args.ranks)
-        ratios.append(compare(f"LoRA-SB r={hi} vs PEFT LoRA r={lo}", (sb, hi), (lora, lo), False))
+        ratios.append(train_ratio_row(r, f"LoRA-SB r={hi} vs PEFT LoRA r={lo}", (sb, hi), (lora, lo), False))
     ratio_table = markdown_table(
         ["LoRA-SB / PEFT LoRA", "trainable params", "step time (median)", "(fastest)", "working memory", "peak RSS"],
         ratios,
     )
     return (
         "## 2. train: LoRA-SB vs PEFT LoRA, one training step\n\n"
-        f"{table}\n\n{ratio_table}\n\n"
+        f"{train_table(r)}\n\n{ratio_table}\n\n"
         f"Step = `model(input_ids, attention_mask, labels, use_cache=False).loss` on one batch of {args.batch_size} × "
         f"{args.seq_len} (labels: response tokens only), `.backward()`, `AdamW(lr={args.lr}).step()`, "
         "`zero_grad()`. LoRA-SB = `lorasb_cli.adapter.inject` (random orthonormal B, A, small random R; only R "
         "trained); PEFT LoRA = `get_peft_model(LoraConfig(r, lora_alpha=r, target_modules=<the 210 modules>, "
         "lora_dropout=0))` (A, B trained); same weights, targets and batch. All "
-        f"{len(combos)} variants are timed in one process, alternating. Working memory = peak RSS − RSS after "
+        f"{len(r['combos'])} variants are timed in one process, alternating. Working memory = peak RSS − RSS after "
         "loading the base model (adapter, activations, gradients, AdamW state).\n"
     )
 
@@ -500,7 +508,7 @@ def report(args, setup: dict, est: dict, tr: dict, dec: dict) -> str:
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8, help="samples per estimate pass (default: one batch)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -514,37 +522,42 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=20, help="minutes to wait for other load to end")
     parser.add_argument("--quick", action="store_true", help="seq 64, 1 repetition, no waiting; writes no file")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.measure:
-        measure_memory(args)
-        return
-    if args.quick:
-        args.seq_len, args.repeats, args.wait_idle = 64, 1, 0
-    args.ranks = [int(r) for r in str(args.ranks).split(",")]
+    return parser.parse_args()
 
-    idle = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else "not checked (--wait-idle 0)"
-    load_start = os.getloadavg()[0]
-    started = time.perf_counter()
-    log(f"start: load average {load_start:.2f}; {idle}")
-    ref = models.resolve_model(MODEL)
+
+def model_and_rows(ref: models.ModelRef, args: argparse.Namespace) -> tuple[str, int]:
+    """The setup table's description of the model (layers, sizes, parameters, targets), and how many dataset rows
+    the packed samples use."""
     model, tokenizer = load(ref)
     targets = models.resolve_targets(model, "all-linear")
     config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     target_params = sum(dict(model.named_modules())[n].weight.numel() for n in targets)
     _, rows_used = packed_examples(tokenizer, args)
+    model_text = (
+        f"{type(config).__name__.removesuffix('Config')} {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}, MLP {config.intermediate_size}, heads {config.num_attention_heads}/"
+        f"{config.num_key_value_heads} kv, vocab {config.vocab_size}, tied embeddings "
+        f"{config.tie_word_embeddings}; {n_params / 1e6:.1f} M parameters ({len(targets)} all-linear targets: "
+        f"{target_params / 1e6:.1f} M)"
+    )
     del model
     gc.collect()
+    return model_text, rows_used
 
-    est = bench_estimate(ref, args)
-    dec = bench_decompose(est.pop("sums"), args)
-    dec |= {"samples": est["samples"], "tokens": est["tokens"]}
-    gc.collect()
-    tr = bench_train(ref, args)
-    minutes = (time.perf_counter() - started) / 60
 
+def setup_facts(
+    ref: models.ModelRef,
+    args: argparse.Namespace,
+    model_text: str,
+    rows_used: int,
+    idle: str,
+    load_start: float,
+    minutes: float,
+) -> dict[str, str]:
+    """The setup table (the load average at its end read now)."""
     source = ref.source or {}
-    setup = {
+    return {
         "measured on": (
             f"real {MODEL} ({source.get('file', ref.path)} from {source.get('package')}=={source.get('version')}, "
             f"dequantized to float32), float32 on CPU, {os.cpu_count()} cores, torch {torch.__version__} with "
@@ -554,13 +567,7 @@ def main() -> None:
         **machine_info(),
         "BLAS / CPU capability": f"{'MKL' if torch.backends.mkl.is_available() else 'other'} / "
         f"{torch.backends.cpu.get_cpu_capability()}",
-        "model": (
-            f"{type(config).__name__.removesuffix('Config')} {config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}, MLP {config.intermediate_size}, heads {config.num_attention_heads}/"
-            f"{config.num_key_value_heads} kv, vocab {config.vocab_size}, tied embeddings "
-            f"{config.tie_word_embeddings}; {n_params / 1e6:.1f} M parameters ({len(targets)} all-linear targets: "
-            f"{target_params / 1e6:.1f} M)"
-        ),
+        "model": model_text,
         "data": (
             f"{args.samples} samples × {args.seq_len} tokens packed from {rows_used} real `{DATASET}` train rows "
             f"(seed {args.seed}; `data.encode` prompt-response, max_length {args.max_length}; consecutive encoded "
@@ -575,6 +582,32 @@ def main() -> None:
         "1-min load average at end": f"{os.getloadavg()[0]:.2f}",
         "whole run": f"{minutes:.1f} min",
     }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure:
+        measure_memory(args)
+        return
+    if args.quick:
+        args.seq_len, args.repeats, args.wait_idle = 64, 1, 0
+    args.ranks = [int(r) for r in str(args.ranks).split(",")]
+
+    idle = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else "not checked (--wait-idle 0)"
+    load_start = os.getloadavg()[0]
+    started = time.perf_counter()
+    log(f"start: load average {load_start:.2f}; {idle}")
+    ref = models.resolve_model(MODEL)
+    model_text, rows_used = model_and_rows(ref, args)
+
+    est = bench_estimate(ref, args)
+    dec = bench_decompose(est.pop("sums"), args)
+    dec |= {"samples": est["samples"], "tokens": est["tokens"]}
+    gc.collect()
+    tr = bench_train(ref, args)
+    minutes = (time.perf_counter() - started) / 60
+
+    setup = setup_facts(ref, args, model_text, rows_used, idle, load_start, minutes)
     text = report(args, setup, est, tr, dec)
     if not args.quick:
         write_section(RESULTS_PATH, "speed", text)

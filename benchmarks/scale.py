@@ -6,8 +6,8 @@ targets), once as one process and once under `torchrun --nproc-per-node 2` (16 s
 rounds alternate the order (1 then 2, 2 then 1, ...); medians are reported. "estimate" is the stage's own
 `seconds` (forward, backward, accumulation, all-reduce); wall includes interpreter start-up and model loading.
 
-    python benchmarks/scale.py              # results/scale.md and the scale section of RESULTS.md
-    python benchmarks/scale.py --rounds 1   # one run each
+    python -m benchmarks.scale              # results/scale.md and the scale section of RESULTS.md
+    python -m benchmarks.scale --rounds 1   # one run each
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, write_result, write_section
 
+from benchmarks.common import key_values, machine_info, markdown_table, write_result, write_section
 from lorasb_cli import artifacts
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -131,7 +131,7 @@ def main() -> None:
                     "date": datetime.date.today().isoformat(),
                     "1-min load average at start / end": f"{load_start:.2f} / {psutil.getloadavg()[0]:.2f}",
                     "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-                    "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+                    "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
                 }
             ),
         ]

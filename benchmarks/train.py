@@ -23,9 +23,9 @@ peak is that of the live tensors, not of whatever freed heap the allocator happe
 Targets at equal rank: LoRA-SB step time / PEFT LoRA step time ≤ 1.05 and LoRA-SB working memory / PEFT LoRA
 working memory ≤ 1.0.
 
-    python benchmarks/train.py                 # ranks 8 and 32; writes benchmarks/results/train.md
-    python benchmarks/train.py --ranks 8,32,96
-    python benchmarks/train.py --quick         # small smoke run, prints only
+    python -m benchmarks.train                 # ranks 8 and 32; writes benchmarks/results/train.md
+    python -m benchmarks.train --ranks 8,32,96
+    python -m benchmarks.train --quick         # small smoke run, prints only
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ from collections.abc import Callable
 
 import psutil
 import torch
-from common import key_values, machine_info, markdown_table, verdict, write_result
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import ROOT, key_values, machine_info, markdown_table, verdict, write_result
 from lorasb_cli.adapter import inject
 from lorasb_cli.models import resolve_targets
 
@@ -151,7 +151,8 @@ def measure_memory(args: argparse.Namespace) -> None:
 
 def child_memory(variant: str, rank: int, argv: list[str]) -> dict[str, int]:
     done = subprocess.run(
-        [sys.executable, __file__, *argv, "--measure", variant, "--measure-rank", str(rank)],
+        [sys.executable, "-m", "benchmarks.train", *argv, "--measure", variant, "--measure-rank", str(rank)],
+        cwd=ROOT,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
         check=True,
         capture_output=True,
@@ -178,36 +179,65 @@ def time_interleaved(args: argparse.Namespace, rank: int) -> tuple[dict[str, lis
     return times, counts
 
 
-def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
+def rank_rows(rank: int, result: dict) -> tuple[list[list[object]], list[object]]:
+    """One rank's rows: a row per variant (trainable parameters, step times, peak and working memory), and the
+    LoRA-SB / PEFT LoRA ratios."""
     sb, lora = VARIANTS
+    times, counts, memory = result["times"], result["counts"], result["memory"]
+    median = {v: statistics.median(t) for v, t in times.items()}
+    working = {v: m["peak_rss"] - m["rss_after_build"] for v, m in memory.items()}
+    rows = [
+        [
+            rank,
+            variant,
+            f"{counts[variant]:,}",
+            f"{median[variant] * 1e3:.0f}",
+            f"{min(times[variant]) * 1e3:.0f}",
+            f"{max(times[variant]) * 1e3:.0f}",
+            f"{memory[variant]['peak_rss'] / MIB:.0f}",
+            f"{working[variant] / MIB:.0f}",
+        ]
+        for variant in VARIANTS
+    ]
+    summary = [
+        rank,
+        f"{counts[lora] / counts[sb]:.1f}×",
+        verdict(median[sb] / median[lora], TIME_TARGET),
+        f"{min(times[sb]) / min(times[lora]):.3f}",
+        verdict(working[sb] / working[lora], MEMORY_TARGET),
+        f"{memory[sb]['peak_rss'] / memory[lora]['peak_rss']:.3f}",
+    ]
+    return rows, summary
+
+
+def setup_facts(args: argparse.Namespace) -> dict[str, object]:
+    """The setup table: machine, model, targets, batch, step, timing and memory method."""
+    model = build_base(args)
+    config = model.config
+    targets = resolve_targets(model, "all-linear")
+    return {
+        **machine_info(),
+        "model": (
+            f"random LlamaForCausalLM float32: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"MLP {config.intermediate_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} kv, "
+            f"vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+        ),
+        "targets": f"all-linear: {len(targets)} modules",
+        "batch": f"{args.batch_size} × {args.seq_len} random tokens (input_ids {tuple(make_batch(args).shape)})",
+        "step": f"causal-LM loss forward + backward + AdamW(lr={args.lr}).step() + zero_grad()",
+        "timing": f"median of {args.steps} steps per variant after {WARMUP} warm-up steps, variants alternating",
+        "memory": f"fresh subprocess per variant and rank, {WARMUP + args.steps} steps, "
+        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; working memory = peak RSS (VmHWM, mark reset after "
+        "the base model was built) − RSS at that point",
+    }
+
+
+def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     rows, summary = [], []
     for rank, result in results.items():
-        times, counts, memory = result["times"], result["counts"], result["memory"]
-        median = {v: statistics.median(t) for v, t in times.items()}
-        working = {v: m["peak_rss"] - m["rss_after_build"] for v, m in memory.items()}
-        for variant in VARIANTS:
-            rows.append(
-                [
-                    rank,
-                    variant,
-                    f"{counts[variant]:,}",
-                    f"{median[variant] * 1e3:.0f}",
-                    f"{min(times[variant]) * 1e3:.0f}",
-                    f"{max(times[variant]) * 1e3:.0f}",
-                    f"{memory[variant]['peak_rss'] / MIB:.0f}",
-                    f"{working[variant] / MIB:.0f}",
-                ]
-            )
-        summary.append(
-            [
-                rank,
-                f"{counts[lora] / counts[sb]:.1f}×",
-                verdict(median[sb] / median[lora], TIME_TARGET),
-                f"{min(times[sb]) / min(times[lora]):.3f}",
-                verdict(working[sb] / working[lora], MEMORY_TARGET),
-                f"{memory[sb]['peak_rss'] / memory[lora]['peak_rss']:.3f}",
-            ]
-        )
+        variant_rows, ratio_row = rank_rows(rank, result)
+        rows += variant_rows
+        summary.append(ratio_row)
     table = markdown_table(
         [
             "rank",
@@ -232,31 +262,13 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
         ],
         summary,
     )
-    model = build_base(args)
-    config = model.config
-    targets = resolve_targets(model, "all-linear")
-    setup = {
-        **machine_info(),
-        "model": (
-            f"random LlamaForCausalLM float32: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"MLP {config.intermediate_size}, heads {config.num_attention_heads}/{config.num_key_value_heads} kv, "
-            f"vocab {config.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-        ),
-        "targets": f"all-linear: {len(targets)} modules",
-        "batch": f"{args.batch_size} × {args.seq_len} random tokens (input_ids {tuple(make_batch(args).shape)})",
-        "step": f"causal-LM loss forward + backward + AdamW(lr={args.lr}).step() + zero_grad()",
-        "timing": f"median of {args.steps} steps per variant after {WARMUP} warm-up steps, variants alternating",
-        "memory": f"fresh subprocess per variant and rank, {WARMUP + args.steps} steps, "
-        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}; working memory = peak RSS (VmHWM, mark reset after "
-        "the base model was built) − RSS at that point",
-    }
     return (
         "# train: LoRA-SB vs PEFT LoRA, one training step\n\n"
         f"{table}\n\n{ratios}\n\n"
         "LoRA-SB = `lorasb_cli.adapter.inject` (random orthonormal B, A; R trained); PEFT LoRA = "
         "`peft.get_peft_model(LoraConfig(r, lora_alpha=r, lora_dropout=0))` (A, B trained); same targets, rank, "
         "model weights and batch.\n\n"
-        f"{key_values(setup)}\n"
+        f"{key_values(setup_facts(args))}\n"
     )
 
 

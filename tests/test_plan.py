@@ -317,25 +317,26 @@ def test_plan_inputs_are_checked():
     )
 
 
-# --- benchmarks/gpu.py: ready for the minutes a GPU is lent -------------------------------------------------
+# --- benchmarks.gpu: ready for the minutes a GPU is lent ----------------------------------------------------
 
-GPU_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+# Run as a user runs it: `python -m benchmarks.gpu` from the repository root.
+REPO = Path(__file__).resolve().parent.parent
+GPU_MODULE = [sys.executable, "-m", "benchmarks.gpu"]
 
 
 def test_gpu_benchmark_without_cuda_exits_at_once_with_a_clear_message():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    done = subprocess.run([sys.executable, str(GPU_SCRIPT)], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(GPU_MODULE, check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.startswith("benchmarks/gpu.py: no CUDA device here")
-    assert "--shape tiny --device cpu" in done.stderr
+    assert done.stderr.startswith("benchmarks.gpu: no CUDA device here")
+    assert "python -m benchmarks.gpu --shape tiny --device cpu" in done.stderr
 
 
-def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape(tmp_path):
+def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        str(GPU_SCRIPT),
+        *GPU_MODULE,
         "--shape",
         "tiny",
         "--device",
@@ -356,7 +357,7 @@ def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape(tmp_path):
         "--steps",
         "1",
     ]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert out.startswith("# 7B-shaped figures on CPU")
