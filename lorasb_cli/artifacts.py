@@ -135,6 +135,21 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
     return out
 
 
+def check_output_dir(
+    out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, allow_nonempty: bool, hint: str
+) -> Path:
+    """`check_output(out, inputs, folder=True)`, then refuse an `out` that exists and holds anything, unless
+    `allow_nonempty` (merge's --overwrite; train's --overwrite or --resume). `hint` says what the command's user
+    can do instead. Returns `out` as a Path.
+
+    Overlap with an input is checked first: there --overwrite would not help, so the hint to pass it would mislead.
+    """
+    out = check_output(out, inputs, folder=True)
+    if not allow_nonempty and out.is_dir() and any(out.iterdir()):
+        raise BadInputError("output directory exists and is not empty", path=str(out), hint=hint)
+    return out
+
+
 LOCK_FILE = ".lorasb.lock"
 
 
