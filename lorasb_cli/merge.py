@@ -469,14 +469,27 @@ def _write_peft(
     for name, tensor in lora.extra.items():
         tensors[f"base_model.model.{name}"] = tensor.contiguous()
     heads = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in lora.extra))
+    config = _peft_config(lora, ref, ranks, heads)
+    hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
+    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
+    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
+    for line in hints:
+        log.info("serving: %s", line)
+    card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
+    (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
 
+
+def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, int], heads: list[str]) -> dict:
+    """PEFT's adapter_config.json for `ranks` {module: r} and `heads` (trained full modules: modules_to_save): the
+    most common rank as `r`, the others in `rank_pattern`; lora_alpha = s·r, so PEFT's lora_alpha / r is s."""
     r = Counter(ranks.values()).most_common(1)[0][0]
 
     def alpha(rank: int) -> int | float:
         value = lora.scale * rank
         return int(value) if float(value).is_integer() else value
 
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
         "base_model_name_or_path": ref.id,
@@ -493,14 +506,6 @@ def _write_peft(
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
-    hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
-    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
-    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
-    for line in hints:
-        log.info("serving: %s", line)
-    card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
-    (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
 
 
 def serving_hints(rank: int, *, dora: bool, modules_to_save: list[str]) -> list[str]:
