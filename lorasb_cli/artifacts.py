@@ -135,6 +135,21 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
     return out
 
 
+def check_output_dir(
+    out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, allow_nonempty: bool, hint: str
+) -> Path:
+    """`check_output(out, inputs, folder=True)`, then refuse an `out` that exists and holds anything, unless
+    `allow_nonempty` (merge's --overwrite; train's --overwrite or --resume). `hint` says what the command's user
+    can do instead. Returns `out` as a Path.
+
+    Overlap with an input is checked first: there --overwrite would not help, so the hint to pass it would mislead.
+    """
+    out = check_output(out, inputs, folder=True)
+    if not allow_nonempty and out.is_dir() and any(out.iterdir()):
+        raise BadInputError("output directory exists and is not empty", path=str(out), hint=hint)
+    return out
+
+
 LOCK_FILE = ".lorasb.lock"
 
 
@@ -347,15 +362,56 @@ class _Fields:
         return self.value(key, "an object", lambda v: isinstance(v, dict), **kw)
 
     def validate(self, kinds: tuple[str, ...] | None) -> Provenance:
-        meta = self.meta
-        if meta.get("format") != "lorasb":
-            found = _show(meta["format"]) if "format" in meta else "missing"
+        """The Provenance of the metadata. Fields are checked in a fixed order (format, kind, base model, then
+        the rest) and the first violation is raised, so a file with several always gets the same error."""
+        self.required = {"format_version", "kind"}
+        version = self._format_version()
+        kind = self._kind(kinds)
+        base = self._base_model()
+        targets = self.value(
+            "targets", "a string or a list of strings", lambda v: isinstance(v, str) or _is_strs(v), nullable=True
+        )
+        method = self.string("method")
+        for key in ("init", "dtype", "architecture", "created"):
+            self.string(key)
+        self.integer("seed", nullable=True)
+        samples = self.integer("samples", minimum=0, nullable=True)
+        self.integer("tokens", minimum=0, nullable=True)
+        # η scales every update (ΔW = η·signs): only updates must have one; a weight-based init's factors have none.
+        eta = self.number("eta", positive=True, nullable=kind in ("factors", "adapter"))
+        rank = self.integer("rank", minimum=1, nullable=kind == "adapter") if kind in ("factors", "adapter") else None
+        scale = self.number("scale")
+        labels, head = self._head()
+        versions = self.object("versions")
+        if versions is not None and not all(isinstance(v, str) for v in versions.values()):
+            self.fail("versions", "must map each library to a version string")
+        self._check_data()
+        hashes = self._check_integrity()
+        return Provenance(
+            kind=kind,
+            format_version=version,
+            base_model=base,
+            targets=tuple(targets) if isinstance(targets, list) else targets,
+            method=method,
+            rank=rank,
+            eta=eta,
+            scale=1.0 if scale is None else scale,
+            samples=samples,
+            head=head,
+            labels=labels,
+            tensor_sha256=hashes,
+            fields=self.meta,
+        )
+
+    def _format_version(self) -> int:
+        """`format` must be "lorasb" and `format_version` one this lorasb reads (≤ FORMAT_VERSION)."""
+        if self.meta.get("format") != "lorasb":
+            found = _show(self.meta["format"]) if "format" in self.meta else "missing"
             self.fail(
                 "format",
                 f'is {found}, not "lorasb": this is no lorasb artifact',
                 hint="pass a file written by lorasb (estimate, decompose or train)",
             )
-        self.required = {"format_version", "kind"}
         version = self.integer("format_version", minimum=1)
         if version > FORMAT_VERSION:
             raise IncompatibleArtifactError(
@@ -363,6 +419,11 @@ class _Fields:
                 path=self.path,
                 hint="upgrade lorasb",
             )
+        return version
+
+    def _kind(self, kinds: tuple[str, ...] | None) -> str:
+        """`kind`, one of `kinds` (None: any); from here on, errors name the stage that writes it and the fields
+        it must carry are required."""
         kind = self.value("kind", f"one of {', '.join(KINDS)}", lambda v: v in KINDS)
         if kinds is not None and kind not in kinds:
             raise IncompatibleArtifactError(
@@ -372,55 +433,29 @@ class _Fields:
             )
         self.hint = _CORRUPT_HINT.format(producer=PRODUCER[kind])
         self.required |= _REQUIRED[kind]
+        return kind
 
+    def _base_model(self) -> BaseModel:
+        """`base_model`: an object with string `id` and `fingerprint` (required of every kind)."""
         base = self.object("base_model")
         for key in ("id", "fingerprint"):
             if not isinstance(base.get(key), str):
                 self.fail(f"base_model.{key}", f"is {_show(base.get(key))}; it must be a string")
-        targets = self.value(
-            "targets", "a string or a list of strings", lambda v: isinstance(v, str) or _is_strs(v), nullable=True
-        )
-        method = self.string("method")
-        self.string("init")
-        self.string("dtype")
-        self.string("architecture")
-        self.string("created")
-        self.integer("seed", nullable=True)
-        samples = self.integer("samples", minimum=0, nullable=True)
-        self.integer("tokens", minimum=0, nullable=True)
-        # η scales every update (ΔW = η·signs): only updates must have one; a weight-based init's factors have none.
-        eta = self.number("eta", positive=True, nullable=kind in ("factors", "adapter"))
-        rank = self.integer("rank", minimum=1, nullable=kind == "adapter") if kind in ("factors", "adapter") else None
-        scale = self.number("scale")
+        return BaseModel(base["id"], base["fingerprint"])
+
+    def _head(self) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        """(`labels`, `head`): a classifier's class names, and the names of its trained head tensors (each held
+        by the file)."""
         labels = self.strings("labels")
-        if labels is not None and not isinstance(meta.get("architecture"), str):
+        if labels is not None and not isinstance(self.meta.get("architecture"), str):
             # merge and evaluate rebuild the classifier from both: its class and its labels.
-            found = _show(meta["architecture"]) if "architecture" in meta else "missing"
+            found = _show(self.meta["architecture"]) if "architecture" in self.meta else "missing"
             self.fail("architecture", f"is {found} beside 'labels'; it must be the classifier's class name")
         head = self.strings("head") or ()
         missing = [name for name in head if name not in self.names]
         if missing:
             self.fail("head", f"names tensor '{missing[0]}', which the file does not hold")
-        versions = self.object("versions")
-        if versions is not None and not all(isinstance(v, str) for v in versions.values()):
-            self.fail("versions", "must map each library to a version string")
-        self._check_data()
-        hashes = self._check_integrity()
-        return Provenance(
-            kind=kind,
-            format_version=version,
-            base_model=BaseModel(base["id"], base["fingerprint"]),
-            targets=tuple(targets) if isinstance(targets, list) else targets,
-            method=method,
-            rank=rank,
-            eta=eta,
-            scale=1.0 if scale is None else scale,
-            samples=samples,
-            head=tuple(head),
-            labels=labels,
-            tensor_sha256=hashes,
-            fields=meta,
-        )
+        return labels, tuple(head)
 
     def _check_data(self) -> None:
         """The data provenance: train compares its template; combine matches shards by their `shard` [i, n]."""

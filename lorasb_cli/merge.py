@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ PEFT_CARD_FILE = "README.md"
 # The ranks vLLM's --max-lora-rank accepts (its LoRA config's choices): an adapter needs the smallest one ≥ its rank.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+# What a non-empty -o without --overwrite is told.
+_OUT_HINT = "pick a new -o or pass --overwrite"
 
 # What a merge needs from a hub repo: HF-named safetensors shards, configs, tokenizer and chat-template files,
 # license and card. Not `*.safetensors`: repos such as Mistral's also carry a `consolidated.safetensors` copy.
@@ -74,6 +77,25 @@ def merge(
     `dtype` and `max_shard_size` shape the `hf` output; `progress(done, total)` counts tensors (hf) or modules
     (peft). A PEFT export from a hub base downloads nothing: there the shapes are checked by PEFT at load time.
     """
+    out_dtype, shard_bytes = _hf_options(format, dtype, max_shard_size)
+    lora = _load_mergeable(adapter_dir, format)
+    ref = models.resolve_model(model if model is not None else _recorded_base(lora))
+    # Checked before a download, so a bad -o fails at once.
+    out_path = artifacts.check_output_dir(
+        Path(out).expanduser().resolve(), {"adapter": lora.path}, allow_nonempty=overwrite, hint=_OUT_HINT
+    )
+    base = _open_base(lora, ref, out_path, format, trust_remote_code)
+    metadata = _output_metadata(lora, ref)
+    with _staging(out_path, overwrite) as tmp:
+        if format == "hf":
+            _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
+        else:
+            _write_peft(lora, ref, tmp, metadata, progress)
+    return out_path
+
+
+def _hf_options(format: str, dtype: str | None, max_shard_size: str | None) -> tuple[torch.dtype | None, int | None]:
+    """(output dtype, shard cap in bytes) of an `hf` merge, None each for "as the base has it"; checks `format`."""
     if format not in FORMATS:
         raise BadInputError(f"unknown --format '{format}'", hint=did_you_mean(format, FORMATS))
     if format == "peft" and (dtype is not None or max_shard_size is not None):
@@ -81,9 +103,12 @@ def merge(
             "--dtype and --max-shard-size apply to --format hf only",
             hint="a PEFT export always stores float32 factors; drop those options",
         )
-    out_dtype = _out_dtype(dtype)
-    shard_bytes = shards.parse_size(max_shard_size) if max_shard_size is not None else None
+    return _out_dtype(dtype), shards.parse_size(max_shard_size) if max_shard_size is not None else None
 
+
+def _load_mergeable(adapter_dir: str, format: str) -> adapter.Adapter:
+    """The adapter at `adapter_dir`, refused when it has nothing `format` can write: no B, R, A factors (and, for
+    `hf`, no full tensors either, as a full fine-tune or a head-only run has)."""
     lora = adapter.load_adapter(adapter_dir)
     if not lora.factors and not (lora.extra and format == "hf"):
         method = lora.config.get("method", "?")
@@ -94,39 +119,60 @@ def merge(
             if lora.extra
             else "pass the -o directory of lorasb train",
         )
-    ref = models.resolve_model(model if model is not None else _recorded_base(lora))
-    out_path = Path(out).expanduser().resolve()
-    _check_out(out_path, overwrite)
-    artifacts.check_output(out_path, {"adapter": lora.path}, folder=True)  # before a download: fails at once
+    return lora
 
-    # A PEFT export needs no base weights: it checks shapes against a local base but never downloads one.
-    needs_base = format == "hf" or Path(ref.path).is_dir()
-    base_dir = _local_checkpoint(ref, trust_remote_code) if needs_base else None
-    index = None
-    if base_dir is not None:
-        artifacts.check_output(out_path, {"base model": base_dir}, folder=True)
-        index = shards.CheckpointIndex(base_dir)
-        prefix = base_prefix(lora, index)
-        _check_compatible(lora, index, prefix)
 
+@dataclass(frozen=True)
+class _Base:
+    """The base checkpoint of a merge: its tensors by name, and what the trained model's names add to them."""
+
+    index: shards.CheckpointIndex
+    prefix: str  # base_prefix: "bert." or ""
+
+
+def _open_base(
+    lora: adapter.Adapter, ref: models.ModelRef, out: Path, format: str, trust_remote_code: bool
+) -> _Base | None:
+    """The base checkpoint, downloaded if needed and checked against the adapter and `out`; None for a PEFT
+    export from a hub base, which needs no base weights (PEFT checks the shapes at load time)."""
+    # A PEFT export checks shapes against a local base, but never downloads one.
+    if format != "hf" and not Path(ref.path).is_dir():
+        return None
+    base_dir = _local_checkpoint(ref, trust_remote_code)
+    artifacts.check_output(out, {"base model": base_dir}, folder=True)
+    index = shards.CheckpointIndex(base_dir)
+    prefix = base_prefix(lora, index)
+    _check_compatible(lora, index, prefix)
+    return _Base(index, prefix)
+
+
+def _output_metadata(lora: adapter.Adapter, ref: models.ModelRef) -> dict[str, str]:
+    """The safetensors metadata of every output weight file: where the merge came from (`lorasb` JSON)."""
     provenance = {
         "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")}
         | {"template": (lora.config.get("data") or {}).get("template")},  # evaluate prompts the merged model with it
         "base_model": ref.id,
         "lorasb_version": __version__,
     }
-    metadata = {"format": "pt", artifacts.METADATA_KEY: json.dumps(provenance, sort_keys=True)}
-    with _staging(out_path, overwrite) as tmp:
-        if format == "hf":
-            _write_merged(lora, index, prefix, tmp, out_dtype, shard_bytes, metadata, progress)
-            _copy_non_weights(base_dir, tmp)
-            if out_dtype is not None:
-                _set_config_dtype(tmp / "config.json", out_dtype)
-            if "labels" in lora.config:
-                _set_classifier_config(tmp / "config.json", lora.config["architecture"], lora.config["labels"])
-        else:
-            _write_peft(lora, ref, tmp, metadata, progress)
-    return out_path
+    return {"format": "pt", artifacts.METADATA_KEY: json.dumps(provenance, sort_keys=True)}
+
+
+def _write_hf(
+    lora: adapter.Adapter,
+    base: _Base,
+    out_dir: Path,
+    out_dtype: torch.dtype | None,
+    shard_bytes: int | None,
+    metadata: dict[str, str],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """An HF model directory: the merged weights, the base's other files, its config edited to match them."""
+    _write_merged(lora, base.index, base.prefix, out_dir, out_dtype, shard_bytes, metadata, progress)
+    _copy_non_weights(base.index.directory, out_dir)
+    if out_dtype is not None:
+        _set_config_dtype(out_dir / "config.json", out_dtype)
+    if "labels" in lora.config:
+        _set_classifier_config(out_dir / "config.json", lora.config["architecture"], lora.config["labels"])
 
 
 def merge_weight(
@@ -169,13 +215,6 @@ def _recorded_base(lora: adapter.Adapter) -> str:
             hint="pass the base model's directory or hub id with --model",
         )
     return base
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise BadInputError(
-            "output directory exists and is not empty", path=str(out), hint="pick a new -o or pass --overwrite"
-        )
 
 
 def _local_checkpoint(ref: models.ModelRef, trust_remote_code: bool) -> Path:
@@ -248,7 +287,8 @@ def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        _check_out(out, overwrite)  # another process may have written there in the meantime
+        # Again: another process may have written there in the meantime.
+        artifacts.check_output_dir(out, {}, allow_nonempty=overwrite, hint=_OUT_HINT)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -276,73 +316,102 @@ def _write_merged(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """Write the merged weights: the base's shards and index (same tensors; names with the trained model's
-    `prefix`), or new shards."""
-    targets = {f"{module}.weight".removeprefix(prefix): module for module in lora.factors}
-    # Extra tensors by their checkpoint names: those the base has replace its tensors (a full fine-tune); those
-    # it lacks (a classification head on a causal-LM checkpoint) go into the last shard, in the base's dtype.
-    extra = {(n.removeprefix(prefix) if n.removeprefix(prefix) in index else n): t for n, t in lora.extra.items()}
-    head_dtype = out_dtype or index.dtype(next(iter(targets), None) or index.names()[0])
-    added = {name: t.to(head_dtype) for name, t in extra.items() if name not in index}
-    last_shard = index.shard_files()[-1]
-
-    order = [(shard, name) for shard in index.shard_files() for name in index.tensors_in(shard)]
-    order += [(last_shard, name) for name in added]
-
-    def merged() -> Iterator[tuple[str, str, torch.Tensor]]:
-        """(shard, name, output tensor) in the base's order."""
-        for done, (shard, name) in enumerate(order, start=1):
-            if _malloc_trim is not None:
-                _malloc_trim(0)  # the tensors freed since the last call, e.g. a saved shard, go back to the OS
-            yield shard, name if name in added else prefix + name, output(name)
-            if progress is not None:
-                progress(done, len(order))
-
-    def output(name: str) -> torch.Tensor:
-        if name in added:
-            return added[name]
-        if name in extra:
-            return extra[name].to(out_dtype or index.dtype(name))
-        # One memory map per tensor (`get`, not `iter_tensors`): a base weight's pages leave memory as soon as
-        # its merged copy exists, instead of the whole input shard staying resident until the shard is saved.
-        tensor = index.get(name)
-        if name in targets:
-            module = targets[name]
-            tensor = merge_weight(tensor, *lora.factors[module], lora.scale, out_dtype, lora.magnitudes.get(module))
-            if not torch.isfinite(tensor).all():
-                raise NonFiniteError(
-                    f"NaN/Inf in the merged weight of module '{module}'",
-                    path=str(lora.path),
-                    hint="check the adapter and base weights; if the values overflow, merge with --dtype float32",
-                )
-        elif out_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(out_dtype)
-        return tensor
-
+    `prefix`), or new shards of at most `shard_bytes` tensor bytes."""
+    tensors = _MergedTensors(lora, index, prefix, out_dtype, progress)
     if shard_bytes is not None:
         with shards.ShardWriter(out_dir, shard_bytes, metadata) as writer:
-            for _, name, tensor in merged():
+            for _, name, tensor in tensors:
                 writer.add(name, tensor)
             writer.finalize()
-        return
+    else:
+        _write_base_layout(tensors, index, out_dir, metadata)
 
-    total_size = 0
+
+class _MergedTensors:
+    """The tensors of a merged checkpoint, produced one at a time: each base tensor in the base's shard order
+    (merged where the adapter has factors for it, replaced where it holds the tensor in full), then the adapter's
+    tensors the base lacks, in its last shard."""
+
+    def __init__(
+        self,
+        lora: adapter.Adapter,
+        index: shards.CheckpointIndex,
+        prefix: str,
+        out_dtype: torch.dtype | None,
+        progress: Callable[[int, int], None] | None,
+    ):
+        self.lora, self.index, self.prefix, self.out_dtype, self.progress = lora, index, prefix, out_dtype, progress
+        # Checkpoint name → adapted module, for the weights that get W + s·B·R·A.
+        self.targets = {f"{module}.weight".removeprefix(prefix): module for module in lora.factors}
+        # Extra tensors by their checkpoint names: those the base has replace its tensors (a full fine-tune); those
+        # it lacks (a classification head on a causal-LM checkpoint) go into the last shard, in the base's dtype.
+        self.extra = {
+            (n.removeprefix(prefix) if n.removeprefix(prefix) in index else n): t for n, t in lora.extra.items()
+        }
+        head_dtype = out_dtype or index.dtype(next(iter(self.targets), None) or index.names()[0])
+        self.added = {name: t.to(head_dtype) for name, t in self.extra.items() if name not in index}
+        self.last_shard = index.shard_files()[-1]
+        self.order = [(shard, name) for shard in index.shard_files() for name in index.tensors_in(shard)]
+        self.order += [(self.last_shard, name) for name in self.added]
+
+    def __iter__(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(shard file, output name, output tensor) in the base's order; `progress(done, total)` after each."""
+        for done, (shard, name) in enumerate(self.order, start=1):
+            if _malloc_trim is not None:
+                _malloc_trim(0)  # the tensors freed since the last call, e.g. a saved shard, go back to the OS
+            yield shard, name if name in self.added else self.prefix + name, self.tensor(name)
+            if self.progress is not None:
+                self.progress(done, len(self.order))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The output tensor of checkpoint tensor `name`, in `out_dtype` (default: the base's dtype)."""
+        if name in self.added:
+            return self.added[name]
+        if name in self.extra:
+            return self.extra[name].to(self.out_dtype or self.index.dtype(name))
+        # One memory map per tensor (`get`, not `iter_tensors`): a base weight's pages leave memory as soon as
+        # its merged copy exists, instead of the whole input shard staying resident until the shard is saved.
+        tensor = self.index.get(name)
+        if name in self.targets:
+            return self._merged(self.targets[name], tensor)
+        if self.out_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.out_dtype)
+        return tensor
+
+    def _merged(self, module: str, weight: torch.Tensor) -> torch.Tensor:
+        """W' = W + s·B·R·A of `module` (DoRA: rows rescaled), refused when it is not finite."""
+        lora = self.lora
+        merged = merge_weight(weight, *lora.factors[module], lora.scale, self.out_dtype, lora.magnitudes.get(module))
+        if not torch.isfinite(merged).all():
+            raise NonFiniteError(
+                f"NaN/Inf in the merged weight of module '{module}'",
+                path=str(lora.path),
+                hint="check the adapter and base weights; if the values overflow, merge with --dtype float32",
+            )
+        return merged
+
+
+def _write_base_layout(
+    tensors: _MergedTensors, index: shards.CheckpointIndex, out_dir: Path, metadata: dict[str, str]
+) -> None:
+    """Save `tensors` into shards of the base's names, and the base's index (if it has one) with the merged
+    names, sizes and hashes. Only one output shard is held in memory at a time."""
+    total_size = 0  # tensor bytes, as the index records them
     hashes: dict[str, str] = {}  # recorded in each shard and the index, so `inspect --verify` can check them
-    for shard, group in itertools.groupby(merged(), key=lambda item: item[0]):
+    weight_map: dict[str, str] = {}
+    for shard, group in itertools.groupby(tensors, key=lambda item: item[0]):
         # Deleted right after saving, so no shard's tensors outlive it while the next shard is read.
-        tensors = {name: tensor.contiguous() for _, name, tensor in group}
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        shard_hashes = shards.tensor_hashes(tensors)
+        shard_tensors = {name: tensor.contiguous() for _, name, tensor in group}
+        total_size += sum(t.numel() * t.element_size() for t in shard_tensors.values())
+        shard_hashes = shards.tensor_hashes(shard_tensors)
         hashes |= shard_hashes
-        save_file(tensors, out_dir / shard, metadata=shards.hashed_metadata(metadata, shard_hashes))
-        del tensors
-    index_path = index.directory / shards.INDEX_FILE
-    if index_path.is_file():
-        layout = json.loads(index_path.read_text())
-        layout.setdefault("metadata", {})["total_size"] = total_size
-        layout["metadata"][shards.INDEX_HASH_KEY] = hashes  # the base's own hashes, if any, are not these
-        layout["weight_map"] = {prefix + name: shard for name, shard in layout["weight_map"].items()}
-        layout["weight_map"].update(dict.fromkeys(added, last_shard))
-        (out_dir / shards.INDEX_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True) + "\n")
+        save_file(shard_tensors, out_dir / shard, metadata=shards.hashed_metadata(metadata, shard_hashes))
+        weight_map.update(dict.fromkeys(shard_tensors, shard))
+        del shard_tensors
+    base_index = index.directory / shards.INDEX_FILE
+    if base_index.is_file():  # a single-file base has none, and neither has its merge
+        layout = json.loads(base_index.read_text())
+        shards.write_index(out_dir, weight_map, total_size=total_size, hashes=hashes, base=layout)
 
 
 def _copy_non_weights(base_dir: Path, out_dir: Path) -> None:
@@ -400,14 +469,27 @@ def _write_peft(
     for name, tensor in lora.extra.items():
         tensors[f"base_model.model.{name}"] = tensor.contiguous()
     heads = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in lora.extra))
+    config = _peft_config(lora, ref, ranks, heads)
+    hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
+    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
+    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
+    for line in hints:
+        log.info("serving: %s", line)
+    card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
+    (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
 
+
+def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, int], heads: list[str]) -> dict:
+    """PEFT's adapter_config.json for `ranks` {module: r} and `heads` (trained full modules: modules_to_save): the
+    most common rank as `r`, the others in `rank_pattern`; lora_alpha = s·r, so PEFT's lora_alpha / r is s."""
     r = Counter(ranks.values()).most_common(1)[0][0]
 
     def alpha(rank: int) -> int | float:
         value = lora.scale * rank
         return int(value) if float(value).is_integer() else value
 
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
         "base_model_name_or_path": ref.id,
@@ -424,14 +506,6 @@ def _write_peft(
         "modules_to_save": heads or None,
         "inference_mode": True,
     }
-    hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
-    save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
-    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
-    for line in hints:
-        log.info("serving: %s", line)
-    card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
-    (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
 
 
 def serving_hints(rank: int, *, dora: bool, modules_to_save: list[str]) -> list[str]:

@@ -132,23 +132,43 @@ def load_model(
     starts random: seed torch first) and the checkpoint's own head otherwise.
     """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle or None}
     if not allow_pickle and Path(ref.path).is_dir() and not any(Path(ref.path).glob("*.safetensors")):
         raise shards.pickle_checkpoint_error(Path(ref.path), option="--allow-pickle")
-    if head == "sequence-classification":
-        auto = AutoModelForSequenceClassification
-        if labels is not None:
-            kwargs |= {
-                "num_labels": len(labels),
-                "id2label": dict(enumerate(map(str, labels))),
-                "label2id": {str(label): i for i, label in enumerate(labels)},
-                "problem_type": "regression" if len(labels) == 1 else "single_label_classification",
-            }
-    else:
-        auto = AutoModelForCausalLM
+    if head == "sequence-classification" and labels is not None:
+        kwargs |= _head_kwargs(labels)
+    model, tokenizer = _from_pretrained(ref, kwargs, trust_remote_code=trust_remote_code, head=head, labels=labels)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss, so any token id serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _head_kwargs(labels: Sequence[str]) -> dict:
+    """from_pretrained arguments of a new classification head: one output per label (one: regression)."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(map(str, labels))),
+        "label2id": {str(label): i for i, label in enumerate(labels)},
+        "problem_type": "regression" if len(labels) == 1 else "single_label_classification",
+    }
+
+
+def _from_pretrained(
+    ref: ModelRef, kwargs: dict, *, trust_remote_code: bool, head: str, labels: Sequence[str] | None
+) -> tuple[nn.Module, object]:
+    """(model with the `head`'s Auto class, tokenizer) from `ref.path`; unreadable weights, a missing model or
+    a network failure become one-line BadInputErrors."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
         if labels is not None:
@@ -168,13 +188,6 @@ def load_model(
             else f"check the name, your network and that the model has a {head} head"
         )
         raise BadInputError(f"cannot load model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of the loss, so any token id serves.
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-    model.to(device)
-    model.eval()
     return model, tokenizer
 
 

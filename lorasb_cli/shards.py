@@ -400,12 +400,7 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(names, final))
         if count > 1:
             # Written last: a checkpoint only exists for loaders once every shard it names is in place.
-            metadata = {"total_size": self._total_size, INDEX_HASH_KEY: self._hashes}
-            index = {"metadata": metadata, "weight_map": weight_map}
-            tmp = self._temp_file(".index.json.tmp")
-            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.out_dir / INDEX_FILE)
-            written.append(self.out_dir / INDEX_FILE)
+            written.append(write_index(self.out_dir, weight_map, total_size=self._total_size, hashes=self._hashes))
         self._finalized = True
         return written
 
@@ -418,7 +413,7 @@ class ShardWriter:
                 tmp.unlink(missing_ok=True)
 
     def _flush(self) -> None:
-        tmp = self._temp_file(".safetensors.tmp")
+        tmp = _temp_file(self.out_dir, ".safetensors.tmp")
         hashes = tensor_hashes(self._buffer)
         self._hashes.update(hashes)
         metadata = hashed_metadata(self.metadata, hashes)
@@ -431,10 +426,36 @@ class ShardWriter:
         self._buffer = {}
         self._buffered_bytes = 0
 
-    def _temp_file(self, suffix: str) -> Path:
-        fd, name = tempfile.mkstemp(prefix=".lorasb-", suffix=suffix, dir=self.out_dir)
-        os.close(fd)
-        return Path(name)
+
+def write_index(
+    out_dir: str | os.PathLike,
+    weight_map: dict[str, str],
+    *,
+    total_size: int,
+    hashes: dict[str, str],
+    base: dict | None = None,
+) -> Path:
+    """Write INDEX_FILE into `out_dir`: `weight_map` {tensor name: shard file}, `total_size` (tensor bytes of
+    all shards) and the shards' `hashes` in its metadata. `base`: an index read from another checkpoint (a merge
+    keeps its base's layout) whose other fields and metadata entries are kept. Returns the index's path.
+
+    Through a temporary file renamed onto INDEX_FILE, so a loader never sees half an index."""
+    index = dict(base or {})
+    # The base's own hashes, if it records any, are of its tensors, not these: replaced like total_size.
+    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total_size, INDEX_HASH_KEY: hashes}
+    index["weight_map"] = weight_map
+    tmp = _temp_file(out_dir, ".index.json.tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    path = Path(out_dir) / INDEX_FILE
+    os.replace(tmp, path)
+    return path
+
+
+def _temp_file(out_dir: str | os.PathLike, suffix: str) -> Path:
+    """A new hidden file in `out_dir` (`.lorasb-*<suffix>`): renamed onto its final name once complete."""
+    fd, name = tempfile.mkstemp(prefix=".lorasb-", suffix=suffix, dir=out_dir)
+    os.close(fd)
+    return Path(name)
 
 
 _SIZE_UNITS = {
