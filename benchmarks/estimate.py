@@ -189,7 +189,7 @@ def measure(args: argparse.Namespace) -> None:
 
         def run() -> None:
             with tempfile.TemporaryDirectory() as out:
-                merge.merge(args.factors, str(Path(out) / "merged"), model=args.model)
+                merge.merge(merge.MergeConfig(adapter=args.factors, out=str(Path(out) / "merged"), model=args.model))
 
         loaded_rss = start_rss
     else:
@@ -395,7 +395,7 @@ def make_factors(args: argparse.Namespace, folder: Path) -> Path:
         )
     )
     factors = folder / "factors.safetensors"
-    decompose.decompose(str(update), args.rank, str(factors))
+    decompose.decompose(decompose.DecomposeConfig.from_options(update=str(update), rank=args.rank, out=str(factors)))
     return factors
 
 

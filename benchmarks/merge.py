@@ -54,13 +54,21 @@ def child(work: str, options: str, mode: str) -> None:
         merge._malloc_trim = None
     if mode == "warm":
         tiny = work_dir / "tiny"
-        merge.merge(str(tiny / "run"), str(tiny / "merged"), model=str(tiny / "base"), **json.loads(options))
+        merge.merge(
+            merge.MergeConfig(
+                adapter=str(tiny / "run"), out=str(tiny / "merged"), model=str(tiny / "base"), **json.loads(options)
+            )
+        )
         shutil.rmtree(tiny / "merged")
     baseline = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS mark := current RSS
     start = time.perf_counter()
     big = work_dir / "big"
-    merge.merge(str(big / "run"), str(big / "merged"), model=str(big / "base"), **json.loads(options))
+    merge.merge(
+        merge.MergeConfig(
+            adapter=str(big / "run"), out=str(big / "merged"), model=str(big / "base"), **json.loads(options)
+        )
+    )
     wall = time.perf_counter() - start
     print(json.dumps({"baseline": baseline, "peak": rss_bytes("VmHWM"), "wall": wall}))
 

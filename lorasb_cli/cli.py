@@ -231,6 +231,8 @@ def combine(parts, out, as_json, quiet):
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="decompose:DecomposeConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -238,56 +240,20 @@ Examples:
   lorasb decompose update.safetensors --rank 32 --init noisy --noise-std 1 -o noisy.safetensors
   lorasb decompose --init lora-xs --model mistral --rank 32 -o lora-xs.safetensors""",
 )
-@click.argument("update", required=False)
-@click.option("--rank", "-r", required=True, type=int, help="Rank r of B (m×r), R (r×r), A (r×n).")
-@click.option(
-    "--init",
-    "init",
-    default="lorasb",
-    show_default=True,
-    metavar="NAME",
-    help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal.",
-)
-@click.option("--model", "-m", default=None, help="--init lora-xs: the model whose weights W0 are factored.")
-@click.option("--targets", default="all-linear", show_default=True, help="--init lora-xs without an update: modules.")
-@click.option("--noise-std", type=float, default=None, help="--init noisy: σ of the noise, in units of η.")
-@click.option("--niter", default=None, type=int, help="Power iterations of the randomized SVD [default: 4].")
-@click.option("--exact", is_flag=True, help="Full SVD instead of torch.svd_lowrank (slower).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD and random inits.")
-@click.option("--device", default="auto", show_default=True, help="Where to run the SVDs: auto, cpu, cuda.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code from the hub (--init lora-xs).")
-@click.option("-o", "--out", default="factors.safetensors", show_default=True, help="Factors file to write.")
 @common_options
-def decompose(
-    update, rank, init, model, targets, noise_std, niter, exact, seed, device, trust_remote_code, out, as_json, quiet
-):
+def decompose(config, as_json, quiet):
     """Factor the update (or, for --init lora-xs, the model's weights) into frozen B, A and the trainable r×r R."""
     from .console import print_table, progress_bar
     from .decompose import decompose as run_decompose
-    from .linalg import DEFAULT_NITER
 
     with progress_bar("decompose", enabled=not quiet) as progress:
-        summary = run_decompose(
-            update,
-            rank,
-            out,
-            init=init,
-            model=model,
-            targets=targets,
-            noise_std=noise_std,
-            niter=DEFAULT_NITER if niter is None else niter,
-            exact=exact,
-            seed=seed,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+        summary = run_decompose(config, progress)
     print_table(
-        f"captured energy Σσ²(top {rank}) / Σσ²",
+        f"captured energy Σσ²(top {config.rank}) / Σσ²",
         ["modules", "count", "mean", "min", "max"],
         [[kind, n, f"{mean:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for kind, n, mean, lo, hi in summary.energy_by_kind()],
     )
-    report(summary.path, {"rank": rank, "energy": summary.energy}, as_json)
+    report(summary.path, {"rank": config.rank, "energy": summary.energy}, as_json)
 
 
 @cli.command(
@@ -350,45 +316,23 @@ def compare(config, as_json, quiet):
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="merge:MergeConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Example:
   lorasb merge --model mistral --adapter run/ -o mistral-math/
   lorasb merge --adapter run/ --format peft -o mistral-math-lora/""",
 )
-@click.option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
-@click.option("--model", "-m", default=None, help="Base model [default: the one recorded in the adapter].")
-@click.option(
-    "--format",
-    "out_format",
-    default="hf",
-    show_default=True,
-    help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R).",
-)
-@click.option("--dtype", default=None, help="float32, bfloat16 or float16 [default: the base's].")
-@click.option("--max-shard-size", default=None, help="Re-shard, e.g. 5GB [default: keep the base's shards].")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty -o.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code.")
-@click.option("-o", "--out", required=True, help="Output directory.")
 @common_options
-def merge(adapter, model, out_format, dtype, max_shard_size, overwrite, trust_remote_code, out, as_json, quiet):
+def merge(config, as_json, quiet):
     """Fold W0 + s·B·R·A into a checkpoint that from_pretrained loads, or export a standard PEFT LoRA adapter."""
     from .console import progress_bar
     from .merge import merge as run_merge
 
     with progress_bar("merge", enabled=not quiet) as progress:
-        path = run_merge(
-            adapter,
-            out,
-            model=model,
-            format=out_format,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
-    report(path, {"format": out_format}, as_json)
+        path = run_merge(config, progress)
+    report(path, {"format": config.format}, as_json)
 
 
 @cli.command(

@@ -233,7 +233,7 @@ def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
 
 
 def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
-    from .decompose import decompose
+    from .decompose import DecomposeConfig, decompose
 
     update = _update_path(out, settings, cell)
     noise = f"-sigma{cell.noise_std:g}" if cell.noise_std is not None else ""
@@ -241,14 +241,16 @@ def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         decompose(
-            str(update),
-            cell.rank,
-            str(path),
-            init=cell.method,
-            noise_std=cell.noise_std,
-            seed=cell.seed,
-            model=settings.model if inits.INITS[cell.method].source == "model" else None,
-            trust_remote_code=settings.trust_remote_code,
+            DecomposeConfig.from_options(
+                update=str(update),
+                rank=cell.rank,
+                out=str(path),
+                init=cell.method,
+                noise_std=cell.noise_std,
+                seed=cell.seed,
+                model=settings.model if inits.INITS[cell.method].source == "model" else None,
+                trust_remote_code=settings.trust_remote_code,
+            )
         )
     return path
 

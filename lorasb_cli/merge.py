@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from . import __version__, adapter, artifacts, models, shards
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+from .options import option
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -59,35 +60,41 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
-def merge(
-    adapter_dir: str,
-    out: str,
-    *,
-    model: str | None = None,
-    format: str = "hf",
-    dtype: str | None = None,
-    max_shard_size: str | None = None,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Merge the adapter at `adapter_dir` into its base (`model`, default: the base the adapter records).
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """`lorasb merge`'s options."""
 
-    Writes an HF model directory (`format="hf"`) or a PEFT LoRA adapter (`format="peft"`) at `out`; returns it.
-    `dtype` and `max_shard_size` shape the `hf` output; `progress(done, total)` counts tensors (hf) or modules
-    (peft). A PEFT export from a hub base downloads nothing: there the shapes are checked by PEFT at load time.
+    adapter: str = option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
+    model: str | None = option("--model", "-m", help="Base model [default: the one recorded in the adapter].")
+    format: str = option(
+        "--format", default="hf", help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R)."
+    )
+    dtype: str | None = option(help="float32, bfloat16 or float16 [default: the base's].")
+    max_shard_size: str | None = option(help="Re-shard, e.g. 5GB [default: keep the base's shards].")
+    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
+    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    out: str = option("-o", "--out", required=True, help="Output directory.")
+
+
+def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Merge the adapter at `config.adapter` into its base (`config.model`, default: the base it records).
+
+    Writes an HF model directory (`format="hf"`) or a PEFT LoRA adapter (`format="peft"`) at `config.out`;
+    returns it. `dtype` and `max_shard_size` shape the `hf` output; `progress(done, total)` counts tensors (hf) or
+    modules (peft). A PEFT export from a hub base downloads nothing: PEFT checks its shapes at load time.
     """
-    out_dtype, shard_bytes = _hf_options(format, dtype, max_shard_size)
-    lora = _load_mergeable(adapter_dir, format)
-    ref = models.resolve_model(model if model is not None else _recorded_base(lora))
+    fmt = config.format
+    out_dtype, shard_bytes = _hf_options(fmt, config.dtype, config.max_shard_size)
+    lora = _load_mergeable(config.adapter, fmt)
+    ref = models.resolve_model(config.model if config.model is not None else _recorded_base(lora))
     # Checked before a download, so a bad -o fails at once.
     out_path = artifacts.check_output_dir(
-        Path(out).expanduser().resolve(), {"adapter": lora.path}, allow_nonempty=overwrite, hint=_OUT_HINT
+        Path(config.out).expanduser().resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
-    base = _open_base(lora, ref, out_path, format, trust_remote_code)
+    base = _open_base(lora, ref, out_path, fmt, config.trust_remote_code)
     metadata = _output_metadata(lora, ref)
-    with _staging(out_path, overwrite) as tmp:
-        if format == "hf":
+    with _staging(out_path, config.overwrite) as tmp:
+        if fmt == "hf":
             _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
         else:
             _write_peft(lora, ref, tmp, metadata, progress)

@@ -32,12 +32,12 @@ def qa_file(tmp_path_factory) -> Path:
 def factors_file(tiny_model_dir, qa_file, tmp_path_factory) -> Path:
     """Rank-4 LoRA-SB factors of the tiny model, estimated on 8 samples of QA_ROWS."""
     from lorasb_cli import estimate
-    from lorasb_cli.decompose import decompose
+    from lorasb_cli.decompose import DecomposeConfig, decompose
 
     folder = tmp_path_factory.mktemp("factors")
     update = folder / "u.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(qa_file), out=str(update), samples=8))
-    decompose(str(update), 4, str(folder / "f.safetensors"))
+    decompose(DecomposeConfig.from_options(update=str(update), rank=4, out=str(folder / "f.safetensors")))
     return folder / "f.safetensors"
 
 

@@ -145,7 +145,7 @@ def classifier_factors(folder: Path, model_dir: Path, data: Path) -> Path:
     """`folder/u.safetensors` (estimate on 12 samples of classification `data`, seed 3) and its rank-4
     `folder/f.safetensors`, which is returned."""
     from lorasb_cli import estimate
-    from lorasb_cli.decompose import decompose
+    from lorasb_cli.decompose import DecomposeConfig, decompose
 
     config = estimate.EstimateConfig(
         model=str(model_dir),
@@ -156,5 +156,7 @@ def classifier_factors(folder: Path, model_dir: Path, data: Path) -> Path:
         seed=3,
     )
     estimate.estimate(config)
-    decompose(str(folder / "u.safetensors"), 4, str(folder / "f.safetensors"))
+    decompose(
+        DecomposeConfig.from_options(update=str(folder / "u.safetensors"), rank=4, out=str(folder / "f.safetensors"))
+    )
     return folder / "f.safetensors"

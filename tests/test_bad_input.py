@@ -25,7 +25,7 @@ def world(tiny_model_dir, tmp_path_factory):
     """A model, data, update, factors and a trained adapter of their own, so that a case that changed an input
     would be seen (and could not spoil another test's fixtures)."""
     from lorasb_cli import estimate, train
-    from lorasb_cli.decompose import decompose
+    from lorasb_cli.decompose import DecomposeConfig, decompose
 
     root = tmp_path_factory.mktemp("world")
     model = Path(shutil.copytree(tiny_model_dir, root / "model"))
@@ -45,7 +45,7 @@ def world(tiny_model_dir, tmp_path_factory):
     update = root / "update.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(model), data=str(qa), out=str(update), samples=8))
     factors = root / "factors.safetensors"
-    decompose(str(update), 4, str(factors))
+    decompose(DecomposeConfig.from_options(update=str(update), rank=4, out=str(factors)))
     raw = root / "raw.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(model), data=str(qa), out=str(raw), samples=8, raw=True))
     run = root / "run"

@@ -8,7 +8,7 @@ from helpers import CLASS_ROWS, classifier_factors, make_bert_dir, write_jsonl
 
 from lorasb_cli import adapter, artifacts, estimate, evaluate, train
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.merge import merge
+from lorasb_cli.merge import MergeConfig, merge
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_merged_classifier_reproduces_the_adapter_logits(chain, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder, model_dir, _ = chain
-    merged = merge(str(folder / "run"), str(tmp_path / "merged"))
+    merged = merge(MergeConfig(adapter=str(folder / "run"), out=str(tmp_path / "merged")))
     loaded = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert loaded.config.id2label == {0: "crude", 1: "earn", 2: "trade"}
 

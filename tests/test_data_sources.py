@@ -11,9 +11,9 @@ import torch
 from helpers import CLASS_ROWS, QA_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import adapter, cli, data, estimate, evaluate, models, train
-from lorasb_cli.decompose import decompose
+from lorasb_cli.decompose import DecomposeConfig, decompose
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.merge import merge
+from lorasb_cli.merge import MergeConfig, merge
 
 RENAMED = [{"problem_text": row["question"], "solution": row["answer"], "id": i} for i, row in enumerate(QA_ROWS)]
 
@@ -208,7 +208,7 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
     model_dir = make_bert_dir(tmp_path / "bert")
     rows = write_jsonl(tmp_path / "sts.jsonl", STS_ROWS)
     estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(rows), out=str(tmp_path / "u"), samples=8))
-    decompose(str(tmp_path / "u"), 4, str(tmp_path / "f"))
+    decompose(DecomposeConfig.from_options(update=str(tmp_path / "u"), rank=4, out=str(tmp_path / "f")))
     summary = train.train(
         train.TrainConfig.from_options(
             model=str(model_dir),
@@ -223,7 +223,7 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
     assert summary.final_train_loss < summary.step0_init_loss  # MSE goes down
     trained = adapter.load_adapter(tmp_path / "run")
     assert trained.config["labels"] == ["score"] and trained.extra["classifier.weight"].shape == (1, 32)
-    merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged = merge(MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "merged")))
     loaded = AutoModelForSequenceClassification.from_pretrained(merged)
     assert loaded.config.num_labels == 1 and loaded.config.problem_type == "regression"
     for model in (str(merged), str(model_dir)):

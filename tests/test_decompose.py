@@ -62,7 +62,11 @@ def _write_update(path, tensors: dict[str, torch.Tensor], eta: float = 2e-5):
 def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
     signs = {"layer.q.weight": _sign_update(64, 48, 1), "layer.o.weight": _sign_update(48, 64, 2)}
     _write_update(tmp_path / "u.safetensors", signs, eta=2e-5)
-    summary = decompose.decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
+    summary = decompose.decompose(
+        decompose.DecomposeConfig.from_options(
+            update=str(tmp_path / "u.safetensors"), rank=8, out=str(tmp_path / "f.safetensors")
+        )
+    )
     factors = artifacts.Artifact(tmp_path / "f.safetensors", kinds=("factors",))
     assert sorted(artifacts.factor_modules(factors)) == ["layer.o", "layer.q"]
     assert factors.meta["rank"] == 8 and factors.meta["eta"] == 2e-5 and factors.meta["init"] == "lorasb"
@@ -80,7 +84,11 @@ def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
 def test_same_seed_same_factors(tmp_path):
     _write_update(tmp_path / "u.safetensors", {"w.weight": _sign_update(64, 64)})
     for name in ("a", "b"):
-        decompose.decompose(str(tmp_path / "u.safetensors"), 4, str(tmp_path / f"{name}.safetensors"), seed=3)
+        decompose.decompose(
+            decompose.DecomposeConfig.from_options(
+                update=str(tmp_path / "u.safetensors"), rank=4, out=str(tmp_path / f"{name}.safetensors"), seed=3
+            )
+        )
     a, b = artifacts.Artifact(tmp_path / "a.safetensors"), artifacts.Artifact(tmp_path / "b.safetensors")
     for name in a.names:
         assert torch.equal(a.get(name), b.get(name))
@@ -90,7 +98,11 @@ def test_same_seed_same_factors(tmp_path):
 def test_bad_ranks_name_the_module_and_write_nothing(tmp_path, rank):
     _write_update(tmp_path / "u.safetensors", {"w.weight": _sign_update(64, 48)})
     with pytest.raises(BadInputError) as excinfo:
-        decompose.decompose(str(tmp_path / "u.safetensors"), rank, str(tmp_path / "f.safetensors"))
+        decompose.decompose(
+            decompose.DecomposeConfig.from_options(
+                update=str(tmp_path / "u.safetensors"), rank=rank, out=str(tmp_path / "f.safetensors")
+            )
+        )
     if rank > 0:
         assert "min(m, n) = 48 of w (64, 48)" in excinfo.value.one_line()
     assert not (tmp_path / "f.safetensors").exists()

@@ -10,7 +10,7 @@ from helpers import QA_ROWS, write_jsonl
 
 from lorasb_cli import adapter, artifacts, evaluate
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.merge import merge
+from lorasb_cli.merge import MergeConfig, merge
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -124,7 +124,7 @@ def trained_like_adapter(factors_file, tmp_path_factory):
 
 def test_adapter_and_merged_model_give_identical_predictions(tiny_model_dir, trained_like_adapter, tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:6])
-    merged = merge(str(trained_like_adapter), str(tmp_path / "merged"))
+    merged = merge(MergeConfig(adapter=str(trained_like_adapter), out=str(tmp_path / "merged")))
     common = {"task": "gsm8k", "data": str(data), "max_new_tokens": 6, "batch_size": 4, "dtype": "float32"}
     unmerged = evaluate.evaluate(
         evaluate.EvaluateConfig(

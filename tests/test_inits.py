@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from lorasb_cli import artifacts, cli, estimate, inits
-from lorasb_cli.decompose import decompose
+from lorasb_cli.decompose import DecomposeConfig, decompose
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.registry import did_you_mean
 
@@ -41,7 +41,14 @@ def base_weights(tiny_model_dir) -> dict[str, torch.Tensor]:
 def _decompose(update_file, tmp_path, name: str, **kwargs):
     """Run decompose into tmp_path/name.safetensors; returns (artifact, {module: (B, R, A) float64})."""
     out = tmp_path / f"{name}.safetensors"
-    decompose(str(update_file) if update_file is not None else None, kwargs.pop("rank", RANK), str(out), **kwargs)
+    decompose(
+        DecomposeConfig.from_options(
+            update=str(update_file) if update_file is not None else None,
+            rank=kwargs.pop("rank", RANK),
+            out=str(out),
+            **kwargs,
+        )
+    )
     loaded = artifacts.load_factors(str(out))
     return artifacts.Artifact(out), {m: tuple(t.double() for t in triple) for m, triple in loaded.factors.items()}
 
@@ -248,9 +255,17 @@ def test_noisy_with_large_noise_moves_the_subspaces(update_file, deltas, tmp_pat
 
 def test_noisy_needs_a_non_negative_noise_std(update_file, tmp_path):
     with pytest.raises(BadInputError, match="--noise-std"):
-        decompose(str(update_file), RANK, str(tmp_path / "a.safetensors"), init="noisy")
+        decompose(
+            DecomposeConfig.from_options(
+                update=str(update_file), rank=RANK, out=str(tmp_path / "a.safetensors"), init="noisy"
+            )
+        )
     with pytest.raises(BadInputError, match="--noise-std"):
-        decompose(str(update_file), RANK, str(tmp_path / "b.safetensors"), init="noisy", noise_std=-1.0)
+        decompose(
+            DecomposeConfig.from_options(
+                update=str(update_file), rank=RANK, out=str(tmp_path / "b.safetensors"), init="noisy", noise_std=-1.0
+            )
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -261,7 +276,11 @@ def test_unknown_init_suggests_the_closest_name(update_file, tmp_path):
     suggestion = did_you_mean("lorra", sorted(inits.INITS))
     assert suggestion.startswith("did you mean '")
     with pytest.raises(BadInputError, match="unknown --init 'lorra'") as excinfo:
-        decompose(str(update_file), RANK, str(tmp_path / "f.safetensors"), init="lorra")
+        decompose(
+            DecomposeConfig.from_options(
+                update=str(update_file), rank=RANK, out=str(tmp_path / "f.safetensors"), init="lorra"
+            )
+        )
     assert excinfo.value.hint == suggestion and "did you mean" in str(excinfo.value)
     assert not (tmp_path / "f.safetensors").exists()
 
@@ -269,19 +288,27 @@ def test_unknown_init_suggests_the_closest_name(update_file, tmp_path):
 def test_init_sources_are_checked(update_file, tiny_model_dir, tmp_path):
     out = str(tmp_path / "f.safetensors")
     with pytest.raises(BadInputError, match="--init lora-xs factors the pretrained weights"):
-        decompose(None, RANK, out, init="lora-xs")
+        decompose(DecomposeConfig.from_options(update=None, rank=RANK, out=out, init="lora-xs"))
     with pytest.raises(BadInputError, match="--init kaiming reads no model"):
-        decompose(str(update_file), RANK, out, init="kaiming", model=str(tiny_model_dir))
+        decompose(
+            DecomposeConfig.from_options(
+                update=str(update_file), rank=RANK, out=out, init="kaiming", model=str(tiny_model_dir)
+            )
+        )
     with pytest.raises(BadInputError, match="--init kaiming factors an update"):
-        decompose(None, RANK, out, init="kaiming")
+        decompose(DecomposeConfig.from_options(update=None, rank=RANK, out=out, init="kaiming"))
     with pytest.raises(BadInputError, match="--init lorasb reads no model"):
-        decompose(str(update_file), RANK, out, model=str(tiny_model_dir))
+        decompose(DecomposeConfig.from_options(update=str(update_file), rank=RANK, out=out, model=str(tiny_model_dir)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_lora_xs_rank_above_min_shape_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(BadInputError, match="exceeds min"):
-        decompose(None, 33, str(tmp_path / "f.safetensors"), init="lora-xs", model=str(tiny_model_dir))
+        decompose(
+            DecomposeConfig.from_options(
+                update=None, rank=33, out=str(tmp_path / "f.safetensors"), init="lora-xs", model=str(tiny_model_dir)
+            )
+        )
     assert not (tmp_path / "f.safetensors").exists()
 
 

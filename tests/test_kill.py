@@ -67,14 +67,14 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir, tmp_path_factory):
     from lorasb_cli import estimate
-    from lorasb_cli.decompose import decompose
+    from lorasb_cli.decompose import DecomposeConfig, decompose
 
     root = tmp_path_factory.mktemp("kill-inputs")
     data = write_jsonl(root / "qa.jsonl", QA_ROWS)
     update = root / "u.safetensors"
     estimate.estimate(estimate.EstimateConfig(model=str(tiny_model_dir), data=str(data), out=str(update), samples=8))
     factors = root / "f.safetensors"
-    decompose(str(update), 4, str(factors))
+    decompose(DecomposeConfig.from_options(update=str(update), rank=4, out=str(factors)))
     return {"model": tiny_model_dir, "data": data, "update": update, "factors": factors}
 
 

@@ -273,9 +273,13 @@ def test_adapter_merges_and_exports_like_lora(run, tiny_model_dir, base_model, t
     for module, (lora_B, lora_R, lora_A) in saved.factors.items():  # rank r, R = s·I with s = α/r = 2
         assert lora_B.shape[1] == lora_A.shape[0] == RANK, module
         torch.testing.assert_close(lora_R, 2.0 * torch.eye(RANK), atol=0, rtol=0, msg=module)
-    hf_dir = merge.merge(str(out), str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    hf_dir = merge.merge(
+        merge.MergeConfig(adapter=str(out), out=str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    )
     merged = _logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval())
-    peft_dir = merge.merge(str(out), str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+    peft_dir = merge.merge(
+        merge.MergeConfig(adapter=str(out), out=str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+    )
     exported = _logits(
         peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(peft_dir)).eval()
     )

@@ -109,7 +109,10 @@ def leftovers(parent: Path) -> list[str]:
 def test_merged_model_reproduces_adapter_logits_and_loads_alone(setup, tmp_path):
     calls = []
     # model=None: the base comes from the adapter's config.
-    out = merge.merge(str(setup.adapter_dir), str(tmp_path / "merged"), progress=lambda d, t: calls.append((d, t)))
+    out = merge.merge(
+        merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "merged")),
+        progress=lambda d, t: calls.append((d, t)),
+    )
     assert out == tmp_path / "merged"
     merged_logits = logits(load(out), setup.inputs)
     assert_logits_equal(merged_logits, setup.adapter_logits)
@@ -141,7 +144,7 @@ def test_merge_weight_uses_b_r_a_in_that_order():
 def test_peft_export_reproduces_adapter_logits(setup, tmp_path):
     import peft
 
-    out = merge.merge(str(setup.adapter_dir), str(tmp_path / "peft"), format="peft")
+    out = merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "peft"), format="peft"))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert f"--max-lora-rank 8 (rank {RANK})" in (out / "README.md").read_text()
     with warnings.catch_warnings():
@@ -173,7 +176,7 @@ def test_peft_export_with_mixed_ranks_and_scale(setup, tmp_path):
 
     ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 6}
     adapted = build_adapter(setup.base_dir, tmp_path / "run", seed=5, scale=0.5, ranks=ranks)
-    out = merge.merge(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+    out = merge.merge(merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "peft"), format="peft"))
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (RANK, 2)
     assert config["rank_pattern"] == ranks and config["alpha_pattern"] == {k: v / 2 for k, v in ranks.items()}
@@ -188,11 +191,11 @@ def test_trained_head_is_merged_and_exported(setup, tmp_path):
     adapted = build_adapter(setup.base_dir, tmp_path / "run", seed=7, head_labels=3)
     expected = logits(adapted, setup.inputs)
 
-    merged = merge.merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged = merge.merge(merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "merged")))
     model = AutoModelForSequenceClassification.from_pretrained(merged, num_labels=3).eval()
     assert_logits_equal(logits(model, setup.inputs), expected)
 
-    out = merge.merge(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+    out = merge.merge(merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "peft"), format="peft"))
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
     base = AutoModelForSequenceClassification.from_pretrained(setup.base_dir, num_labels=3)
@@ -228,7 +231,9 @@ def test_sharded_merge_keeps_layout_and_holds_at_most_two_shards(setup, tmp_path
 
     monkeypatch.setattr(shards.CheckpointIndex, "get", get)
     monkeypatch.setattr(merge, "save_file", save_file)
-    out = merge.merge(str(setup.adapter_dir), str(tmp_path / "merged"), model=str(setup.sharded_dir))
+    out = merge.merge(
+        merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "merged"), model=str(setup.sharded_dir))
+    )
     assert 1 <= peak <= 2, f"{peak} shards held at once"
 
     merged = shards.CheckpointIndex(out)
@@ -244,7 +249,9 @@ def test_sharded_merge_keeps_layout_and_holds_at_most_two_shards(setup, tmp_path
 
 
 def test_max_shard_size_reshards(setup, tmp_path):
-    out = merge.merge(str(setup.adapter_dir), str(tmp_path / "merged"), max_shard_size="50KB")
+    out = merge.merge(
+        merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "merged"), max_shard_size="50KB")
+    )
     index = shards.CheckpointIndex(out)
     count = len(index.shard_files())
     assert count > 1
@@ -257,8 +264,14 @@ def test_max_shard_size_reshards(setup, tmp_path):
 
 
 def test_bfloat16_output(setup, tmp_path):
-    fp32 = merge.merge(str(setup.adapter_dir), str(tmp_path / "fp32"), model=str(setup.sharded_dir))
-    out = merge.merge(str(setup.adapter_dir), str(tmp_path / "bf16"), model=str(setup.sharded_dir), dtype="bfloat16")
+    fp32 = merge.merge(
+        merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "fp32"), model=str(setup.sharded_dir))
+    )
+    out = merge.merge(
+        merge.MergeConfig(
+            adapter=str(setup.adapter_dir), out=str(tmp_path / "bf16"), model=str(setup.sharded_dir), dtype="bfloat16"
+        )
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     merged, reference = shards.CheckpointIndex(out), shards.CheckpointIndex(fp32)
     assert {merged.dtype(n) for n in merged.names()} == {torch.bfloat16}
@@ -273,7 +286,9 @@ def test_bfloat16_output(setup, tmp_path):
 def test_adapter_dir_without_adapter_file(setup, tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(BadInputError, match="adapter.safetensors"):
-        merge.merge(str(tmp_path / "run"), str(tmp_path / "out"), model=str(setup.base_dir))
+        merge.merge(
+            merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "out"), model=str(setup.base_dir))
+        )
 
 
 def test_factors_for_another_model_are_refused_before_writing(setup, tmp_path):
@@ -282,7 +297,9 @@ def test_factors_for_another_model_are_refused_before_writing(setup, tmp_path):
     build_adapter(other_dir, tmp_path / "run")
     expected = r"factors of 'model\.layers\.0\.mlp\.down_proj' are for a 32×64 weight, the base model's is 64×128"
     with pytest.raises(IncompatibleArtifactError, match=expected):
-        merge.merge(str(tmp_path / "run"), str(tmp_path / "out"), model=str(setup.base_dir))
+        merge.merge(
+            merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "out"), model=str(setup.base_dir))
+        )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -291,9 +308,9 @@ def test_existing_output_needs_overwrite(setup, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(BadInputError, match="--overwrite"):
-        merge.merge(str(setup.adapter_dir), str(out))
+        merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(out)))
     assert (out / "old.txt").exists()
-    merge.merge(str(setup.adapter_dir), str(out), overwrite=True)
+    merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(out), overwrite=True))
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
 
@@ -308,7 +325,7 @@ def test_output_never_touches_an_input(setup, tmp_path, where):
     }[where]
     before = sorted(p.name for p in setup.base_dir.iterdir())
     with pytest.raises(BadInputError, match="would overwrite or write into"):
-        merge.merge(str(tmp_path / "runs" / "run"), str(out), overwrite=True)
+        merge.merge(merge.MergeConfig(adapter=str(tmp_path / "runs" / "run"), out=str(out), overwrite=True))
     assert sorted(p.name for p in setup.base_dir.iterdir()) == before
     assert (tmp_path / "runs" / "run" / "adapter.safetensors").is_file()
 
@@ -319,7 +336,7 @@ def test_pickle_checkpoint_is_refused(setup, tmp_path):
     (bin_dir / "config.json").write_text((setup.base_dir / "config.json").read_text())
     (bin_dir / "pytorch_model.bin").write_bytes(b"never unpickled")
     with pytest.raises(BadInputError, match="not safetensors"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), model=str(bin_dir))
+        merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), model=str(bin_dir)))
     assert not (tmp_path / "out").exists()
 
 
@@ -335,7 +352,9 @@ def test_failure_mid_merge_leaves_nothing(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(merge, "save_file", failing_save)
     with pytest.raises(OSError, match="No space"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), model=str(setup.sharded_dir))
+        merge.merge(
+            merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), model=str(setup.sharded_dir))
+        )
     assert saved and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
     # With --overwrite the old output survives a failed merge.
@@ -343,14 +362,18 @@ def test_failure_mid_merge_leaves_nothing(setup, tmp_path, monkeypatch):
     (tmp_path / "out" / "keep.txt").write_text("old")
     saved.clear()
     with pytest.raises(OSError, match="No space"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), model=str(setup.sharded_dir), overwrite=True)
+        merge.merge(
+            merge.MergeConfig(
+                adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), model=str(setup.sharded_dir), overwrite=True
+            )
+        )
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
 
 
 def test_overflow_is_a_non_finite_error(setup, tmp_path):
     build_adapter(setup.base_dir, tmp_path / "run", r_scale=1e8)
     with pytest.raises(NonFiniteError, match=r"merged weight of module 'model\.layers\.\d\.\w+\.\w+_proj'"):
-        merge.merge(str(tmp_path / "run"), str(tmp_path / "out"), dtype="float16")
+        merge.merge(merge.MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "out"), dtype="float16"))
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -364,28 +387,32 @@ def test_base_model_is_taken_from_the_adapter_or_refused_clearly(setup, tmp_path
     config["base_model"]["id"] = str(tmp_path / "gone")
     adapter.save_adapter(run, tensors, config)
     with pytest.raises(BadInputError, match="no longer exists.*--model"):
-        merge.merge(str(run), str(tmp_path / "out"))
+        merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "out")))
 
     config["base_model"]["id"] = "lorasb-tests/not-a-cached-model"
     adapter.save_adapter(run, tensors, config)
     with pytest.raises(BadInputError, match="cannot download base model.*local model directory"):
-        merge.merge(str(run), str(tmp_path / "out"))
+        merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "out")))
     # A PEFT export needs no base weights: it works offline from a hub id.
-    out = merge.merge(str(run), str(tmp_path / "peft"), format="peft")
+    out = merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "peft"), format="peft"))
     exported = json.loads((out / "adapter_config.json").read_text())
     assert exported["base_model_name_or_path"] == config["base_model"]["id"]
 
-    merged = merge.merge(str(run), str(tmp_path / "out"), model=str(setup.base_dir))
+    merged = merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "out"), model=str(setup.base_dir)))
     assert_logits_equal(logits(load(merged), setup.inputs), setup.adapter_logits)
 
 
 def test_bad_options(setup, tmp_path):
     with pytest.raises(BadInputError, match="did you mean 'peft'"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), format="pfet")
+        merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), format="pfet"))
     with pytest.raises(BadInputError, match="unknown --dtype"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), dtype="int8")
+        merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), dtype="int8"))
     with pytest.raises(BadInputError, match="hf only"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), format="peft", dtype="bfloat16")
+        merge.merge(
+            merge.MergeConfig(
+                adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), format="peft", dtype="bfloat16"
+            )
+        )
     with pytest.raises(BadInputError, match="invalid size"):
-        merge.merge(str(setup.adapter_dir), str(tmp_path / "out"), max_shard_size="lots")
+        merge.merge(merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), max_shard_size="lots"))
     assert list(tmp_path.iterdir()) == []

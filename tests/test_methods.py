@@ -136,9 +136,13 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
         assert lora_B.shape[1] == export_rank and lora_A.shape[0] == export_rank
     assert set(saved.magnitudes) == (set(saved.factors) if method == "dora" else set())
 
-    hf_dir = merge.merge(str(run), str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    hf_dir = merge.merge(
+        merge.MergeConfig(adapter=str(run), out=str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    )
     merged = _logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval())
-    peft_dir = merge.merge(str(run), str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+    peft_dir = merge.merge(
+        merge.MergeConfig(adapter=str(run), out=str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+    )
     peft_config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert peft_config["r"] == export_rank and peft_config["use_dora"] == (method == "dora")
     exported = _logits(_load_peft(tiny_model_dir, peft_dir))
@@ -163,11 +167,15 @@ def test_full_fine_tune_merges_as_full_tensors_and_has_no_peft_form(
     assert float((loaded - base_logits).abs().max()) > 1e-2
     torch.testing.assert_close(loaded, trained_logits, atol=1e-5, rtol=1e-5)
 
-    hf_dir = merge.merge(str(run), str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    hf_dir = merge.merge(
+        merge.MergeConfig(adapter=str(run), out=str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
+    )
     merged = _logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval())
     torch.testing.assert_close(merged, loaded, atol=1e-5, rtol=1e-5)
     with pytest.raises(IncompatibleArtifactError, match="no B, R, A factors"):
-        merge.merge(str(run), str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+        merge.merge(
+            merge.MergeConfig(adapter=str(run), out=str(tmp_path / "peft"), model=str(tiny_model_dir), format="peft")
+        )
     assert not (tmp_path / "peft").exists()
 
 

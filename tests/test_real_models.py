@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lorasb_cli import adapter, bundled, estimate, evaluate, models, train
-from lorasb_cli.decompose import decompose
-from lorasb_cli.merge import merge
+from lorasb_cli.decompose import DecomposeConfig, decompose
+from lorasb_cli.merge import MergeConfig, merge
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,11 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
             model="smollm2-135m", data="arithmetic", size=64, samples=8, out=str(tmp_path / "u.safetensors")
         )
     )
-    decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
+    decompose(
+        DecomposeConfig.from_options(
+            update=str(tmp_path / "u.safetensors"), rank=8, out=str(tmp_path / "f.safetensors")
+        )
+    )
     summary = train.train(
         train.TrainConfig.from_options(
             model="smollm2-135m",
@@ -42,8 +46,8 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
         )
     )
     assert summary.steps == 10 and summary.trainable_params == 210 * 64
-    merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
-    exported = merge(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+    merged = merge(MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "merged")))
+    exported = merge(MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "peft"), format="peft"))
 
     cfg = evaluate.EvaluateConfig(
         model="smollm2-135m", adapter=str(tmp_path / "run"), task="perplexity", out="x", dtype="float32"
@@ -81,7 +85,11 @@ def test_minilm_classification_chain(tmp_path):
             out=str(tmp_path / "u.safetensors"),
         )
     )
-    decompose(str(tmp_path / "u.safetensors"), 8, str(tmp_path / "f.safetensors"))
+    decompose(
+        DecomposeConfig.from_options(
+            update=str(tmp_path / "u.safetensors"), rank=8, out=str(tmp_path / "f.safetensors")
+        )
+    )
     train.train(
         train.TrainConfig.from_options(
             model="minilm-l6",
@@ -95,7 +103,7 @@ def test_minilm_classification_chain(tmp_path):
             max_length=64,
         )
     )
-    merged = merge(str(tmp_path / "run"), str(tmp_path / "merged"))
+    merged = merge(MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "merged")))
     loaded = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     assert len(loaded.config.id2label) == 8
 

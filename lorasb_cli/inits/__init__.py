@@ -7,25 +7,32 @@ decompose streams module by module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from ..options import plugin_fields, plugin_options, takes
 from ..registry import Registry, import_plugins
 
 # B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True, kw_only=True)
+class OwnOptions:
+    """An init's own options (`Init.options`), declared as lorasb_cli/options.py fields: `lorasb decompose`'s
+    flags are generated from them and a flag the chosen init does not take is refused. This base has none."""
+
+
 @dataclass(frozen=True)
 class InitOptions:
-    """What an init may use besides the matrix: the SVD settings, η of the update, and the noise level."""
+    """What an init may use besides the matrix: the SVD settings, η of the update, and its own options."""
 
     niter: int = 4
     exact: bool = False
     eta: float | None = None
-    noise_std: float | None = None  # noisy: σ in units of η, the size of every entry of ΔW_avg
+    own: OwnOptions = OwnOptions()
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class Init:
     factor: Callable[[torch.Tensor, int, InitOptions], Factors]
     scale: float = 1.0  # s of W = W0 + s·B·R·A
     summary: str = ""
+    options: type[OwnOptions] = OwnOptions
+
+    def resolve_options(self, given: Mapping[str, object]) -> OwnOptions:
+        """This init's own options from those given on the command line (`DecomposeConfig.init_options`)."""
+        return plugin_options(self.options, given, kind="--init", name=self.name, takers=_takers)
 
 
 INITS: Registry[Init] = Registry("--init")
@@ -46,6 +58,15 @@ def register(init: Init) -> Init:
 
 def get_init(name: str) -> Init:
     return INITS.lookup(name)
+
+
+def option_fields():
+    """Every init's own options, each once: flags of `lorasb decompose`."""
+    return plugin_fields(i.options for i in INITS.values())
+
+
+def _takers(option_name: str) -> list[str]:
+    return [i.name for i in INITS.values() if takes(i.options, option_name)]
 
 
 def svd_factors(
