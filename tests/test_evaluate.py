@@ -26,7 +26,7 @@ class ScriptedAnswerer:
     def __init__(self, outputs=(), scores=None):
         self.outputs, self.scores, self.prompts = list(outputs), scores, []
 
-    def generate(self, prompts):
+    def generate(self, prompts, max_new_tokens=None):
         self.prompts += prompts
         return self.outputs[: len(prompts)]
 

@@ -10,7 +10,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.tasks import INVALID, get_task, task_names
+from lorasb_cli.tasks import INVALID, ChoiceTask, ClassifyTask, GenerateTask, PerplexityTask, get_task, task_names
 
 GLUE_SUBSETS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
@@ -30,6 +30,22 @@ def test_every_task_is_registered_with_a_version_and_description():
         task = get_task(name)
         assert task.name == name and task.version == versions.get(name, 1) and task.description
         assert task.scoring in ("generate", "classify", "perplexity")
+
+
+def test_each_task_is_the_shape_of_its_scoring_and_scoring_switches_only_where_it_can():
+    shapes = {"generate": GenerateTask, "classify": ClassifyTask, "perplexity": PerplexityTask}
+    for name in task_names():
+        task = get_task(name)
+        assert isinstance(task, shapes[task.scoring]) and task.scored_as(None) is task.scored_as(task.scoring) is task
+    choice = get_task("commonsense").scored_as("loglik")
+    assert isinstance(choice, ChoiceTask) and choice.scoring == "loglik"
+    assert (choice.name, choice.version, choice.choices(BOOLQ)) == ("commonsense", 1, ["true", "false"])
+    with pytest.raises(BadInputError, match="no answer options"):
+        get_task("gsm8k").scored_as("loglik")
+    with pytest.raises(BadInputError, match="scored by classify, not generate"):
+        get_task("glue-sst2").scored_as("generate")
+    with pytest.raises(BadInputError, match="unknown --scoring 'vibes'"):
+        get_task("gsm8k").scored_as("vibes")
 
 
 def test_unknown_task_suggests_the_close_name():

@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 
 from .. import data
-from . import Task, register_task
+from . import ClassifyTask, register_task
 
 # subset: (text fields, number of labels (1 = regression), metric keys, evaluation split)
 GLUE = {
@@ -72,10 +72,9 @@ def glue_metrics(subset: str, references: list, predictions: list) -> dict[str, 
 
 for _subset, (_fields, _labels, _metrics, _split) in GLUE.items():
     register_task(
-        Task(
+        ClassifyTask(
             name=f"glue-{_subset}",
             version=1,
-            scoring="classify",
             fields=(*_fields, "label"),
             score=lambda records, subset=_subset: glue_metrics(
                 subset, [r["reference"] for r in records], [r["extracted"] for r in records]
@@ -120,10 +119,9 @@ def classification_metrics(references: list, predictions: list) -> dict:
 
 
 register_task(
-    Task(
+    ClassifyTask(
         name="classification",
         version=1,
-        scoring="classify",
         fields=("label",),
         score=lambda records: classification_metrics(
             [r["reference"] for r in records], [r["extracted"] for r in records]

@@ -10,7 +10,7 @@ import threading
 from fractions import Fraction
 
 from ..errors import BadInputError
-from . import INVALID, Task, register_task
+from . import INVALID, GenerateTask, register_task
 
 # Where an Alpaca-trained model starts a new turn of its own; what follows is not its answer. MetaMath's
 # evaluation stops generation at these words, so cutting here scores the same outputs the same way.
@@ -198,10 +198,9 @@ def gsm8k_score(records: list[dict]) -> dict[str, float]:
 
 
 register_task(
-    Task(
+    GenerateTask(
         name="gsm8k",
         version=2,
-        scoring="generate",
         fields=("question", "answer"),
         score=gsm8k_score,
         prompt=lambda row: (row["question"], None),
@@ -222,10 +221,9 @@ register_task(
 # last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
 # copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds all 5,000.
 register_task(
-    Task(
+    GenerateTask(
         name="math",
         version=2,
-        scoring="generate",
         fields=("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
         score=accuracy,
         prompt=lambda row: (row["problem"], None),
@@ -241,10 +239,9 @@ register_task(
 )
 
 register_task(
-    Task(
+    GenerateTask(
         name="math500",
         version=1,
-        scoring="generate",
         fields=("problem", "answer"),
         score=accuracy,
         prompt=lambda row: (row["problem"], None),
