@@ -118,6 +118,23 @@ def test_gsm8k_model_that_repeats_the_question():
     assert (strict(output), flexible(output)) == (INVALID, INVALID)
 
 
+@pytest.mark.parametrize("name", ["gsm8k", "math", "math500"])
+def test_math_stops_at_a_new_turn_and_scores_the_cut_output_the_same(name):
+    """Generation stops at the next Alpaca turn; cut there, every output extracts and scores as uncut."""
+    task = get_task(name)
+    assert "### Instruction:" in task.stop and get_task("commonsense").stop == ()
+    outputs = [
+        "7 + 3 = 10. The answer is: 10\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\nThe answer is: 4",
+        "The answer is: \\boxed{5}### Response: The answer is: 6",
+        "So 8.\nBelow is an instruction that describes a task. The answer is: 9",
+        "###Instruction: 3 (a spelling only the regex cuts). The answer is: 3",
+        "#### 12",
+    ]
+    for output in outputs:
+        assert not any(stop in task.cut(output) for stop in task.stop)
+        assert task.judge(task.cut(output), "10") == task.judge(output, "10")
+
+
 def test_gsm8k_judge_writes_strict_and_flexible_keys():
     task = get_task("gsm8k")
     assert task.judge("So she has 18 apples.", "18") == {

@@ -70,6 +70,9 @@ class GenerateTask(Task):
     `filters` are extra named answer extractions scored beside the primary `extract` (as lm-evaluation-harness's
     filters): for each name N, a record also holds `extracted/N` = `filters[N](output)` and `correct/N`, judged like
     `correct` (see `judge`). `choices(row)`, where given, lets `--scoring loglik` pick among the row's options.
+
+    Generation stops at `max_new_tokens` or at a string of `stop` (lm-evaluation-harness's `until`); the output
+    is cut before the first one (`cut`) whether or not the answerer stopped there, so none is ever scored.
     """
 
     scoring: ClassVar[str] = "generate"
@@ -80,6 +83,7 @@ class GenerateTask(Task):
     is_correct: Callable[[str, str], bool]
     filters: dict[str, Callable[[str], str]] = field(default_factory=dict)
     max_new_tokens: int = MAX_NEW_TOKENS
+    stop: tuple[str, ...] = ()
     choices: Callable[[dict], list[str]] | None = None
 
     def scored_as(self, scoring: str | None) -> Task:
@@ -91,6 +95,12 @@ class GenerateTask(Task):
         return ChoiceTask(
             **shared, prompt=self.prompt, choices=self.choices, reference=self.reference, is_correct=self.is_correct
         )
+
+    def cut(self, output: str) -> str:
+        """`output` up to the first of the stop strings (all of it where none occurs)."""
+        for stop in self.stop:
+            output = output.split(stop, 1)[0]
+        return output
 
     def judge(self, output: str, reference: str) -> dict:
         """A generated output's record keys: `extracted`, `correct`, and `extracted/N`, `correct/N` per filter N."""
@@ -104,7 +114,8 @@ class GenerateTask(Task):
     def records(self, rows: Sequence[dict], answerer: Answerer, template: Template) -> list[dict]:
         prompts = [template.prompt(*self.prompt(row)) for row in rows]
         records = []
-        for row, prompt, output in zip(rows, prompts, answerer.generate(prompts, max_new_tokens=self.max_new_tokens)):
+        outputs = answerer.generate(prompts, max_new_tokens=self.max_new_tokens, stop=self.stop)
+        for row, prompt, output in zip(rows, prompts, map(self.cut, outputs)):
             reference = self.reference(row)
             judged = self.judge(output, reference)
             extracted, correct = judged.pop("extracted"), judged.pop("correct")

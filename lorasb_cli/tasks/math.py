@@ -15,6 +15,14 @@ from . import INVALID, GenerateTask, register_task
 # Where an Alpaca-trained model starts a new turn of its own; what follows is not its answer. MetaMath's
 # evaluation stops generation at these words, so cutting here scores the same outputs the same way.
 _NEXT_TURN = re.compile(r"###\s*(?:Instruction|Input|Response)\s*:|Below is an instruction that describes a task")
+# Generation stops at the usual spellings of a new turn. Each is a match of _NEXT_TURN, so stopping there never
+# cuts the answer text shorter than `answer_text` does; the regex still cuts the other spellings.
+NEXT_TURN_STOPS = (
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "Below is an instruction that describes a task",
+)
 _GSM8K_MARKER = re.compile(r"the answer is\s*:?|####|\\boxed\s*\{", re.IGNORECASE)
 _MATH_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -210,6 +218,7 @@ register_task(
         default_data="openai/gsm8k",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="GSM8K grade-school math, zero-shot, exact match of the final number: strict (answer marker "
         "required, MetaMath's protocol; the headline accuracy) and flexible (the last number)",
         extra={"config": "main"},
@@ -233,6 +242,7 @@ register_task(
         default_data="DigitalLearningGmbH/MATH-lighteval",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="MATH competition problems, the full 5,000-problem test set, zero-shot, math-verify equivalence",
         extra={"config": "default"},
     )
@@ -251,6 +261,7 @@ register_task(
         default_data="HuggingFaceH4/MATH-500",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="MATH-500 (the 500-problem MATH test subset of Let's Verify Step by Step), zero-shot, "
         "math-verify equivalence",
     )

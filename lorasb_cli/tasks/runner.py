@@ -19,7 +19,9 @@ from . import MAX_NEW_TOKENS, Task
 class Answerer(Protocol):
     """What a task needs from a model; `ModelAnswerer` is the real one, tests script fake ones."""
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]: ...
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]: ...
 
     def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]: ...
 
@@ -50,9 +52,12 @@ class ModelAnswerer:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy continuations of `prompts`, at most `max_new_tokens` tokens each (the task's), unless the
-        answerer's own overrides it."""
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy continuations of `prompts`, at most `max_new_tokens` tokens each (the task's, unless the
+        answerer's own overrides it). A continuation also ends once it ends with a string of `stop`, which it
+        keeps: the task cuts it off."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -60,7 +65,10 @@ class ModelAnswerer:
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+            stop_strings=list(stop) or None,
         )
+        # Stop strings are matched on the tokens' text, so generate needs the tokenizer, and only then.
+        tokenizer = {"tokenizer": self.tokenizer} if stop else {}
         self.tokenizer.padding_side = "left"  # generation appends on the right: prompts must end together
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
         outputs: dict[int, str] = {}
@@ -72,7 +80,7 @@ class ModelAnswerer:
                 padding=True,
                 add_special_tokens=self.template.add_special_tokens,
             ).to(self.device)
-            generated = self.model.generate(**encoded, generation_config=config)
+            generated = self.model.generate(**encoded, generation_config=config, **tokenizer)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 outputs[i] = text
