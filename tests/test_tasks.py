@@ -9,8 +9,19 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
+from lorasb_cli import templates
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.tasks import INVALID, ChoiceTask, ClassifyTask, GenerateTask, PerplexityTask, get_task, task_names
+from lorasb_cli.tasks import (
+    INVALID,
+    ChoiceTask,
+    ClassifyTask,
+    GenerateTask,
+    PerplexityTask,
+    get_task,
+    runner,
+    task_names,
+)
+from lorasb_cli.tasks.commonsense import subtask
 
 GLUE_SUBSETS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
@@ -46,6 +57,61 @@ def test_each_task_is_the_shape_of_its_scoring_and_scoring_switches_only_where_i
         get_task("glue-sst2").scored_as("generate")
     with pytest.raises(BadInputError, match="unknown --scoring 'vibes'"):
         get_task("gsm8k").scored_as("vibes")
+
+
+SAMPLE_ROWS = {  # a few rows per generate/perplexity task; classification rows are made from the task's fields
+    "gsm8k": [{"question": "1+0?", "answer": "#### 1"}, {"question": "1+1?", "answer": "#### 2"}],
+    "math": [{"problem": "1+0?", "answer": "1"}, {"problem": "1+1?", "solution": "$\\boxed{2}$"}],
+    "math500": [{"problem": "1+0?", "answer": "1"}, {"problem": "1+1?", "answer": "2"}],
+    "commonsense": [
+        {"instruction": "Sky blue?\n\nAnswer format: true/false", "answer": "true", "task": "boolq"},
+        {"instruction": "Pick one.\n\nAnswer format: option1/option2", "answer": "option2"},
+    ],
+    "perplexity": [{"text": "the cat sat"}, {"text": "on the mat"}],
+}
+
+
+class FakeAnswerer:
+    """Answers anything: a stated answer, then no answer; classes 1, 0, ... (scores for regression); losses."""
+
+    def __init__(self, regression: bool = False):
+        self.regression = regression
+
+    def generate(self, prompts, max_new_tokens=None, stop=()):
+        return ["The answer is: 1 true option1 #### 1" if i % 2 == 0 else "nothing" for i in range(len(prompts))]
+
+    def loglik(self, prompt, choices):
+        return [-float(i) for i in range(len(choices))]
+
+    def classify(self, texts):
+        return [i * 0.7 if self.regression else (i + 1) % 2 for i in range(len(texts))]
+
+    def losses(self, rows):
+        return [(1.5, 3 * i) for i in range(len(rows))]  # the first row has no supervised token
+
+
+def sample_rows(task) -> list[dict]:
+    if not isinstance(task, ClassifyTask):
+        return SAMPLE_ROWS[task.name]
+    regression = task.extra.get("num_labels") == 1
+    texts = [f for f in task.fields if f != "label"] or ["text"]
+    return [{**{f: f"{f} {i}" for f in texts}, "label": i * 0.5 if regression else i % 2} for i in range(4)]
+
+
+@pytest.mark.parametrize("name", [*task_names(), "commonsense:loglik"])
+def test_declared_metrics_are_the_numbers_the_score_reports(name):
+    """`metrics` is exactly the numeric keys of `score` on a small fake run, plus `NAME/<subtask>` for each
+    `subtask_metrics` NAME and subtask of the rows; the primary `metric` comes first."""
+    name, _, scoring = name.partition(":")
+    task = get_task(name).scored_as(scoring or None)
+    rows = sample_rows(task)
+    answerer = FakeAnswerer(regression=task.extra.get("num_labels") == 1)
+    metrics = task.score(runner.evaluate_rows(task, rows, answerer, templates.Template("alpaca", None)))
+    numeric = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    per_subtask = {f"{m}/{subtask(row)}" for m in task.subtask_metrics for row in rows}
+    assert numeric == set(task.metrics) | per_subtask
+    assert task.metric == task.metrics[0] and all(task.has_metric(k) for k in numeric)
+    assert not task.has_metric("accuracy/") and not task.has_metric("nonsense")
 
 
 def test_unknown_task_suggests_the_close_name():

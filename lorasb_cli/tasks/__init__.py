@@ -32,7 +32,10 @@ class Task:
     """What every task has. `prompt`-like functions take one row (a dict of the task's `fields`).
 
     `score(records)` turns the per-example records (dicts with at least `reference`, `extracted`, `correct`, and
-    the row's `task` field where a family has subtasks) into the metrics dict of the results JSON.
+    the row's `task` field where a family has subtasks) into the metrics dict of the results JSON. `metrics`
+    names every number it reports (counts included), the primary one (`metric`, what a table ranks by) first;
+    `subtask_metrics` are also reported per subtask, as `NAME/<subtask>` (see `has_metric`). A value may be
+    None where it is undefined (no records; a correlation of constant predictions).
     """
 
     scoring: ClassVar[str]  # how a model answers, one of SCORINGS; `--scoring` may switch it (`scored_as`)
@@ -41,10 +44,21 @@ class Task:
     version: int
     fields: tuple[str, ...]
     score: Callable[[list[dict]], dict]
+    metrics: tuple[str, ...]
+    subtask_metrics: tuple[str, ...] = ()
     default_data: str | None = None
     default_split: str = "test"
     description: str = ""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return self.metrics[0]
+
+    def has_metric(self, name: str) -> bool:
+        """Whether `score` can report `name`: one of `metrics`, or `NAME/<subtask>` for NAME in `subtask_metrics`."""
+        prefix, slash, subtask = name.partition("/")
+        return name in self.metrics or bool(slash and subtask and prefix in self.subtask_metrics)
 
     def scored_as(self, scoring: str | None) -> Task:
         """The task answered by `scoring` (None: its own); a BadInputError where the task cannot be."""

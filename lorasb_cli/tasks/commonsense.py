@@ -98,6 +98,8 @@ register_task(
         version=1,
         fields=("instruction", "answer"),
         score=score,
+        metrics=("accuracy", "accuracy_micro", "invalid", "count"),
+        subtask_metrics=("accuracy", "count"),
         prompt=prompt,
         reference=lambda row: str(row["answer"]).strip().lower(),
         extract=extract_answer,

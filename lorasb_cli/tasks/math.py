@@ -178,6 +178,9 @@ def math_equal(extracted: str, reference: str) -> bool:
 # --- metric -----------------------------------------------------------------------------------------
 
 
+ACCURACY_METRICS = ("accuracy", "invalid", "count")  # what `accuracy` reports
+
+
 def accuracy(records: list[dict]) -> dict[str, float]:
     """`accuracy` over all records and `invalid`, the share of outputs with no answer found."""
     n = len(records)
@@ -211,6 +214,7 @@ register_task(
         version=2,
         fields=("question", "answer"),
         score=gsm8k_score,
+        metrics=("accuracy", "strict_accuracy", "flexible_accuracy", "invalid", "count"),
         prompt=lambda row: (row["question"], None),
         reference=gsm8k_reference,
         extract=extract_strict,
@@ -235,6 +239,7 @@ register_task(
         version=2,
         fields=("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
         score=accuracy,
+        metrics=ACCURACY_METRICS,
         prompt=lambda row: (row["problem"], None),
         reference=math_reference,
         extract=extract_math,
@@ -254,6 +259,7 @@ register_task(
         version=1,
         fields=("problem", "answer"),
         score=accuracy,
+        metrics=ACCURACY_METRICS,
         prompt=lambda row: (row["problem"], None),
         reference=math_reference,
         extract=extract_math,

@@ -38,6 +38,7 @@ register_task(
         version=1,
         fields=(),
         score=score,
+        metrics=("loss", "perplexity", "loss_per_sample", "tokens", "count", "skipped"),
         description="loss and perplexity over the supervised tokens of any text or prompt-response file",
     )
 )
