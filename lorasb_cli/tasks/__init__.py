@@ -29,7 +29,7 @@ SCORINGS = ("generate", "loglik", "classify", "perplexity")  # the `scoring` of 
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
-    """What every task has. `prompt`-like functions take one row (a dict of the task's `fields`).
+    """What every task has. A task's functions of a row take one row of its data (a dict with its `fields`).
 
     `score(records)` turns the per-example records (dicts with at least `reference`, `extracted`, `correct`, and
     the row's `task` field where a family has subtasks) into the metrics dict of the results JSON. `metrics`
