@@ -158,8 +158,7 @@ def evaluate(
             raise BadInputError(f"{flag} {value} must be positive")
     for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
         artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
-    task = get_task(config.task)
-    scoring = config.scoring or task.scoring
+    task = get_task(config.task).scored_as(config.scoring)  # before any data or model is loaded
     rows, source = load_task_rows(config, task)
     saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
     if saved is not None:
@@ -168,25 +167,25 @@ def evaluate(
         recorded = merged_template(models.resolve_model(config.model)) if answerer is None else None
     template_name = resolve_template(config, list(rows[0]), recorded)
     if answerer is None:
-        model, tokenizer = load_for_task(config, task, scoring, saved)
+        model, tokenizer = load_for_task(config, task, task.scoring, saved)
         answerer = ModelAnswerer(
             model,
             tokenizer,
             template=template_name,
             batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+            max_new_tokens=config.max_new_tokens,  # None: the task's
             max_length=config.max_length,
         )
         template = answerer.template
     else:
         template = templates.Template(template_name, None)  # a scripted answerer: text templates only
     torch.manual_seed(config.seed)
-    records = evaluate_rows(task, rows, answerer, template, scoring, progress)
+    records = evaluate_rows(task, rows, answerer, template, progress=progress)
     metrics = task.score(records)
     results = {
         "task": task.name,
         "task_version": task.version,
-        "scoring": scoring,
+        "scoring": task.scoring,
         "template": template_name,
         "count": len(records),
         "metrics": metrics,

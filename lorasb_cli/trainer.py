@@ -128,7 +128,6 @@ class TaskEval(TrainerCallback):
             self.tokenizer,
             template=self.template,
             batch_size=self.batch_size,
-            max_new_tokens=self.task.max_new_tokens,
             max_length=self.max_length,
         )
         metrics = self.task.score(evaluate_rows(self.task, self.rows, answerer, answerer.template))

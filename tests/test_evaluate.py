@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
-from helpers import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, make_llama, write_jsonl
 
 from lorasb_cli import adapter, artifacts, evaluate
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.merge import MergeConfig, merge
+from lorasb_cli.tasks import get_task, runner
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -26,7 +29,7 @@ class ScriptedAnswerer:
     def __init__(self, outputs=(), scores=None):
         self.outputs, self.scores, self.prompts = list(outputs), scores, []
 
-    def generate(self, prompts):
+    def generate(self, prompts, max_new_tokens=None, stop=()):
         self.prompts += prompts
         return self.outputs[: len(prompts)]
 
@@ -77,6 +80,34 @@ def test_loglik_scoring_picks_the_likeliest_option(tmp_path):
     )
     summary = evaluate.evaluate(config, answerer=ScriptedAnswerer(scores={"true": -1.0, "false": -2.0}))
     assert summary.metrics["accuracy"] == 0.5
+
+
+def test_generation_stops_at_a_stop_string_with_the_output_of_a_cut_full_generation():
+    """`generate(stop=...)` ends a continuation once it writes a stop string, and what the task scores (the output
+    cut before the stop) is what a full-length generation cut there gives, batched or not."""
+    model, tokenizer = make_llama()
+    new_tokens = []
+    full_generate = model.generate
+
+    def counting_generate(**kwargs):
+        generated = full_generate(**kwargs)
+        new_tokens.append(generated.shape[1] - kwargs["input_ids"].shape[1])
+        return generated
+
+    model.generate = counting_generate
+    prompts = ["the cat sat on the", "what is 12 plus 30 ?"]
+    for batch_size in (1, 2):
+        answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=batch_size, max_length=256)
+        full = answerer.generate(prompts, max_new_tokens=24)
+        # A word the random model happened to write, with more output after it: a stop string it reaches early.
+        stop = next(m[0] for m in re.finditer(r"(?<![a-z])[a-z]{3,}", full[0]) if m.end() < len(full[0]))
+        task = dataclasses.replace(get_task("gsm8k"), stop=(stop,))
+        new_tokens.clear()
+        stopped = answerer.generate(prompts, max_new_tokens=24, stop=task.stop)
+        assert [task.cut(o) for o in stopped] == [task.cut(o) for o in full]
+        assert stopped[0].endswith(stop) and len(stopped[0]) < len(full[0])
+        if batch_size == 1:
+            assert new_tokens[0] < 24, new_tokens
 
 
 def test_unknown_task_and_missing_fields(tmp_path):

@@ -9,8 +9,19 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
+from lorasb_cli import templates
 from lorasb_cli.errors import BadInputError
-from lorasb_cli.tasks import INVALID, get_task, task_names
+from lorasb_cli.tasks import (
+    INVALID,
+    ChoiceTask,
+    ClassifyTask,
+    GenerateTask,
+    PerplexityTask,
+    get_task,
+    runner,
+    task_names,
+)
+from lorasb_cli.tasks.commonsense import subtask
 
 GLUE_SUBSETS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
@@ -30,6 +41,77 @@ def test_every_task_is_registered_with_a_version_and_description():
         task = get_task(name)
         assert task.name == name and task.version == versions.get(name, 1) and task.description
         assert task.scoring in ("generate", "classify", "perplexity")
+
+
+def test_each_task_is_the_shape_of_its_scoring_and_scoring_switches_only_where_it_can():
+    shapes = {"generate": GenerateTask, "classify": ClassifyTask, "perplexity": PerplexityTask}
+    for name in task_names():
+        task = get_task(name)
+        assert isinstance(task, shapes[task.scoring]) and task.scored_as(None) is task.scored_as(task.scoring) is task
+    choice = get_task("commonsense").scored_as("loglik")
+    assert isinstance(choice, ChoiceTask) and choice.scoring == "loglik"
+    assert (choice.name, choice.version, choice.choices(BOOLQ)) == ("commonsense", 1, ["true", "false"])
+    with pytest.raises(BadInputError, match="no answer options"):
+        get_task("gsm8k").scored_as("loglik")
+    with pytest.raises(BadInputError, match="scored by classify, not generate"):
+        get_task("glue-sst2").scored_as("generate")
+    with pytest.raises(BadInputError, match="unknown --scoring 'vibes'"):
+        get_task("gsm8k").scored_as("vibes")
+
+
+SAMPLE_ROWS = {  # a few rows per generate/perplexity task; classification rows are made from the task's fields
+    "gsm8k": [{"question": "1+0?", "answer": "#### 1"}, {"question": "1+1?", "answer": "#### 2"}],
+    "math": [{"problem": "1+0?", "answer": "1"}, {"problem": "1+1?", "solution": "$\\boxed{2}$"}],
+    "math500": [{"problem": "1+0?", "answer": "1"}, {"problem": "1+1?", "answer": "2"}],
+    "commonsense": [
+        {"instruction": "Sky blue?\n\nAnswer format: true/false", "answer": "true", "task": "boolq"},
+        {"instruction": "Pick one.\n\nAnswer format: option1/option2", "answer": "option2"},
+    ],
+    "perplexity": [{"text": "the cat sat"}, {"text": "on the mat"}],
+}
+
+
+class FakeAnswerer:
+    """Answers anything: a stated answer, then no answer; classes 1, 0, ... (scores for regression); losses."""
+
+    def __init__(self, regression: bool = False):
+        self.regression = regression
+
+    def generate(self, prompts, max_new_tokens=None, stop=()):
+        return ["The answer is: 1 true option1 #### 1" if i % 2 == 0 else "nothing" for i in range(len(prompts))]
+
+    def loglik(self, prompt, choices):
+        return [-float(i) for i in range(len(choices))]
+
+    def classify(self, texts):
+        return [i * 0.7 if self.regression else (i + 1) % 2 for i in range(len(texts))]
+
+    def losses(self, rows):
+        return [(1.5, 3 * i) for i in range(len(rows))]  # the first row has no supervised token
+
+
+def sample_rows(task) -> list[dict]:
+    if not isinstance(task, ClassifyTask):
+        return SAMPLE_ROWS[task.name]
+    regression = task.extra.get("num_labels") == 1
+    texts = [f for f in task.fields if f != "label"] or ["text"]
+    return [{**{f: f"{f} {i}" for f in texts}, "label": i * 0.5 if regression else i % 2} for i in range(4)]
+
+
+@pytest.mark.parametrize("name", [*task_names(), "commonsense:loglik"])
+def test_declared_metrics_are_the_numbers_the_score_reports(name):
+    """`metrics` is exactly the numeric keys of `score` on a small fake run, plus `NAME/<subtask>` for each
+    `subtask_metrics` NAME and subtask of the rows; the primary `metric` comes first."""
+    name, _, scoring = name.partition(":")
+    task = get_task(name).scored_as(scoring or None)
+    rows = sample_rows(task)
+    answerer = FakeAnswerer(regression=task.extra.get("num_labels") == 1)
+    metrics = task.score(runner.evaluate_rows(task, rows, answerer, templates.Template("alpaca", None)))
+    numeric = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    per_subtask = {f"{m}/{subtask(row)}" for m in task.subtask_metrics for row in rows}
+    assert numeric == set(task.metrics) | per_subtask
+    assert task.metric == task.metrics[0] and all(task.has_metric(k) for k in numeric)
+    assert not task.has_metric("accuracy/") and not task.has_metric("nonsense")
 
 
 def test_unknown_task_suggests_the_close_name():
@@ -100,6 +182,23 @@ def test_gsm8k_model_that_repeats_the_question():
     assert (strict(output), flexible(output)) == ("72", "72")
     output = "### Instruction:\nWhat is 12 plus 30?"
     assert (strict(output), flexible(output)) == (INVALID, INVALID)
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math", "math500"])
+def test_math_stops_at_a_new_turn_and_scores_the_cut_output_the_same(name):
+    """Generation stops at the next Alpaca turn; cut there, every output extracts and scores as uncut."""
+    task = get_task(name)
+    assert "### Instruction:" in task.stop and get_task("commonsense").stop == ()
+    outputs = [
+        "7 + 3 = 10. The answer is: 10\n\n### Instruction:\nWhat is 2+2?\n\n### Response:\nThe answer is: 4",
+        "The answer is: \\boxed{5}### Response: The answer is: 6",
+        "So 8.\nBelow is an instruction that describes a task. The answer is: 9",
+        "###Instruction: 3 (a spelling only the regex cuts). The answer is: 3",
+        "#### 12",
+    ]
+    for output in outputs:
+        assert not any(stop in task.cut(output) for stop in task.stop)
+        assert task.judge(task.cut(output), "10") == task.judge(output, "10")
 
 
 def test_gsm8k_judge_writes_strict_and_flexible_keys():

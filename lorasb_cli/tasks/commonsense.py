@@ -9,7 +9,7 @@ import re
 from collections import defaultdict
 
 from ..errors import BadInputError
-from . import INVALID, Task, register_task
+from . import INVALID, GenerateTask, register_task
 
 # Each task's answer words where a row does not list them (ARC and OBQA rows may have three to five options;
 # LLM-Adapters' "Answer format:" line says how many).
@@ -93,12 +93,13 @@ def score(records: list[dict]) -> dict[str, float]:
 
 
 register_task(
-    Task(
+    GenerateTask(
         name="commonsense",
         version=1,
-        scoring="generate",
         fields=("instruction", "answer"),
         score=score,
+        metrics=("accuracy", "accuracy_micro", "invalid", "count"),
+        subtask_metrics=("accuracy", "count"),
         prompt=prompt,
         reference=lambda row: str(row["answer"]).strip().lower(),
         extract=extract_answer,

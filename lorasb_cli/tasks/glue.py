@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 
 from .. import data
-from . import Task, register_task
+from . import ClassifyTask, register_task
 
 # subset: (text fields, number of labels (1 = regression), metric keys, evaluation split)
 GLUE = {
@@ -22,6 +22,8 @@ GLUE = {
     "qnli": (("question", "sentence"), 2, ("accuracy",), "validation"),
     "rte": (("sentence1", "sentence2"), 2, ("accuracy",), "validation"),
 }
+# The metric the paper's GLUE table reports for a subset where it is not accuracy.
+_PRIMARY = {"cola": "matthews_correlation", "stsb": "pearson"}
 _HF_LABEL = re.compile(r"LABEL_(\d+)")
 
 
@@ -70,16 +72,22 @@ def glue_metrics(subset: str, references: list, predictions: list) -> dict[str, 
     return metrics
 
 
+def metric_names(subset: str) -> tuple[str, ...]:
+    """The names `glue_metrics(subset, ...)` reports, the paper's metric of the subset first."""
+    primary = _PRIMARY.get(subset, "accuracy")
+    return (primary, *(m for m in GLUE[subset][2] if m != primary), "count")
+
+
 for _subset, (_fields, _labels, _metrics, _split) in GLUE.items():
     register_task(
-        Task(
+        ClassifyTask(
             name=f"glue-{_subset}",
             version=1,
-            scoring="classify",
             fields=(*_fields, "label"),
             score=lambda records, subset=_subset: glue_metrics(
                 subset, [r["reference"] for r in records], [r["extracted"] for r in records]
             ),
+            metrics=metric_names(_subset),
             text=lambda row, fields=_fields: _text(fields, row),
             reference=lambda row, regression=_labels == 1: float(row["label"]) if regression else int(row["label"]),
             default_data="nyu-mll/glue",
@@ -120,14 +128,14 @@ def classification_metrics(references: list, predictions: list) -> dict:
 
 
 register_task(
-    Task(
+    ClassifyTask(
         name="classification",
         version=1,
-        scoring="classify",
         fields=("label",),
         score=lambda records: classification_metrics(
             [r["reference"] for r in records], [r["extracted"] for r in records]
         ),
+        metrics=("accuracy", "f1_macro", "count"),  # and `labels`, `support`, `confusion_matrix`: not numbers
         text=data.classification_text,
         reference=lambda row: row["label"],
         description="any text+label file: accuracy, macro-F1, per-class support and confusion matrix",

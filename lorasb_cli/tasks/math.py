@@ -10,11 +10,19 @@ import threading
 from fractions import Fraction
 
 from ..errors import BadInputError
-from . import INVALID, Task, register_task
+from . import INVALID, GenerateTask, register_task
 
 # Where an Alpaca-trained model starts a new turn of its own; what follows is not its answer. MetaMath's
 # evaluation stops generation at these words, so cutting here scores the same outputs the same way.
 _NEXT_TURN = re.compile(r"###\s*(?:Instruction|Input|Response)\s*:|Below is an instruction that describes a task")
+# Generation stops at the usual spellings of a new turn. Each is a match of _NEXT_TURN, so stopping there never
+# cuts the answer text shorter than `answer_text` does; the regex still cuts the other spellings.
+NEXT_TURN_STOPS = (
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "Below is an instruction that describes a task",
+)
 _GSM8K_MARKER = re.compile(r"the answer is\s*:?|####|\\boxed\s*\{", re.IGNORECASE)
 _MATH_MARKER = re.compile(r"the answer is\s*:?", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -170,6 +178,9 @@ def math_equal(extracted: str, reference: str) -> bool:
 # --- metric -----------------------------------------------------------------------------------------
 
 
+ACCURACY_METRICS = ("accuracy", "invalid", "count")  # what `accuracy` reports
+
+
 def accuracy(records: list[dict]) -> dict[str, float]:
     """`accuracy` over all records and `invalid`, the share of outputs with no answer found."""
     n = len(records)
@@ -198,12 +209,12 @@ def gsm8k_score(records: list[dict]) -> dict[str, float]:
 
 
 register_task(
-    Task(
+    GenerateTask(
         name="gsm8k",
         version=2,
-        scoring="generate",
         fields=("question", "answer"),
         score=gsm8k_score,
+        metrics=("accuracy", "strict_accuracy", "flexible_accuracy", "invalid", "count"),
         prompt=lambda row: (row["question"], None),
         reference=gsm8k_reference,
         extract=extract_strict,
@@ -211,6 +222,7 @@ register_task(
         default_data="openai/gsm8k",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="GSM8K grade-school math, zero-shot, exact match of the final number: strict (answer marker "
         "required, MetaMath's protocol; the headline accuracy) and flexible (the last number)",
         extra={"config": "main"},
@@ -222,12 +234,12 @@ register_task(
 # last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
 # copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds all 5,000.
 register_task(
-    Task(
+    GenerateTask(
         name="math",
         version=2,
-        scoring="generate",
         fields=("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
         score=accuracy,
+        metrics=ACCURACY_METRICS,
         prompt=lambda row: (row["problem"], None),
         reference=math_reference,
         extract=extract_math,
@@ -235,18 +247,19 @@ register_task(
         default_data="DigitalLearningGmbH/MATH-lighteval",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="MATH competition problems, the full 5,000-problem test set, zero-shot, math-verify equivalence",
         extra={"config": "default"},
     )
 )
 
 register_task(
-    Task(
+    GenerateTask(
         name="math500",
         version=1,
-        scoring="generate",
         fields=("problem", "answer"),
         score=accuracy,
+        metrics=ACCURACY_METRICS,
         prompt=lambda row: (row["problem"], None),
         reference=math_reference,
         extract=extract_math,
@@ -254,6 +267,7 @@ register_task(
         default_data="HuggingFaceH4/MATH-500",
         default_split="test",
         max_new_tokens=512,
+        stop=NEXT_TURN_STOPS,
         description="MATH-500 (the 500-problem MATH test subset of Let's Verify Step by Step), zero-shot, "
         "math-verify equivalence",
     )

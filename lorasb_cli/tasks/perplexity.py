@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from . import Task, register_task
+from . import PerplexityTask, register_task
 
 
 def _exp(x: float) -> float:
@@ -33,12 +33,12 @@ def score(records: list[dict]) -> dict[str, float]:
 
 
 register_task(
-    Task(
+    PerplexityTask(
         name="perplexity",
         version=1,
-        scoring="perplexity",
         fields=(),
         score=score,
+        metrics=("loss", "perplexity", "loss_per_sample", "tokens", "count", "skipped"),
         description="loss and perplexity over the supervised tokens of any text or prompt-response file",
     )
 )

@@ -5,7 +5,6 @@ batches, and `evaluate_rows`, which turns a task's rows into per-example records
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -14,14 +13,15 @@ import torch
 from torch import nn
 
 from .. import data, loss, templates
-from ..errors import BadInputError
-from . import Task
+from . import MAX_NEW_TOKENS, Task
 
 
 class Answerer(Protocol):
     """What a task needs from a model; `ModelAnswerer` is the real one, tests script fake ones."""
 
-    def generate(self, prompts: Sequence[str]) -> list[str]: ...
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]: ...
 
     def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]: ...
 
@@ -32,10 +32,19 @@ class Answerer(Protocol):
 
 class ModelAnswerer:
     """A loaded HF model (with or without an injected adapter) answering in batches. Prompts are tokenized as
-    `template` tokenizes them in training, so generation starts from exactly the training ids."""
+    `template` tokenizes them in training, so generation starts from exactly the training ids.
+
+    `max_new_tokens`, where given (`--max-new-tokens`), overrides the length each `generate` call asks for."""
 
     def __init__(
-        self, model: nn.Module, tokenizer, *, template: str, batch_size: int, max_new_tokens: int, max_length: int
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        template: str,
+        batch_size: int,
+        max_length: int,
+        max_new_tokens: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.template = templates.Template(template, tokenizer)
@@ -43,15 +52,23 @@ class ModelAnswerer:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int | None = None, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy continuations of `prompts`, at most `max_new_tokens` tokens each (the task's, unless the
+        answerer's own overrides it). A continuation also ends once it ends with a string of `stop`, which it
+        keeps: the task cuts it off."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens or max_new_tokens or MAX_NEW_TOKENS,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+            stop_strings=list(stop) or None,
         )
+        # Stop strings are matched on the tokens' text, so generate needs the tokenizer, and only then.
+        tokenizer = {"tokenizer": self.tokenizer} if stop else {}
         self.tokenizer.padding_side = "left"  # generation appends on the right: prompts must end together
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
         outputs: dict[int, str] = {}
@@ -63,7 +80,7 @@ class ModelAnswerer:
                 padding=True,
                 add_special_tokens=self.template.add_special_tokens,
             ).to(self.device)
-            generated = self.model.generate(**encoded, generation_config=config)
+            generated = self.model.generate(**encoded, generation_config=config, **tokenizer)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 outputs[i] = text
@@ -134,66 +151,16 @@ def evaluate_rows(
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 32,
 ) -> list[dict]:
-    """Per-example records: input (the prompt as rendered by `template`), reference, raw output, extracted
-    answer, correct (and the row's task; `extracted/NAME`, `correct/NAME` for each of the task's filters).
+    """Per-example records of `task` answered by `scoring` (None: the task's own; see `Task.scored_as`): input
+    (the prompt as rendered by `template`), reference, raw output, extracted answer, correct (and the row's task;
+    `extracted/NAME`, `correct/NAME` for each of the task's filters).
 
     Rows go to the answerer `chunk` at a time so `progress(done, total)` moves during long runs.
     """
+    task = task.scored_as(scoring)
     records: list[dict] = []
     for start in range(0, len(rows), chunk):
-        records += _score_chunk(task, rows[start : start + chunk], answerer, template, scoring or task.scoring)
+        records += task.records(rows[start : start + chunk], answerer, template)
         if progress is not None:
             progress(len(records), len(rows))
     return records
-
-
-def _score_chunk(
-    task: Task, rows: Sequence[dict], answerer: Answerer, template: templates.Template, scoring: str
-) -> list[dict]:
-    records = []
-    if scoring == "generate":
-        prompts = [template.prompt(*task.prompt(row)) for row in rows]
-        for row, prompt, output in zip(rows, prompts, answerer.generate(prompts)):
-            reference = task.reference(row)
-            judged = task.judge(output, reference)
-            records.append(
-                _record(row, prompt, reference, output, judged.pop("extracted"), judged.pop("correct")) | judged
-            )
-    elif scoring == "loglik":
-        if task.choices is None:
-            raise BadInputError(f"task '{task.name}' has no answer options to score by log-likelihood")
-        for row in rows:
-            prompt, options = template.prompt(*task.prompt(row)), task.choices(row)
-            scores = answerer.loglik(prompt, options)
-            best = options[max(range(len(options)), key=scores.__getitem__)]
-            reference = task.reference(row)
-            records.append(
-                _record(
-                    row,
-                    prompt,
-                    reference,
-                    json.dumps(dict(zip(options, scores))),
-                    best,
-                    task.is_correct(best, reference),
-                )
-            )
-    elif scoring == "classify":
-        texts = [task.text(row) for row in rows]
-        for row, text, predicted in zip(rows, texts, answerer.classify(texts)):
-            reference = task.reference(row) if task.reference else row["label"]
-            correct = None if isinstance(predicted, float) else str(predicted) == str(reference)
-            records.append(_record(row, text, reference, predicted, predicted, correct))
-    elif scoring == "perplexity":
-        for row, (loss, tokens) in zip(rows, answerer.losses(rows)):
-            record = _record(row, None, None, None, None, None)
-            records.append({**record, "loss": loss, "tokens": tokens})
-    else:
-        raise BadInputError(f"unknown --scoring '{scoring}'", hint="use generate or loglik")
-    return records
-
-
-def _record(row: dict, prompt, reference, output, extracted, correct) -> dict:
-    record = {"input": prompt, "reference": reference, "output": output, "extracted": extracted, "correct": correct}
-    if "task" in row:
-        record["task"] = row["task"]
-    return record
