@@ -20,6 +20,7 @@ from pathlib import Path
 from . import artifacts, data, inits, methods
 from .errors import BadInputError
 from .options import ModelOptions, TrainingDataOptions, option, takes
+from .tasks import get_task
 
 log = logging.getLogger("lorasb")
 
@@ -133,6 +134,11 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     except ValueError:
         raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
     cells = grid(parse_methods(config.methods, ranks), config.seeds, parse_lrs(config.lr))
+    task = get_task(config.task)
+    if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs
+        raise BadInputError(
+            f"--metric {config.metric}: task {task.name} reports {', '.join(task.metrics)}", hint="pick one of those"
+        )
     out = Path(config.out)
     train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
     shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}

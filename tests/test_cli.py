@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -267,3 +268,26 @@ def test_inspect_in_a_pipe_is_field_value_lines(update_file, capsys):
     fields = dict(line.split("\t", 1) for line in out.split("\n\n")[0].splitlines()[1:])
     assert status == 0 and fields["kind"] == "update" and fields["path"] == str(update_file)
     assert out.split("\n\n")[1].splitlines()[0] == "module\tcount\tshape (m×n)\trank"
+
+
+def test_the_group_help_imports_no_stage():
+    """Options are generated from the stage configs when a command parses: `lorasb --help` stays light."""
+    code = "import sys; from lorasb_cli.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+    code += "print(sorted(m for m in ('torch', 'lorasb_cli.train', 'lorasb_cli.methods') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", ["estimate", "decompose", "train", "merge", "evaluate", "compare"])
+def test_every_config_field_is_one_option_of_its_command(command):
+    from lorasb_cli import options
+
+    group = cli.cli
+    ctx = click.Context(group.commands[command])
+    names = {p.name for p in group.commands[command].get_params(ctx)}
+    config = group.commands[command].config_class()
+    declared = {f.name for f in options.cli_fields(config)}
+    plugins = {f.name for f in config.plugin_fields()} if hasattr(config, "plugin_fields") else set()
+    assert declared | plugins <= names
+    own = {"as_json", "quiet", "debug", "dry_run", "rank"}
+    assert {n for n in names - declared - plugins if not n.endswith("help")} <= own

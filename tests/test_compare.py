@@ -178,3 +178,18 @@ def test_cli_bad_method_is_one_line_exit_2(tiny_model_dir, qa_file, tmp_path, ca
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and out == ""
     assert "unknown method 'lorra'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_metric_the_task_does_not_declare_is_refused_before_any_cell(tiny_model_dir, qa_file, tmp_path):
+    config = compare.CompareConfig(
+        model=str(tiny_model_dir),
+        data=str(qa_file),
+        eval_data=str(qa_file),
+        task="gsm8k",
+        methods="lora:2",
+        metric="vibes",
+        out=str(tmp_path / "report"),
+    )
+    with pytest.raises(BadInputError, match="--metric vibes: task gsm8k reports accuracy, strict_accuracy"):
+        compare.compare(config)
+    assert not (tmp_path / "report").exists()

@@ -311,6 +311,11 @@ def test_lorasb_starts_one_simulated_step_ahead(tiny_model_dir, qa_file, factors
         ({"method": "lorasb", "rank": None}, "--method lorasb trains between the factors"),
         ({"method": "lora", "init_scale": 2.0}, "--init-scale applies to --method lorasb only"),
         ({"method": "head", "rank": None}, "--method head trains a classifier's head"),
+        # A method refuses the options it does not take, and names the methods that do.
+        ({"method": "lorasb", "factors": "FACTORS", "targets": "attention"}, "--targets applies to --method lora, "),
+        ({"method": "lora", "init_iters": 5}, "--init-iters applies to --method inilora, inilora-alpha, inilora-beta"),
+        ({"method": "full", "alpha": 4.0}, "--alpha applies to --method lora, "),
+        ({"method": "loraga", "init_samples": 0}, "--init-samples 0 must be positive"),
     ],
 )
 def test_bad_method_options(tiny_model_dir, qa_file, factors_file, tmp_path, overrides, pattern):
@@ -355,3 +360,10 @@ def test_peft_method_resumes_to_the_uninterrupted_adapter(tiny_model_dir, qa_fil
     assert set(full) == set(resumed)
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def test_the_adapter_records_the_options_the_method_resolved(trained):
+    run, _, _ = trained("lora")
+    recorded = json.loads((run / adapter.CONFIG_FILE).read_text())["train"]
+    assert recorded["rank"] == RANK and recorded["targets"] == "all-linear" and recorded["alpha"] is None
+    assert "init_scale" not in recorded and "init_iters" not in recorded  # options of other methods
