@@ -232,11 +232,79 @@ class EstimateSummary:
     planned_bytes: dict[str, int] | None = None  # plan.estimate_plan's need on each place
 
 
+@dataclass
+class _Sample:
+    """What an estimate reads before any weight: the model, the rows, their format and the drawn indices."""
+
+    ref: models.ModelRef
+    dataset: data.Dataset
+    fmt: str
+    template: str | None
+    labels: list[str] | None
+    drawn: list[int]  # the sample of the whole job
+    indices: list[int]  # this process's part of it
+    shard: tuple[int, int] | None
+
+
 def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None = None) -> EstimateSummary:
     """Load the model and data, sum G over the sample and write the update (or the raw shard).
 
     `progress(done, total)` is called with sample counts as batches finish.
     """
+    sample = _read_sample(config)
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.dtype, device)
+    accumulate_on, planned = _plan_accumulators(config, sample, device, dtype)
+    model, tokenizer = models.load_for_labels(
+        sample.ref,
+        sample.labels,
+        dtype=dtype,
+        device=device,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        allow_pickle=config.allow_pickle,
+    )
+    modules = models.resolve_targets(model, config.targets)
+    rows = sample.dataset.rows
+    # Only the drawn rows are read and tokenized.
+    examples = data.encode(
+        [rows[i] for i in sample.indices], sample.fmt, tokenizer, config.max_length, sample.labels, sample.template
+    )
+    done = 0
+
+    def on_batch(batch_samples: int) -> None:
+        nonlocal done
+        done += batch_samples
+        if progress is not None:
+            progress(done, len(examples))
+
+    start = time.perf_counter()
+    result = sum_gradients(
+        model,
+        modules,
+        data.make_batches(examples, config.batch_size, tokenizer.pad_token_id),
+        on_batch=on_batch,
+        accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
+        accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
+    )
+    seconds = time.perf_counter() - start
+    if system.is_main_process():
+        _write_update(config, sample, model, modules, result, dtype)
+    return EstimateSummary(
+        path=Path(config.out),
+        modules=len(modules),
+        samples=result.samples,
+        tokens=result.tokens,
+        seconds=seconds,
+        peak_memory_bytes=system.peak_memory_bytes(device),
+        accumulate_on=plan.place(device) if accumulate_on == "device" else "cpu",
+        accumulate_dtype=config.accumulate_dtype,
+        planned_bytes=planned,
+    )
+
+
+def _read_sample(config: EstimateConfig) -> _Sample:
+    """The checked options, the rows and this process's indices of the sample (joins the launcher's group)."""
     if not (math.isfinite(config.eta) and config.eta > 0):
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     data.check_max_length(config.max_length)  # before the plan, which would build batches of it
@@ -256,84 +324,61 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     indices = data.take_shard(drawn, *shard) if shard else drawn
     rank, world = system.init_distributed()
     indices = data.take_shard(indices, rank, world)
-
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
     labels = data.head_labels(fmt, dataset.rows)
-    # Before any weight is read: the accumulators' place, and a one-line refusal when the run cannot fit.
+    return _Sample(ref, dataset, fmt, template, labels, drawn, indices, shard)
+
+
+def _plan_accumulators(
+    config: EstimateConfig, sample: _Sample, device: torch.device, dtype: torch.dtype
+) -> tuple[str, dict[str, int] | None]:
+    """Before any weight is read: where G's accumulators live ("cpu" or "device") and the planned bytes per
+    place, or a one-line refusal when the run cannot fit."""
     accumulate_dtype = plan.accumulate_dtype_of(config.accumulate_dtype)
     accumulate_on = plan.accumulate_on_of(config.accumulate_on)
     where = plan.place(device)
     try:
         facts = plan.model_facts(
-            ref,
+            sample.ref,
             targets=config.targets,
-            batch_size=max(1, min(config.batch_size, len(indices))),
+            batch_size=max(1, min(config.batch_size, len(sample.indices))),
             max_length=config.max_length,
             dtype=dtype,
             train=False,
-            head="causal-lm" if labels is None else "sequence-classification",
+            head="causal-lm" if sample.labels is None else "sequence-classification",
             trust_remote_code=config.trust_remote_code,
         )
     except (RuntimeError, NotImplementedError) as e:  # model code that cannot run on the meta device
-        log.warning("no memory plan for %s (%s: %s); memory is not checked", ref.id, type(e).__name__, e)
-        facts = None
-    if facts is None:
-        accumulate_on, planned = ("cpu" if accumulate_on == "auto" else accumulate_on), None
-    else:
-        accumulate_on = plan.choose_accumulation(
-            facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
-        )
-        planned = plan.estimate_plan(
-            facts, device=where, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype
-        ).need()
-    model, tokenizer = models.load_for_labels(
-        ref,
-        labels,
-        dtype=dtype,
-        device=device,
-        seed=config.seed,
-        trust_remote_code=config.trust_remote_code,
-        allow_pickle=config.allow_pickle,
+        log.warning("no memory plan for %s (%s: %s); memory is not checked", sample.ref.id, type(e).__name__, e)
+        return ("cpu" if accumulate_on == "auto" else accumulate_on), None
+    accumulate_on = plan.choose_accumulation(
+        facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
     )
-    modules = models.resolve_targets(model, config.targets)
-    shapes = models.target_shapes(model, modules)
-    # Only the drawn rows are read and tokenized.
-    examples = data.encode([dataset.rows[i] for i in indices], fmt, tokenizer, config.max_length, labels, template)
+    planned = plan.estimate_plan(facts, device=where, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype)
+    return accumulate_on, planned.need()
 
-    done = 0
 
-    def on_batch(batch_samples: int) -> None:
-        nonlocal done
-        done += batch_samples
-        if progress is not None:
-            progress(done, len(examples))
-
-    start = time.perf_counter()
-    batches = data.make_batches(examples, config.batch_size, tokenizer.pad_token_id)
-    result = sum_gradients(
-        model,
-        modules,
-        batches,
-        on_batch=on_batch,
-        accumulate_dtype=accumulate_dtype,
-        accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
-    )
-    seconds = time.perf_counter() - start
-
+def _write_update(
+    config: EstimateConfig,
+    sample: _Sample,
+    model: nn.Module,
+    modules: list[str],
+    result: GradientSums,
+    dtype: torch.dtype,
+) -> None:
+    """The update file (int8 signs, or with --raw the float32 sums) with its provenance."""
     meta = artifacts.provenance(
         "update-raw" if config.raw else "update",
-        base_model=ref.provenance(models.fingerprint(shapes)),
+        base_model=sample.ref.provenance(models.fingerprint(models.target_shapes(model, modules))),
         targets=config.targets,
         method="lorasb",
         data={
-            **dataset.provenance(),
-            "format": fmt,
-            "template": template,
-            "drawn": len(drawn),
+            **sample.dataset.provenance(),
+            "format": sample.fmt,
+            "template": sample.template,
+            "drawn": len(sample.drawn),
             "frac": config.frac,
             "seed": config.seed,
-            "shard": list(shard) if shard else None,
+            "shard": list(sample.shard) if sample.shard else None,
             "max_length": config.max_length,
         },
         samples=result.samples,
@@ -341,7 +386,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
-        **models.head_meta(models.HeadSpec.from_model(model, labels)),
+        **models.head_meta(models.HeadSpec.from_model(model, sample.labels)),
     )
     # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.
     tensors = (
@@ -351,19 +396,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     )
     # The random head G was computed through: train must start from exactly this head (DESIGN.md §1).
     tensors |= models.head_tensors(model)
-    if rank == 0:
-        artifacts.write_artifact(config.out, tensors, meta)
-    return EstimateSummary(
-        path=Path(config.out),
-        modules=len(modules),
-        samples=result.samples,
-        tokens=result.tokens,
-        seconds=seconds,
-        peak_memory_bytes=system.peak_memory_bytes(device),
-        accumulate_on=where if accumulate_on == "device" else "cpu",
-        accumulate_dtype=config.accumulate_dtype,
-        planned_bytes=planned,
-    )
+    artifacts.write_artifact(config.out, tensors, meta)
 
 
 # What every raw shard of one estimate must share for their sum to be that estimate.
@@ -382,32 +415,7 @@ def combine(paths: list[str], out: str) -> Path:
     shards = [artifacts.Artifact(p, kinds=("update-raw",)) for p in paths]
     first = shards[0]
     for shard in shards[1:]:
-        for key, what in _BASE_KEYS.items():
-            mine, theirs = first.meta["base_model"].get(key), shard.meta["base_model"].get(key)
-            if mine != theirs:
-                raise IncompatibleArtifactError(
-                    f"shards differ in base model {what}: {mine} ({first.meta['base_model']['id']}) vs {theirs} "
-                    f"({shard.meta['base_model']['id']})",
-                    path=shard.path,
-                    hint="run every shard on the same checkpoint (copies in other folders agree) and --targets",
-                )
-        for what, key in (("targets", "targets"), ("eta", "eta")):
-            if shard.meta[key] != first.meta[key]:
-                raise IncompatibleArtifactError(
-                    f"shards differ in {what}: {first.meta[key]} vs {shard.meta[key]}",
-                    path=shard.path,
-                    hint="combine only shards of one estimate",
-                )
-        for key in _SAMPLING_KEYS:
-            if shard.meta["data"].get(key) != first.meta["data"].get(key):
-                raise IncompatibleArtifactError(
-                    f"shards come from different samplings (data {key}: "
-                    f"{first.meta['data'].get(key)} vs {shard.meta['data'].get(key)})",
-                    path=shard.path,
-                    hint="run every shard with the same --data, --split, --frac/--samples, --seed and --max-length",
-                )
-        if shard.names != first.names:
-            raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
+        _check_same_estimate(first, shard)
     _check_shard_set(shards)
     for what, paths_seen in (
         ("model", {s.meta["base_model"]["id"] for s in shards}),
@@ -438,6 +446,36 @@ def combine(paths: list[str], out: str) -> Path:
         **models.head_meta(models.HeadSpec.from_meta(first.meta)),
     )
     return artifacts.write_artifact(out, update, meta)
+
+
+def _check_same_estimate(first: artifacts.Artifact, shard: artifacts.Artifact) -> None:
+    """`shard` sums G over another part of `first`'s sample: same model, targets, η and sampling."""
+    for key, what in _BASE_KEYS.items():
+        mine, theirs = first.meta["base_model"].get(key), shard.meta["base_model"].get(key)
+        if mine != theirs:
+            raise IncompatibleArtifactError(
+                f"shards differ in base model {what}: {mine} ({first.meta['base_model']['id']}) vs {theirs} "
+                f"({shard.meta['base_model']['id']})",
+                path=shard.path,
+                hint="run every shard on the same checkpoint (copies in other folders agree) and --targets",
+            )
+    for what, key in (("targets", "targets"), ("eta", "eta")):
+        if shard.meta[key] != first.meta[key]:
+            raise IncompatibleArtifactError(
+                f"shards differ in {what}: {first.meta[key]} vs {shard.meta[key]}",
+                path=shard.path,
+                hint="combine only shards of one estimate",
+            )
+    for key in _SAMPLING_KEYS:
+        if shard.meta["data"].get(key) != first.meta["data"].get(key):
+            raise IncompatibleArtifactError(
+                f"shards come from different samplings (data {key}: "
+                f"{first.meta['data'].get(key)} vs {shard.meta['data'].get(key)})",
+                path=shard.path,
+                hint="run every shard with the same --data, --split, --frac/--samples, --seed and --max-length",
+            )
+    if shard.names != first.names:
+        raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
 
 
 def _check_shard_set(shards: list[artifacts.Artifact]) -> None:

@@ -26,6 +26,7 @@ from . import adapter, artifacts, data, linalg, loss, methods, models, options, 
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
 from .options import ModelOptions, TrainingDataOptions, force_template, option
 from .registry import did_you_mean
+from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval, last_complete_checkpoint
 
 log = logging.getLogger("lorasb")
 
@@ -94,13 +95,12 @@ class TrainSummary:
 
 def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
     inputs = {"model": ref.path, "data": config.data, "eval data": config.eval_data, "factors": config.factors}
-    out = artifacts.check_output(config.out, inputs, folder=True)
-    if out.is_dir() and any(out.iterdir()) and not (config.resume or config.overwrite):
-        raise BadInputError(
-            "output directory exists and is not empty",
-            path=str(out),
-            hint="pass --resume to continue its run, --overwrite to replace it, or another -o",
-        )
+    out = artifacts.check_output_dir(
+        config.out,
+        inputs,
+        allow_nonempty=config.resume or config.overwrite,
+        hint="pass --resume to continue its run, --overwrite to replace it, or another -o",
+    )
     if config.resume and not out.is_dir():
         raise BadInputError(
             "--resume: no checkpoint to resume from: the run folder does not exist",
@@ -293,27 +293,38 @@ def _prepare_method(
         if lora_params and trainable
         else "",
     )
-    step0_init = None
-    if not config.resume:
-        # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
-        mixed = prepared.mixed_precision
-        with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
-            step0_init = probe_loss(prepared.model)
-        log.info(
-            "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
-            len(examples.probe),
-            examples.probe_kind,
-            step0_base,
-            step0_init,
-        )
-        if step0_init > step0_base * (1 + 1e-4):
-            log.warning(
-                "the initialized model is worse than the base (%.4f > %.4f)%s",
-                step0_init,
-                step0_base,
-                f": {method.worse_init_hint}" if method.worse_init_hint else "",
-            )
+    step0_init = None if config.resume else _step0_init_loss(method, prepared, probe_loss, examples, step0_base, device)
     return _Run(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
+
+
+def _step0_init_loss(
+    method: methods.Method,
+    prepared: methods.Prepared,
+    probe_loss: Callable[[nn.Module], float],
+    examples: _Examples,
+    step0_base: float,
+    device: torch.device,
+) -> float:
+    """The initialized model's probe loss, with a warning when it is worse than the base's."""
+    # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
+    mixed = prepared.mixed_precision
+    with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+        step0_init = probe_loss(prepared.model)
+    log.info(
+        "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
+        len(examples.probe),
+        examples.probe_kind,
+        step0_base,
+        step0_init,
+    )
+    if step0_init > step0_base * (1 + 1e-4):
+        log.warning(
+            "the initialized model is worse than the base (%.4f > %.4f)%s",
+            step0_init,
+            step0_base,
+            f": {method.worse_init_hint}" if method.worse_init_hint else "",
+        )
+    return step0_init
 
 
 def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _Run) -> dict:
@@ -445,8 +456,6 @@ _FREE_ON_RESUME = {
 
 def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
     """The newest complete checkpoint of the run, checked against this command's options and data."""
-    from .trainer import last_complete_checkpoint
-
     checkpoint = last_complete_checkpoint(inputs.out)
     if checkpoint is None:
         cut = sorted(p.name for p in inputs.out.glob("checkpoint-*"))
@@ -488,11 +497,6 @@ def _run(
     progress: Callable[[int, int], None] | None,
     callbacks: Sequence[object],
 ) -> TrainSummary:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from .tasks import get_task
-    from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval
-
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
@@ -510,39 +514,8 @@ def _run(
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = _adapter_config(config, inputs, model, run)
-    args = _training_arguments(config, inputs.out, run.prepared, evaluates=examples.eval is not None, device=device)
-    prepared = run.prepared
-    trainer = AdapterTrainer(
-        model=prepared.model,
-        args=args,
-        train_dataset=examples.train,
-        eval_dataset=examples.eval,
-        data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
-        callbacks=[DivergenceGuard(progress, inputs.out), *callbacks],
-        # A method's own optimizer (LoRA-Pro); the Trainer still builds the --scheduler around it.
-        optimizers=(prepared.optimizer(args) if prepared.optimizer else None, None),
-        adapter_config=adapter_config,
-        export=prepared.export,
-    )
-    task_eval = None
-    if config.eval_task:
-        task_eval = TaskEval(
-            get_task(config.eval_task),
-            inputs.eval_set.rows,
-            tokenizer,
-            template=inputs.template or "alpaca",
-            batch_size=config.batch_size,
-            eval_steps=config.eval_steps,
-            max_length=config.max_length,
-        )
-        trainer.add_callback(task_eval)
-    for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
-        trainer.remove_callback(noisy)
-    # Under a launcher the launcher owns signals: one rank stopping alone would leave the others waiting.
-    stop = StopOnSignal() if system.launcher_rank()[1] == 1 else None
-    if stop is not None:
-        trainer.add_callback(stop)
-
+    guards = [DivergenceGuard(progress, inputs.out), *callbacks]
+    trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
     start = time.perf_counter()
     train_loss_mean = _train(trainer, resume_from)
     seconds = time.perf_counter() - start
@@ -566,6 +539,57 @@ def _run(
         train_loss_mean=train_loss_mean,
         task_results=task_eval.results if task_eval else [],
     )
+
+
+def _trainer(
+    config: TrainConfig,
+    inputs: _Inputs,
+    run: _Run,
+    examples: _Examples,
+    tokenizer,
+    adapter_config: dict,
+    device: torch.device,
+    callbacks: list,
+) -> tuple[AdapterTrainer, TaskEval | None, StopOnSignal | None]:
+    """The AdapterTrainer of the run, with its callbacks: (trainer, the --eval-task scorer or None, the signal
+    handler or None)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .tasks import get_task
+
+    prepared = run.prepared
+    args = _training_arguments(config, inputs.out, prepared, evaluates=examples.eval is not None, device=device)
+    trainer = AdapterTrainer(
+        model=prepared.model,
+        args=args,
+        train_dataset=examples.train,
+        eval_dataset=examples.eval,
+        data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
+        callbacks=callbacks,
+        # A method's own optimizer (LoRA-Pro); the Trainer still builds the --scheduler around it.
+        optimizers=(prepared.optimizer(args) if prepared.optimizer else None, None),
+        adapter_config=adapter_config,
+        export=prepared.export,
+    )
+    task_eval = None
+    if config.eval_task:
+        task_eval = TaskEval(
+            get_task(config.eval_task),
+            inputs.eval_set.rows,
+            tokenizer,
+            template=inputs.template or "alpaca",
+            batch_size=config.batch_size,
+            eval_steps=config.eval_steps,
+            max_length=config.max_length,
+        )
+        trainer.add_callback(task_eval)
+    for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
+        trainer.remove_callback(noisy)
+    # Under a launcher the launcher owns signals: one rank stopping alone would leave the others waiting.
+    stop = StopOnSignal() if system.launcher_rank()[1] == 1 else None
+    if stop is not None:
+        trainer.add_callback(stop)
+    return trainer, task_eval, stop
 
 
 def _train(trainer, resume_from: Path | None) -> float | None:
