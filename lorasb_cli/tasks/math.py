@@ -230,45 +230,44 @@ register_task(
     )
 )
 
+
 # The full MATH test split (Hendrycks et al.: 5,000 problems, `problem` + `solution`, the answer the solution's
 # last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
 # copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds all 5,000.
-register_task(
-    GenerateTask(
-        name="math",
-        version=2,
-        fields=("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
-        score=accuracy,
-        metrics=ACCURACY_METRICS,
-        prompt=lambda row: (row["problem"], None),
-        reference=math_reference,
-        extract=extract_math,
-        is_correct=math_equal,
-        default_data="DigitalLearningGmbH/MATH-lighteval",
-        default_split="test",
-        max_new_tokens=512,
-        stop=NEXT_TURN_STOPS,
-        description="MATH competition problems, the full 5,000-problem test set, zero-shot, math-verify equivalence",
-        extra={"config": "default"},
+def _competition_math(name: str, version: int, fields: tuple[str, ...], description: str, **kwargs) -> GenerateTask:
+    """A MATH-style task: `problem` in, a LaTeX answer out, zero-shot, judged by math-verify equivalence."""
+    return register_task(
+        GenerateTask(
+            name=name,
+            version=version,
+            fields=fields,
+            score=accuracy,
+            metrics=ACCURACY_METRICS,
+            prompt=lambda row: (row["problem"], None),
+            reference=math_reference,
+            extract=extract_math,
+            is_correct=math_equal,
+            default_split="test",
+            max_new_tokens=512,
+            stop=NEXT_TURN_STOPS,
+            description=description,
+            **kwargs,
+        )
     )
-)
 
-register_task(
-    GenerateTask(
-        name="math500",
-        version=1,
-        fields=("problem", "answer"),
-        score=accuracy,
-        metrics=ACCURACY_METRICS,
-        prompt=lambda row: (row["problem"], None),
-        reference=math_reference,
-        extract=extract_math,
-        is_correct=math_equal,
-        default_data="HuggingFaceH4/MATH-500",
-        default_split="test",
-        max_new_tokens=512,
-        stop=NEXT_TURN_STOPS,
-        description="MATH-500 (the 500-problem MATH test subset of Let's Verify Step by Step), zero-shot, "
-        "math-verify equivalence",
-    )
+
+_competition_math(
+    "math",
+    2,
+    ("problem",),  # and `answer` or `solution`: `math_reference` reads either and says so if neither
+    "MATH competition problems, the full 5,000-problem test set, zero-shot, math-verify equivalence",
+    default_data="DigitalLearningGmbH/MATH-lighteval",
+    extra={"config": "default"},
+)
+_competition_math(
+    "math500",
+    1,
+    ("problem", "answer"),
+    "MATH-500 (the 500-problem MATH test subset of Let's Verify Step by Step), zero-shot, math-verify equivalence",
+    default_data="HuggingFaceH4/MATH-500",
 )
