@@ -43,6 +43,10 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
 
 
+# Module path → (B0 [m, r], A0 [r, n]) as PEFT holds them (float32, CPU): where the adapter started.
+Start = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 def prepare_peft(
     setup: Setup,
     *,
@@ -53,17 +57,53 @@ def prepare_peft(
     custom_init: CustomInit | None = None,
     lora_ga: bool = False,
 ) -> Prepared:
-    from peft import LoraConfig, get_peft_model
+    """Wrap `setup.model` in PEFT LoRA adapters of rank r on `setup.modules`, optionally starting at B0·A0 ≠ 0."""
+    from peft import get_peft_model
 
     model = setup.model
     # A classifier's head trains as float32 master weights (PEFT upcasts only its own LoRA A/B and DoRA magnitude).
     head = train_head(model)
+    config = lora_config(
+        setup,
+        alpha=alpha,
+        init_lora_weights=init_lora_weights,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        lora_ga=lora_ga,
+    )
+    if lora_ga:
+        preprocess_lora_ga(setup, config)
+    peft_model = get_peft_model(model, config)
+    layers = lora_layers(peft_model)
+    if custom_init is not None:
+        apply_custom_init(layers, custom_init, setup.rank)
+    # Methods that moved B0·A0 out of W0 export the start too, so the adapter is relative to the original W0.
+    moves_w0 = custom_init is not None or lora_ga or init_lora_weights == "pissa"
+    initial = snapshot_start(layers) if moves_w0 else {}
+    for p in head.values():  # get_peft_model froze every non-adapter parameter
+        p.requires_grad_(True)
+    settings = {
+        "alpha": alpha,
+        "lora_scale": alpha / (math.sqrt(setup.rank) if use_rslora else setup.rank),
+        "scale": 1.0,
+        "peft": {"init_lora_weights": init_lora_weights, "use_rslora": use_rslora, "use_dora": use_dora},
+    }
+    export = PeftExport(layers=layers, initial=initial, head=head, use_dora=use_dora)
+    return Prepared(model=peft_model, export=export, config=settings)
+
+
+def lora_config(
+    setup: Setup, *, alpha: float, init_lora_weights: bool | str, use_rslora: bool, use_dora: bool, lora_ga: bool
+):
+    """PEFT's LoraConfig: rank r on `setup.modules`, no dropout, no bias; LoRA-GA's defaults when `lora_ga`."""
+    from peft import LoraConfig
+
     kwargs = {}
     if lora_ga:
         from peft.tuners.lora.config import LoraGAConfig
 
         kwargs["lora_ga_config"] = LoraGAConfig()
-    config = LoraConfig(
+    return LoraConfig(
         r=setup.rank,
         lora_alpha=alpha,
         target_modules=list(setup.modules),
@@ -74,66 +114,71 @@ def prepare_peft(
         init_lora_weights=init_lora_weights,
         **kwargs,
     )
-    if lora_ga:
-        from peft.tuners.lora.loraga import preprocess_loraga
 
-        device = next(model.parameters()).device
 
-        def train_step() -> None:
-            for batch in setup.batches(setup.options.init_samples):
-                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+def preprocess_lora_ga(setup: Setup, config) -> None:
+    """LoRA-GA's gradient estimate over --init-samples samples, which PEFT needs before `get_peft_model`."""
+    from peft.tuners.lora.loraga import preprocess_loraga
 
-        preprocess_loraga(model, config, train_step)
-    peft_model = get_peft_model(model, config)
-    layers = lora_layers(peft_model)
-    if custom_init is not None:
-        with torch.no_grad():
-            for name, layer in layers.items():
-                weight = layer.get_base_layer().weight
-                lora_B, lora_A = (t.to(weight.device) for t in custom_init(name, weight.detach().float(), setup.rank))
-                root = math.sqrt(layer.scaling["default"])  # s·(B0/√s)·(A0/√s) = B0·A0
-                layer.lora_B["default"].weight.copy_(lora_B / root)
-                layer.lora_A["default"].weight.copy_(lora_A / root)
-                weight.copy_((weight.float() - lora_B @ lora_A).to(weight.dtype))
-    # Methods that moved B0·A0 out of W0 export the start too, so the adapter is relative to the original W0.
-    moves_w0 = custom_init is not None or lora_ga or init_lora_weights == "pissa"
-    initial = (
-        {
-            n: (
-                l.lora_B["default"].weight.detach().float().cpu().clone(),
-                l.lora_A["default"].weight.detach().float().cpu().clone(),
-            )
-            for n, l in layers.items()
-        }
-        if moves_w0
-        else {}
-    )
-    for p in head.values():  # get_peft_model froze every non-adapter parameter
-        p.requires_grad_(True)
+    model = setup.model
+    device = next(model.parameters()).device
 
-    def export() -> dict[str, torch.Tensor]:
-        tensors = {}
+    def train_step() -> None:
+        for batch in setup.batches(setup.options.init_samples):
+            model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+
+
+def apply_custom_init(layers: dict[str, nn.Module], custom_init: CustomInit, rank: int) -> None:
+    """Put `custom_init`'s B0 [m, r], A0 [r, n] into each PEFT layer and take B0·A0 out of its W0 [m, n]."""
+    with torch.no_grad():
         for name, layer in layers.items():
+            weight = layer.get_base_layer().weight
+            lora_B, lora_A = (t.to(weight.device) for t in custom_init(name, weight.detach().float(), rank))
+            root = math.sqrt(layer.scaling["default"])  # s·(B0/√s)·(A0/√s) = B0·A0
+            layer.lora_B["default"].weight.copy_(lora_B / root)
+            layer.lora_A["default"].weight.copy_(lora_A / root)
+            weight.copy_((weight.float() - lora_B @ lora_A).to(weight.dtype))
+
+
+def snapshot_start(layers: dict[str, nn.Module]) -> Start:
+    """A float32 CPU copy of each layer's B0 [m, r], A0 [r, n] before training moves them."""
+    return {
+        n: (
+            l.lora_B["default"].weight.detach().float().cpu().clone(),
+            l.lora_A["default"].weight.detach().float().cpu().clone(),
+        )
+        for n, l in layers.items()
+    }
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)  # eq=False: compared and hashed by identity, like a closure
+class PeftExport:
+    """`Prepared.export` of a PEFT model: per layer B [m, r'], R [r', r'], A [r', n] with ΔW = B·R·A, where
+    r' = r, or 2r for a layer in `initial` (the start B0·A0 subtracted again), plus DoRA's magnitude [m] and the
+    head's tensors."""
+
+    layers: dict[str, nn.Module]
+    initial: Start
+    head: dict[str, nn.Parameter]
+    use_dora: bool
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, layer in self.layers.items():
             lora_A = layer.lora_A["default"].weight.detach().float().cpu()
             lora_B = layer.lora_B["default"].weight.detach().float().cpu()
             lora_R = layer.scaling["default"] * torch.eye(lora_A.shape[0])
-            if name in initial:  # W0 − s·B0·A0 + s·B·A = W0 + [B, B0]·diag(s, −s)·[A; A0]
-                start_B, start_A = initial[name]
+            if name in self.initial:  # W0 − s·B0·A0 + s·B·A = W0 + [B, B0]·diag(s, −s)·[A; A0]
+                start_B, start_A = self.initial[name]
                 lora_B, lora_A = torch.cat([lora_B, start_B], 1), torch.cat([lora_A, start_A], 0)
                 lora_R = torch.block_diag(lora_R, -lora_R)
             tensors |= {f"{name}.lora_B": lora_B, f"{name}.lora_R": lora_R, f"{name}.lora_A": lora_A}
-            if use_dora:
+            if self.use_dora:
                 magnitude = layer.lora_magnitude_vector["default"].weight.detach().float().cpu()
                 tensors[f"{name}.lora_magnitude"] = magnitude
-        return tensors | tensors_of(head)
-
-    settings = {
-        "alpha": alpha,
-        "lora_scale": alpha / (math.sqrt(setup.rank) if use_rslora else setup.rank),
-        "scale": 1.0,
-        "peft": {"init_lora_weights": init_lora_weights, "use_rslora": use_rslora, "use_dora": use_dora},
-    }
-    return Prepared(model=peft_model, export=export, config=settings)
+        return tensors | tensors_of(self.head)
 
 
 def _lora(name: str, summary: str, alpha_per_rank: float = 2, options=LowRankOptions, **peft) -> Method:
