@@ -214,20 +214,22 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
 
 
 @cli.command(
+    cls=ConfigCommand,
+    config="estimate:CombineConfig",
     context_settings=CONTEXT,
     epilog="""\b
 Example:
   lorasb combine part0.safetensors part1.safetensors -o update.safetensors""",
 )
-@click.argument("parts", nargs=-1, required=True)
-@click.option("-o", "--out", default="update.safetensors", show_default=True, help="Update file to write.")
 @common_options
-def combine(parts, out, as_json, quiet):
+def combine(config, as_json, quiet):
     """Sum raw update shards (estimate --raw --shard i/N) and take the sign: the single-process update."""
+    from .console import progress_bar
     from .estimate import combine as run_combine
 
-    path = run_combine(list(parts), out)
-    report(path, {"shards": len(parts)}, as_json)
+    with progress_bar("combine", enabled=not quiet) as progress:
+        path = run_combine(config, progress)
+    report(path, {"shards": len(config.parts)}, as_json)
 
 
 @cli.command(

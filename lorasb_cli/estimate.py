@@ -21,7 +21,7 @@ from torch import nn
 
 from . import artifacts, data, loss, models, plan, system
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
-from .options import ModelOptions, TrainingDataOptions, option
+from .options import ModelOptions, TrainingDataOptions, argument, option
 
 log = logging.getLogger("lorasb")
 
@@ -407,8 +407,18 @@ _BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights"}
 _SAMPLING_KEYS = ("digest", "split", "config", "format", "template", "drawn", "frac", "seed", "max_length")
 
 
-def combine(paths: list[str], out: str) -> Path:
-    """Sum raw shards' G and write the sign update; refuses shards of different models, targets or samplings."""
+@dataclass(frozen=True, kw_only=True)
+class CombineConfig:
+    """`lorasb combine`'s options."""
+
+    parts: tuple[str, ...] = argument(many=True)
+    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
+
+
+def combine(config: CombineConfig, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Sum raw shards' G and write the sign update; refuses shards of different models, targets or samplings.
+    `progress(done, total)` counts modules."""
+    paths, out = list(config.parts), config.out
     if not paths:
         raise BadInputError("no shards given", hint="pass the files written by estimate --raw --shard i/N")
     artifacts.check_output(out, {f"shard {p}": p for p in paths})
@@ -428,10 +438,12 @@ def combine(paths: list[str], out: str) -> Path:
     # the same in every shard (same seed): it is carried over, not summed.
     head = first.meta.get("head", [])
     update: dict[str, torch.Tensor] = {name: first.get(name) for name in head}
-    for name in first.names:
-        if name not in head:
-            total = sum(shard.get(name, torch.float32) for shard in shards)
-            update.update(sign_update({name.removesuffix(".weight"): total}))
+    modules = [name for name in first.names if name not in head]
+    for done, name in enumerate(modules, start=1):
+        total = sum(shard.get(name, torch.float32) for shard in shards)
+        update.update(sign_update({name.removesuffix(".weight"): total}))
+        if progress is not None:
+            progress(done, len(modules))
     meta = artifacts.provenance(
         "update",
         base_model=first.meta["base_model"],

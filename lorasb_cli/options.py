@@ -33,9 +33,10 @@ def option(
     return dataclasses.field(default=dataclasses.MISSING if missing else default, metadata={"cli": spec})
 
 
-def argument(*, required: bool = True):
-    """A dataclass field that is the command's positional argument."""
-    return dataclasses.field(default=None, metadata={"cli": {"argument": True, "required": required}})
+def argument(*, required: bool = True, many: bool = False):
+    """A dataclass field that is the command's positional argument (`many`: all remaining ones, a tuple)."""
+    spec = {"argument": True, "required": required, "many": many}
+    return dataclasses.field(default=dataclasses.MISSING if required else None, metadata={"cli": spec})
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:
@@ -47,7 +48,7 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     defaults to None, "not given": the chosen plug-in fills its own default and rejects what it does not take."""
     spec = f.metadata["cli"]
     if spec.get("argument"):
-        return click.Argument([f.name], required=spec["required"])
+        return click.Argument([f.name], required=spec["required"], nargs=-1 if spec["many"] else 1)
     decls = spec["decls"] or (flag_of(f.name),)
     default = None if f.default is dataclasses.MISSING else f.default
     kind = spec["type"] if spec["type"] is not None else type(default) if default is not None else None

@@ -278,7 +278,7 @@ def test_the_group_help_imports_no_stage():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", ["estimate", "decompose", "train", "merge", "evaluate", "compare"])
+@pytest.mark.parametrize("command", ["estimate", "combine", "decompose", "train", "merge", "evaluate", "compare"])
 def test_every_config_field_is_one_option_of_its_command(command):
     from lorasb_cli import options
 

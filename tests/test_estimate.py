@@ -127,7 +127,7 @@ def test_two_raw_shards_combined_equal_the_single_estimate(tiny_model_dir, qa_fi
     raw = artifacts.Artifact(parts[0], kinds=("update-raw",))
     assert raw.get(raw.names[0]).dtype == torch.float32 and raw.meta["samples"] == 4
 
-    combined = estimate.combine(parts, str(tmp_path / "combined.safetensors"))
+    combined = estimate.combine(estimate.CombineConfig(parts=parts, out=str(tmp_path / "combined.safetensors")))
     a, b = artifacts.Artifact(single), artifacts.Artifact(combined)
     assert b.meta["samples"] == 8 and b.meta["kind"] == "update"
     for name in a.names:
@@ -140,15 +140,15 @@ def test_combine_refuses_mismatched_or_incomplete_shards(tiny_model_dir, qa_file
     _run(tiny_model_dir, qa_file, p0, raw=True, shard="0/2")
     _run(tiny_model_dir, qa_file, p1_other_seed, raw=True, shard="1/2", seed=3)
     with pytest.raises(IncompatibleArtifactError, match="different samplings"):
-        estimate.combine([p0, p1_other_seed], str(tmp_path / "x.safetensors"))
+        estimate.combine(estimate.CombineConfig(parts=[p0, p1_other_seed], out=str(tmp_path / "x.safetensors")))
     with pytest.raises(IncompatibleArtifactError, match=r"missing shard\(s\) 1/2"):
-        estimate.combine([p0], str(tmp_path / "x.safetensors"))
+        estimate.combine(estimate.CombineConfig(parts=[p0], out=str(tmp_path / "x.safetensors")))
     with pytest.raises(IncompatibleArtifactError, match="given twice"):
-        estimate.combine([p0, p0], str(tmp_path / "x.safetensors"))
+        estimate.combine(estimate.CombineConfig(parts=[p0, p0], out=str(tmp_path / "x.safetensors")))
     p_targets = str(tmp_path / "pt.safetensors")
     _run(tiny_model_dir, qa_file, p_targets, raw=True, shard="1/2", targets="attention")
     with pytest.raises(IncompatibleArtifactError, match="differ in base model"):
-        estimate.combine([p0, p_targets], str(tmp_path / "x.safetensors"))
+        estimate.combine(estimate.CombineConfig(parts=[p0, p_targets], out=str(tmp_path / "x.safetensors")))
     assert not (tmp_path / "x.safetensors").exists()
 
 
