@@ -449,7 +449,8 @@ def supervised_tokens(example: Example) -> int:
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: `input_ids`, `attention_mask` [batch, longest], `labels` (token
-    labels [batch, longest], class ids [batch], or float targets [batch]) and `token_type_ids` when the examples have them."""
+    labels [batch, longest], class ids [batch], or float targets [batch]) and `token_type_ids` when the examples
+    have them."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

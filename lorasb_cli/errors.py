@@ -45,7 +45,8 @@ class NonFiniteError(BadInputError):
 
 
 class Interrupted(LorasbError):
-    """A run stopped by a signal after saving what it needs to resume: exit 128 + the signal (130 SIGINT, 143 SIGTERM)."""
+    """A run stopped by a signal after saving what it needs to resume: exit 128 + the signal (130 SIGINT,
+    143 SIGTERM)."""
 
     def __init__(self, message: str, *, signum: int, path: str | None = None, hint: str | None = None):
         super().__init__(message, path=path, hint=hint)

@@ -120,7 +120,8 @@ def load_for_task(
         has_head = any("SequenceClassification" in a for a in arch) or (saved is not None and saved.extra)
         if not has_head:
             raise BadInputError(
-                f"task '{task.name}' needs a sequence-classification model; '{ref.id}' is {', '.join(arch) or 'not one'}",
+                f"task '{task.name}' needs a sequence-classification model; "
+                f"'{ref.id}' is {', '.join(arch) or 'not one'}",
                 hint="train one with --format classification (AutoModelForSequenceClassification), or pick a "
                 "generation task",
             )

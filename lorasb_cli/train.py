@@ -222,8 +222,8 @@ def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
     eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
     if inputs.options.holds_out_probe:
-        # E.g. `--init-scale auto` picks the scale on a slice held out of the training set: never on data training sees, nor on
-        # the eval data, which may be the test split the run is scored on.
+        # E.g. `--init-scale auto` picks the scale on a slice held out of the training set: never on data training
+        # sees, nor on the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, probe = train_examples[:-held], train_examples[-held:]
         kind = "held-out training"

@@ -24,8 +24,8 @@ from lorasb_cli import adapter, artifacts
 
 pytestmark = pytest.mark.slow  # 12 subprocess runs of the stages: CI runs them (.ci/run), `make test` does not
 
-# Runs `lorasb ARGS` with the function MODULE:NAME (NAME may be CLASS.METHOD) wrapped so that its CALL-th call sends the process SIGNAL
-# (SIGKILL unless named), before (`when` = "before") or after it ran.
+# Runs `lorasb ARGS` with the function MODULE:NAME (NAME may be CLASS.METHOD) wrapped so that its CALL-th call sends
+# the process SIGNAL (SIGKILL unless named), before (`when` = "before") or after it ran.
 KILLER = """
 import importlib, json, os, signal, sys
 target, call, when, args, signum = json.loads(sys.argv[1])

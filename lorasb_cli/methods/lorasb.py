@@ -96,6 +96,7 @@ register(
         "R only, between frozen B and A from --factors (LoRA-SB)",
         options=LoraSBOptions,
         needs_factors=True,
-        worse_init_hint="η is too large for this model; re-run estimate with a smaller --eta or pass --init-scale below 1",
+        worse_init_hint="η is too large for this model; "
+        "re-run estimate with a smaller --eta or pass --init-scale below 1",
     )
 )

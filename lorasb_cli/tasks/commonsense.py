@@ -49,7 +49,8 @@ def subtask(row: dict) -> str:
 
 
 def prompt(row: dict) -> tuple[str, str | None]:
-    """LLM-Adapters' prompt, unrendered: (`instruction`, `input`), the input None where a row has none or it is empty."""
+    """LLM-Adapters' prompt, unrendered: (`instruction`, `input`), the input None where a row has none or it is
+    empty."""
     return row["instruction"], row.get("input") or None
 
 

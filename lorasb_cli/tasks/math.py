@@ -231,9 +231,6 @@ register_task(
 )
 
 
-# The full MATH test split (Hendrycks et al.: 5,000 problems, `problem` + `solution`, the answer the solution's
-# last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
-# copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds all 5,000.
 def _competition_math(name: str, version: int, fields: tuple[str, ...], description: str, **kwargs) -> GenerateTask:
     """A MATH-style task: `problem` in, a LaTeX answer out, zero-shot, judged by math-verify equivalence."""
     return register_task(
@@ -256,6 +253,10 @@ def _competition_math(name: str, version: int, fields: tuple[str, ...], descript
     )
 
 
+# The full MATH test split (Hendrycks et al.: 5,000 problems, `problem` + `solution`, the answer the solution's
+# last \boxed{}). The original `hendrycks/competition_math` and `lighteval/MATH` were taken down (DMCA, 2025); this
+# copy is the one verl's reward routing and others load. Its subject configurations hold parts; `default` holds
+# all 5,000.
 _competition_math(
     "math",
     2,
