@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lorasb_cli.loss import per_sample_loss_sum
+
 # The repository root: the working directory of every `python -m benchmarks.NAME` child a script starts.
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,3 +92,21 @@ def write_section(path: Path, name: str, text: str) -> Path:
         new = (old.rstrip() + "\n\n" if old.strip() else "") + block
     path.write_text(new)
     return path
+
+
+# The reference both the synthetic and the real-model estimate benchmarks check G against: plain autograd.
+def plain_pass(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Forward+backward with every weight requiring grad; gradients accumulate in `.grad`."""
+    model.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = per_sample_loss_sum(logits, batch["labels"])
+        del logits
+        loss.backward()
+
+
+def max_relative_difference(model: torch.nn.Module, sums: dict[str, torch.Tensor]) -> float:
+    """Largest ‖G − .grad‖ / ‖.grad‖ over target modules: both variants must compute the same gradient."""
+    named = dict(model.named_modules())
+    return max(float((g - named[n].weight.grad).norm() / named[n].weight.grad.norm()) for n, g in sums.items())

@@ -58,13 +58,14 @@ from benchmarks.common import (
     key_values,
     machine_info,
     markdown_table,
+    max_relative_difference,
+    plain_pass,
     verdict,
     write_result,
     write_section,
 )
 from lorasb_cli import data, models, plan
 from lorasb_cli.estimate import sum_gradients
-from lorasb_cli.loss import per_sample_loss_sum
 from lorasb_cli.models import resolve_targets
 
 CONTRACT_TARGET = 1.00  # estimate peak / LoRA-SB step peak (DESIGN.md §4)
@@ -131,17 +132,6 @@ def build(args: argparse.Namespace) -> tuple[LlamaForCausalLM, list[dict[str, to
     ids = torch.randint(0, args.vocab, (args.samples, args.seq_len)).tolist()
     examples = [data.Example(input_ids=row, labels=row) for row in ids]
     return model, list(data.make_batches(examples, args.batch_size, pad_id=0))
-
-
-def plain_pass(model: LlamaForCausalLM, batches: list[dict[str, torch.Tensor]]) -> None:
-    """Forward+backward with every weight requiring grad; gradients accumulate in `.grad`."""
-    model.requires_grad_(True)
-    model.zero_grad(set_to_none=True)
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = per_sample_loss_sum(logits, batch["labels"])
-        del logits
-        loss.backward()
 
 
 def estimate_pass(model: LlamaForCausalLM, batches: list[dict[str, torch.Tensor]]):
@@ -267,12 +257,6 @@ def child(variant: str, args: argparse.Namespace, extra: list[str] = ()) -> dict
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def max_relative_difference(model: LlamaForCausalLM, sums: dict[str, torch.Tensor]) -> float:
-    """Largest ‖G − .grad‖ / ‖.grad‖ over target modules: both variants must compute the same gradient."""
-    named = dict(model.named_modules())
-    return max(float((g - named[n].weight.grad).norm() / named[n].weight.grad.norm()) for n, g in sums.items())
 
 
 def rounds(args: argparse.Namespace) -> dict[str, list[dict]]:

@@ -9,7 +9,7 @@ alike) into one stream, which is cut into samples of exactly `--seq-len` tokens.
 `--seq-len` real tokens, with no padding (attention mask all ones, no document masking).
 
 1. estimate vs plain: `lorasb_cli.estimate.sum_gradients` over the all-linear targets against a plain
-   forward+backward with `requires_grad` on every weight (`benchmarks/estimate.py`'s `plain_pass`); both use
+   forward+backward with `requires_grad` on every weight (`benchmarks/common.py`'s `plain_pass`); both use
    `estimate.per_sample_loss_sum`. Targets: time ratio ≤ 1.10, peak RSS ratio ≤ 1.0.
 2. train step: LoRA-SB (`lorasb_cli.adapter.inject` with random orthonormal B, A; only R trained) against PEFT
    LoRA (`get_peft_model(LoraConfig(r, lora_alpha=r, same targets, lora_dropout=0))`) at each rank of `--ranks`;
@@ -51,8 +51,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil
 import torch
 
-from benchmarks.common import ROOT, machine_info, markdown_table, verdict, write_section
-from benchmarks.estimate import max_relative_difference, plain_pass
+from benchmarks.common import (
+    ROOT,
+    machine_info,
+    markdown_table,
+    max_relative_difference,
+    plain_pass,
+    verdict,
+    write_section,
+)
 from benchmarks.train import MMAP_THRESHOLD, lorasb, peak_rss_bytes, peft_lora, reset_peak_rss, trainable_params
 from lorasb_cli import builtin_data, data, models
 from lorasb_cli.estimate import sum_gradients
