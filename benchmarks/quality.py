@@ -133,7 +133,7 @@ def sweep(name: str, spec: dict, grid: dict, run: bool) -> dict[str, float]:
     results = _grid(OUT / f"{name}-sweep", settings(spec, "val", sweep_task), cells, run)
     best: dict[str, tuple[float, float]] = {}
     for result in results:
-        cell = Cell(**result.cell)
+        cell = Cell.from_record(result.cell)
         loss = result.eval_loss if result.eval_loss is not None else float("inf")
         if cell.method not in best or loss < best[cell.method][1]:
             best[cell.method] = (cell.lr, loss)
@@ -184,7 +184,7 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         cells = [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]
         cells += [Cell(init, 32, s, lr) for init in ("kaiming", "non-orthonormal") for s in range(SEEDS)]
         cells += [
-            Cell("noisy", 32, s, lr, label=f"noisy σ={sigma:g}", noise_std=sigma)
+            Cell("noisy", 32, s, lr, label=f"noisy σ={sigma:g}", options={"noise_std": sigma})
             for sigma in (1.0, 10.0)
             for s in range(SEEDS)
         ]
@@ -200,7 +200,9 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
             Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:g}", eta=eta) for eta in (1e-6, 1e-4) for s in range(SEEDS)
         ]
         cells += [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]  # η = 1e-5
-        cells += [Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", init_scale="auto") for s in range(SEEDS)]
+        cells += [
+            Cell("lorasb", 32, s, lr, label="lorasb η=1e-5 auto", options={"init_scale": "auto"}) for s in range(SEEDS)
+        ]
         tables["eta"] = (section("eta", SMOLLM2, cells, run), {"all": lr})
     if "minilm" in sections:
         minilm_lrs = sweep("minilm", MINILM, MINILM_SWEEP, run)

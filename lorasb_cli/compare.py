@@ -34,10 +34,22 @@ class Cell:
     seed: int
     lr: float
     label: str = ""  # the row of the table; default: the method
-    noise_std: float | None = None  # init noisy
     samples: int | None = None  # estimate sample count; default: Settings.samples
     eta: float | None = None  # estimate η; default: Settings.eta
-    init_scale: float | str | None = None  # lorasb's --init-scale [default: its own]
+    # The plug-ins' own options, by field name: the init's (noisy's noise_std) and the method's (init_scale).
+    options: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: dict) -> Cell:
+        """A cell as cell.json holds it; reports written before `options` kept two plug-in options apart."""
+        record = dict(record)
+        legacy = {k: record.pop(k) for k in ("noise_std", "init_scale") if k in record}
+        options = record.pop("options", {}) | {k: v for k, v in legacy.items() if v is not None}
+        return cls(**record, options=options)
+
+    def options_of(self, takes_option: Callable[[str], bool]) -> dict[str, object]:
+        """The options one plug-in takes (`takes_option(name)`), of those the cell sets."""
+        return {k: v for k, v in self.options.items() if takes_option(k)}
 
     @property
     def name(self) -> str:
@@ -242,8 +254,10 @@ def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
     from .decompose import DecomposeConfig, decompose
 
     update = _update_path(out, settings, cell)
-    noise = f"-sigma{cell.noise_std:g}" if cell.noise_std is not None else ""
-    path = out / "factors" / f"{update.stem}-{cell.method}{noise}-r{cell.rank}.safetensors"
+    init = inits.INITS[cell.method]
+    own = cell.options_of(lambda name: takes(init.options, name))
+    suffix = "".join(f"-{name}{value}" for name, value in sorted(own.items()))
+    path = out / "factors" / f"{update.stem}-{cell.method}{suffix}-r{cell.rank}.safetensors"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         decompose(
@@ -252,10 +266,10 @@ def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
                 rank=cell.rank,
                 out=str(path),
                 init=cell.method,
-                noise_std=cell.noise_std,
                 seed=cell.seed,
-                model=settings.model if inits.INITS[cell.method].source == "model" else None,
+                model=settings.model if init.source == "model" else None,
                 trust_remote_code=settings.trust_remote_code,
+                **own,
             )
         )
     return path
@@ -266,7 +280,7 @@ def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
     from .train import TrainConfig, train
 
     method = methods.get_method("lorasb" if cell.is_init else cell.method)
-    wanted = {"rank": cell.rank, "targets": settings.targets, "init_scale": cell.init_scale}
+    wanted = {"rank": cell.rank, "targets": settings.targets} | cell.options
     return train(
         TrainConfig.from_options(
             **settings.model_options(),
@@ -395,7 +409,7 @@ def aggregate(results: Sequence[CellResult], metric: str | None = None) -> list[
     and the costs."""
     groups: dict[tuple[str, int | None], list[CellResult]] = {}
     for result in results:
-        cell = Cell(**result.cell)
+        cell = Cell.from_record(result.cell)
         groups.setdefault((cell.name, cell.rank), []).append(result)
     rows = []
     for (name, rank), group in groups.items():
@@ -472,7 +486,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
 
     curves: dict[str, dict[int, list[float]]] = {}
     for result in results:
-        cell = Cell(**result.cell)
+        cell = Cell.from_record(result.cell)
         label = cell.name + (f" r={cell.rank}" if cell.rank is not None else "")
         for point in result.loss:
             curves.setdefault(label, {}).setdefault(point["step"], []).append(point["loss"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -193,3 +194,11 @@ def test_a_metric_the_task_does_not_declare_is_refused_before_any_cell(tiny_mode
     with pytest.raises(BadInputError, match="--metric vibes: task gsm8k reports accuracy, strict_accuracy"):
         compare.compare(config)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_cell_carries_plug_in_options_and_reads_old_records():
+    old = {"method": "noisy", "rank": 2, "seed": 0, "lr": 1e-2, "label": "", "noise_std": 1.0, "samples": None}
+    cell = compare.Cell.from_record(old | {"eta": None, "init_scale": None})
+    assert cell.options == {"noise_std": 1.0} and cell.key == "noisy-r2-lr0.01-s0"
+    assert compare.Cell.from_record(dataclasses.asdict(cell)) == cell
+    assert cell.options_of(lambda name: name == "init_scale") == {}
