@@ -279,7 +279,9 @@ def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
     """The cell's `lorasb train` into `run`: an init's cells train R between its factors (`--method lorasb`)."""
     from .train import TrainConfig, train
 
-    method = methods.get_method("lorasb" if cell.is_init else cell.method)
+    # An init's factors train as LoRA-SB does: R between them, by the method that takes --factors.
+    factors_method = next(m for m in methods.METHODS.values() if m.needs_factors)
+    method = factors_method if cell.is_init else methods.get_method(cell.method)
     wanted = {"rank": cell.rank, "targets": settings.targets} | cell.options
     return train(
         TrainConfig.from_options(

@@ -343,7 +343,8 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
     }
     log.info(
-        "method settings: %s", json.dumps({k: v for k, v in run.prepared.config.items() if k != "init_scale_curve"})
+        "method settings: %s",
+        json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list | dict)}),
     )
     return adapter_config
 
