@@ -344,7 +344,7 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
     }
     log.info(
         "method settings: %s",
-        json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list | dict)}),
+        json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list)}),  # not curves
     )
     return adapter_config
 
