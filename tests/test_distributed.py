@@ -373,6 +373,12 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
     # One line per command: a second rank printing would add a line (and break the `$(...)` chain).
     assert done.stdout.splitlines() == [str(out / name) for name in names]
 
+    _assert_one_writer(out, logs, names)
+    _assert_same_as_one_process(out, tiny_model_dir, qa_file, tmp_path)
+
+
+def _assert_one_writer(out: Path, logs: Path, names: list[str]) -> None:
+    """The audit hook's events: rank 0 (or a launcher-free command) placed each output file once; rank 1 nothing."""
     events = [json.loads(line) for log in logs.glob("*.jsonl") for line in log.read_text().splitlines()]
     assert any(e["rank"] == "1" for e in events), "the hook saw no rank-1 process"  # so its silence below counts
     # Rank 1 only makes the checkpoint folders (the Trainer saves each rank's RNG state there, from C++).
@@ -388,7 +394,9 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
         count for (_, path), count in placed.items() if Path(path).parent in (out, *(out / n for n in names))
     ) == len(expected)
 
-    # The numbers, against one process.
+
+def _assert_same_as_one_process(out: Path, tiny_model_dir, qa_file, tmp_path: Path) -> None:
+    """The launched jobs' update and runs equal one process's, and the provenance carries the weights' digest."""
     single = tmp_path / "single.safetensors"
     estimate.estimate(
         estimate.EstimateConfig(

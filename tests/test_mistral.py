@@ -190,11 +190,8 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
-def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base_dir = mistral_model_dir
+def _cli_chain(base_dir, tmp_path, capsys) -> tuple[str, str, str]:
+    """estimate → decompose → train → merge (hf and peft) through the CLI; returns (run, merged, exported)."""
     data = write_jsonl(tmp_path / "gsm.jsonl", QA_ROWS)  # question / answer ending "#### N"
     update = run(
         [
@@ -242,7 +239,16 @@ def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
     merged = run(["merge", "-a", run_dir, "-q", "-o", tmp_path / "merged"], capsys)
     exported = run(["merge", "-a", run_dir, "--format", "peft", "-q", "-o", tmp_path / "peft"], capsys)
     assert (merged, exported) == (str(tmp_path / "merged"), str(tmp_path / "peft"))
+    return run_dir, merged, exported
 
+
+def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = mistral_model_dir
+    data = tmp_path / "gsm.jsonl"
+    run_dir, merged, exported = _cli_chain(base_dir, tmp_path, capsys)
     results = {}
     for name, model_args in {"adapter": ["-m", base_dir, "-a", run_dir], "merged": ["-m", merged]}.items():
         out = run(
