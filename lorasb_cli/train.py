@@ -207,13 +207,15 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
 
 @dataclass
 class _Examples:
-    """Training and eval examples (tokenized as the data loader reads them), and the probe the step-0 losses and
-    `--init-scale auto` are measured on."""
+    """Training and eval examples (tokenized as the data loader reads them); the probe the step-0 losses are
+    measured on (the eval rows when there are any, as the final eval loss); and the training slice held out for a
+    method that chooses by loss (`--init-scale auto`), else None."""
 
     train: Sequence[data.Example]
     eval: Sequence[data.Example] | None
     probe: list[data.Example]
     probe_kind: str
+    held_out: list[data.Example] | None = None
 
 
 def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
@@ -221,16 +223,19 @@ def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     encoder = data.Encoder(inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template)
     train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
     eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
+    held_out = None
     if inputs.options.holds_out_probe:
         # E.g. `--init-scale auto` picks the scale on a slice held out of the training set: never on data training
         # sees, nor on the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
-        train_examples, probe = train_examples[:-held], train_examples[-held:]
-        kind = "held-out training"
+        train_examples, held_out = train_examples[:-held], list(train_examples[-held:])
+    if eval_examples:
+        probe, kind = eval_examples, "eval"
+    elif held_out is not None:
+        probe, kind = held_out, "held-out training"
     else:
-        probe = eval_examples or train_examples[: min(64, len(train_examples))]
-        kind = "eval" if eval_examples else "training"
-    return _Examples(train_examples, eval_examples, list(probe), kind)  # the probe is encoded once
+        probe, kind = train_examples[: min(64, len(train_examples))], "training"
+    return _Examples(train_examples, eval_examples, list(probe), kind, held_out)  # the probe is encoded once
 
 
 @dataclass
@@ -264,8 +269,9 @@ def _prepare_method(
     base_params = sum(p.numel() for p in model.parameters())
     lora_params = sum((rank or 0) * (m + n) for m, n in shapes.values())
 
-    def probe_loss(m: nn.Module) -> float:
-        return loss.mean_loss(m, examples.probe, config.batch_size, tokenizer.pad_token_id)
+    @torch.no_grad()
+    def probe_loss(m: nn.Module, rows: Sequence[data.Example] = examples.probe) -> float:
+        return loss.mean_loss(m, rows, config.batch_size, tokenizer.pad_token_id)
 
     step0_base = None if config.resume else probe_loss(model)
     setup = methods.Setup(
@@ -275,7 +281,8 @@ def _prepare_method(
         seed=config.seed,
         options=inputs.options,
         factors=factors,
-        probe_loss=probe_loss,
+        # A method chooses on the held-out slice, never on the rows the run is scored on.
+        probe_loss=lambda m: probe_loss(m, examples.held_out or examples.probe),
         batches=lambda n: data.make_batches(examples.train[:n], config.batch_size, tokenizer.pad_token_id),
         resumes=config.resume,
     )
@@ -528,7 +535,7 @@ def _run(
             path=str(inputs.out),
             hint="to continue it, run the same command with --resume",
         )
-    final_eval = trainer.evaluate()["eval_loss"] if examples.eval else None
+    final_eval = _final_eval_loss(run.prepared, examples, config.batch_size, tokenizer.pad_token_id, device)
     return _write_run(
         inputs,
         run,
@@ -591,6 +598,24 @@ def _trainer(
     if stop is not None:
         trainer.add_callback(stop)
     return trainer, task_eval, stop
+
+
+@torch.no_grad()
+def _final_eval_loss(
+    prepared: methods.Prepared, examples: _Examples, batch_size: int, pad_id: int, device: torch.device
+) -> float | None:
+    """The trained model's loss on the eval rows, defined as the step-0 losses are (the mean over samples of each
+    sample's mean token loss), so the three compare alike; None without eval data."""
+    if not examples.eval:
+        return None
+    model = prepared.model
+    training = model.training
+    model.eval()  # no dropout, as at step 0 (a loaded model starts in eval mode)
+    mixed = prepared.mixed_precision
+    with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+        value = loss.mean_loss(model, examples.eval, batch_size, pad_id)
+    model.train(training)
+    return value
 
 
 def _train(trainer, resume_from: Path | None) -> float | None:

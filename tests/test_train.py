@@ -169,6 +169,37 @@ def test_eval_data_gives_eval_loss(tiny_model_dir, qa_file, factors_file, tmp_pa
     assert [e["step"] for e in metrics["eval"]][:2] == [4, 8] and summary.final_eval_loss is not None
 
 
+def test_step0_and_final_losses_are_one_definition_on_the_eval_rows(tiny_model_dir, qa_file, factors_file, tmp_path):
+    """With --eval-data every loss of the summary is the per-sample mean on the eval rows, even under `auto`, whose
+    own choice is made (and recorded) on its held-out training slice."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasb_cli import data, loss
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", QA_ROWS[:5])
+    summary = train.train(
+        _config(
+            tiny_model_dir,
+            qa_file,
+            factors_file,
+            tmp_path / "run",
+            eval_data=str(eval_file),
+            max_steps=2,
+            init_scale="auto",
+        )
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = data.encode(QA_ROWS[:5], "prompt-response", tokenizer, 512, None, "alpaca")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert summary.step0_base_loss == pytest.approx(loss.mean_loss(model, examples, 4, tokenizer.pad_token_id))
+        saved = adapter.load_adapter(tmp_path / "run")
+        adapter.inject(model, saved.factors, scale=saved.scale)
+        assert summary.final_eval_loss == pytest.approx(loss.mean_loss(model, examples, 4, tokenizer.pad_token_id))
+    curve = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["init_scale_curve"]
+    assert summary.step0_init_loss not in [value for _, value in curve]  # the choice's probe is another slice
+
+
 def test_init_scale_auto_picks_the_lowest_probe_loss_and_records_it(tiny_model_dir, qa_file, factors_file, tmp_path):
     summary = train.train(
         _config(tiny_model_dir, qa_file, factors_file, tmp_path / "run", init_scale="auto", max_steps=2)
