@@ -9,6 +9,7 @@ count, where an ablation changes them) is shared by every LoRA-SB-family cell of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -90,6 +91,12 @@ class CompareConfig(TrainingDataOptions, ModelOptions):
     eta: float = option(default=1e-5, help="η of each seed's estimate.")
     max_new_tokens: int | None = option(type=int, help="Generation budget of the task [default: the task's].")
     metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
+    lr_sweep: bool = option(
+        flag=True,
+        default=False,
+        help="Choose each method's lr first: validation loss on a slice of the training rows, seed 0, the method's "
+        "first rank, over 5 half-decade steps around its --lr, extended at an edge until the best is inside.",
+    )
     out: str = option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 
 
@@ -145,7 +152,8 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
         ranks = [int(r) for r in config.ranks.split(",") if r.strip()]
     except ValueError:
         raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
-    cells = grid(parse_methods(config.methods, ranks), config.seeds, parse_lrs(config.lr))
+    pairs, lr = parse_methods(config.methods, ranks), parse_lrs(config.lr)
+    grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr before anything runs
     task = get_task(config.task)
     if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs
         raise BadInputError(
@@ -155,8 +163,12 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
     shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}
     settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out})
-    results = run_grid(out, settings, cells, progress)
-    return CompareSummary(write_report(out, settings, results), len(results), aggregate(results, config.metric))
+    sweeps = {}
+    if config.lr_sweep:
+        lr, sweeps = sweep_lrs(out / "sweep", settings, pairs, lr)
+    results = run_grid(out, settings, grid(pairs, config.seeds, lr), progress)
+    report = write_report(out, settings, results, sweeps=sweeps)
+    return CompareSummary(report, len(results), aggregate(results, config.metric))
 
 
 @dataclass
@@ -530,24 +542,121 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
 
 
 def write_report(
-    out: str | Path, settings: Settings, results: Sequence[CellResult], title: str = "lorasb compare"
+    out: str | Path,
+    settings: Settings,
+    results: Sequence[CellResult],
+    title: str = "lorasb compare",
+    sweeps: dict[str, list[dict]] | None = None,
 ) -> Path:
-    """results.md, results.json and the two PNGs in `out`; returns the markdown path."""
+    """results.md, results.json and the PNGs in `out` (sweep.png with `sweeps`); returns the markdown path."""
     out = Path(out)
     rows = aggregate(results, settings.metric)
     plot(results, rows, out, title)
     with artifacts.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results]}
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(payload | ({"lr_sweep": sweeps} if sweeps else {}), indent=2, default=str) + "\n")
     text = (
         f"# {title}\n\nModel `{settings.model}`, task `{settings.task}`, {settings.max_steps} steps of batch "
         f"{settings.batch_size}, estimate over {settings.samples} samples at η {settings.eta:g}.\n\n"
         + markdown_table(rows)
         + "\n![loss curves](loss.png)\n\n![metric vs trainable parameters](metric.png)\n"
     )
+    if sweeps:
+        plot_sweeps(sweeps, out / "sweep.png", title)
+        text += (
+            "\nEach method's lr is the lowest validation loss of its sweep (seed 0, its first rank, a slice of the "
+            "training rows; never the test rows); every point is in results.json.\n\n![lr sweeps](sweep.png)\n"
+        )
     with artifacts.atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
     return out / "results.md"
+
+
+# The first sweep: 5 points, half a decade apart, around each method's --lr; then one more beyond an edge that
+# wins, up to SWEEP_MAX points.
+SWEEP_STEP = 10**0.5
+SWEEP_MAX = 9
+
+
+def sweep_lrs(
+    out: Path, settings: Settings, pairs: Sequence[tuple[str, int | None]], lr: Callable[[str], float]
+) -> tuple[Callable[[str], float], dict[str, list[dict]]]:
+    """Each method's lr by validation loss (the per-sample mean on a slice held out of the training rows), at its
+    first rank and seed 0; returns the chosen lr per method and every sweep point ({lr, loss}) per method. Points
+    already run (their point.json in `out`) are kept, so an interrupted sweep resumes."""
+    train_part, validation = _validation_split(out, settings)
+    swept = dataclasses.replace(settings, train_data=train_part, eval_data=validation, split="train", data_config=None)
+    chosen, points = {}, {}
+    for method, rank in pairs:
+        if method in chosen:  # the family's other ranks reuse its rate
+            continue
+        losses: dict[float, float] = {}
+        todo = [lr(method) * SWEEP_STEP**k for k in range(-2, 3)]
+        while todo:
+            for value in todo:
+                losses[value] = _sweep_point(out, swept, Cell(method=method, rank=rank, seed=0, lr=value))
+            best, ordered = min(losses, key=losses.get), sorted(losses)
+            todo = []
+            if len(losses) < SWEEP_MAX and best in (ordered[0], ordered[-1]):
+                todo = [best / SWEEP_STEP if best == ordered[0] else best * SWEEP_STEP]
+        chosen[method] = min(losses, key=losses.get)
+        points[method] = [{"lr": value, "loss": losses[value]} for value in sorted(losses)]
+        log.info("--lr-sweep %s: lr %g (validation loss %.4f)", method, chosen[method], losses[chosen[method]])
+    return chosen.__getitem__, points
+
+
+def _validation_split(out: Path, settings: Settings) -> tuple[str, str]:
+    """The training rows as two files in `out/data/`: all but a slice (1/10, 16 to 256 rows) and that slice."""
+    paths = (out / "data" / "train.jsonl", out / "data" / "validation.jsonl")
+    if not all(p.is_file() for p in paths):
+        rows = list(data.load_dataset_rows(settings.train_data, settings.split, settings.data_config, fields=None).rows)
+        held = max(16, min(256, len(rows) // 10))
+        if len(rows) < 2 * held:
+            raise BadInputError(
+                f"--lr-sweep needs at least {2 * held} training rows to hold {held} out", hint="pass more --data rows"
+            )
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, part in zip(paths, (rows[:-held], rows[-held:])):
+            with artifacts.atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in part))
+    return str(paths[0]), str(paths[1])
+
+
+def _sweep_point(out: Path, settings: Settings, cell: Cell) -> float:
+    """The validation loss of one sweep run, trained once into `out/points/<key>/`."""
+    folder = out / "points" / cell.key
+    finished = folder / "point.json"
+    if finished.is_file():
+        return json.loads(finished.read_text())["loss"]
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished point
+    folder.mkdir(parents=True)
+    summary = _train_cell(out, settings, cell, folder / "run")
+    with artifacts.atomic_path(finished) as tmp:
+        tmp.write_text(json.dumps({"cell": asdict(cell), "loss": summary.final_eval_loss}) + "\n")
+    return summary.final_eval_loss
+
+
+def plot_sweeps(sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Validation loss against lr (log axis), one line per method, its chosen lr marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method, points in sweeps.items():
+        line = ax.plot([p["lr"] for p in points], [p["loss"] for p in points], "o-", label=method, lw=1.2)[0]
+        best = min(points, key=lambda p: p["loss"])
+        ax.plot([best["lr"]], [best["loss"]], "*", ms=12, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate (log)", ylabel="validation loss", title=f"{title}: lr sweeps (★ chosen)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def grid(pairs: Sequence[tuple[str, int | None]], seeds: int, lr: Callable[[str], float]) -> list[Cell]:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, QA_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import compare
 from lorasb_cli.cli import main
@@ -202,3 +202,36 @@ def test_a_cell_carries_plug_in_options_and_reads_old_records():
     assert cell.options == {"noise_std": 1.0} and cell.key == "noisy-r2-lr0.01-s0"
     assert compare.Cell.from_record(dataclasses.asdict(cell)) == cell
     assert cell.options_of(lambda name: name == "init_scale") == {}
+
+
+def test_lr_sweep_chooses_each_methods_rate_on_a_validation_slice(tiny_model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)  # 48 rows: 16 held out for validation
+    config = compare.CompareConfig(
+        model=str(tiny_model_dir),
+        data=str(rows),
+        eval_data=str(rows),
+        task="perplexity",
+        methods="lora:2",
+        seeds=1,
+        max_steps=2,
+        batch_size=4,
+        samples=4,
+        lr="1e-2",
+        lr_sweep=True,
+        out=str(tmp_path / "report"),
+    )
+    summary = compare.compare(config)
+    payload = json.loads((tmp_path / "report" / "results.json").read_text())
+    points = payload["lr_sweep"]["lora"]
+    assert len(points) >= 5 and [p["lr"] for p in points] == sorted(p["lr"] for p in points)
+    best = min(points, key=lambda p: p["loss"])
+    # Inside the grid, or at an edge only when the sweep hit its cap.
+    assert best not in (points[0], points[-1]) or len(points) == compare.SWEEP_MAX
+    assert [cell["cell"]["lr"] for cell in payload["cells"]] == [best["lr"]] and summary.cells == 1
+    validation = (tmp_path / "report" / "sweep" / "data" / "validation.jsonl").read_text().splitlines()
+    assert len(validation) == 16
+    assert (tmp_path / "report" / "sweep.png").read_bytes()[:4] == PNG_MAGIC
+    # A rerun reads every point back instead of training again.
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "report" / "sweep").rglob("point.json"))
+    compare.compare(config)
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "report" / "sweep").rglob("point.json")) == before
