@@ -71,10 +71,10 @@ class ConfigCommand(click.Command):
 
     def get_params(self, ctx):
         if not self._generated:
-            from .options import cli_fields, click_param
+            from .options import cli_fields, click_param, plugin_fields_of
 
             cls = self.config_class()
-            plugins = cls.plugin_fields() if hasattr(cls, "plugin_fields") else []
+            plugins = plugin_fields_of(cls)
             self.params[:0] = [click_param(f) for f in cli_fields(cls)] + [click_param(f, plugin=True) for f in plugins]
             self._generated = True
         return super().get_params(ctx)

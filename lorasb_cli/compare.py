@@ -292,8 +292,7 @@ def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
     from .train import TrainConfig, train
 
     # An init's factors train as LoRA-SB does: R between them, by the method that takes --factors.
-    factors_method = next(m for m in methods.METHODS.values() if m.needs_factors)
-    method = factors_method if cell.is_init else methods.get_method(cell.method)
+    method = methods.factors_methods()[0] if cell.is_init else methods.get_method(cell.method)
     wanted = {"rank": cell.rank, "targets": settings.targets} | cell.options
     return train(
         TrainConfig.from_options(

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from . import artifacts, inits, linalg, models, options
+from . import artifacts, inits, linalg, models
 from .errors import BadInputError, IncompatibleArtifactError
-from .options import argument, option
+from .options import PluginConfig, argument, option
 
 
 @dataclass
@@ -34,7 +34,7 @@ class DecomposeSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecomposeConfig:
+class DecomposeConfig(PluginConfig):
     """`lorasb decompose`'s options. The init's own options (--noise-std, ...) are declared by the init
     (lorasb_cli/inits) and arrive in `init_options` as given; `from_options` builds a config from flat options."""
 
@@ -58,10 +58,6 @@ class DecomposeConfig:
     @staticmethod
     def plugin_fields() -> list:
         return inits.option_fields()
-
-    @classmethod
-    def from_options(cls, **values) -> DecomposeConfig:
-        return options.build(cls, values)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import click
 
@@ -79,13 +80,35 @@ def plugin_fields(option_classes: Iterable[type]) -> list[dataclasses.Field]:
     return list(seen.values())
 
 
+class PluginConfig:
+    """Base of a stage config that also takes one kind of plug-in's options (train: the methods', decompose: the
+    inits'): the chosen plug-in's options arrive as given in the field `PLUGIN_FIELD`, and `plugin_fields()` are the
+    flags of every plug-in of that kind."""
+
+    PLUGIN_FIELD: ClassVar[str]
+
+    @staticmethod
+    def plugin_fields() -> list[dataclasses.Field]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_options(cls, **values):
+        """The config from flat options, as the command line gives them (`build`)."""
+        return build(cls, values)
+
+
+def plugin_fields_of(cls) -> list[dataclasses.Field]:
+    """The plug-in flags a config class takes besides its own fields (none unless it is a `PluginConfig`)."""
+    return cls.plugin_fields() if issubclass(cls, PluginConfig) else []
+
+
 def build(cls, values: Mapping[str, object]):
     """A config from flat option values, as the CLI parses them: `cls`'s own fields, and where `cls.PLUGIN_FIELD`
     names one, the plug-in options that were given (not None) gathered into it."""
     own = {f.name for f in dataclasses.fields(cls)}
     config = {k: v for k, v in values.items() if k in own}
     rest = {k: v for k, v in values.items() if k not in own}
-    plugin = getattr(cls, "PLUGIN_FIELD", None)
+    plugin = cls.PLUGIN_FIELD if issubclass(cls, PluginConfig) else None
     if plugin is None and rest:
         raise TypeError(f"{cls.__name__} has no options {', '.join(rest)}")
     if plugin is not None:

@@ -22,9 +22,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, linalg, loss, methods, models, options, system, templates
+from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
-from .options import ModelOptions, TrainingDataOptions, force_template, option
+from .options import ModelOptions, PluginConfig, TrainingDataOptions, force_template, option
 from .registry import did_you_mean
 from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval, last_complete_checkpoint
 
@@ -34,7 +34,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(TrainingDataOptions, ModelOptions):
+class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
     --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
     given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
@@ -71,10 +71,6 @@ class TrainConfig(TrainingDataOptions, ModelOptions):
     @staticmethod
     def plugin_fields() -> list:
         return methods.option_fields()
-
-    @classmethod
-    def from_options(cls, **values) -> TrainConfig:
-        return options.build(cls, values)
 
 
 @dataclass
@@ -135,7 +131,7 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
             f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors"
         )
     if not method.needs_factors and config.factors:
-        users = ", ".join(m.name for m in methods.METHODS.values() if m.needs_factors)
+        users = ", ".join(m.name for m in methods.factors_methods())
         raise BadInputError(f"--factors is for --method {users}, not {method.name}", hint="drop --factors")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(
@@ -314,8 +310,7 @@ def _step0_init_loss(
 ) -> float:
     """The initialized model's probe loss, with a warning when it is worse than the base's."""
     # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
-    mixed = prepared.mixed_precision
-    with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+    with prepared.autocast(device):
         step0_init = probe_loss(prepared.model)
     log.info(
         "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
@@ -611,8 +606,7 @@ def _final_eval_loss(
     model = prepared.model
     training = model.training
     model.eval()  # no dropout, as at step 0 (a loaded model starts in eval mode)
-    mixed = prepared.mixed_precision
-    with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+    with prepared.autocast(device):
         value = loss.mean_loss(model, examples.eval, batch_size, pad_id)
     model.train(training)
     return value

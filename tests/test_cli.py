@@ -287,7 +287,7 @@ def test_every_config_field_is_one_option_of_its_command(command):
     names = {p.name for p in group.commands[command].get_params(ctx)}
     config = group.commands[command].config_class()
     declared = {f.name for f in options.cli_fields(config)}
-    plugins = {f.name for f in config.plugin_fields()} if hasattr(config, "plugin_fields") else set()
+    plugins = {f.name for f in options.plugin_fields_of(config)}
     assert declared | plugins <= names
     own = {"as_json", "quiet", "debug", "dry_run", "rank"}
     assert {n for n in names - declared - plugins if not n.endswith("help")} <= own

@@ -81,6 +81,12 @@ class Prepared:
     # decay); the Trainer still makes the --scheduler around it. None: the Trainer's AdamW.
     optimizer: Callable[[object], torch.optim.Optimizer] | None = None
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The precision the model trains its forward in: autocast to the base dtype for upcast master weights, a
+        no-op otherwise. Losses measured outside training (step 0, the final eval) run under it too."""
+        mixed = self.mixed_precision
+        return torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -110,6 +116,11 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     return METHODS.lookup(name)
+
+
+def factors_methods() -> list[Method]:
+    """The methods that train between the B, A of a factors file (`train --factors`): LoRA-SB's."""
+    return [m for m in METHODS.values() if m.needs_factors]
 
 
 def option_fields():

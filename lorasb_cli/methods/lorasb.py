@@ -69,13 +69,17 @@ def prepare(setup: Setup) -> Prepared:
     adapter.load_extra(model, {n: factors.extra[n] for n in recorded.get("head", [])}, trainable=True)
 
     # On resume the checkpoint's R replaces R_init: nothing to scale or choose.
-    chosen = 1.0 if setup.resumes else setup.options.init_scale
-    init_scale, curve = (1.0, None) if chosen == "auto" else (chosen, None)
-    if chosen == "auto" and setup.probe_loss is not None:
-        init_scale, curve = choose_init_scale(layers, lambda: setup.probe_loss(model))
-        log.info(
-            "--init-scale auto: probe loss by scale %s → %g", ", ".join(f"{k:g}: {v:.4f}" for k, v in curve), init_scale
-        )
+    init_scale = 1.0 if setup.resumes else setup.options.init_scale
+    curve = None
+    if init_scale == "auto":
+        init_scale = 1.0
+        if setup.probe_loss is not None:
+            init_scale, curve = choose_init_scale(layers, lambda: setup.probe_loss(model))
+            log.info(
+                "--init-scale auto: probe loss by scale %s → %g",
+                ", ".join(f"{k:g}: {v:.4f}" for k, v in curve),
+                init_scale,
+            )
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_R.mul_(init_scale)
