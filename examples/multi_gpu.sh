@@ -10,6 +10,7 @@
 # two CPU processes (gloo) with a tiny model and compares every result with one process at the doubled batch.
 # Across machines without a shared job: `estimate --raw --shard i/N` on each, then `lorasb combine` (README).
 set -euo pipefail
+trap 'echo "multi_gpu.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 
 MODEL=${MODEL:-mistral}
 DATA=${DATA:-data.jsonl}

@@ -48,7 +48,9 @@ def common_options(command):
                 )
             if rank > 0:
                 return None
-        return command(*args, as_json=as_json, quiet=quiet, **kwargs)
+        result = command(*args, as_json=as_json, quiet=quiet, **kwargs)
+        system.leave_distributed()
+        return result
 
     return wrapper
 

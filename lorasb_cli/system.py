@@ -58,6 +58,16 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def leave_distributed() -> None:
+    """Leave the process group a data-parallel command joined, all ranks together, once its work is done.
+
+    Left to the interpreter's exit, gloo's and NCCL's threads are torn down in no set order, and a rank can abort
+    with "terminate called without an active exception" after a run that succeeded."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the process group in place (a no-op outside one). NCCL needs device tensors."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
