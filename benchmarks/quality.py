@@ -7,15 +7,17 @@ scored on the test split. Sections, in the order a full run takes them (each a r
 benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA r 8, head, full
+  minilm-budget LoRA-SB r 16 against budgeted ranks at the same count (issue 17)
   smollm2       SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
   eta           η of the estimate at r 32: the default 1e-5, the authors' lr / (warm-up × steps × epochs), auto
+  budget        LoRA-SB r 32 against budgeted ranks at the same count, on SmolLM2
   smollm2-more  the rest of the grid: LoRA-SB and LoRA-XS r 16/64, rsLoRA / PiSSA / DoRA / LoRA-GA r 8, full
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
   inilora       IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
 
 Usage:
-    python -m benchmarks.quality                        # the first four sections, then benchmarks/RESULTS.md
+    python -m benchmarks.quality                        # the first six sections, then benchmarks/RESULTS.md
     python -m benchmarks.quality --only minilm,smollm2  # some sections (the report takes every finished one)
     python -m benchmarks.quality --report               # only rebuild the report from finished cells
 """
@@ -187,6 +189,15 @@ def authors_eta(lr: float, spec: dict) -> float:
     return lr / (Settings.warmup_ratio * spec["steps"] * 1)
 
 
+def budgeted_cells(rank: int, lr: float) -> list[Cell]:
+    """LoRA-SB at `rank` everywhere against the same count spent per module (decompose --budget-ratio 1)."""
+    cells = []
+    for s in range(SEEDS):
+        cells.append(Cell("lorasb", rank, s, lr))
+        cells.append(Cell("lorasb", rank, s, lr, label="lorasb budgeted", options={"budget_ratio": 1.0}))
+    return cells
+
+
 def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
     for name, pairs in (("smollm2", SMOLLM2_PAIRS), ("smollm2-more", SMOLLM2_MORE)):
@@ -202,6 +213,8 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
             cells.append(Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:.3g} (authors')", eta=eta))
             cells.append(Cell("lorasb", 32, s, lr, label="lorasb auto", options={"init_scale": "auto"}))
         tables["eta"] = (section("eta", SMOLLM2, cells, {}, run), {"all": lr})
+    if "budget" in sections and lr:
+        tables["budget"] = (section("budget", SMOLLM2, budgeted_cells(32, lr), {}, run), {"all": lr})
     if "inits" in sections and lr:
         cells = [Cell("lorasb", 32, s, lr) for s in range(SEEDS)]
         cells += [Cell(init, 32, s, lr) for init in ("kaiming", "non-orthonormal") for s in range(SEEDS)]
@@ -232,19 +245,24 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
     if "minilm" in sections:
         lrs, points = sweep(MINILM, MINILM_SWEEP, {m for m, _ in MINILM_PAIRS}, run)
         tables["minilm"] = (section("minilm", MINILM, seeded(MINILM_PAIRS, lrs), points, run), lrs)
+        if "minilm-budget" in sections and "lorasb" in lrs:
+            cells = budgeted_cells(16, lrs["lorasb"])
+            tables["minilm-budget"] = (section("minilm-budget", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
     return tables | smollm2_sections(sections, run)
 
 
 TITLES = {
     "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
+    "minilm-budget": "MiniLM-L6: budgeted ranks at the count of r = 16 (decompose --budget-ratio 1) against r = 16",
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
     "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
+    "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
     "smollm2-more": "SmolLM2-135M on arithmetic: the rest of the grid",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
 }
-DEFAULT_SECTIONS = ("minilm", "smollm2", "eta", "smollm2-more")
+DEFAULT_SECTIONS = ("minilm", "minilm-budget", "smollm2", "eta", "budget", "smollm2-more")
 
 
 def report(tables: dict, seconds: float) -> str:

@@ -260,6 +260,7 @@ class Provenance:
     targets: str | tuple[str, ...] | None
     method: str | None
     rank: int | None
+    rank_pattern: dict[str, int]  # modules whose rank is not `rank` (decompose --budget)
     eta: float | None
     scale: float
     samples: int | None
@@ -380,6 +381,11 @@ class _Fields:
         # η scales every update (ΔW = η·signs): only updates must have one; a weight-based init's factors have none.
         eta = self.number("eta", positive=True, nullable=kind in ("factors", "adapter"))
         rank = self.integer("rank", minimum=1, nullable=kind == "adapter") if kind in ("factors", "adapter") else None
+        rank_pattern = self.value(
+            "rank_pattern",
+            "an object of module: rank ≥ 1",
+            lambda v: isinstance(v, dict) and all(_is_int(r) and r >= 1 for r in v.values()),
+        )
         scale = self.number("scale")
         labels, head = self._head()
         versions = self.object("versions")
@@ -394,6 +400,7 @@ class _Fields:
             targets=tuple(targets) if isinstance(targets, list) else targets,
             method=method,
             rank=rank,
+            rank_pattern=rank_pattern or {},
             eta=eta,
             scale=1.0 if scale is None else scale,
             samples=samples,
@@ -642,11 +649,13 @@ def factor_modules(artifact: Artifact) -> list[str]:
                 path=artifact.path,
                 hint=f"re-run lorasb decompose with --rank {min(m, n)} or less",
             )
-        # decompose writes one rank for every module (adapters of other methods may vary per module).
-        recorded = artifact.provenance.rank
+        # decompose records each module's rank: `rank`, or the module's in `rank_pattern` (--budget).
+        provenance = artifact.provenance
+        recorded = provenance.rank_pattern.get(module, provenance.rank)
         if artifact.kind == "factors" and rank != recorded:
+            field = "rank_pattern" if module in provenance.rank_pattern else "rank"
             raise IncompatibleArtifactError(
-                f"module '{module}' has rank {rank}, the metadata field 'rank' says {recorded}",
+                f"module '{module}' has rank {rank}, the metadata field '{field}' says {recorded}",
                 path=artifact.path,
                 hint="the file is corrupt or was edited; re-run lorasb decompose",
             )

@@ -242,6 +242,7 @@ def combine(config, as_json, quiet):
 Examples:
   lorasb decompose update.safetensors --rank 96 -o factors.safetensors
   lorasb decompose update.safetensors --rank 32 --init noisy --noise-std 1 -o noisy.safetensors
+  lorasb decompose update.safetensors --rank 32 --budget-ratio 1 -o budgeted.safetensors
   lorasb decompose --init lora-xs --model mistral --rank 32 -o lora-xs.safetensors""",
 )
 @common_options
@@ -252,12 +253,13 @@ def decompose(config, as_json, quiet):
 
     with progress_bar("decompose", enabled=not quiet) as progress:
         summary = run_decompose(config, progress)
+    spent = sum(r * r for r in summary.ranks.values())
     print_table(
-        f"captured energy Σσ²(top {config.rank}) / Σσ²",
-        ["modules", "count", "mean", "min", "max"],
-        [[kind, n, f"{mean:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for kind, n, mean, lo, hi in summary.energy_by_kind()],
+        f"captured energy Σσ²(top r) / Σσ²; Σ r² = {spent:,} trainable",
+        ["modules", "count", "r", "mean", "min", "max"],
+        [[kind, n, r, f"{mean:.3f}", f"{lo:.3f}", f"{hi:.3f}"] for kind, n, r, mean, lo, hi in summary.by_kind()],
     )
-    report(summary.path, {"rank": config.rank, "energy": summary.energy}, as_json)
+    report(summary.path, {"rank": summary.rank, "ranks": summary.ranks, "energy": summary.energy}, as_json)
 
 
 @cli.command(

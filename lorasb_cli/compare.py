@@ -37,7 +37,8 @@ class Cell:
     label: str = ""  # the row of the table; default: the method
     samples: int | None = None  # estimate sample count; default: Settings.samples
     eta: float | None = None  # estimate η; default: Settings.eta
-    # The plug-ins' own options, by field name: the init's (noisy's noise_std) and the method's (init_scale).
+    # The plug-ins' own options, by field name: the init's (noisy's noise_std), the method's (init_scale), and
+    # decompose's budget (budget_ratio, ...: BUDGET_OPTIONS).
     options: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -262,12 +263,16 @@ def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
     return path
 
 
+# decompose's per-module ranks (--budget): a cell's options may set them for its factors.
+BUDGET_OPTIONS = ("budget", "budget_ratio", "min_rank", "max_rank")
+
+
 def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
     from .decompose import DecomposeConfig, decompose
 
     update = _update_path(out, settings, cell)
     init = inits.INITS[cell.method]
-    own = cell.options_of(lambda name: takes(init.options, name))
+    own = cell.options_of(lambda name: takes(init.options, name) or name in BUDGET_OPTIONS)
     suffix = "".join(f"-{name}{value}" for name, value in sorted(own.items()))
     path = out / "factors" / f"{update.stem}-{cell.method}{suffix}-r{cell.rank}.safetensors"
     if not path.is_file():

@@ -89,6 +89,23 @@ def human_bytes(count: int) -> str:
     return f"{value:.2f} GiB"
 
 
+def _span(ranks: list[int]) -> str:
+    """Ranks as "r" when they are one, else "lowest–highest" (per-module ranks of decompose --budget)."""
+    if not ranks:
+        return "-"
+    low, high = min(ranks), max(ranks)
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def _budget_text(budget: dict | None) -> str | None:
+    if not budget:
+        return None
+    return (
+        f"Σ r² = {budget['spent']:,} of {budget['parameters']:,} (r = {budget['uniform_rank']} everywhere: "
+        f"{budget['uniform_parameters']:,})"
+    )
+
+
 def print_description(description: dict) -> None:
     """`lorasb inspect`'s report on stdout: the artifact, its provenance, its modules grouped by kind."""
     meta = description["provenance"]
@@ -98,7 +115,8 @@ def print_description(description: dict) -> None:
     rows = [
         ("kind", description["kind"]),
         ("modules", description["modules"]),
-        ("rank", description["rank"]),
+        ("rank", _span(description["rank"]) if isinstance(description["rank"], list) else description["rank"]),
+        ("budget", _budget_text(meta.get("budget"))),
         ("base model", base.get("id") if isinstance(base, dict) else base),
         ("fingerprint", base.get("fingerprint") if isinstance(base, dict) else None),
         ("targets", meta.get("targets")),
@@ -120,7 +138,7 @@ def print_description(description: dict) -> None:
             kind,
             str(len(infos)),
             ", ".join(sorted({"×".join(map(str, i["shape"])) for i in infos})),
-            ", ".join(sorted({str(i["rank"]) for i in infos if "rank" in i})) or "-",
+            _span([i["rank"] for i in infos if "rank" in i]),
         ]
         for kind, infos in groups.items()
     ]

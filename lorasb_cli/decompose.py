@@ -6,7 +6,9 @@ Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (DESIGN.md §4); `exact` run
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from . import artifacts, inits, linalg, models
+from . import artifacts, budget, inits, linalg, models
 from .errors import BadInputError, IncompatibleArtifactError
 from .options import PluginConfig, argument, option
 
@@ -22,15 +24,22 @@ from .options import PluginConfig, argument, option
 @dataclass
 class DecomposeSummary:
     path: Path
-    rank: int
+    rank: int  # the most common rank; `ranks` has each module's
     energy: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
 
-    def energy_by_kind(self) -> list[tuple[str, int, float, float, float]]:
-        """(module kind with layer numbers as *, count, mean, min, max) of the captured energy."""
-        groups: dict[str, list[float]] = {}
-        for module, value in self.energy.items():
-            groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(value)
-        return [(k, len(v), sum(v) / len(v), min(v), max(v)) for k, v in groups.items()]
+    def by_kind(self) -> list[tuple[str, int, str, float, float, float]]:
+        """(module kind with layer numbers as *, count, its ranks "r" or "lo–hi", mean, min, max of the captured
+        energy)."""
+        groups: dict[str, list[str]] = {}
+        for module in self.energy:
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(module)
+        rows = []
+        for kind, modules in groups.items():
+            energy, ranks = [self.energy[m] for m in modules], sorted({self.ranks.get(m, self.rank) for m in modules})
+            shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+            rows.append((kind, len(modules), shown, sum(energy) / len(energy), min(energy), max(energy)))
+        return rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +54,16 @@ class DecomposeConfig(PluginConfig):
     )
     model: str | None = option("--model", "-m", help="A weight-based init (lora-xs): the model whose W0 is factored.")
     targets: str = option(default="all-linear", help="A weight-based init without an update: the modules.")
+    budget: int | None = option(
+        type=int,
+        help="Trainable parameters Σ r² to spend: a rank per module from its spectrum, greedy on captured energy "
+        "per parameter (--rank is the reference).",
+    )
+    budget_ratio: float | None = option(type=float, help="--budget as a fraction of the count at --rank everywhere.")
+    min_rank: int = option(default=1, help="With a budget: the least rank of a module.")
+    max_rank: int | None = option(
+        type=int, help="With a budget: the largest rank of a module [default: 4 × --rank, at most min(m, n)]."
+    )
     niter: int = option(default=linalg.DEFAULT_NITER, help="Power iterations of the randomized SVD.")
     exact: bool = option(flag=True, default=False, help="Full SVD instead of torch.svd_lowrank (slower).")
     seed: int = option(default=0, help="Seed of the randomized SVD and random inits.")
@@ -84,16 +103,21 @@ def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | No
     source = _weight_source(config, init, update) if init.source == "model" else _update_source(update)
     linalg.check_rank(config.rank, source.shapes, update.path if update is not None else None)
     settings = inits.InitOptions(niter=config.niter, exact=config.exact, eta=source.meta.get("eta"), own=own)
-    factors, energy = _factor_all(config, init, settings, source, progress)
+    ranks, allocation = _ranks(config, source, progress)
+    if allocation is not None and progress is not None:  # the spectra were the first half of the work
+        progress = functools.partial(_second_half, progress, len(source.modules))
+    factors, energy = _factor_all(config, init, settings, source, ranks, progress)
     factors |= {name: update.get(name) for name in source.head}
     meta = source.meta
+    rank = Counter(ranks.values()).most_common(1)[0][0]
     provenance = artifacts.provenance(
         "factors",
         base_model=meta["base_model"],
         targets=meta["targets"],
         method="lorasb",
         init=config.init,
-        rank=config.rank,
+        rank=rank,
+        **({"rank_pattern": {m: r for m, r in ranks.items() if r != rank}, "budget": allocation} if allocation else {}),
         scale=init.scale,
         eta=meta.get("eta"),
         data=meta.get("data"),
@@ -105,7 +129,7 @@ def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | No
         **models.head_meta(models.HeadSpec.from_meta(meta)),
     )
     artifacts.write_artifact(config.out, factors, provenance)
-    return DecomposeSummary(path=Path(config.out), rank=config.rank, energy=energy)
+    return DecomposeSummary(path=Path(config.out), rank=rank, energy=energy, ranks=ranks)
 
 
 def _check(config: DecomposeConfig) -> tuple[inits.Init, inits.OwnOptions]:
@@ -164,10 +188,70 @@ def _weight_source(config: DecomposeConfig, init: inits.Init, update: artifacts.
     return _Source(modules, shapes, lambda m: base.get_submodule(m).weight.detach(), meta, head)
 
 
+def _budget(config: DecomposeConfig, modules: int) -> int | None:
+    """The budget in trainable parameters Σ r², or None for --rank everywhere."""
+    given = [flag for flag, value in (("--budget", config.budget), ("--budget-ratio", config.budget_ratio)) if value is not None]
+    if len(given) > 1:
+        raise BadInputError("--budget and --budget-ratio both set the budget", hint="pass one of them")
+    if not given:
+        for flag, value in (("--min-rank", config.min_rank != 1), ("--max-rank", config.max_rank is not None)):
+            if value:
+                raise BadInputError(f"{flag} applies with a budget only", hint="add --budget or --budget-ratio")
+        return None
+    value = config.budget if config.budget is not None else config.budget_ratio
+    if value <= 0:
+        raise BadInputError(f"{given[0]} {value} must be positive")
+    if config.min_rank < 1 or (config.max_rank is not None and config.max_rank < config.min_rank):
+        raise BadInputError(
+            f"--min-rank {config.min_rank} / --max-rank {config.max_rank} must satisfy 1 ≤ min ≤ max",
+        )
+    uniform = budget.uniform_parameters(config.rank, modules)
+    return config.budget if config.budget is not None else round(config.budget_ratio * uniform)
+
+
+def _ranks(config: DecomposeConfig, source: _Source, progress) -> tuple[dict[str, int], dict | None]:
+    """Each module's rank, and the allocation's record for the metadata (None without a budget): --rank
+    everywhere, or a budget spent on the modules' spectra (lorasb_cli/budget.py) — one more SVD pass."""
+    total = _budget(config, len(source.modules))
+    if total is None:
+        return {m: config.rank for m in source.modules}, None
+    device = models.resolve_device(config.device)
+    max_ranks = {m: min(config.max_rank or 4 * config.rank, *source.shapes[m]) for m in source.modules}
+    energy = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for done, module in enumerate(source.modules, start=1):
+            matrix = source.matrix(module).to(device).float()
+            s = linalg.truncated_svd(matrix, max_ranks[module], niter=config.niter, exact=config.exact)[1]
+            norm = matrix.square().sum()
+            energy[module] = (s.square() / norm).cpu() if norm > 0 else torch.zeros_like(s).cpu()
+            if progress is not None:
+                progress(done, 2 * len(source.modules))
+    ranks = budget.allocate_ranks(energy, total, config.min_rank, max_ranks)
+    record = {
+        "parameters": total,
+        "spent": sum(r * r for r in ranks.values()),
+        "uniform_rank": config.rank,
+        "uniform_parameters": budget.uniform_parameters(config.rank, len(source.modules)),
+        "min_rank": config.min_rank,
+        "max_rank": max(max_ranks.values()),
+    }
+    return ranks, record
+
+
+def _second_half(progress: Callable[[int, int], None], first: int, done: int, total: int) -> None:
+    progress(first + done, first + total)
+
+
 def _factor_all(
-    config: DecomposeConfig, init: inits.Init, settings: inits.InitOptions, source: _Source, progress
+    config: DecomposeConfig,
+    init: inits.Init,
+    settings: inits.InitOptions,
+    source: _Source,
+    ranks: dict[str, int],
+    progress,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """B, R, A of every module (float32, CPU), and the energy Σσ²(top r) / Σσ² each captures."""
+    """B, R, A of every module at its rank (float32, CPU), and the energy Σσ²(top r) / Σσ² each captures."""
     device = models.resolve_device(config.device)
     factors: dict[str, torch.Tensor] = {}
     energy: dict[str, float] = {}
@@ -177,7 +261,7 @@ def _factor_all(
         for done, module in enumerate(source.modules, start=1):
             matrix = source.matrix(module).to(device)
             lora_B, lora_R, lora_A, s = (
-                t.float().contiguous().cpu() for t in init.factor(matrix, config.rank, settings)
+                t.float().contiguous().cpu() for t in init.factor(matrix, ranks[module], settings)
             )
             total = matrix.float().square().sum().cpu()
             energy[module] = float((s.square().sum() / total).clamp(max=1.0)) if total > 0 else 0.0

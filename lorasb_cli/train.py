@@ -255,15 +255,17 @@ def _prepare_method(
     method, factors = inputs.method, inputs.factors
     if factors is not None:
         modules, rank = list(factors.factors), factors.config["rank"]
+        ranks = {m: lora_R.shape[0] for m, (_, lora_R, _) in factors.factors.items()}  # per module with --budget
     else:
         low_rank = method.uses_rank
         modules = models.resolve_targets(model, inputs.options.targets) if low_rank else []
         rank = inputs.options.rank if low_rank else None
         if low_rank:
             linalg.check_rank(rank, models.target_shapes(model, modules))
+        ranks = {m: rank or 0 for m in modules}
     shapes = models.target_shapes(model, modules)
     base_params = sum(p.numel() for p in model.parameters())
-    lora_params = sum((rank or 0) * (m + n) for m, n in shapes.values())
+    lora_params = sum(ranks[module] * (m + n) for module, (m, n) in shapes.items())
 
     @torch.no_grad()
     def probe_loss(m: nn.Module, rows: Sequence[data.Example] = examples.probe) -> float:
@@ -292,7 +294,8 @@ def _prepare_method(
         f"{trainable:,}",
         100 * trainable / base_params,
         f"{base_params:,}",
-        f"; LoRA at rank {rank} on the same targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
+        f"; LoRA at {'rank ' + str(rank) if len(set(ranks.values())) == 1 else 'the same ranks'} on the same "
+        f"targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
         if lora_params and trainable
         else "",
     )
@@ -338,6 +341,7 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         "targets": from_factors.get("targets", getattr(inputs.options, "targets", None)),
         "target_modules": run.modules,
         "rank": run.rank,
+        **({"rank_pattern": from_factors["rank_pattern"]} if from_factors.get("rank_pattern") else {}),
         "method": inputs.method.name,
         **run.prepared.config,
         "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},

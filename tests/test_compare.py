@@ -235,3 +235,13 @@ def test_lr_sweep_chooses_each_methods_rate_on_a_validation_slice(tiny_model_dir
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "report" / "sweep").rglob("point.json"))
     compare.compare(config)
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "report" / "sweep").rglob("point.json")) == before
+
+
+def test_a_budgeted_cell_spends_the_uniform_count_on_its_own_ranks(tiny_model_dir, qa_file, tmp_path):
+    uniform = compare.Cell("lorasb", 4, 0, 1e-2)
+    budgeted = compare.Cell("lorasb", 4, 0, 1e-2, label="lorasb budgeted", options={"budget_ratio": 1.0})
+    results = compare.run_grid(tmp_path, _settings(tiny_model_dir, qa_file), [uniform, budgeted])
+    assert results[0].trainable_params == 4 * 4 * 14
+    assert 0 < results[1].trainable_params <= results[0].trainable_params
+    factors = sorted(p.name for p in (tmp_path / "factors").glob("*.safetensors"))
+    assert len(factors) == 2 and any("budget_ratio1.0" in name for name in factors)  # one estimate, two factors

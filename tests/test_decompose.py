@@ -78,7 +78,7 @@ def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
     assert torch.count_nonzero(r - torch.diag(torch.diagonal(r))) == 0
     energy = factors.meta["energy"]["layer.q"]
     assert energy == pytest.approx(float(s_exact.square().sum() / signs["layer.q.weight"].square().sum()), rel=1e-3)
-    assert sorted(k[0] for k in summary.energy_by_kind()) == ["layer.o", "layer.q"]
+    assert sorted(k[0] for k in summary.by_kind()) == ["layer.o", "layer.q"]
 
 
 def test_same_seed_same_factors(tmp_path):
