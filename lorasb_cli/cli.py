@@ -134,7 +134,7 @@ Example:
 @common_options
 def estimate(config, dry_run, rank, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
-    from .console import human_bytes, print_table, progress_bar
+    from .console import STABILITY_COLUMNS, STABILITY_TITLE, human_bytes, print_table, progress_bar, stability_rows
     from .estimate import estimate as run_estimate
 
     if dry_run:
@@ -163,6 +163,8 @@ def estimate(config, dry_run, rank, as_json, quiet):
             ]
         ],
     )
+    if summary.stability:
+        print_table(STABILITY_TITLE, STABILITY_COLUMNS, stability_rows(summary.stability))
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
 

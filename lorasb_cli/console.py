@@ -142,23 +142,41 @@ def print_description(description: dict) -> None:
         ]
         for kind, infos in groups.items()
     ]
-    module_columns = ("module", "count", "shape (m×n)", "rank")
+    blocks = [("modules", ("module", "count", "shape (m×n)", "rank"), modules)]
+    if meta.get("stability"):
+        blocks.append((STABILITY_TITLE, STABILITY_COLUMNS, stability_rows(meta["stability"])))
     if not stdout.is_terminal:
         write_tsv(("field", "value"), [("path", description["path"]), *rows])
-        if modules:
-            sys.stdout.write("\n")
-            write_tsv(module_columns, modules)
+        for _, columns, cells in blocks:
+            if cells:
+                sys.stdout.write("\n")
+                write_tsv(columns, cells)
         return
     for key, value in rows:
         summary.add_row(key, value)
     stdout.print(summary)
-    if modules:
-        table = Table(title="modules", title_justify="left")
-        for column in module_columns:
-            table.add_column(column, overflow="fold")
-        for row in modules:
-            table.add_row(*row)
-        stdout.print(table)
+    for title, columns, cells in blocks:
+        if cells:
+            table = Table(title=title, title_justify="left")
+            for column in columns:
+                table.add_column(column, overflow="fold")
+            for row in cells:
+                table.add_row(*row)
+            stdout.print(table)
+
+
+STABILITY_TITLE = "top-r subspace overlap of the sample's two halves (1 = the same; random ≈ r/dim)"
+STABILITY_COLUMNS = ("modules", "r", "overlap", "lowest", "random")
+
+
+def stability_rows(report: dict) -> list[list[str]]:
+    """The rows of STABILITY_COLUMNS for estimate's stability report (lorasb_cli/stability.py)."""
+    from .stability import by_kind
+
+    return [
+        [kind, str(rank), f"{mean:.3f}", f"{low:.3f}", f"{random:.3f}"]
+        for kind, rank, mean, low, random in by_kind(report)
+    ]
 
 
 def print_rows(title: str, rows: Sequence[dict], columns: Sequence[str]) -> None:

@@ -190,7 +190,11 @@ def _weight_source(config: DecomposeConfig, init: inits.Init, update: artifacts.
 
 def _budget(config: DecomposeConfig, modules: int) -> int | None:
     """The budget in trainable parameters Σ r², or None for --rank everywhere."""
-    given = [flag for flag, value in (("--budget", config.budget), ("--budget-ratio", config.budget_ratio)) if value is not None]
+    given = [
+        flag
+        for flag, value in (("--budget", config.budget), ("--budget-ratio", config.budget_ratio))
+        if value is not None
+    ]
     if len(given) > 1:
         raise BadInputError("--budget and --budget-ratio both set the budget", hint="pass one of them")
     if not given:

@@ -7,6 +7,7 @@ accumulator; base weights never get `requires_grad`, so no full set of parameter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ import click
 import torch
 from torch import nn
 
-from . import artifacts, data, loss, models, plan, system
+from . import artifacts, data, linalg, loss, models, plan, stability, system
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .options import ModelOptions, TrainingDataOptions, argument, option
 
@@ -36,6 +37,13 @@ class GradientSums:
     sums: dict[str, torch.Tensor]
     samples: int
     tokens: int
+
+    def add(self, other: GradientSums) -> GradientSums:
+        """This sum plus `other`'s (the two halves of estimate --report-ranks), in place; frees `other`'s sums."""
+        for name, g in self.sums.items():
+            g.add_(other.sums.pop(name))
+        self.samples, self.tokens = self.samples + other.samples, self.tokens + other.tokens
+        return self
 
 
 class _GradientHooks:
@@ -212,6 +220,11 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
         default="float32",
         help="bfloat16 halves the accumulators; each batch rounds once into G.",
     )
+    report_ranks: str | None = option(
+        metavar="RANKS",
+        help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
+        "sample's two halves, per module, in the update's metadata. Sums the halves apart: 2× accumulators.",
+    )
     out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
     def __post_init__(self):
@@ -230,6 +243,7 @@ class EstimateSummary:
     accumulate_on: str = "cpu"  # where the accumulators were: "cpu" or the device, e.g. "cuda:0"
     accumulate_dtype: str = "float32"
     planned_bytes: dict[str, int] | None = None  # plan.estimate_plan's need on each place
+    stability: dict | None = None  # --report-ranks: stability.stability's report
 
 
 @dataclass
@@ -265,6 +279,8 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         allow_pickle=config.allow_pickle,
     )
     modules = models.resolve_targets(model, config.targets)
+    shapes = models.target_shapes(model, modules)
+    report_ranks = stability.parse_ranks(config.report_ranks, shapes) if config.report_ranks else None
     rows = sample.dataset.rows
     # Only the drawn rows are read and tokenized.
     examples = data.encode(
@@ -278,18 +294,32 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         if progress is not None:
             progress(done, len(examples))
 
+    def sums(part: list[data.Example]) -> GradientSums:
+        return sum_gradients(
+            model,
+            modules,
+            data.make_batches(part, config.batch_size, tokenizer.pad_token_id),
+            on_batch=on_batch,
+            accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
+            accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
+        )
+
     start = time.perf_counter()
-    result = sum_gradients(
-        model,
-        modules,
-        data.make_batches(examples, config.batch_size, tokenizer.pad_token_id),
-        on_batch=on_batch,
-        accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
-        accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
-    )
+    report = None
+    if report_ranks:
+        half = (len(examples) + 1) // 2
+        first, second = sums(examples[:half]), sums(examples[half:])
+        if system.is_main_process():  # every rank holds both all-reduced halves; one reports
+            report = stability.stability(
+                first.sums, second.sums, report_ranks, niter=linalg.DEFAULT_NITER, seed=config.seed
+            )
+            report["samples"] = [first.samples, second.samples]
+        result = first.add(second)
+    else:
+        result = sums(examples)
     seconds = time.perf_counter() - start
     if system.is_main_process():
-        _write_update(config, sample, model, modules, result, dtype)
+        _write_update(config, sample, model, modules, result, dtype, report)
     return EstimateSummary(
         path=Path(config.out),
         modules=len(modules),
@@ -300,6 +330,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         accumulate_on=plan.place(device) if accumulate_on == "device" else "cpu",
         accumulate_dtype=config.accumulate_dtype,
         planned_bytes=planned,
+        stability=report,
     )
 
 
@@ -309,6 +340,11 @@ def _read_sample(config: EstimateConfig) -> _Sample:
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     data.check_max_length(config.max_length)  # before the plan, which would build batches of it
     shard = data.parse_shard(config.shard)
+    if config.report_ranks and config.raw:
+        raise BadInputError(
+            "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
+            hint="drop --report-ranks, or estimate without --raw",
+        )
     if shard is not None and not config.raw:
         raise BadInputError(
             "--shard writes one part of a sum: it needs --raw", hint="pass --raw, then lorasb combine the parts"
@@ -350,6 +386,7 @@ def _plan_accumulators(
     except (RuntimeError, NotImplementedError) as e:  # model code that cannot run on the meta device
         log.warning("no memory plan for %s (%s: %s); memory is not checked", sample.ref.id, type(e).__name__, e)
         return ("cpu" if accumulate_on == "auto" else accumulate_on), None
+    facts = dataclasses.replace(facts, accumulator_sets=2 if config.report_ranks else 1)
     accumulate_on = plan.choose_accumulation(
         facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
     )
@@ -364,6 +401,7 @@ def _write_update(
     modules: list[str],
     result: GradientSums,
     dtype: torch.dtype,
+    report: dict | None,
 ) -> None:
     """The update file (int8 signs, or with --raw the float32 sums) with its provenance."""
     meta = artifacts.provenance(
@@ -386,6 +424,7 @@ def _write_update(
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
+        **({"stability": report} if report else {}),
         **models.head_meta(models.HeadSpec.from_model(model, sample.labels)),
     )
     # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.

@@ -262,6 +262,8 @@ class ModelFacts:
     largest_shard_bytes: int
     shard_source: str
     itemsize: int = field(default=4)
+    # estimate --report-ranks sums the sample's two halves apart: two accumulators per target until they are added.
+    accumulator_sets: int = 1
 
     @property
     def target_entries(self) -> int:
@@ -342,10 +344,15 @@ def estimate_plan(
     accumulate_where = device if accumulate_on == "device" else "cpu"
     logits = facts.logits_entries * facts.itemsize
     chunks = min(2 * LOSS_CHUNK_BYTES, facts.logits_entries * 4)
-    accumulators = f"accumulators ({str(accumulate_dtype).removeprefix('torch.')}, {len(facts.targets)} targets)"
+    halves = ", 2 halves" if facts.accumulator_sets == 2 else ""
+    accumulators = (
+        f"accumulators ({str(accumulate_dtype).removeprefix('torch.')}, {len(facts.targets)} targets{halves})"
+    )
     items = (
         Item(f"weights ({facts.dtype})", facts.weight_bytes, device),
-        Item(accumulators, accumulator_bytes(facts.targets, accumulate_dtype), accumulate_where),
+        Item(
+            accumulators, facts.accumulator_sets * accumulator_bytes(facts.targets, accumulate_dtype), accumulate_where
+        ),
         Item("activations (saved for backward, held target inputs)", facts.estimate_activations, device),
         Item("loss: logits, their gradient, float32 chunks", 2 * logits + chunks, device),
     )

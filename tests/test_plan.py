@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +37,10 @@ def test_accumulator_and_weight_bytes_are_those_of_the_real_model(tmp_path):
     assert facts.weight_bytes == sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
     accumulators = next(i for i in plan.estimate_plan(facts).items if i.what.startswith("accumulators"))
     assert accumulators.bytes == 4 * entries and accumulators.where == "cpu"
+    # estimate --report-ranks sums the two halves of the sample apart
+    halves = dataclasses.replace(facts, accumulator_sets=2)
+    accumulators = next(i for i in plan.estimate_plan(halves).items if i.what.startswith("accumulators"))
+    assert accumulators.bytes == 8 * entries and "2 halves" in accumulators.what
 
 
 def test_mistral_7b_accumulators_from_its_config_alone(tmp_path):
