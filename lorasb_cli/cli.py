@@ -130,9 +130,8 @@ Example:
     is_flag=True,
     help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).",
 )
-@click.option("--rank", "-r", default=32, show_default=True, type=int, help="--dry-run: the rank train is planned at.")
 @common_options
-def estimate(config, dry_run, rank, as_json, quiet):
+def estimate(config, dry_run, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
     from .console import STABILITY_COLUMNS, STABILITY_TITLE, human_bytes, print_table, progress_bar, stability_rows
     from .estimate import estimate as run_estimate
@@ -141,7 +140,7 @@ def estimate(config, dry_run, rank, as_json, quiet):
         from .system import is_main_process
 
         if is_main_process():  # one plan per job under a launcher
-            _print_plan(config, rank, as_json)
+            _print_plan(config, config.rank, as_json)
         return
     if config.data is None:
         raise click.UsageError("Missing option '--data' / '-d' (only --dry-run runs without data).")
@@ -165,6 +164,14 @@ def estimate(config, dry_run, rank, as_json, quiet):
     )
     if summary.stability:
         print_table(STABILITY_TITLE, STABILITY_COLUMNS, stability_rows(summary.stability))
+    if summary.samples_auto:
+        auto = summary.samples_auto
+        print_table(
+            f"--samples auto: {auto['samples']} samples ({'reached' if auto['reached'] else 'below'} overlap "
+            f"{auto['threshold']:g} at r = {auto['rank']})",
+            ["samples", "overlap with the previous estimate"],
+            [[p["samples"], "-" if p["overlap"] is None else f"{p['overlap']:.3f}"] for p in auto["curve"]],
+        )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
 
 

@@ -144,10 +144,12 @@ def sum_gradients(
     on_batch: Callable[[int], None] | None = None,
     accumulate_on: torch.device | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
+    start: GradientSums | None = None,
 ) -> GradientSums:
     """G for each target module over all batches (and all ranks of a process group, if one is running).
 
-    The accumulators ([m, n] per target) live on `accumulate_on` (default CPU) in `accumulate_dtype`.
+    The accumulators ([m, n] per target) live on `accumulate_on` (default CPU) in `accumulate_dtype`. `start`: a
+    sum to go on adding into, in place (one process only: its sums were all-reduced already).
 
     bfloat16 against float32: half the memory (2 instead of 4 bytes per target weight entry: 13 instead of 26 GiB
     for Mistral-7B). Within a batch nothing changes: ∂L/∂yᵀ·x is one matmul that sums its tokens in float32.
@@ -162,6 +164,8 @@ def sum_gradients(
     model.requires_grad_(False)
     hooks = _GradientHooks(model, modules, accumulate_device=accumulate_on, accumulate_dtype=accumulate_dtype)
     samples = tokens = 0
+    if start is not None:
+        hooks.sums, samples, tokens = start.sums, start.samples, start.tokens
     try:
         for batch in batches:
             logits = model(**loss.model_inputs(batch, device)).logits
@@ -195,13 +199,34 @@ def sign_update(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": torch.sign(g).neg_().to(torch.int8) for name, g in sums.items()}
 
 
+class _SamplesType(click.ParamType):
+    """--samples: a positive count, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a number of samples nor auto", param, ctx)
+
+
+SAMPLES = _SamplesType()
+
+
 @dataclass(frozen=True, kw_only=True)
 class EstimateConfig(TrainingDataOptions, ModelOptions):
     """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
 
     data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
     frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
-    samples: int | None = option(type=int, help="Number of samples instead of --frac.")
+    samples: int | str | None = option(
+        type=SAMPLES,
+        help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
+        "--max-samples).",
+    )
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
     seed: int = option(default=0, help="Seed of the sample draw.")
     eta: float = option(default=1e-5, help="Size η of the simulated first step.")
@@ -220,6 +245,16 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
         default="float32",
         help="bfloat16 halves the accumulators; each batch rounds once into G.",
     )
+    rank: int = option(
+        "--rank",
+        "-r",
+        default=32,
+        help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it.",
+    )
+    threshold: float = option(
+        default=0.9, help="--samples auto: stop once two successive estimates' top-r subspaces overlap this much."
+    )
+    max_samples: int = option(default=512, help="--samples auto: the most samples it draws.")
     report_ranks: str | None = option(
         metavar="RANKS",
         help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
@@ -244,6 +279,7 @@ class EstimateSummary:
     accumulate_dtype: str = "float32"
     planned_bytes: dict[str, int] | None = None  # plan.estimate_plan's need on each place
     stability: dict | None = None  # --report-ranks: stability.stability's report
+    samples_auto: dict | None = None  # --samples auto: the count it settled on and the curve
 
 
 @dataclass
@@ -279,47 +315,27 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         allow_pickle=config.allow_pickle,
     )
     modules = models.resolve_targets(model, config.targets)
-    shapes = models.target_shapes(model, modules)
-    report_ranks = stability.parse_ranks(config.report_ranks, shapes) if config.report_ranks else None
-    rows = sample.dataset.rows
-    # Only the drawn rows are read and tokenized.
-    examples = data.encode(
-        [rows[i] for i in sample.indices], sample.fmt, tokenizer, config.max_length, sample.labels, sample.template
+    report_ranks = stability.parse_ranks(config.report_ranks, models.target_shapes(model, modules))
+    passes = _Passes(
+        config,
+        sample,
+        model,
+        modules,
+        tokenizer,
+        device if accumulate_on == "device" else torch.device("cpu"),
+        progress,
     )
-    done = 0
-
-    def on_batch(batch_samples: int) -> None:
-        nonlocal done
-        done += batch_samples
-        if progress is not None:
-            progress(done, len(examples))
-
-    def sums(part: list[data.Example]) -> GradientSums:
-        return sum_gradients(
-            model,
-            modules,
-            data.make_batches(part, config.batch_size, tokenizer.pad_token_id),
-            on_batch=on_batch,
-            accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
-            accumulate_on=device if accumulate_on == "device" else torch.device("cpu"),
-        )
-
     start = time.perf_counter()
-    report = None
-    if report_ranks:
-        half = (len(examples) + 1) // 2
-        first, second = sums(examples[:half]), sums(examples[half:])
-        if system.is_main_process():  # every rank holds both all-reduced halves; one reports
-            report = stability.stability(
-                first.sums, second.sums, report_ranks, niter=linalg.DEFAULT_NITER, seed=config.seed
-            )
-            report["samples"] = [first.samples, second.samples]
-        result = first.add(second)
+    records = {}
+    if config.samples == "auto":
+        result, records["samples_auto"] = _sum_until_stable(config, passes)
+    elif report_ranks:
+        result, records["stability"] = _sum_halves(config, passes, report_ranks)
     else:
-        result = sums(examples)
+        result = passes.sums(sample.indices)
     seconds = time.perf_counter() - start
     if system.is_main_process():
-        _write_update(config, sample, model, modules, result, dtype, report)
+        _write_update(config, sample, model, modules, result, dtype, records)
     return EstimateSummary(
         path=Path(config.out),
         modules=len(modules),
@@ -330,8 +346,104 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         accumulate_on=plan.place(device) if accumulate_on == "device" else "cpu",
         accumulate_dtype=config.accumulate_dtype,
         planned_bytes=planned,
-        stability=report,
+        **records,
     )
+
+
+@dataclass
+class _Passes:
+    """sum_gradients over some of the drawn rows with the run's model, targets, batches and accumulators; only
+    the rows a pass reads are tokenized. Progress counts samples against the whole draw."""
+
+    config: EstimateConfig
+    sample: _Sample
+    model: nn.Module
+    modules: list[str]
+    tokenizer: object
+    accumulate_on: torch.device
+    progress: Callable[[int, int], None] | None
+    done: int = 0
+
+    def sums(self, indices: list[int], start: GradientSums | None = None) -> GradientSums:
+        config, sample = self.config, self.sample
+        rows = [sample.dataset.rows[i] for i in indices]
+        examples = data.encode(rows, sample.fmt, self.tokenizer, config.max_length, sample.labels, sample.template)
+        return sum_gradients(
+            self.model,
+            self.modules,
+            data.make_batches(examples, config.batch_size, self.tokenizer.pad_token_id),
+            on_batch=self._on_batch,
+            accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
+            accumulate_on=self.accumulate_on,
+            start=start,
+        )
+
+    def _on_batch(self, batch_samples: int) -> None:
+        self.done += batch_samples
+        if self.progress is not None:
+            self.progress(self.done, len(self.sample.indices))
+
+
+def _sum_halves(config: EstimateConfig, passes: _Passes, ranks: list[int]) -> tuple[GradientSums, dict | None]:
+    """--report-ranks: G of each half of this process's rows apart, their stability report, then G."""
+    indices = passes.sample.indices
+    half = (len(indices) + 1) // 2
+    first, second = passes.sums(indices[:half]), passes.sums(indices[half:])
+    report = None
+    if system.is_main_process():  # every rank holds both all-reduced halves; one reports
+        report = stability.stability(first.sums, second.sums, ranks, niter=linalg.DEFAULT_NITER, seed=config.seed)
+        report["samples"] = [first.samples, second.samples]
+    return first.add(second), report
+
+
+def _sum_until_stable(config: EstimateConfig, passes: _Passes) -> tuple[GradientSums, dict]:
+    """--samples auto: G over doubling prefixes of the drawn rows (one batch, 2×, 4×, ... up to --max-samples)
+    until the top-`config.rank` subspaces of two successive estimates overlap by ≥ --threshold (the mean over
+    modules of B's and A's sides: stability.overlap). A prefix of the draw is the --samples draw of its size."""
+    indices, total, previous, curve = passes.sample.indices, None, None, []
+    ends = [min(config.batch_size * 2**k, len(indices)) for k in range(len(indices).bit_length() + 1)]
+    done = 0
+    for end in dict.fromkeys(ends):  # increasing, the last one the whole draw
+        total = passes.sums(indices[done:end], start=total)
+        done = end
+        bases = stability.top_subspaces(total.sums, config.rank, niter=linalg.DEFAULT_NITER, seed=config.seed)
+        value = stability.mean_overlap(previous, bases) if previous is not None else None
+        curve.append({"samples": total.samples, "overlap": value})
+        log.info("--samples auto: %d samples, overlap with the previous estimate %s", total.samples, value)
+        if value is not None and value >= config.threshold:
+            break
+        previous = bases
+    reached = value is not None and value >= config.threshold
+    if not reached:
+        log.warning(
+            "--samples auto: the overlap stayed below %g up to --max-samples %d; the estimate uses all of them",
+            config.threshold,
+            total.samples,
+        )
+    settings = {"rank": config.rank, "threshold": config.threshold, "max_samples": config.max_samples}
+    return total, settings | {"samples": total.samples, "reached": reached, "curve": curve}
+
+
+def _check_modes(config: EstimateConfig) -> None:
+    """--report-ranks and --samples auto need the whole sample in one estimate."""
+    if config.report_ranks and config.raw:
+        raise BadInputError(
+            "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
+            hint="drop --report-ranks, or estimate without --raw",
+        )
+    if config.samples != "auto":
+        return
+    for clash, given in (("--raw", config.raw), ("--report-ranks", config.report_ranks), ("--frac", config.frac)):
+        if given:
+            raise BadInputError(f"--samples auto settles one estimate by itself: drop {clash}")
+    if system.launcher_rank()[1] > 1:
+        raise BadInputError(
+            "--samples auto runs in one process", hint="run it without a launcher, then --samples N under one"
+        )
+    if not 0 < config.threshold <= 1 or config.max_samples < 1:
+        raise BadInputError(
+            f"--threshold {config.threshold} must be in (0, 1] and --max-samples {config.max_samples} positive"
+        )
 
 
 def _read_sample(config: EstimateConfig) -> _Sample:
@@ -340,11 +452,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     data.check_max_length(config.max_length)  # before the plan, which would build batches of it
     shard = data.parse_shard(config.shard)
-    if config.report_ranks and config.raw:
-        raise BadInputError(
-            "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
-            hint="drop --report-ranks, or estimate without --raw",
-        )
+    _check_modes(config)
     if shard is not None and not config.raw:
         raise BadInputError(
             "--shard writes one part of a sum: it needs --raw", hint="pass --raw, then lorasb combine the parts"
@@ -356,7 +464,13 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
     template = data.resolve_template(config.template, fmt, dataset.columns)
-    drawn = data.sample_indices(len(dataset.rows), frac=config.frac, samples=config.samples, seed=config.seed)
+    auto = config.samples == "auto"
+    drawn = data.sample_indices(
+        len(dataset.rows),
+        frac=config.frac,
+        samples=min(config.max_samples, len(dataset.rows)) if auto else config.samples,
+        seed=config.seed,
+    )
     indices = data.take_shard(drawn, *shard) if shard else drawn
     rank, world = system.init_distributed()
     indices = data.take_shard(indices, rank, world)
@@ -401,7 +515,7 @@ def _write_update(
     modules: list[str],
     result: GradientSums,
     dtype: torch.dtype,
-    report: dict | None,
+    records: dict,
 ) -> None:
     """The update file (int8 signs, or with --raw the float32 sums) with its provenance."""
     meta = artifacts.provenance(
@@ -413,7 +527,7 @@ def _write_update(
             **sample.dataset.provenance(),
             "format": sample.fmt,
             "template": sample.template,
-            "drawn": len(sample.drawn),
+            "drawn": result.samples if config.samples == "auto" else len(sample.drawn),
             "frac": config.frac,
             "seed": config.seed,
             "shard": list(sample.shard) if sample.shard else None,
@@ -424,7 +538,7 @@ def _write_update(
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
-        **({"stability": report} if report else {}),
+        **{key: value for key, value in records.items() if value},  # stability, samples_auto
         **models.head_meta(models.HeadSpec.from_model(model, sample.labels)),
     )
     # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.

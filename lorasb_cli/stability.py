@@ -19,8 +19,10 @@ from .errors import BadInputError
 COMMON_RANKS = (8, 16, 32, 64, 96, 128, 256)
 
 
-def parse_ranks(spec: str, shapes: dict[str, tuple[int, int]]) -> list[int]:
-    """`--report-ranks`: a comma list, or `auto` for the COMMON_RANKS up to the largest min(m, n)."""
+def parse_ranks(spec: str | None, shapes: dict[str, tuple[int, int]]) -> list[int]:
+    """`--report-ranks`: a comma list, or `auto` for the COMMON_RANKS up to the largest min(m, n); [] for None."""
+    if spec is None:
+        return []
     largest = max(min(shape) for shape in shapes.values())
     if spec.strip() == "auto":
         return [r for r in COMMON_RANKS if r <= largest]
@@ -64,6 +66,28 @@ def stability(
                 "random_A": [r / n for r in own],
             }
     return {"ranks": ranks, "modules": modules}
+
+
+def top_subspaces(
+    sums: dict[str, torch.Tensor], rank: int, *, niter: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, orthonormal bases of the top-min(rank, m, n) left [m, r] and right [n, r] singular subspaces of
+    sign(G) (float32, CPU): what two successive estimates of --samples auto compare."""
+    bases = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, g in sums.items():
+            u, _, vh = linalg.truncated_svd(torch.sign(g.float()), min(rank, *g.shape), niter=niter)
+            bases[name] = (u.cpu(), vh.T.cpu())
+    return bases
+
+
+def mean_overlap(
+    first: dict[str, tuple[torch.Tensor, torch.Tensor]], second: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """The overlap of two top_subspaces results: the mean over modules and over B's and A's sides."""
+    values = [overlap(first[name][side], second[name][side]) for name in first for side in (0, 1)]
+    return sum(values) / len(values)
 
 
 def by_kind(report: dict) -> list[tuple[str, int, float, float, float]]:

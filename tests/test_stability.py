@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from lorasb_cli import artifacts, estimate, stability
 from lorasb_cli.cli import main
@@ -86,4 +87,60 @@ def test_report_ranks_refuses_a_raw_shard(tiny_model_dir, qa_file, tmp_path):
     )
     with pytest.raises(BadInputError, match="a --raw shard holds one part"):
         estimate.estimate(config)
+    assert not (tmp_path / "u.safetensors").exists()
+
+
+def _auto(model_dir, data, out, **options):
+    return estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(model_dir), data=str(data), out=str(out), samples="auto", batch_size=4, rank=2, **options
+        )
+    )
+
+
+def test_samples_auto_stops_early_on_a_consistent_direction_and_later_on_noise(tiny_model_dir, tmp_path):
+    same = write_jsonl(tmp_path / "same.jsonl", [{"question": "What is 2 plus 2?", "answer": "4"}] * 64)
+    gen = torch.Generator().manual_seed(0)
+    words = ["oil", "tariff", "seven", "blue", "run", "the", "of", "profit", "x", "banana", "42", "why"]
+    noisy = [
+        {"question": " ".join(words[i] for i in torch.randint(0, 12, (6,), generator=gen)), "answer": words[k % 12]}
+        for k in range(64)
+    ]
+    noisy = write_jsonl(tmp_path / "noisy.jsonl", noisy)
+    early = _auto(tiny_model_dir, same, tmp_path / "same.safetensors", threshold=0.95, max_samples=64)
+    late = _auto(tiny_model_dir, noisy, tmp_path / "noisy.safetensors", threshold=0.95, max_samples=64)
+    assert early.samples == 8 and early.samples_auto["reached"]  # the second estimate already agrees
+    assert [p["samples"] for p in early.samples_auto["curve"]] == [4, 8]
+    assert late.samples > early.samples and len(late.samples_auto["curve"]) > 2
+    meta = artifacts.Artifact(tmp_path / "noisy.safetensors").meta
+    assert meta["samples"] == late.samples == meta["data"]["drawn"] and meta["samples_auto"]["curve"]
+
+
+def test_samples_auto_settles_on_the_draw_of_samples_n(tiny_model_dir, qa_file, tmp_path):
+    auto = _auto(tiny_model_dir, qa_file, tmp_path / "auto.safetensors", threshold=0.5, max_samples=12)
+    fixed = estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(tiny_model_dir),
+            data=str(qa_file),
+            out=str(tmp_path / "fixed.safetensors"),
+            samples=auto.samples,
+            batch_size=4,
+        )
+    )
+    assert fixed.tokens == auto.tokens
+    a, b = artifacts.Artifact(tmp_path / "auto.safetensors"), artifacts.Artifact(tmp_path / "fixed.safetensors")
+    assert all(torch.equal(a.get(n), b.get(n)) for n in a.names)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"raw": True}, "drop --raw"),
+        ({"report_ranks": "4"}, "drop --report-ranks"),
+        ({"threshold": 1.5}, "--threshold 1.5 must be in"),
+    ],
+)
+def test_samples_auto_refuses_what_it_cannot_settle(tiny_model_dir, qa_file, tmp_path, options, message):
+    with pytest.raises(BadInputError, match=message):
+        _auto(tiny_model_dir, qa_file, tmp_path / "u.safetensors", **options)
     assert not (tmp_path / "u.safetensors").exists()
