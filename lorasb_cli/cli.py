@@ -385,18 +385,28 @@ def evaluate(config, as_json, quiet):
 Example:
   lorasb inspect factors.safetensors
   lorasb inspect run/ --json
-  lorasb inspect --verify merged/""",
+  lorasb inspect --verify merged/
+  lorasb inspect update.safetensors --plot spectrum.png""",
 )
 @click.argument("path")
 @click.option(
     "--verify", is_flag=True, help="Read every tensor and check it against the hash recorded when it was written."
 )
+@click.option(
+    "--plot",
+    metavar="FILE.png",
+    help="An update: draw captured energy against rank per module kind, and its recorded stability.",
+)
 @common_options
-def inspect_command(path, verify, as_json, quiet):
+def inspect_command(path, verify, plot, as_json, quiet):
     """Show what a lorasb artifact is: kind, provenance, modules, shapes, rank and parameter counts."""
     from .console import print_description
-    from .inspect import describe
+    from .inspect import describe, plot_update
     from .inspect import verify as verify_tensors
+
+    if plot:
+        click.echo(plot_update(path, plot))
+        return
 
     if verify:
         result = verify_tensors(path)  # a mismatch raises: one error line naming the file and tensor, exit 2

@@ -150,3 +150,86 @@ def _numel(shape) -> int:
     for d in shape:
         count *= d
     return count
+
+
+PLOT_MAX_RANK = 256  # the spectra drawn: the top 256 singular values of each module at most
+
+
+def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """`inspect --plot`: the captured energy Σ_{i≤r} σ_i² / ‖ΔW‖²_F against r per module kind (mean over its
+    layers) of an update, and, where the update records them, the stability of its estimate: the halves' overlap
+    against r (--report-ranks) and successive estimates' overlap against samples (--samples auto)."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from . import linalg
+
+    kind, target = _resolve(path)
+    artifact = artifacts.Artifact(target) if kind == "artifact" else None
+    if artifact is None or artifact.kind != "update":
+        raise BadInputError("--plot draws an update's spectra", path=str(target), hint="pass a lorasb estimate file")
+    curves: dict[str, list[torch.Tensor]] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for module in artifacts.update_modules(artifact):
+            signs = artifact.get(f"{module}.weight").float()
+            s = linalg.truncated_svd(signs, min(PLOT_MAX_RANK, *signs.shape))[1]
+            curves.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(s.square().cumsum(0) / signs.square().sum())
+    meta = artifact.meta
+    panels = 1 + bool(meta.get("stability")) + bool(meta.get("samples_auto"))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), dpi=120, squeeze=False)
+    energy = axes[0][0]
+    for name, values in curves.items():
+        length = min(len(v) for v in values)
+        mean = torch.stack([v[:length] for v in values]).mean(0)
+        energy.plot(range(1, length + 1), mean.tolist(), label=f"{name} ({len(values)})", lw=1.2)
+    energy.set(xlabel="rank r", ylabel="captured energy Σσ²(top r) / Σσ²", title="spectrum of the sign update")
+    energy.grid(alpha=0.3)
+    energy.legend(fontsize=6)
+    _plot_stability(axes[0][1:], meta)
+    fig.tight_layout()
+    with artifacts.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(out)
+
+
+def _plot_stability(axes, meta: dict) -> None:
+    """The stability panels of plot_update, in the order its axes come."""
+    from .stability import by_kind
+
+    axes = list(axes)
+    if meta.get("stability"):
+        ax = axes.pop(0)
+        rows = by_kind(meta["stability"])
+        for name in dict.fromkeys(row[0] for row in rows):
+            own = [row for row in rows if row[0] == name]
+            line = ax.plot([r[1] for r in own], [r[2] for r in own], "o-", label=name, lw=1.2)[0]
+            ax.plot([r[1] for r in own], [r[4] for r in own], ":", color=line.get_color(), lw=1)
+        halves = meta["stability"].get("samples", [])
+        ax.set(
+            xlabel="rank r",
+            ylabel="overlap of the halves' top-r subspaces",
+            title=f"halves of {sum(halves)} samples (dotted: random)",
+        )
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if meta.get("samples_auto"):
+        ax, auto = axes.pop(0), meta["samples_auto"]
+        points = [p for p in auto["curve"] if p["overlap"] is not None]
+        ax.plot([p["samples"] for p in points], [p["overlap"] for p in points], "o-")
+        ax.axhline(auto["threshold"], ls="--", color="gray", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set(
+            xlabel="samples",
+            ylabel="overlap with the previous estimate",
+            title=f"--samples auto at r = {auto['rank']}: {auto['samples']}",
+        )
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import write_jsonl
 
-from lorasb_cli import artifacts, estimate, stability
+from lorasb_cli import artifacts, estimate, inspect, stability
 from lorasb_cli.cli import main
 from lorasb_cli.errors import BadInputError
 
@@ -144,3 +144,18 @@ def test_samples_auto_refuses_what_it_cannot_settle(tiny_model_dir, qa_file, tmp
     with pytest.raises(BadInputError, match=message):
         _auto(tiny_model_dir, qa_file, tmp_path / "u.safetensors", **options)
     assert not (tmp_path / "u.safetensors").exists()
+
+
+def test_inspect_plot_draws_an_update_and_refuses_other_artifacts(tiny_model_dir, qa_file, factors_file, tmp_path):
+    update = tmp_path / "u.safetensors"
+    estimate.estimate(
+        estimate.EstimateConfig(
+            model=str(tiny_model_dir), data=str(qa_file), out=str(update), samples=8, report_ranks="2,4"
+        )
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["inspect", str(update), "--plot", str(tmp_path / "spectrum.png")])
+    assert done.value.code == 0 and (tmp_path / "spectrum.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(BadInputError, match="--plot draws an update's spectra"):
+        inspect.plot_update(factors_file, tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
