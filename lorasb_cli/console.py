@@ -157,12 +157,7 @@ def print_description(description: dict) -> None:
     stdout.print(summary)
     for title, columns, cells in blocks:
         if cells:
-            table = Table(title=title, title_justify="left")
-            for column in columns:
-                table.add_column(column, overflow="fold")
-            for row in cells:
-                table.add_row(*row)
-            stdout.print(table)
+            _print_listing(title, columns, cells)
 
 
 STABILITY_TITLE = "top-r subspace overlap of the sample's two halves (1 = the same; random ≈ r/dim)"
@@ -186,6 +181,11 @@ def print_rows(title: str, rows: Sequence[dict], columns: Sequence[str]) -> None
     if not stdout.is_terminal:
         write_tsv(columns, cells)
         return
+    _print_listing(title, columns, cells)
+
+
+def _print_listing(title: str, columns: Sequence[str], cells: Sequence[Sequence[str]]) -> None:
+    """A table on stdout whose cells wrap, never cut."""
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")

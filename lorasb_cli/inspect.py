@@ -212,13 +212,9 @@ def _plot_stability(axes, meta: dict) -> None:
             line = ax.plot([r[1] for r in own], [r[2] for r in own], "o-", label=name, lw=1.2)[0]
             ax.plot([r[1] for r in own], [r[4] for r in own], ":", color=line.get_color(), lw=1)
         halves = meta["stability"].get("samples", [])
-        ax.set(
-            xlabel="rank r",
-            ylabel="overlap of the halves' top-r subspaces",
-            title=f"halves of {sum(halves)} samples (dotted: random)",
+        _overlap_axes(
+            ax, "rank r", "overlap of the halves' top-r subspaces", f"halves of {sum(halves)} samples (dotted: random)"
         )
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     if meta.get("samples_auto"):
         ax, auto = axes.pop(0), meta["samples_auto"]
@@ -226,10 +222,12 @@ def _plot_stability(axes, meta: dict) -> None:
         ax.plot([p["samples"] for p in points], [p["overlap"] for p in points], "o-")
         ax.axhline(auto["threshold"], ls="--", color="gray", lw=1)
         ax.set_xscale("log", base=2)
-        ax.set(
-            xlabel="samples",
-            ylabel="overlap with the previous estimate",
-            title=f"--samples auto at r = {auto['rank']}: {auto['samples']}",
+        _overlap_axes(
+            ax, "samples", "the previous estimate", f"--samples auto at r = {auto['rank']}: {auto['samples']}"
         )
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
+
+
+def _overlap_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
