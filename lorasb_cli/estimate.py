@@ -385,10 +385,11 @@ class _Passes:
 
 
 def _sum_halves(config: EstimateConfig, passes: _Passes, ranks: list[int]) -> tuple[GradientSums, dict | None]:
-    """--report-ranks: G of each half of this process's rows apart, their stability report, then G."""
-    indices = passes.sample.indices
-    half = (len(indices) + 1) // 2
-    first, second = passes.sums(indices[:half]), passes.sums(indices[half:])
+    """--report-ranks: G of each half of the drawn sample apart (this process summing its part of each), their
+    stability report, then G. The halves are the job's, so any number of processes reports what one does."""
+    drawn, (rank, world) = passes.sample.drawn, system.init_distributed()
+    half = (len(drawn) + 1) // 2
+    first, second = (passes.sums(data.take_shard(part, rank, world)) for part in (drawn[:half], drawn[half:]))
     report = None
     if system.is_main_process():  # every rank holds both all-reduced halves; one reports
         report = stability.stability(first.sums, second.sums, ranks, niter=linalg.DEFAULT_NITER, seed=config.seed)

@@ -163,41 +163,41 @@ def test_provenance_of_the_update(tiny_model_dir, qa_file, tmp_path):
     assert {"lorasb", "torch", "transformers", "safetensors"} <= set(meta["versions"])
 
 
+def _torchrun_estimate(model_dir, qa_file, out, port: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    cmd += ["-m", "lorasb_cli", "estimate", "-m", str(model_dir), "-d", str(qa_file), "--samples", "8"]
+    cmd += ["--dtype", "float64", "-q", "-o", str(out), *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_torchrun_two_processes_equal_one(tiny_model_dir, qa_file, tmp_path):
     """DESIGN.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
     single = tmp_path / "single.safetensors"
     _run(tiny_model_dir, qa_file, single)
     two = tmp_path / "two.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "lorasb_cli",
-        "estimate",
-        "-m",
-        str(tiny_model_dir),
-        "-d",
-        str(qa_file),
-        "--samples",
-        "8",
-        "--dtype",
-        "float64",
-        "-q",
-        "-o",
-        str(two),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _torchrun_estimate(tiny_model_dir, qa_file, two, 29517)
     a, b = artifacts.Artifact(single), artifacts.Artifact(two)
     assert b.meta["samples"] == 8
     for name in a.names:
         assert torch.equal(a.get(name), b.get(name)), name
+
+
+def test_torchrun_report_ranks_takes_the_jobs_halves(tiny_model_dir, qa_file, tmp_path):
+    """--report-ranks on 2 gloo processes: the same halves, update and stability report as one process."""
+    single = _run(tiny_model_dir, qa_file, tmp_path / "single.safetensors", report_ranks="2,4")
+    done = _torchrun_estimate(tiny_model_dir, qa_file, tmp_path / "two.safetensors", 29519, "--report-ranks", "2,4")
+    assert done.stdout == f"{tmp_path / 'two.safetensors'}\n"  # one line for the job
+    a, b = artifacts.Artifact(tmp_path / "single.safetensors"), artifacts.Artifact(tmp_path / "two.safetensors")
+    for name in a.names:
+        assert torch.equal(a.get(name), b.get(name)), name
+    two = b.meta["stability"]
+    assert two["samples"] == single.stability["samples"] == [4, 4]
+    for module, entry in single.stability["modules"].items():
+        for side in ("B", "A"):
+            assert two["modules"][module][side] == pytest.approx(entry[side], abs=1e-4), (module, side)
 
 
 def test_targets_presets_and_suffixes():
