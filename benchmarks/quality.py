@@ -3,21 +3,21 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, in the order a full run takes them (each a resumable compare grid under
-benchmarks/out/quality/, so an interrupted run continues where it stopped):
+scored on the test split. Sections, the first six in the order a full run takes them (DEFAULT_SECTIONS; each a
+resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
+  minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
+  budget        the same at r 32 on SmolLM2
   minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA r 8, head, full
-  minilm-budget LoRA-SB r 16 against budgeted ranks at the same count (issue 17)
   smollm2       SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
   eta           η of the estimate at r 32: the default 1e-5, the authors' lr / (warm-up × steps × epochs), auto
-  budget        LoRA-SB r 32 against budgeted ranks at the same count, on SmolLM2
   smollm2-more  the rest of the grid: LoRA-SB and LoRA-XS r 16/64, rsLoRA / PiSSA / DoRA / LoRA-GA r 8, full
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
   inilora       IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
 
 Usage:
-    python -m benchmarks.quality                        # the first six sections, then benchmarks/RESULTS.md
+    python -m benchmarks.quality                        # DEFAULT_SECTIONS in order, then RESULTS.md
     python -m benchmarks.quality --only minilm,smollm2  # some sections (the report takes every finished one)
     python -m benchmarks.quality --report               # only rebuild the report from finished cells
 """
@@ -204,7 +204,8 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
         if name in sections:
             lrs, points = sweep(SMOLLM2, SMOLLM2_SWEEP, {m for m, _ in pairs}, run)
             tables[name] = (section(name, SMOLLM2, seeded(pairs, lrs), points, run), lrs)
-    lr = sweep(SMOLLM2, SMOLLM2_SWEEP, {"lorasb"}, run)[0].get("lorasb")
+    ablations = {"eta", "budget", "inits", "samples"}  # at LoRA-SB's lr
+    lr = sweep(SMOLLM2, SMOLLM2_SWEEP, {"lorasb"}, run)[0].get("lorasb") if sections & ablations else None
     if "eta" in sections and lr:
         eta = authors_eta(lr, SMOLLM2)
         cells = []
@@ -242,9 +243,11 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
 
 def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
-    if "minilm" in sections:
-        lrs, points = sweep(MINILM, MINILM_SWEEP, {m for m, _ in MINILM_PAIRS}, run)
-        tables["minilm"] = (section("minilm", MINILM, seeded(MINILM_PAIRS, lrs), points, run), lrs)
+    if sections & {"minilm", "minilm-budget"}:
+        wanted = {m for m, _ in MINILM_PAIRS} if "minilm" in sections else {"lorasb"}
+        lrs, points = sweep(MINILM, MINILM_SWEEP, wanted, run)
+        if "minilm" in sections:
+            tables["minilm"] = (section("minilm", MINILM, seeded(MINILM_PAIRS, lrs), points, run), lrs)
         if "minilm-budget" in sections and "lorasb" in lrs:
             cells = budgeted_cells(16, lrs["lorasb"])
             tables["minilm-budget"] = (section("minilm-budget", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
@@ -262,7 +265,8 @@ TITLES = {
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
 }
-DEFAULT_SECTIONS = ("minilm", "minilm-budget", "smollm2", "eta", "budget", "smollm2-more")
+# The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid.
+DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "smollm2", "eta", "smollm2-more")
 
 
 BUDGET_NOTE = (
@@ -329,7 +333,9 @@ def main() -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {list(TITLES)}")
     console.setup_logging(debug=False, quiet=False)
     start = time.perf_counter()
-    build(sections, run=not args.report)
+    if not args.report:
+        for name in dict.fromkeys(s.strip() for s in args.only.split(",") if s.strip()):  # in the order given
+            build({name}, run=True)
     tables = build(set(TITLES), run=False)  # every finished section, run now or before
     text = report(tables, time.perf_counter() - start)
     write_section(RESULTS_PATH, "quality", text)
