@@ -305,8 +305,10 @@ def report(tables: dict, seconds: float) -> str:
         BUDGET_NOTE,
         "",
     ]
+    # A table compares: a section with one row so far holds only the cell it shares with another section.
+    unfinished = [name for name, (rows, _) in tables.items() if not rows or len(rows) < 2]
     for name, (rows, lrs) in tables.items():
-        if not rows:
+        if name in unfinished:
             continue
         lines += [f"## {TITLES[name]}", "", compare.markdown_table(rows)]
         lines.append(f"Learning rates (from the sweep): {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}.")
@@ -318,6 +320,11 @@ def report(tables: dict, seconds: float) -> str:
         ):
             if (FIGURES / f"{name}-{png}.png").is_file():
                 lines += [f"![{name} {what}](results/quality/{name}-{png}.png)", ""]
+    if unfinished:
+        lines += [f"Not run yet (or one row so far): {', '.join(unfinished)}.", ""]
+        for name in unfinished:  # the lr sweeps of a section run before its cells
+            if (FIGURES / f"{name}-sweep.png").is_file():
+                lines += [f"![{name} lr sweeps so far](results/quality/{name}-sweep.png)", ""]
     lines.append(f"Run time of this invocation: {seconds / 60:.1f} min.")
     return "\n".join(lines)
 
