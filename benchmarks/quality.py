@@ -171,10 +171,12 @@ def section(name: str, spec: dict, cells: list[Cell], sweeps: dict, run: bool) -
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     compare.write_report(folder, setup, results, title=name, sweeps=sweeps or None)
+    rows = compare.aggregate(results, setup.metric)
     FIGURES.mkdir(parents=True, exist_ok=True)
-    for png in ("loss.png", "metric.png") + (("sweep.png",) if sweeps else ()):
+    shown = ("loss.png", "metric.png") if len(rows) > 1 else ()  # report(): one row is not a table yet
+    for png in shown + (("sweep.png",) if sweeps else ()):
         shutil.copyfile(folder / png, FIGURES / f"{name}-{png}")
-    return compare.aggregate(results, setup.metric)
+    return rows
 
 
 SMOLLM2_PAIRS = [("lorasb", 32), ("lora-xs", 32), ("lora", 8), ("lora-pro", 8)]
@@ -306,7 +308,7 @@ def report(tables: dict, seconds: float) -> str:
         "",
     ]
     # A table compares: a section with one row so far holds only the cell it shares with another section.
-    unfinished = [name for name, (rows, _) in tables.items() if not rows or len(rows) < 2]
+    unfinished = [name for name, (rows, _) in tables.items() if not rows or len(rows) == 1]
     for name, (rows, lrs) in tables.items():
         if name in unfinished:
             continue
