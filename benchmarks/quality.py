@@ -275,11 +275,12 @@ BUDGET_NOTE = (
     "How the budget was chosen (measured on this 2-core machine before the grid, 2026-12-01): a SmolLM2 LoRA-SB run "
     "of 20 steps of 8 × ≤ 64 tokens took 60 s to train and 60 s to score 300 test rows (greedy, 6 new tokens); an "
     "estimate of 32 samples 25 s. Test sets are 300 rows (binomial std of an accuracy near 0.3: 0.026). Sequences "
-    "are cut to 64 tokens, which holds every `arithmetic` row. At 40 steps a SmolLM2 cell costs about 3 minutes and "
-    "a MiniLM cell or sweep point about 1, so the whole grid (about 95 SmolLM2 and 55 MiniLM runs with the sweeps) "
-    "takes 5 to 6 hours here, not 2: the sections run in the order of the claims they test (MiniLM, then SmolLM2's "
-    "LoRA-SB / LoRA-XS / LoRA / LoRA-Pro, the η rules, budgeted ranks, then the rest), every run is resumable, and "
-    "a table below holds only the cells that finished (its `seeds` column says how many)."
+    "are cut to 64 tokens, which holds every `arithmetic` row. At 40 steps a SmolLM2 sweep point took about 4 minutes and "
+    "a cell 4 to 9 (with its estimate and the generation), a MiniLM cell or sweep point about 1, so the whole grid "
+    "(about 95 SmolLM2 and 55 MiniLM runs with the sweeps) takes 6 to 8 hours here, not 2: the sections run in the "
+    "order given (budgeted ranks first, then MiniLM, SmolLM2's LoRA-SB / LoRA-XS / LoRA / LoRA-Pro, the η rules, "
+    "then the rest), every run is resumable, and a table below holds only the cells that finished (its `seeds` "
+    "column says how many)."
 )
 
 
