@@ -8,7 +8,9 @@ resumable compare grid under benchmarks/out/quality/, so an interrupted run cont
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
   budget        the same at r 32 on SmolLM2
-  minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA r 8, head, full
+  minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA and LoRA-Pro
+                r 8, head, full
+  minilm-eta    the η rules of `eta` below on MiniLM at r 16
   smollm2       SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
   eta           η of the estimate at r 32: the default 1e-5, the authors' lr / (warm-up × steps × epochs), auto
   smollm2-more  the rest of the grid: LoRA-SB and LoRA-XS r 16/64, rsLoRA / PiSSA / DoRA / LoRA-GA r 8, full
@@ -90,6 +92,7 @@ MINILM_SWEEP = {
     ("lorasb", 16): 1e-2,
     ("lora-xs", 16): 1e-2,
     ("lora", 8): 3e-3,
+    ("lora-pro", 8): 3e-3,
     ("head", None): 3e-2,
     ("full", None): 3e-4,
 }
@@ -183,12 +186,23 @@ SMOLLM2_PAIRS = [("lorasb", 32), ("lora-xs", 32), ("lora", 8), ("lora-pro", 8)]
 SMOLLM2_MORE = [("lorasb", 16), ("lorasb", 64), ("lora-xs", 16), ("lora-xs", 64)]
 SMOLLM2_MORE += [(m, 8) for m in ("rslora", "pissa", "dora", "loraga")] + [("full", None)]
 MINILM_PAIRS = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (8, 16, 24)]
-MINILM_PAIRS += [("lora", 8), ("head", None), ("full", None)]
+MINILM_PAIRS += [("lora", 8), ("lora-pro", 8), ("head", None), ("full", None)]
 
 
 def authors_eta(lr: float, spec: dict) -> float:
     """The LoRA-SB authors' η: lr / (warm-up ratio × optimizer steps × epochs), as their code computes it."""
     return lr / (Settings.warmup_ratio * spec["steps"] * 1)
+
+
+def eta_cells(rank: int, lr: float, spec: dict) -> list[Cell]:
+    """LoRA-SB at the default η 1e-5 (the main section's cell), the authors' rule and `--init-scale auto`."""
+    eta = authors_eta(lr, spec)
+    cells = []
+    for s in range(SEEDS):
+        cells.append(Cell("lorasb", rank, s, lr))
+        cells.append(Cell("lorasb", rank, s, lr, label=f"lorasb η={eta:.3g} (authors')", eta=eta))
+        cells.append(Cell("lorasb", rank, s, lr, label="lorasb auto", options={"init_scale": "auto"}))
+    return cells
 
 
 def budgeted_cells(rank: int, lr: float) -> list[Cell]:
@@ -209,13 +223,7 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
     ablations = {"eta", "budget", "inits", "samples"}  # at LoRA-SB's lr
     lr = sweep(SMOLLM2, SMOLLM2_SWEEP, {"lorasb"}, run)[0].get("lorasb") if sections & ablations else None
     if "eta" in sections and lr:
-        eta = authors_eta(lr, SMOLLM2)
-        cells = []
-        for s in range(SEEDS):
-            cells.append(Cell("lorasb", 32, s, lr))  # η = 1e-5, the smollm2 section's cell
-            cells.append(Cell("lorasb", 32, s, lr, label=f"lorasb η={eta:.3g} (authors')", eta=eta))
-            cells.append(Cell("lorasb", 32, s, lr, label="lorasb auto", options={"init_scale": "auto"}))
-        tables["eta"] = (section("eta", SMOLLM2, cells, {}, run), {"all": lr})
+        tables["eta"] = (section("eta", SMOLLM2, eta_cells(32, lr, SMOLLM2), {}, run), {"all": lr})
     if "budget" in sections and lr:
         tables["budget"] = (section("budget", SMOLLM2, budgeted_cells(32, lr), {}, run), {"all": lr})
     if "inits" in sections and lr:
@@ -245,7 +253,7 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
 
 def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
-    if sections & {"minilm", "minilm-budget"}:
+    if sections & {"minilm", "minilm-budget", "minilm-eta"}:
         wanted = {m for m, _ in MINILM_PAIRS} if "minilm" in sections else {"lorasb"}
         lrs, points = sweep(MINILM, MINILM_SWEEP, wanted, run)
         if "minilm" in sections:
@@ -253,11 +261,15 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         if "minilm-budget" in sections and "lorasb" in lrs:
             cells = budgeted_cells(16, lrs["lorasb"])
             tables["minilm-budget"] = (section("minilm-budget", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
+        if "minilm-eta" in sections and "lorasb" in lrs:
+            cells = eta_cells(16, lrs["lorasb"], MINILM)
+            tables["minilm-eta"] = (section("minilm-eta", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
     return tables | smollm2_sections(sections, run)
 
 
 TITLES = {
     "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
+    "minilm-eta": "MiniLM-L6: η of the simulated first step at r = 16: default, the authors' rule, auto",
     "minilm-budget": "MiniLM-L6: budgeted ranks at the count of r = 16 (decompose --budget-ratio 1) against r = 16",
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
     "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
@@ -268,7 +280,7 @@ TITLES = {
     "inilora": "IniLoRA's comparison at r = 8",
 }
 # The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid.
-DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "smollm2", "eta", "smollm2-more")
+DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-eta", "smollm2", "eta", "smollm2-more")
 
 
 BUDGET_NOTE = (
