@@ -164,6 +164,11 @@ def seeded(pairs: list[tuple[str, int | None]], lrs: dict[str, float]) -> list[C
     return [Cell(method=m, rank=r, seed=s, lr=lrs[m]) for s in range(SEEDS) for m, r in pairs if m in lrs]
 
 
+def compares(rows: list[dict] | None) -> bool:
+    """Whether a section's rows are a table yet: one row so far is only the cell it shares with another section."""
+    return len(rows or ()) > 1
+
+
 def section(name: str, spec: dict, cells: list[Cell], sweeps: dict, run: bool) -> list[dict] | None:
     """Run one section's cells on the test split, in the model's one grid folder (so a cell that two sections
     share, such as LoRA-SB r 32 at η 1e-5, runs once); write the section's report and PNGs."""
@@ -176,7 +181,7 @@ def section(name: str, spec: dict, cells: list[Cell], sweeps: dict, run: bool) -
     compare.write_report(folder, setup, results, title=name, sweeps=sweeps or None)
     rows = compare.aggregate(results, setup.metric)
     FIGURES.mkdir(parents=True, exist_ok=True)
-    shown = ("loss.png", "metric.png") if len(rows) > 1 else ()  # report(): one row is not a table yet
+    shown = ("loss.png", "metric.png") if compares(rows) else ()
     for png in shown + (("sweep.png",) if sweeps else ()):
         shutil.copyfile(folder / png, FIGURES / f"{name}-{png}")
     return rows
@@ -320,8 +325,7 @@ def report(tables: dict, seconds: float) -> str:
         BUDGET_NOTE,
         "",
     ]
-    # A table compares: a section with one row so far holds only the cell it shares with another section.
-    unfinished = [name for name, (rows, _) in tables.items() if not rows or len(rows) == 1]
+    unfinished = [name for name, (rows, _) in tables.items() if not compares(rows)]
     for name, (rows, lrs) in tables.items():
         if name in unfinished:
             continue
