@@ -3,17 +3,19 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, the first six in the order a full run takes them (DEFAULT_SECTIONS; each a
-resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
+scored on the test split. Sections, the first eight in the order a full run takes them (DEFAULT_SECTIONS; each
+a resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
   budget        the same at r 32 on SmolLM2
   minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA and LoRA-Pro
                 r 8, head, full
   minilm-eta    the η rules of `eta` below on MiniLM at r 16
-  smollm2       SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
+  smollm2-r16   SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB and LoRA-XS r 16 (45× fewer parameters
+                than LoRA r 8) beside the finished LoRA r 8 and LoRA-SB r 32; no sweep of its own
   eta           η of the estimate at r 32: the default 1e-5, the authors' lr / (warm-up × steps × epochs), auto
-  smollm2-more  the rest of the grid: LoRA-SB and LoRA-XS r 16/64, rsLoRA / PiSSA / DoRA / LoRA-GA r 8, full
+  smollm2       SmolLM2-135M: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
+  smollm2-more  the rest of the grid: LoRA-SB and LoRA-XS r 64, rsLoRA / PiSSA / DoRA / LoRA-GA r 8, full
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
   inilora       IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
@@ -188,7 +190,9 @@ def section(name: str, spec: dict, cells: list[Cell], sweeps: dict, run: bool) -
 
 
 SMOLLM2_PAIRS = [("lorasb", 32), ("lora-xs", 32), ("lora", 8), ("lora-pro", 8)]
-SMOLLM2_MORE = [("lorasb", 16), ("lorasb", 64), ("lora-xs", 16), ("lora-xs", 64)]
+# r 16 first: it is the paper's ≥ 20× point and needs no sweep of its own; its table repeats two finished cells
+SMOLLM2_R16 = [("lorasb", 16), ("lora-xs", 16), ("lora", 8), ("lorasb", 32)]
+SMOLLM2_MORE = [("lorasb", 64), ("lora-xs", 64)]
 SMOLLM2_MORE += [(m, 8) for m in ("rslora", "pissa", "dora", "loraga")] + [("full", None)]
 MINILM_PAIRS = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (8, 16, 24)]
 MINILM_PAIRS += [("lora", 8), ("lora-pro", 8), ("head", None), ("full", None)]
@@ -221,7 +225,7 @@ def budgeted_cells(rank: int, lr: float) -> list[Cell]:
 
 def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
-    for name, pairs in (("smollm2", SMOLLM2_PAIRS), ("smollm2-more", SMOLLM2_MORE)):
+    for name, pairs in (("smollm2", SMOLLM2_PAIRS), ("smollm2-r16", SMOLLM2_R16), ("smollm2-more", SMOLLM2_MORE)):
         if name in sections:
             lrs, points = sweep(SMOLLM2, SMOLLM2_SWEEP, {m for m, _ in pairs}, run)
             tables[name] = (section(name, SMOLLM2, seeded(pairs, lrs), points, run), lrs)
@@ -279,13 +283,15 @@ TITLES = {
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
     "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
     "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
+    "smollm2-r16": "SmolLM2-135M at r = 16: LoRA-SB and LoRA-XS at 45× fewer parameters than LoRA r = 8",
     "smollm2-more": "SmolLM2-135M on arithmetic: the rest of the grid",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
 }
-# The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid.
-DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-eta", "smollm2", "eta", "smollm2-more")
+# The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid,
+# each claim's cheapest answer first (SmolLM2's r 16 and η cells reuse LoRA-SB's sweep; LoRA-Pro needs its own).
+DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-eta", "smollm2-r16", "eta", "smollm2", "smollm2-more")
 
 
 BUDGET_NOTE = (
