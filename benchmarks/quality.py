@@ -302,8 +302,8 @@ BUDGET_NOTE = (
     "a cell 4 to 9 (with its estimate and the generation), a MiniLM cell or sweep point about 1, so the whole grid "
     "(about 95 SmolLM2 and 55 MiniLM runs with the sweeps) takes 6 to 8 hours here, not 2: the sections run in the "
     "order given (budgeted ranks first, then MiniLM with LoRA-Pro and the η rules, which answer every claim for "
-    "about 45 minutes, then SmolLM2's LoRA-SB / LoRA-XS / LoRA / LoRA-Pro, its η rules, then the rest), every run is "
-    "resumable, and a table below holds only the cells that finished (its `seeds` column says how many)."
+    "about 45 minutes, then SmolLM2's LoRA-SB / LoRA-XS / LoRA, its r 16 and η cells, LoRA-Pro (its own sweep, "
+    "about 9 minutes a cell for its full-size moments), then the rest), every run is resumable, and a table below holds only the cells that finished (its `seeds` column says how many)."
 )
 
 
