@@ -297,13 +297,14 @@ DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-eta", "smollm2-
 BUDGET_NOTE = (
     "How the budget was chosen (measured on this 2-core machine before the grid, 2026-12-01): a SmolLM2 LoRA-SB run "
     "of 20 steps of 8 × ≤ 64 tokens took 60 s to train and 60 s to score 300 test rows (greedy, 6 new tokens); an "
-    "estimate of 32 samples 25 s. Test sets are 300 rows (binomial std of an accuracy near 0.3: 0.026). Sequences "
-    "are cut to 64 tokens, which holds every `arithmetic` row. At 40 steps a SmolLM2 sweep point took about 4 minutes and "
-    "a cell 4 to 9 (with its estimate and the generation), a MiniLM cell or sweep point about 1, so the whole grid "
-    "(about 95 SmolLM2 and 55 MiniLM runs with the sweeps) takes 6 to 8 hours here, not 2: the sections run in the "
-    "order given (budgeted ranks first, then MiniLM with LoRA-Pro and the η rules, which answer every claim for "
-    "about 45 minutes, then SmolLM2's LoRA-SB / LoRA-XS / LoRA, its r 16 and η cells, LoRA-Pro (its own sweep, "
-    "about 9 minutes a cell for its full-size moments), then the rest), every run is resumable, and a table below holds only the cells that finished (its `seeds` column says how many)."
+    "estimate of 32 samples 25 s. Test sets are 300 rows (binomial std of an accuracy near 0.3: 0.026). Sequences are"
+    " cut to 64 tokens, which holds every `arithmetic` row. At 40 steps a SmolLM2 sweep point took about 4 minutes "
+    "and a cell 4 to 9 (with its estimate and the generation), a MiniLM cell or sweep point about 1, so the whole "
+    "grid (about 95 SmolLM2 and 55 MiniLM runs with the sweeps) takes 6 to 8 hours here, not 2: the sections run in "
+    "the order given (budgeted ranks first, then MiniLM with LoRA-Pro and the η rules, which answer every claim for "
+    "about 45 minutes, then SmolLM2's LoRA-SB / LoRA-XS / LoRA, its r 16 and η cells, LoRA-Pro (its own sweep, 6 to 9"
+    " minutes a cell with its full-size moments), then the rest), every run is resumable, and a table below holds "
+    "only the cells that finished (its `seeds` column says how many)."
 )
 
 
