@@ -3,7 +3,7 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, the first ten in the order a full run takes them (DEFAULT_SECTIONS; each
+scored on the test split. Sections, the first eleven in the order a full run takes them (DEFAULT_SECTIONS; each
 a resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
@@ -11,6 +11,7 @@ a resumable compare grid under benchmarks/out/quality/, so an interrupted run co
   minilm        MiniLM-L6 on reuters-r8, attention + FFN: LoRA-SB r 8/16/24, LoRA-XS r 8/16/24, LoRA and LoRA-Pro
                 r 8, head, full
   minilm-f1     the same cells by macro-F1 over the 8 topics (accuracy is two thirds `earn` and `acq`); no new runs
+  minilm-head   the head alone at LoRA-SB's and LoRA's lr: every method trains the head at its own lr
   minilm-eta    the η rules of `eta` below on MiniLM at r 16
   smollm2-r16   SmolLM2-135M, all linear layers, on `arithmetic`: LoRA-SB and LoRA-XS r 16 (45× fewer parameters
                 than LoRA r 8) beside the finished LoRA r 8 and LoRA-SB r 32; no sweep of its own
@@ -285,14 +286,21 @@ def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict
 
 def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
-    if sections & {"minilm", "minilm-f1", "minilm-budget", "minilm-eta"}:
-        wanted = {m for m, _ in MINILM_PAIRS} if sections & {"minilm", "minilm-f1"} else {"lorasb"}
+    if sections & {"minilm", "minilm-f1", "minilm-head", "minilm-budget", "minilm-eta"}:
+        wanted = {m for m, _ in MINILM_PAIRS} if sections & {"minilm", "minilm-f1", "minilm-head"} else {"lorasb"}
         lrs, points = sweep(MINILM, MINILM_SWEEP, wanted, run)
         if "minilm" in sections:
             tables["minilm"] = (section("minilm", MINILM, seeded(MINILM_PAIRS, lrs), points, run), lrs)
         if "minilm-f1" in sections:  # the minilm cells, scored again
             scored = MINILM | {"metric": "f1_macro"}
             tables["minilm-f1"] = (section("minilm-f1", scored, seeded(MINILM_PAIRS, lrs), {}, run), lrs)
+        if "minilm-head" in sections and {"lorasb", "lora", "head"} <= lrs.keys():
+            cells = [
+                Cell("head", None, s, lrs[m], label=f"head at {m}'s lr" if m != "head" else "")
+                for s in range(SEEDS)
+                for m in ("head", "lorasb", "lora")
+            ]
+            tables["minilm-head"] = (section("minilm-head", MINILM, cells, {}, run), lrs)
         if "minilm-budget" in sections and "lorasb" in lrs:
             cells = budgeted_cells(16, lrs["lorasb"])
             tables["minilm-budget"] = (section("minilm-budget", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
@@ -305,6 +313,8 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
 TITLES = {
     "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
     "minilm-f1": "MiniLM-L6 on reuters-r8: the same cells by macro-F1 over the 8 topics",
+    "minilm-head": "MiniLM-L6: the head alone at its own lr and at LoRA-SB's and LoRA's (each method trains the "
+    "head at its lr)",
     "minilm-eta": "MiniLM-L6: η of the simulated first step at r = 16: default, the authors' rule, auto",
     "minilm-budget": "MiniLM-L6: budgeted ranks at the count of r = 16 (decompose --budget-ratio 1) against r = 16",
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
@@ -319,8 +329,8 @@ TITLES = {
 }
 # The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid,
 # each claim's cheapest answer first (SmolLM2's r 16, η and r 64 cells reuse finished sweeps; the rest need their own).
-DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-f1", "minilm-eta", "smollm2-r16", "eta", "smollm2")
-DEFAULT_SECTIONS += ("smollm2-r64", "smollm2-more")
+DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-f1", "minilm-head", "minilm-eta", "smollm2-r16")
+DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-more")
 
 
 BUDGET_NOTE = (
