@@ -296,7 +296,7 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
             tables["minilm-f1"] = (section("minilm-f1", scored, seeded(MINILM_PAIRS, lrs), {}, run), lrs)
         if "minilm-head" in sections and {"lorasb", "lora", "head"} <= lrs.keys():
             cells = [
-                Cell("head", None, s, lrs[m], label=f"head at {m}'s lr" if m != "head" else "")
+                Cell("head", None, s, lrs[m], label=f"head at {m} lr" if m != "head" else "")
                 for s in range(SEEDS)
                 for m in ("head", "lorasb", "lora")
             ]
