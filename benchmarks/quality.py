@@ -148,7 +148,7 @@ def sweep(spec: dict, families: dict, wanted: set[str], run: bool) -> tuple[dict
     points: dict[str, list[dict]] = {}
     for path in sorted((folder / "points").glob("*/point.json")):
         record = json.loads(path.read_text())
-        if record["cell"]["method"] in wanted:
+        if (record["cell"]["method"], record["cell"]["rank"]) in pairs:  # its swept rank, not another one
             points.setdefault(record["cell"]["method"], []).append({"lr": record["cell"]["lr"], "loss": record["loss"]})
     points = {m: sorted(p, key=lambda point: point["lr"]) for m, p in points.items()}
     return {m: min(p, key=lambda point: point["loss"])["lr"] for m, p in points.items()}, points
