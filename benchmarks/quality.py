@@ -3,7 +3,7 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, the first eleven in the order a full run takes them (DEFAULT_SECTIONS; each
+scored on the test split. Sections, the first twelve in the order a full run takes them (DEFAULT_SECTIONS; each
 a resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
@@ -18,6 +18,7 @@ a resumable compare grid under benchmarks/out/quality/, so an interrupted run co
   eta           η of the estimate at r 32: the default 1e-5, the authors' lr / (warm-up × steps × epochs), auto
   smollm2       SmolLM2-135M: LoRA-SB r 32, LoRA-XS r 32, LoRA r 8, LoRA-Pro r 8
   smollm2-r64   LoRA-SB and LoRA-XS r 64 beside LoRA r 8 and LoRA-SB r 32; no sweep of its own
+  smollm2-r64-swept  the same two families, each swept again at r 64
   smollm2-more  the rest of the grid: LoRA-GA / PiSSA / DoRA r 8, full, rsLoRA r 8
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
@@ -196,6 +197,10 @@ SMOLLM2_PAIRS = [("lorasb", 32), ("lora-xs", 32), ("lora", 8), ("lora-pro", 8)]
 # r 16 first: it is the paper's ≥ 20× point and needs no sweep of its own; its table repeats two finished cells
 SMOLLM2_R16 = [("lorasb", 16), ("lora-xs", 16), ("lora", 8), ("lorasb", 32)]
 SMOLLM2_R64 = [("lorasb", 64), ("lora-xs", 64), ("lora", 8), ("lorasb", 32)]
+# The same two families swept again at r 64: at one Adam lr a step of R moves W by about lr·r in Frobenius norm
+# (R's r² entries each move by about lr; B and A are orthonormal), so the r 32 rate may be too large there
+SMOLLM2_R64_SWEPT = [("lorasb", 64), ("lora-xs", 64), ("lora", 8)]
+SMOLLM2_R64_SWEEP = {("lorasb", 64): 1e-3, ("lora-xs", 64): 3e-4, ("lora", 8): SMOLLM2_SWEEP[("lora", 8)]}
 # LoRA-GA first: of the families left it is the other gradient-based init; rsLoRA last, as at r 8 it is LoRA's
 # parametrisation with a larger scale
 SMOLLM2_MORE = [(m, 8) for m in ("loraga", "pissa", "dora")] + [("full", None), ("rslora", 8)]
@@ -228,14 +233,16 @@ def budgeted_cells(rank: int, lr: float) -> list[Cell]:
     return cells
 
 
-def family_by_family(name: str, pairs: list[tuple[str, int | None]], run: bool) -> tuple[list[dict] | None, dict]:
+def family_by_family(
+    name: str, pairs: list[tuple[str, int | None]], families: dict, run: bool
+) -> tuple[list[dict] | None, dict]:
     """One SmolLM2 section a family at a time: its sweep (instant when already run), then its cells at every seed,
     so an interrupted section leaves whole families, each at its own lr, rather than sweeps without cells."""
     lrs: dict[str, float] = {}
     points: dict[str, list[dict]] = {}
     rows = None
     for done in range(1, len(pairs) + 1):
-        found, swept = sweep(SMOLLM2, SMOLLM2_SWEEP, {pairs[done - 1][0]}, run)
+        found, swept = sweep(SMOLLM2, families, {pairs[done - 1][0]}, run)
         lrs, points = lrs | found, points | swept
         if run or done == len(pairs):
             rows = section(name, SMOLLM2, seeded(pairs[:done], lrs), points, run)
@@ -245,14 +252,15 @@ def family_by_family(name: str, pairs: list[tuple[str, int | None]], run: bool) 
 def smollm2_sections(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, dict]]:
     tables: dict[str, tuple[list[dict] | None, dict]] = {}
     named = {
-        "smollm2": SMOLLM2_PAIRS,
-        "smollm2-r16": SMOLLM2_R16,
-        "smollm2-r64": SMOLLM2_R64,
-        "smollm2-more": SMOLLM2_MORE,
+        "smollm2": (SMOLLM2_PAIRS, SMOLLM2_SWEEP),
+        "smollm2-r16": (SMOLLM2_R16, SMOLLM2_SWEEP),
+        "smollm2-r64": (SMOLLM2_R64, SMOLLM2_SWEEP),
+        "smollm2-r64-swept": (SMOLLM2_R64_SWEPT, SMOLLM2_R64_SWEEP),
+        "smollm2-more": (SMOLLM2_MORE, SMOLLM2_SWEEP),
     }
-    for name, pairs in named.items():
+    for name, (pairs, families) in named.items():
         if name in sections:
-            tables[name] = family_by_family(name, pairs, run)
+            tables[name] = family_by_family(name, pairs, families, run)
     ablations = {"eta", "budget", "inits", "samples"}  # at LoRA-SB's lr
     lr = sweep(SMOLLM2, SMOLLM2_SWEEP, {"lorasb"}, run)[0].get("lorasb") if sections & ablations else None
     if "eta" in sections and lr:
@@ -322,6 +330,7 @@ TITLES = {
     "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
     "smollm2-r16": "SmolLM2-135M at r = 16: LoRA-SB and LoRA-XS at 45× fewer parameters than LoRA r = 8",
     "smollm2-r64": "SmolLM2-135M at r = 64: LoRA-SB and LoRA-XS at 2.8× fewer parameters than LoRA r = 8",
+    "smollm2-r64-swept": "SmolLM2-135M at r = 64: LoRA-SB and LoRA-XS each at its own lr swept at r = 64",
     "smollm2-more": "SmolLM2-135M on arithmetic: the rest of the grid",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
@@ -330,7 +339,7 @@ TITLES = {
 # The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid,
 # each claim's cheapest answer first (SmolLM2's r 16, η and r 64 cells reuse finished sweeps; the rest need their own).
 DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-f1", "minilm-head", "minilm-eta", "smollm2-r16")
-DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-more")
+DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-r64-swept", "smollm2-more")
 
 
 BUDGET_NOTE = (
