@@ -208,7 +208,7 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
         for name, stage in planned.stages.items()
     ]
     print_table(
-        f"memory plan: {facts.model}, {facts.dtype}, batch {config.batch_size} × {config.max_length}, rank {rank}, "
+        f"memory plan: {facts.model}, {facts.dtype}, batch {config.batch_size} × {facts.max_length}, rank {rank}, "
         f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
         ["stage", "holds", "on", "size"],
         [

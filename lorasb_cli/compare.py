@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import artifacts, data, inits, methods
+from . import artifacts, data, inits, methods, models
 from .errors import BadInputError
 from .options import ModelOptions, TrainingDataOptions, option, takes
 from .tasks import get_task
 
 log = logging.getLogger("lorasb")
+
+MAX_LENGTH = 256  # --max-length when not given: every cell of a grid trains and scores at this budget
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,11 @@ class CompareConfig(TrainingDataOptions, ModelOptions):
     seeds: int = option(default=3, help="Seeds 0..N-1 per cell.")
     max_steps: int = option(default=100, help="Optimizer steps of every cell.")
     lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
-    max_length: int = option(default=256, help="Tokens per sample, at most.")
+    max_length: int | None = option(
+        type=int,
+        help="Tokens per sample, at most.",
+        show_default=f"{MAX_LENGTH}, or the model's position limit if smaller",
+    )
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
     samples: int = option(default=32, help="Samples of each seed's estimate.")
     eta: float = option(default=1e-5, help="η of each seed's estimate.")
@@ -163,7 +169,10 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     out = Path(config.out)
     train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
     shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}
-    settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out})
+    max_length = models.fit_max_length(
+        config.max_length, MAX_LENGTH, models.resolve_model(config.model), trust_remote_code=config.trust_remote_code
+    )
+    settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out, "max_length": max_length})
     sweeps = {}
     if config.lr_sweep:
         lr, sweeps = sweep_lrs(out / "sweep", settings, pairs, lr)

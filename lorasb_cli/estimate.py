@@ -22,7 +22,7 @@ from torch import nn
 
 from . import artifacts, data, linalg, loss, models, plan, stability, system
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
-from .options import ModelOptions, TrainingDataOptions, argument, option
+from .options import MAX_LENGTH, ModelOptions, TrainingDataOptions, argument, option
 
 log = logging.getLogger("lorasb")
 
@@ -302,6 +302,11 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     `progress(done, total)` is called with sample counts as batches finish.
     """
     sample = _read_sample(config)
+    # Before the plan, which builds batches of it.
+    max_length = models.fit_max_length(
+        config.max_length, MAX_LENGTH, sample.ref, trust_remote_code=config.trust_remote_code
+    )
+    config = dataclasses.replace(config, max_length=max_length)
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     accumulate_on, planned = _plan_accumulators(config, sample, device, dtype)
@@ -451,7 +456,6 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     """The checked options, the rows and this process's indices of the sample (joins the launcher's group)."""
     if not (math.isfinite(config.eta) and config.eta > 0):
         raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
-    data.check_max_length(config.max_length)  # before the plan, which would build batches of it
     shard = data.parse_shard(config.shard)
     _check_modes(config)
     if shard is not None and not config.raw:

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from .tasks import Task, get_task
 from .tasks.runner import Answerer, ModelAnswerer, evaluate_rows
 
 log = logging.getLogger("lorasb")
+
+MAX_LENGTH = 1024  # --max-length when not given (a prompt and its generated answer), capped at the model's limit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +44,9 @@ class EvaluateConfig(DataOptions, ModelOptions):
     limit: int | None = option(type=int, help="Evaluate the first N examples only.")
     batch_size: int = option(default=8, help="Examples per batch.")
     max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
-    max_length: int = option(default=1024, help="Input tokens, at most.")
+    max_length: int | None = option(
+        type=int, help="Input tokens, at most.", show_default=f"{MAX_LENGTH}, or the model's position limit if smaller"
+    )
     scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
     seed: int = option(default=0, help="Seed (decoding is greedy).")
     out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
@@ -168,6 +172,11 @@ def evaluate(
         recorded = merged_template(models.resolve_model(config.model)) if answerer is None else None
     template_name = resolve_template(config, list(rows[0]), recorded)
     if answerer is None:
+        ref = models.resolve_model(config.model)
+        max_length = models.fit_max_length(
+            config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code
+        )
+        config = replace(config, max_length=max_length)
         model, tokenizer = load_for_task(config, task, task.scoring, saved)
         answerer = ModelAnswerer(
             model,

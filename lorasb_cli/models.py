@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from . import bundled, shards
+from . import bundled, data, shards
 from .errors import BadInputError
 from .registry import did_you_mean
 
@@ -221,15 +222,59 @@ def load_for_labels(
         )
 
 
-def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
-    """The `architectures` of the model's config.json (e.g. ["LlamaForCausalLM"]), read without weights."""
+def model_config(ref: ModelRef, *, trust_remote_code: bool = False):
+    """The model's transformers config (config.json), read without weights."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
-    return list(getattr(config, "architectures", None) or [])
+
+
+def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
+    """The `architectures` of the model's config.json (e.g. ["LlamaForCausalLM"]), read without weights."""
+    return list(getattr(model_config(ref, trust_remote_code=trust_remote_code), "architectures", None) or [])
+
+
+# Config fields that bound a model's absolute positions, by architecture family (Llama/BERT, GPT-2, others).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+_NO_LIMIT = 10**9  # transformers' "no model_max_length" sentinel is 1e30
+
+
+def position_limit(ref: ModelRef, *, trust_remote_code: bool = False) -> int | None:
+    """Tokens one sequence may hold: the config's position limit, or the tokenizer's `model_max_length` where that
+    is smaller (RoBERTa: 514 positions, 2 of them reserved, 512 tokens); None when neither says."""
+    from transformers.utils import cached_file
+
+    config = model_config(ref, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config  # multimodal configs nest the language model's
+    limits = [getattr(text, name) for name in _POSITION_FIELDS if isinstance(getattr(text, name, None), int)]
+    with contextlib.suppress(OSError, ValueError):
+        found = cached_file(ref.path, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False)
+        tokenizer_limit = json.loads(Path(found).read_text()).get("model_max_length") if found else None
+        if isinstance(tokenizer_limit, (int, float)) and tokenizer_limit < _NO_LIMIT:
+            limits.append(int(tokenizer_limit))
+    return min(limits) if limits else None
+
+
+def fit_max_length(requested: int | None, default: int, ref: ModelRef, *, trust_remote_code: bool = False) -> int:
+    """--max-length within the model: `requested` as given (an error past the model's position limit), or when
+    not given `default` capped at that limit, said on stderr when it is."""
+    if requested is not None:
+        data.check_max_length(requested)
+    limit = position_limit(ref, trust_remote_code=trust_remote_code)
+    if requested is None:
+        if limit is not None and limit < default:
+            log.info("--max-length %d: the position limit of %s (the default is %d)", limit, ref.id, default)
+            return limit
+        return default
+    if limit is not None and requested > limit:
+        raise BadInputError(
+            f"--max-length {requested} is beyond the {limit} positions of model '{ref.id}'",
+            hint=f"pass --max-length {limit} or less, or leave it out",
+        )
+    return requested
 
 
 def resolve_targets(model: nn.Module, targets: str) -> list[str]:
@@ -340,13 +385,10 @@ def linear_shapes_from_config(
     ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm"
 ) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear layer, from config.json alone: the model is built on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
+    config = model_config(ref, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}

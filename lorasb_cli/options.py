@@ -143,6 +143,9 @@ def plugin_options(cls, given: Mapping[str, object], *, kind: str, name: str, ta
     return cls(**given)
 
 
+MAX_LENGTH = 512  # --max-length when not given, capped at the model's position limit (models.fit_max_length)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelOptions:
     """Which model, and how it is placed: every command that loads one."""
@@ -175,7 +178,11 @@ class DataOptions:
         "messages: chat; instruction styles: alpaca).",
     )
     batch_size: int = option(default=8, help="Samples per forward pass.")
-    max_length: int = option(default=512, help="Tokens per sample, at most.")
+    max_length: int | None = option(
+        type=int,
+        help="Tokens per sample, at most.",
+        show_default=f"{MAX_LENGTH}, or the model's position limit if smaller",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import models
 from .errors import BadInputError
+from .options import MAX_LENGTH
 
 GIB = 2**30
 ACCUMULATE_ON = ("auto", "cpu", "device")
@@ -451,7 +452,7 @@ def plan_model(
     *,
     targets: str = "all-linear",
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: int | None = None,
     rank: int = 32,
     dtype: str = "auto",
     device: str = "auto",
@@ -468,7 +469,7 @@ def plan_model(
         ref,
         targets=targets,
         batch_size=batch_size,
-        max_length=max_length,
+        max_length=models.fit_max_length(max_length, MAX_LENGTH, ref, trust_remote_code=trust_remote_code),
         rank=rank,
         dtype=models.resolve_dtype(dtype, resolved_device),
         head=head,

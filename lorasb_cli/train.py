@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
-from .options import ModelOptions, PluginConfig, TrainingDataOptions, force_template, option
+from .options import MAX_LENGTH, ModelOptions, PluginConfig, TrainingDataOptions, force_template, option
 from .registry import did_you_mean
 from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval, last_complete_checkpoint
 
@@ -403,6 +403,9 @@ def train(
     left as it is. SIGINT/SIGTERM end the run with a checkpoint (`Interrupted`, exit 130/143)."""
     method, method_options = _check_options(config)
     system.check_launcher()
+    ref = models.resolve_model(config.model)
+    max_length = models.fit_max_length(config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code)
+    config = replace(config, max_length=max_length)
     existed = Path(config.out).expanduser().exists()
     inputs = _read_inputs(config, method, method_options)
     main = system.is_main_process()

@@ -96,8 +96,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_bert_dir(path: Path, seed: int = 0) -> Path:
-    """A tiny BertModel saved the way sentence-transformers ships encoders: no head, no `bert.` prefix."""
+def make_bert_dir(path: Path, seed: int = 0, positions: int = 64) -> Path:
+    """A tiny BertModel of `positions` positions saved the way sentence-transformers ships encoders: no head, no
+    `bert.` prefix."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
     words = sorted({w for row in CLASS_ROWS for w in row["text"].split()})
@@ -112,7 +113,7 @@ def make_bert_dir(path: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
     )
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)
