@@ -153,7 +153,7 @@ def estimate(config, dry_run, as_json, quiet):
         [
             [
                 summary.modules,
-                summary.samples,
+                f"{summary.samples} ({summary.sampling})",
                 summary.tokens,
                 f"{summary.seconds:.1f}",
                 human_bytes(summary.peak_memory_bytes),

@@ -267,15 +267,12 @@ def resolve_template(requested: str, fmt: str, columns: Sequence[str]) -> str | 
     return name
 
 
-def sample_indices(population: int, *, frac: float | None, samples: int | None, seed: int) -> list[int]:
-    """Indices of a random sample: `frac` of the rows rounded up (at least 1), or exactly `samples` rows."""
+def sample_count(population: int, *, frac: float | None, samples: int | None, min_samples: int = 1) -> tuple[int, str]:
+    """(rows a sample draws, why): exactly `samples`; or `frac` of the rows rounded up, raised to `min_samples`
+    (never past every row), since a fraction of a small file can be a single sample; or every row."""
     if frac is not None and samples is not None:
         raise BadInputError("pass either --frac or --samples, not both")
-    if frac is not None:
-        if not 0 < frac <= 1:
-            raise BadInputError(f"--frac {frac} is outside (0, 1]", hint="pass a fraction such as 0.001")
-        count = max(1, math.ceil(frac * population))
-    elif samples is not None:
+    if samples is not None:
         if samples <= 0:
             raise BadInputError(f"--samples {samples} must be positive")
         if samples > population:
@@ -283,9 +280,30 @@ def sample_indices(population: int, *, frac: float | None, samples: int | None, 
                 f"--samples {samples} is larger than the split ({population} rows)",
                 hint=f"pass --samples {population} or less, or --frac",
             )
-        count = samples
-    else:
-        count = population
+        return samples, "--samples"
+    if frac is None:
+        return population, "every row"
+    if not 0 < frac <= 1:
+        raise BadInputError(f"--frac {frac} is outside (0, 1]", hint="pass a fraction such as 0.001")
+    if min_samples < 1:
+        raise BadInputError(f"--min-samples {min_samples} must be positive")
+    share = max(1, math.ceil(frac * population))
+    floor = min(min_samples, population)
+    if share >= floor:
+        return share, f"--frac {frac:g} of {population:,} rows"
+    everything = " (every row)" if floor == population else ""
+    return (
+        floor,
+        f"--frac {frac:g} of {population:,} rows is {share}, raised to --min-samples {min_samples}{everything}",
+    )
+
+
+def sample_indices(
+    population: int, *, frac: float | None, samples: int | None, seed: int, min_samples: int = 1
+) -> list[int]:
+    """Indices of a random sample of `sample_count` rows; the same seed draws the same rows, and a larger count
+    draws the smaller one's rows first."""
+    count, _ = sample_count(population, frac=frac, samples=samples, min_samples=min_samples)
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(population, generator=generator)[:count].tolist()
 

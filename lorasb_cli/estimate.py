@@ -222,6 +222,7 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
 
     data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
     frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
+    min_samples: int = option(default=32, help="--frac draws at least this many samples (or every row).")
     samples: int | str | None = option(
         type=SAMPLES,
         help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
@@ -272,6 +273,7 @@ class EstimateSummary:
     path: Path
     modules: int
     samples: int
+    sampling: str  # why `samples` is what it is (the options and the split's size)
     tokens: int
     seconds: float
     peak_memory_bytes: int
@@ -294,6 +296,7 @@ class _Sample:
     drawn: list[int]  # the sample of the whole job
     indices: list[int]  # this process's part of it
     shard: tuple[int, int] | None
+    sampling: str  # why the sample has its size, e.g. "--frac 0.001 of 64 rows is 1, raised to --min-samples 32"
 
 
 def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None = None) -> EstimateSummary:
@@ -345,6 +348,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         path=Path(config.out),
         modules=len(modules),
         samples=result.samples,
+        sampling=sample.sampling,
         tokens=result.tokens,
         seconds=seconds,
         peak_memory_bytes=system.peak_memory_bytes(device),
@@ -469,18 +473,21 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
     template = data.resolve_template(config.template, fmt, dataset.columns)
-    auto = config.samples == "auto"
-    drawn = data.sample_indices(
-        len(dataset.rows),
+    auto, population = config.samples == "auto", len(dataset.rows)
+    count, why = data.sample_count(
+        population,
         frac=config.frac,
-        samples=min(config.max_samples, len(dataset.rows)) if auto else config.samples,
-        seed=config.seed,
+        samples=min(config.max_samples, population) if auto else config.samples,
+        min_samples=config.min_samples,
     )
+    why = "--samples auto, at most" if auto else why
+    log.info("sample: %d of %d rows (%s)", count, population, why)
+    drawn = data.sample_indices(population, frac=None, samples=count, seed=config.seed)
     indices = data.take_shard(drawn, *shard) if shard else drawn
     rank, world = system.init_distributed()
     indices = data.take_shard(indices, rank, world)
     labels = data.head_labels(fmt, dataset.rows)
-    return _Sample(ref, dataset, fmt, template, labels, drawn, indices, shard)
+    return _Sample(ref, dataset, fmt, template, labels, drawn, indices, shard, why)
 
 
 def _plan_accumulators(
@@ -534,6 +541,7 @@ def _write_update(
             "template": sample.template,
             "drawn": result.samples if config.samples == "auto" else len(sample.drawn),
             "frac": config.frac,
+            "min_samples": config.min_samples,
             "seed": config.seed,
             "shard": list(sample.shard) if sample.shard else None,
             "max_length": config.max_length,

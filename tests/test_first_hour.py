@@ -60,3 +60,33 @@ def test_an_explicit_max_length_past_the_model_is_refused(stage, short_encoder, 
     assert code == 2
     assert "--max-length 64 is beyond the 32 positions" in err and err.count("\n") == 1
     assert stdout == "" and not out.exists()
+
+
+def test_frac_on_a_small_file_draws_min_samples_and_says_why(tiny_model_dir, tmp_path, capsys):
+    from helpers import QA_ROWS
+
+    rows = write_jsonl(tmp_path / "64.jsonl", [QA_ROWS[i % len(QA_ROWS)] for i in range(64)])
+    update = tmp_path / "u.safetensors"
+    code, _, err = run(["estimate", "-m", tiny_model_dir, "-d", rows, "-o", update], capsys)  # --frac 0.001
+    assert code == 0, err
+    assert artifacts.Artifact(update).meta["samples"] == 32
+    assert "--frac 0.001 of 64 rows is 1, raised to --min-samples 32" in " ".join(err.split())
+    # --samples is taken as given; a --min-samples past the rows draws every row.
+    assert run(["estimate", "-m", tiny_model_dir, "-d", rows, "--samples", 3, "-q", "-o", update], capsys)[0] == 0
+    assert artifacts.Artifact(update).meta["samples"] == 3
+    assert run(["estimate", "-m", tiny_model_dir, "-d", rows, "--min-samples", 100, "-q", "-o", update], capsys)[0] == 0
+    assert artifacts.Artifact(update).meta["samples"] == 64
+
+
+def test_sample_count_floor():
+    from lorasb_cli import data
+
+    assert data.sample_count(100_000, frac=0.001, samples=None, min_samples=32)[0] == 100
+    assert data.sample_count(5_000, frac=0.001, samples=None, min_samples=32)[0] == 32
+    assert data.sample_count(20, frac=0.001, samples=None, min_samples=32) == (
+        20,
+        "--frac 0.001 of 20 rows is 1, raised to --min-samples 32 (every row)",
+    )
+    # The floored draw is the first rows of a larger one: raising the floor adds samples, never swaps them.
+    small = data.sample_indices(500, frac=0.001, samples=None, seed=4, min_samples=8)
+    assert data.sample_indices(500, frac=None, samples=20, seed=4)[:8] == small
