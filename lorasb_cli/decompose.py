@@ -7,10 +7,11 @@ Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (DESIGN.md §4); `exact` run
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,7 +49,13 @@ class DecomposeConfig(PluginConfig):
     (lorasb_cli/inits) and arrive in `init_options` as given; `from_options` builds a config from flat options."""
 
     update: str | None = argument(required=False)
-    rank: int = option("--rank", "-r", type=int, required=True, help="Rank r of B (m×r), R (r×r), A (r×n).")
+    rank: int | None = option(
+        "--rank",
+        "-r",
+        type=int,
+        help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
+        "budget affords everywhere, √(budget / modules)].",
+    )
     init: str = option(
         default="lorasb", metavar="NAME", help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal."
     )
@@ -101,6 +108,7 @@ def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | No
     artifacts.check_output(config.out, {"update": config.update})
     update = artifacts.Artifact(config.update, kinds=("update",)) if config.update is not None else None
     source = _weight_source(config, init, update) if init.source == "model" else _update_source(update)
+    config = replace(config, rank=_reference_rank(config, len(source.modules)))
     linalg.check_rank(config.rank, source.shapes, update.path if update is not None else None)
     settings = inits.InitOptions(niter=config.niter, exact=config.exact, eta=source.meta.get("eta"), own=own)
     ranks, allocation = _ranks(config, source, progress)
@@ -188,6 +196,24 @@ def _weight_source(config: DecomposeConfig, init: inits.Init, update: artifacts.
     return _Source(modules, shapes, lambda m: base.get_submodule(m).weight.detach(), meta, head)
 
 
+def _reference_rank(config: DecomposeConfig, modules: int) -> int:
+    """--rank, or with --budget alone the rank it affords in every module (Σ r² = modules × r² ≤ budget)."""
+    if config.rank is not None:
+        return config.rank
+    if config.budget is None:
+        ratio = " (--budget-ratio is a fraction of the count at --rank)" if config.budget_ratio is not None else ""
+        raise BadInputError(
+            f"decompose needs --rank{ratio}", hint="pass --rank R, or --budget N to spend N trainable parameters"
+        )
+    rank = math.isqrt(max(config.budget, 0) // modules)
+    if rank < 1:
+        raise BadInputError(
+            f"--budget {config.budget:,} is below one parameter in each of the {modules} modules",
+            hint=f"pass --budget {modules} or more",
+        )
+    return rank
+
+
 def _budget(config: DecomposeConfig, modules: int) -> int | None:
     """The budget in trainable parameters Σ r², or None for --rank everywhere."""
     given = [
@@ -220,7 +246,9 @@ def _ranks(config: DecomposeConfig, source: _Source, progress) -> tuple[dict[str
     if total is None:
         return {m: config.rank for m in source.modules}, None
     device = models.resolve_device(config.device)
-    max_ranks = {m: min(config.max_rank or 4 * config.rank, *source.shapes[m]) for m in source.modules}
+    # No module can take more than what is left once every other one has its least rank.
+    affordable = max(config.min_rank, math.isqrt(max(0, total - (len(source.modules) - 1) * config.min_rank**2)))
+    max_ranks = {m: min(config.max_rank or 4 * config.rank, affordable, *source.shapes[m]) for m in source.modules}
     energy = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

@@ -136,3 +136,20 @@ def test_bad_budgets_are_one_line_errors_and_write_nothing(factors_file, tmp_pat
             )
         )
     assert not out.exists()
+
+
+def test_a_budget_alone_sets_the_reference_rank_and_the_bounds(factors_file, tmp_path):
+    """--budget without --rank: the reference rank is the one the budget affords everywhere, and no module's rank
+    passes what the budget leaves it or min(m, n)."""
+    update = factors_file.parent / "u.safetensors"
+    modules = len(artifacts.Artifact(update).names)
+    out = tmp_path / "f.safetensors"
+    summary = decompose(DecomposeConfig.from_options(update=str(update), budget=9 * modules + 5, out=str(out)))
+    meta = artifacts.Artifact(out).meta
+    assert meta["budget"]["uniform_rank"] == 3
+    assert sum(r * r for r in summary.ranks.values()) <= 9 * modules + 5
+    assert max(summary.ranks.values()) <= 12  # 4 × the reference rank
+    with pytest.raises(BadInputError, match="decompose needs --rank"):
+        decompose(DecomposeConfig.from_options(update=str(update), out=str(out)))
+    with pytest.raises(BadInputError, match="--budget-ratio is a fraction of the count at --rank"):
+        decompose(DecomposeConfig.from_options(update=str(update), budget_ratio=1.0, out=str(tmp_path / "g")))
