@@ -26,7 +26,14 @@ from . import adapter, artifacts, data, linalg, loss, methods, models, system, t
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
 from .options import MAX_LENGTH, ModelOptions, PluginConfig, TrainingDataOptions, force_template, option
 from .registry import did_you_mean
-from .trainer import AdapterTrainer, DivergenceGuard, StopOnSignal, TaskEval, last_complete_checkpoint
+from .trainer import (
+    AdapterTrainer,
+    DivergenceGuard,
+    StopOnSignal,
+    TaskEval,
+    checkpoint_record,
+    last_complete_checkpoint,
+)
 
 log = logging.getLogger("lorasb")
 
@@ -46,6 +53,11 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
         "full, head.",
     )
     factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
+    init_adapter: str | None = option(
+        metavar="RUN",
+        help="Instead of --factors: a trained LoRA-SB adapter (lorasb train -o) to start from, its B, A, trained R "
+        "and head, with this run's own data and schedule.",
+    )
     force_template: bool = force_template()
     eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
     lr: float = option(default=1e-3, help="AdamW learning rate.")
@@ -90,7 +102,13 @@ class TrainSummary:
 
 
 def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
-    inputs = {"model": ref.path, "data": config.data, "eval data": config.eval_data, "factors": config.factors}
+    inputs = {
+        "model": ref.path,
+        "data": config.data,
+        "eval data": config.eval_data,
+        "factors": config.factors,
+        "init adapter": config.init_adapter,
+    }
     out = artifacts.check_output_dir(
         config.out,
         inputs,
@@ -126,13 +144,17 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
     method = methods.get_method(config.method)
-    if method.needs_factors and not config.factors:
+    if config.factors and config.init_adapter:
+        raise BadInputError("--factors and --init-adapter both give the start", hint="pass one of them")
+    start = "--factors" if config.factors else "--init-adapter" if config.init_adapter else None
+    if method.needs_factors and start is None:
         raise BadInputError(
-            f"--method {method.name} trains between the factors of lorasb decompose", hint="pass --factors"
+            f"--method {method.name} trains between the factors of lorasb decompose",
+            hint="pass --factors, or --init-adapter RUN/ to go on from a trained adapter",
         )
-    if not method.needs_factors and config.factors:
+    if not method.needs_factors and start is not None:
         users = ", ".join(m.name for m in methods.factors_methods())
-        raise BadInputError(f"--factors is for --method {users}, not {method.name}", hint="drop --factors")
+        raise BadInputError(f"{start} is for --method {users}, not {method.name}", hint=f"drop {start}")
     if config.scheduler not in SCHEDULERS:
         raise BadInputError(
             f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS)
@@ -140,9 +162,25 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
     return method, method.resolve_options(config.method_options)
 
 
-def _load_factors_checked(path: str, ref: models.ModelRef, trust_remote_code: bool) -> artifacts.Factors:
-    """The factors file, checked against the model's config before any weight is loaded."""
-    factors = artifacts.load_factors(path)
+def _starting_factors(config: TrainConfig) -> artifacts.Factors:
+    """What R starts from: the factors file, or with --init-adapter a trained adapter's B, R, A and head (laid out
+    like factors, with its provenance: its template, labels and init carry over)."""
+    if config.factors:
+        return artifacts.load_factors(config.factors)
+    saved = adapter.load_adapter(config.init_adapter)
+    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.magnitudes:
+        raise IncompatibleArtifactError(
+            "--init-adapter continues a LoRA-SB adapter; this one was trained with --method "
+            f"{saved.config.get('method')}",
+            path=str(saved.path),
+            hint="pass the -o of a lorasb train run of --method lorasb",
+        )
+    return saved
+
+
+def _load_factors_checked(config: TrainConfig, ref: models.ModelRef) -> artifacts.Factors:
+    """The starting factors, checked against the model's config before any weight is loaded."""
+    factors, trust_remote_code = _starting_factors(config), config.trust_remote_code
     head = models.auto_head(models.HeadSpec.from_meta(factors.config))
     shapes = models.linear_shapes_from_config(ref, trust_remote_code=trust_remote_code, head=head)
     factors.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the update was estimated on")
@@ -178,7 +216,7 @@ class _Inputs:
 
 def _read_inputs(config: TrainConfig, method: methods.Method, method_options: methods.MethodOptions) -> _Inputs:
     ref = models.resolve_model(config.model)
-    factors = _load_factors_checked(config.factors, ref, config.trust_remote_code) if method.needs_factors else None
+    factors = _load_factors_checked(config, ref) if method.needs_factors else None
     train_set = data.load_dataset_rows(
         config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
     )
@@ -348,6 +386,9 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         "train": _recorded_options(config, inputs.options),
         **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
     }
+    if config.init_adapter:  # where R started: the adapter's own run, so a chain of runs can be traced back
+        started = {key: from_factors.get(key) for key in ("data", "train", "init_adapter")}
+        adapter_config["init_adapter"] = {"path": str(inputs.factors.path.resolve()), **started}
     log.info(
         "method settings: %s",
         json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list)}),  # not curves
@@ -426,6 +467,7 @@ def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, ca
         if config.resume:
             finished = inputs.out / "metrics.json"  # written last, after the final adapter
             if finished.is_file() and (inputs.out / adapter.ADAPTER_FILE).is_file():
+                _check_same_run(inputs.out, config, inputs, finished=True)
                 log.warning("the run in %s finished: nothing to resume", inputs.out)
                 return _finished_summary(finished, inputs.out)
             resume_from = _resume_point(config, inputs)
@@ -453,6 +495,7 @@ _FREE_ON_RESUME = {
     "model",
     "data",
     "factors",
+    "init_adapter",
     "eval_data",
     "save_steps",
     "eval_steps",
@@ -475,7 +518,20 @@ def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
             path=str(inputs.out),
             hint="start the run again with --overwrite",
         )
-    recorded = json.loads((checkpoint / adapter.CONFIG_FILE).read_text())
+    _check_same_run(checkpoint, config, inputs, finished=False)
+    log.info("resuming from %s", checkpoint)
+    return checkpoint
+
+
+def _check_same_run(folder: Path, config: TrainConfig, inputs: _Inputs, *, finished: bool) -> None:
+    """Refuse a --resume whose options (other than where things are) or data differ from the run's, as recorded in
+    `folder`'s adapter_config.json (a checkpoint's, or the finished run's)."""
+    recorded = json.loads((folder / adapter.CONFIG_FILE).read_text())
+    hint = (
+        "the run finished: to train its adapter further, start a new run with --init-adapter " + str(inputs.out)
+        if finished
+        else "resume with the run's options, or start a new run with --overwrite or another -o"
+    )
     before, now = recorded.get("train", {}), _recorded_options(config, inputs.options)
     changed = [k for k, v in now.items() if k not in _FREE_ON_RESUME and k in before and before[k] != v]
     if changed:
@@ -483,14 +539,10 @@ def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
         raise BadInputError(
             f"--resume continues the run with its own options; this command changes {shown}",
             path=str(inputs.out),
-            hint="resume with the run's options, or start a new run with --overwrite or another -o",
+            hint=hint,
         )
     if (recorded.get("data") or {}).get("digest") not in (None, inputs.train_set.digest):
-        raise BadInputError(
-            "--resume: the training data differs from the run's", path=str(inputs.out), hint="pass the run's --data"
-        )
-    log.info("resuming from %s", checkpoint)
-    return checkpoint
+        raise BadInputError("--resume: the training data differs from the run's", path=str(inputs.out), hint=hint)
 
 
 def _recorded_options(config: TrainConfig, method_options: methods.MethodOptions) -> dict:
@@ -521,14 +573,23 @@ def _run(
     )
     examples = _examples(config, inputs, tokenizer)
     run = _prepare_method(config, inputs, model, tokenizer, examples, device)
+    resumed = checkpoint_record(resume_from) if resume_from else {}
+    if resume_from:  # the run's step-0 losses were measured when it started, before the checkpoint
+        run = replace(run, step0_base=resumed.get("step0_base_loss"), step0_init=resumed.get("step0_init_loss"))
+    clock = _Clock(before=resumed.get("seconds", 0.0))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = _adapter_config(config, inputs, model, run)
     guards = [DivergenceGuard(progress, inputs.out), *callbacks]
     trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
-    start = time.perf_counter()
+    trainer.run_record = lambda: {
+        "step0_base_loss": run.step0_base,
+        "step0_init_loss": run.step0_init,
+        "seconds": clock.seconds(),
+    }
+    clock.start()
     train_loss_mean = _train(trainer, resume_from)
-    seconds = time.perf_counter() - start
+    seconds = clock.seconds()
     if stop is not None and stop.signal is not None:
         name = signal.Signals(stop.signal).name
         raise Interrupted(
@@ -549,6 +610,20 @@ def _run(
         train_loss_mean=train_loss_mean,
         task_results=task_eval.results if task_eval else [],
     )
+
+
+@dataclass
+class _Clock:
+    """Training seconds of a whole run: those its resumed checkpoint recorded, plus this process's since start()."""
+
+    before: float = 0.0
+    started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
 def _trainer(

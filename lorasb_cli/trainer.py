@@ -32,6 +32,12 @@ TRAINED_FILE = "trained.safetensors"  # in each checkpoint: the trained tensors 
 COMPLETE_FILE = "lorasb-complete.json"
 
 
+def checkpoint_record(checkpoint: Path) -> dict:
+    """What a complete checkpoint's marker records of its run: the step, and what the run needs to report as a
+    whole once resumed (its step-0 losses, the training seconds up to it)."""
+    return json.loads((checkpoint / COMPLETE_FILE).read_text())
+
+
 def last_complete_checkpoint(out: Path) -> Path | None:
     """The run folder's newest complete `checkpoint-N` folder, or None."""
     complete = [
@@ -46,6 +52,8 @@ class AdapterTrainer(Trainer):
 
     def __init__(self, *args, adapter_config: dict, export: Callable[[], dict[str, torch.Tensor]], **kwargs):
         self.adapter_config, self.export = adapter_config, export
+        # What each checkpoint's marker records of the run besides its step (checkpoint_record); set by the run.
+        self.run_record: Callable[[], dict] = dict
         super().__init__(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -54,7 +62,7 @@ class AdapterTrainer(Trainer):
         if self.args.should_save:
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             with artifacts.atomic_path(folder / COMPLETE_FILE) as tmp:
-                tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
+                tmp.write_text(json.dumps({"step": self.state.global_step, **self.run_record()}) + "\n")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:

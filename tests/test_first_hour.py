@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
 
 from lorasb_cli import artifacts, cli
@@ -90,3 +91,83 @@ def test_sample_count_floor():
     # The floored draw is the first rows of a larger one: raising the floor adds samples, never swaps them.
     small = data.sample_indices(500, frac=0.001, samples=None, seed=4, min_samples=8)
     assert data.sample_indices(500, frac=None, samples=20, seed=4)[:8] == small
+
+
+def _train_config(tiny_model_dir, qa_file, out, **overrides):
+    from lorasb_cli import train
+
+    settings = {
+        "model": str(tiny_model_dir),
+        "data": str(qa_file),
+        "out": str(out),
+        "max_steps": 6,
+        "batch_size": 4,
+        "lr": 5e-2,
+        "save_steps": 2,
+    }
+    return train.TrainConfig.from_options(**settings | overrides)
+
+
+def test_a_finished_run_resumed_with_other_options_is_refused(tiny_model_dir, qa_file, factors_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "--max-steps", 4, "--save-steps", 2]
+    assert run([*args, "-q", "-o", out], capsys)[0] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, stdout, err = run([*args[:-4], "--max-steps", 30, "--resume", "-q", "-o", out], capsys)
+    assert code == 2 and stdout == ""
+    assert "--max-steps 4 → 30" in err and "--init-adapter" in err and err.count("\n") == 1
+    assert run([*args, "--lr", 0.5, "--resume", "-o", out], capsys)[0] == 2
+    # The same options (another --save-steps is where files go, not how the run trains): nothing to do, exit 0.
+    assert run([*args[:-1], 3, "--resume", "-q", "-o", out], capsys)[0] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_resumed_run_reports_its_step0_losses_and_whole_time(tiny_model_dir, qa_file, factors_file, tmp_path):
+    from transformers import TrainerCallback
+
+    from lorasb_cli import train
+
+    class CrashAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("crash")
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        train.train(_train_config(tiny_model_dir, qa_file, out, factors=str(factors_file)), callbacks=[CrashAtStep3()])
+    marker = json.loads((out / "checkpoint-2" / "lorasb-complete.json").read_text())
+    summary = train.train(_train_config(tiny_model_dir, qa_file, out, factors=str(factors_file), resume=True))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step0_base_loss"] == summary.step0_base_loss == marker["step0_base_loss"] is not None
+    assert metrics["step0_init_loss"] == marker["step0_init_loss"] is not None
+    assert metrics["seconds"] > marker["seconds"] > 0
+
+
+def test_init_adapter_starts_a_new_run_from_the_trained_r(tiny_model_dir, qa_file, factors_file, tmp_path):
+    from lorasb_cli import adapter, train
+    from lorasb_cli.errors import BadInputError
+
+    first = tmp_path / "first"
+    train.train(_train_config(tiny_model_dir, qa_file, first, factors=str(factors_file)))
+    trained = adapter.load_adapter(first)
+    initial = adapter.load_adapter(factors_file)
+    # A learning rate too small to move R: the new run's adapter is the trained one, not the factors' R_init.
+    second = tmp_path / "second"
+    summary = train.train(
+        _train_config(tiny_model_dir, qa_file, second, init_adapter=str(first), lr=1e-12, max_steps=2, save_steps=50)
+    )
+    continued = adapter.load_adapter(second)
+    for module, (_, lora_R, _) in trained.factors.items():
+        assert not torch.allclose(lora_R, initial.factors[module][1], atol=1e-3)
+        torch.testing.assert_close(continued.factors[module][1], lora_R, atol=1e-6, rtol=0)
+        torch.testing.assert_close(continued.factors[module][0], trained.factors[module][0], atol=0, rtol=0)
+    first_metrics = json.loads((first / "metrics.json").read_text())
+    assert summary.step0_init_loss == pytest.approx(first_metrics["final_train_loss"], abs=0.5)  # trained, not R_init
+    assert summary.step0_init_loss < first_metrics["step0_init_loss"]
+    recorded = continued.config
+    assert recorded["init_adapter"]["path"] == str(first.resolve())
+    assert recorded["train"]["max_steps"] == 2 and recorded["init_adapter"]["train"]["max_steps"] == 6
+    with pytest.raises(BadInputError, match="--factors and --init-adapter both"):
+        train.train(
+            _train_config(tiny_model_dir, qa_file, tmp_path / "x", init_adapter=str(first), factors=str(factors_file))
+        )
