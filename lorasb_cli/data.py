@@ -380,6 +380,7 @@ class Encoder:
     max_length: int
     labels: Sequence[str] | None = None
     template: str | None = "alpaca"  # prompt-response only
+    system_prompt: str | None = None  # chat: the system turn of rows without one (templates.system_prompt)
 
     def __post_init__(self):
         check_max_length(self.max_length)
@@ -388,7 +389,7 @@ class Encoder:
 
     @functools.cached_property
     def _template(self) -> templates.Template:
-        return templates.Template(self.template or "alpaca", self.tokenizer)
+        return templates.Template(self.template or "alpaca", self.tokenizer, self.system_prompt)
 
     def __call__(self, row: dict) -> Example:
         if self.fmt == "text":
@@ -443,9 +444,10 @@ def encode(
     max_length: int,
     labels: Sequence[str] | None = None,
     template: str | None = "alpaca",
+    system_prompt: str | None = None,
 ) -> list[Example]:
     """Tokenize rows now (see `Encoder`); warns about samples that add nothing within `max_length`."""
-    encoder = Encoder(fmt, tokenizer, max_length, labels, template)
+    encoder = Encoder(fmt, tokenizer, max_length, labels, template, system_prompt)
     examples = [encoder(row) for row in rows]
     unsupervised = sum(1 for e in examples if supervised_tokens(e) == 0)
     if unsupervised:

@@ -20,7 +20,7 @@ import click
 import torch
 from torch import nn
 
-from . import artifacts, data, linalg, loss, models, plan, stability, system
+from . import artifacts, data, linalg, loss, models, plan, stability, system, templates
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .options import MAX_LENGTH, ModelOptions, TrainingDataOptions, argument, option
 
@@ -292,6 +292,7 @@ class _Sample:
     dataset: data.Dataset
     fmt: str
     template: str | None
+    system_prompt: str | None
     labels: list[str] | None
     drawn: list[int]  # the sample of the whole job
     indices: list[int]  # this process's part of it
@@ -376,7 +377,9 @@ class _Passes:
     def sums(self, indices: list[int], start: GradientSums | None = None) -> GradientSums:
         config, sample = self.config, self.sample
         rows = [sample.dataset.rows[i] for i in indices]
-        examples = data.encode(rows, sample.fmt, self.tokenizer, config.max_length, sample.labels, sample.template)
+        examples = data.encode(
+            rows, sample.fmt, self.tokenizer, config.max_length, sample.labels, sample.template, sample.system_prompt
+        )
         return sum_gradients(
             self.model,
             self.modules,
@@ -473,6 +476,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
     template = data.resolve_template(config.template, fmt, dataset.columns)
+    system_prompt = templates.system_prompt(config.system_prompt, template, dataset.rows)
     auto, population = config.samples == "auto", len(dataset.rows)
     count, why = data.sample_count(
         population,
@@ -487,7 +491,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     rank, world = system.init_distributed()
     indices = data.take_shard(indices, rank, world)
     labels = data.head_labels(fmt, dataset.rows)
-    return _Sample(ref, dataset, fmt, template, labels, drawn, indices, shard, why)
+    return _Sample(ref, dataset, fmt, template, system_prompt, labels, drawn, indices, shard, why)
 
 
 def _plan_accumulators(
@@ -539,6 +543,7 @@ def _write_update(
             **sample.dataset.provenance(),
             "format": sample.fmt,
             "template": sample.template,
+            "system_prompt": sample.system_prompt,
             "drawn": result.samples if config.samples == "auto" else len(sample.drawn),
             "frac": config.frac,
             "min_samples": config.min_samples,
@@ -570,7 +575,18 @@ def _write_update(
 # `data.source`) are only reported. `digest` is of the rows (data.load_dataset_rows), `weights_digest` of the
 # checkpoint's tensors (models.weights_digest), `fingerprint` of the target modules' names and shapes.
 _BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights"}
-_SAMPLING_KEYS = ("digest", "split", "config", "format", "template", "drawn", "frac", "seed", "max_length")
+_SAMPLING_KEYS = (
+    "digest",
+    "split",
+    "config",
+    "format",
+    "template",
+    "system_prompt",
+    "drawn",
+    "frac",
+    "seed",
+    "max_length",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

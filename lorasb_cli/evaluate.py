@@ -41,6 +41,11 @@ class EvaluateConfig(DataOptions, ModelOptions):
     data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
     fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
     force_template: bool = force_template()
+    template_of: str | None = option(
+        metavar="RUN",
+        help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "
+        "system prompt. Scores a base model the way its fine-tuned model is scored, so before and after compare.",
+    )
     limit: int | None = option(type=int, help="Evaluate the first N examples only.")
     batch_size: int = option(default=8, help="Examples per batch.")
     max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
@@ -91,26 +96,68 @@ def load_task_rows(config: EvaluateConfig, task: Task) -> tuple[Sequence[dict], 
     return rows, dataset.source
 
 
-def resolve_template(config: EvaluateConfig, columns: Sequence[str], recorded: str | None) -> str:
-    """The template prompts are rendered with: the one the adapter (or merged model) was trained with, unless
-    `--template` names another (an error without `--force-template`); `auto` otherwise picks from the fields."""
-    if config.template == "auto" and recorded is not None:
-        return recorded
-    used = templates.resolve(config.template, columns)
-    templates.check_same(recorded, used, "training", force=config.force_template)
-    return used
+@dataclass(frozen=True)
+class Prompting:
+    """How evaluate renders prompts: the template, the chat system prompt, and where they came from."""
+
+    template: str
+    system_prompt: str | None
+    source: str  # e.g. "recorded in the adapter run/", "picked from the fields answer, question"
 
 
-def merged_template(ref: models.ModelRef) -> str | None:
-    """The template a `lorasb merge` checkpoint was trained with (its safetensors metadata), else None."""
-    shard = next(iter(sorted(Path(ref.path).glob("*.safetensors"))), None) if Path(ref.path).is_dir() else None
+def resolve_prompting(config: EvaluateConfig, columns: Sequence[str], saved: adapter.Adapter | None) -> Prompting:
+    """The template and system prompt that the adapter, the merged model or `--template-of` recorded, unless
+    `--template` names another template (an error without `--force-template`); `auto` otherwise picks from the
+    fields. `--system-prompt` replaces a recorded system prompt."""
+    if config.template_of and config.adapter:
+        raise BadInputError(
+            "--template-of prompts a model as another adapter is prompted; --adapter brings its own template",
+            hint="drop --template-of",
+        )
+    if config.template_of:
+        recorded, where = recorded_prompting(config.template_of), f"recorded in {config.template_of} (--template-of)"
+    elif saved is not None:
+        recorded, where = saved.config.get("data") or {}, f"recorded in the adapter {config.adapter}"
+    else:
+        model_dir = Path(models.resolve_model(config.model).path)  # a hub id records nothing lorasb wrote
+        recorded, where = (
+            recorded_prompting(str(model_dir)) if model_dir.is_dir() else {},
+            "recorded in the merged model",
+        )
+    if config.template == "auto" and recorded.get("template") is not None:
+        template, source = recorded["template"], where
+    else:
+        template = templates.resolve(config.template, columns)
+        templates.check_same(recorded.get("template"), template, "training", force=config.force_template)
+        source = "--template" if config.template != "auto" else f"picked from the fields {', '.join(sorted(columns))}"
+    if config.system_prompt is None:
+        system_prompt = recorded.get("system_prompt") if template == "chat" else None
+    else:
+        system_prompt = templates.system_prompt(config.system_prompt, template, ())
+        if recorded.get("system_prompt") not in (None, system_prompt):
+            log.warning("--system-prompt replaces the system prompt training used, %r", recorded["system_prompt"])
+    return Prompting(template, system_prompt, source)
+
+
+def recorded_prompting(path: str) -> dict:
+    """The data provenance (`template`, `system_prompt`) that an adapter directory, a factors file or a merged
+    model records; {} for a model lorasb did not write."""
+    folder = Path(path)
+    file = folder / adapter.ADAPTER_FILE if folder.is_dir() else folder
+    if file.is_file():
+        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.get("data") or {}
+    shard = next(iter(sorted(folder.glob("*.safetensors"))), None) if folder.is_dir() else None
     if shard is None:
-        return None
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            raise BadInputError(
+                "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
+            )
+        return {}
     # The header alone (shards.read_header: one-line error if unreadable); the weights are checked by loading.
     metadata = shards.read_header(shard).get("__metadata__")
     raw = metadata.get(artifacts.METADATA_KEY) if isinstance(metadata, dict) else None
     merged_from = artifacts.parse_metadata(raw, str(shard)).get("merged_from") if raw else None
-    return merged_from.get("template") if isinstance(merged_from, dict) else None
+    return merged_from if isinstance(merged_from, dict) else {}
 
 
 def load_for_task(
@@ -166,11 +213,18 @@ def evaluate(
     task = get_task(config.task).scored_as(config.scoring)  # before any data or model is loaded
     rows, source = load_task_rows(config, task)
     saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
-    if saved is not None:
-        recorded = (saved.config.get("data") or {}).get("template")
-    else:
-        recorded = merged_template(models.resolve_model(config.model)) if answerer is None else None
-    template_name = resolve_template(config, list(rows[0]), recorded)
+    prompting = (
+        resolve_prompting(config, list(rows[0]), saved)
+        if answerer is None
+        else Prompting(templates.resolve(config.template, list(rows[0])), None, "a scripted answerer")
+    )
+    if task.scoring != "classify":  # a classifier reads rows as they are: no template
+        log.info(
+            "template: %s (%s)%s",
+            prompting.template,
+            prompting.source,
+            f", system prompt {templates.shorten(prompting.system_prompt)!r}" if prompting.system_prompt else "",
+        )
     if answerer is None:
         ref = models.resolve_model(config.model)
         max_length = models.fit_max_length(
@@ -181,14 +235,15 @@ def evaluate(
         answerer = ModelAnswerer(
             model,
             tokenizer,
-            template=template_name,
+            template=prompting.template,
+            system_prompt=prompting.system_prompt,
             batch_size=config.batch_size,
             max_new_tokens=config.max_new_tokens,  # None: the task's
             max_length=config.max_length,
         )
         template = answerer.template
     else:
-        template = templates.Template(template_name, None)  # a scripted answerer: text templates only
+        template = templates.Template(prompting.template, None)  # a scripted answerer: text templates only
     torch.manual_seed(config.seed)
     records = evaluate_rows(task, rows, answerer, template, progress=progress)
     metrics = task.score(records)
@@ -196,7 +251,9 @@ def evaluate(
         "task": task.name,
         "task_version": task.version,
         "scoring": task.scoring,
-        "template": template_name,
+        "template": prompting.template,
+        "template_source": prompting.source,
+        "system_prompt": prompting.system_prompt,
         "count": len(records),
         "metrics": metrics,
         "config": {**vars(config), "data": source},

@@ -157,7 +157,8 @@ def _output_metadata(lora: adapter.Adapter, ref: models.ModelRef) -> dict[str, s
     """The safetensors metadata of every output weight file: where the merge came from (`lorasb` JSON)."""
     provenance = {
         "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")}
-        | {"template": (lora.config.get("data") or {}).get("template")},  # evaluate prompts the merged model with it
+        # evaluate prompts the merged model as the adapter was trained
+        | {key: (lora.config.get("data") or {}).get(key) for key in ("template", "system_prompt")},
         "base_model": ref.id,
         "lorasb_version": __version__,
     }

@@ -177,6 +177,11 @@ class DataOptions:
         help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
         "messages: chat; instruction styles: alpaca).",
     )
+    system_prompt: str | None = option(
+        metavar="TEXT",
+        help="Chat template: the system turn of rows without one [default: the one every training row opens with, "
+        "else the tokenizer's own].",
+    )
     batch_size: int = option(default=8, help="Samples per forward pass.")
     max_length: int | None = option(
         type=int,

@@ -41,7 +41,7 @@ FIELD_PAIRS = (
     (("question", "answer"), "alpaca"),  # GSM8K
     (("instruction", "output"), "alpaca"),  # Alpaca, CommonSense170K (optional `input`)
     (("prompt", "completion"), "plain"),  # OpenAI / TRL prompt-completion
-    (("prompt", "response"), "alpaca"),  # what `--fields prompt=COL,response=COL` names
+    (("prompt", "response"), "plain"),  # what `--fields prompt=COL,response=COL` names: plain pairs, as TRL's
 )
 MESSAGES = "messages"  # TRL's conversational rows: [{"role": ..., "content": ...}, ...]
 
@@ -56,6 +56,40 @@ def resolve(requested: str, columns: Sequence[str]) -> str:
     if MESSAGES in cols:
         return "chat"
     return next((name for pair, name in FIELD_PAIRS if set(pair) <= cols), "alpaca")
+
+
+def shared_system_turn(rows: Sequence[dict]) -> str | None:
+    """The system turn every conversational row opens with, when they all share one; else None."""
+    shared = None
+    for row in rows:
+        messages = row.get(MESSAGES)
+        first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+        if first.get("role") != "system" or (shared is not None and first.get("content") != shared):
+            return None
+        shared = first.get("content")
+    return shared if isinstance(shared, str) else None
+
+
+def system_prompt(given: str | None, template: str | None, rows: Sequence[dict]) -> str | None:
+    """The system turn of rows without one: `--system-prompt`, else the one every training row shares (so
+    evaluation prompts open as training rows did, not with the tokenizer's default); chat template only."""
+    if template != "chat":
+        if given is not None:
+            raise BadInputError(
+                f"--system-prompt is a turn of the chat template, not of {template or 'this format'}",
+                hint="pass --template chat, or drop --system-prompt",
+            )
+        return None
+    if given is not None:
+        return given
+    shared = shared_system_turn(rows)
+    if shared is not None:
+        log.info("system prompt: the one every training row opens with, %r", shorten(shared))
+    return shared
+
+
+def shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def check_same(recorded: str | None, used: str, what: str, *, force: bool) -> None:
@@ -77,6 +111,7 @@ class Template:
 
     name: str  # plain | alpaca | chat
     tokenizer: object
+    system: str | None = None  # chat: the system turn of prompts and rows that have none
 
     def __post_init__(self):
         if self.name == "chat" and not getattr(self.tokenizer, "chat_template", None):
@@ -99,7 +134,7 @@ class Template:
                 return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
             return ALPACA.format(instruction=instruction)
         content = instruction if not input else f"{instruction}\n\n{input}"
-        return self._chat([{"role": "user", "content": content}])
+        return self._chat(self._with_system([{"role": "user", "content": content}]))
 
     def split(self, row: dict) -> tuple[str, str]:
         """(rendered prompt, response text) of a prompt-response row."""
@@ -113,6 +148,12 @@ class Template:
                     raise BadInputError(f"field '{response_key}' is empty in a row", hint="drop or fix such rows")
                 return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), response
         raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        """`messages` opened by the system turn, unless they have their own (or there is none to add)."""
+        if self.system is None or (messages and messages[0].get("role") == "system"):
+            return messages
+        return [{"role": "system", "content": self.system}, *messages]
 
     def _chat(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -128,7 +169,7 @@ class Template:
             raise BadInputError(f"'{MESSAGES}' must be a non-empty list of {{role, content}} objects")
         if messages[-1].get("role") != "assistant":
             raise BadInputError(f"the last of the '{MESSAGES}' must be the assistant's turn, the one trained on")
-        context = [dict(m) for m in messages[:-1]]
+        context = self._with_system([dict(m) for m in messages[:-1]])
         prompt = self._chat(context)
         whole = self.tokenizer.apply_chat_template([*context, dict(messages[-1])], tokenize=False)
         # The rendered turn carries the template's end-of-turn marker, which the model must learn to emit.

@@ -210,6 +210,7 @@ class _Inputs:
     eval_set: data.Dataset | None
     fmt: str
     template: str | None
+    system_prompt: str | None
     labels: list[str] | None
     out: Path
 
@@ -223,6 +224,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     floats = data.float_labels(train_set.rows)
     fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
     template = data.resolve_template(config.template, fmt, train_set.columns)
+    system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
     if factors is not None:
         recorded = (factors.config.get("data") or {}).get("template")
         templates.check_same(recorded, template, "the estimate", force=config.force_template)
@@ -236,7 +238,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
     out = _prepare_out(config, ref)
-    return _Inputs(method, method_options, ref, factors, train_set, eval_set, fmt, template, labels, out)
+    return _Inputs(method, method_options, ref, factors, train_set, eval_set, fmt, template, system_prompt, labels, out)
 
 
 @dataclass
@@ -254,7 +256,9 @@ class _Examples:
 
 def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     # Rows are tokenized as the data loader reads them: a large corpus is never one list of examples.
-    encoder = data.Encoder(inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template)
+    encoder = data.Encoder(
+        inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template, inputs.system_prompt
+    )
     train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
     eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
     held_out = None
@@ -382,7 +386,12 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
         **({"rank_pattern": from_factors["rank_pattern"]} if from_factors.get("rank_pattern") else {}),
         "method": inputs.method.name,
         **run.prepared.config,
-        "data": {**inputs.train_set.provenance(), "format": inputs.fmt, "template": inputs.template},
+        "data": {
+            **inputs.train_set.provenance(),
+            "format": inputs.fmt,
+            "template": inputs.template,
+            "system_prompt": inputs.system_prompt,
+        },
         "train": _recorded_options(config, inputs.options),
         **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
     }
@@ -663,6 +672,7 @@ def _trainer(
             inputs.eval_set.rows,
             tokenizer,
             template=inputs.template or "alpaca",
+            system_prompt=inputs.system_prompt,
             batch_size=config.batch_size,
             eval_steps=config.eval_steps,
             max_length=config.max_length,

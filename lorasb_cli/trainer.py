@@ -119,11 +119,13 @@ class TaskEval(TrainerCallback):
         tokenizer,
         *,
         template: str,
+        system_prompt: str | None,
         batch_size: int,
         eval_steps: int | None,
         max_length: int,
     ):
         self.task, self.rows, self.tokenizer, self.template = task, rows, tokenizer, template
+        self.system_prompt = system_prompt
         self.batch_size, self.eval_steps, self.max_length = batch_size, eval_steps, max_length
         self.results: list[dict] = []
 
@@ -135,6 +137,7 @@ class TaskEval(TrainerCallback):
             model,
             self.tokenizer,
             template=self.template,
+            system_prompt=self.system_prompt,
             batch_size=self.batch_size,
             max_length=self.max_length,
         )

@@ -171,3 +171,97 @@ def test_init_adapter_starts_a_new_run_from_the_trained_r(tiny_model_dir, qa_fil
         train.train(
             _train_config(tiny_model_dir, qa_file, tmp_path / "x", init_adapter=str(first), factors=str(factors_file))
         )
+
+
+# A chat template that, like SmolLM2's, opens with a default system turn when the conversation has none.
+CHAT_WITH_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<s>system\nYou are a default bot.</s>\n{% endif %}"
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template, an adapter trained on `messages` rows that share one system
+    turn, and question/answer rows to score."""
+    from helpers import QA_ROWS, make_llama, save_model
+
+    from lorasb_cli import decompose, estimate, train
+
+    folder = tmp_path_factory.mktemp("chat")
+    model, tokenizer = make_llama()
+    tokenizer.chat_template = CHAT_WITH_DEFAULT_SYSTEM
+    model_dir = save_model(model, tokenizer, folder / "model")
+    system = {"role": "system", "content": "You add numbers."}
+    rows = [
+        {
+            "messages": [
+                system,
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in QA_ROWS
+    ]
+    chat_file = write_jsonl(folder / "chat.jsonl", rows)
+    update, factors = folder / "u.safetensors", folder / "f.safetensors"
+    estimate.estimate(estimate.EstimateConfig(model=str(model_dir), data=str(chat_file), out=str(update), samples=8))
+    decompose.decompose(decompose.DecomposeConfig.from_options(update=str(update), rank=4, out=str(factors)))
+    run_dir = folder / "run"
+    train.train(
+        train.TrainConfig.from_options(
+            model=str(model_dir), factors=str(factors), data=str(chat_file), out=str(run_dir), max_steps=2, batch_size=4
+        )
+    )
+    return model_dir, run_dir, write_jsonl(folder / "qa.jsonl", QA_ROWS[:4]), update
+
+
+def test_the_shared_system_turn_is_recorded_in_every_artifact(chat_run):
+    _, run_dir, _, update = chat_run
+    assert artifacts.Artifact(update).meta["data"]["system_prompt"] == "You add numbers."
+    recorded = json.loads((run_dir / "adapter_config.json").read_text())["data"]
+    assert (recorded["template"], recorded["system_prompt"]) == ("chat", "You add numbers.")
+
+
+def test_before_and_after_are_scored_under_one_template(chat_run, tmp_path, capsys):
+    model_dir, run_dir, qa, _ = chat_run
+    common = ["evaluate", "-t", "gsm8k", "-d", qa, "--max-new-tokens", 4]
+    outputs = {
+        "before": ["-m", model_dir, "--template-of", run_dir],
+        "after": ["-m", model_dir, "-a", run_dir],
+        "before, unmatched": ["-m", model_dir],
+    }
+    results, err = {}, {}
+    for name, args in outputs.items():
+        out = tmp_path / f"{name}.json"
+        code, _, err[name] = run([*common, *args, "-o", out], capsys)
+        assert code == 0, err[name]
+        results[name] = json.loads(out.read_text())
+    assert results["before"]["template"] == results["after"]["template"] == "chat"
+    assert results["before"]["system_prompt"] == results["after"]["system_prompt"] == "You add numbers."
+    prompts = {
+        name: [json.loads(line)["input"] for line in (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()]
+        for name in outputs
+    }
+    assert prompts["before"] == prompts["after"]
+    assert all("You add numbers." in p and "default bot" not in p for p in prompts["after"])
+    assert f"template: chat (recorded in {run_dir} (--template-of))" in " ".join(err["before"].split())
+    # Without --template-of the base is prompted by its data's fields: another template, and evaluate says so.
+    assert results["before, unmatched"]["template"] == "alpaca"
+    assert "template: alpaca (picked from the fields answer, question)" in " ".join(err["before, unmatched"].split())
+
+
+def test_system_prompt_is_a_chat_turn_only(tiny_model_dir, qa_file, tmp_path, capsys):
+    code, _, err = run(
+        ["estimate", "-m", tiny_model_dir, "-d", qa_file, "--system-prompt", "hi", "-o", tmp_path / "u"], capsys
+    )
+    assert code == 2 and "--system-prompt is a turn of the chat template, not of alpaca" in err
+
+
+def test_named_prompt_response_fields_are_plain_pairs():
+    from lorasb_cli import templates
+
+    assert templates.resolve("auto", ["prompt", "response"]) == "plain"
+    rows = [{"messages": [{"role": "system", "content": s}, {"role": "user", "content": "q"}]} for s in "aab"]
+    assert templates.shared_system_turn(rows[:2]) == "a" and templates.shared_system_turn(rows) is None

@@ -45,9 +45,10 @@ class ModelAnswerer:
         batch_size: int,
         max_length: int,
         max_new_tokens: int | None = None,
+        system_prompt: str | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.template = templates.Template(template, tokenizer)
+        self.template = templates.Template(template, tokenizer, system_prompt)
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.device = next(model.parameters()).device
 
@@ -132,7 +133,9 @@ class ModelAnswerer:
     @torch.no_grad()
     def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]:
         fmt = data.detect_format(list(rows[0]), "auto")
-        examples = data.encode(rows, fmt, self.tokenizer, self.max_length, template=self.template.name)
+        examples = data.encode(
+            rows, fmt, self.tokenizer, self.max_length, template=self.template.name, system_prompt=self.template.system
+        )
         results = []
         for example in examples:
             batch = {k: v.to(self.device) for k, v in data.collate([example], self.tokenizer.pad_token_id).items()}
