@@ -177,7 +177,7 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     if config.lr_sweep:
         lr, sweeps = sweep_lrs(out / "sweep", settings, pairs, lr)
     results = run_grid(out, settings, grid(pairs, config.seeds, lr), progress)
-    report = write_report(out, settings, results, sweeps=sweeps)
+    report = write_report(out, settings, results, sweeps=sweeps, base=score_base(out, settings, results))
     return CompareSummary(report, len(results), aggregate(results, config.metric))
 
 
@@ -326,13 +326,14 @@ def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
     )
 
 
-def _evaluate_cell(settings: Settings, run: Path, out: Path):
+def _evaluate(settings: Settings, out: Path, **model: str):
+    """evaluate on the held-out rows into `out`; `model`: the run as `adapter`, or `template_of` for the base."""
     from .evaluate import EvaluateConfig, evaluate
 
     return evaluate(
         EvaluateConfig(
             **settings.model_options(),
-            adapter=str(run),
+            **model,
             task=settings.task,
             data=settings.eval_data,
             out=str(out),
@@ -351,7 +352,7 @@ def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
         shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
     folder.mkdir(parents=True)
     summary = _train_cell(out, settings, cell, folder / "run")
-    scored = _evaluate_cell(settings, folder / "run", folder / "eval.json")
+    scored = _evaluate(settings, folder / "eval.json", adapter=str(folder / "run"))
     metrics = json.loads((folder / "run" / "metrics.json").read_text())
     result = CellResult(
         cell=asdict(cell),
@@ -367,6 +368,20 @@ def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
     with artifacts.atomic_path(folder / "cell.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def score_base(out: Path, settings: Settings, results: Sequence[CellResult]) -> dict | None:
+    """The base model's results before any training, prompted exactly as the cells' adapters are (--template-of
+    the first cell's run): the "before" every row compares with. None for a classifier, whose untrained head
+    scores nothing meaningful."""
+    if not results or get_task(settings.task).scoring == "classify":
+        return None
+    path = out / "base" / "eval.json"
+    if not path.is_file():  # kept across reruns, as finished cells are
+        path.parent.mkdir(parents=True, exist_ok=True)
+        first = out / "cells" / Cell.from_record(results[0].cell).key / "run"
+        _evaluate(settings, path, template_of=str(first))
+    return json.loads(path.read_text())
 
 
 def run_grid(
@@ -484,6 +499,17 @@ def mark_noise(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _base_line(base: dict | None, rows: list[dict]) -> str:
+    """The base model's score in the table's metric, and the template both were prompted with."""
+    if base is None or not rows or not isinstance(base["metrics"].get(rows[0]["metric"]), (int, float)):
+        return ""
+    metric = rows[0]["metric"]
+    return (
+        f"Before training, the base model scores {metric} {base['metrics'][metric]:.4f}, prompted as every adapter "
+        f"below is (template `{base['template']}`).\n\n"
+    )
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     from .console import human_bytes
 
@@ -560,17 +586,20 @@ def write_report(
     results: Sequence[CellResult],
     title: str = "lorasb compare",
     sweeps: dict[str, list[dict]] | None = None,
+    base: dict | None = None,
 ) -> Path:
-    """results.md, results.json and the PNGs in `out` (sweep.png with `sweeps`); returns the markdown path."""
+    """results.md, results.json and the PNGs in `out` (sweep.png with `sweeps`); returns the markdown path. `base`:
+    the untrained base model's results (score_base), reported above the table."""
     out = Path(out)
     rows = aggregate(results, settings.metric)
     plot(results, rows, out, title)
     with artifacts.atomic_path(out / "results.json") as tmp:
-        payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results]}
+        payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results], "base": base}
         tmp.write_text(json.dumps(payload | ({"lr_sweep": sweeps} if sweeps else {}), indent=2, default=str) + "\n")
     text = (
         f"# {title}\n\nModel `{settings.model}`, task `{settings.task}`, {settings.max_steps} steps of batch "
         f"{settings.batch_size}, estimate over {settings.samples} samples at η {settings.eta:g}.\n\n"
+        + _base_line(base, rows)
         + markdown_table(rows)
         + "\n![loss curves](loss.png)\n\n![metric vs trainable parameters](metric.png)\n"
     )

@@ -32,7 +32,12 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     pairs = compare.parse_methods("lorasb,lora-xs,lora:2,full", [2, 4])
     cells = compare.grid(pairs, 2, compare.parse_lrs("full=1e-3,1e-2"))
     results = compare.run_grid(tmp_path, _settings(tiny_model_dir, qa_file), cells)
-    report = compare.write_report(tmp_path, _settings(tiny_model_dir, qa_file), results)
+    base = compare.score_base(tmp_path, _settings(tiny_model_dir, qa_file), results)
+    report = compare.write_report(tmp_path, _settings(tiny_model_dir, qa_file), results, base=base)
+    # "Before" is the base model prompted exactly as the cells' adapters are.
+    cell_eval = json.loads((tmp_path / "cells" / cells[0].key / "eval.json").read_text())
+    assert base["template"] == cell_eval["template"] and base["config"]["template_of"].endswith("/run")
+    assert "Before training, the base model scores" in report.read_text()
 
     rows = compare.aggregate(results)
     assert [(r["method"], r["rank"]) for r in rows] == [
