@@ -20,12 +20,13 @@ $LORASB train --model smollm2-135m --factors "$OUT/smollm2-factors.safetensors" 
   --max-steps 150 --batch-size 8 --lr 2e-3 --warmup-ratio 0.05 --init-scale auto --max-length 128 \
   --overwrite -o "$OUT/smollm2-run"
 $LORASB merge --adapter "$OUT/smollm2-run" --overwrite -o "$OUT/smollm2-merged"
+# Before and after under one template: the base is prompted exactly as the fine-tuned model is (--template-of).
 for model in smollm2-135m "$OUT/smollm2-merged"; do
   name=$( [ "$model" = smollm2-135m ] && echo base || echo lorasb )
-  $LORASB evaluate --model "$model" --task gsm8k --data "$OUT/arith-test.jsonl" --limit 100 --batch-size 25 \
-    --max-new-tokens 24 -o "$OUT/smollm2-$name-accuracy.json"
-  $LORASB evaluate --model "$model" --task perplexity --data "$OUT/arith-test.jsonl" --limit 100 \
-    -o "$OUT/smollm2-$name-loss.json"
+  $LORASB evaluate --model "$model" --template-of "$OUT/smollm2-merged" --task gsm8k --data "$OUT/arith-test.jsonl" \
+    --limit 100 --batch-size 25 --max-new-tokens 24 -o "$OUT/smollm2-$name-accuracy.json"
+  $LORASB evaluate --model "$model" --template-of "$OUT/smollm2-merged" --task perplexity \
+    --data "$OUT/arith-test.jsonl" --limit 100 -o "$OUT/smollm2-$name-loss.json"
 done
 
 echo "== MiniLM-L6 on reuters-r8 ==" >&2

@@ -26,6 +26,10 @@ def main(out: Path, seconds: int) -> None:
     for model, data, label, file, key in rows:
         before, after = (metric(out, file.format(stage), key) for stage in ("base", "lorasb"))
         table.add_row(model, data, label, f"{before:.3f}", f"{after:.3f}")
+    templates = {
+        json.loads((out / f"smollm2-{stage}-accuracy.json").read_text())["template"] for stage in ("base", "lorasb")
+    }
+    table.caption = f"SmolLM2 before and after: one template, {', '.join(sorted(templates))} (evaluate --template-of)"
     Console().print(table)
 
 
