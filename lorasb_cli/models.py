@@ -172,10 +172,9 @@ def _from_pretrained(
     auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-        if labels is not None:
-            # A new head is expected to be missing from the checkpoint: no load report for it.
-            transformers.utils.logging.set_verbosity_error()
-        model = auto.from_pretrained(ref.path, **kwargs)
+        # No load report: what it lists is checked below (_check_complete), a missing new head expected.
+        transformers.utils.logging.set_verbosity_error()
+        model, info = auto.from_pretrained(ref.path, output_loading_info=True, **kwargs)
     except SafetensorError as e:
         raise BadInputError(
             f"cannot load model '{ref.id}': its weights are unreadable ({str(e).splitlines()[0]})",
@@ -189,7 +188,30 @@ def _from_pretrained(
             else f"check the name, your network and that the model has a {head} head"
         )
         raise BadInputError(f"cannot load model '{ref.id}': {str(e).splitlines()[0]}", hint=hint) from e
+    except RuntimeError as e:  # a weight whose shape the config contradicts (e.g. another vocab_size)
+        raise BadInputError(
+            f"cannot load model '{ref.id}': its weights do not match its config ({str(e).splitlines()[0]})",
+            hint="the config.json belongs to another checkpoint: copy the model folder again",
+        ) from e
+    _check_complete(ref, info, new_head=labels is not None)
     return model, tokenizer
+
+
+def _check_complete(ref: ModelRef, info: dict, *, new_head: bool) -> None:
+    """Refuse a checkpoint that lacks weights of its own architecture, which transformers would fill with random
+    ones. Only a new classifier head may be missing, and only then may a checkpoint hold weights the model does
+    not use (the pretraining head a classifier replaces, e.g. RoBERTa's lm_head)."""
+    missing = sorted(k for k in info["missing_keys"] if not (new_head and k.split(".")[0] in HEAD_MODULES))
+    unexpected = [] if new_head else sorted(info["unexpected_keys"])
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for problem, keys in (("lacks", missing), ("has unexpected", unexpected), ("has mis-shaped", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise BadInputError(
+                f"model '{ref.id}' {problem} weights: {shown}",
+                path=ref.path if Path(ref.path).is_dir() else None,
+                hint="the checkpoint is incomplete or belongs to another config: copy or download it again",
+            )
 
 
 def load_for_labels(

@@ -1,0 +1,73 @@
+"""Off the happy path: each root cause of a fault gets one row, run through the real entry point. Every row must
+end in exit 2 with one `Error:` line naming no Python exception, write no output and change no input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from helpers import make_llama, save_model
+from safetensors.torch import load_file, save_file
+
+from lorasb_cli import cli
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _drop_weight(model_dir: Path, name: str) -> None:
+    weights = load_file(model_dir / "model.safetensors")
+    del weights[name]
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _more_layers_in_config(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+
+
+def _other_vocab_in_config(model_dir: Path) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 7}))
+
+
+# (case, how the base is damaged, what the one error line says)
+BROKEN_BASES = [
+    (
+        "missing-weight",
+        lambda d: _drop_weight(d, "model.layers.1.mlp.down_proj.weight"),
+        "lacks weights: model.layers.1.mlp.down_proj.weight",
+    ),
+    ("config-layers-past-weights", _more_layers_in_config, "lacks weights: model.layers.2."),
+    ("config-vocab-not-the-weights", _other_vocab_in_config, "weights"),
+]
+
+
+@pytest.mark.parametrize("stage", ["estimate", "train", "evaluate"])
+@pytest.mark.parametrize(("case", "damage", "message"), BROKEN_BASES, ids=[c[0] for c in BROKEN_BASES])
+def test_an_incomplete_base_is_refused_not_filled_with_random_weights(
+    stage, case, damage, message, qa_file, tmp_path, capsys
+):
+    model, tokenizer = make_llama()
+    base = save_model(model, tokenizer, tmp_path / "base")
+    damage(base)
+    before = _snapshot(base)
+    capsys.readouterr()  # what building the base printed
+    out = tmp_path / ("out.json" if stage == "evaluate" else "out")
+    args = {
+        "estimate": ["--samples", 4],
+        "train": ["--method", "lora", "--rank", 2, "--max-steps", 1],
+        "evaluate": ["-t", "perplexity", "--limit", 2],
+    }[stage]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in [stage, "-m", base, "-d", qa_file, *args, "-q", "-o", out]])
+    stdout, err = capsys.readouterr()
+    assert excinfo.value.code == 2, err
+    assert err.startswith("Error: ") and err.count("\n") == 1 and message in err
+    assert "Error: RuntimeError" not in err and stdout == ""
+    assert not out.exists() and _snapshot(base) == before
