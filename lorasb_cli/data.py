@@ -460,6 +460,15 @@ def encode(
     return examples
 
 
+def check_supervised(tokens: int, what: str, max_length: int) -> None:
+    """Refuse data that teaches nothing: `what` (e.g. "the 32 samples drawn") holds `tokens` supervised tokens."""
+    if tokens == 0:
+        raise BadInputError(
+            f"{what} have no supervised token within --max-length {max_length}: there is nothing to learn",
+            hint="raise --max-length, or check that the rows' responses are not empty",
+        )
+
+
 def supervised_tokens(example: Example) -> int:
     """Positions with a next-token target (labels shift by one in the loss); every token of a classifier's input."""
     if example.label is not None:

@@ -343,6 +343,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     else:
         result = passes.sums(sample.indices)
     seconds = time.perf_counter() - start
+    data.check_supervised(result.tokens, f"the {result.samples} samples drawn", config.max_length)
     if system.is_main_process():
         _write_update(config, sample, model, modules, result, dtype, records)
     return EstimateSummary(

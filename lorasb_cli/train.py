@@ -267,12 +267,15 @@ def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
         # sees, nor on the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, held_out = train_examples[:-held], list(train_examples[-held:])
+    first = list(train_examples[:64])  # every row of a small set, and the probe when there is no other
+    tokens = sum(data.supervised_tokens(example) for example in first)
+    data.check_supervised(tokens, f"the first {len(first)} training rows", config.max_length)
     if eval_examples:
         probe, kind = eval_examples, "eval"
     elif held_out is not None:
         probe, kind = held_out, "held-out training"
     else:
-        probe, kind = train_examples[: min(64, len(train_examples))], "training"
+        probe, kind = first, "training"
     return _Examples(train_examples, eval_examples, list(probe), kind, held_out)  # the probe is encoded once
 
 

@@ -71,3 +71,20 @@ def test_an_incomplete_base_is_refused_not_filled_with_random_weights(
     assert err.startswith("Error: ") and err.count("\n") == 1 and message in err
     assert "Error: RuntimeError" not in err and stdout == ""
     assert not out.exists() and _snapshot(base) == before
+
+
+@pytest.mark.parametrize(
+    ("stage", "args"), [("estimate", ["--samples", 4]), ("train", ["--method", "lora", "--rank", 2])]
+)
+def test_nothing_to_learn_is_refused(stage, args, tiny_model_dir, qa_file, tmp_path, capsys):
+    """At --max-length 2 no answer token fits: an all-zero update or a loss of 0.0 is no success."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(
+            [str(a) for a in [stage, "-m", tiny_model_dir, "-d", qa_file, *args, "--max-length", 2, "-q", "-o", out]]
+        )
+    err = capsys.readouterr()[1]
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert excinfo.value.code == 2 and len(errors) == 1 and err.splitlines()[-1] == errors[0]
+    assert "no supervised token within --max-length 2" in errors[0]
+    assert not out.exists()
