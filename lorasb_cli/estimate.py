@@ -305,12 +305,12 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     `progress(done, total)` is called with sample counts as batches finish.
     """
-    sample = _read_sample(config)
-    # Before the plan, which builds batches of it.
+    # Before any data is read, and before the plan, which builds batches of it.
     max_length = models.fit_max_length(
-        config.max_length, MAX_LENGTH, sample.ref, trust_remote_code=config.trust_remote_code
+        config.max_length, MAX_LENGTH, models.resolve_model(config.model), trust_remote_code=config.trust_remote_code
     )
     config = dataclasses.replace(config, max_length=max_length)
+    sample = _read_sample(config)
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     accumulate_on, planned = _plan_accumulators(config, sample, device, dtype)

@@ -90,7 +90,9 @@ def test_estimate_train_evaluate_on_a_hub_style_data_set_with_config_and_renamed
         capsys,
     )
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    assert config["data"]["config"] == "main" and config["data"]["template"] == "alpaca"
+    assert (
+        config["data"]["config"] == "main" and config["data"]["template"] == "plain"
+    )  # named prompt/response pairs: plain
     results = run(
         [
             "evaluate",
@@ -116,7 +118,7 @@ def test_estimate_train_evaluate_on_a_hub_style_data_set_with_config_and_renamed
         capsys,
     )
     scored = json.loads(Path(results).read_text())
-    assert scored["count"] == 4 and scored["template"] == "alpaca"
+    assert scored["count"] == 4 and scored["template"] == "plain"
     assert {"strict_accuracy", "flexible_accuracy"} <= set(scored["metrics"])
 
 
@@ -130,8 +132,8 @@ def test_estimate_reads_only_the_rows_it_draws(tiny_model_dir, tmp_path, monkeyp
     estimate.estimate(
         estimate.EstimateConfig(model=str(tiny_model_dir), data=str(path), out=str(tmp_path / "u"), frac=0.001)
     )
-    drawn = set(data.sample_indices(3000, frac=0.001, samples=None, seed=0))
-    assert len(drawn) == 3 and drawn <= set(read) <= drawn | {0}  # row 0 tells the fields
+    drawn = set(data.sample_indices(3000, frac=0.001, samples=None, seed=0, min_samples=32))
+    assert len(drawn) == 32 and drawn <= set(read) <= drawn | {0}  # row 0 tells the fields
     assert len(read) <= len(drawn) + 4
 
 
