@@ -3,8 +3,9 @@ and its stage function takes.
 
 This module imports no torch, transformers or peft, nor any module that does, so that `lorasb COMMAND --help` and
 usage errors are instant: the CLI generates a command's options from these classes, and the plug-in options from
-the declarations in lorasb_cli/methods and lorasb_cli/inits (also light; their implementations load on use).
-Each stage module re-exports its config (`from lorasb_cli.train import TrainConfig`).
+the declarations in lorasb_cli/methods and lorasb_cli/inits (also light; their implementations load on use),
+which `plugin_fields` imports only then, so `lorasb --help` imports no plug-in. Each stage module re-exports its
+config (`from lorasb_cli.train import TrainConfig`).
 """
 
 from __future__ import annotations

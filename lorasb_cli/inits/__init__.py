@@ -11,14 +11,13 @@ init's `factor` is imported when the init runs. A new init is its module and one
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
 from ..options import option, plugin_fields, plugin_options, takes
-from ..registry import Registry
+from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +65,7 @@ class Init:
 
     @property
     def factor(self) -> Callable[[torch.Tensor, int, InitOptions], Factors]:
-        module, _, function = self.implementation.partition(":")
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        return import_implementation(__name__, self.implementation)
 
     def resolve_options(self, given: Mapping[str, object]) -> OwnOptions:
         """This init's own options from those given on the command line (`DecomposeConfig.init_options`)."""

@@ -14,7 +14,6 @@ beside this one) is imported when the method is prepared. A new method is its mo
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
 from ..options import option, plugin_fields, plugin_options, takes
-from ..registry import Registry
+from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
     import torch
@@ -158,8 +157,7 @@ class Method:
 
     @property
     def prepare(self) -> Callable[[Setup], Prepared]:
-        module, _, function = self.implementation.partition(":")
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        return import_implementation(__name__, self.implementation)
 
     @property
     def uses_rank(self) -> bool:
