@@ -7,14 +7,13 @@ Exit status: 0 success, 2 bad usage or input, 1 failure while running.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import sys
 
 import click
 
-from . import __version__
+from . import __version__, configs
 from .errors import LorasbError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -56,26 +55,23 @@ def common_options(command):
 
 
 class ConfigCommand(click.Command):
-    """A command whose options are generated from a stage's config class (lorasb_cli/options.py) and, where the
+    """A command whose options are generated from a stage's config class (lorasb_cli/configs.py) and, where the
     config takes a plug-in's options, from every plug-in of that kind. They are made when the command first
-    parses or shows help, so `lorasb --help` imports no stage (nor torch). The callback gets the filled config as
-    `config`, and the options the command declares itself (--json, estimate's --dry-run) as they are."""
+    parses or shows help, so `lorasb --help` imports no plug-in; configs and plug-in declarations import no torch,
+    so neither does a command's --help or usage error. The callback gets the filled config as `config`, and the
+    options the command declares itself (--json, estimate's --dry-run) as they are."""
 
-    def __init__(self, *args, config: str, **kwargs):
+    def __init__(self, *args, config: type, **kwargs):
         super().__init__(*args, **kwargs)
-        self.config = config  # "module:Class" in lorasb_cli
+        self.config_class = config
         self.own = {p.name for p in self.params}
         self._generated = False
-
-    def config_class(self):
-        module, _, name = self.config.partition(":")
-        return getattr(importlib.import_module(f"lorasb_cli.{module}"), name)
 
     def get_params(self, ctx):
         if not self._generated:
             from .options import cli_fields, click_param, plugin_fields_of
 
-            cls = self.config_class()
+            cls = self.config_class
             plugins = plugin_fields_of(cls)
             self.params[:0] = [click_param(f) for f in cli_fields(cls)] + [click_param(f, plugin=True) for f in plugins]
             self._generated = True
@@ -86,7 +82,7 @@ class ConfigCommand(click.Command):
 
         values = {k: v for k, v in ctx.params.items() if k not in self.own}
         ctx.params = {k: v for k, v in ctx.params.items() if k in self.own} | {
-            "config": build(self.config_class(), values)
+            "config": build(self.config_class, values)
         }
         return super().invoke(ctx)
 
@@ -117,7 +113,7 @@ def cli():
 
 @cli.command(
     cls=ConfigCommand,
-    config="estimate:EstimateConfig",
+    config=configs.EstimateConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:
@@ -226,7 +222,7 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
 
 @cli.command(
     cls=ConfigCommand,
-    config="estimate:CombineConfig",
+    config=configs.CombineConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:
@@ -245,7 +241,7 @@ def combine(config, as_json, quiet):
 
 @cli.command(
     cls=ConfigCommand,
-    config="decompose:DecomposeConfig",
+    config=configs.DecomposeConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -273,7 +269,7 @@ def decompose(config, as_json, quiet):
 
 @cli.command(
     cls=ConfigCommand,
-    config="train:TrainConfig",
+    config=configs.TrainConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -311,7 +307,7 @@ def train(config, as_json, quiet):
 
 @cli.command(
     cls=ConfigCommand,
-    config="compare:CompareConfig",
+    config=configs.CompareConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
@@ -332,7 +328,7 @@ def compare(config, as_json, quiet):
 
 @cli.command(
     cls=ConfigCommand,
-    config="merge:MergeConfig",
+    config=configs.MergeConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:
@@ -352,7 +348,7 @@ def merge(config, as_json, quiet):
 
 @cli.command(
     cls=ConfigCommand,
-    config="evaluate:EvaluateConfig",
+    config=configs.EvaluateConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:

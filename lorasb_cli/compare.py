@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import artifacts, data, inits, methods, models
+from .configs import COMPARE_MAX_LENGTH, CompareConfig
 from .errors import BadInputError
-from .options import ModelOptions, TrainingDataOptions, option, takes
+from .options import takes
 from .tasks import get_task
 
 log = logging.getLogger("lorasb")
-
-MAX_LENGTH = 256  # --max-length when not given: every cell of a grid trains and scores at this budget
 
 
 @dataclass(frozen=True)
@@ -69,42 +68,6 @@ class Cell:
     @property
     def is_init(self) -> bool:
         return self.method in inits.INITS
-
-
-@dataclass(frozen=True, kw_only=True)
-class CompareConfig(TrainingDataOptions, ModelOptions):
-    """`lorasb compare`'s options: the model and data groups every cell's stages get, then the grid's own."""
-
-    data: str = option(
-        "--data", "-d", required=True, help="Training data: a file, hub data set or built-in name (lorasb data list)."
-    )
-    eval_data: str | None = option(help="Held-out data to score [default: the built-in's test split].")
-    eval_size: int | None = option(type=int, help="Rows of a built-in test set.")
-    task: str = option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
-    methods: str = option(
-        required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
-    )
-    ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
-    seeds: int = option(default=3, help="Seeds 0..N-1 per cell.")
-    max_steps: int = option(default=100, help="Optimizer steps of every cell.")
-    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
-    max_length: int | None = option(
-        type=int,
-        help="Tokens per sample, at most.",
-        show_default=f"{MAX_LENGTH}, or the model's position limit if smaller",
-    )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
-    samples: int = option(default=32, help="Samples of each seed's estimate.")
-    eta: float = option(default=1e-5, help="η of each seed's estimate.")
-    max_new_tokens: int | None = option(type=int, help="Generation budget of the task [default: the task's].")
-    metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
-    lr_sweep: bool = option(
-        flag=True,
-        default=False,
-        help="Choose each method's lr first: validation loss on a slice of the training rows, seed 0, the method's "
-        "first rank, over 5 half-decade steps around its --lr, extended at an edge until the best is inside.",
-    )
-    out: str = option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
 
 
 @dataclass(frozen=True)
@@ -170,7 +133,10 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
     shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}
     max_length = models.fit_max_length(
-        config.max_length, MAX_LENGTH, models.resolve_model(config.model), trust_remote_code=config.trust_remote_code
+        config.max_length,
+        COMPARE_MAX_LENGTH,
+        models.resolve_model(config.model),
+        trust_remote_code=config.trust_remote_code,
     )
     settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out, "max_length": max_length})
     sweeps = {}

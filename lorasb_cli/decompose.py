@@ -10,16 +10,15 @@ import functools
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from . import artifacts, budget, inits, linalg, models
+from .configs import DecomposeConfig
 from .errors import BadInputError, IncompatibleArtifactError
-from .options import PluginConfig, argument, option
 
 
 @dataclass
@@ -41,49 +40,6 @@ class DecomposeSummary:
             shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
             rows.append((kind, len(modules), shown, sum(energy) / len(energy), min(energy), max(energy)))
         return rows
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecomposeConfig(PluginConfig):
-    """`lorasb decompose`'s options. The init's own options (--noise-std, ...) are declared by the init
-    (lorasb_cli/inits) and arrive in `init_options` as given; `from_options` builds a config from flat options."""
-
-    update: str | None = argument(required=False)
-    rank: int | None = option(
-        "--rank",
-        "-r",
-        type=int,
-        help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
-        "budget affords everywhere, √(budget / modules)].",
-    )
-    init: str = option(
-        default="lorasb", metavar="NAME", help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal."
-    )
-    model: str | None = option("--model", "-m", help="A weight-based init (lora-xs): the model whose W0 is factored.")
-    targets: str = option(default="all-linear", help="A weight-based init without an update: the modules.")
-    budget: int | None = option(
-        type=int,
-        help="Trainable parameters Σ r² to spend: a rank per module from its spectrum, greedy on captured energy "
-        "per parameter (--rank is the reference).",
-    )
-    budget_ratio: float | None = option(type=float, help="--budget as a fraction of the count at --rank everywhere.")
-    min_rank: int = option(default=1, help="With a budget: the least rank of a module.")
-    max_rank: int | None = option(
-        type=int, help="With a budget: the largest rank of a module [default: 4 × --rank, at most min(m, n)]."
-    )
-    niter: int = option(default=linalg.DEFAULT_NITER, help="Power iterations of the randomized SVD.")
-    exact: bool = option(flag=True, default=False, help="Full SVD instead of torch.svd_lowrank (slower).")
-    seed: int = option(default=0, help="Seed of the randomized SVD and random inits.")
-    device: str = option(default="auto", help="Where to run the SVDs: auto, cpu, cuda.")
-    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model's own code (weight-based inits).")
-    out: str = option("-o", "--out", default="factors.safetensors", help="Factors file to write.")
-    init_options: Mapping[str, object] = field(default_factory=dict)
-
-    PLUGIN_FIELD: ClassVar[str] = "init_options"
-
-    @staticmethod
-    def plugin_fields() -> list:
-        return inits.option_fields()
 
 
 @dataclass

@@ -16,17 +16,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import torch
 from torch import nn
 
 from . import artifacts, data, linalg, loss, models, plan, stability, system, templates
+from .configs import CombineConfig, EstimateConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
-from .options import MAX_LENGTH, ModelOptions, TrainingDataOptions, argument, option
+from .options import MAX_LENGTH
 
 log = logging.getLogger("lorasb")
-
-DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
 
 
 @dataclass
@@ -197,75 +195,6 @@ def sum_gradients(
 def sign_update(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Update tensors `<module>.weight` = −sign(G) as int8 (0 where G is exactly 0); the scale η lives in metadata."""
     return {f"{name}.weight": torch.sign(g).neg_().to(torch.int8) for name, g in sums.items()}
-
-
-class _SamplesType(click.ParamType):
-    """--samples: a positive count, or `auto`."""
-
-    name = "N|auto"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "auto":
-            return value
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f"'{value}' is neither a number of samples nor auto", param, ctx)
-
-
-SAMPLES = _SamplesType()
-
-
-@dataclass(frozen=True, kw_only=True)
-class EstimateConfig(TrainingDataOptions, ModelOptions):
-    """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
-
-    data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
-    frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
-    min_samples: int = option(default=32, help="--frac draws at least this many samples (or every row).")
-    samples: int | str | None = option(
-        type=SAMPLES,
-        help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
-        "--max-samples).",
-    )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
-    seed: int = option(default=0, help="Seed of the sample draw.")
-    eta: float = option(default=1e-5, help="Size η of the simulated first step.")
-    raw: bool = option(
-        flag=True, default=False, help="Write float32 sums of G and the sample count (for lorasb combine)."
-    )
-    shard: str | None = option(help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
-    accumulate_on: str = option(
-        type=click.Choice(plan.ACCUMULATE_ON),
-        default="auto",
-        help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
-        "when everything fits there, else the CPU.",
-    )
-    accumulate_dtype: str = option(
-        type=click.Choice(["float32", "bfloat16"]),
-        default="float32",
-        help="bfloat16 halves the accumulators; each batch rounds once into G.",
-    )
-    rank: int = option(
-        "--rank",
-        "-r",
-        default=32,
-        help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it.",
-    )
-    threshold: float = option(
-        default=0.9, help="--samples auto: stop once two successive estimates' top-r subspaces overlap this much."
-    )
-    max_samples: int = option(default=512, help="--samples auto: the most samples it draws.")
-    report_ranks: str | None = option(
-        metavar="RANKS",
-        help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
-        "sample's two halves, per module, in the update's metadata. Sums the halves apart: 2× accumulators.",
-    )
-    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
-
-    def __post_init__(self):
-        if self.frac is None and self.samples is None:
-            object.__setattr__(self, "frac", DEFAULT_FRAC)
 
 
 @dataclass
@@ -588,14 +517,6 @@ _SAMPLING_KEYS = (
     "seed",
     "max_length",
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class CombineConfig:
-    """`lorasb combine`'s options."""
-
-    parts: tuple[str, ...] = argument(many=True)
-    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
 
 def combine(config: CombineConfig, progress: Callable[[int, int], None] | None = None) -> Path:

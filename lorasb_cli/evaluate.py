@@ -18,43 +18,12 @@ import torch
 from torch import nn
 
 from . import adapter, artifacts, data, models, shards, templates
+from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
-from .options import DataOptions, ModelOptions, force_template, option
 from .tasks import Task, get_task
 from .tasks.runner import Answerer, ModelAnswerer, evaluate_rows
 
 log = logging.getLogger("lorasb")
-
-MAX_LENGTH = 1024  # --max-length when not given (a prompt and its generated answer), capped at the model's limit
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(DataOptions, ModelOptions):
-    """`lorasb evaluate`'s options: the model and data groups (the data defaulting to the task's), then its own."""
-
-    adapter: str | None = option("--adapter", "-a", help="Adapter directory (lorasb train -o) to evaluate unmerged.")
-    task: str = option(
-        "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
-    )
-    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
-    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
-    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
-    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
-    force_template: bool = force_template()
-    template_of: str | None = option(
-        metavar="RUN",
-        help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "
-        "system prompt. Scores a base model the way its fine-tuned model is scored, so before and after compare.",
-    )
-    limit: int | None = option(type=int, help="Evaluate the first N examples only.")
-    batch_size: int = option(default=8, help="Examples per batch.")
-    max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
-    max_length: int | None = option(
-        type=int, help="Input tokens, at most.", show_default=f"{MAX_LENGTH}, or the model's position limit if smaller"
-    )
-    scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
-    seed: int = option(default=0, help="Seed (decoding is greedy).")
-    out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
 
 
 @dataclass
@@ -228,7 +197,7 @@ def evaluate(
     if answerer is None:
         ref = models.resolve_model(config.model)
         max_length = models.fit_max_length(
-            config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code
+            config.max_length, EVALUATE_MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code
         )
         config = replace(config, max_length=max_length)
         model, tokenizer = load_for_task(config, task, task.scoring, saved)

@@ -1,10 +1,17 @@
-"""The linear algebra of the factors: truncated SVD of a module's update and the ranks it allows."""
+"""The linear algebra of the factors: truncated SVD of a module's update and the ranks it allows.
+
+torch is imported where the SVD runs, so that the option declarations (lorasb_cli/configs.py) read DEFAULT_NITER
+without it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 # Sign matrices have flat spectra, where randomized SVD needs power iterations: measured on 4096² sign
 # updates, niter=4 with oversampling r/2 (at least 16) stays within 0.3% of the optimal residual
@@ -20,6 +27,8 @@ def truncated_svd(
     matrix: torch.Tensor, rank: int, *, niter: int = DEFAULT_NITER, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-`rank` singular triplets of `matrix` [m, n] in float32: U [m, r], S [r], Vh [r, n]."""
+    import torch
+
     matrix = matrix.float()
     if exact:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

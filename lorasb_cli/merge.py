@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__, adapter, artifacts, models, shards
+from .configs import MergeConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
-from .options import option
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -58,22 +58,6 @@ try:
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
 except (OSError, AttributeError):
     _malloc_trim = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class MergeConfig:
-    """`lorasb merge`'s options."""
-
-    adapter: str = option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
-    model: str | None = option("--model", "-m", help="Base model [default: the one recorded in the adapter].")
-    format: str = option(
-        "--format", default="hf", help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R)."
-    )
-    dtype: str | None = option(help="float32, bfloat16 or float16 [default: the base's].")
-    max_shard_size: str | None = option(help="Re-shard, e.g. 5GB [default: keep the base's shards].")
-    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
-    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
-    out: str = option("-o", "--out", required=True, help="Output directory.")
 
 
 def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = None) -> Path:

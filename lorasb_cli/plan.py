@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from . import models
+from .configs import ACCUMULATE_ON
 from .errors import BadInputError
 from .options import MAX_LENGTH
 
 GIB = 2**30
-ACCUMULATE_ON = ("auto", "cpu", "device")
 ACCUMULATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # estimate's loss (estimate._WeightedCrossEntropy) works in float32 chunks of rows of about this many bytes;
 # two live at once.

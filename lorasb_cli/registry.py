@@ -1,12 +1,12 @@
-"""A name → entry table for the pluggable parts (inits, methods, tasks): each module registers its entries,
-and an unknown name is a one-line error with a "did you mean" hint."""
+"""A name → entry table for the pluggable parts (inits, methods, tasks): each registers its entries, and an
+unknown name is a one-line error with a "did you mean" hint."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 from .errors import BadInputError
@@ -26,6 +26,13 @@ def import_plugins(package: str, path: Iterable[str]) -> None:
     """Import every module of a plug-in package (each registers its entries): a new plug-in is one new file."""
     for info in pkgutil.iter_modules(path):
         importlib.import_module(f"{package}.{info.name}")
+
+
+def import_implementation(package: str, reference: str) -> Callable:
+    """The function a plug-in declaration names as "module:function" in `package`, importing that module (and what
+    it imports: torch, PEFT) only now."""
+    module, _, function = reference.partition(":")
+    return getattr(importlib.import_module(f"{package}.{module}"), function)
 
 
 class Registry(dict[str, T], Generic[T]):

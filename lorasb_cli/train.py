@@ -14,17 +14,17 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
+from .configs import TrainConfig
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted
-from .options import MAX_LENGTH, ModelOptions, PluginConfig, TrainingDataOptions, force_template, option
+from .options import MAX_LENGTH
 from .registry import did_you_mean
 from .trainer import (
     AdapterTrainer,
@@ -38,51 +38,6 @@ from .trainer import (
 log = logging.getLogger("lorasb")
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
-    """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
-    --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
-    given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
-
-    method: str = option(
-        default="lorasb",
-        metavar="NAME",
-        help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
-        "full, head.",
-    )
-    factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
-    init_adapter: str | None = option(
-        metavar="RUN",
-        help="Instead of --factors: a trained LoRA-SB adapter (lorasb train -o) to start from, its B, A, trained R "
-        "and head, with this run's own data and schedule.",
-    )
-    force_template: bool = force_template()
-    eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
-    lr: float = option(default=1e-3, help="AdamW learning rate.")
-    epochs: float = option(default=1.0, help="Passes over --data.")
-    max_steps: int = option(default=-1, help="Optimizer steps; overrides --epochs.")
-    grad_accum: int = option(default=1, help="Batches per optimizer step.")
-    warmup_ratio: float = option(default=0.0, help="Fraction of steps to warm up.")
-    scheduler: str = option(default="linear", help="linear, cosine, constant, constant_with_warmup.")
-    seed: int = option(default=0, help="Seed of data order and any randomness.")
-    gradient_checkpointing: bool = option(
-        flag=True, default=False, help="Recompute activations in backward to save memory."
-    )
-    save_steps: int = option(default=500, help="Checkpoint every N steps.")
-    eval_steps: int | None = option(type=int, help="Evaluate --eval-data every N steps (and at the end).")
-    eval_task: str | None = option(help="Also score --eval-data on this task (lorasb evaluate --task).")
-    resume: bool = option(flag=True, default=False, help="Continue the run in -o from its last checkpoint.")
-    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
-    out: str = option("-o", "--out", required=True, help="Run directory to write the adapter into.")
-    method_options: Mapping[str, object] = field(default_factory=dict)
-
-    PLUGIN_FIELD: ClassVar[str] = "method_options"
-
-    @staticmethod
-    def plugin_fields() -> list:
-        return methods.option_fields()
 
 
 @dataclass

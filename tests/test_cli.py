@@ -285,7 +285,7 @@ def test_every_config_field_is_one_option_of_its_command(command):
     group = cli.cli
     ctx = click.Context(group.commands[command])
     names = {p.name for p in group.commands[command].get_params(ctx)}
-    config = group.commands[command].config_class()
+    config = group.commands[command].config_class
     declared = {f.name for f in options.cli_fields(config)}
     plugins = {f.name for f in options.plugin_fields_of(config)}
     assert declared | plugins <= names

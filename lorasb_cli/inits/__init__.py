@@ -1,28 +1,44 @@
 """`lorasb decompose --init NAME`: how B [m, r], R [r, r], A [r, n] are made from one matrix per target module.
 
-Each init lives in its own module and registers an `Init`. `source` says what the matrix is: ΔW_avg from an
-update (`update`) or the pretrained weight W0 (`model`). Every init sees one module's matrix at a time, so
-decompose streams module by module.
+Each init is declared here (`register` at the end) and implemented by a `factor` function in its own module.
+`source` says what the matrix is: ΔW_avg from an update (`update`) or the pretrained weight W0 (`model`). Every
+init sees one module's matrix at a time, so decompose streams module by module.
+
+Declaration and implementation are apart, so that `lorasb decompose --help` and its usage errors import no torch:
+this module imports none and holds what the CLI shows and parses (name, summary, options); the module of an
+init's `factor` is imported when the init runs. A new init is its module and one `register` line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ..errors import BadInputError
+from ..options import option, plugin_fields, plugin_options, takes
+from ..registry import Registry, import_implementation
 
-from ..options import plugin_fields, plugin_options, takes
-from ..registry import Registry, import_plugins
+if TYPE_CHECKING:
+    import torch
 
-# B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
-Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    # B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
+    Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
 class OwnOptions:
     """An init's own options (`Init.options`), declared as lorasb_cli/options.py fields: `lorasb decompose`'s
     flags are generated from them and a flag the chosen init does not take is refused. This base has none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoisyOptions(OwnOptions):
+    noise_std: float = option(type=float, required=True, help="σ of the noise, in units of η (e.g. 1).")
+
+    def __post_init__(self):
+        if not self.noise_std >= 0:
+            raise BadInputError(f"--noise-std {self.noise_std} must be ≥ 0", hint="e.g. --noise-std 1 (in units of η)")
 
 
 @dataclass(frozen=True)
@@ -37,12 +53,19 @@ class InitOptions:
 
 @dataclass(frozen=True)
 class Init:
+    """An init as declared: `implementation` names its `factor(matrix, rank, options) -> Factors` as
+    "module:function" of this package, imported on first use (`factor`)."""
+
     name: str
     source: str  # "update" (ΔW_avg) or "model" (W0)
-    factor: Callable[[torch.Tensor, int, InitOptions], Factors]
+    summary: str
+    implementation: str
     scale: float = 1.0  # s of W = W0 + s·B·R·A
-    summary: str = ""
     options: type[OwnOptions] = OwnOptions
+
+    @property
+    def factor(self) -> Callable[[torch.Tensor, int, InitOptions], Factors]:
+        return import_implementation(__name__, self.implementation)
 
     def resolve_options(self, given: Mapping[str, object]) -> OwnOptions:
         """This init's own options from those given on the command line (`DecomposeConfig.init_options`)."""
@@ -78,4 +101,8 @@ def svd_factors(
     return truncated_svd(matrix, rank, niter=options.niter, exact=options.exact)
 
 
-import_plugins(__name__, __path__)
+register(Init("kaiming", "update", "SVD of a Kaiming-uniform matrix, scaled to ‖ΔW_avg‖", "kaiming:factor"))
+register(Init("lora-xs", "model", "SVD of the pretrained weight W0 (LoRA-XS)", "lora_xs:factor"))
+register(Init("lorasb", "update", "SVD of the estimated update ΔW_avg", "lorasb:factor"))
+register(Init("noisy", "update", "SVD of ΔW_avg plus Gaussian noise of σ·η", "noisy:factor", options=NoisyOptions))
+register(Init("non-orthonormal", "update", "B = U·S, R = I, A = Vᵀ of ΔW_avg", "non_orthonormal:factor"))

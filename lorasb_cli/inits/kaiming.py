@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import Init, InitOptions, register, svd_factors
+from . import InitOptions, svd_factors
 
 
 def factor(delta: torch.Tensor, rank: int, options: InitOptions):
@@ -16,6 +16,3 @@ def factor(delta: torch.Tensor, rank: int, options: InitOptions):
     random *= delta.float().norm() / random.norm()
     u, s, vh = svd_factors(random, rank, options)
     return u, torch.diag(s), vh, s
-
-
-register(Init("kaiming", "update", factor, summary="SVD of a Kaiming-uniform matrix, scaled to ‖ΔW_avg‖"))

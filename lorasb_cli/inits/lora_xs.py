@@ -7,7 +7,7 @@ its columns are scaled by S_r), and the trained r×r matrix starts near zero, so
 
 import torch
 
-from . import Init, InitOptions, register, svd_factors
+from . import InitOptions, svd_factors
 
 R_STD = 1e-5
 
@@ -15,6 +15,3 @@ R_STD = 1e-5
 def factor(weight: torch.Tensor, rank: int, options: InitOptions):
     u, s, vh = svd_factors(weight, rank, options)
     return u * s, torch.randn(rank, rank) * R_STD, vh, s
-
-
-register(Init("lora-xs", "model", factor, summary="SVD of the pretrained weight W0 (LoRA-XS)"))

@@ -2,12 +2,9 @@
 
 import torch
 
-from . import Init, InitOptions, register, svd_factors
+from . import InitOptions, svd_factors
 
 
 def factor(delta: torch.Tensor, rank: int, options: InitOptions):
     u, s, vh = svd_factors(delta, rank, options)
     return u, torch.diag(s), vh, s
-
-
-register(Init("lorasb", "update", factor, summary="SVD of the estimated update ΔW_avg"))

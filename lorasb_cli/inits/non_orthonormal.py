@@ -6,12 +6,9 @@ optimal low-rank approximation of the full gradient, which is what the ablation 
 
 import torch
 
-from . import Init, InitOptions, register, svd_factors
+from . import InitOptions, svd_factors
 
 
 def factor(delta: torch.Tensor, rank: int, options: InitOptions):
     u, s, vh = svd_factors(delta, rank, options)
     return u * s, torch.eye(rank), vh, s
-
-
-register(Init("non-orthonormal", "update", factor, summary="B = U·S, R = I, A = Vᵀ of ΔW_avg"))

@@ -5,20 +5,29 @@ so `merge` (hf and peft) and `evaluate` need not know the method. A method that 
 (PiSSA, LoRA-GA, MiLoRA, IniLoRA: W_res = W0 − s·B0·A0) is exported as PEFT documents for PiSSA/LoRA-GA
 conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. DoRA adds a magnitude vector
 (`<module>.lora_magnitude`); full fine-tuning stores the trained tensors under their state_dict names.
+
+Declaration and implementation are apart, so that `lorasb train --help` and its usage errors import no torch or
+PEFT: this module imports neither and declares every method (name, summary, options: what the CLI shows and
+parses) at its end, naming the function that implements it; that function's module (one per method or family,
+beside this one) is imported when the method is prepared. A new method is its module and one `register` line here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .. import adapter, artifacts, models
 from ..errors import BadInputError
 from ..options import option, plugin_fields, plugin_options, takes
-from ..registry import Registry, import_plugins
+from ..registry import Registry, import_implementation
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .. import artifacts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +56,50 @@ class LowRankOptions(MethodOptions):
 
     def alpha_or(self, default: float) -> float:
         return self.alpha if self.alpha is not None else default
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSBOptions(MethodOptions):
+    init_scale: float | str = option(
+        default=1.0,
+        type=str,
+        help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.",
+    )
+
+    def __post_init__(self):
+        if self.init_scale == "auto":
+            return
+        try:
+            scale = float(self.init_scale)
+        except ValueError:
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise BadInputError(f"--init-scale {self.init_scale} must be auto or a finite number")
+        object.__setattr__(self, "init_scale", scale)
+
+    @property
+    def holds_out_probe(self) -> bool:
+        return self.init_scale == "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraGAOptions(LowRankOptions):
+    init_samples: int = option(default=32, help="Samples of LoRA-GA's gradient estimate.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_samples < 1:
+            raise BadInputError(f"--init-samples {self.init_samples} must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IniLoraOptions(LowRankOptions):
+    init_iters: int = option(default=1000, help="Iterations of IniLoRA's fit of B·A to W0.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_iters < 1:
+            raise BadInputError(f"--init-iters {self.init_iters} must be positive")
 
 
 @dataclass
@@ -84,18 +137,27 @@ class Prepared:
     def autocast(self, device: torch.device) -> torch.autocast:
         """The precision the model trains its forward in: autocast to the base dtype for upcast master weights, a
         no-op otherwise. Losses measured outside training (step 0, the final eval) run under it too."""
+        import torch
+
         mixed = self.mixed_precision
         return torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None)
 
 
 @dataclass(frozen=True)
 class Method:
+    """A method as declared: `implementation` names its `prepare(setup) -> Prepared` as "module:function" of this
+    package, imported on first use (`prepare`)."""
+
     name: str
-    prepare: Callable[[Setup], Prepared]
     summary: str
+    implementation: str
     options: type[MethodOptions] = MethodOptions
     needs_factors: bool = False  # trains between the B, A of a factors file (train --factors)
     worse_init_hint: str = ""  # what to change when the initialized model is worse than the base
+
+    @property
+    def prepare(self) -> Callable[[Setup], Prepared]:
+        return import_implementation(__name__, self.implementation)
 
     @property
     def uses_rank(self) -> bool:
@@ -134,6 +196,8 @@ def _takers(option_name: str) -> list[str]:
 
 def train_head(model: nn.Module) -> dict[str, nn.Parameter]:
     """A sequence classifier's head, made trainable float32 master weights (`train_in_float32`)."""
+    from .. import adapter, models
+
     return adapter.train_in_float32(model, models.head_parameters(model))
 
 
@@ -141,4 +205,79 @@ def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().contiguous() for name, p in params.items()}
 
 
-import_plugins(__name__, __path__)
+register(Method("full", "full fine-tuning of every parameter", "full:prepare_full"))
+register(Method("head", "the classifier head only (sequence classification)", "full:prepare_head"))
+register(Method("lora", "LoRA (PEFT), α = 2r", "peft_lora:prepare_lora", options=LowRankOptions))
+register(
+    Method(
+        "rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", "peft_lora:prepare_rslora", options=LowRankOptions
+    )
+)
+register(Method("dora", "DoRA (PEFT), α = 2r", "peft_lora:prepare_dora", options=LowRankOptions))
+register(
+    Method(
+        "pissa",
+        "PiSSA (PEFT): principal singular components of W0, α = r",
+        "peft_lora:prepare_pissa",
+        options=LowRankOptions,
+    )
+)
+register(
+    Method(
+        "loraga",
+        "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r",
+        "peft_lora:prepare_loraga",
+        options=LoraGAOptions,
+    )
+)
+register(
+    Method(
+        "inilora",
+        "IniLoRA: A, B fitted to W0 from N(μ, σ²) of W0, residual frozen, α = 2r",
+        "inilora:prepare_inilora",
+        options=IniLoraOptions,
+    )
+)
+register(
+    Method(
+        "inilora-alpha",
+        "IniLoRA: A, B fitted to W0 from N(0, 0.5²), residual frozen, α = 2r",
+        "inilora:prepare_inilora_alpha",
+        options=IniLoraOptions,
+    )
+)
+register(
+    Method(
+        "inilora-beta",
+        "IniLoRA: A, B fitted to W0 from Kaiming, residual frozen, α = 2r",
+        "inilora:prepare_inilora_beta",
+        options=IniLoraOptions,
+    )
+)
+register(
+    Method(
+        "lora-pro",
+        "LoRA-Pro: LoRA whose optimizer follows the full gradient's AdamW, α = 2r",
+        "lora_pro:prepare",
+        options=LowRankOptions,
+    )
+)
+register(
+    Method(
+        "lorasb",
+        "R only, between frozen B and A from --factors (LoRA-SB)",
+        "lorasb:prepare",
+        options=LoraSBOptions,
+        needs_factors=True,
+        worse_init_hint="η is too large for this model; "
+        "re-run estimate with a smaller --eta or pass --init-scale below 1",
+    )
+)
+register(
+    Method(
+        "milora",
+        "MiLoRA: LoRA on the minor singular components of W0, α = r",
+        "milora:prepare",
+        options=LowRankOptions,
+    )
+)

@@ -11,7 +11,7 @@ import torch
 from ..adapter import LOW_PRECISION
 from ..errors import BadInputError
 from ..models import head_parameters
-from . import Method, Prepared, Setup, register, tensors_of, train_head
+from . import Prepared, Setup, tensors_of, train_head
 
 
 def prepare_full(setup: Setup) -> Prepared:
@@ -33,7 +33,3 @@ def prepare_head(setup: Setup) -> Prepared:
     model.requires_grad_(False)
     params = train_head(model)
     return Prepared(model=model, export=lambda: tensors_of(params), config={"scale": 1.0})
-
-
-register(Method("full", prepare_full, "full fine-tuning of every parameter"))
-register(Method("head", prepare_head, "the classifier head only (sequence classification)"))

@@ -13,32 +13,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import artifacts, bundled
-from ..errors import BadInputError
-from ..options import option
-from . import LowRankOptions, Method, Setup, register
+from . import Prepared, Setup
 from .peft_lora import prepare_peft
 
 log = logging.getLogger("lorasb")
 
 FIT_LR = 5e-4
 VARIANTS = ("inilora", "inilora-alpha", "inilora-beta")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IniLoraOptions(LowRankOptions):
-    init_iters: int = option(default=1000, help="Iterations of IniLoRA's fit of B·A to W0.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.init_iters < 1:
-            raise BadInputError(f"--init-iters {self.init_iters} must be positive")
 
 
 def start(variant: str, weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +95,10 @@ def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch
     return fits
 
 
-def _method(variant: str) -> Method:
-    def prepare(setup: Setup):
+def _prepare(variant: str) -> Callable[[Setup], Prepared]:
+    """`prepare` of an IniLoRA variant: PEFT LoRA started at the fit of W0, α = 2r unless --alpha."""
+
+    def prepare(setup: Setup) -> Prepared:
         fits = fit_model(setup, variant)
         prepared = prepare_peft(
             setup, alpha=setup.options.alpha_or(2 * setup.rank), custom_init=lambda module, weight, rank: fits[module]
@@ -116,10 +106,9 @@ def _method(variant: str) -> Method:
         prepared.config |= {"init_iters": setup.options.init_iters, "fit_lr": FIT_LR}
         return prepared
 
-    start_text = {"inilora": "N(μ, σ²) of W0", "inilora-alpha": "N(0, 0.5²)", "inilora-beta": "Kaiming"}[variant]
-    summary = f"IniLoRA: A, B fitted to W0 from {start_text}, residual frozen, α = 2r"
-    return Method(variant, prepare, summary, options=IniLoraOptions)
+    return prepare
 
 
-for _variant in VARIANTS:
-    register(_method(_variant))
+prepare_inilora = _prepare("inilora")
+prepare_inilora_alpha = _prepare("inilora-alpha")
+prepare_inilora_beta = _prepare("inilora-beta")

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import LowRankOptions, Method, Prepared, Setup, register
+from . import Prepared, Setup
 from .peft_lora import lora_layers, prepare_peft
 
 Spectrum = tuple[torch.Tensor, torch.Tensor]  # eigh of BᵀB or AAᵀ: eigenvalues [r], eigenvectors [r, r]
@@ -202,13 +202,3 @@ def prepare(setup: Setup) -> Prepared:
     prepared.optimizer = optimizer
     prepared.config["optimizer"] = "lora-pro-adamw: full-size moments of the equivalent gradient"
     return prepared
-
-
-register(
-    Method(
-        "lora-pro",
-        prepare,
-        "LoRA-Pro: LoRA whose optimizer follows the full gradient's AdamW, α = 2r",
-        options=LowRankOptions,
-    )
-)

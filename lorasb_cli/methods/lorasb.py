@@ -3,44 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
 import torch
 
 from .. import adapter
-from ..errors import BadInputError
-from ..options import option
-from . import Method, MethodOptions, Prepared, Setup, register
+from . import Prepared, Setup
 
 log = logging.getLogger("lorasb")
 
 # Factors of R_init that `--init-scale auto` tries: 10^(k/2) from 0.001 to 100 (η ± 3 decades).
 INIT_SCALE_GRID = tuple(10 ** (k / 2) for k in range(-6, 5))
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraSBOptions(MethodOptions):
-    init_scale: float | str = option(
-        default=1.0,
-        type=str,
-        help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.",
-    )
-
-    def __post_init__(self):
-        if self.init_scale == "auto":
-            return
-        try:
-            scale = float(self.init_scale)
-        except ValueError:
-            scale = math.nan
-        if not math.isfinite(scale):
-            raise BadInputError(f"--init-scale {self.init_scale} must be auto or a finite number")
-        object.__setattr__(self, "init_scale", scale)
-
-    @property
-    def holds_out_probe(self) -> bool:
-        return self.init_scale == "auto"
 
 
 @torch.no_grad()
@@ -91,16 +63,3 @@ def prepare(setup: Setup) -> Prepared:
         "scale": factors.scale,
     }
     return Prepared(model=model, export=lambda: adapter.adapter_tensors(model), config=config)
-
-
-register(
-    Method(
-        "lorasb",
-        prepare,
-        "R only, between frozen B and A from --factors (LoRA-SB)",
-        options=LoraSBOptions,
-        needs_factors=True,
-        worse_init_hint="η is too large for this model; "
-        "re-run estimate with a smaller --eta or pass --init-scale below 1",
-    )
-)

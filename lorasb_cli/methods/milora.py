@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LowRankOptions, Method, Setup, register
+from . import Setup
 from .peft_lora import prepare_peft
 
 
@@ -21,8 +21,3 @@ def minor_components(module: str, weight: torch.Tensor, rank: int) -> tuple[torc
 
 def prepare(setup: Setup):
     return prepare_peft(setup, alpha=setup.options.alpha_or(setup.rank), custom_init=minor_components)
-
-
-register(
-    Method("milora", prepare, "MiLoRA: LoRA on the minor singular components of W0, α = r", options=LowRankOptions)
-)

@@ -15,24 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import BadInputError
-from ..options import option
-from . import LowRankOptions, Method, Prepared, Setup, register, tensors_of, train_head
+from . import Prepared, Setup, tensors_of, train_head
 
 log = logging.getLogger("lorasb")
 
 # (module, W0 [m, n], rank) → (B0 [m, r], A0 [r, n]): the adapter starts at B0·A0, W0 − B0·A0 stays frozen.
 CustomInit = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraGAOptions(LowRankOptions):
-    init_samples: int = option(default=32, help="Samples of LoRA-GA's gradient estimate.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.init_samples < 1:
-            raise BadInputError(f"--init-samples {self.init_samples} must be positive")
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -181,23 +169,17 @@ class PeftExport:
         return tensors | tensors_of(self.head)
 
 
-def _lora(name: str, summary: str, alpha_per_rank: float = 2, options=LowRankOptions, **peft) -> Method:
-    """A PEFT LoRA variant with α = `alpha_per_rank`·r unless --alpha."""
+def _lora(alpha_per_rank: float = 2, **peft) -> Callable[[Setup], Prepared]:
+    """`prepare` of a PEFT LoRA variant with α = `alpha_per_rank`·r unless --alpha."""
 
     def prepare(setup: Setup) -> Prepared:
         return prepare_peft(setup, alpha=setup.options.alpha_or(alpha_per_rank * setup.rank), **peft)
 
-    return register(Method(name, prepare, summary, options=options))
+    return prepare
 
 
-_lora("lora", "LoRA (PEFT), α = 2r")
-_lora("rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", use_rslora=True)
-_lora("dora", "DoRA (PEFT), α = 2r", use_dora=True)
-_lora("pissa", "PiSSA (PEFT): principal singular components of W0, α = r", 1, init_lora_weights="pissa")
-_lora(
-    "loraga",
-    "LoRA-GA (PEFT): gradient-aligned init over --init-samples, α = 2r",
-    options=LoraGAOptions,
-    init_lora_weights="lora_ga",
-    lora_ga=True,
-)
+prepare_lora = _lora()
+prepare_rslora = _lora(use_rslora=True)
+prepare_dora = _lora(use_dora=True)
+prepare_pissa = _lora(1, init_lora_weights="pissa")
+prepare_loraga = _lora(init_lora_weights="lora_ga", lora_ga=True)

@@ -1,0 +1,282 @@
+"""Each command's options as one frozen config dataclass (lorasb_cli/options.py fields), which the command fills
+and its stage function takes.
+
+This module imports no torch, transformers or peft, nor any module that does, so that `lorasb COMMAND --help` and
+usage errors are instant: the CLI generates a command's options from these classes, and the plug-in options from
+the declarations in lorasb_cli/methods and lorasb_cli/inits (also light; their implementations load on use),
+which `plugin_fields` imports only then, so `lorasb --help` imports no plug-in. Each stage module re-exports its
+config (`from lorasb_cli.train import TrainConfig`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import click
+
+from .linalg import DEFAULT_NITER
+from .options import DataOptions, ModelOptions, PluginConfig, TrainingDataOptions, argument, force_template, option
+
+ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
+DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
+
+
+class _SamplesType(click.ParamType):
+    """--samples: a positive count, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a number of samples nor auto", param, ctx)
+
+
+SAMPLES = _SamplesType()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateConfig(TrainingDataOptions, ModelOptions):
+    """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
+
+    data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
+    frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
+    min_samples: int = option(default=32, help="--frac draws at least this many samples (or every row).")
+    samples: int | str | None = option(
+        type=SAMPLES,
+        help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
+        "--max-samples).",
+    )
+    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    seed: int = option(default=0, help="Seed of the sample draw.")
+    eta: float = option(default=1e-5, help="Size η of the simulated first step.")
+    raw: bool = option(
+        flag=True, default=False, help="Write float32 sums of G and the sample count (for lorasb combine)."
+    )
+    shard: str | None = option(help="i/N: take the i-th (from 0) of N disjoint parts of the sample.")
+    accumulate_on: str = option(
+        type=click.Choice(ACCUMULATE_ON),
+        default="auto",
+        help="Where G's accumulators live (4 bytes per target weight entry in float32); auto: the device "
+        "when everything fits there, else the CPU.",
+    )
+    accumulate_dtype: str = option(
+        type=click.Choice(["float32", "bfloat16"]),
+        default="float32",
+        help="bfloat16 halves the accumulators; each batch rounds once into G.",
+    )
+    rank: int = option(
+        "--rank",
+        "-r",
+        default=32,
+        help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it.",
+    )
+    threshold: float = option(
+        default=0.9, help="--samples auto: stop once two successive estimates' top-r subspaces overlap this much."
+    )
+    max_samples: int = option(default=512, help="--samples auto: the most samples it draws.")
+    report_ranks: str | None = option(
+        metavar="RANKS",
+        help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
+        "sample's two halves, per module, in the update's metadata. Sums the halves apart: 2× accumulators.",
+    )
+    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
+
+    def __post_init__(self):
+        if self.frac is None and self.samples is None:
+            object.__setattr__(self, "frac", DEFAULT_FRAC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombineConfig:
+    """`lorasb combine`'s options."""
+
+    parts: tuple[str, ...] = argument(many=True)
+    out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecomposeConfig(PluginConfig):
+    """`lorasb decompose`'s options. The init's own options (--noise-std, ...) are declared by the init
+    (lorasb_cli/inits) and arrive in `init_options` as given; `from_options` builds a config from flat options."""
+
+    update: str | None = argument(required=False)
+    rank: int | None = option(
+        "--rank",
+        "-r",
+        type=int,
+        help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
+        "budget affords everywhere, √(budget / modules)].",
+    )
+    init: str = option(
+        default="lorasb", metavar="NAME", help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal."
+    )
+    model: str | None = option("--model", "-m", help="A weight-based init (lora-xs): the model whose W0 is factored.")
+    targets: str = option(default="all-linear", help="A weight-based init without an update: the modules.")
+    budget: int | None = option(
+        type=int,
+        help="Trainable parameters Σ r² to spend: a rank per module from its spectrum, greedy on captured energy "
+        "per parameter (--rank is the reference).",
+    )
+    budget_ratio: float | None = option(type=float, help="--budget as a fraction of the count at --rank everywhere.")
+    min_rank: int = option(default=1, help="With a budget: the least rank of a module.")
+    max_rank: int | None = option(
+        type=int, help="With a budget: the largest rank of a module [default: 4 × --rank, at most min(m, n)]."
+    )
+    niter: int = option(default=DEFAULT_NITER, help="Power iterations of the randomized SVD.")
+    exact: bool = option(flag=True, default=False, help="Full SVD instead of torch.svd_lowrank (slower).")
+    seed: int = option(default=0, help="Seed of the randomized SVD and random inits.")
+    device: str = option(default="auto", help="Where to run the SVDs: auto, cpu, cuda.")
+    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model's own code (weight-based inits).")
+    out: str = option("-o", "--out", default="factors.safetensors", help="Factors file to write.")
+    init_options: Mapping[str, object] = field(default_factory=dict)
+
+    PLUGIN_FIELD: ClassVar[str] = "init_options"
+
+    @staticmethod
+    def plugin_fields() -> list:
+        from . import inits
+
+        return inits.option_fields()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
+    """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
+    --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
+    given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
+
+    method: str = option(
+        default="lorasb",
+        metavar="NAME",
+        help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
+        "full, head.",
+    )
+    factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
+    init_adapter: str | None = option(
+        metavar="RUN",
+        help="Instead of --factors: a trained LoRA-SB adapter (lorasb train -o) to start from, its B, A, trained R "
+        "and head, with this run's own data and schedule.",
+    )
+    force_template: bool = force_template()
+    eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
+    lr: float = option(default=1e-3, help="AdamW learning rate.")
+    epochs: float = option(default=1.0, help="Passes over --data.")
+    max_steps: int = option(default=-1, help="Optimizer steps; overrides --epochs.")
+    grad_accum: int = option(default=1, help="Batches per optimizer step.")
+    warmup_ratio: float = option(default=0.0, help="Fraction of steps to warm up.")
+    scheduler: str = option(default="linear", help="linear, cosine, constant, constant_with_warmup.")
+    seed: int = option(default=0, help="Seed of data order and any randomness.")
+    gradient_checkpointing: bool = option(
+        flag=True, default=False, help="Recompute activations in backward to save memory."
+    )
+    save_steps: int = option(default=500, help="Checkpoint every N steps.")
+    eval_steps: int | None = option(type=int, help="Evaluate --eval-data every N steps (and at the end).")
+    eval_task: str | None = option(help="Also score --eval-data on this task (lorasb evaluate --task).")
+    resume: bool = option(flag=True, default=False, help="Continue the run in -o from its last checkpoint.")
+    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
+    out: str = option("-o", "--out", required=True, help="Run directory to write the adapter into.")
+    method_options: Mapping[str, object] = field(default_factory=dict)
+
+    PLUGIN_FIELD: ClassVar[str] = "method_options"
+
+    @staticmethod
+    def plugin_fields() -> list:
+        from . import methods
+
+        return methods.option_fields()
+
+
+COMPARE_MAX_LENGTH = 256  # compare --max-length when not given: every cell of a grid trains and scores at this budget
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(TrainingDataOptions, ModelOptions):
+    """`lorasb compare`'s options: the model and data groups every cell's stages get, then the grid's own."""
+
+    data: str = option(
+        "--data", "-d", required=True, help="Training data: a file, hub data set or built-in name (lorasb data list)."
+    )
+    eval_data: str | None = option(help="Held-out data to score [default: the built-in's test split].")
+    eval_size: int | None = option(type=int, help="Rows of a built-in test set.")
+    task: str = option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
+    methods: str = option(
+        required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
+    )
+    ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
+    seeds: int = option(default=3, help="Seeds 0..N-1 per cell.")
+    max_steps: int = option(default=100, help="Optimizer steps of every cell.")
+    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
+    max_length: int | None = option(
+        type=int,
+        help="Tokens per sample, at most.",
+        show_default=f"{COMPARE_MAX_LENGTH}, or the model's position limit if smaller",
+    )
+    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
+    samples: int = option(default=32, help="Samples of each seed's estimate.")
+    eta: float = option(default=1e-5, help="η of each seed's estimate.")
+    max_new_tokens: int | None = option(type=int, help="Generation budget of the task [default: the task's].")
+    metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
+    lr_sweep: bool = option(
+        flag=True,
+        default=False,
+        help="Choose each method's lr first: validation loss on a slice of the training rows, seed 0, the method's "
+        "first rank, over 5 half-decade steps around its --lr, extended at an edge until the best is inside.",
+    )
+    out: str = option("-o", "--out", required=True, help="Report directory (resumed if it holds finished cells).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """`lorasb merge`'s options."""
+
+    adapter: str = option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
+    model: str | None = option("--model", "-m", help="Base model [default: the one recorded in the adapter].")
+    format: str = option(
+        "--format", default="hf", help="hf: merged checkpoint; peft: a PEFT LoRA adapter (lora_B = B·R)."
+    )
+    dtype: str | None = option(help="float32, bfloat16 or float16 [default: the base's].")
+    max_shard_size: str | None = option(help="Re-shard, e.g. 5GB [default: keep the base's shards].")
+    overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
+    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    out: str = option("-o", "--out", required=True, help="Output directory.")
+
+
+# evaluate --max-length when not given (a prompt and its generated answer), capped at the model's limit
+EVALUATE_MAX_LENGTH = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(DataOptions, ModelOptions):
+    """`lorasb evaluate`'s options: the model and data groups (the data defaulting to the task's), then its own."""
+
+    adapter: str | None = option("--adapter", "-a", help="Adapter directory (lorasb train -o) to evaluate unmerged.")
+    task: str = option(
+        "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
+    )
+    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
+    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
+    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
+    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
+    force_template: bool = force_template()
+    template_of: str | None = option(
+        metavar="RUN",
+        help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "
+        "system prompt. Scores a base model the way its fine-tuned model is scored, so before and after compare.",
+    )
+    limit: int | None = option(type=int, help="Evaluate the first N examples only.")
+    batch_size: int = option(default=8, help="Examples per batch.")
+    max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
+    max_length: int | None = option(
+        type=int,
+        help="Input tokens, at most.",
+        show_default=f"{EVALUATE_MAX_LENGTH}, or the model's position limit if smaller",
+    )
+    scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
+    seed: int = option(default=0, help="Seed (decoding is greedy).")
+    out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
