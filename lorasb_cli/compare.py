@@ -80,7 +80,7 @@ class Settings:
     task: str
     max_steps: int = 100
     batch_size: int = 8
-    max_length: int | None = None  # None: each stage's default, within the model (compare() sets MAX_LENGTH's)
+    max_length: int | None = None  # None: each stage's default, within the model (compare() sets COMPARE_MAX_LENGTH)
     targets: str = "all-linear"
     samples: int = 32
     eta: float = 1e-5
