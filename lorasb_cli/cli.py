@@ -15,6 +15,7 @@ import click
 
 from . import __version__, configs
 from .errors import LorasbError
+from .options import AT_LEAST_1, SEED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -438,8 +439,10 @@ Example:
 )
 @click.argument("name")
 @click.option("--split", default="train", show_default=True, help="train or test.")
-@click.option("--size", default=None, type=int, help="Rows [default: the set's own size].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of generation or subsetting.")
+@click.option("--size", default=None, type=AT_LEAST_1.click_type(int), help="Rows [default: the set's own size].")
+@click.option(
+    "--seed", default=0, show_default=True, type=SEED.click_type(int), help="Seed of generation or subsetting."
+)
 @click.option("-o", "--out", default=None, help="JSONL file to write [default: NAME-SPLIT.jsonl].")
 @common_options
 def data_command(name, split, size, seed, out, as_json, quiet):

@@ -17,7 +17,22 @@ from typing import ClassVar
 import click
 
 from .linalg import DEFAULT_NITER
-from .options import DataOptions, ModelOptions, PluginConfig, TrainingDataOptions, argument, force_template, option
+from .options import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    DataOptions,
+    Declared,
+    ModelOptions,
+    PluginConfig,
+    Range,
+    TrainingDataOptions,
+    argument,
+    force_template,
+    option,
+)
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
 DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
@@ -45,16 +60,19 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
     """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
 
     data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
-    frac: float | None = option(type=float, help="Fraction of the split to sample [default: 0.001].")
-    min_samples: int = option(default=32, help="--frac draws at least this many samples (or every row).")
+    frac: float | None = option(type=float, range=FRACTION, help="Fraction of the split to sample [default: 0.001].")
+    min_samples: int = option(
+        default=32, range=AT_LEAST_1, help="--frac draws at least this many samples (or every row)."
+    )
     samples: int | str | None = option(
         type=SAMPLES,
         help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
         "--max-samples).",
     )
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
-    seed: int = option(default=0, help="Seed of the sample draw.")
-    eta: float = option(default=1e-5, help="Size η of the simulated first step.")
+    seed: int = option(default=0, range=SEED, help="Seed of the sample draw.")
+    # Above 1 a simulated step is no step; below 1e-20 float32 R_init underflows to 0.
+    eta: float = option(default=1e-5, range=Range(1e-20, 1), help="Size η of the simulated first step.")
     raw: bool = option(
         flag=True, default=False, help="Write float32 sums of G and the sample count (for lorasb combine)."
     )
@@ -74,12 +92,15 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
         "--rank",
         "-r",
         default=32,
+        range=AT_LEAST_1,
         help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it.",
     )
     threshold: float = option(
-        default=0.9, help="--samples auto: stop once two successive estimates' top-r subspaces overlap this much."
+        default=0.9,
+        range=FRACTION,
+        help="--samples auto: stop once two successive estimates' top-r subspaces overlap this much.",
     )
-    max_samples: int = option(default=512, help="--samples auto: the most samples it draws.")
+    max_samples: int = option(default=512, range=AT_LEAST_1, help="--samples auto: the most samples it draws.")
     report_ranks: str | None = option(
         metavar="RANKS",
         help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
@@ -88,12 +109,13 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
     out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.frac is None and self.samples is None:
             object.__setattr__(self, "frac", DEFAULT_FRAC)
 
 
 @dataclass(frozen=True, kw_only=True)
-class CombineConfig:
+class CombineConfig(Declared):
     """`lorasb combine`'s options."""
 
     parts: tuple[str, ...] = argument(many=True)
@@ -110,6 +132,7 @@ class DecomposeConfig(PluginConfig):
         "--rank",
         "-r",
         type=int,
+        range=AT_LEAST_1,
         help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
         "budget affords everywhere, √(budget / modules)].",
     )
@@ -120,17 +143,22 @@ class DecomposeConfig(PluginConfig):
     targets: str = option(default="all-linear", help="A weight-based init without an update: the modules.")
     budget: int | None = option(
         type=int,
+        range=AT_LEAST_1,
         help="Trainable parameters Σ r² to spend: a rank per module from its spectrum, greedy on captured energy "
         "per parameter (--rank is the reference).",
     )
-    budget_ratio: float | None = option(type=float, help="--budget as a fraction of the count at --rank everywhere.")
-    min_rank: int = option(default=1, help="With a budget: the least rank of a module.")
-    max_rank: int | None = option(
-        type=int, help="With a budget: the largest rank of a module [default: 4 × --rank, at most min(m, n)]."
+    budget_ratio: float | None = option(
+        type=float, range=POSITIVE, help="--budget as a fraction of the count at --rank everywhere."
     )
-    niter: int = option(default=DEFAULT_NITER, help="Power iterations of the randomized SVD.")
+    min_rank: int = option(default=1, range=AT_LEAST_1, help="With a budget: the least rank of a module.")
+    max_rank: int | None = option(
+        type=int,
+        range=AT_LEAST_1,
+        help="With a budget: the largest rank of a module [default: 4 × --rank, at most min(m, n)].",
+    )
+    niter: int = option(default=DEFAULT_NITER, range=NON_NEGATIVE, help="Power iterations of the randomized SVD.")
     exact: bool = option(flag=True, default=False, help="Full SVD instead of torch.svd_lowrank (slower).")
-    seed: int = option(default=0, help="Seed of the randomized SVD and random inits.")
+    seed: int = option(default=0, range=SEED, help="Seed of the randomized SVD and random inits.")
     device: str = option(default="auto", help="Where to run the SVDs: auto, cpu, cuda.")
     trust_remote_code: bool = option(flag=True, default=False, help="Allow the model's own code (weight-based inits).")
     out: str = option("-o", "--out", default="factors.safetensors", help="Factors file to write.")
@@ -165,18 +193,20 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     )
     force_template: bool = force_template()
     eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
-    lr: float = option(default=1e-3, help="AdamW learning rate.")
-    epochs: float = option(default=1.0, help="Passes over --data.")
-    max_steps: int = option(default=-1, help="Optimizer steps; overrides --epochs.")
-    grad_accum: int = option(default=1, help="Batches per optimizer step.")
-    warmup_ratio: float = option(default=0.0, help="Fraction of steps to warm up.")
+    lr: float = option(default=1e-3, range=POSITIVE, help="AdamW learning rate.")
+    epochs: float = option(default=1.0, range=POSITIVE, help="Passes over --data.")
+    max_steps: int = option(default=-1, range=Range(-1), help="Optimizer steps; overrides --epochs (-1: none).")
+    grad_accum: int = option(default=1, range=AT_LEAST_1, help="Batches per optimizer step.")
+    warmup_ratio: float = option(default=0.0, range=Range(0, 1, open_high=True), help="Fraction of steps to warm up.")
     scheduler: str = option(default="linear", help="linear, cosine, constant, constant_with_warmup.")
-    seed: int = option(default=0, help="Seed of data order and any randomness.")
+    seed: int = option(default=0, range=SEED, help="Seed of data order and any randomness.")
     gradient_checkpointing: bool = option(
         flag=True, default=False, help="Recompute activations in backward to save memory."
     )
-    save_steps: int = option(default=500, help="Checkpoint every N steps.")
-    eval_steps: int | None = option(type=int, help="Evaluate --eval-data every N steps (and at the end).")
+    save_steps: int = option(default=500, range=AT_LEAST_1, help="Checkpoint every N steps.")
+    eval_steps: int | None = option(
+        type=int, range=AT_LEAST_1, help="Evaluate --eval-data every N steps (and at the end)."
+    )
     eval_task: str | None = option(help="Also score --eval-data on this task (lorasb evaluate --task).")
     resume: bool = option(flag=True, default=False, help="Continue the run in -o from its last checkpoint.")
     overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
@@ -203,24 +233,27 @@ class CompareConfig(TrainingDataOptions, ModelOptions):
         "--data", "-d", required=True, help="Training data: a file, hub data set or built-in name (lorasb data list)."
     )
     eval_data: str | None = option(help="Held-out data to score [default: the built-in's test split].")
-    eval_size: int | None = option(type=int, help="Rows of a built-in test set.")
+    eval_size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in test set.")
     task: str = option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
     methods: str = option(
         required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
     )
     ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
-    seeds: int = option(default=3, help="Seeds 0..N-1 per cell.")
-    max_steps: int = option(default=100, help="Optimizer steps of every cell.")
+    seeds: int = option(default=3, range=AT_LEAST_1, help="Seeds 0..N-1 per cell.")
+    max_steps: int = option(default=100, range=AT_LEAST_1, help="Optimizer steps of every cell.")
     lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
     max_length: int | None = option(
         type=int,
+        range=Range(2),
         help="Tokens per sample, at most.",
         show_default=f"{COMPARE_MAX_LENGTH}, or the model's position limit if smaller",
     )
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
-    samples: int = option(default=32, help="Samples of each seed's estimate.")
-    eta: float = option(default=1e-5, help="η of each seed's estimate.")
-    max_new_tokens: int | None = option(type=int, help="Generation budget of the task [default: the task's].")
+    samples: int = option(default=32, range=AT_LEAST_1, help="Samples of each seed's estimate.")
+    eta: float = option(default=1e-5, range=Range(1e-20, 1), help="η of each seed's estimate.")
+    max_new_tokens: int | None = option(
+        type=int, range=AT_LEAST_1, help="Generation budget of the task [default: the task's]."
+    )
     metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
     lr_sweep: bool = option(
         flag=True,
@@ -232,7 +265,7 @@ class CompareConfig(TrainingDataOptions, ModelOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MergeConfig:
+class MergeConfig(Declared):
     """`lorasb merge`'s options."""
 
     adapter: str = option("--adapter", "-a", required=True, help="Adapter directory written by lorasb train.")
@@ -269,14 +302,15 @@ class EvaluateConfig(DataOptions, ModelOptions):
         help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "
         "system prompt. Scores a base model the way its fine-tuned model is scored, so before and after compare.",
     )
-    limit: int | None = option(type=int, help="Evaluate the first N examples only.")
-    batch_size: int = option(default=8, help="Examples per batch.")
-    max_new_tokens: int | None = option(type=int, help="Generation length [default: the task's].")
+    limit: int | None = option(type=int, range=AT_LEAST_1, help="Evaluate the first N examples only.")
+    batch_size: int = option(default=8, range=AT_LEAST_1, help="Examples per batch.")
+    max_new_tokens: int | None = option(type=int, range=AT_LEAST_1, help="Generation length [default: the task's].")
     max_length: int | None = option(
         type=int,
+        range=Range(2),
         help="Input tokens, at most.",
         show_default=f"{EVALUATE_MAX_LENGTH}, or the model's position limit if smaller",
     )
     scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
-    seed: int = option(default=0, help="Seed (decoding is greedy).")
+    seed: int = option(default=0, range=SEED, help="Seed (decoding is greedy).")
     out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")

@@ -98,8 +98,6 @@ def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | No
 
 def _check(config: DecomposeConfig) -> tuple[inits.Init, inits.OwnOptions]:
     init = inits.get_init(config.init)
-    if config.niter < 0:
-        raise BadInputError(f"--niter {config.niter} must be ≥ 0")
     if init.source == "update" and config.update is None:
         raise BadInputError(f"--init {init.name} factors an update", hint="pass the file lorasb estimate wrote")
     if init.source == "update" and config.model is not None:

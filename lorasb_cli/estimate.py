@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -383,16 +382,10 @@ def _check_modes(config: EstimateConfig) -> None:
         raise BadInputError(
             "--samples auto runs in one process", hint="run it without a launcher, then --samples N under one"
         )
-    if not 0 < config.threshold <= 1 or config.max_samples < 1:
-        raise BadInputError(
-            f"--threshold {config.threshold} must be in (0, 1] and --max-samples {config.max_samples} positive"
-        )
 
 
 def _read_sample(config: EstimateConfig) -> _Sample:
     """The checked options, the rows and this process's indices of the sample (joins the launcher's group)."""
-    if not (math.isfinite(config.eta) and config.eta > 0):
-        raise BadInputError(f"--eta {config.eta} must be positive", hint="the default 1e-5 is a good start")
     shard = data.parse_shard(config.shard)
     _check_modes(config)
     if shard is not None and not config.raw:

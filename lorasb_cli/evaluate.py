@@ -59,8 +59,6 @@ def load_task_rows(config: EvaluateConfig, task: Task) -> tuple[Sequence[dict], 
             hint="name them with --fields FIELD=COLUMN or pick the matching task",
         )
     if config.limit is not None:
-        if config.limit < 1:
-            raise BadInputError(f"--limit {config.limit} must be positive")
         rows = rows[: config.limit]
     return rows, dataset.source
 
@@ -174,9 +172,6 @@ def evaluate(
     answerer: Answerer | None = None,
 ) -> EvaluateSummary:
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
-    for value, flag in ((config.batch_size, "--batch-size"), (config.max_new_tokens, "--max-new-tokens")):
-        if value is not None and value < 1:
-            raise BadInputError(f"{flag} {value} must be positive")
     for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
         artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
     task = get_task(config.task).scored_as(config.scoring)  # before any data or model is loaded

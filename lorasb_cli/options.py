@@ -7,6 +7,7 @@ and a plug-in (method, init) declares its options the same way (`plugin_options`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -14,6 +15,71 @@ from typing import ClassVar
 import click
 
 from .errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option takes: finite numbers from `low` to `high` (None: unbounded), an end excluded
+    where `open_low` / `open_high`. Click shows it in the help and checks it while parsing; `check_ranges` checks a
+    config built in Python."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '≥'} {self.low:g}"
+        return f"{'<' if self.open_high else '≤'} {self.high:g}"
+
+    def click_type(self, kind: type) -> click.ParamType:
+        bounds = {"min": self.low, "max": self.high, "min_open": self.open_low, "max_open": self.open_high}
+        return click.IntRange(**bounds) if kind is int else _FiniteFloatRange(**bounds)
+
+
+class _FiniteFloatRange(click.FloatRange):
+    """click's FloatRange lets NaN through (every comparison with it is false) and ±Inf past an open end."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+POSITIVE = Range(0, open_low=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+SEED = Range(0, 2**32 - 1)  # what every generator (torch, numpy, random) takes alike
+FRACTION = Range(0, 1, open_low=True)  # (0, 1]
+
+
+def check_ranges(options) -> None:
+    """Refuse a value outside its option's declared range (one line naming the flag), in a config built in Python
+    as on the command line."""
+    for f in cli_fields(type(options)):
+        declared, value = f.metadata["cli"].get("range"), getattr(options, f.name)
+        if declared is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value not in declared:
+            raise BadInputError(f"{flag_of(f.name)} {value} must be a finite number {declared}")
+
+
+class Declared:
+    """Base of the option dataclasses: their declared ranges are checked when one is made."""
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 def option(
@@ -25,9 +91,12 @@ def option(
     required: bool = False,
     metavar: str | None = None,
     show_default: bool | str | None = None,
+    range: Range | None = None,
 ):
-    """A dataclass field that is also a click option; `decls` default to `--field-name`."""
+    """A dataclass field that is also a click option; `decls` default to `--field-name`; `range`: the values a
+    number may take."""
     spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
+    spec["range"] = range
     spec["show_default"] = show_default if show_default is not None else default is not None and not flag
     # A required option has no default in the dataclass either: a config built in Python must name it too.
     missing = required and default is None
@@ -53,6 +122,8 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     decls = spec["decls"] or (flag_of(f.name),)
     default = None if f.default is dataclasses.MISSING else f.default
     kind = spec["type"] if spec["type"] is not None else type(default) if default is not None else None
+    if spec.get("range") is not None:
+        kind = spec["range"].click_type(kind)
     extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
     help_text, show_default = spec["help"], spec["show_default"]
     if plugin:
@@ -80,7 +151,7 @@ def plugin_fields(option_classes: Iterable[type]) -> list[dataclasses.Field]:
     return list(seen.values())
 
 
-class PluginConfig:
+class PluginConfig(Declared):
     """Base of a stage config that also takes one kind of plug-in's options (train: the methods', decompose: the
     inits'): the chosen plug-in's options arrive as given in the field `PLUGIN_FIELD`, and `plugin_fields()` are the
     flags of every plug-in of that kind."""
@@ -147,7 +218,7 @@ MAX_LENGTH = 512  # --max-length when not given, capped at the model's position 
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelOptions:
+class ModelOptions(Declared):
     """Which model, and how it is placed: every command that loads one."""
 
     model: str = option("--model", "-m", required=True, help="Local HF directory, hub id, or alias (e.g. mistral).")
@@ -162,7 +233,7 @@ class ModelOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataOptions:
+class DataOptions(Declared):
     """Where rows come from and how they are batched: every command that reads data."""
 
     data: str | None = option(
@@ -171,7 +242,7 @@ class DataOptions:
     split: str | None = option(default="train", help="Split of a hub or built-in data set.")
     data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
     fields: str | None = option(help="Columns named otherwise: prompt=COL,response=COL,label=COL.")
-    size: int | None = option(type=int, help="Rows of a built-in data set (lorasb data list).")
+    size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in data set (lorasb data list).")
     template: str = option(
         default="auto",
         help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
@@ -182,9 +253,10 @@ class DataOptions:
         help="Chat template: the system turn of rows without one [default: the one every training row opens with, "
         "else the tokenizer's own].",
     )
-    batch_size: int = option(default=8, help="Samples per forward pass.")
+    batch_size: int = option(default=8, range=AT_LEAST_1, help="Samples per forward pass.")
     max_length: int | None = option(
         type=int,
+        range=Range(2),  # a prompt token and a supervised one, or [CLS] and [SEP]
         help="Tokens per sample, at most.",
         show_default=f"{MAX_LENGTH}, or the model's position limit if smaller",
     )

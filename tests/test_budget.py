@@ -123,7 +123,7 @@ def test_budgeted_factors_train_merge_and_export_like_the_adapter(
     [
         ({"budget": 100, "budget_ratio": 1.0}, "--budget and --budget-ratio both set the budget"),
         ({"max_rank": 8}, "--max-rank applies with a budget only"),
-        ({"budget": 0}, "--budget 0 must be positive"),
+        ({"budget": 0}, "--budget 0 must be a finite number ≥ 1"),
         ({"budget": 3}, "is below 14, the count at --min-rank 1"),
     ],
 )

@@ -88,3 +88,45 @@ def test_nothing_to_learn_is_refused(stage, args, tiny_model_dir, qa_file, tmp_p
     assert excinfo.value.code == 2 and len(errors) == 1 and err.splitlines()[-1] == errors[0]
     assert "no supervised token within --max-length 2" in errors[0]
     assert not out.exists()
+
+
+# (command line, what the one error line says): every numeric option has a declared range, checked while parsing
+NUMBERS = [
+    (["train", "--seed", str(2**70)], "is not in the range 0<=x<=4294967295"),
+    (["train", "--seed", "-1"], "is not in the range 0<=x<=4294967295"),
+    (["train", "--epochs", "inf"], "'inf' is not a finite number"),
+    (["train", "--lr", "inf"], "'inf' is not a finite number"),
+    (["train", "--lr", "nan"], "'nan' is not a finite number"),
+    (["train", "--max-steps", "-5"], "is not in the range x>=-1"),
+    (["train", "--eval-steps", "0"], "is not in the range x>=1"),
+    (["train", "-f", "f.safetensors", "--init-scale", "-1"], "--init-scale -1 must be auto or a finite number > 0"),
+    (["decompose", "u.safetensors", "--budget-ratio", "nan"], "'nan' is not a finite number"),
+    (["estimate", "--eta", "1e39"], "is not in the range 1e-20<=x<=1"),
+    (["estimate", "--eta", "1e-320"], "is not in the range 1e-20<=x<=1"),
+    (["data", "arithmetic", "--size", "0"], "is not in the range x>=1"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), NUMBERS, ids=[" ".join(a[:3]) for a, _ in NUMBERS])
+def test_numbers_outside_their_declared_range_are_refused(args, message, tiny_model_dir, qa_file, tmp_path, capsys):
+    needs = {"train": ["-m", tiny_model_dir, "-d", qa_file], "estimate": ["-m", tiny_model_dir, "-d", qa_file]}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([*args, *map(str, needs.get(args[0], [])), "-q", "-o", str(out)])
+    err = capsys.readouterr()[1]
+    assert excinfo.value.code == 2 and err.startswith("Error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_ranges_hold_for_configs_built_in_python_and_show_in_help(capsys):
+    from lorasb_cli.configs import TrainConfig
+    from lorasb_cli.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=r"--warmup-ratio 1.0 must be a finite number in \[0, 1\)"):
+        TrainConfig.from_options(model="m", data="d", out="o", warmup_ratio=1.0)
+    with pytest.raises(BadInputError, match="--lr nan must be a finite number > 0"):
+        TrainConfig.from_options(model="m", data="d", out="o", lr=float("nan"))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "0<=x<1" in " ".join(capsys.readouterr()[0].split())  # --warmup-ratio's range in the help

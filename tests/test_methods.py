@@ -315,7 +315,7 @@ def test_lorasb_starts_one_simulated_step_ahead(tiny_model_dir, qa_file, factors
         ({"method": "lorasb", "factors": "FACTORS", "targets": "attention"}, "--targets applies to --method lora, "),
         ({"method": "lora", "init_iters": 5}, "--init-iters applies to --method inilora, inilora-alpha, inilora-beta"),
         ({"method": "full", "alpha": 4.0}, "--alpha applies to --method lora, "),
-        ({"method": "loraga", "init_samples": 0}, "--init-samples 0 must be positive"),
+        ({"method": "loraga", "init_samples": 0}, "--init-samples 0 must be a finite number ≥ 1"),
     ],
 )
 def test_bad_method_options(tiny_model_dir, qa_file, factors_file, tmp_path, overrides, pattern):

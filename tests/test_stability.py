@@ -137,7 +137,7 @@ def test_samples_auto_settles_on_the_draw_of_samples_n(tiny_model_dir, qa_file, 
     [
         ({"raw": True}, "drop --raw"),
         ({"report_ranks": "4"}, "drop --report-ranks"),
-        ({"threshold": 1.5}, "--threshold 1.5 must be in"),
+        ({"threshold": 1.5}, r"--threshold 1.5 must be a finite number in \(0, 1\]"),
     ],
 )
 def test_samples_auto_refuses_what_it_cannot_settle(tiny_model_dir, qa_file, tmp_path, options, message):

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import BadInputError
-from ..options import option, plugin_fields, plugin_options, takes
+from ..options import NON_NEGATIVE, Declared, option, plugin_fields, plugin_options, takes
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
@@ -27,18 +26,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
-class OwnOptions:
+class OwnOptions(Declared):
     """An init's own options (`Init.options`), declared as lorasb_cli/options.py fields: `lorasb decompose`'s
     flags are generated from them and a flag the chosen init does not take is refused. This base has none."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class NoisyOptions(OwnOptions):
-    noise_std: float = option(type=float, required=True, help="σ of the noise, in units of η (e.g. 1).")
-
-    def __post_init__(self):
-        if not self.noise_std >= 0:
-            raise BadInputError(f"--noise-std {self.noise_std} must be ≥ 0", hint="e.g. --noise-std 1 (in units of η)")
+    noise_std: float = option(
+        type=float, range=NON_NEGATIVE, required=True, help="σ of the noise, in units of η (e.g. 1)."
+    )
 
 
 @dataclass(frozen=True)

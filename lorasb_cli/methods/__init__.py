@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
-from ..options import option, plugin_fields, plugin_options, takes
+from ..options import AT_LEAST_1, POSITIVE, Declared, option, plugin_fields, plugin_options, takes
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodOptions:
+class MethodOptions(Declared):
     """A method's own options (`Method.options`), declared as lorasb_cli/options.py fields: `lorasb train`'s
     flags are generated from them and a flag the chosen method does not take is refused. This base has none."""
 
@@ -46,13 +46,13 @@ class MethodOptions:
 class LowRankOptions(MethodOptions):
     """Low-rank matrices of `rank` on the `targets` modules, scaled α/r (LoRA and its variants)."""
 
-    rank: int | None = option("--rank", "-r", type=int, required=True, help="Rank of the low-rank matrices.")
+    rank: int | None = option(
+        "--rank", "-r", type=int, range=AT_LEAST_1, required=True, help="Rank of the low-rank matrices."
+    )
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
-    alpha: float | None = option(type=float, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA].")
-
-    def __post_init__(self):
-        if self.alpha is not None and not self.alpha > 0:
-            raise BadInputError(f"--alpha {self.alpha} must be positive")
+    alpha: float | None = option(
+        type=float, range=POSITIVE, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
+    )
 
     def alpha_or(self, default: float) -> float:
         return self.alpha if self.alpha is not None else default
@@ -63,18 +63,19 @@ class LoraSBOptions(MethodOptions):
     init_scale: float | str = option(
         default=1.0,
         type=str,
-        help="Multiply R_init by this factor, or auto: the factor with the lowest held-out loss.",
+        help="Multiply R_init by this factor (> 0), or auto: the factor with the lowest held-out loss.",
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.init_scale == "auto":
             return
         try:
             scale = float(self.init_scale)
         except ValueError:
             scale = math.nan
-        if not math.isfinite(scale):
-            raise BadInputError(f"--init-scale {self.init_scale} must be auto or a finite number")
+        if scale not in POSITIVE:  # 0 would train from R = 0, a negative factor uphill
+            raise BadInputError(f"--init-scale {self.init_scale} must be auto or a finite number > 0")
         object.__setattr__(self, "init_scale", scale)
 
     @property
@@ -84,22 +85,12 @@ class LoraSBOptions(MethodOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class LoraGAOptions(LowRankOptions):
-    init_samples: int = option(default=32, help="Samples of LoRA-GA's gradient estimate.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.init_samples < 1:
-            raise BadInputError(f"--init-samples {self.init_samples} must be positive")
+    init_samples: int = option(default=32, range=AT_LEAST_1, help="Samples of LoRA-GA's gradient estimate.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class IniLoraOptions(LowRankOptions):
-    init_iters: int = option(default=1000, help="Iterations of IniLoRA's fit of B·A to W0.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.init_iters < 1:
-            raise BadInputError(f"--init-iters {self.init_iters} must be positive")
+    init_iters: int = option(default=1000, range=AT_LEAST_1, help="Iterations of IniLoRA's fit of B·A to W0.")
 
 
 @dataclass
