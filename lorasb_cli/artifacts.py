@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -88,7 +89,8 @@ def provenance(kind: str, **fields) -> dict:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, with the mode a plain
+    `open()` would have given it (`plain_modes`)."""
     target = Path(path)
     if target.is_dir():
         raise BadInputError("output path is a directory", path=str(target), hint="pass a file name to -o")
@@ -104,11 +106,84 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
+        plain_modes(Path(tmp))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, replace: bool = False, hint: str = "pick another -o") -> Iterator[Path]:
+    """Yield an empty hidden folder beside `target` to write into; when the block succeeds, give everything in it
+    the modes a plain write gets (`plain_modes`) and rename it onto `target`, so a reader sees the whole folder or
+    none. A `target` that holds anything by then is refused (BadInputError with `hint`) unless `replace`: then the
+    old folder is removed only after the new one is in place."""
+    make_output_folder(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    try:
+        yield staging
+        plain_modes(staging)
+        # Checked again here: another process may have written there while the block ran.
+        check_output_dir(target, {}, allow_nonempty=replace, hint=hint)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # `old` is an empty folder: the rename replaces it
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Delete the staging folders `atomic_folder` left beside `target` when a writer was killed. Only for outputs
+    that one writer owns (an -o): a shared cache folder may be another process's staging in progress."""
+    for stale in target.parent.glob(f"{glob.escape(_staging_prefix(target))}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` — a file, or a folder and everything in it — the mode a plain `open()` (0o666) or `mkdir`
+    (0o777) gets under the process's umask: mkstemp and mkdtemp make 0600/0700 whatever the umask, and so does
+    safetensors' `save_file`, so a model another user (a serving container) must read would otherwise be private.
+    Symbolic links are left alone."""
+    umask = current_umask()
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    for folder, _, files in os.walk(path):
+        os.chmod(folder, folder_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc/self/status where Linux shows it, since setting and restoring it
+    (the only other way) changes it for every thread meanwhile; then set to 0o077, so that a file another thread
+    creates in that instant is private rather than public."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, folder: bool = False) -> Path:
@@ -206,12 +281,6 @@ def make_output_folder(folder: Path) -> None:
         raise BadInputError(
             "cannot create the output folder: permission denied", path=str(folder), hint="pick another -o"
         ) from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

@@ -226,17 +226,14 @@ def _convert_sentencepiece(model_file: Path, directory: Path, spec: BundledToken
 
 @contextmanager
 def _atomic_directory(directory: Path, marker: str) -> Iterator[Path]:
-    """A staging folder beside `directory`, renamed onto it when the block ends without error, so a reader sees
-    the whole directory or none. If another process renamed its own copy first (its `marker` file exists),
-    that copy is kept."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    """A staging folder beside `directory`, renamed onto it when the block ends without error
+    (`artifacts.atomic_folder`: a reader sees the whole directory or none, with the modes a plain write gets). If
+    another process renamed its own copy first (its `marker` file exists), that copy is kept."""
+    from . import artifacts  # imports torch: only a conversion, which needs torch anyway, pays for it
+
     try:
-        yield staging
-        try:
-            os.replace(staging, directory)
-        except OSError:
-            if not (directory / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with artifacts.atomic_folder(directory) as staging:
+            yield staging
+    except BadInputError:
+        if not (directory / marker).is_file():
+            raise

@@ -93,7 +93,10 @@ class ConfigCommand(click.Command):
 
 def report(path, summary: dict, as_json: bool) -> None:
     """The only stdout output of a stage: its path, or a JSON summary with the path; printed by global rank 0 only,
-    so that `$(torchrun ... -m lorasb_cli estimate ...)` is one path."""
+    so that `$(torchrun ... -m lorasb_cli estimate ...)` is one path.
+
+    `path` is the output as the user gave it: stages return their -o unresolved, so a relative -o prints relative
+    (and a default output its default name), an absolute one absolute, whatever the stage."""
     from .system import is_main_process
 
     if not is_main_process():
