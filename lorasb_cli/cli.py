@@ -472,27 +472,44 @@ def data_command(name, split, size, seed, out, as_json, quiet):
 @cli.command(name="models", context_settings=CONTEXT)
 @common_options
 def models_command(as_json, quiet):
-    """List the model aliases, what each is, and whether it is available offline here."""
+    """List the model aliases, what each is, whether it is available offline here and the folder it loads from."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
     from . import bundled
     from .console import print_rows
     from .models import ALIASES
 
-    rows = [
-        {
-            "alias": m.alias,
-            "what": m.description,
-            "source": f"{m.package}=={m.version}",
-            "offline": "yes" if bundled.source_path(m) else f"no: {m.pip_line}",
-        }
-        for m in bundled.BUNDLED.values()
-    ] + [
-        {"alias": alias, "what": "hub model", "source": hub_id, "offline": "if in the HF cache"}
-        for alias, hub_id in ALIASES.items()
-    ]
+    rows = []
+    for m in bundled.BUNDLED.values():
+        source = bundled.source_path(m)
+        folder = bundled.local_directory(m, source)[0] if source else None
+        offline = "yes" if folder is not None and folder.is_dir() else "yes (converted into path on first use)"
+        rows.append(
+            {
+                "alias": m.alias,
+                "what": m.description,
+                "source": f"{m.package}=={m.version}",
+                "offline": offline if folder is not None else f"no: {m.pip_line}",
+                "path": None if folder is None else str(folder),
+            }
+        )
+    for alias, hub_id in ALIASES.items():
+        cached = try_to_load_from_cache(hub_id, "config.json")  # a path in the HF cache's snapshot, or not a str
+        rows.append(
+            {
+                "alias": alias,
+                "what": "hub model",
+                "source": hub_id,
+                "offline": "yes (in the HF cache)" if isinstance(cached, str) else "no: downloads on first use",
+                "path": str(Path(cached).parent) if isinstance(cached, str) else None,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        print_rows("models", rows, ["alias", "what", "source", "offline"])
+        print_rows("models", rows, ["alias", "what", "source", "offline", "path"])
 
 
 def main(argv: list[str] | None = None) -> None:

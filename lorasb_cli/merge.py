@@ -470,7 +470,9 @@ def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, i
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
-        "base_model_name_or_path": ref.id,
+        # What from_pretrained loads: the hub id of a hub model, the absolute folder of a local or bundled one (an
+        # alias means nothing to PEFT's AutoPeftModel*, which would look it up on the hub).
+        "base_model_name_or_path": ref.path,
         "r": r,
         "lora_alpha": alpha(r),
         "target_modules": list(lora.factors),
