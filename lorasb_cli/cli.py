@@ -136,8 +136,18 @@ Example:
 @common_options
 def estimate(config, dry_run, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
-    from .console import STABILITY_COLUMNS, STABILITY_TITLE, human_bytes, print_table, progress_bar, stability_rows
+    from .console import (
+        STABILITY_COLUMNS,
+        STABILITY_TITLE,
+        human_bytes,
+        print_summary,
+        print_table,
+        progress_bar,
+        stability_rows,
+    )
     from .estimate import estimate as run_estimate
+    from .models import resolve_device
+    from .system import peak_memory_label
 
     if dry_run:
         from .system import is_main_process
@@ -150,19 +160,16 @@ def estimate(config, dry_run, as_json, quiet):
     with progress_bar("estimate", enabled=not quiet) as progress:
         summary = run_estimate(config, progress)
     planned = ", ".join(f"{human_bytes(b)} on {w}" for w, b in (summary.planned_bytes or {}).items()) or "-"
-    print_table(
+    print_summary(
         "estimate",
-        ["modules", "samples", "tokens", "seconds", "peak memory", "planned", "accumulators"],
         [
-            [
-                summary.modules,
-                summary.samples,
-                summary.tokens,
-                f"{summary.seconds:.1f}",
-                human_bytes(summary.peak_memory_bytes),
-                planned,
-                f"{summary.accumulate_dtype} on {summary.accumulate_on}",
-            ]
+            ("modules", summary.modules),
+            ("samples", summary.samples),
+            ("tokens", summary.tokens),
+            ("seconds", f"{summary.seconds:.1f}"),
+            (peak_memory_label(resolve_device(config.device)), human_bytes(summary.peak_memory_bytes)),
+            ("planned peak (lorasb's memory plan)", planned),
+            ("accumulators", f"{summary.accumulate_dtype} on {summary.accumulate_on}"),
         ],
     )
     if summary.stability:
@@ -287,26 +294,25 @@ Examples:
 @common_options
 def train(config, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
-    from .console import human_bytes, print_table, progress_bar
+    from .console import human_bytes, print_summary, progress_bar
+    from .models import resolve_device
+    from .system import peak_memory_label
     from .train import train as run_train
 
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
-    print_table(
+    print_summary(
         "train",
-        ["steps", "trainable", "step-0 base", "step-0 init", "final train", "final eval", "tokens/s", "peak memory"],
         [
-            [
-                summary.steps,
-                f"{summary.trainable_params:,}",
-                loss(summary.step0_base_loss),
-                loss(summary.step0_init_loss),
-                loss(summary.final_train_loss),
-                loss(summary.final_eval_loss),
-                f"{summary.tokens_per_second:.0f}",
-                human_bytes(summary.peak_memory_bytes),
-            ]
+            ("steps", summary.steps),
+            ("trainable parameters", f"{summary.trainable_params:,}"),
+            ("step-0 loss, base", loss(summary.step0_base_loss)),
+            ("step-0 loss, initialized", loss(summary.step0_init_loss)),
+            ("final train loss", loss(summary.final_train_loss)),
+            ("final eval loss", loss(summary.final_eval_loss)),
+            ("tokens/s", f"{summary.tokens_per_second:.0f}"),
+            (peak_memory_label(resolve_device(config.device)), human_bytes(summary.peak_memory_bytes)),
         ],
     )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
