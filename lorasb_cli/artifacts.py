@@ -624,6 +624,7 @@ class Artifact:
 
     def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] | None = None):
         self.path = str(path)
+        self.kinds = kinds
         if not os.path.isfile(self.path):
             raise BadInputError("file not found", path=self.path, hint="check the path")
         try:
@@ -631,7 +632,7 @@ class Artifact:
                 header = f.metadata() or {}
                 self.names: list[str] = list(f.keys())
         except Exception as e:  # safetensors raises SafetensorError / OSError for bad or truncated files
-            raise _unreadable(self.path, e) from e
+            raise _unreadable(self.path, e, self.kinds) from e
         if METADATA_KEY not in header:
             raise IncompatibleArtifactError(
                 "safetensors file without lorasb metadata",
@@ -686,7 +687,7 @@ class Artifact:
         try:
             handle = safe_open(self.path, framework="pt")
         except (SafetensorError, OSError) as e:
-            raise _unreadable(self.path, e) from e
+            raise _unreadable(self.path, e, self.kinds) from e
         with handle as f:
             yield f
 
@@ -799,10 +800,83 @@ def _is_factor(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES
 
 
-def _unreadable(path: str, error: Exception) -> BadInputError:
+def _unreadable(path: str, error: Exception, kinds: tuple[str, ...] | None = None) -> BadInputError:
+    """The error for a file safetensors cannot read: named by what it holds instead when that is another format."""
+    found = foreign_format(Path(path))
+    if found is not None:
+        wanted = f"the file written by {PRODUCER[kinds[0]]}" if kinds else _ANY_ARTIFACT
+        return BadInputError(f"not a lorasb artifact (safetensors) but {found}", path=path, hint=f"pass {wanted}")
     reason = (str(error).splitlines() or [type(error).__name__])[0]
+    producer = PRODUCER[kinds[0]] if kinds else "the stage that wrote it"
     return BadInputError(
         f"not a readable safetensors file ({reason})",
         path=path,
-        hint="the file is truncated or of another format; re-create it with the stage that wrote it",
+        hint=f"the file is truncated or damaged; re-create it with {producer}",
     )
+
+
+_ANY_ARTIFACT = "a file written by lorasb estimate, decompose or train, or a folder written by lorasb train or merge"
+# Leading bytes of formats people pass by mistake, and what to call them.
+_MAGIC = (
+    (b"PK\x03\x04", "a zip archive, as PyTorch .bin/.pt checkpoints are"),
+    (b"\x80", "a pickle"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+)
+_SNIFF_BYTES = 1 << 16
+_MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+_JSON_PARSE_LIMIT = 1 << 24  # bytes: a JSON file larger than this is named by its first line only
+
+
+def foreign_format(path: Path) -> str | None:
+    """What `path` holds, by its first bytes, when it is not a safetensors file (an 8-byte little-endian header
+    length, then the JSON header); None when it starts as one does (then it is truncated or damaged) or cannot be
+    read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if 0 < int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
+        return None
+    if not head:
+        return "an empty file"
+    found = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if found is not None:
+        return found
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the sniffed bytes
+            return "binary data of another format"
+        text = head[: e.start].decode("utf-8")
+    if not text.lstrip().startswith(("{", "[")):
+        return "a text file"
+    return _json_format(path, text, size)
+
+
+def _json_format(path: Path, head: str, size: int) -> str:
+    """What a file that starts like JSON holds: lorasb evaluate's results, a config, JSON Lines or plain JSON."""
+    try:
+        value = json.loads(path.read_bytes()) if size <= _JSON_PARSE_LIMIT else None
+    except (ValueError, RecursionError):
+        value = None
+    if value is None:
+        first = head.lstrip().split("\n", 1)[0]
+        try:
+            return "JSON Lines, as data files are" if isinstance(json.loads(first), dict) else "JSON"
+        except (ValueError, RecursionError):
+            return "a text file that starts like JSON" if size <= _JSON_PARSE_LIMIT else "JSON"
+    if not isinstance(value, dict):
+        return f"a JSON {_json_type(value)}"
+    if {"task", "metrics"} <= value.keys():
+        return "the results JSON of lorasb evaluate"
+    if "weight_map" in value:
+        return "the JSON index of a sharded checkpoint (pass its folder)"
+    if "peft_type" in value:
+        return "a PEFT adapter config (pass its folder)"
+    if "model_type" in value or "architectures" in value:
+        return "a model's config.json (pass its folder)"
+    return "a JSON object"
