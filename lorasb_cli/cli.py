@@ -90,7 +90,10 @@ class ConfigCommand(click.Command):
 
 def report(path, summary: dict, as_json: bool) -> None:
     """The only stdout output of a stage: its path, or a JSON summary with the path; printed by global rank 0 only,
-    so that `$(torchrun ... -m lorasb_cli estimate ...)` is one path."""
+    so that `$(torchrun ... -m lorasb_cli estimate ...)` is one path.
+
+    `path` is the output as the user gave it: stages return their -o unresolved, so a relative -o prints relative
+    (and a default output its default name), an absolute one absolute, whatever the stage."""
     from .system import is_main_process
 
     if not is_main_process():
@@ -130,8 +133,18 @@ Example:
 @common_options
 def estimate(config, dry_run, as_json, quiet):
     """Estimate the LoRA-SB update ΔW = −η·sign(G), G the summed gradient over a small sample of the data."""
-    from .console import STABILITY_COLUMNS, STABILITY_TITLE, human_bytes, print_table, progress_bar, stability_rows
+    from .console import (
+        STABILITY_COLUMNS,
+        STABILITY_TITLE,
+        human_bytes,
+        print_summary,
+        print_table,
+        progress_bar,
+        stability_rows,
+    )
     from .estimate import estimate as run_estimate
+    from .models import resolve_device
+    from .system import peak_memory_label
 
     if dry_run:
         from .system import is_main_process
@@ -144,19 +157,16 @@ def estimate(config, dry_run, as_json, quiet):
     with progress_bar("estimate", enabled=not quiet) as progress:
         summary = run_estimate(config, progress)
     planned = ", ".join(f"{human_bytes(b)} on {w}" for w, b in (summary.planned_bytes or {}).items()) or "-"
-    print_table(
+    print_summary(
         "estimate",
-        ["modules", "samples", "tokens", "seconds", "peak memory", "planned", "accumulators"],
         [
-            [
-                summary.modules,
-                f"{summary.samples} ({summary.sampling})",
-                summary.tokens,
-                f"{summary.seconds:.1f}",
-                human_bytes(summary.peak_memory_bytes),
-                planned,
-                f"{summary.accumulate_dtype} on {summary.accumulate_on}",
-            ]
+            ("modules", summary.modules),
+            ("samples", f"{summary.samples} ({summary.sampling})"),
+            ("tokens", summary.tokens),
+            ("seconds", f"{summary.seconds:.1f}"),
+            (peak_memory_label(resolve_device(config.device)), human_bytes(summary.peak_memory_bytes)),
+            ("planned peak (lorasb's memory plan)", planned),
+            ("accumulators", f"{summary.accumulate_dtype} on {summary.accumulate_on}"),
         ],
     )
     if summary.stability:
@@ -281,26 +291,25 @@ Examples:
 @common_options
 def train(config, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
-    from .console import human_bytes, print_table, progress_bar
+    from .console import human_bytes, print_summary, progress_bar
+    from .models import resolve_device
+    from .system import peak_memory_label
     from .train import train as run_train
 
     with progress_bar("train", enabled=not quiet) as progress:
         summary = run_train(config, progress)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
-    print_table(
+    print_summary(
         "train",
-        ["steps", "trainable", "step-0 base", "step-0 init", "final train", "final eval", "tokens/s", "peak memory"],
         [
-            [
-                summary.steps,
-                f"{summary.trainable_params:,}",
-                loss(summary.step0_base_loss),
-                loss(summary.step0_init_loss),
-                loss(summary.final_train_loss),
-                loss(summary.final_eval_loss),
-                f"{summary.tokens_per_second:.0f}",
-                human_bytes(summary.peak_memory_bytes),
-            ]
+            ("steps", summary.steps),
+            ("trainable parameters", f"{summary.trainable_params:,}"),
+            ("step-0 loss, base", loss(summary.step0_base_loss)),
+            ("step-0 loss, initialized", loss(summary.step0_init_loss)),
+            ("final train loss", loss(summary.final_train_loss)),
+            ("final eval loss", loss(summary.final_eval_loss)),
+            ("tokens/s", f"{summary.tokens_per_second:.0f}"),
+            (peak_memory_label(resolve_device(config.device)), human_bytes(summary.peak_memory_bytes)),
         ],
     )
     report(summary.path, {k: v for k, v in vars(summary).items() if k != "path"}, as_json)
@@ -468,27 +477,44 @@ def data_command(name, split, size, seed, out, as_json, quiet):
 @cli.command(name="models", context_settings=CONTEXT)
 @common_options
 def models_command(as_json, quiet):
-    """List the model aliases, what each is, and whether it is available offline here."""
+    """List the model aliases, what each is, whether it is available offline here and the folder it loads from."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
     from . import bundled
     from .console import print_rows
     from .models import ALIASES
 
-    rows = [
-        {
-            "alias": m.alias,
-            "what": m.description,
-            "source": f"{m.package}=={m.version}",
-            "offline": "yes" if bundled.source_path(m) else f"no: {m.pip_line}",
-        }
-        for m in bundled.BUNDLED.values()
-    ] + [
-        {"alias": alias, "what": "hub model", "source": hub_id, "offline": "if in the HF cache"}
-        for alias, hub_id in ALIASES.items()
-    ]
+    rows = []
+    for m in bundled.BUNDLED.values():
+        source = bundled.source_path(m)
+        folder = bundled.local_directory(m, source)[0] if source else None
+        offline = "yes" if folder is not None and folder.is_dir() else "yes (converted into path on first use)"
+        rows.append(
+            {
+                "alias": m.alias,
+                "what": m.description,
+                "source": f"{m.package}=={m.version}",
+                "offline": offline if folder is not None else f"no: {m.pip_line}",
+                "path": None if folder is None else str(folder),
+            }
+        )
+    for alias, hub_id in ALIASES.items():
+        cached = try_to_load_from_cache(hub_id, "config.json")  # a path in the HF cache's snapshot, or not a str
+        rows.append(
+            {
+                "alias": alias,
+                "what": "hub model",
+                "source": hub_id,
+                "offline": "yes (in the HF cache)" if isinstance(cached, str) else "no: downloads on first use",
+                "path": str(Path(cached).parent) if isinstance(cached, str) else None,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        print_rows("models", rows, ["alias", "what", "source", "offline"])
+        print_rows("models", rows, ["alias", "what", "source", "offline", "path"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,13 +70,27 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A table on stderr whose cells wrap, never cut, at any width."""
     if _quiet:
         return
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
         table.add_row(*(str(value) for value in row))
+    stderr.print(table)
+
+
+def print_summary(title: str, fields: Sequence[tuple[str, object]]) -> None:
+    """A stage's summary on stderr as `field  value` lines that wrap, never cut: labels that say what a number is
+    ("measured peak (process RSS)") stay whole at 80 columns, where a one-row table of them would not."""
+    if _quiet:
+        return
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(overflow="fold")
+    table.add_column(justify="right", overflow="fold")
+    for name, value in fields:
+        table.add_row(name, str(value))
     stderr.print(table)
 
 
@@ -112,6 +126,8 @@ def print_description(description: dict) -> None:
     base = meta.get("base_model", {})
     data = meta.get("data") or {}
     summary = Table(show_header=False, title=description["path"], title_justify="left")
+    summary.add_column(overflow="fold")
+    summary.add_column(overflow="fold")
     rows = [
         ("kind", description["kind"]),
         ("modules", description["modules"]),

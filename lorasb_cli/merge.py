@@ -9,15 +9,12 @@ onto `out` only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import glob
 import itertools
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,25 +61,30 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     """Merge the adapter at `config.adapter` into its base (`config.model`, default: the base it records).
 
     Writes an HF model directory (`format="hf"`) or a PEFT LoRA adapter (`format="peft"`) at `config.out`;
-    returns it. `dtype` and `max_shard_size` shape the `hf` output; `progress(done, total)` counts tensors (hf) or
-    modules (peft). A PEFT export from a hub base downloads nothing: PEFT checks its shapes at load time.
+    returns that path as given (relative stays relative). `dtype` and `max_shard_size` shape the `hf` output;
+    `progress(done, total)` counts tensors (hf) or modules (peft). A PEFT export from a hub base downloads nothing:
+    PEFT checks its shapes at load time.
     """
     fmt = config.format
     out_dtype, shard_bytes = _hf_options(fmt, config.dtype, config.max_shard_size)
     lora = _load_mergeable(config.adapter, fmt)
     ref = models.resolve_model(config.model if config.model is not None else _recorded_base(lora))
+    out = Path(config.out).expanduser()  # what the caller prints: as given
     # Checked before a download, so a bad -o fails at once.
-    out_path = artifacts.check_output_dir(
-        Path(config.out).expanduser().resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
+    target = artifacts.check_output_dir(
+        out.resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
-    base = _open_base(lora, ref, out_path, fmt, config.trust_remote_code)
+    base = _open_base(lora, ref, target, fmt, config.trust_remote_code)
     metadata = _output_metadata(lora, ref)
-    with _staging(out_path, config.overwrite) as tmp:
+    artifacts.remove_stale_staging(target)  # of a merge that was killed
+    # An interrupted merge leaves at most a hidden staging folder, never a partial `out`; with --overwrite the old
+    # `out` is removed only once the new one is complete.
+    with artifacts.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
         if fmt == "hf":
             _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
         else:
             _write_peft(lora, ref, tmp, metadata, progress)
-    return out_path
+    return out
 
 
 def _hf_options(format: str, dtype: str | None, max_shard_size: str | None) -> tuple[torch.dtype | None, int | None]:
@@ -264,37 +266,6 @@ def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex, pref
 
 def _recorded_id(lora: adapter.Adapter) -> str:
     return str((lora.config.get("base_model") or {}).get("id", "unknown"))
-
-
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of `out`; move it onto `out` only when the block succeeds.
-
-    An interrupted merge leaves at most a `.<name>.tmp-*` directory, never a partial `out`; with `overwrite`
-    the old `out` is removed only after the new one is complete.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):  # of a merge that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        # Again: another process may have written there in the meantime.
-        artifacts.check_output_dir(out, {}, allow_nonempty=overwrite, hint=_OUT_HINT)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)  # `old` is an empty directory: rename replaces it
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_merged(
@@ -484,7 +455,9 @@ def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, i
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if heads else "CAUSAL_LM",
-        "base_model_name_or_path": ref.id,
+        # What from_pretrained loads: the hub id of a hub model, the absolute folder of a local or bundled one (an
+        # alias means nothing to PEFT's AutoPeftModel*, which would look it up on the hub).
+        "base_model_name_or_path": ref.path,
         "r": r,
         "lora_alpha": alpha(r),
         "target_modules": list(lora.factors),

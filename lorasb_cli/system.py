@@ -18,6 +18,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def peak_memory_label(device: torch.device) -> str:
+    """What `peak_memory_bytes(device)` measures, as a summary names it."""
+    if device.type == "cuda":
+        return "measured peak (allocated by torch on the GPU)"
+    return "measured peak (process RSS)"
+
+
 def launcher_rank() -> tuple[int, int]:
     """(global rank, world size) of this process as a launcher describes it: torchrun and `accelerate launch` both
     set RANK and WORLD_SIZE; (0, 1) without a launcher. Readable before any process group exists."""

@@ -83,7 +83,7 @@ def test_truncated_file_is_rejected(tmp_path):
 def test_other_format_is_rejected(tmp_path):
     path = tmp_path / "model.bin"
     torch.save({"w": torch.ones(2)}, path)  # a pickle: must be refused without being unpickled
-    with pytest.raises(BadInputError, match="not a readable safetensors file"):
+    with pytest.raises(BadInputError, match=r"not a lorasb artifact \(safetensors\) but a zip archive"):
         artifacts.Artifact(path)
 
 

@@ -198,7 +198,7 @@ def test_decompose_bad_update_files(update_file, tmp_path, capsys):
     save_file({"w": torch.ones(2)}, str(plain))
     cases = [
         (truncated, "not a readable safetensors file"),
-        (not_st, "not a readable safetensors file"),
+        (not_st, "not a lorasb artifact (safetensors) but a text file"),
         (plain, "safetensors file without lorasb metadata"),
         (tmp_path / "absent.safetensors", "file not found"),
     ]

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorasb_cli import adapter, merge, models, shards
+from lorasb_cli import adapter, bundled, merge, models, shards
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 
 RANK = 4
@@ -157,6 +157,32 @@ def test_peft_export_reproduces_adapter_logits(setup, tmp_path):
         assert f.metadata()["format"] == "pt"
     model = peft.PeftModel.from_pretrained(load(setup.base_dir), str(out)).eval()
     assert_logits_equal(logits(model, setup.inputs), setup.adapter_logits)
+
+
+def test_peft_export_of_an_alias_loads_through_peft_auto_class_offline(setup, tmp_path, monkeypatch):
+    """base_model_name_or_path is the absolute folder an alias (here a bundled one) loads from, never the alias,
+    which AutoPeftModelForCausalLM would look up on the hub."""
+    from peft import AutoPeftModelForCausalLM
+
+    alias = bundled.BundledModel(
+        "tiny-llama", "a tiny Llama", "tiny-llama-pkg", "0.1", "tiny_llama_pkg", "", "causal-lm"
+    )
+    monkeypatch.setitem(bundled.BUNDLED, alias.alias, alias)
+    monkeypatch.setattr(bundled, "source_path", lambda model: setup.base_dir if model is alias else None)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    config = merge.MergeConfig(adapter=str(setup.adapter_dir), model=alias.alias, out="export", format="peft")
+    assert merge.merge(config) == Path("export")
+    exported = json.loads((tmp_path / "work" / "export" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == str(setup.base_dir.absolute())
+
+    monkeypatch.chdir(tmp_path)  # from elsewhere, and offline (conftest): the export names a folder that loads
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "work" / "export"), dtype=torch.float32).eval()
+    assert_logits_equal(logits(model, setup.inputs), setup.adapter_logits)
+
+    # The GGUF models' converted folders are recorded the same way: absolute, even under a relative LORASB_HOME.
+    monkeypatch.setenv("LORASB_HOME", "cache")
+    assert bundled.cache_home() == tmp_path / "cache"
 
 
 def test_serving_hints_name_the_smallest_vllm_rank_that_holds_the_adapter():
