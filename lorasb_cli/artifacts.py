@@ -123,23 +123,29 @@ def atomic_folder(target: Path, *, replace: bool = False, hint: str = "pick anot
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
         yield staging
-        plain_modes(staging)
         # Checked again here: another process may have written there while the block ran.
         check_output_dir(target, {}, allow_nonempty=replace, hint=hint)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old)  # `old` is an empty folder: the rename replaces it
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
+        swap_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def swap_folder(staging: Path, target: Path) -> None:
+    """Put the finished folder `staging` in `target`'s place, with the modes a plain write gets (`plain_modes`);
+    an old `target` is removed only once the new one is in place, and is put back if the rename fails."""
+    plain_modes(staging)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old)  # `old` is an empty folder: the rename replaces it
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def remove_stale_staging(target: Path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
 from .configs import TrainConfig
-from .errors import BadInputError, IncompatibleArtifactError, Interrupted
+from .errors import BadInputError, IncompatibleArtifactError, Interrupted, LorasbError
 from .options import MAX_LENGTH
 from .registry import did_you_mean
 from .trainer import (
@@ -87,6 +87,8 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
     resolved from those given."""
     if config.max_steps == 0:
         raise BadInputError("--max-steps 0 trains nothing", hint="pass -1 to train --epochs, or a step count")
+    if config.resume and config.overwrite:
+        raise BadInputError("--resume continues the run in -o and --overwrite replaces it", hint="pass one of them")
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
     method = methods.get_method(config.method)
@@ -159,6 +161,7 @@ class _Inputs:
     system_prompt: str | None
     labels: list[str] | None
     out: Path
+    work: Path  # where the run writes: `out`, or with --overwrite of a run the folder that will replace it
 
 
 def _read_inputs(config: TrainConfig, method: methods.Method, method_options: methods.MethodOptions) -> _Inputs:
@@ -184,7 +187,9 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
     out = _prepare_out(config, ref)
-    return _Inputs(method, method_options, ref, factors, train_set, eval_set, fmt, template, system_prompt, labels, out)
+    return _Inputs(
+        method, method_options, ref, factors, train_set, eval_set, fmt, template, system_prompt, labels, out, out
+    )
 
 
 @dataclass
@@ -397,9 +402,10 @@ def train(
 ) -> TrainSummary:
     """Train `config.method` on `config.data`; returns what was written and measured.
 
-    One run at a time writes into `config.out` (a lock file); `--overwrite` empties it first; `--resume` continues
-    from its newest complete checkpoint with the options the run was started with, and a finished run resumed is
-    left as it is. SIGINT/SIGTERM end the run with a checkpoint (`Interrupted`, exit 130/143)."""
+    One run at a time writes into `config.out` (a lock file); `--overwrite` writes the new run beside the old one
+    and replaces it once finished; `--resume` continues from its newest complete checkpoint with the options the
+    run was started with, and a finished run resumed is left as it is. SIGINT/SIGTERM end the run with a
+    checkpoint (`Interrupted`, exit 130/143)."""
     method, method_options = _check_options(config)
     system.check_launcher()
     ref = models.resolve_model(config.model)
@@ -419,8 +425,8 @@ def train(
 
 def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks) -> TrainSummary:
     with artifacts.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
-        if config.overwrite and main:
-            _clear_run(inputs.out)
+        if config.overwrite and any(p.name != artifacts.LOCK_FILE for p in inputs.out.iterdir()):
+            return _overwrite(config, inputs, main, progress, callbacks)
         resume_from = None
         if config.resume:
             finished = inputs.out / "metrics.json"  # written last, after the final adapter
@@ -432,15 +438,34 @@ def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, ca
         return _run(config, inputs, resume_from, progress, callbacks)
 
 
-def _clear_run(out: Path) -> None:
-    """--overwrite: the old run goes first, so no checkpoint of it can be resumed into the new one."""
-    for child in out.iterdir():
-        if child.name == artifacts.LOCK_FILE:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+# What marks a folder as a run of lorasb train (any of them): only such a folder may be replaced by --overwrite.
+_RUN_MARKS = (adapter.CONFIG_FILE, "metrics.json", "checkpoint-*")
+
+
+def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks) -> TrainSummary:
+    """--overwrite of a run: the new run is written in a hidden folder beside it and takes its place only once it
+    has finished, so a new run that fails, diverges or is interrupted leaves the old run as it was."""
+    if not any(any(inputs.out.glob(mark)) for mark in _RUN_MARKS):
+        raise BadInputError(
+            "--overwrite replaces a run of lorasb train; this folder holds other files",
+            path=str(inputs.out),
+            hint="pick another -o, or empty the folder yourself",
+        )
+    # One name every process of a launcher's job agrees on; a killed overwrite's leftover is removed first.
+    work = inputs.out.parent / f".{inputs.out.name}.overwrite"
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        summary = _run(config, replace(inputs, work=work), None, progress, callbacks)
+    except BaseException as e:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, LorasbError):  # its checkpoint went with the discarded run
+            e.hint = f"--overwrite: the new run was discarded and the run in {inputs.out} is as it was"
+        raise
+    if main:
+        artifacts.swap_folder(work, inputs.out)
+    return summary
 
 
 def _finished_summary(metrics_file: Path, out: Path) -> TrainSummary:
@@ -538,7 +563,7 @@ def _run(
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = _adapter_config(config, inputs, model, run)
-    guards = [DivergenceGuard(progress, inputs.out), *callbacks]
+    guards = [DivergenceGuard(progress, inputs.work), *callbacks]
     trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
     trainer.run_record = lambda: {
         "step0_base_loss": run.step0_base,
@@ -553,7 +578,7 @@ def _run(
         raise Interrupted(
             f"{name} at step {trainer.state.global_step}: the run is saved in checkpoint-{trainer.state.global_step}",
             signum=stop.signal,
-            path=str(inputs.out),
+            path=str(inputs.work),
             hint="to continue it, run the same command with --resume",
         )
     final_eval = _final_eval_loss(run.prepared, examples, config.batch_size, tokenizer.pad_token_id, device)
@@ -601,7 +626,7 @@ def _trainer(
     from .tasks import get_task
 
     prepared = run.prepared
-    args = _training_arguments(config, inputs.out, prepared, evaluates=examples.eval is not None, device=device)
+    args = _training_arguments(config, inputs.work, prepared, evaluates=examples.eval is not None, device=device)
     trainer = AdapterTrainer(
         model=prepared.model,
         args=args,
@@ -683,7 +708,7 @@ def _write_run(
     task_results: list[dict],
 ) -> TrainSummary:
     """The run directory's adapter, metrics.json and loss.png (global rank 0 only), and the summary."""
-    out = inputs.out
+    out = inputs.work
     # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
     # and global rank 0 writes them (as the Trainer's checkpoints: `should_save`).
     writer = system.is_main_process()
@@ -694,7 +719,7 @@ def _write_run(
     evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
     tokens_per_second = trainer.state.num_input_tokens_seen / seconds if seconds > 0 else 0.0
     summary = TrainSummary(
-        path=out,
+        path=inputs.out,
         steps=trainer.state.global_step,
         trainable_params=run.trainable,
         base_params=run.base_params,
@@ -709,7 +734,7 @@ def _write_run(
     )
     metrics = {
         **asdict(summary),
-        "path": str(out),
+        "path": str(inputs.out),
         "method": inputs.method.name,
         "train_loss_mean": train_loss_mean,
         "loss": steps,

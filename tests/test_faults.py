@@ -3,8 +3,10 @@ end in exit 2 with one `Error:` line naming no Python exception, write no output
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,76 @@ def test_ranges_hold_for_configs_built_in_python_and_show_in_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     assert "0<=x<1" in " ".join(capsys.readouterr()[0].split())  # --warmup-ratio's range in the help
+
+
+def _train_args(model, data, factors, out, *more):
+    return [
+        "train",
+        "-m",
+        model,
+        "-d",
+        data,
+        "-f",
+        factors,
+        "--max-steps",
+        4,
+        "--save-steps",
+        2,
+        *more,
+        "-q",
+        "-o",
+        out,
+    ]
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_finished(tiny_model_dir, qa_file, factors_file, tmp_path):
+    """A finished run, then --overwrite whose run fails mid-way (after a checkpoint): the old run is as it was, and
+    nothing of the new one is left; a new run that finishes replaces it."""
+    from transformers import TrainerCallback
+
+    from lorasb_cli import train
+    from lorasb_cli.errors import RunFailure
+
+    out = tmp_path / "run"
+    config = train.TrainConfig.from_options(
+        model=str(tiny_model_dir), data=str(qa_file), factors=str(factors_file), out=str(out), max_steps=4, save_steps=2
+    )
+    train.train(config)
+    before = _snapshot(out)
+
+    class FailAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RunFailure("the data went bad at step 3")
+
+    overwrite = dataclasses.replace(config, overwrite=True, lr=0.5)
+    with pytest.raises(RunFailure) as excinfo:
+        train.train(overwrite, callbacks=[FailAtStep3()])
+    assert f"the run in {out} is as it was" in str(excinfo.value)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    summary = train.train(overwrite)
+    assert _snapshot(out) != before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    recorded = json.loads((out / "adapter_config.json").read_text())
+    assert recorded["train"]["lr"] == 0.5 and summary.path == out
+    assert json.loads((out / "metrics.json").read_text())["path"] == str(out)
+    assert oct((out / "adapter.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_overwrite_of_a_folder_that_is_no_run_is_refused(tiny_model_dir, qa_file, factors_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(list(map(str, _train_args(tiny_model_dir, qa_file, factors_file, out, "--overwrite"))))
+    err = capsys.readouterr()[1]
+    assert excinfo.value.code == 2 and "--overwrite replaces a run of lorasb train" in err
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(list(map(str, _train_args(tiny_model_dir, qa_file, factors_file, out, "--overwrite", "--resume"))))
+    assert excinfo.value.code == 2 and "pass one of them" in capsys.readouterr()[1]
