@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -196,8 +197,13 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
     """Refuse an output that is, lies inside or (a `folder` output) would hold one of `inputs` ({what: path}: model
     directory or weight file, data, update, factors, adapter), compared by real path and, for existing files, by
     inode (a hard link is the same file). Inputs that are not local paths (hub ids, built-in data names) pass.
-    A file output that is a folder, or a folder output that is a file, is refused too. Returns `out` as a Path."""
+    A file output that is a folder, or a folder output that is a file, is refused too, and so is any output that
+    exists as neither (a device, FIFO or socket: the rename into place would replace the node, /dev/null included).
+    Returns `out` as a Path."""
     out = Path(out).expanduser()
+    if out.exists() and not (out.is_file() or out.is_dir()):
+        kind = next((k for k, test in _SPECIAL_FILES if test(out.stat().st_mode)), "special file")
+        raise BadInputError(f"output path is a {kind}, not a file", path=str(out), hint="pass a file name to -o")
     if not folder and out.is_dir():
         raise BadInputError("output path is a directory", path=str(out), hint="pass a file name to -o")
     if folder and out.exists() and not out.is_dir():
@@ -214,6 +220,14 @@ def check_output(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | N
                 f"the output would overwrite or write into the {what}", path=str(out), hint=f"pick an -o outside {real}"
             )
     return out
+
+
+_SPECIAL_FILES = (
+    ("character device", stat.S_ISCHR),
+    ("block device", stat.S_ISBLK),
+    ("FIFO", stat.S_ISFIFO),
+    ("socket", stat.S_ISSOCK),
+)
 
 
 def check_output_dir(

@@ -457,7 +457,7 @@ Example:
 def data_command(name, split, size, seed, out, as_json, quiet):
     """Write a built-in offline data set as JSONL: exactly the rows `--data NAME` feeds a stage."""
     from . import builtin_data
-    from .artifacts import atomic_path
+    from .artifacts import atomic_path, check_output
     from .console import print_rows
 
     if name == "list":
@@ -467,8 +467,9 @@ def data_command(name, split, size, seed, out, as_json, quiet):
         else:
             print_rows("built-in data sets", sets, ["name", "description", "fields", "splits", "source", "available"])
         return
-    dataset = builtin_data.load(name, split=split, size=size, seed=seed)
     out = out or f"{name}-{split}.jsonl"
+    check_output(out, {})
+    dataset = builtin_data.load(name, split=split, size=size, seed=seed)
     with atomic_path(out) as tmp:
         tmp.write_text(builtin_data.to_jsonl(dataset.rows))
     report(out, {"rows": len(dataset.rows), **dataset.provenance()}, as_json)

@@ -170,6 +170,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     from . import linalg
 
     kind, target = _resolve(path)
+    artifacts.check_output(out, {"update": target})
     artifact = artifacts.Artifact(target) if kind == "artifact" else None
     if artifact is None or artifact.kind != "update":
         raise BadInputError("--plot draws an update's spectra", path=str(target), hint="pass a lorasb estimate file")

@@ -205,3 +205,45 @@ def test_overwrite_of_a_folder_that_is_no_run_is_refused(tiny_model_dir, qa_file
     with pytest.raises(SystemExit) as excinfo:
         cli.main(list(map(str, _train_args(tiny_model_dir, qa_file, factors_file, out, "--overwrite", "--resume"))))
     assert excinfo.value.code == 2 and "pass one of them" in capsys.readouterr()[1]
+
+
+def _special_files(folder: Path) -> dict[str, Path]:
+    """A FIFO, a socket and (where this process may make one) a character device like /dev/null."""
+    import socket
+    import stat
+
+    nodes = {"FIFO": folder / "fifo"}
+    os.mkfifo(nodes["FIFO"])
+    nodes["socket"] = folder / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(nodes["socket"]))
+    server.close()
+    try:
+        os.mknod(folder / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        nodes["character device"] = folder / "null"
+    except (PermissionError, OSError):
+        pass
+    return nodes
+
+
+@pytest.mark.parametrize("stage", ["estimate", "decompose", "evaluate", "data", "inspect"])
+def test_an_output_that_is_a_special_file_is_refused_and_left_as_it_is(
+    stage, tiny_model_dir, qa_file, factors_file, tmp_path, capsys
+):
+    update = factors_file.parent / "u.safetensors"
+    commands = {
+        "estimate": ["estimate", "-m", tiny_model_dir, "-d", qa_file, "--samples", 2],
+        "decompose": ["decompose", update, "--rank", 2],
+        "evaluate": ["evaluate", "-m", tiny_model_dir, "-t", "perplexity", "-d", qa_file, "--limit", 2],
+        "data": ["data", "arithmetic", "--size", 2],
+        "inspect": ["inspect", update, "--plot"],
+    }
+    for kind, node in _special_files(tmp_path).items():
+        mode = node.lstat().st_mode
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main(
+                [str(a) for a in commands[stage]] + ([str(node)] if stage == "inspect" else ["-q", "-o", str(node)])
+            )
+        err = capsys.readouterr()[1]
+        assert excinfo.value.code == 2 and f"output path is a {kind}" in err and err.count("\n") == 1, err
+        assert node.lstat().st_mode == mode  # still the node it was, not a regular file
