@@ -900,3 +900,24 @@ def _json_format(path: Path, head: str, size: int) -> str:
     if "model_type" in value or "architectures" in value:
         return "a model's config.json (pass its folder)"
     return "a JSON object"
+
+
+def content_digest(meta: dict) -> str | None:
+    """A short hash of an artifact's tensors (its recorded sha256 per tensor): two files agree exactly when every
+    tensor does. None for a file written before hashes were recorded."""
+    hashes = meta.get(TENSOR_HASHES)
+    if not isinstance(hashes, dict):
+        return None
+    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:16]
+
+
+def merged_from(model_dir: Path) -> dict:
+    """What `lorasb merge` recorded in a merged checkpoint's safetensors metadata (`merged_from`: the adapter's
+    base, template, system prompt and digest); {} for a checkpoint lorasb did not write. Reads one header only."""
+    shard = next(iter(sorted(Path(model_dir).glob("*.safetensors"))), None)
+    if shard is None:
+        return {}
+    metadata = shards.read_header(shard).get("__metadata__")  # a one-line error where unreadable
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
+    recorded = parse_metadata(raw, str(shard)).get("merged_from") if raw else None
+    return recorded if isinstance(recorded, dict) else {}

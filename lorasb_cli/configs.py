@@ -30,6 +30,7 @@ from .options import (
     Range,
     TrainingDataOptions,
     argument,
+    force_base,
     force_template,
     option,
 )
@@ -186,6 +187,7 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
         "full, head.",
     )
     factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
+    force_base: bool = force_base()
     init_adapter: str | None = option(
         metavar="RUN",
         help="Instead of --factors: a trained LoRA-SB adapter (lorasb train -o) to start from, its B, A, trained R "
@@ -277,6 +279,7 @@ class MergeConfig(Declared):
     max_shard_size: str | None = option(help="Re-shard, e.g. 5GB [default: keep the base's shards].")
     overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
     trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    force_base: bool = force_base()
     out: str = option("-o", "--out", required=True, help="Output directory.")
 
 
@@ -297,6 +300,7 @@ class EvaluateConfig(DataOptions, ModelOptions):
     data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
     fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
     force_template: bool = force_template()
+    force_base: bool = force_base()
     template_of: str | None = option(
         metavar="RUN",
         help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, shards, templates
+from . import adapter, artifacts, data, models, templates
 from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
 from .tasks import Task, get_task
@@ -113,18 +113,11 @@ def recorded_prompting(path: str) -> dict:
     file = folder / adapter.ADAPTER_FILE if folder.is_dir() else folder
     if file.is_file():
         return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.get("data") or {}
-    shard = next(iter(sorted(folder.glob("*.safetensors"))), None) if folder.is_dir() else None
-    if shard is None:
-        if not folder.is_dir() or not (folder / "config.json").is_file():
-            raise BadInputError(
-                "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
-            )
-        return {}
-    # The header alone (shards.read_header: one-line error if unreadable); the weights are checked by loading.
-    metadata = shards.read_header(shard).get("__metadata__")
-    raw = metadata.get(artifacts.METADATA_KEY) if isinstance(metadata, dict) else None
-    merged_from = artifacts.parse_metadata(raw, str(shard)).get("merged_from") if raw else None
-    return merged_from if isinstance(merged_from, dict) else {}
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise BadInputError(
+            "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
+        )
+    return artifacts.merged_from(folder)
 
 
 def load_for_task(
@@ -146,6 +139,8 @@ def load_for_task(
     if saved is not None:
         shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
         saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
+        what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
+        models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=config.force_base)
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     labels = saved.config.get("labels") if saved is not None else None

@@ -74,6 +74,7 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     target = artifacts.check_output_dir(
         out.resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
+    _check_base(lora, ref, config.force_base)
     base = _open_base(lora, ref, target, fmt, config.trust_remote_code)
     metadata = _output_metadata(lora, ref)
     artifacts.remove_stale_staging(target)  # of a merge that was killed
@@ -85,6 +86,23 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
         else:
             _write_peft(lora, ref, tmp, metadata, progress)
     return out
+
+
+def _check_base(lora: adapter.Adapter, ref: models.ModelRef, force: bool) -> None:
+    """The adapter goes into the weights it was trained on, and never twice into one model: a merged checkpoint
+    records the digest of what was merged into it."""
+    digest = artifacts.content_digest(lora.config)
+    if (
+        Path(ref.path).is_dir()
+        and digest is not None
+        and artifacts.merged_from(Path(ref.path)).get("adapter_digest") == digest
+    ):
+        raise IncompatibleArtifactError(
+            f"model '{ref.id}' already has this adapter merged into it",
+            path=str(lora.path),
+            hint="merge it into the base it was trained on (leave out --model: the adapter records it)",
+        )
+    models.check_base(lora.config["base_model"], ref, what="the adapter", path=str(lora.path), force=force)
 
 
 def _hf_options(format: str, dtype: str | None, max_shard_size: str | None) -> tuple[torch.dtype | None, int | None]:
@@ -144,7 +162,8 @@ def _output_metadata(lora: adapter.Adapter, ref: models.ModelRef) -> dict[str, s
     provenance = {
         "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")}
         # evaluate prompts the merged model as the adapter was trained
-        | {key: (lora.config.get("data") or {}).get(key) for key in ("template", "system_prompt")},
+        | {key: (lora.config.get("data") or {}).get(key) for key in ("template", "system_prompt")}
+        | {"adapter_digest": artifacts.content_digest(lora.config)},  # so the same adapter is never merged twice
         "base_model": ref.id,
         "lorasb_version": __version__,
     }

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from . import bundled, data, shards
-from .errors import BadInputError
+from .errors import BadInputError, IncompatibleArtifactError
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -388,6 +388,23 @@ def weights_digest(ref: ModelRef) -> str | None:
                 h.update(json.dumps([name, str(piece.get_dtype()), list(shape)]).encode())
                 h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_base(recorded: dict, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:
+    """Refuse to apply an artifact made on other weights than `ref`'s: its `base_model` entry (`recorded`) holds
+    the weights digest it was made on, compared by content, never by path (the same checkpoint in another folder
+    agrees). `--force-base` (`force`) applies it anyway, with a warning: a deliberate transfer. Where either
+    digest is unknown (a file from before digests, a hub model not cached here) nothing can be compared."""
+    made_on, here = recorded.get("weights_digest"), weights_digest(ref)
+    if made_on is None or here is None or made_on == here:
+        return
+    message = f"{what} was made on other weights ({recorded.get('id')}) than model '{ref.id}'"
+    if force:
+        log.warning("--force-base: %s", message)
+        return
+    raise IncompatibleArtifactError(
+        message, path=path, hint="pass the model it was made on, or --force-base to apply it to this one anyway"
+    )
 
 
 def _local_checkpoint(ref: ModelRef) -> Path | None:

@@ -273,6 +273,11 @@ class TrainingDataOptions(DataOptions):
     )
 
 
+def force_base():
+    """--force-base, for the commands that apply an artifact to a model (models.check_base)."""
+    return option(flag=True, default=False, help="Apply the factors or adapter to another base than it was made on.")
+
+
 def force_template():
     """--force-template, for the commands that read a template recorded by an earlier stage."""
     return option(flag=True, default=False, help="Use --template even where the factors or adapter used another.")

@@ -139,10 +139,8 @@ def _load_factors_checked(config: TrainConfig, ref: models.ModelRef) -> artifact
             path=str(factors.path),
             hint="pass the model the update was estimated on",
         )
-    # By content, not path: the same checkpoint in another folder (another machine) is the same model.
-    estimated, here = base.get("weights_digest"), models.weights_digest(ref)
-    if (estimated != here) if estimated and here else base["id"] != ref.id:
-        log.warning("factors were estimated on other weights (%s) than %s's", base["id"], ref.id)
+    what = "the adapter --init-adapter names" if config.init_adapter else "the factors"
+    models.check_base(base, ref, what=what, path=str(factors.path), force=config.force_base)
     return factors
 
 
@@ -487,6 +485,7 @@ _FREE_ON_RESUME = {
     "trust_remote_code",
     "allow_pickle",
     "force_template",
+    "force_base",
 }
 
 

@@ -247,3 +247,54 @@ def test_an_output_that_is_a_special_file_is_refused_and_left_as_it_is(
         err = capsys.readouterr()[1]
         assert excinfo.value.code == 2 and f"output path is a {kind}" in err and err.count("\n") == 1, err
         assert node.lstat().st_mode == mode  # still the node it was, not a regular file
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A checkpoint of the same architecture as tiny_model_dir with other weights (another seed)."""
+    model, tokenizer = make_llama(seed=1)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("other-base"))
+
+
+def test_an_artifact_is_applied_only_to_the_weights_it_was_made_on(
+    other_base, tiny_model_dir, qa_file, factors_file, tmp_path, capsys
+):
+    """Factors and adapters record the weights digest of their base: another checkpoint of the same shapes is
+    refused by train, evaluate and merge, naming both, unless --force-base."""
+    commands = {
+        "train": ["train", "-f", factors_file, "-d", qa_file, "--max-steps", 1, "-o", tmp_path / "run"],
+        "evaluate": ["evaluate", "-a", factors_file, "-t", "perplexity", "-d", qa_file, "-o", tmp_path / "r.json"],
+        "merge": ["merge", "-a", factors_file, "-o", tmp_path / "merged"],
+    }
+    capsys.readouterr()
+    for args in commands.values():
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([str(a) for a in [*args, "-m", other_base, "-q"]])
+        err = capsys.readouterr()[1]
+        assert excinfo.value.code == 2 and err.count("\n") == 1, err
+        assert (
+            f"was made on other weights ({tiny_model_dir}) than model '{other_base}'" in err and "--force-base" in err
+        )
+        assert not Path(args[-1]).exists()
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in [*commands["evaluate"], "-m", other_base, "-q", "--force-base"]])
+    assert excinfo.value.code == 0
+
+
+def test_an_adapter_is_never_merged_twice(tiny_model_dir, factors_file, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in ["merge", "-a", factors_file, "-q", "-o", merged]])
+    assert excinfo.value.code == 0
+    before = _snapshot(merged)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(
+            [
+                str(a)
+                for a in ["merge", "-a", factors_file, "-m", merged, "--force-base", "-q", "-o", tmp_path / "twice"]
+            ]
+        )
+    err = capsys.readouterr()[1]
+    assert excinfo.value.code == 2 and "already has this adapter merged into it" in err
+    assert _snapshot(merged) == before and not (tmp_path / "twice").exists()
