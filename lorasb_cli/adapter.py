@@ -215,4 +215,6 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
     artifact = artifacts.Artifact(file, kinds=("adapter", "factors"))
     factors, extra = artifacts.read_factors(artifact)
     magnitudes = {m: extra.pop(f"{m}.{MAGNITUDE}").float() for m in factors if f"{m}.{MAGNITUDE}" in extra}
+    if artifact.meta.get("method") != "full":  # a full fine-tune's tensors are the base's own, checked on loading
+        artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.provenance.head)
     return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, magnitudes=magnitudes)

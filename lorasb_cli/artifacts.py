@@ -13,7 +13,9 @@ load, unverified.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
+import functools
 import glob
 import hashlib
 import itertools
@@ -25,7 +27,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -571,7 +573,14 @@ class _Fields:
     def _check_integrity(self) -> dict[str, str] | None:
         """The recorded hashes: one per tensor (exactly the file's tensors), and one of the other fields."""
         if TENSOR_HASHES not in self.meta and METADATA_HASH not in self.meta:
-            return None  # written before lorasb recorded hashes: loads, unverified
+            if _UNVERIFIED_ALLOWED.get():
+                return None
+            # Written before lorasb recorded hashes, or stripped of them: nothing stands guard over its tensors.
+            raise IncompatibleArtifactError(
+                "the file records no hashes of its tensors, so they cannot be verified",
+                path=self.path,
+                hint="re-create it with the lorasb stage that wrote it, or pass --allow-unverified to read it anyway",
+            )
         self.required |= {TENSOR_HASHES, METADATA_HASH}  # one without the other is a damaged file
         hashes = self.value(
             TENSOR_HASHES,
@@ -798,14 +807,35 @@ def read_factors(artifact: Artifact) -> tuple[dict[str, Factor], dict[str, torch
     modules = factor_modules(artifact)
     # Copies owned in memory: a tensor read from safetensors is a view that pins a mapping of the whole file.
     tensors = {name: tensor.clone() for name, tensor in artifact.items()}
+    for name, tensor in tensors.items():
+        if _is_factor(name) and not tensor.is_floating_point():  # e.g. an R stored as int64 by hand
+            raise IncompatibleArtifactError(
+                f"tensor '{name}' is {str(tensor.dtype).removeprefix('torch.')}, not floating point",
+                path=artifact.path,
+                hint=f"re-create it with {PRODUCER[artifact.kind]}",
+            )
     factors = {m: tuple(tensors.pop(f"{m}.{s}").float() for s in FACTOR_SUFFIXES) for m in modules}
     return factors, tensors
+
+
+def check_extra(artifact_path: str, kind: str, extra: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse tensors besides the factors that the artifact's metadata does not account for (e.g. a `junk` tensor
+    added with recomputed hashes, which merge would copy into the merged checkpoint)."""
+    unexpected = sorted(set(extra) - set(allowed))
+    if unexpected:
+        raise IncompatibleArtifactError(
+            f"unexpected tensor '{unexpected[0]}'"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""),
+            path=artifact_path,
+            hint=f"re-create it with {PRODUCER[kind]}",
+        )
 
 
 def load_factors(path: str | os.PathLike) -> Factors:
     """A factors file written by `lorasb decompose`."""
     artifact = Artifact(path, kinds=("factors",))
     factors, extra = read_factors(artifact)
+    check_extra(artifact.path, artifact.kind, extra, artifact.provenance.head)  # a classifier's head only
     if not factors:
         raise IncompatibleArtifactError("factors file holds no modules", path=artifact.path, hint="re-run decompose")
     return Factors(path=Path(artifact.path), config=artifact.meta, factors=factors, extra=extra)
@@ -900,6 +930,31 @@ def _json_format(path: Path, head: str, size: int) -> str:
     if "model_type" in value or "architectures" in value:
         return "a model's config.json (pass its folder)"
     return "a JSON object"
+
+
+_UNVERIFIED_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("unverified_allowed", default=False)
+
+
+@contextlib.contextmanager
+def unverified_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within the block, artifacts without recorded hashes (written before lorasb recorded them) are read, as
+    unverified; outside it they are refused. What `--allow-unverified` sets around a stage (`honours_allow_unverified`)."""
+    token = _UNVERIFIED_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _UNVERIFIED_ALLOWED.reset(token)
+
+
+def honours_allow_unverified(stage):
+    """Decorate a stage function whose config has `allow_unverified`: the stage runs in `unverified_allowed`."""
+
+    @functools.wraps(stage)
+    def run(config, *args, **kwargs):
+        with unverified_allowed(config.allow_unverified):
+            return stage(config, *args, **kwargs)
+
+    return run
 
 
 def content_digest(meta: dict) -> str | None:

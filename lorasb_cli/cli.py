@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import __version__, configs
-from .errors import LorasbError
+from .errors import BadInputError, LorasbError
 from .options import AT_LEAST_1, SEED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -416,15 +416,16 @@ def inspect_command(path, verify, plot, as_json, quiet):
 
     if verify:
         result = verify_tensors(path)  # a mismatch raises: one error line naming the file and tensor, exit 2
+        if result["status"] == "no hashes recorded":  # what cannot be verified did not pass verification
+            raise BadInputError(
+                f"no hashes recorded: its {result['tensors']} tensors cannot be verified",
+                path=result["path"],
+                hint="re-create it with the lorasb stage that wrote it",
+            )
         if as_json:
             click.echo(json.dumps(result))
         elif result["status"] == "ok":
             click.echo(f"verified: all {result['tensors']} tensors match their recorded hashes ({result['path']})")
-        elif result["status"] == "no hashes recorded":
-            click.echo(
-                f"no hashes recorded: {result['path']} was written before lorasb recorded them; "
-                f"its {result['tensors']} tensors cannot be verified"
-            )
         else:
             click.echo(
                 f"verified {result['verified']} of {result['tensors']} tensors (all match); the others have "

@@ -29,6 +29,7 @@ from .options import (
     PluginConfig,
     Range,
     TrainingDataOptions,
+    allow_unverified,
     argument,
     force_base,
     force_template,
@@ -120,6 +121,7 @@ class CombineConfig(Declared):
     """`lorasb combine`'s options."""
 
     parts: tuple[str, ...] = argument(many=True)
+    allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
 
@@ -162,6 +164,7 @@ class DecomposeConfig(PluginConfig):
     seed: int = option(default=0, range=SEED, help="Seed of the randomized SVD and random inits.")
     device: str = option(default="auto", help="Where to run the SVDs: auto, cpu, cuda.")
     trust_remote_code: bool = option(flag=True, default=False, help="Allow the model's own code (weight-based inits).")
+    allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", default="factors.safetensors", help="Factors file to write.")
     init_options: Mapping[str, object] = field(default_factory=dict)
 
@@ -188,6 +191,7 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     )
     factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
     force_base: bool = force_base()
+    allow_unverified: bool = allow_unverified()
     init_adapter: str | None = option(
         metavar="RUN",
         help="Instead of --factors: a trained LoRA-SB adapter (lorasb train -o) to start from, its B, A, trained R "
@@ -280,6 +284,7 @@ class MergeConfig(Declared):
     overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
     trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
     force_base: bool = force_base()
+    allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", required=True, help="Output directory.")
 
 
@@ -301,6 +306,7 @@ class EvaluateConfig(DataOptions, ModelOptions):
     fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
     force_template: bool = force_template()
     force_base: bool = force_base()
+    allow_unverified: bool = allow_unverified()
     template_of: str | None = option(
         metavar="RUN",
         help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "

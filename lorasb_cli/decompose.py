@@ -53,6 +53,7 @@ class _Source:
     head: list[str]  # a classifier's head tensors: carried over as they are, not factored
 
 
+@artifacts.honours_allow_unverified
 def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | None = None) -> DecomposeSummary:
     """Factor one matrix per target module with the init `config.init` and write `<module>.lora_{B,R,A}`.
 

@@ -512,6 +512,7 @@ _SAMPLING_KEYS = (
 )
 
 
+@artifacts.honours_allow_unverified
 def combine(config: CombineConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Sum raw shards' G and write the sign update; refuses shards of different models, targets or samplings.
     `progress(done, total)` counts modules."""

@@ -18,7 +18,8 @@ def describe(path: str | os.PathLike) -> dict:
     """A JSON-able description of an update/factors/adapter file, an adapter run directory, a PEFT export
     or a merged model directory."""
     kind, target = _resolve(path)
-    return {"artifact": describe_file, "peft": _describe_peft, "model": _describe_model}[kind](target)
+    with artifacts.unverified_allowed():  # inspect shows any artifact; `verify` says what stands unverified
+        return {"artifact": describe_file, "peft": _describe_peft, "model": _describe_model}[kind](target)
 
 
 def verify(path: str | os.PathLike) -> dict:
@@ -28,7 +29,8 @@ def verify(path: str | os.PathLike) -> dict:
     status: `ok`, `no hashes recorded` (written before lorasb recorded them) or `partly hashed`."""
     kind, target = _resolve(path)
     if kind == "artifact":
-        artifact = artifacts.Artifact(target)
+        with artifacts.unverified_allowed():
+            artifact = artifacts.Artifact(target)
         verified, total, what = artifact.verify(), len(artifact.names), artifact.kind
     elif kind == "peft":
         verified, total = shards.verify_file(target / PEFT_FILE)

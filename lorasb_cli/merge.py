@@ -57,6 +57,7 @@ except (OSError, AttributeError):
     _malloc_trim = None
 
 
+@artifacts.honours_allow_unverified
 def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = None) -> Path:
     """Merge the adapter at `config.adapter` into its base (`config.model`, default: the base it records).
 

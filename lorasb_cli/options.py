@@ -273,6 +273,13 @@ class TrainingDataOptions(DataOptions):
     )
 
 
+def allow_unverified():
+    """--allow-unverified, for the commands that read artifacts (artifacts.unverified_allowed)."""
+    return option(
+        flag=True, default=False, help="Read artifacts that record no hashes of their tensors (older lorasb files)."
+    )
+
+
 def force_base():
     """--force-base, for the commands that apply an artifact to a model (models.check_base)."""
     return option(flag=True, default=False, help="Apply the factors or adapter to another base than it was made on.")

@@ -393,6 +393,7 @@ def _training_arguments(
     )
 
 
+@artifacts.honours_allow_unverified
 def train(
     config: TrainConfig,
     progress: Callable[[int, int], None] | None = None,

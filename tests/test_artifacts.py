@@ -116,7 +116,8 @@ def test_nan_in_a_stored_tensor_is_caught_on_read(tmp_path):
     save_file(
         {"m.lora_R": torch.tensor([[float("inf")]])}, str(path), metadata={"lorasb": json.dumps(_meta("factors"))}
     )
-    art = artifacts.Artifact(path, kinds=("factors",))
+    with artifacts.unverified_allowed():  # written without hashes, as an older lorasb did
+        art = artifacts.Artifact(path, kinds=("factors",))
     with pytest.raises(NonFiniteError, match="m.lora_R"):
         art.get("m.lora_R")
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import make_llama, save_model
 from safetensors.torch import load_file, save_file
 
@@ -298,3 +299,41 @@ def test_an_adapter_is_never_merged_twice(tiny_model_dir, factors_file, tmp_path
     err = capsys.readouterr()[1]
     assert excinfo.value.code == 2 and "already has this adapter merged into it" in err
     assert _snapshot(merged) == before and not (tmp_path / "twice").exists()
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """`src`'s factors with `change(tensors)` applied, written by lorasb's own writer (so every hash is recomputed:
+    only the schema can tell)."""
+    from lorasb_cli import artifacts
+
+    art = artifacts.Artifact(src)
+    tensors = {name: art.get(name) for name in art.names}
+    meta = {k: v for k, v in art.meta.items() if k not in ("tensor_sha256", "metadata_sha256", "kind")}
+    artifacts.write_artifact(dst, change(tensors), artifacts.provenance(art.kind, **meta))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "message"),
+    [
+        ("extra tensor", lambda t: {**t, "junk.extra": torch.ones(3)}, "unexpected tensor 'junk.extra'"),
+        (
+            "R as int64",
+            lambda t: {k: v.to(torch.int64) if k.endswith("lora_R") else v for k, v in t.items()},
+            "is int64, not floating point",
+        ),
+    ],
+)
+def test_factors_with_what_no_stage_writes_are_refused(
+    case, change, message, tiny_model_dir, qa_file, factors_file, tmp_path, capsys
+):
+    forged = _rewrite(factors_file, tmp_path / "forged.safetensors", change)
+    for args in (
+        ["train", "-m", tiny_model_dir, "-f", forged, "-d", qa_file, "--max-steps", 1, "-o", tmp_path / "run"],
+        ["merge", "-a", forged, "-m", tiny_model_dir, "-o", tmp_path / "merged"],
+    ):
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([str(a) for a in [*args, "-q"]])
+        err = capsys.readouterr()[1]
+        assert excinfo.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert not Path(args[-1]).exists()

@@ -177,17 +177,19 @@ def test_an_edited_metadata_value_is_refused(tmp_path):
     assert str(excinfo.value) == expected
 
 
-def test_artifacts_written_before_hashes_still_load_unverified(tmp_path, capsys):
+def test_artifacts_without_hashes_are_refused_unless_allowed(tmp_path, capsys):
+    """Written before lorasb recorded hashes, or stripped of them: nothing stands guard over the tensors."""
     path, tensors = _update(tmp_path / "u.safetensors")
     _rewrite_meta(path, json.dumps(_unhashed(artifacts.Artifact(path).meta)))
-    art = artifacts.Artifact(path, kinds=("update",))
+    with pytest.raises(IncompatibleArtifactError, match="records no hashes of its tensors.*--allow-unverified"):
+        artifacts.Artifact(path, kinds=("update",))
+    with artifacts.unverified_allowed():
+        art = artifacts.Artifact(path, kinds=("update",))
     assert art.hashes is None and art.verify() == 0
     assert torch.equal(art.get("layer.q.weight"), tensors["layer.q.weight"])
     status, out, err = run(["inspect", "--verify", path], capsys)
-    assert (status, err) == (0, "")
-    assert out == (
-        f"no hashes recorded: {path} was written before lorasb recorded them; its 3 tensors cannot be verified\n"
-    )
+    assert status == 2 and out == "" and "no hashes recorded: its 3 tensors cannot be verified" in err
+    assert run(["inspect", path], capsys)[0] == 0  # inspect still shows what it is
 
 
 def test_copied_hashes_never_describe_new_tensors(tmp_path):
@@ -329,8 +331,8 @@ def test_inspect_verify_a_peft_export(tmp_path, capsys):
 
 
 def test_a_model_saved_by_transformers_has_no_hashes(tiny_model_dir, capsys):
-    status, out, _ = run(["inspect", "--verify", tiny_model_dir], capsys)
-    assert status == 0 and out.startswith("no hashes recorded:")
+    status, out, err = run(["inspect", "--verify", tiny_model_dir], capsys)
+    assert status == 2 and out == "" and "no hashes recorded" in err
 
 
 # --- inspect on a classifier's update -------------------------------------------------------------------------
@@ -473,7 +475,9 @@ def test_bad_metadata_is_one_exact_line_and_exit_2(tmp_path, capsys, case):
         hint = "the file is corrupt or was edited; re-run lorasb decompose"
     expected = f"{message} ({path}) — {hint}"
 
-    with pytest.raises(IncompatibleArtifactError) as excinfo:
+    # An unhashed file is refused as such, unless allowed (as inspect does): then its schema stands guard alone.
+    unhashed = artifacts.unverified_allowed(case == "rank unlike the tensors")
+    with pytest.raises(IncompatibleArtifactError) as excinfo, unhashed:
         art = artifacts.Artifact(path, kinds=(kind,))
         artifacts.factor_modules(art)
     assert str(excinfo.value) == expected
