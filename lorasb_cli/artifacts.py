@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
+import errno
 import functools
 import glob
 import hashlib
@@ -37,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import shards
-from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
+from .errors import BadInputError, IncompatibleArtifactError, LorasbError, NonFiniteError
 
 METADATA_KEY = "lorasb"
 FORMAT_VERSION = 1
@@ -90,29 +91,58 @@ def provenance(kind: str, **fields) -> dict:
     }
 
 
+# Write failures the storage causes, not lorasb: (what happened, what to do), by errno.
+_STORAGE_ERRORS = {
+    errno.EROFS: ("read-only file system", "pick an -o on a writable file system"),
+    errno.ENOSPC: ("no space left on the device", "free space, or pick an -o on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or pick another -o"),
+    errno.EIO: ("input/output error", "check the disk, or pick an -o on another one"),
+    errno.EACCES: ("permission denied", "pick another -o or fix its permissions"),
+}
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write under `path` that the storage fails (read-only, full, over quota, I/O error) into one
+    BadInputError, `cannot write <path> (<why>) — <fix>`, whichever library wrote: safetensors and torch.save
+    report a full disk in their own exception types, with the system's message inside or, torch's zip writer,
+    without it."""
+    try:
+        yield
+    except LorasbError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+            why, fix = _STORAGE_ERRORS[e.errno]
+        elif found := next((v for code, v in _STORAGE_ERRORS.items() if os.strerror(code) in str(e)), None):
+            why, fix = found
+        elif "inline_container" in str(e):  # torch.save's writer, which loses the system's error
+            why, fix = "the file could not be completed: a full or failing disk", _STORAGE_ERRORS[errno.ENOSPC][1]
+        else:
+            raise
+        raise BadInputError(f"cannot write {path} ({why})", hint=fix) from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, with the mode a plain
-    `open()` would have given it (`plain_modes`)."""
+    `open()` would have given it (`plain_modes`). A write the storage fails is one error (`storage_errors`)."""
     target = Path(path)
     if target.is_dir():
         raise BadInputError("output path is a directory", path=str(target), hint="pass a file name to -o")
     make_output_folder(target.parent)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # of a writer that was killed
-        stale.unlink(missing_ok=True)
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except PermissionError:
-        raise BadInputError(
-            "output folder is not writable", path=str(target.parent), hint="pick another -o or fix its permissions"
-        ) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        plain_modes(Path(tmp))
-        os.replace(tmp, target)
+        with storage_errors(target):
+            for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # of a writer that was killed
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            yield Path(tmp)
+            plain_modes(Path(tmp))
+            os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -123,12 +153,14 @@ def atomic_folder(target: Path, *, replace: bool = False, hint: str = "pick anot
     none. A `target` that holds anything by then is refused (BadInputError with `hint`) unless `replace`: then the
     old folder is removed only after the new one is in place."""
     make_output_folder(target.parent)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    with storage_errors(target):
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
-        yield staging
-        # Checked again here: another process may have written there while the block ran.
-        check_output_dir(target, {}, allow_nonempty=replace, hint=hint)
-        swap_folder(staging, target)
+        with storage_errors(target):
+            yield staging
+            # Checked again here: another process may have written there while the block ran.
+            check_output_dir(target, {}, allow_nonempty=replace, hint=hint)
+            swap_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -290,18 +322,15 @@ def _running(pid: int) -> bool:
 
 
 def make_output_folder(folder: Path) -> None:
-    """Create an output folder and its parents, as `mkdir -p`; a path under a regular file or in a folder that
-    cannot be written is a one-line error."""
+    """Create an output folder and its parents, as `mkdir -p`; a path under a regular file or on storage that
+    cannot be written (`storage_errors`) is a one-line error."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        with storage_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
         raise BadInputError(
             "output folder lies under a regular file", path=str(blocker), hint="pick another -o"
-        ) from None
-    except PermissionError:
-        raise BadInputError(
-            "cannot create the output folder: permission denied", path=str(folder), hint="pick another -o"
         ) from None
 
 

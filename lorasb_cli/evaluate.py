@@ -223,10 +223,10 @@ def evaluate(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     out = Path(config.out)
-    with artifacts.atomic_path(predictions_path(out)) as tmp:
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    with artifacts.atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
+    # Both written before either is renamed into place: a failed write leaves neither.
+    with artifacts.atomic_path(predictions_path(out)) as predictions, artifacts.atomic_path(out) as summary:
+        predictions.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        summary.write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
     return EvaluateSummary(path=out, predictions=predictions_path(out), count=len(records), metrics=metrics)
 
 

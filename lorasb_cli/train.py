@@ -27,6 +27,7 @@ from .errors import BadInputError, IncompatibleArtifactError, Interrupted, Loras
 from .options import MAX_LENGTH
 from .registry import did_you_mean
 from .trainer import (
+    COMPLETE_FILE,
     AdapterTrainer,
     DivergenceGuard,
     StopOnSignal,
@@ -78,7 +79,7 @@ def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
         )
     # Under a launcher every rank checks the same folder here: rank 0 writes nothing into it before the Trainer's
     # process group forms, which waits for every rank to have passed this point.
-    out.mkdir(parents=True, exist_ok=True)
+    artifacts.make_output_folder(out)
     return out
 
 
@@ -571,7 +572,12 @@ def _run(
         "seconds": clock.seconds(),
     }
     clock.start()
-    train_loss_mean = _train(trainer, resume_from)
+    try:
+        with artifacts.storage_errors(inputs.work):
+            train_loss_mean = _train(trainer, resume_from)
+    except BadInputError:
+        _remove_incomplete_checkpoints(inputs.work)  # e.g. one a full disk cut off: never resumable
+        raise
     seconds = clock.seconds()
     if stop is not None and stop.signal is not None:
         name = signal.Signals(stop.signal).name
@@ -593,6 +599,12 @@ def _run(
         train_loss_mean=train_loss_mean,
         task_results=task_eval.results if task_eval else [],
     )
+
+
+def _remove_incomplete_checkpoints(out: Path) -> None:
+    for folder in out.glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / COMPLETE_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass

@@ -3,10 +3,12 @@ end in exit 2 with one `Error:` line naming no Python exception, write no output
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -337,3 +339,43 @@ def test_factors_with_what_no_stage_writes_are_refused(
         err = capsys.readouterr()[1]
         assert excinfo.value.code == 2 and message in err and err.count("\n") == 1, err
         assert not Path(args[-1]).exists()
+
+
+@contextlib.contextmanager
+def _mounted(folder: Path, options: str):
+    """A tmpfs at `folder` with mount `options` (e.g. `ro`, `size=8k`); skips where this machine cannot mount."""
+    folder.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=False, capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# A 4k tmpfs holds one page: one small file, never the two of evaluate, nor an artifact or a checkpoint.
+@pytest.mark.parametrize(("storage", "why"), [("ro", "read-only file system"), ("size=4k", "no space left")])
+@pytest.mark.parametrize("stage", ["estimate", "decompose", "evaluate", "train"])
+def test_storage_that_fails_a_write_is_one_error_and_leaves_nothing(
+    stage, storage, why, tiny_model_dir, qa_file, factors_file, tmp_path, capsys
+):
+    update = factors_file.parent / "u.safetensors"
+    with _mounted(tmp_path / "mnt", storage) as mnt:
+        out = mnt / ("results.json" if stage == "evaluate" else "out")
+        args = {
+            "estimate": ["estimate", "-m", tiny_model_dir, "-d", qa_file, "--samples", 2],
+            "decompose": ["decompose", update, "--rank", 4],
+            "evaluate": ["evaluate", "-m", tiny_model_dir, "-t", "perplexity", "-d", qa_file, "--limit", 2],
+            "train": ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "--max-steps", 2],
+        }[stage]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as excinfo:
+            more = ["--save-steps", 1] if stage == "train" else []  # a checkpoint before the final adapter
+            cli.main([str(a) for a in [*args, *more, "-q", "-o", out]])
+        err = capsys.readouterr()[1]
+        assert excinfo.value.code == 2 and err.startswith("Error: cannot write ") and why in err, err
+        assert err.count("\n") == 1 and "Errno" not in err
+        assert list(mnt.iterdir()) == []  # no output, no temp file, no half a checkpoint
