@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,11 @@ def _from_pretrained(
         transformers.utils.logging.set_verbosity_error()
         model, info = auto.from_pretrained(ref.path, output_loading_info=True, **kwargs)
     except SafetensorError as e:
+        raise _unreadable_weights(ref, e) from e
+    except pickle.UnpicklingError as e:  # --allow-pickle: torch.load(weights_only=True) met more than tensors
         raise BadInputError(
-            f"cannot load model '{ref.id}': its weights are unreadable ({str(e).splitlines()[0]})",
-            hint="the weight files are truncated or corrupt: download or copy them again",
+            f"cannot load model '{ref.id}': its pickle weights hold code or objects, not just tensors",
+            hint="never load such a file: get safetensors weights from a source you trust",
         ) from e
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -377,17 +380,27 @@ def weights_digest(ref: ModelRef) -> str | None:
         return None
     h = hashlib.sha256()
     for shard in index.shard_files():
-        with safe_open(index.directory / shard, framework="pt") as f:
-            for name in sorted(index.tensors_in(shard)):
-                piece = f.get_slice(name)
-                shape = piece.get_shape()
-                if not shape:  # a scalar
-                    row = f.get_tensor(name)
-                else:
-                    row = piece[:1, :_DIGEST_ROW_ELEMENTS] if len(shape) >= 2 else piece[:_DIGEST_ROW_ELEMENTS]
-                h.update(json.dumps([name, str(piece.get_dtype()), list(shape)]).encode())
-                h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        try:
+            with safe_open(index.directory / shard, framework="pt") as f:
+                for name in sorted(index.tensors_in(shard)):
+                    piece = f.get_slice(name)
+                    shape = piece.get_shape()
+                    if not shape:  # a scalar
+                        row = f.get_tensor(name)
+                    else:
+                        row = piece[:1, :_DIGEST_ROW_ELEMENTS] if len(shape) >= 2 else piece[:_DIGEST_ROW_ELEMENTS]
+                    h.update(json.dumps([name, str(piece.get_dtype()), list(shape)]).encode())
+                    h.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        except SafetensorError as e:
+            raise _unreadable_weights(ref, e) from e
     return h.hexdigest()[:16]
+
+
+def _unreadable_weights(ref: ModelRef, error: Exception) -> BadInputError:
+    return BadInputError(
+        f"cannot load model '{ref.id}': its weights are unreadable ({str(error).splitlines()[0]})",
+        hint="the weight files are truncated or corrupt: download or copy them again",
+    )
 
 
 def check_base(recorded: dict, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:

@@ -379,3 +379,34 @@ def test_storage_that_fails_a_write_is_one_error_and_leaves_nothing(
         assert excinfo.value.code == 2 and err.startswith("Error: cannot write ") and why in err, err
         assert err.count("\n") == 1 and "Errno" not in err
         assert list(mnt.iterdir()) == []  # no output, no temp file, no half a checkpoint
+
+
+class _Payload:
+    """What a malicious pickle carries: a call made while unpickling (here a harmless print)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_unreadable_base_weights_are_one_line_in_every_stage(tiny_model_dir, qa_file, factors_file, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    truncated = shutil.copytree(tiny_model_dir, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    pickled = shutil.copytree(tiny_model_dir, tmp_path / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _Payload()}))
+    cases = [
+        (["train", "-m", truncated, "-f", factors_file, "-d", qa_file], "weights are unreadable"),
+        (["estimate", "-m", truncated, "-d", qa_file], "weights are unreadable"),
+        (["estimate", "-m", pickled, "-d", qa_file, "--allow-pickle"], "pickle weights hold code or objects"),
+    ]
+    capsys.readouterr()
+    for args, message in cases:
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([str(a) for a in [*args, "-q", "-o", out]])
+        stdout, err = capsys.readouterr()
+        assert excinfo.value.code == 2 and message in err and err.count("\n") == 1, err
+        assert "unpickled code ran" not in stdout + err and not out.exists()
