@@ -179,7 +179,10 @@ def test_single_process_stages_run_on_global_rank_0_only(
         ],
         capsys,
     )
-    assert (status, out) == (2, "") and err == "[rank 1] Error: --lr -1.0 must be positive\n"
+    assert (status, out) == (
+        2,
+        "",
+    ) and err == "[rank 1] Error: Invalid value for '--lr': -1.0 is not in the range x>0. (see 'lorasb train --help')\n"
 
     monkeypatch.setenv("RANK", "0")
     status, out, err = run(["decompose", update, "--rank", "2", "-q", "-o", tmp_path / "f.safetensors"], capsys)

@@ -72,6 +72,12 @@ def build_adapter(
         "method": "lorasb",
         "rank": RANK,
         "scale": scale,
+        # A trained head is declared as train declares it: an adapter's other tensors are refused.
+        **(
+            models.head_meta(models.HeadSpec.from_model(model, [str(i) for i in range(head_labels)]))
+            if head_labels
+            else {}
+        ),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     adapter.save_adapter(run_dir, tensors, config)
