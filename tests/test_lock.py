@@ -87,6 +87,23 @@ def test_overwrite_never_empties_a_folder_another_run_writes_into(tiny_model_dir
     assert sorted(p.name for p in out.iterdir()) == [artifacts.LOCK_FILE, "checkpoint-2"]
 
 
+def test_a_folder_holding_only_a_lock_is_not_content(tiny_model_dir, qa_file, factors_file, tmp_path):
+    """Under a launcher rank 0 locks the run folder before another rank checks that it is empty: the lock alone
+    must not fail that rank. Whether the holder still runs is the lock's question."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / artifacts.LOCK_FILE).write_text(f"{HOST} {os.getpid()}\n")
+    assert artifacts.check_output_dir(out, {}, allow_nonempty=False, hint="") == out
+    config = train.TrainConfig.from_options(
+        model=str(tiny_model_dir), factors=str(factors_file), data=str(qa_file), out=str(out)
+    )
+    with pytest.raises(BadInputError, match="another lorasb train is writing into this folder"):
+        train.train(config)
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(BadInputError, match="output directory exists and is not empty"):
+        artifacts.check_output_dir(out, {}, allow_nonempty=False, hint="")
+
+
 def test_stop_on_signal_first_sigint_checkpoints_a_second_interrupts():
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stop, control = StopOnSignal(), TrainerControl()
