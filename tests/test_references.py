@@ -160,3 +160,20 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     for batch_size in (2, 4):
         answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=batch_size, max_length=256)
         assert answerer.generate(prompts, max_new_tokens=8) == expected, batch_size
+
+
+def test_loglik_is_the_sum_of_each_choice_tokens_log_probabilities():
+    """Choices of different token lengths, scored in one padded batch, against log_softmax on each prompt + choice
+    alone: Σ over the choice's tokens of log p(token | everything before it)."""
+    model, tokenizer = make_llama()
+    prompt, choices = "what is 12 plus 30 ?", [" 42", " the cat sat on the mat", " dog"]
+    prompt_ids = tokenizer(prompt).input_ids
+    expected = []
+    with torch.no_grad():
+        for choice in choices:
+            ids = tokenizer(prompt + choice).input_ids
+            assert ids[: len(prompt_ids)] == prompt_ids  # the choice starts a token of its own
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            expected.append(sum(float(logprobs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))))
+    answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=4, max_length=256)
+    assert answerer.loglik(prompt, choices) == pytest.approx(expected, rel=1e-5)
