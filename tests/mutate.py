@@ -96,7 +96,7 @@ MUTATIONS = (
         "if self.hashes is not None and shards.tensor_hash(tensor) != self.hashes[name]:",
         "if False:",
         "a tensor whose hash does not match is refused",
-        ("tests/test_integrity.py",),
+        ("tests/test_artifacts.py", "tests/test_integrity.py"),
     ),
     Mutation(
         "reader-skips-finite-check",
@@ -104,7 +104,7 @@ MUTATIONS = (
         "        check_finite(name, tensor, self.path)\n        return tensor",
         "        return tensor",
         "NaN/Inf tensors are refused",
-        ("tests/test_integrity.py",),
+        ("tests/test_artifacts.py", "tests/test_integrity.py"),
     ),
     Mutation(
         "factors-rank-above-min-accepted",
@@ -112,7 +112,7 @@ MUTATIONS = (
         "        if rank > min(m, n):",
         "        if rank > max(m, n):",
         "a factor rank above min(m, n) is refused",
-        ("tests/test_integrity.py",),
+        ("tests/test_artifacts.py", "tests/test_integrity.py"),
     ),
     # ---- adapter: base(x) + s·((x Aᵀ) Rᵀ) Bᵀ
     Mutation(
@@ -407,7 +407,8 @@ def _copy_repository(dest: Path) -> None:
             shutil.copy2(source, dest / name)
 
 
-_FIRST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+# pytest's short summary: "FAILED tests/x.py::test_y[a param] - the message" (a parameter id may hold spaces).
+_FIRST_FAILURE = re.compile(r"^(?:FAILED|ERROR) (\S+?\[.*?\](?= - |$)|\S+)", re.MULTILINE)
 
 
 def _environment(copy: Path) -> dict[str, str]:
@@ -513,6 +514,7 @@ def report(results: list[Result]) -> str:
             result, detail = "**survived**", m.equivalent or "no test notices"
         else:
             result, detail = r.status, f"`{r.detail}`" if r.status == "killed" else r.detail
+        detail = detail.replace("|", "\\|")  # a parameter id or a reason must not split the row
         lines.append(f"| {i} | `{m.name}` | {where} | {m.breaks} | {result} | {detail} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,7 @@
 The update's direction against plain `torch.autograd` (G summed one sample at a time, each sample's loss
 `F.cross_entropy` over its supervised tokens) with the file's int8 signs and η read by hand through safetensors;
 the shared per-sample loss against `F.cross_entropy`; an adapter's logits against the weights W0 + B·R·A set by
-hand; batched generation against one prompt at a time through `model.generate`.
+hand; batched generation and choice log-likelihoods against each prompt alone through the model.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_update_file_holds_minus_sign_of_the_autograd_gradient_and_eta(estimated
         assert torch.equal(signs[name][clear], -torch.sign(g[clear]).to(torch.int8)), name
         # ΔW_avg = −η·sign(G) = η·(stored signs), what decompose factors.
         by_hand = ETA * signs[name].double()
-        assert torch.equal(artifacts.load_update(read, name).double(), by_hand.float().double()), name
+        assert torch.equal(artifacts.load_update(read, name), by_hand.float()), name
         assert float((by_hand * g).sum()) < 0, name
 
 
