@@ -321,7 +321,11 @@ MUTATIONS = (
         "logits.argmax(-1).tolist()",
         "logits.argmin(-1).tolist()",
         "a classifier answers with its most likely class",
-        ("tests/test_classification.py", "tests/test_evaluate.py", "tests/test_tasks.py"),
+        (
+            "tests/test_classification.py",
+            "tests/test_evaluate.py",
+            f"{REF}::test_classify_answers_each_texts_most_likely_label",
+        ),
     ),
     Mutation(
         "evaluate-ignores-recorded-template",

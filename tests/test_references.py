@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CORPUS, QA_ROWS, make_llama
+from helpers import CLASS_ROWS, CORPUS, QA_ROWS, make_bert_dir, make_llama
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,3 +177,19 @@ def test_loglik_is_the_sum_of_each_choice_tokens_log_probabilities():
             expected.append(sum(float(logprobs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))))
     answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=4, max_length=256)
     assert answerer.loglik(prompt, choices) == pytest.approx(expected, rel=1e-5)
+
+
+def test_classify_answers_each_texts_most_likely_label(tmp_path):
+    """A classifier's answers, batched with padding, are the label of the largest logit of each text scored alone."""
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    folder = make_bert_dir(tmp_path / "bert")
+    labels = {0: "crude", 1: "earn", 2: "trade"}
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3, id2label=labels).eval()
+    tokenizer = BertTokenizer.from_pretrained(folder)
+    texts = [row["text"] for row in CLASS_ROWS[::4]] + ["oil", "profit dividend the market said the bank said"]
+    with torch.no_grad():
+        expected = [labels[int(model(**tokenizer(text, return_tensors="pt")).logits.argmax())] for text in texts]
+    answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=3, max_length=64)
+    assert answerer.classify(texts) == expected
