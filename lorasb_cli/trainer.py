@@ -56,6 +56,13 @@ class AdapterTrainer(Trainer):
         self.run_record: Callable[[], dict] = dict
         super().__init__(*args, **kwargs)
 
+    def _init_training_state(self, max_steps, *args, **kwargs) -> tuple[int, int]:
+        started = super()._init_training_state(max_steps, *args, **kwargs)
+        # A resumed state carries the interrupted run's save, eval and logging intervals; `train --resume` lets
+        # --save-steps and --eval-steps change, so the command's own apply from here on.
+        self.state.compute_steps(self.args, max_steps)
+        return started
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's RNG state is in before the checkpoint counts

@@ -57,6 +57,14 @@ def test_more_concentrated_spectra_get_more_rank_and_capture_more_energy():
     assert captured > sum(float(e[:8].sum()) for e in energy.values())
 
 
+def test_a_step_that_no_longer_fits_leaves_the_rest_to_a_cheaper_module():
+    """`a` captures more per parameter at every rank, but its step 3 → 4 costs 7 and 5 are left: `b`'s step 1 → 2,
+    which costs 3, is taken instead of ending the allocation there."""
+    energy = {"a": _energy([40, 30, 20, 15, 0.1, 0.1, 0.1, 0.1]), "b": _energy([100] + [1] * 7)}
+    ranks = budget.allocate_ranks(energy, 15, min_rank=1, max_ranks=dict.fromkeys(energy, 8))
+    assert ranks == {"a": 3, "b": 2}
+
+
 def test_a_budget_below_the_minimum_ranks_is_refused():
     energy = {"a": _energy([1.0] * 8), "b": _energy([1.0] * 8)}
     with pytest.raises(BadInputError, match="below 18, the count at --min-rank 3"):

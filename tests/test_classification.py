@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import CLASS_ROWS, classifier_factors, make_bert_dir, write_jsonl
@@ -129,3 +131,39 @@ def test_the_head_spec_is_what_each_artifact_of_the_chain_records(chain):
     assert spec.architecture == "BertForSequenceClassification" and spec.tensors and len(spec.labels) == 3
     assert models.HeadSpec.from_meta(spec.to_meta()) == spec
     assert models.head_meta(None) == {} and models.auto_head(None) == "causal-lm"
+
+
+def test_adapter_logits_are_the_hand_merged_classifiers_and_differ_from_its_head_alone(chain):
+    """The reference is built without lorasb: transformers' classifier with W0 + s·B·R·A written into its state dict
+    from the adapter file's tensors and the trained head copied in. The adapted model evaluate loads gives its
+    logits; the same head on the unchanged encoder does not, so the trained R changes what the model says."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder, model_dir, _ = chain
+    tensors = load_file(folder / "run" / "adapter.safetensors")
+    scale = json.loads((folder / "run" / "adapter_config.json").read_text())["scale"]
+    head_only = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
+    state = head_only.state_dict()
+    head = {name: tensors[name] for name in ("classifier.weight", "classifier.bias")}
+    head_only.load_state_dict(state | head)
+    merged = {
+        f"{module}.weight": state[f"{module}.weight"]
+        + scale * tensors[f"{module}.lora_B"] @ tensors[f"{module}.lora_R"] @ tensors[f"{module}.lora_A"]
+        for module in (name.removesuffix(".lora_R") for name in tensors if name.endswith(".lora_R"))
+    }
+    assert len(merged) == 13  # 6 linear layers in each of 2 blocks, and the pooler
+    reference = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
+    reference.load_state_dict(state | head | merged)
+
+    cfg = evaluate.EvaluateConfig(model=str(model_dir), adapter=str(folder / "run"), task="classification", out="x")
+    adapted, _tokenizer = evaluate.load_for_task(
+        cfg, evaluate.get_task("classification"), "classify", adapter.load_adapter(cfg.adapter)
+    )
+    batch = AutoTokenizer.from_pretrained(model_dir)(
+        ["oil oil the bank said", "profit the market", "tariff"], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        got = adapted(**batch).logits
+        torch.testing.assert_close(got, reference(**batch).logits, atol=1e-5, rtol=0)
+        assert (got - head_only(**batch).logits).abs().max() > 1e-2

@@ -76,6 +76,10 @@ def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
     s_exact = torch.linalg.svdvals(signs["layer.q.weight"].float())[:8]
     torch.testing.assert_close(torch.diagonal(r), 2e-5 * s_exact, rtol=1e-3, atol=0)
     assert torch.count_nonzero(r - torch.diag(torch.diagonal(r))) == 0
+    # diag(R) cannot tell ΔW from −ΔW; the product can: B·R·A is the rank-8 step of η·signs, not of its negation.
+    delta = 2e-5 * signs["layer.q.weight"].double()
+    residual = float(torch.linalg.matrix_norm(delta - b.double() @ r.double() @ a.double()))
+    assert residual <= 1.01 * _optimal_residual(delta, 8)
     energy = factors.meta["energy"]["layer.q"]
     assert energy == pytest.approx(float(s_exact.square().sum() / signs["layer.q.weight"].square().sum()), rel=1e-3)
     assert sorted(k[0] for k in summary.by_kind()) == ["layer.o", "layer.q"]

@@ -422,3 +422,60 @@ def _assert_same_as_one_process(out: Path, tiny_model_dir, qa_file, tmp_path: Pa
     factors = artifacts.Artifact(out / "factors.safetensors").meta
     assert two.meta["base_model"]["weights_digest"] == factors["base_model"]["weights_digest"] == digest
     assert adapter.load_adapter(out / "lorasb-torchrun").config["base_model"]["weights_digest"] == digest
+
+
+# `python RECORD_GRADS train ...`, alone or under torchrun: each process saves the gradients of the trained tensors
+# of the first step, after DDP's all-reduce and before clipping or AdamW (which would hide a constant factor), to
+# $GRADS_OUT/rank<RANK>.pt.
+RECORD_GRADS = """
+import os, sys, torch
+from lorasb_cli.trainer import AdapterTrainer
+clip = AdapterTrainer._clip_grad_norm
+def recording(self, model):
+    if self.state.global_step == 0:
+        params = self.accelerator.unwrap_model(model).named_parameters()
+        grads = {n: p.grad.detach().clone() for n, p in params if p.requires_grad}
+        torch.save(grads, os.path.join(os.environ["GRADS_OUT"], f"rank{os.environ.get('RANK', '0')}.pt"))
+    return clip(self, model)
+AdapterTrainer._clip_grad_norm = recording
+from lorasb_cli.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _token_mean_gradient(model_dir: Path, factors_file: Path) -> dict[str, torch.Tensor]:
+    """∇_R of the mean cross-entropy over every supervised token of all QA_ROWS in one batch (F.cross_entropy), the
+    step's loss the README promises across ranks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    adapter.inject(model, artifacts.load_factors(factors_file).factors)
+    batch = data.collate(data.encode(QA_ROWS, "prompt-response", tokenizer, 256), tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    vocab = logits.shape[-1]
+    labels = batch["labels"][:, 1:].reshape(-1)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels, ignore_index=data.IGNORE).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_ddp_gradient_is_the_token_mean_over_both_ranks(tiny_model_dir, qa_file, factors_file, tmp_path):
+    """2 gloo processes with 6 rows each: the gradient of R each process steps with equals the gradient of the loss
+    over all 12 rows' tokens, on the gradient itself (AdamW's step and clipping are scale-free, so checking the
+    trained R alone would let a factor of 2 through)."""
+    script = tmp_path / "record_grads.py"
+    script.write_text(RECORD_GRADS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADS_OUT": str(tmp_path)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    args = ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "--batch-size", len(QA_ROWS) // 2]
+    args += ["--max-steps", "1", "--dtype", "float64", "-q", "-o", tmp_path / "run"]
+    cmd = [*launch, str(_free_ports(1)), str(script), *map(str, args)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    expected = _token_mean_gradient(tiny_model_dir, factors_file)
+    assert ranks[0].keys() == ranks[1].keys() == expected.keys() and len(expected) == 14
+    for name, want in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # one all-reduced gradient
+        torch.testing.assert_close(ranks[0][name].double(), want.double(), rtol=0, atol=1e-5 * float(want.abs().max()))

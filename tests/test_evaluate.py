@@ -253,3 +253,51 @@ def test_every_task_family_runs_from_the_cli_on_local_files(tiny_model_dir, tiny
         results = json.loads(out.read_text())
         assert results["task"] == task and results["count"] == len(rows) and results["metrics"]
         assert len(evaluate.predictions_path(out).read_text().splitlines()) == len(rows)
+
+
+def test_outputs_and_metrics_do_not_depend_on_batch_size(tiny_model_dir, tmp_path):
+    """Prompts of very different token lengths in one batch answer as one at a time: padding never shows."""
+    rows = [
+        {"question": "What is 1 plus 2?", "answer": "#### 3"},
+        {
+            "question": "Natalia sold clips to 48 of her friends in April, and half as many in May. How many?",
+            "answer": "#### 72",
+        },
+        {"question": "What is 12 plus 30?", "answer": "#### 42"},
+        {"question": "The cat sat on the mat and the dog sat on the log. How many sat?", "answer": "#### 2"},
+        {"question": "Half of 9?", "answer": "#### 4.5"},
+    ]
+    data = write_jsonl(tmp_path / "gsm.jsonl", rows)
+    common = {"model": str(tiny_model_dir), "task": "gsm8k", "data": str(data), "max_new_tokens": 8, "dtype": "float32"}
+    runs = [
+        evaluate.evaluate(evaluate.EvaluateConfig(batch_size=size, out=str(tmp_path / f"b{size}.json"), **common))
+        for size in (1, 4)
+    ]
+    outputs = [[json.loads(x)["output"] for x in run.predictions.read_text().splitlines()] for run in runs]
+    assert outputs[0] == outputs[1] and all(outputs[0])
+    assert runs[0].metrics == runs[1].metrics
+
+
+def test_another_template_than_the_adapters_is_refused_unless_forced(tiny_model_dir, factors_file, tmp_path):
+    """The factors (an untrained adapter) were estimated with alpaca: evaluating them with plain is refused, before
+    any model loads, unless --force-template; `auto` takes the adapter's own."""
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS[:2])
+    common = {
+        "model": str(tiny_model_dir),
+        "adapter": str(factors_file),
+        "task": "gsm8k",
+        "data": str(data),
+        "max_new_tokens": 2,
+        "dtype": "float32",
+    }
+    with pytest.raises(BadInputError, match="template plain differs from the template alpaca that training used"):
+        evaluate.evaluate(evaluate.EvaluateConfig(template="plain", out=str(tmp_path / "refused.json"), **common))
+    assert not (tmp_path / "refused.json").exists()
+    for template, forced, used in (("plain", True, "plain"), ("auto", False, "alpaca")):
+        out = tmp_path / f"{template}.json"
+        summary = evaluate.evaluate(
+            evaluate.EvaluateConfig(template=template, force_template=forced, out=str(out), **common)
+        )
+        assert json.loads(out.read_text())["template"] == used
+        first = json.loads(summary.predictions.read_text().splitlines()[0])["input"]
+        assert first.startswith("Below is an instruction") == (used == "alpaca")

@@ -62,15 +62,19 @@ def test_smollm2_chain_merged_and_peft_reproduce_the_adapter(tmp_path):
         == tokenizer("Calculate 1 + 2.")["input_ids"]
     )
     base = AutoModelForCausalLM.from_pretrained(models.resolve_model("smollm2-135m").path, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(**batch).logits
     peft_model = PeftModel.from_pretrained(base, exported).eval()
     with torch.no_grad():
         expected = adapted(**batch).logits
+        assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes what the model says
         # 30 layers of float32 rounding (W0 + B·R·A folded vs. added per forward): 1e-4 relative to the logits.
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(peft_model(**batch).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_minilm_classification_chain(tmp_path):
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     _needs("minilm-l6")
@@ -114,5 +118,11 @@ def test_minilm_classification_chain(tmp_path):
     batch = tokenizer(
         ["oil prices rose as opec cut output", "net profit up in quarter"], return_tensors="pt", padding=True
     )
+    # The encoder without the adapter, with the trained head: the trained R must change the logits too.
+    head_only = AutoModelForSequenceClassification.from_pretrained(models.resolve_model("minilm-l6").path, num_labels=8)
+    head = {n: t for n, t in load_file(tmp_path / "run" / "adapter.safetensors").items() if n.startswith("classifier.")}
+    head_only.load_state_dict(head_only.state_dict() | head)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=0)
+        expected = adapted(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
+        assert (expected - head_only.eval()(**batch).logits).abs().max() > 1e-2
