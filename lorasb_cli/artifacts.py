@@ -88,6 +88,15 @@ def provenance(kind: str, **fields) -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 (64 hex digits) of the file at `path`, read in 4 MiB blocks: memory stays flat for any size."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, with the mode a plain
