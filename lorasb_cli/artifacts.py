@@ -91,6 +91,15 @@ def provenance(kind: str, **fields) -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 (64 hex digits) of the file at `path`, read in 4 MiB blocks: memory stays flat for any size."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # Write failures the storage causes, not lorasb: (what happened, what to do), by errno.
 _STORAGE_ERRORS = {
     errno.EROFS: ("read-only file system", "pick an -o on a writable file system"),

@@ -10,7 +10,6 @@ fixture.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import file_sha256
 from .errors import BadInputError, RunFailure
 
 log = logging.getLogger("lorasb")
@@ -116,14 +116,6 @@ def source_path(model: BundledModel | BundledTokenizer) -> Path | None:
     return next((folder / model.file for folder in folders if (folder / model.file).exists()), None)
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def materialize(model: BundledModel) -> tuple[Path, dict]:
     """(HF directory to load, provenance of the real source: package, version, file, sha256)."""
     source = source_path(model)
@@ -143,8 +135,8 @@ def local_directory(model: BundledModel, source: Path) -> tuple[Path, str]:
     """(the HF directory `model` loads from, the sha256 of its weights file `source`): the package's own folder,
     or for a GGUF the folder under the cache it is converted into (which may not exist yet)."""
     if source.is_dir():
-        return source.absolute(), file_digest(source / "model.safetensors")
-    digest = file_digest(source)
+        return source.absolute(), file_sha256(source / "model.safetensors")
+    digest = file_sha256(source)
     return cache_home() / "models" / f"{model.alias}-{digest[:16]}", digest
 
 
@@ -187,7 +179,7 @@ def mistral_tokenizer_dir() -> Path:
             f"the {spec.name} tokenizer needs the package {spec.package}=={spec.version}",
             hint=f"install it with: {spec.pip_line}",
         )
-    directory = cache_home() / "tokenizers" / f"{spec.name}-{file_digest(source)[:16]}"
+    directory = cache_home() / "tokenizers" / f"{spec.name}-{file_sha256(source)[:16]}"
     if not (directory / "tokenizer.json").is_file():
         missing = [pip for module, pip in CONVERSION_PACKAGES.items() if not _installed(module)]
         if missing:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import builtin_data, templates
+from .artifacts import file_sha256
 from .errors import BadInputError
 from .registry import did_you_mean
 from .rows import Dataset, JsonLines, RowView, renamed
@@ -190,11 +191,7 @@ def _rename_columns(table, renames: dict[str, str], source: str):
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _table_digest(table) -> str:

@@ -33,7 +33,7 @@ from .trainer import (
     StopOnSignal,
     TaskEval,
     checkpoint_record,
-    last_complete_checkpoint,
+    newest_verified_checkpoint,
 )
 
 log = logging.getLogger("lorasb")
@@ -492,25 +492,49 @@ _FREE_ON_RESUME = {
 
 
 def _resume_point(config: TrainConfig, inputs: _Inputs) -> Path:
-    """The newest complete checkpoint of the run, checked against this command's options and data."""
-    checkpoint = last_complete_checkpoint(inputs.out)
-    if checkpoint is None:
-        cut = sorted(p.name for p in inputs.out.glob("checkpoint-*"))
+    """The newest checkpoint of the run that verifies (each newer one is named with why it was skipped), checked
+    against this command's options and data."""
+    found = newest_verified_checkpoint(inputs.out)
+    if found.checkpoint is None:
+        if not found.skipped:
+            raise BadInputError(
+                "--resume: the run has no checkpoint to resume from",
+                path=str(inputs.out),
+                hint="start the run again with --overwrite",
+            )
+        (newest, why), older = found.skipped[0], len(found.skipped) - 1
         raise BadInputError(
-            "--resume: no complete checkpoint to resume from"
-            + (f" ({', '.join(cut)} were cut off by a kill)" if cut else ""),
+            f"--resume: no checkpoint of the run verifies: {newest}: {why}"
+            + (f" (and {older} older {'one fails' if older == 1 else 'ones fail'} too)" if older else ""),
             path=str(inputs.out),
-            hint="start the run again with --overwrite",
+            hint="start the run again with --overwrite, or copy a whole run folder here",
         )
-    _check_same_run(checkpoint, config, inputs, finished=False)
-    log.info("resuming from %s", checkpoint)
-    return checkpoint
+    for name, why in found.skipped:
+        log.warning("--resume skips %s: %s", name, why)
+    if not found.verified:
+        log.warning(
+            "--resume: %s was saved by an older lorasb, whose marker lists no sizes and hashes: "
+            "its files are there but unverified",
+            found.checkpoint.name,
+        )
+    _check_same_run(found.checkpoint, config, inputs, finished=False)
+    log.info("resuming from %s", found.checkpoint)
+    return found.checkpoint
 
 
 def _check_same_run(folder: Path, config: TrainConfig, inputs: _Inputs, *, finished: bool) -> None:
     """Refuse a --resume whose options (other than where things are) or data differ from the run's, as recorded in
     `folder`'s adapter_config.json (a checkpoint's, or the finished run's)."""
-    recorded = json.loads((folder / adapter.CONFIG_FILE).read_text())
+    try:
+        recorded = json.loads((folder / adapter.CONFIG_FILE).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise BadInputError(
+            f"--resume: the run's {adapter.CONFIG_FILE} is unreadable",
+            path=str(folder / adapter.CONFIG_FILE),
+            hint="start the run again with --overwrite",
+        )
     hint = (
         "the run finished: to train its adapter further, start a new run with --init-adapter " + str(inputs.out)
         if finished

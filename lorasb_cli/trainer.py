@@ -10,14 +10,17 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 
 from . import adapter, artifacts
 from .errors import IncompatibleArtifactError, RunFailure
@@ -27,23 +30,110 @@ from .tasks.runner import ModelAnswerer, evaluate_rows
 log = logging.getLogger("lorasb")
 
 TRAINED_FILE = "trained.safetensors"  # in each checkpoint: the trained tensors by parameter name, float32
-# Written last into a checkpoint, after the Trainer's optimizer, scheduler, RNG and state files: a checkpoint
-# without it was cut off by a kill and is never resumed from.
+# Written last into a checkpoint, after the Trainer's optimizer, scheduler, RNG and state files: it lists every file
+# of the checkpoint with its size and sha256, so a checkpoint cut off by a kill, or damaged later (a copy that
+# stopped half-way, a flipped bit), is never resumed from.
 COMPLETE_FILE = "lorasb-complete.json"
+# What resuming exactly needs besides the RNG states (`rng_state.pth`, or one `rng_state_<rank>.pth` per rank): a
+# checkpoint without the optimizer or scheduler state would resume silently to another R.
+REQUIRED_FILES = (
+    adapter.ADAPTER_FILE,
+    adapter.CONFIG_FILE,
+    TRAINED_FILE,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+)
+_RNG_STATE = re.compile(r"rng_state(_\d+)?\.pth")
 
 
 def checkpoint_record(checkpoint: Path) -> dict:
     """What a complete checkpoint's marker records of its run: the step, and what the run needs to report as a
-    whole once resumed (its step-0 losses, the training seconds up to it)."""
+    whole once resumed (its step-0 losses, the training seconds up to it), and its `files`."""
     return json.loads((checkpoint / COMPLETE_FILE).read_text())
 
 
-def last_complete_checkpoint(out: Path) -> Path | None:
-    """The run folder's newest complete `checkpoint-N` folder, or None."""
-    complete = [
-        p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE_FILE).is_file()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": artifacts.file_sha256(path)}
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from: the newest one that verifies, and why each newer one was skipped."""
+
+    checkpoint: Path | None  # None: no checkpoint of the run verifies
+    skipped: list[tuple[str, str]]  # (folder name, why it was skipped), newest first
+    # False: the checkpoint's marker was written by a lorasb that listed no files, so only the presence of the
+    # files resuming needs was checked, not their sizes and hashes.
+    verified: bool = True
+
+
+def newest_verified_checkpoint(out: Path) -> ResumePoint:
+    """The newest `checkpoint-N` folder of the run folder `out` whose marker lists every file resuming needs and
+    whose files all have their recorded size and sha256; the newer ones that do not are skipped, with the reason."""
+    folders = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    skipped = []
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem, verified = _checkpoint_problem(folder)
+        if problem is None:
+            return ResumePoint(folder, skipped, verified)
+        skipped.append((folder.name, problem))
+    return ResumePoint(None, skipped)
+
+
+def _checkpoint_problem(folder: Path) -> tuple[str | None, bool]:
+    """(why `folder` may not be resumed from, or None; whether its files were checked against sizes and hashes)."""
+    try:
+        record = json.loads((folder / COMPLETE_FILE).read_text())
+    except FileNotFoundError:
+        return "no completion marker: cut off while it was saved", False
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return "marker unreadable", False
+    if not isinstance(record, dict):
+        return "marker unreadable", False
+    files = record.get("files")
+    verified = files is not None  # an older lorasb's marker lists no files: only their presence can be checked
+    if verified and not _is_file_list(files):
+        return "marker unreadable", False
+    listed = set(files) if verified else {p.name for p in folder.iterdir()}
+    missing = [name for name in REQUIRED_FILES if name not in listed]
+    if not any(_RNG_STATE.fullmatch(name) for name in listed):
+        missing.append("rng_state.pth")
+    if missing:
+        return f"{', '.join(missing)} missing", verified
+    for name, recorded in files.items() if verified else ():
+        if (problem := _file_problem(folder / name, recorded)) is not None:
+            return f"{name} {problem}", verified
+    return None, verified
+
+
+def _file_problem(path: Path, recorded: dict) -> str | None:
+    """How the file at `path` differs from its marker entry `recorded` ({"bytes", "sha256"}), or None."""
+    try:
+        if not path.is_file():
+            return "missing"
+        if (size := path.stat().st_size) != recorded["bytes"]:
+            return f"is {size} bytes, the marker says {recorded['bytes']}"
+        if artifacts.file_sha256(path) != recorded["sha256"]:
+            return "sha256 differs from the marker's"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    return None
+
+
+def _is_file_list(files: object) -> bool:
+    """Whether `files` is a marker's file list: relative paths inside the checkpoint → {"bytes", "sha256"}."""
+    return isinstance(files, dict) and all(
+        isinstance(name, str)
+        and name
+        and not Path(name).is_absolute()
+        and ".." not in Path(name).parts
+        and isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None
+        for name, entry in files.items()
+    )
 
 
 class AdapterTrainer(Trainer):
@@ -64,12 +154,19 @@ class AdapterTrainer(Trainer):
         return started
 
     def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        # A folder of this step exists only if resuming skipped it as damaged: none of its files may outlive it.
+        if self.args.should_save and folder.exists():
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()  # removed before any rank writes its RNG state into it
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's RNG state is in before the checkpoint counts
         if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_FILE)
+            record = {"step": self.state.global_step, **self.run_record()}
+            record["files"] = {p.relative_to(folder).as_posix(): _file_record(p) for p in files}
             with artifacts.atomic_path(folder / COMPLETE_FILE) as tmp:
-                tmp.write_text(json.dumps({"step": self.state.global_step, **self.run_record()}) + "\n")
+                tmp.write_text(json.dumps(record) + "\n")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
@@ -97,7 +194,7 @@ class AdapterTrainer(Trainer):
 
 class DivergenceGuard(TrainerCallback):
     """Reports each step to `progress(step, steps)` and stops on NaN/Inf in a trained tensor before a checkpoint
-    could save it, naming the last good checkpoint in `out`."""
+    could save it, naming the newest checkpoint in `out` that verifies."""
 
     def __init__(self, progress: Callable[[int, int], None] | None, out: Path):
         self.progress, self.out = progress, out
@@ -108,7 +205,7 @@ class DivergenceGuard(TrainerCallback):
         for name, param in model.named_parameters():
             if param.requires_grad and not torch.isfinite(param).all():
                 # A resumed run keeps its options (train refuses new ones), so the way out is a new run.
-                last = last_complete_checkpoint(self.out)
+                last = newest_verified_checkpoint(self.out).checkpoint
                 raise RunFailure(
                     f"training diverged: NaN/Inf in {name} at step {state.global_step}",
                     hint=(f"the last good checkpoint, {last}, is kept; " if last else "")
