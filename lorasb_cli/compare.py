@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import artifacts, data, inits, methods, models
-from .configs import COMPARE_MAX_LENGTH, CompareConfig
+from .configs import COMPARE_MAX_LENGTH, CompareConfig, DecomposeConfig, EstimateConfig, TrainConfig
 from .errors import BadInputError
 from .options import takes
 from .tasks import get_task
@@ -123,14 +123,13 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     except ValueError:
         raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
     pairs, lr = parse_methods(config.methods, ranks), parse_lrs(config.lr)
-    grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr before anything runs
+    cells = grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr
     task = get_task(config.task)
     if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs
         raise BadInputError(
             f"--metric {config.metric}: task {task.name} reports {', '.join(task.metrics)}", hint="pick one of those"
         )
     out = Path(config.out)
-    train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
     shared = {f.name: getattr(config, f.name) for f in fields(Settings) if hasattr(config, f.name)}
     max_length = models.fit_max_length(
         config.max_length,
@@ -138,12 +137,23 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
         models.resolve_model(config.model),
         trust_remote_code=config.trust_remote_code,
     )
-    settings = Settings(**shared | {"train_data": train_data, "eval_data": held_out, "max_length": max_length})
-    sweeps = {}
-    if config.lr_sweep:
-        lr, sweeps = sweep_lrs(out / "sweep", settings, pairs, lr)
-    results = run_grid(out, settings, grid(pairs, config.seeds, lr), progress)
-    report = write_report(out, settings, results, sweeps=sweeps, base=score_base(out, settings, results))
+    named = {"train_data": config.data, "eval_data": config.eval_data or config.data, "max_length": max_length}
+    check_cells(out, Settings(**shared | named), cells)  # before anything is written
+    existed = out.exists()
+    try:
+        train_data, held_out = prepare_data(out, config.data, config.eval_data, config.size, config.eval_size)
+        settings = Settings(**shared | named | {"train_data": train_data, "eval_data": held_out})
+        sweeps = {}
+        if config.lr_sweep:
+            lr, sweeps = sweep_lrs(out / "sweep", settings, pairs, lr)
+        results = run_grid(out, settings, grid(pairs, config.seeds, lr), progress)
+        report = write_report(out, settings, results, sweeps=sweeps, base=score_base(out, settings, results))
+    except BadInputError:
+        # A grid refused before it finished a cell (bad rows, a rank past the model's) leaves no folder it made; a
+        # finished cell is kept for the rerun to resume.
+        if not existed and not any(out.glob("cells/*/cell.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return CompareSummary(report, len(results), aggregate(results, config.metric))
 
 
@@ -217,79 +227,91 @@ def _did_you_mean(name: str) -> str:
     return did_you_mean(name, known_methods())
 
 
-def _update_path(out: Path, settings: Settings, cell: Cell) -> Path:
-    from .estimate import EstimateConfig, estimate
-
+def _estimate_config(out: Path, settings: Settings, cell: Cell) -> EstimateConfig:
+    """The estimate a LoRA-SB-family cell's factors start from, shared by the cells of its seed, η and samples."""
     samples, eta = cell.samples or settings.samples, cell.eta or settings.eta
-    path = out / "updates" / f"s{cell.seed}-n{samples}-eta{eta:g}.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        estimate(
-            EstimateConfig(
-                **settings.model_options(),
-                **settings.data_options(),
-                out=str(path),
-                samples=samples,
-                seed=cell.seed,
-                eta=eta,
-                targets=settings.targets,
-            )
-        )
-    return path
+    return EstimateConfig(
+        **settings.model_options(),
+        **settings.data_options(),
+        out=str(out / "updates" / f"s{cell.seed}-n{samples}-eta{eta:g}.safetensors"),
+        samples=samples,
+        seed=cell.seed,
+        eta=eta,
+        targets=settings.targets,
+    )
 
 
 # decompose's per-module ranks (--budget): a cell's options may set them for its factors.
 BUDGET_OPTIONS = ("budget", "budget_ratio", "min_rank", "max_rank")
 
 
-def _factors_path(out: Path, settings: Settings, cell: Cell) -> Path:
-    from .decompose import DecomposeConfig, decompose
-
-    update = _update_path(out, settings, cell)
+def _decompose_config(out: Path, settings: Settings, cell: Cell) -> DecomposeConfig:
+    """The factors of an init's cell: its estimate decomposed by the init at the cell's rank and options."""
+    update = Path(_estimate_config(out, settings, cell).out)
     init = inits.INITS[cell.method]
     own = cell.options_of(lambda name: takes(init.options, name) or name in BUDGET_OPTIONS)
     suffix = "".join(f"-{name}{value}" for name, value in sorted(own.items()))
-    path = out / "factors" / f"{update.stem}-{cell.method}{suffix}-r{cell.rank}.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        decompose(
-            DecomposeConfig.from_options(
-                update=str(update),
-                rank=cell.rank,
-                out=str(path),
-                init=cell.method,
-                seed=cell.seed,
-                model=settings.model if init.source == "model" else None,
-                trust_remote_code=settings.trust_remote_code,
-                **own,
-            )
-        )
-    return path
+    return DecomposeConfig.from_options(
+        update=str(update),
+        rank=cell.rank,
+        out=str(out / "factors" / f"{update.stem}-{cell.method}{suffix}-r{cell.rank}.safetensors"),
+        init=cell.method,
+        seed=cell.seed,
+        model=settings.model if init.source == "model" else None,
+        trust_remote_code=settings.trust_remote_code,
+        **own,
+    )
 
 
-def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
+def _train_config(out: Path, settings: Settings, cell: Cell, run: Path) -> TrainConfig:
     """The cell's `lorasb train` into `run`: an init's cells train R between its factors (`--method lorasb`)."""
-    from .train import TrainConfig, train
-
     # An init's factors train as LoRA-SB does: R between them, by the method that takes --factors.
     method = methods.factors_methods()[0] if cell.is_init else methods.get_method(cell.method)
     wanted = {"rank": cell.rank, "targets": settings.targets} | cell.options
-    return train(
-        TrainConfig.from_options(
-            **settings.model_options(),
-            **settings.data_options(),
-            **{k: v for k, v in wanted.items() if takes(method.options, k)},
-            eval_data=settings.eval_data,
-            out=str(run),
-            method=method.name,
-            factors=str(_factors_path(out, settings, cell)) if cell.is_init else None,
-            lr=cell.lr,
-            max_steps=settings.max_steps,
-            warmup_ratio=settings.warmup_ratio,
-            seed=cell.seed,
-            save_steps=10**9,
-        )
+    return TrainConfig.from_options(
+        **settings.model_options(),
+        **settings.data_options(),
+        **{k: v for k, v in wanted.items() if takes(method.options, k)},
+        eval_data=settings.eval_data,
+        out=str(run),
+        method=method.name,
+        factors=_decompose_config(out, settings, cell).out if cell.is_init else None,
+        lr=cell.lr,
+        max_steps=settings.max_steps,
+        warmup_ratio=settings.warmup_ratio,
+        seed=cell.seed,
+        save_steps=10**9,
     )
+
+
+def check_cells(out: Path, settings: Settings, cells: Sequence[Cell]) -> None:
+    """Refuse a grid with a cell whose options a stage would refuse (a rank 0, an lr of 0, ...), before anything
+    is written: each cell's estimate, decompose and train configs are built and its method's options resolved."""
+    for cell in cells:
+        try:
+            config = _train_config(out, settings, cell, out / "cells" / cell.key / "run")
+            methods.get_method(config.method).resolve_options(config.method_options)
+            if cell.is_init:
+                _estimate_config(out, settings, cell)
+                inits.INITS[cell.method].resolve_options(_decompose_config(out, settings, cell).init_options)
+        except BadInputError as e:
+            raise BadInputError(f"cell {cell.key}: {e.message}", path=e.path, hint=e.hint) from e
+
+
+def _train_cell(out: Path, settings: Settings, cell: Cell, run: Path):
+    """Train one cell into `run`, first making its estimate and factors where it needs them and they are not
+    there."""
+    from .decompose import decompose
+    from .estimate import estimate
+    from .train import train
+
+    if cell.is_init:
+        estimated, factors = _estimate_config(out, settings, cell), _decompose_config(out, settings, cell)
+        for config, stage in ((estimated, estimate), (factors, decompose)):
+            if not Path(config.out).is_file():
+                Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+                stage(config)
+    return train(_train_config(out, settings, cell, run))
 
 
 def _evaluate(settings: Settings, out: Path, **model: str):

@@ -1,7 +1,17 @@
-"""Data sets, formats, sampling, tokenization and padding-aware batching (DESIGN.md §3)."""
+"""Data sets, formats, sampling, tokenization and padding-aware batching (DESIGN.md §3).
+
+Every row a stage reads is checked against its format's schema (lorasb_cli/schema.py): text fields hold text, a
+response or the assistant's last turn is not blank, roles are system/user/assistant, and a file holds one kind of
+row. Classification labels follow one rule: all strings, all integers or all booleans, as the first row's (a float
+label is regression's; null, NaN or a mix such as 1 and "1" is a bad row); class names are the labels' text, in the
+labels' order. A bad row is named by its file and row (a .jsonl file's line). `checked` reads rows held in Arrow up
+front by their column types; a run that reads every row (train) checks the others before its first step too.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -16,7 +26,8 @@ from . import builtin_data, templates
 from .artifacts import file_sha256
 from .errors import BadInputError
 from .registry import did_you_mean
-from .rows import Dataset, JsonLines, RowView, renamed
+from .rows import CheckedRows, Dataset, JsonLines, RowView, renamed
+from .schema import CLASSIFICATION_TEXT_FIELDS, FIELD_PAIRS, MESSAGES, Schema, classification_fields
 from .templates import IGNORE
 
 log = logging.getLogger("lorasb")
@@ -25,13 +36,6 @@ FORMATS = ("auto", "text", "prompt-response", "classification", "regression")
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Fields `--fields ROLE=COLUMN` can name: the column is read as that role.
 FIELD_ROLES = ("prompt", "response", "completion", "input", "text", "label", "messages")
-CLASSIFICATION_TEXT_FIELDS = (
-    ("text",),
-    ("sentence",),
-    ("sentence1", "sentence2"),
-    ("premise", "hypothesis"),
-    ("question", "sentence"),
-)
 # The one output of a regression head (HF: num_labels == 1 is regression, trained with MSE).
 REGRESSION_LABELS = ["score"]
 
@@ -117,11 +121,34 @@ def _load_file(path: Path):
     if path.stat().st_size == 0:
         raise BadInputError("data file is empty", path=str(path), hint="pass a file with at least one row")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _quiet_datasets():
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for malformed files
         raise BadInputError(
-            f"cannot read data file: {str(e).splitlines()[0]}", path=str(path), hint=f"check that it is valid {builder}"
+            f"cannot read data file: {_cause(e)}", path=str(path), hint=f"check that it is valid {builder}"
         ) from e
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs a malformed file's parser error as well as raising it: the error line says it once."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of what went wrong at the root of `error`: datasets wraps a parser's error ("Expected 2
+    fields in line 3, saw 4") in one that only says generating the data set failed."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _load_folder(path: Path, config: str | None, split: str):
@@ -138,12 +165,13 @@ def _load_folder(path: Path, config: str | None, split: str):
                     )
                 table = table[split]
             return table
-        return datasets.load_dataset(str(path), config, split=split)
+        with _quiet_datasets():
+            return datasets.load_dataset(str(path), config, split=split)
     except BadInputError:
         raise
     except Exception as e:
         raise BadInputError(
-            f"cannot load data set folder (config {config}, split '{split}'): {str(e).splitlines()[0]}",
+            f"cannot load data set folder (config {config}, split '{split}'): {_cause(e)}",
             path=str(path),
             hint="check --data-config and --split",
         ) from e
@@ -221,13 +249,13 @@ def detect_format(columns: Sequence[str], requested: str, source: str = "", *, f
     cols = set(columns)
     text_fields = any(set(f) <= cols for f in CLASSIFICATION_TEXT_FIELDS)
     has = {
-        "prompt-response": templates.MESSAGES in cols or any(set(p) <= cols for p, _ in templates.FIELD_PAIRS),
+        "prompt-response": MESSAGES in cols or any(set(p) <= cols for p, _ in FIELD_PAIRS),
         "regression": "label" in cols and text_fields and floats,
         "classification": "label" in cols and text_fields,
         "text": "text" in cols,
     }
     needs = {
-        "prompt-response": " or ".join("/".join(p) for p, _ in templates.FIELD_PAIRS) + " or messages",
+        "prompt-response": " or ".join("/".join(p) for p, _ in FIELD_PAIRS) + " or messages",
         "classification": "label plus text (or sentence, sentence1/sentence2, premise/hypothesis)",
         "regression": "a float label plus text (or sentence, sentence1/sentence2, premise/hypothesis)",
         "text": "text",
@@ -251,6 +279,35 @@ def detect_format(columns: Sequence[str], requested: str, source: str = "", *, f
             hint="rename the fields with --fields ROLE=COLUMN or pick another --format",
         )
     return requested
+
+
+# A run that reads every row checks up to this many rows not held in Arrow (a .jsonl file: 10–25 µs a row, so at
+# most about 10 s) before its first step; a larger file's rows are checked as they are read.
+UP_FRONT_ROWS = 500_000
+
+
+def checked(dataset: Dataset, fmt: str, *, every_row: bool = True) -> Dataset:
+    """`dataset` whose rows are checked against `fmt`'s schema as they are read (schema.py; the schema is the first
+    row's). Rows held in Arrow are checked now: their column types and one vectorized pass find the rows that may
+    be bad, and only those are read. With `every_row` (a run that reads them all, such as train) other rows, up to
+    UP_FRONT_ROWS, are read now as well, so that a bad row stops the run before its first step."""
+    rows = CheckedRows(dataset.rows, Schema.of(fmt, dataset.rows[0], dataset.source), dataset.source)
+    table = dataset.rows.arrow() if isinstance(dataset.rows, RowView) else None
+    if table is not None:
+        # datasets stores a column of values of several types as JSON text, and decodes each as it is read
+        mixed = set(dataset.rows.json_columns()) & set(rows.schema.columns)
+        if fmt == "classification" and "label" in mixed:  # decoding "1" gives 1: the types are lost already
+            raise BadInputError(
+                'the labels mix types (such as 1, "1" and true)',
+                path=dataset.source,
+                hint="make every label a string, every label an integer or every label a boolean",
+            )
+        rows.check(range(len(rows)) if mixed else rows.schema.suspects(table).tolist())
+    elif every_row and len(rows) <= UP_FRONT_ROWS:
+        rows.check()
+    elif every_row:
+        log.info("%s rows: each is checked as it is read (a bad one stops the run there)", f"{len(rows):,}")
+    return dataclasses.replace(dataset, rows=rows)
 
 
 def resolve_template(requested: str, fmt: str, columns: Sequence[str]) -> str | None:
@@ -325,14 +382,15 @@ def take_shard(indices: list[int], index: int, count: int) -> list[int]:
 
 
 def head_labels(fmt: str, rows: Sequence[dict]) -> list[str] | None:
-    """The outputs of the head a format trains: class names (sorted; class id i is `labels[i]`) for
-    `classification`, the one score of `regression`, None for a language-model format."""
+    """The outputs of the head a format trains: class names (the labels' text, in the labels' order: class id i is
+    `labels[i]`; `rows` are checked, so their labels have one type) for `classification`, the one score of
+    `regression`, None for a language-model format."""
     if fmt == "regression":
         return list(REGRESSION_LABELS)
     if fmt != "classification":
         return None
-    values = rows.column("label") if isinstance(rows, (RowView, JsonLines)) else [row["label"] for row in rows]
-    return sorted({str(value) for value in values})
+    values = rows.column("label") if isinstance(rows, (RowView, JsonLines, CheckedRows)) else [r["label"] for r in rows]
+    return [str(value) for value in sorted(set(values))]  # one type per file (schema.py): sorted by value
 
 
 def check_labels(rows: Sequence[dict], fmt: str, labels: Sequence[str] | None, source: str = "") -> None:
@@ -351,9 +409,9 @@ def check_labels(rows: Sequence[dict], fmt: str, labels: Sequence[str] | None, s
 
 def classification_text(row: dict) -> str | tuple[str, str]:
     """The text, or the (first, second) pair, of a classification row; pairs are checked first."""
-    for fields in sorted(CLASSIFICATION_TEXT_FIELDS, key=len, reverse=True):
-        if all(f in row for f in fields):
-            return str(row[fields[0]]) if len(fields) == 1 else (str(row[fields[0]]), str(row[fields[1]]))
+    fields = classification_fields(row)
+    if fields is not None:
+        return str(row[fields[0]]) if len(fields) == 1 else (str(row[fields[0]]), str(row[fields[1]]))
     raise BadInputError(
         f"classification row has no text fields: {sorted(row)}",
         hint="name them text, sentence, sentence1/sentence2, premise/hypothesis or question/sentence",

@@ -398,6 +398,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
         config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
     )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
+    dataset = data.checked(dataset, fmt, every_row=False)  # the drawn rows are checked as they are read
     template = data.resolve_template(config.template, fmt, dataset.columns)
     system_prompt = templates.system_prompt(config.system_prompt, template, dataset.rows)
     auto, population = config.samples == "auto", len(dataset.rows)

@@ -1,5 +1,5 @@
-"""How rows are held: an Arrow table read on access, a .jsonl file indexed by line offset, and `Dataset`, the
-rows of one split with where they came from."""
+"""How rows are held: an Arrow table read on access, a .jsonl file indexed by line offset, rows checked against
+their format's schema as they are read, and `Dataset`, the rows of one split with where they came from."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInputError
+from .schema import Schema
 
 
 class RowView(Sequence):
@@ -36,6 +37,16 @@ class RowView(Sequence):
 
     def column(self, name: str) -> list:
         return self.table[name]
+
+    def arrow(self):
+        """The rows as one `pyarrow.Table` (memory-mapped, not copied); None for a selection of another table's."""
+        return self.table.data.table if self.table._indices is None else None
+
+    def json_columns(self) -> list[str]:
+        """Columns `datasets` holds as JSON text (their values had several types) and decodes as they are read."""
+        import datasets
+
+        return [name for name, feature in self.table.features.items() if isinstance(feature, datasets.Json)]
 
 
 class JsonLines(Sequence):
@@ -71,27 +82,84 @@ class JsonLines(Sequence):
             return self._parse(f.readline(), index)
 
     def __iter__(self):
-        for index in range(len(self)):
-            yield self[index]
+        with self.path.open("rb") as f:  # one open file for the whole pass
+            for index, offset in enumerate(self.offsets.tolist()):
+                f.seek(offset)
+                yield self._parse(f.readline(), index)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
+
+    def line(self, index: int) -> int:
+        """The 1-based line of the file that holds row `index` (blank lines hold no row)."""
+        before, lines = int(self.offsets[index]), 1
+        with self.path.open("rb") as f:
+            while before > 0:
+                block = f.read(min(before, 1 << 20))
+                lines, before = lines + block.count(b"\n"), before - len(block)
+        return lines
 
     def _parse(self, line: bytes, index: int) -> dict:
         try:
             row = json.loads(line)
         except ValueError as e:
+            problem = f"is not JSON ({e})"
+        except RecursionError:  # the decoder recurses once per level of nesting
+            problem = "nests deeper than the JSON reader can follow"
+        else:
+            problem = None if isinstance(row, dict) else "is not a JSON object"
+        if problem:
             raise BadInputError(
-                f"cannot read data file: row {index + 1} is not JSON ({e})",
+                f"cannot read data file: line {self.line(index)} {problem}",
                 path=str(self.path),
                 hint="check that it is valid json lines: one object per line",
-            ) from None
-        if not isinstance(row, dict):
-            raise BadInputError(f"cannot read data file: row {index + 1} is not a JSON object", path=str(self.path))
+            )
         return renamed(row, self.renames) if self.renames else row
 
     def column(self, name: str) -> list:
         return [row[name] for row in self]
+
+
+class CheckedRows(Sequence):
+    """Rows checked against their format's `Schema` as they are read: a bad row stops the reader with the file and
+    the row (a .jsonl file's line) named. `indices` are the rows of `rows` these are (a slice keeps them)."""
+
+    def __init__(self, rows: Sequence[dict], schema: Schema, source: str, indices: range | None = None):
+        self.rows, self.schema, self.source = rows, schema, source
+        self.indices = range(len(rows)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return CheckedRows(self.rows, self.schema, self.source, self.indices[index])
+        position = self.indices[index]
+        return self._checked(self.rows[position], position)
+
+    def __iter__(self):
+        indices = self.indices
+        read = self.rows[indices.start : indices.stop] if indices.step == 1 else (self.rows[i] for i in indices)
+        for position, row in zip(indices, read):
+            yield self._checked(row, position)
+
+    def column(self, name: str) -> list:
+        """Every row's `name`; an Arrow table's column is read as a column (its rows were checked up front)."""
+        if isinstance(self.rows, RowView) and self.indices == range(len(self.rows)):
+            return self.rows.column(name)
+        return [row[name] for row in self]
+
+    def check(self, indices=None) -> None:
+        """Read the rows at `indices` (every row by default), so that a bad one stops the run now."""
+        for _ in self if indices is None else (self[i] for i in indices):
+            pass
+
+    def _checked(self, row: dict, position: int) -> dict:
+        problem = self.schema.problem(row)
+        if problem:
+            where = f"line {self.rows.line(position)}" if isinstance(self.rows, JsonLines) else f"row {position + 1}"
+            raise BadInputError(f"{where}: {problem}", path=self.source, hint="fix or drop the row")
+        return row
 
 
 @dataclass(frozen=True)

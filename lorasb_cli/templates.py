@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .errors import BadInputError
 from .registry import did_you_mean
+from .schema import FIELD_PAIRS, MESSAGES, messages_problem, prompt_response_fields, text_problem
 
 log = logging.getLogger("lorasb")
 
@@ -34,17 +35,6 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# (prompt field, response field) pairs a prompt-response row may carry, in the order they are tried; the
-# `--template auto` each implies: TRL's prompt/completion type is `plain`, instruction styles are `alpaca`.
-FIELD_PAIRS = (
-    (("query", "response"), "alpaca"),  # MetaMathQA
-    (("question", "answer"), "alpaca"),  # GSM8K
-    (("instruction", "output"), "alpaca"),  # Alpaca, CommonSense170K (optional `input`)
-    (("prompt", "completion"), "plain"),  # OpenAI / TRL prompt-completion
-    (("prompt", "response"), "plain"),  # what `--fields prompt=COL,response=COL` names: plain pairs, as TRL's
-)
-MESSAGES = "messages"  # TRL's conversational rows: [{"role": ..., "content": ...}, ...]
-
 
 def resolve(requested: str, columns: Sequence[str]) -> str:
     """The concrete template (`plain`, `alpaca` or `chat`) for rows with these fields."""
@@ -52,10 +42,8 @@ def resolve(requested: str, columns: Sequence[str]) -> str:
         raise BadInputError(f"unknown --template '{requested}'", hint=did_you_mean(requested, NAMES))
     if requested != "auto":
         return requested
-    cols = set(columns)
-    if MESSAGES in cols:
-        return "chat"
-    return next((name for pair, name in FIELD_PAIRS if set(pair) <= cols), "alpaca")
+    fields = prompt_response_fields(dict.fromkeys(columns))
+    return "chat" if fields == (MESSAGES,) else dict(FIELD_PAIRS).get(fields, "alpaca")
 
 
 def shared_system_turn(rows: Sequence[dict]) -> str | None:
@@ -138,16 +126,16 @@ class Template:
 
     def split(self, row: dict) -> tuple[str, str]:
         """(rendered prompt, response text) of a prompt-response row."""
-        if MESSAGES in row:
+        fields = prompt_response_fields(row)
+        if fields is None:
+            raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
+        if fields == (MESSAGES,):
             return self._split_messages(row[MESSAGES])
-        for (prompt_key, response_key), _ in FIELD_PAIRS:
-            if prompt_key in row and response_key in row:
-                extra = row.get("input") if prompt_key == "instruction" else None
-                response = _text(row, response_key)
-                if not response.strip():  # nothing to supervise but EOS: a broken row, not a sample
-                    raise BadInputError(f"field '{response_key}' is empty in a row", hint="drop or fix such rows")
-                return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), response
-        raise BadInputError(f"row lacks prompt/response fields: {sorted(row)}")
+        prompt_key, response_key = fields
+        extra = row.get("input") if prompt_key == "instruction" else None
+        # A blank response leaves nothing to supervise but EOS: a broken row, not a sample.
+        response = _text(row, response_key, blank=False)
+        return self.prompt(_text(row, prompt_key), _text(row, "input") if extra else None), response
 
     def _with_system(self, messages: list[dict]) -> list[dict]:
         """`messages` opened by the system turn, unless they have their own (or there is none to add)."""
@@ -165,10 +153,9 @@ class Template:
                 f"conversational rows (a '{MESSAGES}' field) need --template chat, not {self.name}",
                 hint="pass --template chat (or auto)",
             )
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise BadInputError(f"'{MESSAGES}' must be a non-empty list of {{role, content}} objects")
-        if messages[-1].get("role") != "assistant":
-            raise BadInputError(f"the last of the '{MESSAGES}' must be the assistant's turn, the one trained on")
+        problem = messages_problem(messages)
+        if problem:
+            raise BadInputError(problem)
         context = self._with_system([dict(m) for m in messages[:-1]])
         prompt = self._chat(context)
         whole = self.tokenizer.apply_chat_template([*context, dict(messages[-1])], tokenize=False)
@@ -214,8 +201,9 @@ class Template:
         return ids
 
 
-def _text(row: dict, key: str) -> str:
-    value = row[key]
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise BadInputError(f"field '{key}' must be text, not {type(value).__name__}: {str(value)[:60]!r}")
-    return str(value)
+def _text(row: dict, key: str, *, blank: bool = True) -> str:
+    """The text field `key` of `row` (a number as its text); `blank`: whether an empty text is fine."""
+    problem = text_problem(row[key], blank=blank)
+    if problem:
+        raise BadInputError(f"field '{key}' {problem}", hint="fix or drop the row")
+    return str(row[key])

@@ -182,6 +182,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
         if config.eval_data
         else None
     )
+    train_set, eval_set = (rows and data.checked(rows, fmt) for rows in (train_set, eval_set))  # before step 1
     labels = factors.config.get("labels") if factors is not None else data.head_labels(fmt, train_set.rows)
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)

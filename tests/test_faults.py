@@ -410,3 +410,213 @@ def test_unreadable_base_weights_are_one_line_in_every_stage(tiny_model_dir, qa_
         stdout, err = capsys.readouterr()
         assert excinfo.value.code == 2 and message in err and err.count("\n") == 1, err
         assert "unpickled code ran" not in stdout + err and not out.exists()
+
+
+# --- rows: every row a stage reads is checked against its format's schema (issue 27.10, 27.12, 27.14, 27.15) -----
+
+_ROWS_CHAT = [{"role": "user", "content": "What is 1 plus 2?"}, {"role": "assistant", "content": "3"}]
+_ROWS_QA = [{"question": f"What is {i} plus 1?", "answer": f"{i} plus 1 is {i + 1}"} for i in range(6)]
+
+
+def _rows_write(path: Path, rows) -> Path:
+    """`rows` as `path`: a .jsonl (NaN written as JSON's NaN), .json array or .parquet file; a str is the raw text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(rows, str):
+        path.write_text(rows)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def _rows_chat(*turns) -> dict:
+    return {"messages": [_ROWS_CHAT[0], *turns]}
+
+
+def _rows_labels(*labels) -> list[dict]:
+    return [{"text": f"the oil company said {i}", "label": label} for i, label in enumerate(labels)]
+
+
+# (case, stage, data file, its rows, what the one error line says after the file's name). By root cause: a field
+# of the wrong type or empty; a file holding two kinds of rows; labels outside the one label rule; a file that
+# cannot be read as its suffix says.
+BAD_ROWS = [
+    (
+        "chat-null-content",
+        "train",
+        "c.jsonl",
+        [_rows_chat(_ROWS_CHAT[1]), {"messages": [{"role": "user", "content": None}, _ROWS_CHAT[1]]}],
+        "line 2: messages[0]'s content is null",
+    ),
+    (
+        "chat-object-content",
+        "train",
+        "c.jsonl",
+        [_rows_chat(_ROWS_CHAT[1]), _rows_chat({"role": "assistant", "content": {"x": 1}})],
+        "line 2: messages[1]'s content must be text, not an object ({'x': 1})",
+    ),
+    (
+        "chat-blank-assistant",
+        "train",
+        "c.jsonl",
+        [_rows_chat(_ROWS_CHAT[1]), _rows_chat({"role": "assistant", "content": " "})],
+        "line 2: the assistant's last turn (messages[1]) is empty",
+    ),
+    (
+        "chat-no-role",
+        "train",
+        "c.jsonl",
+        [_rows_chat(_ROWS_CHAT[1]), _rows_chat({"content": "3"})],
+        "line 2: messages[1] has no role",
+    ),
+    (
+        "chat-blank-assistant-arrow",
+        "train",
+        "c.parquet",
+        [_rows_chat(_ROWS_CHAT[1])] * 3 + [_rows_chat({"role": "assistant", "content": ""})],
+        "row 4: the assistant's last turn (messages[1]) is empty",
+    ),
+    (
+        "answer-nan",
+        "train",
+        "qa.jsonl",
+        [*_ROWS_QA, {"question": "q", "answer": float("nan")}],
+        "line 7: field 'answer' is NaN",
+    ),
+    (
+        "answer-nan-estimate",
+        "estimate",
+        "qa.jsonl",
+        [{"question": "q", "answer": float("nan")}, *_ROWS_QA],
+        "line 1: field 'answer' is NaN",
+    ),
+    (
+        "question-list",
+        "train",
+        "qa.jsonl",
+        [*_ROWS_QA, {"question": ["q"], "answer": "a"}],
+        "line 7: field 'question' must be text, not a list",
+    ),
+    (
+        "text-object",
+        "train",
+        "t.jsonl",
+        [{"text": "the cat sat"}, {"text": {"x": 1}}],
+        "line 2: field 'text' must be text, not an object",
+    ),
+    (
+        "text-object-arrow",
+        "train",
+        "t.json",
+        [{"text": "the cat sat"}, {"text": {"x": 1}}],
+        "row 2: field 'text' must be text, not an object",
+    ),
+    ("text-blank", "train", "t.jsonl", [{"text": "the cat sat"}, {"text": "  "}], "line 2: field 'text' is empty"),
+    (
+        "last-of-256-rows",
+        "train",
+        "qa.jsonl",
+        _ROWS_QA * 42 + [*_ROWS_QA[:3], {"question": "q", "answer": None}],
+        "line 256: field 'answer' is null",
+    ),
+    (
+        "two-kinds-of-row",
+        "train",
+        "qa.jsonl",
+        [*_ROWS_QA, {"prompt": "p", "completion": "c"}],
+        "line 7: lacks the fields question, answer that its file's first row has",
+    ),
+    (
+        "two-kinds-in-a-row",
+        "train",
+        "qa.jsonl",
+        [*_ROWS_QA, {**_ROWS_QA[0], "query": "q", "response": "r"}],
+        "line 7: has the fields query/response as well as question/answer",
+    ),
+    (
+        "two-kinds-arrow",
+        "train",
+        "qa.json",
+        [*_ROWS_QA, {"prompt": "p", "completion": "c"}],
+        "row 7: field 'question' is null",
+    ),
+    (
+        "labels-int-and-str",
+        "train",
+        "l.jsonl",
+        _rows_labels(1, "1", 0),
+        "line 2: label '1' is a string, but this file's labels are integers",
+    ),
+    (
+        "labels-int-and-float",
+        "train",
+        "l.jsonl",
+        _rows_labels(1, 0, 1.0),
+        "line 3: label 1.0 is a float, but this file's labels are integers",
+    ),
+    ("labels-int-and-bool", "train", "l.jsonl", _rows_labels(1, 0, True), "line 3: label True is a boolean"),
+    ("label-null", "train", "l.jsonl", _rows_labels("earn", None), "line 2: label is null"),
+    ("labels-mixed-arrow", "train", "l.json", _rows_labels(1, "1", 0, "0"), "the labels mix types"),
+    ("regression-label-nan", "train", "s.jsonl", _rows_labels(0.5, 1.5, float("nan")), "line 3: label is NaN"),
+    (
+        "nested-200000-deep",
+        "train",
+        "qa.jsonl",
+        json.dumps(_ROWS_QA[0]) + "\n" + '{"question": "q", "answer": ' + "[" * 200_000 + "]" * 200_000 + "}\n",
+        "line 2 nests deeper than the JSON reader can follow",
+    ),
+    (
+        "not-json-after-a-blank-line",
+        "estimate",
+        "qa.jsonl",
+        json.dumps(_ROWS_QA[0]) + "\n\n{not json\n",
+        "line 3 is not JSON",
+    ),
+    ("csv-ragged", "train", "qa.csv", "question,answer\nq,a\nq,a,b,c\n", "Expected 2 fields in line 3, saw 4"),
+]
+
+
+@pytest.mark.parametrize(("case", "stage", "name", "rows", "message"), BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+def test_a_bad_row_is_refused_naming_its_file_and_row(
+    case, stage, name, rows, message, tiny_model_dir, tmp_path, capsys
+):
+    data_file = _rows_write(tmp_path / "in" / name, rows)
+    before = _snapshot(data_file.parent)
+    out = tmp_path / ("u.safetensors" if stage == "estimate" else "run")
+    args = {"train": ["--method", "lora", "--rank", 2, "--max-steps", 2, "--save-steps", 1], "estimate": []}[stage]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a) for a in [stage, "-m", tiny_model_dir, "-d", data_file, *args, "-q", "-o", out]])
+    stdout, err = capsys.readouterr()
+    assert excinfo.value.code == 2 and stdout == "" and err.startswith("Error: ") and err.count("\n") == 1, err
+    assert message in err and f"({data_file})" in err, err  # the problem, with the file named
+    assert "float32" not in err and "Traceback" not in err and not err.startswith(("Error: Recursion", "Error: Value"))
+    assert not out.exists() and _snapshot(data_file.parent) == before  # refused before the first step: no checkpoint
+
+
+# (compare options, what the one error line says): refused before any folder is made
+COMPARE_REFUSALS = [
+    (["--methods", "lora:0"], "cell lora-r0-lr0.001-s0: --rank 0 must be a finite number ≥ 1"),
+    (["--methods", "lora", "--ranks", "0"], "cell lora-r0-lr0.001-s0: --rank 0"),
+    (["--methods", "lorasb:0"], "cell lorasb-r0-lr0.001-s0: --rank 0"),
+    (["--methods", "lora:2", "--lr", "lora=0,1e-3"], "cell lora-r2-lr0-s0: --lr 0.0 must be a finite number > 0"),
+    (["--methods", "noisy:2"], "--init noisy needs --noise-std"),
+    (["--methods", "lora:2", "--samples", "0"], "'--samples': 0 is not in the range x>=1"),
+    (["--methods", "lora:2", "-d", "{bad}"], "line 3: field 'answer' is null"),  # met in the first cell
+]
+
+
+@pytest.mark.parametrize(("args", "message"), COMPARE_REFUSALS, ids=[" ".join(a[:4]) for a, _ in COMPARE_REFUSALS])
+def test_a_refused_compare_leaves_no_folder(args, message, tiny_model_dir, qa_file, tmp_path, capsys):
+    bad = _rows_write(tmp_path / "bad.jsonl", [*_ROWS_QA[:2], {"question": "q", "answer": None}])
+    out = tmp_path / "grid"
+    common = ["compare", "-m", tiny_model_dir, "-d", qa_file, "--eval-data", qa_file, "-t", "gsm8k", "--max-steps", 1]
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main([str(a).replace("{bad}", str(bad)) for a in [*common, *args, "-q", "-o", out]])
+    err = capsys.readouterr()[1]
+    assert excinfo.value.code == 2 and err.startswith("Error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()

@@ -196,5 +196,7 @@ def test_a_different_template_than_recorded_is_refused_unless_forced(caplog):
 
 
 def test_non_text_fields_are_refused_with_the_field_named():
-    with pytest.raises(BadInputError, match="field 'answer' must be text, not NoneType"):
+    with pytest.raises(BadInputError, match="field 'answer' is null"):
         templates.Template("alpaca", None).split({"question": "q", "answer": None})
+    with pytest.raises(BadInputError, match=r"field 'question' must be text, not an object \(\{'x': 1\}\)"):
+        templates.Template("alpaca", None).split({"question": {"x": 1}, "answer": "a"})
