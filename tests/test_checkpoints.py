@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import train_config
 
 from lorasb_cli import adapter, cli, train
 from lorasb_cli.errors import BadInputError
@@ -17,18 +18,7 @@ from lorasb_cli.trainer import COMPLETE_FILE, REQUIRED_FILES, TRAINED_FILE, newe
 
 
 def _config(inputs, out, **overrides):
-    settings = {
-        "model": str(inputs["model"]),
-        "factors": str(inputs["factors"]),
-        "data": str(inputs["data"]),
-        "out": str(out),
-        "max_steps": 8,
-        "batch_size": 4,
-        "lr": 5e-2,
-        "save_steps": 2,
-        "seed": 0,
-    }
-    return train.TrainConfig.from_options(**(settings | overrides))
+    return train_config(inputs["model"], inputs["data"], out, factors=inputs["factors"], **overrides)
 
 
 def _r(run_dir) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, make_bert_dir, train_config, write_jsonl
 
 from lorasb_cli import artifacts, cli
 
@@ -94,18 +94,7 @@ def test_sample_count_floor():
 
 
 def _train_config(tiny_model_dir, qa_file, out, **overrides):
-    from lorasb_cli import train
-
-    settings = {
-        "model": str(tiny_model_dir),
-        "data": str(qa_file),
-        "out": str(out),
-        "max_steps": 6,
-        "batch_size": 4,
-        "lr": 5e-2,
-        "save_steps": 2,
-    }
-    return train.TrainConfig.from_options(**settings | overrides)
+    return train_config(tiny_model_dir, qa_file, out, **{"max_steps": 6} | overrides)
 
 
 def test_a_finished_run_resumed_with_other_options_is_refused(tiny_model_dir, qa_file, factors_file, tmp_path, capsys):

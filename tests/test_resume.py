@@ -9,25 +9,14 @@ import json
 import shutil
 
 import pytest
-from helpers import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, train_config, write_jsonl
 
 from lorasb_cli import adapter, train
 from lorasb_cli.errors import BadInputError
 
 
 def _config(inputs, out, **overrides):
-    settings = {
-        "model": str(inputs["model"]),
-        "factors": str(inputs["factors"]),
-        "data": str(inputs["data"]),
-        "out": str(out),
-        "max_steps": 6,
-        "batch_size": 4,
-        "lr": 5e-2,
-        "save_steps": 2,
-        "seed": 0,
-    }
-    return train.TrainConfig.from_options(**(settings | overrides))
+    return train_config(inputs["model"], inputs["data"], out, factors=inputs["factors"], **{"max_steps": 6} | overrides)
 
 
 def _snapshot(folder) -> dict[str, str]:

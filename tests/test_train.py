@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import QA_ROWS, make_llama, save_model, write_jsonl
+from helpers import QA_ROWS, make_llama, save_model, train_config, write_jsonl
 
 from lorasb_cli import adapter, artifacts, train
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, RunFailure
@@ -14,19 +14,7 @@ from lorasb_cli.methods import lorasb as lorasb_method
 
 
 def _config(tiny_model_dir, qa_file, factors_file, out, **overrides):
-    settings = {
-        "model": str(tiny_model_dir),
-        "factors": str(factors_file),
-        "data": str(qa_file),
-        "out": str(out),
-        "max_steps": 8,
-        "batch_size": 4,
-        "lr": 5e-2,
-        "save_steps": 2,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return train.TrainConfig.from_options(**settings)
+    return train_config(tiny_model_dir, qa_file, out, factors=factors_file, **overrides)
 
 
 def _adapter_r(run_dir) -> dict[str, torch.Tensor]:
