@@ -330,8 +330,8 @@ MUTATIONS = (
     Mutation(
         "evaluate-ignores-recorded-template",
         "lorasb_cli/evaluate.py",
-        'templates.check_same(recorded, used, "training", force=config.force_template)',
-        'templates.check_same(recorded, used, "training", force=True)',
+        'templates.check_same(recorded.get("template"), template, "training", force=config.force_template)',
+        'templates.check_same(recorded.get("template"), template, "training", force=True)',
         "evaluate refuses another template than the adapter's unless --force-template",
         ("tests/test_evaluate.py", "tests/test_templates.py"),
     ),
