@@ -295,9 +295,19 @@ LOCK_FILE = ".lorasb.lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Keep a second `what` out of `folder` while this one writes into it. The lock file holds `host pid`; one left
-    by a process of this host that no longer runs is taken over. Temp files of killed writers are removed then."""
-    lock, me = folder / LOCK_FILE, f"{socket.gethostname()} {os.getpid()}"
+    """Keep a second `what` out of `folder` while this one writes into it (`output_lock` with the lock file inside
+    it). Temp files of killed writers are removed once the lock is held."""
+    with output_lock(folder / LOCK_FILE, what, folder):
+        for stale in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:  # atomic_path's, from killed writers
+            stale.unlink(missing_ok=True)
+        yield
+
+
+@contextlib.contextmanager
+def output_lock(lock: Path, what: str, output: Path) -> Iterator[None]:
+    """Keep a second `what` from writing `output` while this one does: the file `lock` holds `host pid`; one left
+    by a process of this host that no longer runs is taken over."""
+    me = f"{socket.gethostname()} {os.getpid()}"
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -308,15 +318,13 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
             if not (host == socket.gethostname() and pid.isdigit() and not _running(int(pid))):
                 raise BadInputError(
                     f"another {what} is writing into this folder ({holder or 'unknown process'})",
-                    path=str(folder),
+                    path=str(output),
                     hint=f"wait for it or pick another -o; if that process is gone, delete {lock}",
                 ) from None
             lock.unlink(missing_ok=True)
     with os.fdopen(fd, "w") as f:
         f.write(me + "\n")
     try:
-        for stale in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:  # atomic_path's, from killed writers
-            stale.unlink(missing_ok=True)
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -78,14 +78,17 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     _check_base(lora, ref, config.force_base)
     base = _open_base(lora, ref, target, fmt, config.trust_remote_code)
     metadata = _output_metadata(lora, ref)
-    artifacts.remove_stale_staging(target)  # of a merge that was killed
-    # An interrupted merge leaves at most a hidden staging folder, never a partial `out`; with --overwrite the old
-    # `out` is removed only once the new one is complete.
-    with artifacts.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
-        if fmt == "hf":
-            _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
-        else:
-            _write_peft(lora, ref, tmp, metadata, progress)
+    # One merge at a time into `out` (the lock beside it, as `out` may not exist yet): a second one would take
+    # the first's staging folder for a killed merge's. An interrupted merge leaves at most a hidden staging
+    # folder, never a partial `out`; with --overwrite the old `out` is removed only once the new one is complete.
+    artifacts.make_output_folder(target.parent)
+    with artifacts.output_lock(target.parent / f".{target.name}.lorasb.lock", "lorasb merge", target):
+        artifacts.remove_stale_staging(target)  # of a merge that was killed
+        with artifacts.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
+            if fmt == "hf":
+                _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
+            else:
+                _write_peft(lora, ref, tmp, metadata, progress)
     return out
 
 

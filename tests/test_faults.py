@@ -620,3 +620,17 @@ def test_a_refused_compare_leaves_no_folder(args, message, tiny_model_dir, qa_fi
     err = capsys.readouterr()[1]
     assert excinfo.value.code == 2 and err.startswith("Error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_a_second_merge_into_one_output_is_refused_while_the_first_runs(factors_file, tmp_path, capsys):
+    """It would have taken the running merge's staging folder for a killed one's and deleted it."""
+    from lorasb_cli import artifacts
+
+    target = tmp_path / "merged"
+    with artifacts.output_lock(tmp_path / ".merged.lorasb.lock", "lorasb merge", target):
+        staging = tmp_path / ".merged.tmp-running"
+        staging.mkdir()
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main([str(a) for a in ["merge", "-a", factors_file, "-q", "-o", target]])
+        assert excinfo.value.code == 2 and "another lorasb merge is writing into this folder" in capsys.readouterr()[1]
+        assert staging.is_dir() and not target.exists()
