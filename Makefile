@@ -34,7 +34,7 @@ test: install
 test-all: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# Named one-line bugs in the core math and scoring code, each against its tests (~30 min; not part of CI).
+# Named one-line bugs in the core math and scoring code, each against its tests (15–35 min on 2 CPU cores; not part of CI).
 mutate: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutate.py
 
