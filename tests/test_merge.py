@@ -383,7 +383,7 @@ def test_failure_mid_merge_leaves_nothing(setup, tmp_path, monkeypatch):
         real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(merge, "save_file", failing_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(BadInputError, match=r"cannot write .* \(no space left on the device\)"):
         merge.merge(
             merge.MergeConfig(adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), model=str(setup.sharded_dir))
         )
@@ -393,7 +393,7 @@ def test_failure_mid_merge_leaves_nothing(setup, tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
     saved.clear()
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(BadInputError, match=r"cannot write .* \(no space left on the device\)"):
         merge.merge(
             merge.MergeConfig(
                 adapter=str(setup.adapter_dir), out=str(tmp_path / "out"), model=str(setup.sharded_dir), overwrite=True
