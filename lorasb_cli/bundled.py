@@ -10,6 +10,7 @@ fixture.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -135,9 +136,21 @@ def local_directory(model: BundledModel, source: Path) -> tuple[Path, str]:
     """(the HF directory `model` loads from, the sha256 of its weights file `source`): the package's own folder,
     or for a GGUF the folder under the cache it is converted into (which may not exist yet)."""
     if source.is_dir():
-        return source.absolute(), file_sha256(source / "model.safetensors")
-    digest = file_sha256(source)
+        return source.absolute(), _source_digest(source / "model.safetensors")
+    digest = _source_digest(source)
     return cache_home() / "models" / f"{model.alias}-{digest[:16]}", digest
+
+
+def _source_digest(path: Path) -> str:
+    """`file_sha256` of a bundled source file, read once per process: each stage resolves its model more than once
+    (limits, provenance, loading), and the file (~100 MB) does not change while the package stays installed."""
+    stat = path.stat()
+    return _sha256_once(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_once(path: Path, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def _convert_gguf(gguf: Path, directory: Path) -> None:
