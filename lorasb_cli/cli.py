@@ -121,9 +121,15 @@ def cli():
     context_settings=CONTEXT,
     epilog="""\b
 Example:
-  lorasb estimate --model mistral --data metamathqa.jsonl --frac 0.001 -o update.safetensors
+  lorasb estimate --model smollm2-135m --data arithmetic --samples 32 -o update.safetensors
+  lorasb estimate --model mistral --data meta-math/MetaMathQA --frac 0.001 -o update.safetensors
   lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors
-  lorasb estimate --model mistral --dry-run --batch-size 8 --max-length 512 --rank 96 --dtype bfloat16""",
+  lorasb estimate --model mistral --dry-run --batch-size 8 --max-length 512 --rank 96 --dtype bfloat16
+
+\b
+Several processes (G is all-reduced; rank 0 writes the file and prints its path):
+  torchrun --nproc-per-node 8 -m lorasb_cli estimate -m mistral -d data.jsonl --samples 64 -o update.safetensors
+  accelerate launch --num_processes 8 -m lorasb_cli estimate -m mistral -d data.jsonl --samples 64 -o update.safetensors""",
 )
 @click.option(
     "--dry-run",
@@ -284,9 +290,15 @@ def decompose(config, as_json, quiet):
     context_settings=CONTEXT,
     epilog="""\b
 Examples:
-  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl --lr 1e-3 -o run/
-  lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume
-  lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/""",
+  lorasb train --model smollm2-135m --factors factors.safetensors --data arithmetic --max-steps 60 -o run/
+  lorasb train --model mistral --factors factors.safetensors --data meta-math/MetaMathQA --lr 1e-3 -o run/
+  lorasb train --model mistral --factors factors.safetensors --data meta-math/MetaMathQA -o run/ --resume
+  lorasb train --method lora --rank 8 --model mistral --data meta-math/MetaMathQA --lr 2e-4 -o lora-run/
+
+\b
+Several processes (DDP: --batch-size per process; rank 0 writes the run):
+  torchrun --nproc-per-node 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl -o run/
+  accelerate launch --multi_gpu --num_processes 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl -o run/""",
 )
 @common_options
 def train(config, as_json, quiet):
@@ -486,7 +498,7 @@ def models_command(as_json, quiet):
 
     from . import bundled
     from .console import print_rows
-    from .models import ALIASES
+    from .models import ALIASES, HUB_MODELS
 
     rows = []
     for m in bundled.BUNDLED.values():
@@ -503,13 +515,16 @@ def models_command(as_json, quiet):
             }
         )
     for alias, hub_id in ALIASES.items():
+        what, download = HUB_MODELS[hub_id]
         cached = try_to_load_from_cache(hub_id, "config.json")  # a path in the HF cache's snapshot, or not a str
         rows.append(
             {
                 "alias": alias,
-                "what": "hub model",
-                "source": hub_id,
-                "offline": "yes (in the HF cache)" if isinstance(cached, str) else "no: downloads on first use",
+                "what": what,
+                "source": f"hub: {hub_id}",
+                "offline": "yes (in the HF cache)"
+                if isinstance(cached, str)
+                else f"no: first use downloads {download}",
                 "path": str(Path(cached).parent) if isinstance(cached, str) else None,
             }
         )

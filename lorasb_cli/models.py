@@ -30,6 +30,14 @@ ALIASES: dict[str, str] = {
     "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "roberta-large": "FacebookAI/roberta-large",
 }
+# What each aliased hub checkpoint is and what its first use downloads (sizes from the hub's file listings),
+# for `lorasb models`; hub ids without an entry are listed as they are.
+HUB_MODELS: dict[str, tuple[str, str]] = {
+    "mistralai/Mistral-7B-v0.1": ("Mistral-7B base, 7.2B params (the paper's)", "14.5 GB safetensors, bf16"),
+    "google/gemma-2-9b": ("Gemma-2 9B base, 9.2B params (the paper's)", "safetensors; gated: accept the license first"),
+    "meta-llama/Llama-3.2-3B": ("Llama-3.2 3B base, 3.2B params (the paper's)", "6.4 GB safetensors, bf16; gated"),
+    "FacebookAI/roberta-large": ("RoBERTa-large encoder, 355M params (the paper's GLUE)", "1.4 GB safetensors, fp32"),
+}
 
 TARGET_PRESETS = ("all-linear", "attention")
 # Classification heads (PEFT's modules_to_save for SEQ_CLS): trained in full, never adapted.

@@ -237,7 +237,11 @@ class DataOptions(Declared):
     """Where rows come from and how they are batched: every command that reads data."""
 
     data: str | None = option(
-        "--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."
+        "--data",
+        "-d",
+        required=True,
+        help="Local .jsonl/.json/.csv/.parquet file, hub data set (e.g. meta-math/MetaMathQA), or a built-in set:"
+        " arithmetic, gsm-symbolic, reuters-r8 (lorasb data list).",
     )
     split: str | None = option(default="train", help="Split of a hub or built-in data set.")
     data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
