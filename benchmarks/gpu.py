@@ -9,8 +9,10 @@ batches of `--batch-size`. In one run (under 8 minutes on an H100/H200-class GPU
 2. decompose: ΔW = −η·sign(G) of every target, `linalg.truncated_svd` at `--lorasb-rank` (the paper: under
    a second), timed over all 224 modules;
 3. train: `--steps` steps (after one warm-up step that also allocates AdamW's state) of LoRA-SB at
-   `--lorasb-rank` (B, R, A from step 2; only R trained) and then of PEFT LoRA at `--lora-rank` (A, B trained),
-   each `model(input_ids, labels).loss.backward()`, AdamW step, zero_grad, on one batch; time per step and peak;
+   `--lorasb-rank` (B, R, A from step 2; only R trained), of the limit (the same forward and backward with every
+   weight frozen and no adapter: what any adapter's step costs at least) and of PEFT LoRA at `--lora-rank`
+   (A, B trained), each `model(input_ids, labels).loss.backward()`, AdamW step, zero_grad, on one batch; time
+   per step and peak; LoRA-SB / limit and PEFT LoRA / limit are the adapters' overheads;
 4. the plan: `lorasb_cli.plan` (meta device, from the config alone) against the measured peaks.
 
 Peaks are `torch.cuda.max_memory_allocated` (tensor bytes, weights included) reset before each phase. The
@@ -118,12 +120,13 @@ def make_batches(args: argparse.Namespace, vocab: int, device: torch.device) -> 
 def train_steps(model, batch: dict[str, torch.Tensor], steps: int, clock: Clock, memory: Memory) -> dict:
     """One warm-up step (allocates AdamW's state), then `steps` timed steps; the peak covers all of them."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step() -> None:
         model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     memory.reset()
     step()
@@ -205,8 +208,20 @@ def decompose_phase(sums: dict[str, torch.Tensor], modules: list[str], args: arg
     return factors, clock.now() - start
 
 
+def limit_steps(model, batch, steps: int, clock: Clock, memory: Memory) -> dict:
+    """The physical limit of an adapter's step: forward and backward through every layer with every weight frozen
+    and no adapter. The embeddings' output asks for a gradient, so backward computes every activation gradient an
+    adapter's step needs and no weight gradient."""
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    try:
+        return train_steps(model, batch, steps, clock, memory)
+    finally:
+        hook.remove()
+
+
 def train_phase(model, modules: list[str], batch, args: argparse.Namespace, clock: Clock, memory: Memory, log):
-    """3. train steps on the same base: LoRA-SB (already injected) at --lorasb-rank, then PEFT LoRA at --lora-rank."""
+    """3. train steps on the same base: LoRA-SB (already injected) at --lorasb-rank, the limit (no adapter, every
+    weight frozen), then PEFT LoRA at --lora-rank."""
     from peft import LoraConfig, get_peft_model
 
     from lorasb_cli import adapter
@@ -216,12 +231,14 @@ def train_phase(model, modules: list[str], batch, args: argparse.Namespace, cloc
     model.requires_grad_(False)
     gc.collect()
     log(f"LoRA-SB step: {lorasb['seconds']:.2f} s")
+    limit = limit_steps(model, batch, args.steps, clock, memory)
+    log(f"limit step: {limit['seconds']:.2f} s")
     peft_model = get_peft_model(
         model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=modules, lora_dropout=0.0)
     )
     lora = train_steps(peft_model, batch, args.steps, clock, memory)
     log(f"PEFT LoRA step: {lora['seconds']:.2f} s")
-    return lorasb, lora
+    return lorasb, limit, lora
 
 
 def run(args: argparse.Namespace, device: torch.device) -> str:
@@ -256,7 +273,7 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
     model.train()
     adapter.inject(model, factors)
     del factors
-    lorasb, lora = train_phase(model, modules, batches[0], args, clock, memory, log)
+    lorasb, limit, lora = train_phase(model, modules, batches[0], args, clock, memory, log)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     minutes = (time.perf_counter() - started) / 60
@@ -266,7 +283,13 @@ def run(args: argparse.Namespace, device: torch.device) -> str:
         facts,
         planned_estimate,
         planned_train,
-        {"estimate": (estimate_seconds, estimate_peak), "decompose": decompose_seconds, "lorasb": lorasb, "lora": lora},
+        {
+            "estimate": (estimate_seconds, estimate_peak),
+            "decompose": decompose_seconds,
+            "lorasb": lorasb,
+            "limit": limit,
+            "lora": lora,
+        },
         minutes,
     )
 
@@ -308,13 +331,21 @@ def phase_table(args, facts, planned_estimate, planned_train, measured: dict) ->
                 gib(planned_train.total),
                 ratio(planned_train.total, sb["peak"]),
             ],
+            [
+                "train step: limit (no adapter, every weight frozen)",
+                f"{measured['limit']['seconds']:.3f}",
+                gib(measured["limit"]["peak"]),
+                "",
+                "",
+            ],
             [f"train step: PEFT LoRA r={args.lora_rank}", f"{lora['seconds']:.3f}", gib(lora["peak"]), "", ""],
         ],
     )
 
 
-def versus_table(args, sb: dict, lora: dict) -> str:
-    """LoRA-SB's train step against PEFT LoRA's: trainable parameters, step time, peak."""
+def versus_table(args, sb: dict, limit: dict, lora: dict) -> str:
+    """LoRA-SB's train step against PEFT LoRA's: trainable parameters, step time, peak; each step against the
+    limit."""
     counts = (
         f"{sb['trainable']:,} / {lora['trainable']:,} = {sb['trainable'] / lora['trainable']:.4f} "
         f"({lora['trainable'] / sb['trainable']:.1f}× fewer)"
@@ -325,13 +356,15 @@ def versus_table(args, sb: dict, lora: dict) -> str:
             ["trainable parameters", counts],
             ["step time (median)", ratio(sb["seconds"], lora["seconds"])],
             ["peak memory", ratio(sb["peak"], lora["peak"])],
+            ["LoRA-SB step / limit", ratio(sb["seconds"], limit["seconds"])],
+            ["PEFT LoRA step / limit", ratio(lora["seconds"], limit["seconds"])],
         ],
     )
 
 
 def report(args, device_name: str, facts, planned_estimate, planned_train, measured: dict, minutes: float) -> str:
     stages = phase_table(args, facts, planned_estimate, planned_train, measured)
-    versus = versus_table(args, measured["lorasb"], measured["lora"])
+    versus = versus_table(args, measured["lorasb"], measured["limit"], measured["lora"])
     items = "; ".join(f"{i.what} {i.bytes / GIB:.2f}" for i in planned_estimate.items)
     return (
         f"# 7B-shaped figures on {device_name}\n\n"

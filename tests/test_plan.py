@@ -367,9 +367,11 @@ def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape():
         "estimate: 4 samples × 16 tokens",
         "decompose: truncated SVD of 14 updates at r=8",
         "train step: LoRA-SB r=8",
+        "train step: limit (no adapter, every weight frozen)",
         "train step: PEFT LoRA r=4",
     ):
         assert phase in out
+    assert "| LoRA-SB step / limit |" in out and "| PEFT LoRA step / limit |" in out
     # LoRA-SB trains r² per target, PEFT LoRA r·(m + n): the trainable counts of the 2 × 7 targets are exact.
     shapes = {
         "q": (128, 128),
