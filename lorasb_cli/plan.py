@@ -22,6 +22,7 @@ Measured against these on SmolLM2 (benchmarks/estimate.py) and on a Mistral-7B-s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ from . import models
 from .configs import ACCUMULATE_ON
 from .errors import BadInputError
 from .options import MAX_LENGTH
+
+log = logging.getLogger("lorasb")
 
 GIB = 2**30
 ACCUMULATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -290,17 +293,53 @@ def model_facts(
     trust_remote_code: bool = False,
 ) -> ModelFacts:
     """Sizes of the model at `dtype`, its targets, and the activations of estimate and (`train`) of a LoRA-SB
-    train step at batch_size × max_length: meta forwards, no weights read."""
+    train step at batch_size × max_length: meta forwards, no weights read.
+
+    The trace takes seconds (4.5 s of SmolLM2's start) and depends only on the config and the arguments, so it is
+    kept under `$LORASB_HOME/plans/`, keyed by the config's content, the arguments, the torch and transformers
+    versions and this trace's code; a model's own code (`trust_remote_code`) is traced every time."""
+    arguments = {
+        "targets": targets,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "rank": rank,
+        "dtype": str(dtype),
+        "head": head,
+        "train": train,
+    }
+    cache = None if trust_remote_code else _trace_cache_path(ref, arguments)
+    traced = _read_trace(cache)
+    if traced is None:
+        traced = _trace(ref, targets, batch_size, max_length, rank, dtype, head, train, trust_remote_code)
+        _write_trace(cache, traced)
+    shard, source = _largest_shard(ref, traced["weight_bytes"])
+    return ModelFacts(
+        model=ref.id,
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=traced["parameters"],
+        weight_bytes=traced["weight_bytes"],
+        targets={name: tuple(shape) for name, shape in traced["targets"].items()},
+        batch_size=batch_size,
+        max_length=max_length,
+        rank=rank,
+        estimate_activations=traced["estimate_activations"],
+        train_activations=traced["train_activations"],
+        logits_entries=traced["logits_entries"],
+        largest_shard_bytes=shard,
+        shard_source=source,
+        itemsize=dtype.itemsize,
+    )
+
+
+def _trace(ref, targets, batch_size, max_length, rank, dtype, head, train, trust_remote_code) -> dict:
+    """The meta forwards behind `model_facts`: sizes and activation bytes, as JSON-ready values."""
     from . import adapter
 
     model = meta_model(ref, dtype=dtype, head=head, trust_remote_code=trust_remote_code)
     modules = models.resolve_targets(model, targets)
     shapes = models.target_shapes(model, modules)
     unique = {_storage_key(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights once
-    weight_bytes = sum(t.untyped_storage().nbytes() for t in unique.values())
-    parameters = sum(p.numel() for p in model.parameters())
     estimate_activations, logits = activation_bytes(model, batch_size, max_length, targets=modules)
-
     train_activations = 0
     if train:
         factors = {}
@@ -310,23 +349,63 @@ def model_facts(
         adapter.inject(model, factors)
         model.train()
         train_activations, _ = activation_bytes(model, batch_size, max_length, mode="train")
-    shard, source = _largest_shard(ref, weight_bytes)
-    return ModelFacts(
-        model=ref.id,
-        dtype=str(dtype).removeprefix("torch."),
-        parameters=parameters,
-        weight_bytes=weight_bytes,
-        targets=shapes,
-        batch_size=batch_size,
-        max_length=max_length,
-        rank=rank,
-        estimate_activations=estimate_activations,
-        train_activations=train_activations,
-        logits_entries=logits,
-        largest_shard_bytes=shard,
-        shard_source=source,
-        itemsize=dtype.itemsize,
-    )
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weight_bytes": sum(t.untyped_storage().nbytes() for t in unique.values()),
+        "targets": shapes,
+        "estimate_activations": estimate_activations,
+        "train_activations": train_activations,
+        "logits_entries": logits,
+    }
+
+
+def _trace_cache_path(ref: models.ModelRef, arguments: dict) -> Path:
+    """`$LORASB_HOME/plans/<sha256>.json` for this config (its content, not its path) and these arguments."""
+    import hashlib
+    import json
+
+    import transformers
+
+    from .bundled import cache_home
+
+    config = models.model_config(ref).to_dict()
+    config.pop("_name_or_path", None)
+    here = Path(__file__).resolve().parent
+    code = hashlib.sha256(b"".join((here / name).read_bytes() for name in ("plan.py", "adapter.py"))).hexdigest()
+    key = {
+        "config": config,
+        "arguments": arguments,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "code": code,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_home() / "plans" / f"{digest[:32]}.json"
+
+
+def _read_trace(path: Path | None) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    except (OSError, ValueError):  # a damaged cache entry is traced again and rewritten
+        return None
+
+
+def _write_trace(path: Path | None, traced: dict) -> None:
+    """Best effort: a cache that cannot be written (read-only home, full disk) only costs the next run the trace."""
+    import json
+
+    from .artifacts import atomic_path
+
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(traced))
+    except (OSError, BadInputError):  # a storage error: see the docstring
+        log.debug("could not cache the plan's trace at %s", path, exc_info=True)
 
 
 def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:

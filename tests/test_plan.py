@@ -384,3 +384,36 @@ def test_gpu_benchmark_runs_its_code_paths_on_cpu_with_a_tiny_shape():
     }
     lora = 2 * sum(4 * (m + n) for m, n in shapes.values())
     assert f"| trainable parameters | {2 * 7 * 64:,} / {lora:,} =" in out
+
+
+# --- the trace is cached under $LORASB_HOME (issue 31 item 3) -------------------------------------------------
+
+
+def test_the_trace_is_cached_per_config_and_traced_again_when_the_config_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASB_HOME", str(tmp_path / "home"))
+    traced = []
+    trace = plan._trace
+    monkeypatch.setattr(plan, "_trace", lambda *a: traced.append(a) or trace(*a))
+    model, _ = make_llama(hidden=64, layers=2)
+    first = plan.model_facts(_config_only(model, tmp_path / "a"), batch_size=2, max_length=16, dtype=torch.float32)
+    # The same config in another folder (another machine's path): no second trace, the same facts but the id.
+    again = plan.model_facts(_config_only(model, tmp_path / "b"), batch_size=2, max_length=16, dtype=torch.float32)
+    assert len(traced) == 1 and len(list((tmp_path / "home" / "plans").iterdir())) == 1
+    assert dataclasses.replace(again, model=first.model) == first
+    # Another length is another trace; so is another config.
+    longer = plan.model_facts(_config_only(model, tmp_path / "a"), batch_size=2, max_length=32, dtype=torch.float32)
+    assert len(traced) == 2 and longer.estimate_activations > first.estimate_activations
+    three_layers, _ = make_llama(hidden=64, layers=3)
+    deeper = plan.model_facts(_config_only(three_layers, tmp_path / "c"), batch_size=2, max_length=16, dtype=torch.float32)
+    assert len(traced) == 3 and len(deeper.targets) == len(first.targets) * 3 // 2
+
+
+def test_a_damaged_cache_entry_is_traced_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASB_HOME", str(tmp_path / "home"))
+    model, _ = make_llama(hidden=64, layers=2)
+    ref = _config_only(model, tmp_path / "a")
+    first = plan.model_facts(ref, batch_size=2, max_length=16, dtype=torch.float32)
+    (entry,) = (tmp_path / "home" / "plans").iterdir()
+    entry.write_text("{")
+    assert plan.model_facts(ref, batch_size=2, max_length=16, dtype=torch.float32) == first
+    assert json.loads(entry.read_text())["parameters"] == first.parameters
