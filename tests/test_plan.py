@@ -404,7 +404,9 @@ def test_the_trace_is_cached_per_config_and_traced_again_when_the_config_changes
     longer = plan.model_facts(_config_only(model, tmp_path / "a"), batch_size=2, max_length=32, dtype=torch.float32)
     assert len(traced) == 2 and longer.estimate_activations > first.estimate_activations
     three_layers, _ = make_llama(hidden=64, layers=3)
-    deeper = plan.model_facts(_config_only(three_layers, tmp_path / "c"), batch_size=2, max_length=16, dtype=torch.float32)
+    deeper = plan.model_facts(
+        _config_only(three_layers, tmp_path / "c"), batch_size=2, max_length=16, dtype=torch.float32
+    )
     assert len(traced) == 3 and len(deeper.targets) == len(first.targets) * 3 // 2
 
 
