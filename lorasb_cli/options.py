@@ -233,16 +233,9 @@ class ModelOptions(Declared):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataOptions(Declared):
-    """Where rows come from and how they are batched: every command that reads data."""
+class TemplateOptions(Declared):
+    """How prompts are rendered: every command that reads prompts."""
 
-    data: str | None = option(
-        "--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."
-    )
-    split: str | None = option(default="train", help="Split of a hub or built-in data set.")
-    data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
-    fields: str | None = option(help="Columns named otherwise: prompt=COL,response=COL,label=COL.")
-    size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in data set (lorasb data list).")
     template: str = option(
         default="auto",
         help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
@@ -253,6 +246,19 @@ class DataOptions(Declared):
         help="Chat template: the system turn of rows without one [default: the one every training row opens with, "
         "else the tokenizer's own].",
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions(TemplateOptions):
+    """Where rows come from and how they are batched: every command that reads data."""
+
+    data: str | None = option(
+        "--data", "-d", required=True, help="Local .jsonl/.json/.csv/.parquet file or hub data set."
+    )
+    split: str | None = option(default="train", help="Split of a hub or built-in data set.")
+    data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
+    fields: str | None = option(help="Columns named otherwise: prompt=COL,response=COL,label=COL.")
+    size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in data set (lorasb data list).")
     batch_size: int = option(default=8, range=AT_LEAST_1, help="Samples per forward pass.")
     max_length: int | None = option(
         type=int,
