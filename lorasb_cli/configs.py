@@ -36,6 +36,7 @@ from .options import (
     force_template,
     option,
 )
+from .tasks import MAX_NEW_TOKENS
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
 DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
@@ -333,3 +334,32 @@ class EvaluateConfig(DataOptions, AppliedOptions):
     scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
     seed: int = option(default=0, range=SEED, help="Seed (decoding is greedy).")
     out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(AppliedOptions):
+    """`lorasb generate`'s options: the model and adapter group, prompted as evaluate prompts, then its own. The
+    prompts come from `--prompt`, else `--file`, else stdin (lorasb_cli/generate.py reads them)."""
+
+    prompt: tuple[str, ...] = option("--prompt", "-p", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+    file: str | None = option(
+        metavar="FILE",
+        help="Prompts from a file: .jsonl rows with a 'prompt' field, any other file one prompt per line.",
+    )
+    task: str | None = option(
+        "--task",
+        "-t",
+        help="Answer as evaluate --task does: its stop strings and generation length; auto picks the template from "
+        "its fields.",
+    )
+    stop: tuple[str, ...] = option(
+        multiple=True, metavar="TEXT", help="Also stop at this string (repeatable); it is not printed."
+    )
+    max_new_tokens: int | None = option(
+        type=int, range=AT_LEAST_1, help="Generation length.", show_default=f"the task's, else {MAX_NEW_TOKENS}"
+    )
+    temperature: float = option(default=0.0, range=NON_NEGATIVE, help="0: greedy; above 0: sample at this temperature.")
+    top_p: float = option(
+        default=1.0, range=FRACTION, help="Sample from the most likely tokens whose probability adds up to P."
+    )
+    seed: int = option(default=0, range=SEED, help="Seed of sampling: the same seed gives the same completions.")

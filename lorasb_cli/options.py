@@ -92,11 +92,14 @@ def option(
     metavar: str | None = None,
     show_default: bool | str | None = None,
     range: Range | None = None,
+    multiple: bool = False,
 ):
     """A dataclass field that is also a click option; `decls` default to `--field-name`; `range`: the values a
-    number may take."""
+    number may take; `multiple`: the option may be given again, its values a tuple (default empty)."""
+    if multiple:
+        default, show_default, type = (), False, type or str
     spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
-    spec["range"] = range
+    spec["range"], spec["multiple"] = range, multiple
     spec["show_default"] = show_default if show_default is not None else default is not None and not flag
     # A required option has no default in the dataclass either: a config built in Python must name it too.
     missing = required and default is None
@@ -125,6 +128,8 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     if spec.get("range") is not None:
         kind = spec["range"].click_type(kind)
     extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
+    if spec.get("multiple"):
+        extra["multiple"] = True
     help_text, show_default = spec["help"], spec["show_default"]
     if plugin:
         if default is not None and show_default:
