@@ -1,6 +1,7 @@
 """The `lorasb` command: one click group, thin commands that parse options, call a stage function, report.
 
-stdout carries only the path a stage wrote (or JSON with --json); logs, tables and progress go to stderr.
+stdout carries only the path a stage wrote (or JSON with --json), except `generate`'s, whose output is its
+completions; logs, tables and progress go to stderr.
 Exit status: 0 success, 2 bad usage or input, 1 failure while running.
 """
 
@@ -394,6 +395,37 @@ def evaluate(config, as_json, quiet):
     report(
         summary.path, {"count": summary.count, "metrics": summary.metrics, "predictions": summary.predictions}, as_json
     )
+
+
+@cli.command(
+    cls=ConfigCommand,
+    config=configs.GenerateConfig,
+    context_settings=CONTEXT,
+    epilog="""\b
+Examples:
+  lorasb generate -m smollm2-135m --adapter run/ --prompt "What is 12 plus 30?"
+  lorasb generate -m merged/ --task gsm8k --file questions.jsonl --json > answers.jsonl
+  printf 'What is 2 plus 2?\\nWhat is 3 times 4?\\n' | lorasb generate -m smollm2-135m --template-of run/
+  lorasb generate -m smollm2-135m --template chat -p "Tell a joke." --temperature 0.8 --top-p 0.95 --seed 1
+
+\b
+stdout carries only the completions, one per prompt (streamed as they are generated when stdout is a
+terminal); --json: one {"prompt": ..., "completion": ...} line per prompt. The template and its source go
+to stderr, as evaluate prints them.""",
+)
+@common_options
+def generate(config, as_json, quiet):
+    """Answer prompts with a model, model + adapter or merged model, prompted exactly as evaluate prompts them."""
+    from .generate import generate as run_generate
+    from .generate import read_prompts
+
+    prompts = read_prompts(config, sys.stdin)  # before any model loads: a bad input costs nothing
+    stream = sys.stdout if sys.stdout.isatty() and not as_json else None
+    for done in run_generate(config, prompts, stream):
+        if as_json:
+            click.echo(json.dumps({"prompt": done.prompt, "completion": done.completion}))
+        else:
+            click.echo("" if stream is not None else done.completion)  # a streamed completion is written already
 
 
 @cli.command(

@@ -28,6 +28,7 @@ from .options import (
     ModelOptions,
     PluginConfig,
     Range,
+    TemplateOptions,
     TrainingDataOptions,
     allow_unverified,
     argument,
@@ -35,6 +36,7 @@ from .options import (
     force_template,
     option,
 )
+from .tasks import MAX_NEW_TOKENS
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
 DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
@@ -288,22 +290,12 @@ class MergeConfig(Declared):
     out: str = option("-o", "--out", required=True, help="Output directory.")
 
 
-# evaluate --max-length when not given (a prompt and its generated answer), capped at the model's limit
-EVALUATE_MAX_LENGTH = 1024
-
-
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(DataOptions, ModelOptions):
-    """`lorasb evaluate`'s options: the model and data groups (the data defaulting to the task's), then its own."""
+class AppliedOptions(TemplateOptions, ModelOptions):
+    """A model, an adapter applied to it unmerged, and how they are prompted (lorasb_cli/generation.py): evaluate
+    and generate."""
 
-    adapter: str | None = option("--adapter", "-a", help="Adapter directory (lorasb train -o) to evaluate unmerged.")
-    task: str = option(
-        "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
-    )
-    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
-    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
-    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
-    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
+    adapter: str | None = option("--adapter", "-a", help="Adapter directory (lorasb train -o), applied unmerged.")
     force_template: bool = force_template()
     force_base: bool = force_base()
     allow_unverified: bool = allow_unverified()
@@ -312,6 +304,24 @@ class EvaluateConfig(DataOptions, ModelOptions):
         help="Prompt as this adapter (lorasb train -o), factors file or merged model is prompted: its template and "
         "system prompt. Scores a base model the way its fine-tuned model is scored, so before and after compare.",
     )
+
+
+# evaluate --max-length when not given (a prompt and its generated answer), capped at the model's limit
+EVALUATE_MAX_LENGTH = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(DataOptions, AppliedOptions):
+    """`lorasb evaluate`'s options: the model, adapter and data groups (the data defaulting to the task's), then its
+    own."""
+
+    task: str = option(
+        "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
+    )
+    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
+    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
+    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
+    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
     limit: int | None = option(type=int, range=AT_LEAST_1, help="Evaluate the first N examples only.")
     batch_size: int = option(default=8, range=AT_LEAST_1, help="Examples per batch.")
     max_new_tokens: int | None = option(type=int, range=AT_LEAST_1, help="Generation length [default: the task's].")
@@ -324,3 +334,32 @@ class EvaluateConfig(DataOptions, ModelOptions):
     scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
     seed: int = option(default=0, range=SEED, help="Seed (decoding is greedy).")
     out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(AppliedOptions):
+    """`lorasb generate`'s options: the model and adapter group, prompted as evaluate prompts, then its own. The
+    prompts come from `--prompt`, else `--file`, else stdin (lorasb_cli/generate.py reads them)."""
+
+    prompt: tuple[str, ...] = option("--prompt", "-p", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+    file: str | None = option(
+        metavar="FILE",
+        help="Prompts from a file: .jsonl rows with a 'prompt' field, any other file one prompt per line.",
+    )
+    task: str | None = option(
+        "--task",
+        "-t",
+        help="Answer as evaluate --task does: its stop strings and generation length; auto picks the template from "
+        "its fields.",
+    )
+    stop: tuple[str, ...] = option(
+        multiple=True, metavar="TEXT", help="Also stop at this string (repeatable); it is not printed."
+    )
+    max_new_tokens: int | None = option(
+        type=int, range=AT_LEAST_1, help="Generation length.", show_default=f"the task's, else {MAX_NEW_TOKENS}"
+    )
+    temperature: float = option(default=0.0, range=NON_NEGATIVE, help="0: greedy; above 0: sample at this temperature.")
+    top_p: float = option(
+        default=1.0, range=FRACTION, help="Sample from the most likely tokens whose probability adds up to P."
+    )
+    seed: int = option(default=0, range=SEED, help="Seed of sampling: the same seed gives the same completions.")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, templates
+from . import adapter, artifacts, data, generation, models, templates
 from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
 from .tasks import Task, get_task
@@ -63,70 +63,14 @@ def load_task_rows(config: EvaluateConfig, task: Task) -> tuple[Sequence[dict], 
     return rows, dataset.source
 
 
-@dataclass(frozen=True)
-class Prompting:
-    """How evaluate renders prompts: the template, the chat system prompt, and where they came from."""
-
-    template: str
-    system_prompt: str | None
-    source: str  # e.g. "recorded in the adapter run/", "picked from the fields answer, question"
-
-
-def resolve_prompting(config: EvaluateConfig, columns: Sequence[str], saved: adapter.Adapter | None) -> Prompting:
-    """The template and system prompt that the adapter, the merged model or `--template-of` recorded, unless
-    `--template` names another template (an error without `--force-template`); `auto` otherwise picks from the
-    fields. `--system-prompt` replaces a recorded system prompt."""
-    if config.template_of and config.adapter:
-        raise BadInputError(
-            "--template-of prompts a model as another adapter is prompted; --adapter brings its own template",
-            hint="drop --template-of",
-        )
-    if config.template_of:
-        recorded, where = recorded_prompting(config.template_of), f"recorded in {config.template_of} (--template-of)"
-    elif saved is not None:
-        recorded, where = saved.config.get("data") or {}, f"recorded in the adapter {config.adapter}"
-    else:
-        model_dir = Path(models.resolve_model(config.model).path)  # a hub id records nothing lorasb wrote
-        recorded, where = (
-            recorded_prompting(str(model_dir)) if model_dir.is_dir() else {},
-            "recorded in the merged model",
-        )
-    if config.template == "auto" and recorded.get("template") is not None:
-        template, source = recorded["template"], where
-    else:
-        template = templates.resolve(config.template, columns)
-        templates.check_same(recorded.get("template"), template, "training", force=config.force_template)
-        source = "--template" if config.template != "auto" else f"picked from the fields {', '.join(sorted(columns))}"
-    if config.system_prompt is None:
-        system_prompt = recorded.get("system_prompt") if template == "chat" else None
-    else:
-        system_prompt = templates.system_prompt(config.system_prompt, template, ())
-        if recorded.get("system_prompt") not in (None, system_prompt):
-            log.warning("--system-prompt replaces the system prompt training used, %r", recorded["system_prompt"])
-    return Prompting(template, system_prompt, source)
-
-
-def recorded_prompting(path: str) -> dict:
-    """The data provenance (`template`, `system_prompt`) that an adapter directory, a factors file or a merged
-    model records; {} for a model lorasb did not write."""
-    folder = Path(path)
-    file = folder / adapter.ADAPTER_FILE if folder.is_dir() else folder
-    if file.is_file():
-        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.get("data") or {}
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise BadInputError(
-            "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
-        )
-    return artifacts.merged_from(folder)
-
-
 def load_for_task(
     config: EvaluateConfig, task: Task, scoring: str, saved: adapter.Adapter | None
 ) -> tuple[nn.Module, object]:
-    """The model, with the adapter `saved` injected unmerged."""
-    ref = models.resolve_model(config.model)
+    """The model, with the adapter `saved` injected unmerged; a classifying task needs a sequence-classification
+    model (or an adapter that brings its head)."""
     head = "sequence-classification" if scoring == "classify" else "causal-lm"
     if head == "sequence-classification":
+        ref = models.resolve_model(config.model)
         arch = models.architectures(ref, trust_remote_code=config.trust_remote_code)
         has_head = any("SequenceClassification" in a for a in arch) or (saved is not None and saved.extra)
         if not has_head:
@@ -136,29 +80,7 @@ def load_for_task(
                 hint="train one with --format classification (AutoModelForSequenceClassification), or pick a "
                 "generation task",
             )
-    if saved is not None:
-        shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
-        saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
-        what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
-        models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=config.force_base)
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
-    labels = saved.config.get("labels") if saved is not None else None
-    model, tokenizer = models.load_model(
-        ref,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=config.trust_remote_code,
-        head=head,
-        labels=labels,
-        allow_pickle=config.allow_pickle,
-    )
-    if saved is None:
-        return model, tokenizer
-    adapter.inject(model, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
-    adapter.load_extra(model, saved.extra, trainable=False)
-    model.eval()
-    return model, tokenizer
+    return generation.load_applied(config, saved, head)
 
 
 @artifacts.honours_allow_unverified
@@ -174,17 +96,12 @@ def evaluate(
     rows, source = load_task_rows(config, task)
     saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
     prompting = (
-        resolve_prompting(config, list(rows[0]), saved)
+        generation.resolve_prompting(config, list(rows[0]), saved)
         if answerer is None
-        else Prompting(templates.resolve(config.template, list(rows[0])), None, "a scripted answerer")
+        else generation.Prompting(templates.resolve(config.template, list(rows[0])), None, "a scripted answerer")
     )
     if task.scoring != "classify":  # a classifier reads rows as they are: no template
-        log.info(
-            "template: %s (%s)%s",
-            prompting.template,
-            prompting.source,
-            f", system prompt {templates.shorten(prompting.system_prompt)!r}" if prompting.system_prompt else "",
-        )
+        log.info("%s", prompting.describe())
     if answerer is None:
         ref = models.resolve_model(config.model)
         max_length = models.fit_max_length(

@@ -92,11 +92,14 @@ def option(
     metavar: str | None = None,
     show_default: bool | str | None = None,
     range: Range | None = None,
+    multiple: bool = False,
 ):
     """A dataclass field that is also a click option; `decls` default to `--field-name`; `range`: the values a
-    number may take."""
+    number may take; `multiple`: the option may be given again, its values a tuple (default empty)."""
+    if multiple:
+        default, show_default, type = (), False, type or str
     spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
-    spec["range"] = range
+    spec["range"], spec["multiple"] = range, multiple
     spec["show_default"] = show_default if show_default is not None else default is not None and not flag
     # A required option has no default in the dataclass either: a config built in Python must name it too.
     missing = required and default is None
@@ -125,6 +128,8 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     if spec.get("range") is not None:
         kind = spec["range"].click_type(kind)
     extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
+    if spec.get("multiple"):
+        extra["multiple"] = True
     help_text, show_default = spec["help"], spec["show_default"]
     if plugin:
         if default is not None and show_default:
@@ -233,7 +238,23 @@ class ModelOptions(Declared):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataOptions(Declared):
+class TemplateOptions(Declared):
+    """How prompts are rendered: every command that reads prompts."""
+
+    template: str = option(
+        default="auto",
+        help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
+        "messages: chat; instruction styles: alpaca).",
+    )
+    system_prompt: str | None = option(
+        metavar="TEXT",
+        help="Chat template: the system turn of rows without one [default: the one every training row opens with, "
+        "else the tokenizer's own].",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions(TemplateOptions):
     """Where rows come from and how they are batched: every command that reads data."""
 
     data: str | None = option(
@@ -247,16 +268,6 @@ class DataOptions(Declared):
     data_config: str | None = option(help="Configuration of a hub data set (e.g. main, sst2).")
     fields: str | None = option(help="Columns named otherwise: prompt=COL,response=COL,label=COL.")
     size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in data set (lorasb data list).")
-    template: str = option(
-        default="auto",
-        help="Prompt template of prompt-response rows: plain, alpaca, chat, or auto (prompt/completion: plain; "
-        "messages: chat; instruction styles: alpaca).",
-    )
-    system_prompt: str | None = option(
-        metavar="TEXT",
-        help="Chat template: the system turn of rows without one [default: the one every training row opens with, "
-        "else the tokenizer's own].",
-    )
     batch_size: int = option(default=8, range=AT_LEAST_1, help="Samples per forward pass.")
     max_length: int | None = option(
         type=int,

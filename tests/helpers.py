@@ -171,3 +171,28 @@ def train_config(model, data, out, **overrides):
     settings = {"model": model, "data": data, "out": out, "max_steps": 8, "batch_size": 4, "lr": 5e-2}
     settings |= {"save_steps": 2, "seed": 0} | overrides
     return train.TrainConfig.from_options(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+
+
+def random_r_adapter(factors_file: Path, run_dir: Path) -> Path:
+    """An adapter directory of `factors_file`'s B and A with a random non-symmetric R (seed 0) large enough to change
+    the model's outputs, as a trained one would."""
+    from lorasb_cli import adapter, artifacts
+
+    loaded = artifacts.load_factors(str(factors_file))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (lora_B, _, lora_A) in loaded.factors.items():
+        rank = lora_B.shape[1]
+        tensors |= {
+            f"{module}.lora_B": lora_B,
+            f"{module}.lora_R": torch.randn(rank, rank, generator=generator) * 2,
+            f"{module}.lora_A": lora_A,
+        }
+    config = {
+        "base_model": loaded.config["base_model"],
+        "targets": "all-linear",
+        "rank": rank,
+        "scale": 1.0,
+        "method": "lorasb",
+    }
+    return adapter.save_adapter(run_dir, tensors, config)

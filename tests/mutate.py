@@ -290,18 +290,18 @@ MUTATIONS = (
         "MATH takes the last \\boxed{}",
         ("tests/test_tasks.py",),
     ),
-    # ---- tasks/runner: generation, loglik and classification on a model
+    # ---- generation and tasks/runner: generation, loglik and classification on a model
     Mutation(
         "generate-pads-right",
-        "lorasb_cli/tasks/runner.py",
-        'self.tokenizer.padding_side = "left"',
-        'self.tokenizer.padding_side = "right"',
+        "lorasb_cli/generation.py",
+        'tokenizer.padding_side = "left"',
+        'tokenizer.padding_side = "right"',
         "batched prompts answer as one at a time (the issue's third survivor)",
         ("tests/test_evaluate.py", "tests/test_templates.py", "tests/test_mistral.py", REF),
     ),
     Mutation(
         "generate-returns-length-order",
-        "lorasb_cli/tasks/runner.py",
+        "lorasb_cli/generation.py",
         "return [outputs[i] for i in range(len(prompts))]",
         "return list(outputs.values())",
         "answers come back in the prompts' order",
@@ -329,8 +329,8 @@ MUTATIONS = (
     ),
     Mutation(
         "evaluate-ignores-recorded-template",
-        "lorasb_cli/evaluate.py",
-        'templates.check_same(recorded.get("template"), template, "training", force=config.force_template)',
+        "lorasb_cli/generation.py",
+        'templates.check_same(recorded.get("template"), template, "training", force=options.force_template)',
         'templates.check_same(recorded.get("template"), template, "training", force=True)',
         "evaluate refuses another template than the adapter's unless --force-template",
         ("tests/test_evaluate.py", "tests/test_templates.py"),

@@ -34,6 +34,7 @@ def test_the_stages_are_exactly_the_commands():
         "train",
         "merge",
         "evaluate",
+        "generate",
         "compare",
         "inspect",
         "data",
@@ -279,7 +280,9 @@ def test_the_group_help_imports_no_stage():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", ["estimate", "combine", "decompose", "train", "merge", "evaluate", "compare"])
+@pytest.mark.parametrize(
+    "command", ["estimate", "combine", "decompose", "train", "merge", "evaluate", "generate", "compare"]
+)
 def test_every_config_field_is_one_option_of_its_command(command):
     from lorasb_cli import options
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from helpers import QA_ROWS, make_llama, write_jsonl
+from helpers import QA_ROWS, make_llama, random_r_adapter, write_jsonl
 
-from lorasb_cli import adapter, artifacts, evaluate
+from lorasb_cli import evaluate
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.merge import MergeConfig, merge
 from lorasb_cli.tasks import get_task, runner
@@ -132,25 +132,7 @@ def test_classification_task_on_a_causal_lm_names_the_auto_class(tiny_model_dir,
 
 @pytest.fixture(scope="module")
 def trained_like_adapter(factors_file, tmp_path_factory):
-    """An adapter whose R is a random non-symmetric matrix large enough to change the model's outputs."""
-    folder = tmp_path_factory.mktemp("adapter")
-    loaded = artifacts.load_factors(str(factors_file))
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for module, (lora_B, _, lora_A) in loaded.factors.items():
-        tensors |= {
-            f"{module}.lora_B": lora_B,
-            f"{module}.lora_R": torch.randn(4, 4, generator=generator) * 2,
-            f"{module}.lora_A": lora_A,
-        }
-    config = {
-        "base_model": loaded.config["base_model"],
-        "targets": "all-linear",
-        "rank": 4,
-        "scale": 1.0,
-        "method": "lorasb",
-    }
-    return adapter.save_adapter(folder / "run", tensors, config)
+    return random_r_adapter(factors_file, tmp_path_factory.mktemp("adapter") / "run")
 
 
 def test_adapter_and_merged_model_give_identical_predictions(tiny_model_dir, trained_like_adapter, tmp_path):

@@ -112,9 +112,9 @@ class GenerateTask(Task):
 
     def cut(self, output: str) -> str:
         """`output` up to the first of the stop strings (all of it where none occurs)."""
-        for stop in self.stop:
-            output = output.split(stop, 1)[0]
-        return output
+        from ..generation import cut  # torch comes with it: this registry is read by --help (configs.py)
+
+        return cut(output, self.stop)
 
     def judge(self, output: str, reference: str) -> dict:
         """A generated output's record keys: `extracted`, `correct`, and `extracted/N`, `correct/N` per filter N."""

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .. import data, loss, templates
+from .. import data, generation, loss, templates
 from . import MAX_NEW_TOKENS, Task
 
 
@@ -52,40 +52,21 @@ class ModelAnswerer:
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.device = next(model.parameters()).device
 
-    @torch.no_grad()
     def generate(
         self, prompts: Sequence[str], max_new_tokens: int | None = None, stop: Sequence[str] = ()
     ) -> list[str]:
         """Greedy continuations of `prompts`, at most `max_new_tokens` tokens each (the task's, unless the
         answerer's own overrides it). A continuation also ends once it ends with a string of `stop`, which it
         keeps: the task cuts it off."""
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
+        return generation.generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            add_special_tokens=self.template.add_special_tokens,
             max_new_tokens=self.max_new_tokens or max_new_tokens or MAX_NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
-            stop_strings=list(stop) or None,
+            stop=stop,
+            batch_size=self.batch_size,
         )
-        # Stop strings are matched on the tokens' text, so generate needs the tokenizer, and only then.
-        tokenizer = {"tokenizer": self.tokenizer} if stop else {}
-        self.tokenizer.padding_side = "left"  # generation appends on the right: prompts must end together
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-        outputs: dict[int, str] = {}
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            encoded = self.tokenizer(
-                [prompts[i] for i in chunk],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=self.template.add_special_tokens,
-            ).to(self.device)
-            generated = self.model.generate(**encoded, generation_config=config, **tokenizer)
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            for i, text in zip(chunk, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text
-        return [outputs[i] for i in range(len(prompts))]
 
     @torch.no_grad()
     def loglik(self, prompt: str, choices: Sequence[str]) -> list[float]:
