@@ -286,18 +286,19 @@ def decompose(config, as_json, quiet):
 Examples:
   lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl --lr 1e-3 -o run/
   lorasb train --model mistral --factors factors.safetensors --data metamathqa.jsonl -o run/ --resume
-  lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/""",
+  lorasb train --method lora --rank 8 --model mistral --data metamathqa.jsonl --lr 2e-4 -o lora-run/
+  lorasb train ... -o run/ --report-to tensorboard --logging-steps 5   (then: tensorboard --logdir run/logs)""",
 )
 @common_options
 def train(config, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
-    from .console import human_bytes, print_summary, progress_bar
+    from .console import human_bytes, print_summary, train_progress
     from .models import resolve_device
     from .system import peak_memory_label
     from .train import train as run_train
 
-    with progress_bar("train", enabled=not quiet) as progress:
-        summary = run_train(config, progress)
+    with train_progress(enabled=not quiet) as (progress, log_step):
+        summary = run_train(config, progress, log_step=log_step)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
     print_summary(
         "train",
