@@ -103,7 +103,7 @@ def hparams(record: dict) -> dict[str, int | float | str | bool]:
         **record.get("train", {}),
         "method": record.get("method"),
         "rank": record.get("rank"),
-        "lorasb": (record.get("versions") or {}).get("lorasb"),
+        "lorasb_version": (record.get("versions") or {}).get("lorasb"),
     }
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
 

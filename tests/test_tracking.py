@@ -7,12 +7,13 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 from helpers import make_llama, train_config
 
-from lorasb_cli import adapter, cli, methods, models, train
+from lorasb_cli import adapter, cli, methods, models, tracking, train
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.trainer import newest_verified_checkpoint
 
@@ -180,3 +181,32 @@ def test_lora_dropout_is_peft_s_and_acts_in_training_only():
 def test_lora_dropout_is_refused_for_lorasb():
     with pytest.raises(BadInputError, match=r"--lora-dropout applies to --method lora, rslora, dora, .* only"):
         methods.get_method("lorasb").resolve_options({"lora_dropout": 0.1})
+
+
+def test_wandb_and_mlflow_get_the_record_in_their_run_config(monkeypatch):
+    """Stand-ins for the two packages (not installed here): what record_run hands each one's API."""
+    calls = []
+    run = types.SimpleNamespace(config=types.SimpleNamespace(update=lambda *a, **k: calls.append(("wandb", a, k))))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=run))
+    mlflow = types.SimpleNamespace(
+        active_run=lambda: object(),
+        log_params=lambda params: calls.append(("params", params)),
+        log_dict=lambda record, name: calls.append(("dict", record, name)),
+    )
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    record = {"method": "lora", "rank": 4, "train": {"lr": 0.01, "eval_data": None}, "versions": {"lorasb": "0.1.0"}}
+    tracking.record_run(["wandb", "mlflow"], record, [])
+    assert calls == [
+        ("wandb", ({"lorasb": record},), {"allow_val_change": True}),
+        (
+            "params",
+            {
+                "lorasb.lr": 0.01,
+                "lorasb.eval_data": "null",
+                "lorasb.method": "lora",
+                "lorasb.rank": 4,
+                "lorasb.lorasb_version": "0.1.0",
+            },
+        ),
+        ("dict", record, "lorasb.json"),
+    ]
