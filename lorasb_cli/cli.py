@@ -295,6 +295,7 @@ Examples:
   lorasb train --model mistral --factors factors.safetensors --data meta-math/MetaMathQA --lr 1e-3 -o run/
   lorasb train --model mistral --factors factors.safetensors --data meta-math/MetaMathQA -o run/ --resume
   lorasb train --method lora --rank 8 --model mistral --data meta-math/MetaMathQA --lr 2e-4 -o lora-run/
+  lorasb train ... -o run/ --report-to tensorboard --logging-steps 5   (then: tensorboard --logdir run/logs)
 
 \b
 Several processes (DDP: --batch-size per process; rank 0 writes the run):
@@ -304,13 +305,13 @@ Several processes (DDP: --batch-size per process; rank 0 writes the run):
 @common_options
 def train(config, as_json, quiet):
     """Train only the r×r matrices R (B and A frozen), or another --method, and write the adapter directory."""
-    from .console import human_bytes, print_summary, progress_bar
+    from .console import human_bytes, print_summary, train_progress
     from .models import resolve_device
     from .system import peak_memory_label
     from .train import train as run_train
 
-    with progress_bar("train", enabled=not quiet) as progress:
-        summary = run_train(config, progress)
+    with train_progress(enabled=not quiet) as (progress, log_step):
+        summary = run_train(config, progress, log_step=log_step)
     loss = lambda value: "-" if value is None else f"{value:.4f}"
     print_summary(
         "train",

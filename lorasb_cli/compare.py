@@ -281,6 +281,7 @@ def _train_config(out: Path, settings: Settings, cell: Cell, run: Path) -> Train
         warmup_ratio=settings.warmup_ratio,
         seed=cell.seed,
         save_steps=10**9,
+        logging_steps=1,  # loss.png's curves: the loss of every step
     )
 
 

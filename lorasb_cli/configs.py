@@ -37,6 +37,7 @@ from .options import (
     option,
 )
 from .tasks import MAX_NEW_TOKENS
+from .tracking import REPORT_TO
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
 DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
@@ -202,6 +203,11 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     force_template: bool = force_template()
     eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
     lr: float = option(default=1e-3, range=POSITIVE, help="AdamW learning rate.")
+    weight_decay: float = option(
+        default=0.0,
+        range=NON_NEGATIVE,
+        help="AdamW's decoupled weight decay λ: each step p ← p − lr·λ·p (the Trainer's AdamW skips biases and norms).",
+    )
     epochs: float = option(default=1.0, range=POSITIVE, help="Passes over --data.")
     max_steps: int = option(default=-1, range=Range(-1), help="Optimizer steps; overrides --epochs (-1: none).")
     grad_accum: int = option(default=1, range=AT_LEAST_1, help="Batches per optimizer step.")
@@ -212,6 +218,18 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
         flag=True, default=False, help="Recompute activations in backward to save memory."
     )
     save_steps: int = option(default=500, range=AT_LEAST_1, help="Checkpoint every N steps.")
+    logging_steps: int = option(
+        default=10,
+        range=AT_LEAST_1,
+        help="Log the mean loss, lr and grad-norm every N steps and at the last (metrics.json, --report-to; a "
+        "line on stderr when it is not a terminal).",
+    )
+    report_to: str = option(
+        type=click.Choice(REPORT_TO),
+        default="none",
+        help="Also log to this tracker, under -o/logs/ unless its own environment variables say otherwise; all: "
+        "each one installed. Install with pip install 'lorasb[tracking]' (tensorboard), wandb or mlflow.",
+    )
     eval_steps: int | None = option(
         type=int, range=AT_LEAST_1, help="Evaluate --eval-data every N steps (and at the end)."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import re
 import sys
@@ -43,30 +44,82 @@ def rank_prefix() -> str:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield `update(done, total)` driving one rich bar on stderr (a no-op when disabled, and on ranks > 0). The
-    bar appears with the first update: a stage that fails its checks before any work prints its error line alone."""
+def progress_bar(
+    description: str, *, enabled: bool = True, fields: Sequence[str] = ()
+) -> Iterator[Callable[..., None]]:
+    """Yield `update(done, total, **values)` driving one rich bar on stderr (a no-op when disabled, and on ranks >
+    0), which shows each of `fields` as `name value` from the latest update that gave it. The bar appears with the
+    first update: a stage that fails its checks before any work prints its error line alone."""
     if not enabled or _rank > 0:
-        yield lambda done, total: None
+        yield lambda done, total, **values: None
         return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with contextlib.ExitStack() as stack:
         shown: list = []  # [(Progress, task id)] once the first update came
 
-        def update(done: int, total: int) -> None:
+        def update(done: int, total: int, **values) -> None:
             if not shown:
                 progress = stack.enter_context(Progress(*columns, console=stderr))
-                shown.append((progress, progress.add_task(description, total=total)))
+                task = progress.add_task(description, total=total, **dict.fromkeys(fields, "-"))
+                shown.append((progress, task))
             progress, task = shown[0]
-            progress.update(task, completed=done, total=total)
+            progress.update(task, completed=done, total=total, **values)
 
         yield update
+
+
+@contextlib.contextmanager
+def train_progress(*, enabled: bool = True) -> Iterator[tuple[Callable[[int, int], None], Callable[[object], None]]]:
+    """Yield `(progress(step, steps), log_step(stats))` for `lorasb train` (stats: a trainer.StepStats). On a
+    terminal they drive the bar, which shows the latest logged loss and tokens/s; otherwise (a file, a pipe) a bar
+    would print once, at the end, so each logging step is one plain line (`step_line`) instead. Silent when
+    disabled (--quiet) and on ranks > 0."""
+    if not enabled or _rank > 0:
+        yield (lambda step, steps: None), (lambda stats: None)
+        return
+    if not stderr.is_terminal:
+        yield (
+            (lambda step, steps: None),
+            (lambda stats: stderr.print(step_line(stats), soft_wrap=True, markup=False, highlight=False)),
+        )
+        return
+    with progress_bar("train", fields=("loss", "tok/s")) as update:
+
+        def log_step(stats) -> None:
+            rate = "-" if stats.tokens_per_second is None else f"{stats.tokens_per_second:.0f}"
+            update(stats.step, stats.total, **{"loss": f"{stats.loss:.4f}", "tok/s": rate})
+
+        yield update, log_step
+
+
+def step_line(stats) -> str:
+    """One logging step as a plain line: `step 20/200  loss 1.2345  lr 9.5e-04  grad-norm 0.812  tok/s 1234
+    elapsed 0:00:42  eta 0:06:18` (`-`: not measured)."""
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def clock(seconds: float) -> str:
+        return str(dt.timedelta(seconds=round(seconds)))
+
+    return "  ".join(
+        [
+            f"step {stats.step}/{stats.total}",
+            f"loss {stats.loss:.4f}",
+            f"lr {number(stats.lr, '.1e')}",
+            f"grad-norm {number(stats.grad_norm, '.3f')}",
+            f"tok/s {number(stats.tokens_per_second, '.0f')}",
+            f"elapsed {clock(stats.elapsed)}",
+            f"eta {clock(stats.eta)}",
+        ]
+    )
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

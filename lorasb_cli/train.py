@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates
+from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates, tracking
 from .configs import TrainConfig
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted, LorasbError
 from .options import MAX_LENGTH
@@ -30,6 +30,9 @@ from .trainer import (
     COMPLETE_FILE,
     AdapterTrainer,
     DivergenceGuard,
+    RecordRun,
+    StepLog,
+    StepStats,
     StopOnSignal,
     TaskEval,
     checkpoint_record,
@@ -85,7 +88,7 @@ def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
 
 def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodOptions]:
     """The checked options (each number is in its declared range already): the method, and its own options
-    resolved from those given."""
+    resolved from those given; the --report-to tracker is installed."""
     if config.max_steps == 0:
         raise BadInputError("--max-steps 0 trains nothing", hint="pass -1 to train --epochs, or a step count")
     if config.resume and config.overwrite:
@@ -108,6 +111,7 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
         raise BadInputError(
             f"unknown --scheduler '{config.scheduler}'", hint=did_you_mean(config.scheduler, SCHEDULERS)
         )
+    tracking.report_to(config.report_to)
     return method, method.resolve_options(config.method_options)
 
 
@@ -360,22 +364,23 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
 
 
 def _training_arguments(
-    config: TrainConfig, out: Path, prepared: methods.Prepared, *, evaluates: bool, device: torch.device
+    config: TrainConfig, inputs: _Inputs, prepared: methods.Prepared, *, evaluates: bool, device: torch.device
 ):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(inputs.work),
+        run_name=str(inputs.out),  # what a tracker names the run: its -o, also while --overwrite writes beside it
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
-        weight_decay=0.0,
+        weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup_ratio,
-        logging_steps=1,
+        logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
         eval_strategy="steps" if evaluates and config.eval_steps else "no",
@@ -386,7 +391,7 @@ def _training_arguments(
         # Float32 master weights of a bf16/fp16 base (full fine-tuning) train under autocast in the base dtype.
         bf16=prepared.mixed_precision == torch.bfloat16,
         fp16=prepared.mixed_precision == torch.float16,
-        report_to=[],
+        report_to=tracking.report_to(config.report_to),
         remove_unused_columns=False,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -400,8 +405,10 @@ def train(
     config: TrainConfig,
     progress: Callable[[int, int], None] | None = None,
     callbacks: Sequence[object] = (),
+    log_step: Callable[[StepStats], None] | None = None,
 ) -> TrainSummary:
-    """Train `config.method` on `config.data`; returns what was written and measured.
+    """Train `config.method` on `config.data`; returns what was written and measured. `progress(step, steps)` is
+    called after each step, `log_step` with each logging step's StepStats (--logging-steps, and the last step).
 
     One run at a time writes into `config.out` (a lock file); `--overwrite` writes the new run beside the old one
     and replaces it once finished; `--resume` continues from its newest complete checkpoint with the options the
@@ -416,7 +423,7 @@ def train(
     inputs = _read_inputs(config, method, method_options)
     main = system.is_main_process()
     try:
-        return _locked_train(config, inputs, main, progress, callbacks)
+        return _locked_train(config, inputs, main, progress, callbacks, log_step)
     except BaseException:
         if main and not existed:
             with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
@@ -424,10 +431,10 @@ def train(
         raise
 
 
-def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks) -> TrainSummary:
+def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
     with artifacts.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
         if config.overwrite and any(p.name != artifacts.LOCK_FILE for p in inputs.out.iterdir()):
-            return _overwrite(config, inputs, main, progress, callbacks)
+            return _overwrite(config, inputs, main, progress, callbacks, log_step)
         resume_from = None
         if config.resume:
             finished = inputs.out / "metrics.json"  # written last, after the final adapter
@@ -436,14 +443,15 @@ def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, ca
                 log.warning("the run in %s finished: nothing to resume", inputs.out)
                 return _finished_summary(finished, inputs.out)
             resume_from = _resume_point(config, inputs)
-        return _run(config, inputs, resume_from, progress, callbacks)
+        return _run(config, inputs, resume_from, progress, callbacks, log_step)
 
 
 # What marks a folder as a run of lorasb train (any of them): only such a folder may be replaced by --overwrite.
-_RUN_MARKS = (adapter.CONFIG_FILE, "metrics.json", "checkpoint-*")
+# A tracker's logs are one: a run killed before its first checkpoint leaves them.
+_RUN_MARKS = (adapter.CONFIG_FILE, "metrics.json", "checkpoint-*", *tracking.RUN_MARKS)
 
 
-def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks) -> TrainSummary:
+def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
     """--overwrite of a run: the new run is written in a hidden folder beside it and takes its place only once it
     has finished, so a new run that fails, diverges or is interrupted leaves the old run as it was."""
     if not any(any(inputs.out.glob(mark)) for mark in _RUN_MARKS):
@@ -457,7 +465,7 @@ def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callb
     if main:
         shutil.rmtree(work, ignore_errors=True)
     try:
-        summary = _run(config, replace(inputs, work=work), None, progress, callbacks)
+        summary = _run(config, replace(inputs, work=work), None, progress, callbacks, log_step)
     except BaseException as e:
         if main:
             shutil.rmtree(work, ignore_errors=True)
@@ -476,6 +484,8 @@ def _finished_summary(metrics_file: Path, out: Path) -> TrainSummary:
 
 # Options a resumed run may change: where things are (another machine), how often it saves and scores.
 _FREE_ON_RESUME = {
+    "logging_steps",
+    "report_to",
     "model",
     "data",
     "factors",
@@ -567,6 +577,7 @@ def _run(
     resume_from: Path | None,
     progress: Callable[[int, int], None] | None,
     callbacks: Sequence[object],
+    log_step: Callable[[StepStats], None] | None,
 ) -> TrainSummary:
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
@@ -589,20 +600,22 @@ def _run(
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = _adapter_config(config, inputs, model, run)
-    guards = [DivergenceGuard(progress, inputs.work), *callbacks]
-    trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
-    trainer.run_record = lambda: {
-        "step0_base_loss": run.step0_base,
-        "step0_init_loss": run.step0_init,
-        "seconds": clock.seconds(),
-    }
-    clock.start()
-    try:
-        with artifacts.storage_errors(inputs.work):
-            train_loss_mean = _train(trainer, resume_from)
-    except BadInputError:
-        _remove_incomplete_checkpoints(inputs.work)  # e.g. one a full disk cut off: never resumable
-        raise
+    guards = [DivergenceGuard(inputs.work), StepLog(progress, log_step, clock.seconds), *callbacks]
+    # The trackers' integrations read where to write when the Trainer makes them and when training starts.
+    with tracking.logs_in(inputs.work, tracking.report_to(config.report_to)):
+        trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
+        trainer.run_record = lambda: {
+            "step0_base_loss": run.step0_base,
+            "step0_init_loss": run.step0_init,
+            "seconds": clock.seconds(),
+        }
+        clock.start()
+        try:
+            with artifacts.storage_errors(inputs.work):
+                train_loss_mean = _train(trainer, resume_from)
+        except BadInputError:
+            _remove_incomplete_checkpoints(inputs.work)  # e.g. one a full disk cut off: never resumable
+            raise
     seconds = clock.seconds()
     if stop is not None and stop.signal is not None:
         name = signal.Signals(stop.signal).name
@@ -663,7 +676,7 @@ def _trainer(
     from .tasks import get_task
 
     prepared = run.prepared
-    args = _training_arguments(config, inputs.work, prepared, evaluates=examples.eval is not None, device=device)
+    args = _training_arguments(config, inputs, prepared, evaluates=examples.eval is not None, device=device)
     trainer = AdapterTrainer(
         model=prepared.model,
         args=args,
@@ -691,6 +704,9 @@ def _trainer(
         trainer.add_callback(task_eval)
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)
+    if args.report_to:  # after the trackers' own callbacks, which start them
+        record = artifacts.provenance("adapter", **adapter_config)  # what the adapter's metadata will say
+        trainer.add_callback(RecordRun(args.report_to, record, trainer.callback_handler.callbacks))
     # Under a launcher the launcher owns signals: one rank stopping alone would leave the others waiting.
     stop = StopOnSignal() if system.launcher_rank()[1] == 1 else None
     if stop is not None:

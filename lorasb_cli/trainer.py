@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 
-from . import adapter, artifacts
+from . import adapter, artifacts, tracking
 from .errors import IncompatibleArtifactError, RunFailure
 from .tasks import Task
 from .tasks.runner import ModelAnswerer, evaluate_rows
@@ -192,16 +192,85 @@ class AdapterTrainer(Trainer):
                 params[name].copy_(tensor)
 
 
-class DivergenceGuard(TrainerCallback):
-    """Reports each step to `progress(step, steps)` and stops on NaN/Inf in a trained tensor before a checkpoint
-    could save it, naming the newest checkpoint in `out` that verifies."""
+@dataclass(frozen=True)
+class StepStats:
+    """A logging step of a run (`--logging-steps`, and the last step): `step` of `total`; the mean training loss
+    since the previous logging step, the learning rate and the gradient norm (None: not measured) as the Trainer
+    logged them; input tokens (padding excluded) per second of this process's training; seconds of training so far,
+    a resumed run's earlier ones included; and seconds left at this process's pace."""
 
-    def __init__(self, progress: Callable[[int, int], None] | None, out: Path):
-        self.progress, self.out = progress, out
+    step: int
+    total: int
+    loss: float
+    lr: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    elapsed: float
+    eta: float
+
+
+class StepLog(TrainerCallback):
+    """Reports each step to `progress(step, steps)` and each logging step's StepStats to `log_step` (global rank 0
+    only), and makes the last step a logging step too, so the run's final training loss is always logged.
+    `seconds()`: the run's training seconds so far."""
+
+    def __init__(
+        self,
+        progress: Callable[[int, int], None] | None,
+        log_step: Callable[[StepStats], None] | None,
+        seconds: Callable[[], float],
+    ):
+        self.progress, self.log_step, self.seconds = progress, log_step, seconds
+        self.first_step: int | None = None  # the step this process started from, minus one
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step is None:
+            self.first_step = state.global_step - 1
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        if self.progress is not None and state.is_world_process_zero:
+            self.progress(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.log_step is None or not state.is_world_process_zero or "loss" not in (logs or {}):
+            return  # an eval's or the run's closing log
+        step, total, first = state.global_step, state.max_steps, self.first_step or 0
+        runtime = logs.get("train_runtime")  # seconds of this process's training (Trainer.log's speed metrics)
+        pace = runtime / (step - first) if runtime is not None and step > first else 0.0
+        self.log_step(
+            StepStats(
+                step=step,
+                total=total,
+                loss=logs["loss"],
+                lr=logs.get("learning_rate"),
+                grad_norm=logs.get("grad_norm"),
+                tokens_per_second=logs.get("train_tokens_per_second"),
+                elapsed=self.seconds(),
+                eta=pace * (total - step),
+            )
+        )
+
+
+class RecordRun(TrainerCallback):
+    """At the start of training, puts the run's `record` into the config of each tracker of `trackers`
+    (tracking.record_run), whose integrations are among `callbacks` (the Trainer's callback list); global rank 0."""
+
+    def __init__(self, trackers: Sequence[str], record: dict, callbacks: Sequence[TrainerCallback]):
+        self.trackers, self.record, self.callbacks = trackers, record, callbacks
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            tracking.record_run(self.trackers, self.record, self.callbacks)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops on NaN/Inf in a trained tensor before a checkpoint could save it, naming the newest checkpoint in `out`
+    that verifies."""
+
+    def __init__(self, out: Path):
+        self.out = out
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.progress is not None:
-            self.progress(state.global_step, state.max_steps)
         for name, param in model.named_parameters():
             if param.requires_grad and not torch.isfinite(param).all():
                 # A resumed run keeps its options (train refuses new ones), so the way out is a new run.

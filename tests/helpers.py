@@ -164,12 +164,12 @@ def classifier_factors(folder: Path, model_dir: Path, data: Path) -> Path:
 
 
 def train_config(model, data, out, **overrides):
-    """A small `lorasb train` run's config: 8 steps of batch 4 at lr 5e-2, a checkpoint every 2 steps, seed 0;
-    paths may be Paths."""
+    """A small `lorasb train` run's config: 8 steps of batch 4 at lr 5e-2, a checkpoint every 2 steps, the loss
+    logged at every step, seed 0; paths may be Paths."""
     from lorasb_cli import train
 
     settings = {"model": model, "data": data, "out": out, "max_steps": 8, "batch_size": 4, "lr": 5e-2}
-    settings |= {"save_steps": 2, "seed": 0} | overrides
+    settings |= {"save_steps": 2, "logging_steps": 1, "seed": 0} | overrides
     return train.TrainConfig.from_options(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
 
 

@@ -322,6 +322,7 @@ def _train_reference(tiny_model_dir, qa_file, out, **overrides) -> Path:
         dtype="float64",
         scheduler="constant",
         save_steps=2,
+        logging_steps=1,
         **overrides,
     )
     return train.train(config).path
@@ -368,7 +369,7 @@ def test_multi_gpu_example_on_two_processes(tiny_model_dir, qa_file, tmp_path):
         "STEPS": str(STEPS),
         "LR": str(LR),
         "DTYPE": "float64",
-        "TRAIN_ARGS": "--scheduler constant --save-steps 2",
+        "TRAIN_ARGS": "--scheduler constant --save-steps 2 --logging-steps 1",
     }
     done = subprocess.run(["bash", str(EXAMPLE)], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

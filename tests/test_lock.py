@@ -135,7 +135,9 @@ def test_a_second_ctrl_c_stops_train_at_once_with_exit_130(
     """Through the real entry point: exit 130 and one error line; the run keeps its complete checkpoint-2, writes
     no checkpoint-3 and no final adapter, and lets go of its lock."""
     run_train = train.train
-    monkeypatch.setattr(train, "train", lambda config, progress=None: run_train(config, progress, [_CtrlCTwice()]))
+    monkeypatch.setattr(
+        train, "train", lambda config, progress=None, **kwargs: run_train(config, progress, [_CtrlCTwice()], **kwargs)
+    )
     out = tmp_path / "run"
     args = ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "--max-steps", "6", "--batch-size", "4"]
     with pytest.raises(SystemExit) as excinfo:

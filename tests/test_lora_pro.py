@@ -190,6 +190,7 @@ def _config(model_dir, data, out, method="lora-pro", **overrides) -> train.Train
         "method": method,
         "rank": RANK,
         "max_steps": 6,
+        "logging_steps": 1,
         "lr": 5e-3,
         "batch_size": 4,
         "seed": 0,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
-from ..options import AT_LEAST_1, POSITIVE, Declared, option, plugin_fields, plugin_options, takes
+from ..options import AT_LEAST_1, POSITIVE, Declared, Range, option, plugin_fields, plugin_options, takes
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ class LowRankOptions(MethodOptions):
     targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
     alpha: float | None = option(
         type=float, range=POSITIVE, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
+    )
+    # LoRA-SB takes none: its paper trains R without dropout, and B, R, A are not PEFT's layers.
+    lora_dropout: float = option(
+        default=0.0,
+        range=Range(0, 1, open_high=True),
+        help="Dropout on the LoRA branch's input while training (PEFT's lora_dropout); eval is unaffected.",
     )
 
     def alpha_or(self, default: float) -> float:

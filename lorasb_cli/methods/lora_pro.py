@@ -17,8 +17,8 @@ for any X [r, r]; the equivalent gradient is then the orthogonal projection of g
 AdamW (the paper's Algorithm 1): the moments are kept on the equivalent gradient g̃ [m, n] itself,
 m ← β1·m + (1 − β1)·g̃, v ← β2·v + (1 − β2)·g̃², D = (m/(1 − β1ᵗ)) / (√(v/(1 − β2ᵗ)) + ε); D is then treated as a
 full gradient: its LoRA gradients s·Bᵀ·D, s·D·Aᵀ go through the same closed form (with X), and
-A ← A − lr·(g_A + λ·A), B ← B − lr·(g_B + λ·B), λ the Trainer's weight_decay (0 in `lorasb train`, as in the
-paper's scripts). A classifier's head gets plain AdamW.
+A ← A − lr·(g_A + λ·A), B ← B − lr·(g_B + λ·B), λ the Trainer's weight_decay (`--weight-decay`, default 0
+as in the paper's scripts). A classifier's head gets plain AdamW.
 
 Memory: m and v are full-size, 2·m·n float32 values per target module (8·m·n bytes: the AdamW state of full
 fine-tuning, e.g. ~52 GB for every linear layer of a 7B model) instead of LoRA's 2·r·(m + n), plus a few

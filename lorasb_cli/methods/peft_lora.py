@@ -1,7 +1,7 @@
 """LoRA and its PEFT-implemented variants: `lora`, `rslora`, `dora`, `pissa`, `loraga` (PEFT's own code).
 
 Defaults: α = 2r for LoRA, rsLoRA, DoRA and LoRA-GA (the LoRA-SB paper's appendix), α = r for PiSSA (its
-paper: s = 1); `--alpha` overrides. Dropout 0. `prepare_peft` also serves the methods PEFT lacks (MiLoRA,
+paper: s = 1); `--alpha` overrides. Dropout `--lora-dropout` (default 0). `prepare_peft` also serves the methods PEFT lacks (MiLoRA,
 IniLoRA): they hand it a `custom_init` that picks the part B0·A0 of W0 the adapter starts from.
 """
 
@@ -83,7 +83,8 @@ def prepare_peft(
 def lora_config(
     setup: Setup, *, alpha: float, init_lora_weights: bool | str, use_rslora: bool, use_dora: bool, lora_ga: bool
 ):
-    """PEFT's LoraConfig: rank r on `setup.modules`, no dropout, no bias; LoRA-GA's defaults when `lora_ga`."""
+    """PEFT's LoraConfig: rank r on `setup.modules`, dropout --lora-dropout, no bias; LoRA-GA's defaults when
+    `lora_ga`."""
     from peft import LoraConfig
 
     kwargs = {}
@@ -95,7 +96,7 @@ def lora_config(
         r=setup.rank,
         lora_alpha=alpha,
         target_modules=list(setup.modules),
-        lora_dropout=0.0,
+        lora_dropout=setup.options.lora_dropout,
         bias="none",
         use_rslora=use_rslora,
         use_dora=use_dora,
