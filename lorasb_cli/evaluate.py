@@ -141,17 +141,16 @@ def load_for_task(
         saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
         what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
         models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=config.force_base)
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
-    labels = saved.config.get("labels") if saved is not None else None
+    device, dtype = models.placement(config.device, config.dtype)
     model, tokenizer = models.load_model(
         ref,
-        dtype=dtype,
         device=device,
+        dtype=dtype,
+        quantize=config.quantize,
         trust_remote_code=config.trust_remote_code,
-        head=head,
-        labels=labels,
         allow_pickle=config.allow_pickle,
+        head=head,
+        labels=saved.config.get("labels") if saved is not None else None,
     )
     if saved is None:
         return model, tokenizer
