@@ -129,7 +129,8 @@ Example:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).",
+    help="Print the memory estimate, train and merge need on each device (GPU and host) of a job of --world-size "
+    "processes under --strategy, with --quantize (from config.json; no weights, no data read).",
 )
 @common_options
 def estimate(config, dry_run, as_json, quiet):

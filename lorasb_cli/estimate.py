@@ -369,6 +369,11 @@ def _sum_until_stable(config: EstimateConfig, passes: _Passes) -> tuple[Gradient
 def _check_modes(config: EstimateConfig) -> None:
     """--report-ranks and --samples auto need the whole sample in one estimate; --strategy is one that runs."""
     config.check_runnable()
+    if config.world_size is not None:
+        raise BadInputError(
+            "--world-size sizes a planned job (--dry-run); a run's processes are its launcher's",
+            hint="drop --world-size, or add --dry-run",
+        )
     if config.report_ranks and config.raw:
         raise BadInputError(
             "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
