@@ -4,6 +4,7 @@ the original weights; the loader's refusals."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -173,3 +174,30 @@ def test_what_a_quantized_base_or_fsdp_cannot_run_is_refused(tiny_model_dir, qa_
     assert status == 2 and "--method full reads or trains the base weights W0" in err and "lorasb" in err
     status, _, err = run(["estimate", "-m", tiny_model_dir, "-d", qa_file, "--strategy", "fsdp"], capsys)
     assert status == 2 and "--strategy fsdp is not available to run yet" in err and "--dry-run" in err
+
+
+# Where the CPU has AVX512-BF16, importing bitsandbytes asks the hub for a faster kernel; offline that prints two
+# lines. Replayed on any CPU: the backend module is re-run with the capability check answering yes.
+_HUB_LOOKUP = """
+import importlib, sys, warnings
+if sys.argv[1] == "lorasb":
+    import lorasb_cli
+import bitsandbytes.functional
+import bitsandbytes.backends.cpu.ops as ops
+bitsandbytes.functional.has_avx512bf16 = lambda: True
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # torch's note that the re-run registers its kernels again
+    importlib.reload(ops)
+"""
+
+
+def test_bitsandbytes_hub_lookup_is_silent_offline():
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    plain, quiet = (
+        subprocess.run([sys.executable, "-c", _HUB_LOOKUP, who], capture_output=True, text=True, env=env, check=True)
+        for who in ("plain", "lorasb")
+    )
+    assert "Skipping publisher trust check" in plain.stderr and "Failed to load CPU gemm_4bit" in plain.stderr
+    assert quiet.stderr == ""
