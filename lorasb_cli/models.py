@@ -249,7 +249,10 @@ def model_config(ref: ModelRef, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
+        raise BadInputError(
+            f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}",
+            hint="pass a local directory with its config.json (no weights needed), an alias or a hub id",
+        ) from e
 
 
 def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
@@ -374,15 +377,16 @@ def _unquantized_linears(
     ref: ModelRef, *, trust_remote_code: bool, head: str, labels: Sequence[str] | None
 ) -> list[str]:
     """The linear layers of `ref` that `--quantize` leaves in the compute dtype, from its config (meta device)."""
-    model = _meta_model(ref, trust_remote_code=trust_remote_code, head=head, labels=labels)
+    model = meta_model(ref, trust_remote_code=trust_remote_code, head=head, labels=labels)
     kept = set(quantized_modules(model))
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in kept]
 
 
-def _meta_model(
+def meta_model(
     ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm", labels: Sequence[str] | None = None
 ) -> nn.Module:
-    """The model of `ref` built from its config.json on the meta device: shapes, no weights."""
+    """The model of `ref` built from its config.json on the meta device (with a head of one output per label when
+    `labels` are given): shapes, no weights."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
@@ -482,7 +486,7 @@ def linear_shapes_from_config(
     ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm"
 ) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear layer, from config.json alone: the model is built on the meta device."""
-    model = _meta_model(ref, trust_remote_code=trust_remote_code, head=head)
+    model = meta_model(ref, trust_remote_code=trust_remote_code, head=head)
     return {name: linear_shape(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 

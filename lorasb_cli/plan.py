@@ -135,19 +135,7 @@ def meta_model(
     ref: models.ModelRef, *, dtype: torch.dtype, head: str = "causal-lm", trust_remote_code: bool = False
 ) -> nn.Module:
     """The model of `ref` built from its config.json on the meta device, in `dtype`: shapes, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadInputError(
-            f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}",
-            hint="pass a local directory with its config.json (no weights needed), an alias or a hub id",
-        ) from e
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    return model.to(dtype)
+    return models.meta_model(ref, head=head, trust_remote_code=trust_remote_code).to(dtype)
 
 
 class _FusedAttention(torch.autograd.Function):
