@@ -18,7 +18,7 @@ $(BIN)/lorasb: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,tracking]"
+	$(BIN)/pip install -q -e ".[test,tracking,quant]"
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
 	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/bundled $(SIDE_BUNDLED)
 	touch $@

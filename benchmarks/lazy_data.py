@@ -14,7 +14,7 @@ as one JSON line, and `os._exit`s; then it calls
 beside it (it also keeps the parent's RSS at the spawn, see benchmarks/train.py's `peak_rss_bytes`). The stub's
 process also times the stages on the way (`models.resolve_model`; `data.load_dataset_rows` and inside it
 `data._load_file` — datasets' JSON → Arrow conversion or cache hit — and `data._file_digest`; `data.sample_indices`;
-`plan.model_facts` where it exists; `models.load_for_labels`; `data.encode`), with the peak RSS after each and the
+`plan.model_facts` where it exists; `models.load_model`; `data.encode`), with the peak RSS after each and the
 RSS split into anonymous and file-backed pages (RssAnon / RssFile: the memory-mapped Arrow cache is file-backed).
 
 Cache states: `cold` = `HF_DATASETS_CACHE` a fresh empty folder (datasets converts the JSONL into Arrow); `warm` = a
@@ -247,7 +247,7 @@ timed(data, "_load_file")
 timed(data, "_file_digest")
 timed(data, "sample_indices", lambda args, result: len(result))
 timed(plan, "model_facts")
-timed(models, "load_for_labels")
+timed(models, "load_model")
 timed(data, "encode", lambda args, result: sum(len(e.input_ids) for e in result))
 
 def first_forward(model, modules, batches, **kwargs):
@@ -352,7 +352,7 @@ STAGES = [
     ("data._file_digest", "↳ SHA-256 of the JSONL file (provenance digest)", True),
     ("data.sample_indices", "draw the `--frac` indices", False),
     ("plan.model_facts", "memory plan on a meta-device model (where `lorasb_cli.plan` has it)", False),
-    ("models.load_for_labels", "load SmolLM2-135M (float32) and tokenizer", False),
+    ("models.load_model", "load SmolLM2-135M (float32) and tokenizer", False),
     ("data.encode", "read and tokenize the drawn rows", False),
 ]
 

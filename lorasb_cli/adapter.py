@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts
+from . import artifacts, models, quantization
 from .errors import BadInputError, IncompatibleArtifactError
 
 
@@ -81,8 +81,13 @@ def inject(
 ) -> dict[str, LoraSBLinear]:
     """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear; only the Rs stay trainable.
     `magnitudes` ({module: [m]}) makes those modules DoRA layers."""
-    linear = {path: tuple(m.weight.shape) for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    named = dict(model.named_modules())
+    linear = {path: models.linear_shape(m) for path, m in named.items() if isinstance(m, nn.Linear)}
     artifacts.check_fits(factors, linear, model="the model", path=None, hint=None)
+    if any(quantization.is_quantized(named[path]) for path in magnitudes or {}):
+        raise BadInputError(
+            "a DoRA adapter rescales the base's dense weights, which --quantize packs", hint="drop --quantize"
+        )
     model.requires_grad_(False)
     wrapped = {}
     for path, (lora_B, lora_R, lora_A) in factors.items():

@@ -126,6 +126,7 @@ Example:
   lorasb estimate --model mistral --data meta-math/MetaMathQA --frac 0.001 -o update.safetensors
   lorasb estimate -m ./model -d data.jsonl --samples 64 --raw --shard 0/2 -o part0.safetensors
   lorasb estimate --model mistral --dry-run --batch-size 8 --max-length 512 --rank 96 --dtype bfloat16
+  lorasb estimate -m ./llama-3-70b --dry-run --device cuda --world-size 8 --strategy fsdp --json
 
 \b
 Several processes (G is all-reduced; rank 0 writes the file and prints its path):
@@ -135,7 +136,8 @@ Several processes (G is all-reduced; rank 0 writes the file and prints its path)
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the memory estimate, train and merge need (from config.json; no weights, no data read).",
+    help="Print the memory estimate, train and merge need on each device (GPU and host) of a job of --world-size "
+    "processes under --strategy, with --quantize (from config.json; no weights, no data read).",
 )
 @common_options
 def estimate(config, dry_run, as_json, quiet):
@@ -190,11 +192,13 @@ def estimate(config, dry_run, as_json, quiet):
 
 
 def _print_plan(config, rank: int, as_json: bool) -> None:
-    """estimate --dry-run: the memory each stage needs, from the model's config alone."""
+    """estimate --dry-run: the memory each stage needs on each device of the job, from the model's config alone."""
     from . import plan
     from .console import human_bytes, print_table
+    from .system import launcher_rank
 
     head = "sequence-classification" if config.format in ("classification", "regression") else "causal-lm"
+    layout = plan.Layout(world_size=config.world_size or launcher_rank()[1], strategy=config.strategy)
     planned = plan.plan_model(
         config.model,
         targets=config.targets,
@@ -205,6 +209,8 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
         device=config.device,
         accumulate_on=config.accumulate_on,
         accumulate_dtype=config.accumulate_dtype,
+        quantize=config.quantize,
+        layout=layout,
         head=head,
         trust_remote_code=config.trust_remote_code,
     )
@@ -221,9 +227,11 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
         ]
         for name, stage in planned.stages.items()
     ]
+    quantized = f" ({facts.quantize} linear layers)" if facts.quantize else ""
     print_table(
-        f"memory plan: {facts.model}, {facts.dtype}, batch {config.batch_size} × {facts.max_length}, rank {rank}, "
-        f"{len(facts.targets)} targets ({facts.target_entries:,} weight entries)",
+        f"memory plan per device of {layout.describe()}: {facts.model}, {facts.dtype}{quantized}, batch "
+        f"{config.batch_size} × {facts.max_length}, rank {rank}, {len(facts.targets)} targets "
+        f"({facts.target_entries:,} weight entries)",
         ["stage", "holds", "on", "size"],
         [
             [name, item.what, item.where, human_bytes(item.bytes)]
@@ -235,7 +243,14 @@ def _print_plan(config, rank: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(planned.to_json()))
     else:
-        click.echo("; ".join(f"{name} {stage.total / 2**30:.2f} GiB" for name, stage in planned.stages.items()))
+        per_device = planned.per_device()
+        click.echo(
+            "; ".join(
+                f"{name} {stage.total / 2**30:.2f} GiB (gpu {per_device[name]['gpu'] / 2**30:.2f}, host "
+                f"{per_device[name]['host'] / 2**30:.2f})"
+                for name, stage in planned.stages.items()
+            )
+        )
 
 
 @cli.command(

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import click
 
+from .errors import BadInputError
 from .linalg import DEFAULT_NITER
 from .options import (
     AT_LEAST_1,
@@ -40,6 +41,8 @@ from .tasks import MAX_NEW_TOKENS
 from .tracking import REPORT_TO
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
+QUANTIZE = ("nf4", "fp4", "int8")  # --quantize; lorasb_cli/quantization.py loads each
+STRATEGIES = ("ddp", "fsdp")  # --strategy of estimate and train under a launcher
 DEFAULT_FRAC = 0.001  # of the training split: the paper's ~0.1%
 
 
@@ -61,7 +64,39 @@ SAMPLES = _SamplesType()
 
 
 @dataclass(frozen=True, kw_only=True)
-class EstimateConfig(TrainingDataOptions, ModelOptions):
+class QuantizedModelOptions(ModelOptions):
+    """The model group of the commands that run the base (estimate, train, evaluate, generate): it may be loaded
+    quantized."""
+
+    quantize: str | None = option(
+        type=click.Choice(QUANTIZE),
+        help="Hold the base's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, as QLoRA; "
+        "trained tensors stay float32 and merge folds into the unquantized weights. Needs lorasb[quant].",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelOptions(Declared):
+    """How the processes of a launcher's job (torchrun, accelerate launch) share the model: estimate and train."""
+
+    strategy: str = option(
+        type=click.Choice(STRATEGIES),
+        default="ddp",
+        help="ddp: every process holds the whole base; fsdp: the base sharded per decoder layer across processes.",
+    )
+
+    def check_runnable(self) -> None:
+        """Refuse what only `estimate --dry-run` plans so far: FSDP runs are not built yet (issue 29)."""
+        if self.strategy != "ddp":
+            raise BadInputError(
+                f"--strategy {self.strategy} is not available to run yet, only to plan",
+                hint="run with --strategy ddp, or see the per-device plan: lorasb estimate --dry-run --strategy "
+                f"{self.strategy} --world-size N",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateConfig(TrainingDataOptions, ParallelOptions, QuantizedModelOptions):
     """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
 
     data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
@@ -110,6 +145,11 @@ class EstimateConfig(TrainingDataOptions, ModelOptions):
         metavar="RANKS",
         help="Report how stable the top-r subspaces are at these ranks (e.g. 32,64,96, or auto): the overlap of the "
         "sample's two halves, per module, in the update's metadata. Sums the halves apart: 2× accumulators.",
+    )
+    world_size: int | None = option(
+        type=int,
+        range=AT_LEAST_1,
+        help="--dry-run: plan each device of a job of N processes [default: the launcher's, else 1].",
     )
     out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
@@ -181,7 +221,7 @@ class DecomposeConfig(PluginConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
+class TrainConfig(PluginConfig, TrainingDataOptions, ParallelOptions, QuantizedModelOptions):
     """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
     --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
     given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
@@ -309,7 +349,7 @@ class MergeConfig(Declared):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AppliedOptions(TemplateOptions, ModelOptions):
+class AppliedOptions(TemplateOptions, QuantizedModelOptions):
     """A model, an adapter applied to it unmerged, and how they are prompted (lorasb_cli/generation.py): evaluate
     and generate."""
 

@@ -59,7 +59,7 @@ class _GradientHooks:
         accumulate_dtype: torch.dtype = torch.float32,
     ):
         named = dict(model.named_modules())
-        self.shapes = {name: named[name].weight.shape for name in modules}
+        self.shapes = {name: models.linear_shape(named[name]) for name in modules}  # a quantized weight is packed
         self.device = accumulate_device or torch.device("cpu")
         self.dtype = accumulate_dtype
         # Created by each module's first gradient, not up front: while the first forward holds its peak of
@@ -239,17 +239,17 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     )
     config = dataclasses.replace(config, max_length=max_length)
     sample = _read_sample(config)
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
+    device, dtype = models.placement(config.device, config.dtype)
     accumulate_on, planned = _plan_accumulators(config, sample, device, dtype)
-    model, tokenizer = models.load_for_labels(
+    model, tokenizer = models.load_model(
         sample.ref,
-        sample.labels,
-        dtype=dtype,
         device=device,
-        seed=config.seed,
+        dtype=dtype,
+        quantize=config.quantize,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
+        labels=sample.labels,
+        seed=config.seed,
     )
     modules = models.resolve_targets(model, config.targets)
     report_ranks = stability.parse_ranks(config.report_ranks, models.target_shapes(model, modules))
@@ -367,7 +367,13 @@ def _sum_until_stable(config: EstimateConfig, passes: _Passes) -> tuple[Gradient
 
 
 def _check_modes(config: EstimateConfig) -> None:
-    """--report-ranks and --samples auto need the whole sample in one estimate."""
+    """--report-ranks and --samples auto need the whole sample in one estimate; --strategy is one that runs."""
+    config.check_runnable()
+    if config.world_size is not None:
+        raise BadInputError(
+            "--world-size sizes a planned job (--dry-run); a run's processes are its launcher's",
+            hint="drop --world-size, or add --dry-run",
+        )
     if config.report_ranks and config.raw:
         raise BadInputError(
             "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
@@ -433,6 +439,7 @@ def _plan_accumulators(
             batch_size=max(1, min(config.batch_size, len(sample.indices))),
             max_length=config.max_length,
             dtype=dtype,
+            quantize=config.quantize,
             train=False,
             head="causal-lm" if sample.labels is None else "sequence-classification",
             trust_remote_code=config.trust_remote_code,
@@ -460,7 +467,7 @@ def _write_update(
     """The update file (int8 signs, or with --raw the float32 sums) with its provenance."""
     meta = artifacts.provenance(
         "update-raw" if config.raw else "update",
-        base_model=sample.ref.provenance(models.fingerprint(models.target_shapes(model, modules))),
+        base_model=sample.ref.provenance(models.fingerprint(models.target_shapes(model, modules)), config.quantize),
         targets=config.targets,
         method="lorasb",
         data={
@@ -498,7 +505,7 @@ def _write_update(
 # Identities, never paths: the same model and data copied to two machines agree. The paths (`base_model.id`,
 # `data.source`) are only reported. `digest` is of the rows (data.load_dataset_rows), `weights_digest` of the
 # checkpoint's tensors (models.weights_digest), `fingerprint` of the target modules' names and shapes.
-_BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights"}
+_BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights", "quantization": "quantization"}
 _SAMPLING_KEYS = (
     "digest",
     "split",

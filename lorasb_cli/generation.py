@@ -101,17 +101,16 @@ def load_applied(options, saved: adapter.Adapter | None, head: str = "causal-lm"
         saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
         what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
         models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=options.force_base)
-    device = models.resolve_device(options.device)
-    dtype = models.resolve_dtype(options.dtype, device)
-    labels = saved.config.get("labels") if saved is not None else None
+    device, dtype = models.placement(options.device, options.dtype)
     model, tokenizer = models.load_model(
         ref,
-        dtype=dtype,
         device=device,
+        dtype=dtype,
+        quantize=options.quantize,
         trust_remote_code=options.trust_remote_code,
-        head=head,
-        labels=labels,
         allow_pickle=options.allow_pickle,
+        head=head,
+        labels=saved.config.get("labels") if saved is not None else None,
     )
     if saved is None:
         return model, tokenizer

@@ -76,6 +76,14 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
         out.resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
     _check_base(lora, ref, config.force_base)
+    quantized = lora.config["base_model"].get("quantization")
+    if quantized:  # recorded in the output too: merged_from.base_model.quantization
+        log.info(
+            "the adapter was trained on the base quantized as %s (--quantize); it is folded into the original "
+            "unquantized weights of %s",
+            quantized,
+            ref.id,
+        )
     base = _open_base(lora, ref, target, fmt, config.trust_remote_code)
     metadata = _output_metadata(lora, ref)
     # One merge at a time into `out` (the lock beside it, as `out` may not exist yet): a second one would take

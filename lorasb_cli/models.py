@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from . import bundled, data, shards
+from . import bundled, data, quantization, shards
 from .errors import BadInputError, IncompatibleArtifactError
 from .registry import did_you_mean
 
@@ -63,10 +63,12 @@ class ModelRef:
     path: str  # what `from_pretrained` is given: a local directory or a hub id
     source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
 
-    def provenance(self, fingerprint: str) -> dict:
+    def provenance(self, fingerprint: str, quantization: str | None = None) -> dict:
         """The `base_model` entry of an artifact's metadata: `id` (a path or hub id, for people), the target
-        `fingerprint` and the checkpoint's `weights_digest`, which stages match instead of the id."""
+        `fingerprint` and the checkpoint's `weights_digest`, which stages match instead of the id; `quantization`
+        (nf4, fp4, int8) where the artifact was made on the base loaded quantized (--quantize)."""
         entry = {"id": self.id, "fingerprint": fingerprint, "weights_digest": weights_digest(self)}
+        entry |= {"quantization": quantization} if quantization else {}
         return entry | ({"source": self.source} if self.source else {})
 
 
@@ -122,40 +124,63 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype` resolved: where a stage runs the model and in which compute dtype."""
+    resolved = resolve_device(device)
+    return resolved, resolve_dtype(dtype, resolved)
+
+
 def load_model(
     ref: ModelRef,
     *,
-    dtype: torch.dtype,
     device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
     trust_remote_code: bool = False,
-    head: str = "causal-lm",
-    labels: Sequence[str] | None = None,
     allow_pickle: bool = False,
+    head: str | None = None,
+    labels: Sequence[str] | None = None,
+    seed: int | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load a model and its tokenizer; every loading failure becomes a one-line BadInputError.
+    """The model every stage runs, and its tokenizer, on `device` in `dtype`; every loading failure becomes a
+    one-line BadInputError. The one loader of lorasb: estimate, train, evaluate and decompose call it.
 
     Weights are read from safetensors only (DESIGN.md §2): a pickle checkpoint (.bin/.pt) is refused unless
-    `allow_pickle`, and then transformers reads it with torch.load(weights_only=True).
+    `allow_pickle`, and then transformers reads it with torch.load(weights_only=True). A checkpoint missing weights
+    of its architecture is refused (`_check_complete`). `quantize` (nf4, fp4, int8) loads the linear layers of
+    `quantized_modules` quantized by bitsandbytes (lorasb_cli/quantization.py).
 
-    `head` "causal-lm" loads AutoModelForCausalLM; "sequence-classification" loads
-    AutoModelForSequenceClassification, with one output per entry of `labels` when given (a new head
-    starts random: seed torch first) and the checkpoint's own head otherwise.
+    `head` "causal-lm" loads AutoModelForCausalLM, "sequence-classification" AutoModelForSequenceClassification
+    (default: the latter when `labels` are given). With `labels` the classifier gets a new head of one output per
+    label (one: regression), drawn with `seed` when given (the global RNG is left as it was), so the same seed gives
+    the same head; without, the checkpoint's own head.
     """
     import transformers
 
+    head = head or ("sequence-classification" if labels is not None else "causal-lm")
+    if labels is not None:
+        require_classifier(ref, trust_remote_code=trust_remote_code)
     transformers.utils.logging.disable_progress_bar()
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": not allow_pickle or None}
     if not allow_pickle and Path(ref.path).is_dir() and not any(Path(ref.path).glob("*.safetensors")):
         raise shards.pickle_checkpoint_error(Path(ref.path), option="--allow-pickle")
     if head == "sequence-classification" and labels is not None:
         kwargs |= _head_kwargs(labels)
-    model, tokenizer = _from_pretrained(ref, kwargs, trust_remote_code=trust_remote_code, head=head, labels=labels)
+    if quantize is not None:
+        skip = _unquantized_linears(ref, trust_remote_code=trust_remote_code, head=head, labels=labels)
+        kwargs |= quantization.loading_kwargs(quantize, dtype=dtype, device=device, skip=skip)
+    new_head = labels is not None and seed is not None
+    with torch.random.fork_rng(devices=[], enabled=new_head):
+        if new_head:
+            torch.manual_seed(seed)
+        model, tokenizer = _from_pretrained(ref, kwargs, trust_remote_code=trust_remote_code, head=head, labels=labels)
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss, so any token id serves.
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-    model.to(device)
+    if quantize is None:  # a quantized model was placed as it loaded
+        model.to(device)
     model.eval()
     return model, tokenizer
 
@@ -225,36 +250,6 @@ def _check_complete(ref: ModelRef, info: dict, *, new_head: bool) -> None:
             )
 
 
-def load_for_labels(
-    ref: ModelRef,
-    labels: Sequence[str] | None,
-    *,
-    dtype,
-    device,
-    seed: int,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> tuple[nn.Module, object]:
-    """A causal LM, or with head `labels` (data.head_labels) a sequence classifier with one output per label
-    (one output: regression). A new head is drawn with `seed`, so the same seed gives the same head."""
-    if labels is None:
-        return load_model(
-            ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
-        )
-    require_classifier(ref, trust_remote_code=trust_remote_code)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return load_model(
-            ref,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            head="sequence-classification",
-            labels=labels,
-            allow_pickle=allow_pickle,
-        )
-
-
 def model_config(ref: ModelRef, *, trust_remote_code: bool = False):
     """The model's transformers config (config.json), read without weights."""
     from transformers import AutoConfig
@@ -262,7 +257,10 @@ def model_config(ref: ModelRef, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}") from e
+        raise BadInputError(
+            f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}",
+            hint="pass a local directory with its config.json (no weights needed), an alias or a hub id",
+        ) from e
 
 
 def architectures(ref: ModelRef, *, trust_remote_code: bool = False) -> list[str]:
@@ -350,10 +348,61 @@ def _suffix_examples(names: list[str]) -> str:
     return ",".join(list(seen)[:8]) or "(the model has no linear layers)"
 
 
+def linear_shape(module: nn.Linear) -> tuple[int, int]:
+    """(out_features, in_features) = (m, n) of a linear layer's weight, also where the weight is stored packed
+    (a bitsandbytes 4-bit layer holds it as [m·n/2, 1] bytes)."""
+    return module.out_features, module.in_features
+
+
 def target_shapes(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) = (m, n) of each target's weight."""
     named = dict(model.named_modules())
-    return {name: tuple(named[name].weight.shape) for name in modules}
+    return {name: linear_shape(named[name]) for name in modules}
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The model's parameters, each tied one once; a quantized linear layer's weight counts its m·n entries, not
+    its packed bytes."""
+    seen: set[int] = set()
+    count = 0
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            packed = name == "weight" and quantization.is_quantized(module)
+            count += module.out_features * module.in_features if packed else param.numel()
+    return count
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """The linear layers `--quantize` quantizes: those `--targets all-linear` names (never the output head, a
+    classifier's head or embeddings)."""
+    return resolve_targets(model, "all-linear")
+
+
+def _unquantized_linears(
+    ref: ModelRef, *, trust_remote_code: bool, head: str, labels: Sequence[str] | None
+) -> list[str]:
+    """The linear layers of `ref` that `--quantize` leaves in the compute dtype, from its config (meta device)."""
+    model = meta_model(ref, trust_remote_code=trust_remote_code, head=head, labels=labels)
+    kept = set(quantized_modules(model))
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in kept]
+
+
+def meta_model(
+    ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm", labels: Sequence[str] | None = None
+) -> nn.Module:
+    """The model of `ref` built from its config.json on the meta device (with a head of one output per label when
+    `labels` are given): shapes, no weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
+    config = model_config(ref, trust_remote_code=trust_remote_code)
+    if labels is not None:
+        config.num_labels = len(labels)
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def fingerprint(shapes: dict[str, tuple[int, int]]) -> str:
@@ -445,13 +494,8 @@ def linear_shapes_from_config(
     ref: ModelRef, *, trust_remote_code: bool = False, head: str = "causal-lm"
 ) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear layer, from config.json alone: the model is built on the meta device."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
-    config = model_config(ref, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model = meta_model(ref, trust_remote_code=trust_remote_code, head=head)
+    return {name: linear_shape(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

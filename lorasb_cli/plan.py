@@ -17,11 +17,22 @@ What the stages hold at their peak (the start of backward, or the largest shard 
   saved; the base is read one memory-mapped tensor at a time), and the largest target weight being merged with
   its float32 copy and B·R·A.
 
+Per device (`--world-size N`, `--strategy`, `--quantize`; DESIGN.md §5): under ddp every process holds all of
+the above (the batch is per process). Under fsdp the base is sharded 1/N per device, and gathered whole, for compute,
+one unit at a time: a decoder layer (the model's `_no_split_modules`), and the root unit (embeddings, final norm,
+output head), which FSDP2 keeps gathered from forward to backward; estimate's accumulators live on one owner rank
+per target (balanced by size), each target's gradient reduced to its owner; R and its AdamW states are sharded, B
+and A (buffers) are not. Activations and the loss are per device under both. `--quantize` stores the linear layers
+of `models.quantized_modules` in the bytes of `quantization.quantized_linear_bytes` (nf4/fp4 0.5625 bytes a weight,
+int8 1 byte and a scale per row), and each quantized matmul holds a dense copy of its weight in the compute dtype
+while it runs (the largest one counted). merge runs in one process on the host whatever the job's layout.
+
 Measured against these on SmolLM2 (benchmarks/estimate.py) and on a Mistral-7B-shaped model (benchmarks/gpu.py).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from collections.abc import Callable
@@ -31,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import models
-from .configs import ACCUMULATE_ON
+from . import models, quantization
+from .configs import ACCUMULATE_ON, QUANTIZE, STRATEGIES
 from .errors import BadInputError
 from .options import MAX_LENGTH
 
@@ -127,19 +138,7 @@ def meta_model(
     ref: models.ModelRef, *, dtype: torch.dtype, head: str = "causal-lm", trust_remote_code: bool = False
 ) -> nn.Module:
     """The model of `ref` built from its config.json on the meta device, in `dtype`: shapes, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if head == "sequence-classification" else AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadInputError(
-            f"cannot read the config of model '{ref.id}': {str(e).splitlines()[0]}",
-            hint="pass a local directory with its config.json (no weights needed), an alias or a hub id",
-        ) from e
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    return model.to(dtype)
+    return models.meta_model(ref, head=head, trust_remote_code=trust_remote_code).to(dtype)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -268,6 +267,10 @@ class ModelFacts:
     itemsize: int = field(default=4)
     # estimate --report-ranks sums the sample's two halves apart: two accumulators per target until they are added.
     accumulator_sets: int = 1
+    quantize: str | None = None  # --quantize: the bytes above are those of the quantized base
+    root_weight_bytes: int = 0  # weights outside the decoder layers (embeddings, final norm, output head)
+    largest_layer_bytes: int = 0  # the largest decoder layer's weights: what fsdp gathers at a time
+    dequantized_bytes: int = 0  # the largest quantized weight's dense copy in the compute dtype (0: not quantized)
 
     @property
     def target_entries(self) -> int:
@@ -288,12 +291,13 @@ def model_facts(
     max_length: int = 512,
     rank: int = 32,
     dtype: torch.dtype = torch.bfloat16,
+    quantize: str | None = None,
     head: str = "causal-lm",
     train: bool = True,
     trust_remote_code: bool = False,
 ) -> ModelFacts:
-    """Sizes of the model at `dtype`, its targets, and the activations of estimate and (`train`) of a LoRA-SB
-    train step at batch_size × max_length: meta forwards, no weights read.
+    """Sizes of the model at `dtype` (its linear layers quantized as `quantize`), its targets, and the activations
+    of estimate and (`train`) of a LoRA-SB train step at batch_size × max_length: meta forwards, no weights read.
 
     The trace takes seconds (4.5 s of SmolLM2's start) and depends only on the config and the arguments, so it is
     kept under `$LORASB_HOME/plans/`, keyed by the config's content, the arguments, the torch and transformers
@@ -304,41 +308,44 @@ def model_facts(
         "max_length": max_length,
         "rank": rank,
         "dtype": str(dtype),
+        "quantize": quantize,
         "head": head,
         "train": train,
     }
     cache = None if trust_remote_code else _trace_cache_path(ref, arguments)
     traced = _read_trace(cache)
     if traced is None:
-        traced = _trace(ref, targets, batch_size, max_length, rank, dtype, head, train, trust_remote_code)
+        traced = _trace(ref, targets, batch_size, max_length, rank, dtype, quantize, head, train, trust_remote_code)
         _write_trace(cache, traced)
     shard, source = _largest_shard(ref, traced["weight_bytes"])
     return ModelFacts(
         model=ref.id,
         dtype=str(dtype).removeprefix("torch."),
-        parameters=traced["parameters"],
-        weight_bytes=traced["weight_bytes"],
-        targets={name: tuple(shape) for name, shape in traced["targets"].items()},
+        targets={name: tuple(shape) for name, shape in traced.pop("targets").items()},
         batch_size=batch_size,
         max_length=max_length,
         rank=rank,
-        estimate_activations=traced["estimate_activations"],
-        train_activations=traced["train_activations"],
-        logits_entries=traced["logits_entries"],
         largest_shard_bytes=shard,
         shard_source=source,
         itemsize=dtype.itemsize,
+        quantize=quantize,
+        **traced,
     )
 
 
-def _trace(ref, targets, batch_size, max_length, rank, dtype, head, train, trust_remote_code) -> dict:
+def _trace(ref, targets, batch_size, max_length, rank, dtype, quantize, head, train, trust_remote_code) -> dict:
     """The meta forwards behind `model_facts`: sizes and activation bytes, as JSON-ready values."""
     from . import adapter
 
     model = meta_model(ref, dtype=dtype, head=head, trust_remote_code=trust_remote_code)
     modules = models.resolve_targets(model, targets)
     shapes = models.target_shapes(model, modules)
-    unique = {_storage_key(t): t for t in (*model.parameters(), *model.buffers())}  # tied weights once
+    loaded = loaded_bytes(model, quantize)
+    weight_bytes = sum(loaded.values())
+    layers = [_units_bytes(unit, loaded) for unit in decoder_layers(model)]
+    quantized = models.target_shapes(model, models.quantized_modules(model)) if quantize else {}
+    dense_itemsize = 2 if quantize == "int8" else dtype.itemsize  # bitsandbytes' int8 matmuls run in float16
+    parameters = sum(p.numel() for p in model.parameters())
     estimate_activations, logits = activation_bytes(model, batch_size, max_length, targets=modules)
     train_activations = 0
     if train:
@@ -350,12 +357,15 @@ def _trace(ref, targets, batch_size, max_length, rank, dtype, head, train, trust
         model.train()
         train_activations, _ = activation_bytes(model, batch_size, max_length, mode="train")
     return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weight_bytes": sum(t.untyped_storage().nbytes() for t in unique.values()),
+        "parameters": parameters,
+        "weight_bytes": weight_bytes,
         "targets": shapes,
         "estimate_activations": estimate_activations,
         "train_activations": train_activations,
         "logits_entries": logits,
+        "root_weight_bytes": weight_bytes - sum(layers),
+        "largest_layer_bytes": max(layers, default=0),
+        "dequantized_bytes": max((m * n for m, n in quantized.values()), default=0) * dense_itemsize,
     }
 
 
@@ -371,7 +381,9 @@ def _trace_cache_path(ref: models.ModelRef, arguments: dict) -> Path:
     config = models.model_config(ref).to_dict()
     config.pop("_name_or_path", None)
     here = Path(__file__).resolve().parent
-    code = hashlib.sha256(b"".join((here / name).read_bytes() for name in ("plan.py", "adapter.py"))).hexdigest()
+    code = hashlib.sha256(
+        b"".join((here / name).read_bytes() for name in ("plan.py", "adapter.py", "quantization.py"))
+    ).hexdigest()
     key = {
         "config": config,
         "arguments": arguments,
@@ -408,6 +420,39 @@ def _write_trace(path: Path | None, traced: dict) -> None:
         log.debug("could not cache the plan's trace at %s", path, exc_info=True)
 
 
+def loaded_bytes(model: nn.Module, quantize: str | None) -> dict[int, int]:
+    """Bytes of each weight storage of the meta `model` (parameters and buffers, a tied one once) as a stage loads
+    it: the weights of `models.quantized_modules` in their `quantize` storage, everything else as it is."""
+    sizes = {_storage_key(t): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())}
+    if quantize is not None:
+        for name in models.quantized_modules(model):
+            module = model.get_submodule(name)
+            sizes[_storage_key(module.weight)] = quantization.quantized_linear_bytes(
+                quantize, *models.linear_shape(module)
+            )
+    return sizes
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The units fsdp shards and gathers one at a time: the outermost modules of the classes the model names in
+    `_no_split_modules` (transformers' own unit of placement, e.g. LlamaDecoderLayer)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    units: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            units.append(module)
+            inside |= {id(m) for m in module.modules()}
+    return units
+
+
+def _units_bytes(unit: nn.Module, loaded: dict[int, int]) -> int:
+    keys = {_storage_key(t) for t in (*unit.parameters(), *unit.buffers())}
+    return sum(loaded[k] for k in keys)
+
+
 def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:
     """The largest safetensors file of a local checkpoint (its size on disk), else the whole checkpoint."""
     path = Path(ref.path)
@@ -417,37 +462,112 @@ def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:
     return weight_bytes, "shard layout unknown: the whole checkpoint assumed"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How the processes of a job share the model (DESIGN.md §5): `world_size` processes, `strategy` ddp (each holds
+    the whole base) or fsdp (the base sharded across them). The plans are per process, i.e. per device."""
+
+    world_size: int = 1
+    strategy: str = "ddp"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise BadInputError(f"unknown --strategy '{self.strategy}'", hint="use ddp or fsdp")
+
+    @property
+    def sharded(self) -> int:
+        """The number of shards of the base and of what is sharded with it (1: none)."""
+        return self.world_size if self.strategy == "fsdp" else 1
+
+    def describe(self) -> str:
+        return f"{self.world_size} × {self.strategy}"
+
+
+def _shard(total: int, shards: int) -> int:
+    return -(-total // shards)
+
+
+def _weight_items(facts: ModelFacts, device: str, layout: Layout) -> tuple[Item, ...]:
+    """The base's weights on one device: whole (ddp), or a 1/N shard plus what fsdp gathers at a time; and the dense
+    copy a quantized matmul makes of its weight."""
+    what = f"weights ({facts.dtype}{f', {facts.quantize} linear layers' if facts.quantize else ''})"
+    n = layout.sharded
+    if n == 1:
+        items = [Item(what, facts.weight_bytes, device)]
+    else:
+        gathered = facts.root_weight_bytes + facts.largest_layer_bytes
+        items = [
+            Item(f"{what}, a 1/{n} shard", _shard(facts.weight_bytes, n), device),
+            Item(
+                "gathered beyond the shard: the root unit (embeddings, norm, head) and one decoder layer",
+                gathered - gathered // n,
+                device,
+            ),
+        ]
+    if facts.dequantized_bytes:
+        items.append(Item("the largest quantized weight, dequantized for its matmul", facts.dequantized_bytes, device))
+    return tuple(items)
+
+
+def owner_loads(sizes: list[int], owners: int) -> list[int]:
+    """Bytes each of `owners` ranks holds when every item of `sizes` goes to one owner, balanced by size: largest
+    first, each to the least loaded rank (within 4/3 of the best split)."""
+    loads = [(0, rank) for rank in range(owners)]
+    heapq.heapify(loads)
+    for size in sorted(sizes, reverse=True):
+        load, rank = heapq.heappop(loads)
+        heapq.heappush(loads, (load + size, rank))
+    return [load for load, _ in sorted(loads, key=lambda item: item[1])]
+
+
 def estimate_plan(
-    facts: ModelFacts, *, device: str = "cpu", accumulate_on: str = "cpu", accumulate_dtype: torch.dtype = torch.float32
+    facts: ModelFacts,
+    *,
+    device: str = "cpu",
+    accumulate_on: str = "cpu",
+    accumulate_dtype: torch.dtype = torch.float32,
+    layout: Layout = Layout(),
 ) -> StagePlan:
-    """estimate's peak: weights, accumulators, activations and the loss at batch × length (see the module doc)."""
+    """estimate's peak on one device: weights, accumulators, activations and the loss at batch × length (see the
+    module doc)."""
     accumulate_where = device if accumulate_on == "device" else "cpu"
     logits = facts.logits_entries * facts.itemsize
     chunks = min(2 * LOSS_CHUNK_BYTES, facts.logits_entries * 4)
     halves = ", 2 halves" if facts.accumulator_sets == 2 else ""
+    n = layout.sharded
+    owned = f", the targets one rank of {n} owns" if n > 1 else ""
     accumulators = (
-        f"accumulators ({str(accumulate_dtype).removeprefix('torch.')}, {len(facts.targets)} targets{halves})"
+        f"accumulators ({str(accumulate_dtype).removeprefix('torch.')}, {len(facts.targets)} targets{halves}{owned})"
     )
+    sizes = [m * k * accumulate_dtype.itemsize for m, k in facts.targets.values()]
+    in_flight = []
+    if n > 1:
+        largest = max((m * k for m, k in facts.targets.values()), default=0)
+        in_flight = [Item("the largest target's gradient on its way to its owner rank (float32)", 4 * largest, device)]
     items = (
-        Item(f"weights ({facts.dtype})", facts.weight_bytes, device),
-        Item(
-            accumulators, facts.accumulator_sets * accumulator_bytes(facts.targets, accumulate_dtype), accumulate_where
-        ),
+        *_weight_items(facts, device, layout),
+        Item(accumulators, facts.accumulator_sets * max(owner_loads(sizes, n)), accumulate_where),
+        *in_flight,
         Item("activations (saved for backward, held target inputs)", facts.estimate_activations, device),
         Item("loss: logits, their gradient, float32 chunks", 2 * logits + chunks, device),
     )
     return StagePlan("estimate", items, f"batch {facts.batch_size} × {facts.max_length} tokens")
 
 
-def train_plan(facts: ModelFacts, *, device: str = "cpu") -> StagePlan:
-    """A LoRA-SB training step's peak at rank `facts.rank` (see the module doc)."""
+def train_plan(facts: ModelFacts, *, device: str = "cpu", layout: Layout = Layout()) -> StagePlan:
+    """A LoRA-SB training step's peak on one device at rank `facts.rank` (see the module doc)."""
     ranks = {name: min(facts.rank, m, n) for name, (m, n) in facts.targets.items()}
     factors = sum(r * (m + n) for r, (m, n) in zip(ranks.values(), facts.targets.values())) * 4
     trained = sum(r * r for r in ranks.values()) * 4
+    shards = layout.sharded
     items = (
-        Item(f"weights ({facts.dtype})", facts.weight_bytes, device),
+        *_weight_items(facts, device, layout),
         Item("B, A (float32)", factors, device),
-        Item("R, its gradient, AdamW's two states (float32)", 4 * trained, device),
+        Item(
+            "R, its gradient, AdamW's two states (float32" + (f", a 1/{shards} shard)" if shards > 1 else ")"),
+            _shard(4 * trained, shards),
+            device,
+        ),
         Item("activations (saved for backward)", facts.train_activations, device),
         Item(
             "loss: logits; float32 log-softmax and two gradients", facts.logits_entries * (facts.itemsize + 12), device
@@ -476,6 +596,18 @@ class Plan:
     facts: ModelFacts
     stages: dict[str, StagePlan]
     free: dict[str, int] = field(default_factory=dict)
+    layout: Layout = Layout()
+
+    def per_device(self) -> dict[str, dict[str, int]]:
+        """{stage: {"gpu": bytes, "host": bytes}} that each device of the job needs: on the accelerator, and in the
+        host memory its process uses (merge runs in one process on the host)."""
+        return {
+            name: {
+                "gpu": sum(b for where, b in stage.need().items() if where != "cpu"),
+                "host": stage.need().get("cpu", 0),
+            }
+            for name, stage in self.stages.items()
+        }
 
     def fits(self, stage: str) -> bool | None:
         """Whether `stage` fits in what was free (None when a place it needs was not looked up)."""
@@ -498,6 +630,10 @@ class Plan:
         facts["targets"] = len(self.facts.targets)
         facts["target_entries"] = self.facts.target_entries
         return {
+            "per_device_bytes": self.per_device(),
+            "world_size": self.layout.world_size,
+            "strategy": self.layout.strategy,
+            "quantize": self.facts.quantize,
             "model": facts,
             "free_bytes": self.free,
             "stages": {name: self._stage_json(name) for name in self.stages},
@@ -511,18 +647,21 @@ def plan_stages(
     accumulate_on: str = "cpu",
     accumulate_dtype: torch.dtype = torch.float32,
     free: dict[str, int] | None = None,
+    layout: Layout = Layout(),
 ) -> Plan:
-    """The plans of estimate (accumulators on `accumulate_on`: "cpu" or "device"), train and merge."""
+    """The plans of estimate (accumulators on `accumulate_on`: "cpu" or "device"), train and merge, per device of
+    `layout`."""
     return Plan(
         facts,
         {
             "estimate": estimate_plan(
-                facts, device=device, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype
+                facts, device=device, accumulate_on=accumulate_on, accumulate_dtype=accumulate_dtype, layout=layout
             ),
-            "train": train_plan(facts, device=device),
+            "train": train_plan(facts, device=device, layout=layout),
             "merge": merge_plan(facts),
         },
         free or {},
+        layout,
     )
 
 
@@ -537,13 +676,18 @@ def plan_model(
     device: str = "auto",
     accumulate_on: str = "auto",
     accumulate_dtype: str = "float32",
+    quantize: str | None = None,
+    layout: Layout = Layout(),
     head: str = "causal-lm",
     trust_remote_code: bool = False,
 ) -> Plan:
     """`lorasb estimate --dry-run`: the plan of every stage for `--model` (alias, hub id, or a local directory —
-    config.json alone is enough), with the options resolved as the stages resolve them and what is free now."""
+    config.json alone is enough) per device of `layout`, with the options resolved as the stages resolve them and
+    what is free now."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise BadInputError(f"unknown --quantize '{quantize}'", hint=f"use {', '.join(QUANTIZE)}")
     ref = models.resolve_model(model)
-    resolved_device = models.resolve_device(device)
+    resolved_device = _planned_device(device)
     facts = model_facts(
         ref,
         targets=targets,
@@ -551,14 +695,28 @@ def plan_model(
         max_length=models.fit_max_length(max_length, MAX_LENGTH, ref, trust_remote_code=trust_remote_code),
         rank=rank,
         dtype=models.resolve_dtype(dtype, resolved_device),
+        quantize=quantize,
         head=head,
         trust_remote_code=trust_remote_code,
     )
     where = place(resolved_device)
     dtype_ = accumulate_dtype_of(accumulate_dtype)
     free = available_memory({"cpu", where})
-    on = resolve_accumulate_on(facts, device=where, accumulate_on=accumulate_on, accumulate_dtype=dtype_, free=free)
-    return plan_stages(facts, device=where, accumulate_on=on, accumulate_dtype=dtype_, free=free)
+    on = resolve_accumulate_on(
+        facts, device=where, accumulate_on=accumulate_on, accumulate_dtype=dtype_, free=free, layout=layout
+    )
+    return plan_stages(facts, device=where, accumulate_on=on, accumulate_dtype=dtype_, free=free, layout=layout)
+
+
+def _planned_device(name: str) -> torch.device:
+    """The device a plan is made for: `--device` as the stages resolve it, except that a plan for an accelerator
+    this machine lacks is allowed (`--dry-run --device cuda` on a laptop plans the GPU job)."""
+    if name == "auto":
+        return models.resolve_device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise BadInputError(f"unknown --device '{name}'", hint="use auto, cpu, cuda or cuda:N") from e
 
 
 def accumulate_dtype_of(name: str) -> torch.dtype:
@@ -615,13 +773,21 @@ def shortfall(stage: StagePlan, free: dict[str, int]) -> dict[str, tuple[int, in
 
 
 def resolve_accumulate_on(
-    facts: ModelFacts, *, device: str, accumulate_on: str, accumulate_dtype: torch.dtype, free: dict[str, int]
+    facts: ModelFacts,
+    *,
+    device: str,
+    accumulate_on: str,
+    accumulate_dtype: torch.dtype,
+    free: dict[str, int],
+    layout: Layout = Layout(),
 ) -> str:
     """`--accumulate-on` as "cpu" or "device": "auto" is "device" on an accelerator when all of estimate fits
     there (no copy to the host per module and batch), else "cpu"."""
     if accumulate_on_of(accumulate_on) != "auto":
         return accumulate_on
-    on_device = estimate_plan(facts, device=device, accumulate_on="device", accumulate_dtype=accumulate_dtype)
+    on_device = estimate_plan(
+        facts, device=device, accumulate_on="device", accumulate_dtype=accumulate_dtype, layout=layout
+    )
     return "device" if device != "cpu" and not shortfall(on_device, free) else "cpu"
 
 

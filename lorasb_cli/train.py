@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, linalg, loss, methods, models, system, templates, tracking
+from . import adapter, artifacts, data, linalg, loss, methods, models, quantization, system, templates, tracking
 from .configs import TrainConfig
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted, LorasbError
 from .options import MAX_LENGTH
@@ -95,7 +95,14 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
         raise BadInputError("--resume continues the run in -o and --overwrite replaces it", hint="pass one of them")
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
+    config.check_runnable()
     method = methods.get_method(config.method)
+    if config.quantize and not method.quantized_base:
+        users = ", ".join(m.name for m in methods.METHODS.values() if m.quantized_base)
+        raise BadInputError(
+            f"--method {method.name} reads or trains the base weights W0, which --quantize {config.quantize} packs",
+            hint=f"drop --quantize, or train --method {users}",
+        )
     if config.factors and config.init_adapter:
         raise BadInputError("--factors and --init-adapter both give the start", hint="pass one of them")
     start = "--factors" if config.factors else "--init-adapter" if config.init_adapter else None
@@ -264,7 +271,7 @@ def _prepare_method(
             linalg.check_rank(rank, models.target_shapes(model, modules))
         ranks = {m: rank or 0 for m in modules}
     shapes = models.target_shapes(model, modules)
-    base_params = sum(p.numel() for p in model.parameters())
+    base_params = models.parameter_count(model)
     lora_params = sum(ranks[module] * (m + n) for module, (m, n) in shapes.items())
 
     @torch.no_grad()
@@ -287,6 +294,8 @@ def _prepare_method(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         prepared = method.prepare(setup)
+    if config.quantize:
+        quantization.mark_adapters_attached(prepared.model)
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     log.info(
         "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s",
@@ -337,7 +346,7 @@ def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run:
     from_factors = inputs.factors.config if inputs.factors is not None else {}
     labels = inputs.labels
     adapter_config = {
-        "base_model": inputs.ref.provenance(models.fingerprint(run.shapes)),
+        "base_model": inputs.ref.provenance(models.fingerprint(run.shapes), config.quantize),
         "targets": from_factors.get("targets", getattr(inputs.options, "targets", None)),
         "target_modules": run.modules,
         "rank": run.rank,
@@ -495,6 +504,7 @@ _FREE_ON_RESUME = {
     "eval_steps",
     "eval_task",
     "device",
+    "strategy",
     "trust_remote_code",
     "allow_pickle",
     "force_template",
@@ -579,17 +589,17 @@ def _run(
     callbacks: Sequence[object],
     log_step: Callable[[StepStats], None] | None,
 ) -> TrainSummary:
-    device = models.resolve_device(config.device)
-    dtype = models.resolve_dtype(config.dtype, device)
+    device, dtype = models.placement(config.device, config.dtype)
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
-    model, tokenizer = models.load_for_labels(
+    model, tokenizer = models.load_model(
         inputs.ref,
-        inputs.labels,
-        dtype=dtype,
         device=device,
-        seed=config.seed,
+        dtype=dtype,
+        quantize=config.quantize,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
+        labels=inputs.labels,
+        seed=config.seed,
     )
     examples = _examples(config, inputs, tokenizer)
     run = _prepare_method(config, inputs, model, tokenizer, examples, device)

@@ -186,8 +186,8 @@ def test_float_labels_are_regression(tmp_path):
 def test_regression_gradient_is_the_sum_of_per_sample_mse_gradients(tmp_path):
     """G through the MSE of a one-output head equals autograd of HF's own regression loss, sample by sample."""
     ref = models.resolve_model(str(make_bert_dir(tmp_path / "bert")))
-    model, tokenizer = models.load_for_labels(
-        ref, data.REGRESSION_LABELS, dtype=torch.float32, device=torch.device("cpu"), seed=0
+    model, tokenizer = models.load_model(
+        ref, dtype=torch.float32, device=torch.device("cpu"), labels=data.REGRESSION_LABELS, seed=0
     )
     examples = data.encode(STS_ROWS, "regression", tokenizer, 32, data.REGRESSION_LABELS)
     modules = models.resolve_targets(model, "all-linear")

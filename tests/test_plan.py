@@ -172,7 +172,7 @@ def test_estimate_refuses_before_loading_when_memory_is_short(tiny_model_dir, qa
     def no_load(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(models, "load_for_labels", no_load)
+    monkeypatch.setattr(models, "load_model", no_load)
     monkeypatch.setattr(plan, "available_memory", lambda places: {"cpu": (need16 + need32) // 2})
     with pytest.raises(BadInputError) as e:
         estimate.estimate(_estimate_config(tiny_model_dir, qa_file, tmp_path))

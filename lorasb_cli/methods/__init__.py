@@ -151,6 +151,8 @@ class Method:
     options: type[MethodOptions] = MethodOptions
     needs_factors: bool = False  # trains between the B, A of a factors file (train --factors)
     worse_init_hint: str = ""  # what to change when the initialized model is worse than the base
+    # Trains on a base whose linear layers are quantized (train --quantize): it neither reads nor changes W0 itself.
+    quantized_base: bool = False
 
     @property
     def prepare(self) -> Callable[[Setup], Prepared]:
@@ -203,8 +205,8 @@ def tensors_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 
 
 register(Method("full", "full fine-tuning of every parameter", "full:prepare_full"))
-register(Method("head", "the classifier head only (sequence classification)", "full:prepare_head"))
-register(Method("lora", "LoRA (PEFT), α = 2r", "peft_lora:prepare_lora", options=LowRankOptions))
+register(Method("head", "the classifier head only (sequence classification)", "full:prepare_head", quantized_base=True))
+register(Method("lora", "LoRA (PEFT), α = 2r", "peft_lora:prepare_lora", options=LowRankOptions, quantized_base=True))
 register(
     Method(
         "rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", "peft_lora:prepare_rslora", options=LowRankOptions
@@ -266,6 +268,7 @@ register(
         "lorasb:prepare",
         options=LoraSBOptions,
         needs_factors=True,
+        quantized_base=True,
         worse_init_hint="η is too large for this model; "
         "re-run estimate with a smaller --eta or pass --init-scale below 1",
     )
