@@ -58,7 +58,19 @@ SAMPLES = _SamplesType()
 
 
 @dataclass(frozen=True, kw_only=True)
-class EstimateConfig(TrainingDataOptions, ModelOptions):
+class StrategyOptions(Declared):
+    """How a launcher's processes share the model (estimate, train; DESIGN.md §5)."""
+
+    strategy: str = option(
+        type=click.Choice(["ddp", "fsdp"]),
+        default="ddp",
+        help="Data parallelism under a launcher: ddp replicates the base per process, fsdp shards it (FSDP2 "
+        "fully_shard)",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EstimateConfig(StrategyOptions, TrainingDataOptions, ModelOptions):
     """`lorasb estimate`'s options (the model and data groups, then its own); `--frac` 0.001 unless `--samples`."""
 
     data: str | None = option("--data", "-d", help="Local .jsonl/.json/.csv/.parquet file or hub data set.")
@@ -178,7 +190,7 @@ class DecomposeConfig(PluginConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
+class TrainConfig(PluginConfig, StrategyOptions, TrainingDataOptions, ModelOptions):
     """`lorasb train`'s options: the model and data groups, then its own. The chosen method's options (--rank,
     --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
     given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
