@@ -38,6 +38,8 @@ def shard_base(model: nn.Module, device: torch.device, keep_whole: Iterable[nn.P
             f"--strategy fsdp shards a model per decoder layer; {type(model).__name__} names none",
             hint="use --strategy ddp",
         )
+    if device.type == "cpu":
+        _return_large_buffers_to_the_os()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     ignored = set(keep_whole)
     for unit in units:
@@ -45,7 +47,22 @@ def shard_base(model: nn.Module, device: torch.device, keep_whole: Iterable[nn.P
     fully_shard(model, mesh=mesh, ignored_params=ignored)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+def _return_large_buffers_to_the_os() -> None:
+    """Serve allocations of 1 MiB and more from their own mappings, unmapped when freed (glibc only; elsewhere a
+    no-op). Each pass gathers every layer's weights and frees them again; glibc's adaptive threshold moves such
+    buffers into the heap after the first free, where they stay: measured on SmolLM2-135M with 2 processes, each
+    process then grows by about the whole model and an fsdp estimate peaks no lower than ddp (1,607 vs 1,592 MiB;
+    1,261 MiB with this setting)."""
+    import ctypes
+    import ctypes.util
 
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
