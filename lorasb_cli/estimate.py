@@ -204,9 +204,10 @@ def sum_gradients(
     if owners is not None:  # each rank checked its own modules: every rank learns of any
         flags = system.all_reduce_sum(torch.tensor([not finite.get(m, True) for m in modules], dtype=torch.float64))
         finite = {m: not flag for m, flag in zip(modules, flags.tolist())}
-    for name in (name for name in modules if not finite.get(name, True)):
+    failed = [name for name in modules if not finite.get(name, True)]
+    if failed:
         raise NonFiniteError(
-            f"NaN/Inf in the gradient of {name}",
+            f"NaN/Inf in the gradient of {failed[0]}",
             hint="run with --dtype float32, check the data for extreme samples, or lower --max-length",
         )
     return GradientSums(sums=hooks.sums, samples=int(counts[0]), tokens=int(counts[1]))
@@ -281,7 +282,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         sample.ref,
         sample.labels,
         dtype=dtype,
-        device=device,
+        device=fsdp.load_device(config.strategy, device),
         seed=config.seed,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
@@ -495,6 +496,11 @@ def _plan_accumulators(
         log.warning("no memory plan for %s (%s: %s); memory is not checked", sample.ref.id, type(e).__name__, e)
         return ("cpu" if accumulate_on == "auto" else accumulate_on), None
     facts = dataclasses.replace(facts, accumulator_sets=2 if config.report_ranks else 1)
+    if config.strategy == "fsdp":  # this process's share: 1/N of the weights, the accumulators it owns
+        (rank, world), targets = system.launcher_rank(), facts.targets
+        owners = accumulator_owners(targets, world)
+        mine = {name: shape for name, shape in targets.items() if owners[name] == rank}
+        facts = dataclasses.replace(facts, weight_bytes=facts.weight_bytes // world, targets=mine)
     accumulate_on = plan.choose_accumulation(
         facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
     )

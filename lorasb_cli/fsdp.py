@@ -24,9 +24,16 @@ def sharding(strategy: str) -> bool:
     return strategy == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def load_device(strategy: str, device: torch.device) -> torch.device:
+    """Where this process loads the model: `device`, or under fsdp the CPU, where the weights stay in the memory-mapped
+    checkpoint (one copy in a machine's page cache for all its processes) until shard_base moves each process's
+    shards to `device`: no device ever holds the whole model."""
+    return torch.device("cpu") if sharding(strategy) else device
+
+
 def shard_base(model: nn.Module, device: torch.device, keep_whole: Iterable[nn.Parameter] = ()) -> None:
-    """Shard `model`'s parameters across the process group, in place, except `keep_whole` (left as they are on
-    every rank: FSDP2 neither gathers nor reduces them)."""
+    """Shard `model`'s parameters across the process group onto `device`, in place, except `keep_whole` (whole on
+    every rank, moved to `device`: FSDP2 neither gathers nor reduces them)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -45,6 +52,8 @@ def shard_base(model: nn.Module, device: torch.device, keep_whole: Iterable[nn.P
     for unit in units:
         fully_shard(unit, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    for param in ignored:  # FSDP2 moves only what it shards
+        param.data = param.data.to(device)
 
 
 def _return_large_buffers_to_the_os() -> None:

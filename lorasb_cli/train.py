@@ -572,12 +572,14 @@ def _run(
 ) -> TrainSummary:
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
+    if config.strategy == "fsdp":
+        system.init_distributed()  # the group the Trainer then joins, formed before fsdp loads onto the CPU
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
     model, tokenizer = models.load_for_labels(
         inputs.ref,
         inputs.labels,
         dtype=dtype,
-        device=device,
+        device=fsdp.load_device(config.strategy, device),
         seed=config.seed,
         trust_remote_code=config.trust_remote_code,
         allow_pickle=config.allow_pickle,
@@ -634,9 +636,6 @@ def _run(
 def _shard(config: TrainConfig, model: nn.Module, run: _Run, device: torch.device) -> bool:
     """--strategy fsdp under a launcher: shard the base now that the method is set up on it (its init read the
     whole weights), the trained tensors left whole on every rank (lorasb_cli/fsdp.py). Whether it sharded."""
-    if config.strategy != "fsdp":
-        return False
-    system.init_distributed()  # the group the Trainer then joins
     if not fsdp.sharding(config.strategy):
         return False
     trained = [p for p in run.prepared.model.parameters() if p.requires_grad]
