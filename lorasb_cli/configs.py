@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import click
 
-from .errors import BadInputError
 from .linalg import DEFAULT_NITER
 from .options import (
     AT_LEAST_1,
@@ -82,17 +81,9 @@ class ParallelOptions(Declared):
     strategy: str = option(
         type=click.Choice(STRATEGIES),
         default="ddp",
-        help="ddp: every process holds the whole base; fsdp: the base sharded per decoder layer across processes.",
+        help="ddp: every process holds the whole base; fsdp: the base sharded per decoder layer across processes "
+        "(FSDP2 fully_shard).",
     )
-
-    def check_runnable(self) -> None:
-        """Refuse what only `estimate --dry-run` plans so far: FSDP runs are not built yet (issue 29)."""
-        if self.strategy != "ddp":
-            raise BadInputError(
-                f"--strategy {self.strategy} is not available to run yet, only to plan",
-                hint="run with --strategy ddp, or see the per-device plan: lorasb estimate --dry-run --strategy "
-                f"{self.strategy} --world-size N",
-            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, data, linalg, loss, models, plan, stability, system, templates
+from . import artifacts, data, fsdp, linalg, loss, models, plan, stability, system, templates
 from .configs import CombineConfig, EstimateConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .options import MAX_LENGTH
@@ -47,7 +47,9 @@ class _GradientHooks:
     """Hooks that add each target weight's gradient into its accumulator as backward produces it.
 
     Accumulators live on `accumulate_device` in `accumulate_dtype`. Each batch's gradient ∂L/∂yᵀ·x is one matmul
-    (float32 sums inside it); only the running sum across batches is rounded to `accumulate_dtype`.
+    (float32 sums inside it); only the running sum across batches is rounded to `accumulate_dtype`. With `owners`
+    (--strategy fsdp: module → rank) each batch's gradient is summed over the ranks into its owner's accumulator,
+    and a rank holds only the accumulators it owns.
     """
 
     def __init__(
@@ -57,9 +59,14 @@ class _GradientHooks:
         *,
         accumulate_device: torch.device | None = None,
         accumulate_dtype: torch.dtype = torch.float32,
+        owners: dict[str, int] | None = None,
     ):
         named = dict(model.named_modules())
-        self.shapes = {name: models.linear_shape(named[name]) for name in modules}  # a quantized weight is packed
+        self.owners, rank = owners, system.launcher_rank()[0]
+        # (out, in) features: a quantized weight is packed
+        self.shapes = {
+            name: models.linear_shape(named[name]) for name in modules if owners is None or owners[name] == rank
+        }
         self.device = accumulate_device or torch.device("cpu")
         self.dtype = accumulate_dtype
         # Created by each module's first gradient, not up front: while the first forward holds its peak of
@@ -83,6 +90,11 @@ class _GradientHooks:
                 grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
                 weight_grad = grad_2d.T.mm(x.reshape(-1, x.shape[-1]).to(grad_2d.dtype))
                 del x
+                if self.owners is not None:
+                    # Every rank calls this hook for every module in one autograd order, so the reduces pair up.
+                    weight_grad = system.reduce_to(weight_grad.to(self.dtype), self.owners[name])
+                    if name not in self.shapes:
+                        return
                 if name in self.sums:
                     # One rounding per batch: add_ computes in float32 and rounds into a bf16 accumulator.
                     self.sums[name].add_(weight_grad.to(self.device))
@@ -142,11 +154,14 @@ def sum_gradients(
     accumulate_on: torch.device | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
     start: GradientSums | None = None,
+    owners: dict[str, int] | None = None,
 ) -> GradientSums:
     """G for each target module over all batches (and all ranks of a process group, if one is running).
 
     The accumulators ([m, n] per target) live on `accumulate_on` (default CPU) in `accumulate_dtype`. `start`: a
-    sum to go on adding into, in place (one process only: its sums were all-reduced already).
+    sum to go on adding into, in place (one process only: its sums were all-reduced already). `owners` (module →
+    rank, for a model sharded by --strategy fsdp): each module's G only on its owner, whose `sums` hold only its
+    own modules.
 
     bfloat16 against float32: half the memory (2 instead of 4 bytes per target weight entry: 13 instead of 26 GiB
     for Mistral-7B). Within a batch nothing changes: ∂L/∂yᵀ·x is one matmul that sums its tokens in float32.
@@ -159,36 +174,60 @@ def sum_gradients(
     """
     device = next(model.parameters()).device
     model.requires_grad_(False)
-    hooks = _GradientHooks(model, modules, accumulate_device=accumulate_on, accumulate_dtype=accumulate_dtype)
+    hooks = _GradientHooks(
+        model, modules, accumulate_device=accumulate_on, accumulate_dtype=accumulate_dtype, owners=owners
+    )
     samples = tokens = 0
     if start is not None:
         hooks.sums, samples, tokens = start.sums, start.samples, start.tokens
     try:
-        for batch in batches:
+        for batch, counts in _batches_in_step(batches, sharded=owners is not None):
             logits = model(**loss.model_inputs(batch, device)).logits
             total, batch_tokens = loss.per_sample_loss_sum(logits, batch["labels"].to(device))
             del logits
             if total.requires_grad:
-                total.backward()
-            samples += batch["input_ids"].shape[0]
-            tokens += batch_tokens
-            if on_batch is not None:
-                on_batch(batch["input_ids"].shape[0])
+                (total if counts else total * 0).backward()
+            if counts:
+                samples += batch["input_ids"].shape[0]
+                tokens += batch_tokens
+                if on_batch is not None:
+                    on_batch(batch["input_ids"].shape[0])
     finally:
         hooks.remove()
     counts = system.all_reduce_sum(torch.tensor([samples, tokens], dtype=torch.float64))
-    for tensor in hooks.sums.values():
-        system.all_reduce_sum(tensor)
-    for name, tensor in hooks.sums.items():
-        # A finite Σg² means every entry is finite (an Inf or NaN entry makes it Inf or NaN): one BLAS pass instead
-        # of isfinite's five elementwise ones (profiled: 3% of a pass). Only an overflowing Σg² checks entries.
-        flat = tensor.view(-1)
-        if not torch.isfinite(torch.dot(flat, flat)) and not torch.isfinite(tensor).all():
-            raise NonFiniteError(
-                f"NaN/Inf in the gradient of {name}",
-                hint="run with --dtype float32, check the data for extreme samples, or lower --max-length",
-            )
+    if owners is None:
+        for tensor in hooks.sums.values():
+            system.all_reduce_sum(tensor)
+    # A finite Σg² means every entry is finite (an Inf or NaN entry makes it Inf or NaN): one BLAS pass instead of
+    # isfinite's five elementwise ones (profiled: 3% of a pass). Only an overflowing Σg² checks entries.
+    finite = {
+        name: bool(torch.isfinite(torch.dot(t.view(-1), t.view(-1))) or torch.isfinite(t).all())
+        for name, t in hooks.sums.items()
+    }
+    if owners is not None:  # each rank checked its own modules: every rank learns of any
+        flags = system.all_reduce_sum(torch.tensor([not finite.get(m, True) for m in modules], dtype=torch.float64))
+        finite = {m: not flag for m, flag in zip(modules, flags.tolist())}
+    failed = [name for name in modules if not finite.get(name, True)]
+    if failed:
+        raise NonFiniteError(
+            f"NaN/Inf in the gradient of {failed[0]}",
+            hint="run with --dtype float32, check the data for extreme samples, or lower --max-length",
+        )
     return GradientSums(sums=hooks.sums, samples=int(counts[0]), tokens=int(counts[1]))
+
+
+def _batches_in_step(
+    batches: Iterable[dict[str, torch.Tensor]], *, sharded: bool
+) -> Iterable[tuple[dict[str, torch.Tensor], bool]]:
+    """(batch, whether it counts) for each batch; a sharded model's ranks all run as many passes as the rank with
+    the most batches (each pass gathers weights from every rank), the extra ones a repeat that adds 0."""
+    if not sharded:
+        yield from ((batch, True) for batch in batches)
+        return
+    batches = list(batches)
+    most = int(system.all_reduce_max(torch.tensor([len(batches)], dtype=torch.float64)).item())
+    yield from ((batch, True) for batch in batches)
+    yield from ((batches[0], False) for _ in range(most - len(batches)))
 
 
 def sign_update(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -243,7 +282,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
     accumulate_on, planned = _plan_accumulators(config, sample, device, dtype)
     model, tokenizer = models.load_model(
         sample.ref,
-        device=device,
+        device=fsdp.load_device(config.strategy, device),
         dtype=dtype,
         quantize=config.quantize,
         trust_remote_code=config.trust_remote_code,
@@ -252,7 +291,13 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         seed=config.seed,
     )
     modules = models.resolve_targets(model, config.targets)
-    report_ranks = stability.parse_ranks(config.report_ranks, models.target_shapes(model, modules))
+    shapes = models.target_shapes(model, modules)
+    report_ranks = stability.parse_ranks(config.report_ranks, shapes)
+    head = models.head_tensors(model)  # the update carries it whole, however the model is sharded below
+    owners = None
+    if fsdp.sharding(config.strategy):
+        fsdp.shard_base(model, device)
+        owners = accumulator_owners(shapes, system.launcher_rank()[1])
     passes = _Passes(
         config,
         sample,
@@ -261,6 +306,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         tokenizer,
         device if accumulate_on == "device" else torch.device("cpu"),
         progress,
+        owners,
     )
     start = time.perf_counter()
     records = {}
@@ -272,8 +318,9 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
         result = passes.sums(sample.indices)
     seconds = time.perf_counter() - start
     data.check_supervised(result.tokens, f"the {result.samples} samples drawn", config.max_length)
+    tensors = _update_tensors(config, shapes, result, owners) | head
     if system.is_main_process():
-        _write_update(config, sample, model, modules, result, dtype, records)
+        _write_update(config, sample, shapes, model, result, dtype, records, tensors)
     return EstimateSummary(
         path=Path(config.out),
         modules=len(modules),
@@ -301,6 +348,7 @@ class _Passes:
     tokenizer: object
     accumulate_on: torch.device
     progress: Callable[[int, int], None] | None
+    owners: dict[str, int] | None = None  # --strategy fsdp: the rank that sums each module's G
     done: int = 0
 
     def sums(self, indices: list[int], start: GradientSums | None = None) -> GradientSums:
@@ -317,6 +365,7 @@ class _Passes:
             accumulate_dtype=plan.accumulate_dtype_of(config.accumulate_dtype),
             accumulate_on=self.accumulate_on,
             start=start,
+            owners=self.owners,
         )
 
     def _on_batch(self, batch_samples: int) -> None:
@@ -367,8 +416,8 @@ def _sum_until_stable(config: EstimateConfig, passes: _Passes) -> tuple[Gradient
 
 
 def _check_modes(config: EstimateConfig) -> None:
-    """--report-ranks and --samples auto need the whole sample in one estimate; --strategy is one that runs."""
-    config.check_runnable()
+    """--report-ranks and --samples auto need the whole sample in one estimate; --world-size only plans."""
+    fsdp.check_supported(config.strategy, config.quantize)
     if config.world_size is not None:
         raise BadInputError(
             "--world-size sizes a planned job (--dry-run); a run's processes are its launcher's",
@@ -378,6 +427,11 @@ def _check_modes(config: EstimateConfig) -> None:
         raise BadInputError(
             "--report-ranks compares two halves of the whole sample; a --raw shard holds one part of it",
             hint="drop --report-ranks, or estimate without --raw",
+        )
+    if config.report_ranks and config.strategy == "fsdp":
+        raise BadInputError(
+            "--report-ranks compares whole sums of two halves; --strategy fsdp spreads them over the processes",
+            hint="drop --report-ranks, or use --strategy ddp",
         )
     if config.samples != "auto":
         return
@@ -419,6 +473,10 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     drawn = data.sample_indices(population, frac=None, samples=count, seed=config.seed)
     indices = data.take_shard(drawn, *shard) if shard else drawn
     rank, world = system.init_distributed()
+    if config.strategy == "fsdp" and len(indices) < world:  # each rank's passes repeat one of its own batches
+        raise BadInputError(
+            f"--strategy fsdp: {len(indices)} samples for {world} processes", hint="draw at least one per process"
+        )
     indices = data.take_shard(indices, rank, world)
     labels = data.head_labels(fmt, dataset.rows)
     return _Sample(ref, dataset, fmt, template, system_prompt, labels, drawn, indices, shard, why)
@@ -448,6 +506,11 @@ def _plan_accumulators(
         log.warning("no memory plan for %s (%s: %s); memory is not checked", sample.ref.id, type(e).__name__, e)
         return ("cpu" if accumulate_on == "auto" else accumulate_on), None
     facts = dataclasses.replace(facts, accumulator_sets=2 if config.report_ranks else 1)
+    if config.strategy == "fsdp":  # this process's share: 1/N of the weights, the accumulators it owns
+        (rank, world), targets = system.launcher_rank(), facts.targets
+        owners = accumulator_owners(targets, world)
+        mine = {name: shape for name, shape in targets.items() if owners[name] == rank}
+        facts = dataclasses.replace(facts, weight_bytes=facts.weight_bytes // world, targets=mine)
     accumulate_on = plan.choose_accumulation(
         facts, device=where, accumulate_on=config.accumulate_on, accumulate_dtype=accumulate_dtype
     )
@@ -455,19 +518,53 @@ def _plan_accumulators(
     return accumulate_on, planned.need()
 
 
+def accumulator_owners(shapes: dict[str, tuple[int, int]], world: int) -> dict[str, int]:
+    """The rank that holds each module's accumulator (--strategy fsdp): largest first, each onto the rank with the
+    fewest entries so far (the lowest such rank), so every rank holds about 1/world of them."""
+    load = [0] * world
+    owners = {}
+    for name in sorted(shapes, key=lambda n: shapes[n][0] * shapes[n][1], reverse=True):
+        owners[name] = min(range(world), key=lambda r: load[r])
+        load[owners[name]] += shapes[name][0] * shapes[name][1]
+    return owners
+
+
+def _update_tensors(
+    config: EstimateConfig, shapes: dict[str, tuple[int, int]], result: GradientSums, owners: dict[str, int] | None
+) -> dict[str, torch.Tensor]:
+    """The update's tensors (int8 signs, or with --raw the float32 sums) on the CPU of global rank 0; empty on the
+    others. Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU, and with `owners`
+    to rank 0, one module at a time."""
+
+    def finished(name: str, g: torch.Tensor) -> torch.Tensor:
+        return g.float().cpu() if config.raw else sign_update({name: g})[f"{name}.weight"].cpu()
+
+    if owners is None:
+        main = system.is_main_process()
+        return {f"{name}.weight": finished(name, g) for name, g in result.sums.items()} if main else {}
+    tensors = {}
+    for name, shape in shapes.items():
+        mine = finished(name, result.sums[name]) if name in result.sums else None
+        moved = system.to_main(mine, owners[name], shape, torch.float32 if config.raw else torch.int8)
+        if moved is not None:
+            tensors[f"{name}.weight"] = moved
+    return tensors
+
+
 def _write_update(
     config: EstimateConfig,
     sample: _Sample,
+    shapes: dict[str, tuple[int, int]],
     model: nn.Module,
-    modules: list[str],
     result: GradientSums,
     dtype: torch.dtype,
     records: dict,
+    tensors: dict[str, torch.Tensor],
 ) -> None:
-    """The update file (int8 signs, or with --raw the float32 sums) with its provenance."""
+    """The update file (`tensors`: the signs or raw sums, and a classifier's head) with its provenance."""
     meta = artifacts.provenance(
         "update-raw" if config.raw else "update",
-        base_model=sample.ref.provenance(models.fingerprint(models.target_shapes(model, modules)), config.quantize),
+        base_model=sample.ref.provenance(models.fingerprint(shapes), config.quantize),
         targets=config.targets,
         method="lorasb",
         data={
@@ -490,14 +587,6 @@ def _write_update(
         **{key: value for key, value in records.items() if value},  # stability, samples_auto
         **models.head_meta(models.HeadSpec.from_model(model, sample.labels)),
     )
-    # Signs are taken where G lives; only int8 (or the float32 raw sums) cross to the CPU.
-    tensors = (
-        {f"{name}.weight": g.float().cpu() for name, g in result.sums.items()}
-        if config.raw
-        else {name: t.cpu() for name, t in sign_update(result.sums).items()}
-    )
-    # The random head G was computed through: train must start from exactly this head (DESIGN.md §1).
-    tensors |= models.head_tensors(model)
     artifacts.write_artifact(config.out, tensors, meta)
 
 

@@ -40,15 +40,16 @@ def check_launcher() -> None:
     """Refuse the launcher modes no test runs, before any weight loads (DESIGN.md §5: only tested launchers).
 
     accelerate's FSDP plugin applies only to GPU-class process groups: on CPU `accelerate launch --use_fsdp` would
-    quietly run DDP, so no CPU test can run FSDP, and on GPUs the checkpoints would read sharded parameters.
-    DeepSpeed is no dependency of lorasb. Both set these variables for the Trainer (accelerate launch, its config).
+    quietly run DDP, and on GPUs the checkpoints would read sharded parameters; `--strategy fsdp` under torchrun
+    shards the base itself (lorasb_cli/fsdp.py). DeepSpeed is no dependency of lorasb. Both set these variables for
+    the Trainer (accelerate launch, its config).
     """
     for name, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(name, "false").lower() in ("true", "1"):
             raise BadInputError(
                 f"lorasb train does not support {what} ({name} is set)",
-                hint="launch data-parallel training with torchrun --nproc-per-node N or accelerate launch "
-                "--multi_gpu (each process holds the whole base model; only the r×r R matrices train)",
+                hint="launch with torchrun --nproc-per-node N (add --strategy fsdp to shard the base) or accelerate "
+                "launch --multi_gpu",
             )
 
 
@@ -79,10 +80,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the process group in place (a no-op outside one). NCCL needs device tensors."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return tensor
+    moved = _on_backend(tensor)
+    dist.all_reduce(moved)
+    return tensor.copy_(moved) if moved is not tensor else tensor
+
+
+def _on_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the process group's backend can send it: NCCL needs device tensors."""
     if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
-        on_device = tensor.cuda()
-        dist.all_reduce(on_device)
-        tensor.copy_(on_device.cpu())
-    else:
-        dist.all_reduce(tensor)
+        return tensor.cuda()
     return tensor
+
+
+def reduce_to(tensor: torch.Tensor, owner: int) -> torch.Tensor:
+    """Sum `tensor` over the process group into rank `owner`'s copy (in place there; other ranks' copies are left
+    undefined). Returns the tensor holding the sum on `owner`."""
+    moved = _on_backend(tensor)
+    dist.reduce(moved, dst=owner)
+    return tensor.copy_(moved) if moved is not tensor else tensor
+
+
+def to_main(tensor: torch.Tensor | None, owner: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Rank `owner`'s `tensor` ([shape] of `dtype`, on the CPU) on global rank 0; None on every other rank."""
+    rank = dist.get_rank()
+    if owner == 0:
+        return tensor if rank == 0 else None
+    if rank == owner:
+        dist.send(_on_backend(tensor), dst=0)
+        return None
+    if rank != 0:
+        return None
+    received = _on_backend(torch.empty(shape, dtype=dtype))
+    dist.recv(received, src=owner)
+    return received.cpu()
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over the process group, in place (a no-op outside one)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    moved = _on_backend(tensor)
+    dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+    return tensor.copy_(moved) if moved is not tensor else tensor

@@ -1,6 +1,7 @@
 """`lorasb train`: train with `--method` (default `lorasb`: only R) on HF Trainer (so DDP runs under torchrun and
-`accelerate launch --multi_gpu`; FSDP and DeepSpeed are refused) and write the adapter directory:
-adapter.safetensors, adapter_config.json, metrics.json, loss.png. The methods live in lorasb_cli/methods.
+`accelerate launch --multi_gpu`, and `--strategy fsdp` under torchrun shards the frozen base with FSDP2; accelerate's
+FSDP plugin and DeepSpeed are refused) and write the adapter directory: adapter.safetensors, adapter_config.json,
+metrics.json, loss.png. The methods live in lorasb_cli/methods.
 
 Checkpoints hold the adapter (so each one is itself a valid adapter), the trained tensors, the optimizer,
 scheduler and RNG states: `--resume` continues to exactly the weights of an uninterrupted run.
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, linalg, loss, methods, models, quantization, system, templates, tracking
+from . import adapter, artifacts, data, fsdp, linalg, loss, methods, models, quantization, system, templates, tracking
 from .configs import TrainConfig
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted, LorasbError
 from .options import MAX_LENGTH
@@ -95,7 +96,7 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
         raise BadInputError("--resume continues the run in -o and --overwrite replaces it", hint="pass one of them")
     if config.eval_task and not config.eval_data:
         raise BadInputError("--eval-task needs --eval-data", hint="pass the held-out file the task should score")
-    config.check_runnable()
+    fsdp.check_supported(config.strategy, config.quantize)
     method = methods.get_method(config.method)
     if config.quantize and not method.quantized_base:
         users = ", ".join(m.name for m in methods.METHODS.values() if m.quantized_base)
@@ -504,11 +505,11 @@ _FREE_ON_RESUME = {
     "eval_steps",
     "eval_task",
     "device",
-    "strategy",
     "trust_remote_code",
     "allow_pickle",
     "force_template",
     "force_base",
+    "strategy",  # checkpoints hold whole tensors: a run resumes under ddp, fsdp or one process alike
 }
 
 
@@ -590,10 +591,12 @@ def _run(
     log_step: Callable[[StepStats], None] | None,
 ) -> TrainSummary:
     device, dtype = models.placement(config.device, config.dtype)
+    if config.strategy == "fsdp":
+        system.init_distributed()  # the group the Trainer then joins, formed before fsdp loads onto the CPU
     # A new classifier head is drawn with the seed: the same head `estimate --seed` computed G through.
     model, tokenizer = models.load_model(
         inputs.ref,
-        device=device,
+        device=fsdp.load_device(config.strategy, device),
         dtype=dtype,
         quantize=config.quantize,
         trust_remote_code=config.trust_remote_code,
@@ -603,6 +606,7 @@ def _run(
     )
     examples = _examples(config, inputs, tokenizer)
     run = _prepare_method(config, inputs, model, tokenizer, examples, device)
+    sharded = _shard(config, model, run, device)
     resumed = checkpoint_record(resume_from) if resume_from else {}
     if resume_from:  # the run's step-0 losses were measured when it started, before the checkpoint
         run = replace(run, step0_base=resumed.get("step0_base_loss"), step0_init=resumed.get("step0_init_loss"))
@@ -613,7 +617,9 @@ def _run(
     guards = [DivergenceGuard(inputs.work), StepLog(progress, log_step, clock.seconds), *callbacks]
     # The trackers' integrations read where to write when the Trainer makes them and when training starts.
     with tracking.logs_in(inputs.work, tracking.report_to(config.report_to)):
-        trainer, task_eval, stop = _trainer(config, inputs, run, examples, tokenizer, adapter_config, device, guards)
+        trainer, task_eval, stop = _trainer(
+            config, inputs, run, examples, tokenizer, adapter_config, device, guards, sharded=sharded
+        )
         trainer.run_record = lambda: {
             "step0_base_loss": run.step0_base,
             "step0_init_loss": run.step0_init,
@@ -649,6 +655,23 @@ def _run(
     )
 
 
+def _shard(config: TrainConfig, model: nn.Module, run: _Run, device: torch.device) -> bool:
+    """--strategy fsdp under a launcher: shard the base now that the method is set up on it (its init read the
+    whole weights), the trained tensors left whole on every rank (lorasb_cli/fsdp.py). Whether it sharded."""
+    if not fsdp.sharding(config.strategy):
+        return False
+    trained = [p for p in run.prepared.model.parameters() if p.requires_grad]
+    if 2 * run.trainable > run.base_params:
+        log.warning(
+            "--strategy fsdp: %s of the base's %s parameters train and stay whole on every rank; fsdp saves little "
+            "over ddp here",
+            f"{run.trainable:,}",
+            f"{run.base_params:,}",
+        )
+    fsdp.shard_base(model, device, keep_whole=trained)
+    return True
+
+
 def _remove_incomplete_checkpoints(out: Path) -> None:
     for folder in out.glob("checkpoint-*"):
         if folder.is_dir() and not (folder / COMPLETE_FILE).is_file():
@@ -678,9 +701,11 @@ def _trainer(
     adapter_config: dict,
     device: torch.device,
     callbacks: list,
+    *,
+    sharded: bool,
 ) -> tuple[AdapterTrainer, TaskEval | None, StopOnSignal | None]:
-    """The AdapterTrainer of the run, with its callbacks: (trainer, the --eval-task scorer or None, the signal
-    handler or None)."""
+    """The AdapterTrainer of the run (of a model `sharded` by --strategy fsdp or not), with its callbacks:
+    (trainer, the --eval-task scorer or None, the signal handler or None)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .tasks import get_task
@@ -698,6 +723,7 @@ def _trainer(
         optimizers=(prepared.optimizer(args) if prepared.optimizer else None, None),
         adapter_config=adapter_config,
         export=prepared.export,
+        sharded=sharded,
     )
     task_eval = None
     if config.eval_task:

@@ -1,7 +1,9 @@
 """The HF Trainer `lorasb train` runs: checkpoints that are adapters, and the callbacks that guard and score a run.
 
-Each rank's module holds whole parameters (DDP replicas; FSDP and DeepSpeed, which would shard them, are refused by
-system.check_launcher), so global rank 0 (`should_save`) writes checkpoints and every rank reads them on resume.
+Each rank's module holds whole trained tensors (DDP replicas; under --strategy fsdp only the frozen base is sharded,
+lorasb_cli/fsdp.py; accelerate's FSDP plugin and DeepSpeed, which would shard them, are refused by
+system.check_launcher), so global rank 0 (`should_save`) writes checkpoints and every rank reads them on resume,
+whatever the strategy of the run that wrote them.
 """
 
 from __future__ import annotations
@@ -140,11 +142,24 @@ class AdapterTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter (`export()` under `adapter_config`: each checkpoint is itself a
     valid adapter) and the trained tensors, instead of the whole model."""
 
-    def __init__(self, *args, adapter_config: dict, export: Callable[[], dict[str, torch.Tensor]], **kwargs):
+    def __init__(
+        self,
+        *args,
+        adapter_config: dict,
+        export: Callable[[], dict[str, torch.Tensor]],
+        sharded: bool = False,
+        **kwargs,
+    ):
         self.adapter_config, self.export = adapter_config, export
         # What each checkpoint's marker records of the run besides its step (checkpoint_record); set by the run.
         self.run_record: Callable[[], dict] = dict
         super().__init__(*args, **kwargs)
+        # A model `sharded` by --strategy fsdp takes the Trainer's path for models sharded at load time: no DDP wrap
+        # (accelerate refuses DTensor parameters), the whole trained tensors broadcast from rank 0 and their
+        # gradients averaged over the ranks at each optimizer step; FSDP2 gathers the base per layer by itself. Set
+        # after __init__, which refuses to checkpoint such a model because its optimizer state would be sharded:
+        # here the optimizer sees only the whole tensors, so rank 0's optimizer.pt is the whole state.
+        self.is_distributed_loading_by_transformers = sharded
 
     def _init_training_state(self, max_steps, *args, **kwargs) -> tuple[int, int]:
         started = super()._init_training_state(max_steps, *args, **kwargs)

@@ -92,6 +92,8 @@ CASES = [
     ("estimate-o-data", [*E, "-o", "{data}"], "would overwrite or write into the data"),
     ("estimate-o-data-hardlink", [*E, "-o", "{root}/qa-link.jsonl"], "would overwrite or write into the data"),
     ("estimate-o-folder", [*E, "-o", "{root}"], "output path is a directory"),
+    ("estimate-fsdp-quantized", [*E, "--strategy", "fsdp", "--quantize", "nf4"], "fsdp with --quantize nf4"),
+    ("train-fsdp-quantized", [*T, "--strategy", "fsdp", "--quantize", "nf4", "-o", "{root}/r"], "fsdp with --quantize"),
     ("estimate-o-under-file", [*E, "-o", "{root}/file/u.safetensors"], "under a regular file"),
     ("decompose-o-update", [*D, "-r", "2", "-o", "{update}"], "would overwrite or write into the update"),
     ("combine-o-shard", ["combine", "{raw}", "-q", "-o", "{raw}"], "would overwrite or write into the shard"),
