@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
-from ..options import AT_LEAST_1, POSITIVE, Declared, option, plugin_fields, plugin_options, takes
+from ..options import AT_LEAST_1, POSITIVE, Declared, option, plugin_fields, plugin_options, rank, takes, targets
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
@@ -46,10 +46,8 @@ class MethodOptions(Declared):
 class LowRankOptions(MethodOptions):
     """Low-rank matrices of `rank` on the `targets` modules, scaled α/r (LoRA and its variants)."""
 
-    rank: int | None = option(
-        "--rank", "-r", type=int, range=AT_LEAST_1, required=True, help="Rank of the low-rank matrices."
-    )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    rank: int | None = rank(required=True, help="Rank of the low-rank matrices.")
+    targets: str = targets()
     alpha: float | None = option(
         type=float, range=POSITIVE, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
     )
