@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, templates
+from . import adapter, artifacts, data, methods, models, templates
 from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
 from .tasks import Task, get_task
@@ -155,7 +155,8 @@ def load_for_task(
     )
     if saved is None:
         return model, tokenizer
-    adapter.inject(model, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
+    variant = methods.layer_variant(saved.config.get("method"))
+    adapter.inject(model, saved.factors, scale=saved.scale, variant=variant, tensors=saved.module_tensors)
     adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()
     return model, tokenizer

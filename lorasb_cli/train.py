@@ -117,7 +117,7 @@ def _starting_factors(config: TrainConfig) -> artifacts.Factors:
     if config.factors:
         return artifacts.load_factors(config.factors)
     saved = adapter.load_adapter(config.init_adapter)
-    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.magnitudes:
+    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.module_tensors:
         raise IncompatibleArtifactError(
             "--init-adapter continues a LoRA-SB adapter; this one was trained with --method "
             f"{saved.config.get('method')}",

@@ -134,7 +134,7 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     for module, (lora_B, lora_R, lora_A) in saved.factors.items():
         assert lora_R.shape == (export_rank, export_rank), module
         assert lora_B.shape[1] == export_rank and lora_A.shape[0] == export_rank
-    assert set(saved.magnitudes) == (set(saved.factors) if method == "dora" else set())
+    assert set(saved.module_tensors) == (set(saved.factors) if method == "dora" else set())
 
     hf_dir = merge.merge(
         merge.MergeConfig(adapter=str(run), out=str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
@@ -151,6 +151,11 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     assert float((merged - base_logits).abs().max()) > 1e-2
     torch.testing.assert_close(merged, trained_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(exported, merged, atol=1e-4, rtol=1e-4)
+    # So does the adapter unmerged, through the method's layer variant (evaluate's forward).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    variant = methods.layer_variant(method)
+    adapter.inject(model, saved.factors, scale=saved.scale, variant=variant, tensors=saved.module_tensors)
+    torch.testing.assert_close(_logits(model), trained_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_full_fine_tune_merges_as_full_tensors_and_has_no_peft_form(

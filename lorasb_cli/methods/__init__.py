@@ -3,8 +3,10 @@
 Every method writes the same adapter (DESIGN.md §2): `<module>.lora_{B,R,A}` relative to the *original* W0,
 so `merge` (hf and peft) and `evaluate` need not know the method. A method that changes W0 at initialization
 (PiSSA, LoRA-GA, MiLoRA, IniLoRA: W_res = W0 − s·B0·A0) is exported as PEFT documents for PiSSA/LoRA-GA
-conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. DoRA adds a magnitude vector
-(`<module>.lora_magnitude`); full fine-tuning stores the trained tensors under their state_dict names.
+conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. A method whose layer computes
+something else from them (DoRA: a magnitude per output row) declares its `variant` (adapter.LayerVariant): the
+per-module tensors it stores beside B, R, A, its forward, merge and PEFT export, so that `adapter`, `merge` and
+`inspect` never name a method. Full fine-tuning stores the trained tensors under their state_dict names.
 
 Declaration and implementation are apart, so that `lorasb train --help` and its usage errors import no torch or
 PEFT: this module imports neither and declares every method (name, summary, options: what the CLI shows and
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .. import artifacts
+    from .. import adapter, artifacts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,18 +137,28 @@ class Prepared:
 @dataclass(frozen=True)
 class Method:
     """A method as declared: `implementation` names its `prepare(setup) -> Prepared` as "module:function" of this
-    package, imported on first use (`prepare`)."""
+    package, imported on first use (`prepare`); `variant`, where its layer is not W0 + s·B·R·A, names its
+    adapter.LayerVariant subclass as "module:Class" (`layer_variant`)."""
 
     name: str
     summary: str
     implementation: str
     options: type[MethodOptions] = MethodOptions
+    variant: str | None = None
     needs_factors: bool = False  # trains between the B, A of a factors file (train --factors)
     worse_init_hint: str = ""  # what to change when the initialized model is worse than the base
 
     @property
     def prepare(self) -> Callable[[Setup], Prepared]:
         return import_implementation(__name__, self.implementation)
+
+    @property
+    def layer_variant(self) -> adapter.LayerVariant:
+        """How an adapter of this method computes its layers (evaluate, merge): its declared variant, else
+        W0 + s·B·R·A."""
+        from .. import adapter
+
+        return import_implementation(__name__, self.variant)() if self.variant else adapter.PLAIN
 
     @property
     def uses_rank(self) -> bool:
@@ -167,6 +179,14 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     return METHODS.lookup(name)
+
+
+def layer_variant(recorded: str | None) -> adapter.LayerVariant:
+    """The layer variant of an adapter whose provenance records the method `recorded` (None: a factors file used
+    as an untrained adapter, or an unknown method: W0 + s·B·R·A)."""
+    from .. import adapter
+
+    return METHODS[recorded].layer_variant if recorded in METHODS else adapter.PLAIN
 
 
 def factors_methods() -> list[Method]:
@@ -202,7 +222,9 @@ register(
         "rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", "peft_lora:prepare_rslora", options=LowRankOptions
     )
 )
-register(Method("dora", "DoRA (PEFT), α = 2r", "peft_lora:prepare_dora", options=LowRankOptions))
+register(
+    Method("dora", "DoRA (PEFT), α = 2r", "peft_lora:prepare_dora", options=LowRankOptions, variant="dora:DoraVariant")
+)
 register(
     Method(
         "pissa",
