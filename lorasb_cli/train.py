@@ -171,7 +171,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     )
     floats = data.float_labels(train_set.rows)
     fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
-    template = data.resolve_template(config.template, fmt, train_set.columns)
+    template = templates.resolve(config.template, train_set.columns, fmt, announce=True)
     system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
     if factors is not None:
         recorded = (factors.config.get("data") or {}).get("template")
@@ -682,7 +682,7 @@ def _trainer(
             get_task(config.eval_task),
             inputs.eval_set.rows,
             tokenizer,
-            template=inputs.template or "alpaca",
+            template=inputs.template,
             system_prompt=inputs.system_prompt,
             batch_size=config.batch_size,
             eval_steps=config.eval_steps,
