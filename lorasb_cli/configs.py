@@ -292,6 +292,31 @@ class MergeConfig(Declared):
     out: str = option("-o", "--out", required=True, help="Output directory.")
 
 
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig(Declared):
+    """`lorasb inspect`'s options."""
+
+    path: str = argument()
+    verify: bool = option(
+        flag=True, default=False, help="Read every tensor and check it against the hash recorded when it was written."
+    )
+    plot: str | None = option(
+        metavar="FILE.png",
+        help="An update: draw captured energy against rank per module kind, and its recorded stability.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSetConfig(Declared):
+    """`lorasb data`'s options: the built-in data set `name` (or `list`), as `--data NAME` feeds a stage."""
+
+    name: str = argument()
+    split: str = redeclared(DataOptions, "split", help="train or test.")
+    size: int | None = redeclared(DataOptions, "size", help="Rows [default: the set's own size].")
+    seed: int = option(default=0, range=SEED, help="Seed of generation or subsetting.")
+    out: str | None = option("-o", "--out", help="JSONL file to write [default: NAME-SPLIT.jsonl].")
+
+
 # evaluate --max-length when not given (a prompt and its generated answer), capped at the model's limit
 EVALUATE_MAX_LENGTH = 1024
 
