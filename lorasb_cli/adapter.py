@@ -91,9 +91,12 @@ class LoraSBLinear(nn.Module):
         tensors = tensors or {}
         missing = [name for name in variant.module_tensors if name not in tensors]
         if missing:
-            raise IncompatibleArtifactError(f"the adapter lacks the tensors {', '.join(missing)} of its layers")
+            raise IncompatibleArtifactError(
+                f"the adapter lacks its layers' tensors {', '.join(missing)}", hint=_REWRITE_HINT
+            )
         for name in variant.module_tensors:
-            self.register_buffer(name, tensors[name].detach().to(device=base.weight.device, dtype=torch.float32))
+            tensor = tensors[name].detach().to(device=base.weight.device, dtype=torch.float32).clone()
+            self.register_buffer(name, tensor)
 
     @property
     def rank(self) -> int:
@@ -108,8 +111,12 @@ class LoraSBLinear(nn.Module):
         return self.variant.forward(self, x)
 
     def delta_weight(self) -> torch.Tensor:
-        """s·B·R·A [m, n] in float32 (for merging and tests only)."""
+        """s·B·R·A [m, n] in float32, materialized (a reference for tests: the forward never forms it)."""
         return self.scale * (self.lora_B @ self.lora_R.detach() @ self.lora_A)
+
+
+# What an adapter whose tensors do not match its recorded method is told.
+_REWRITE_HINT = "the adapter was edited or written by another lorasb: train it again with this one"
 
 
 def inject(
@@ -125,7 +132,10 @@ def inject(
     artifacts.check_fits(factors, linear, model="the model", path=None, hint=None)
     unread = {name for own in (tensors or {}).values() for name in own} - set(variant.module_tensors)
     if unread:  # e.g. a magnitude the recorded method's layer would ignore
-        raise IncompatibleArtifactError(f"the adapter's layers hold tensors its method does not read: {sorted(unread)}")
+        raise IncompatibleArtifactError(
+            f"the adapter's layers hold tensors its recorded method does not read: {', '.join(sorted(unread))}",
+            hint=_REWRITE_HINT,
+        )
     model.requires_grad_(False)
     wrapped = {}
     for path, (lora_B, lora_R, lora_A) in factors.items():

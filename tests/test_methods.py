@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lorasb_cli import adapter, merge, methods, options, train
@@ -372,3 +373,12 @@ def test_the_adapter_records_the_options_the_method_resolved(trained):
     recorded = json.loads((run / adapter.CONFIG_FILE).read_text())["train"]
     assert recorded["rank"] == RANK and recorded["targets"] == "all-linear" and recorded["alpha"] is None
     assert "init_scale" not in recorded and "init_iters" not in recorded  # options of other methods
+
+
+def test_layer_tensors_must_be_those_the_recorded_methods_variant_reads():
+    model = nn.Sequential(nn.Linear(4, 3))
+    factors = {"0": (torch.zeros(3, 2), torch.eye(2), torch.zeros(2, 4))}
+    with pytest.raises(IncompatibleArtifactError, match="does not read: lora_magnitude"):
+        adapter.inject(model, factors, tensors={"0": {"lora_magnitude": torch.ones(3)}})
+    with pytest.raises(IncompatibleArtifactError, match="lacks its layers' tensors lora_magnitude"):
+        adapter.inject(model, factors, variant=methods.layer_variant("dora"))
