@@ -508,7 +508,7 @@ def test_perplexity_aggregation():
 
 def test_tasks_declare_the_direction_of_their_metrics():
     assert get_task("glue-cola").metric == "matthews_correlation" and get_task("glue-cola").higher_is_better()
-    assert get_task("glue-mrpc").metric == "f1"
+    assert get_task("glue-stsb").metric == "pearson" and get_task("glue-mrpc").metric == "accuracy"
     perplexity = get_task("perplexity")
     assert perplexity.metric == "loss" and not perplexity.higher_is_better()
     assert not perplexity.higher_is_better("perplexity") and perplexity.higher_is_better("tokens")
