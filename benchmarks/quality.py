@@ -44,7 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import machine_info, write_section
 from lorasb_cli import compare, console, data
-from lorasb_cli.compare import Cell, Settings
+from lorasb_cli.compare import Cell, GridSettings
+from lorasb_cli.tasks import get_task
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "quality"
@@ -120,11 +121,11 @@ def split_files(spec: dict) -> dict[str, str]:
     return {part: str(p) for part, p in paths.items()}
 
 
-def settings(spec: dict) -> Settings:
+def settings(spec: dict) -> GridSettings:
     files = split_files(spec)
-    return Settings(
+    return GridSettings(
         model=spec["model"],
-        train_data=files["train"],
+        data=files["train"],
         eval_data=files["test"],
         task=spec["task"],
         max_steps=spec["steps"],
@@ -155,7 +156,7 @@ def sweep(spec: dict, families: dict, wanted: set[str], run: bool) -> tuple[dict
     return {m: min(p, key=lambda point: point["loss"])["lr"] for m, p in points.items()}, points
 
 
-def _grid(folder: Path, setup: Settings, cells: list[Cell], run: bool) -> list[compare.CellResult]:
+def _grid(folder: Path, setup: GridSettings, cells: list[Cell], run: bool) -> list[compare.CellResult]:
     """Run the grid (when `run`) and return its finished cells."""
     if run:
         log(f"{folder.name}: {len(cells)} cells")
@@ -188,7 +189,7 @@ def section(
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     compare.write_report(folder, setup, results, title=name, sweeps=sweeps or None)
-    rows = compare.aggregate(results, setup.metric)
+    rows = compare.aggregate(results, get_task(setup.task), setup.metric)
     FIGURES.mkdir(parents=True, exist_ok=True)
     shown = (("metric.png",) if rescored else ("loss.png", "metric.png")) if compares(rows) else ()
     for png in shown + (("sweep.png",) if sweeps else ()):
@@ -213,7 +214,7 @@ MINILM_PAIRS += [("lora", 8), ("lora-pro", 8), ("head", None), ("full", None)]
 
 def authors_eta(lr: float, spec: dict) -> float:
     """The LoRA-SB authors' η: lr / (warm-up ratio × optimizer steps × epochs), as their code computes it."""
-    return lr / (Settings.warmup_ratio * spec["steps"] * 1)
+    return lr / (GridSettings.warmup_ratio * spec["steps"] * 1)
 
 
 def eta_cells(rank: int, lr: float, spec: dict) -> list[Cell]:

@@ -3,6 +3,10 @@
 The forward never materializes B·R·A: `base(x) + s·((x Aᵀ) Rᵀ) Bᵀ` (DESIGN.md §4). B and A are kept in float32
 as given (exactly the factors); R is a float32 parameter whatever the base dtype, so its small updates are not
 rounded away in bf16/fp16, while the two large products run in the activations' dtype.
+
+A method whose adapter changes what the layer computes (DoRA) brings its `LayerVariant` (lorasb_cli/methods,
+`Method.variant`), as PEFT's LoRA layer takes a `LoraVariant`: this module, merge and inspect call the variant
+and never name the method.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +26,49 @@ from . import artifacts, models, quantization
 from .errors import BadInputError, IncompatibleArtifactError
 
 
-class LoraSBLinear(nn.Module):
-    """`base` [m, n] + s·B [m, r] · R [r, r] · A [r, n].
+class LayerVariant:
+    """What an adapted layer computes from W0 [m, n] and its factors: here W0 + s·B·R·A, the plain low-rank
+    update. A method that changes the layer subclasses it beside its implementation and names it in its
+    declaration (`Method.variant`); the variant brings the per-module tensors it reads (`module_tensors`, stored
+    as `<module>.<name>` in the adapter), its forward, its merged weight, and its PEFT export."""
 
-    With a `magnitude` [m] (a DoRA adapter, evaluation only) the weight is instead
-    W = magnitude ⊙ (W0 + s·B·R·A) / ‖W0 + s·B·R·A‖ per output row, as PEFT's DoRA computes it.
-    """
+    module_tensors: tuple[str, ...] = ()  # names of the per-module tensors beside B, R, A
+    peft_config: ClassVar[dict] = {"use_dora": False}  # what PEFT's adapter_config.json says of the layer
+    serving_hint: str | None = None  # what a server must know to serve the PEFT export, if anything
+
+    def forward(self, layer: LoraSBLinear, x: torch.Tensor) -> torch.Tensor:
+        """`base(x) + s·((x Aᵀ) Rᵀ) Bᵀ`, B·R·A never materialized; R's product in float32."""
+        result = layer.base(x)
+        xa = F.linear(x, layer.lora_A.to(x.dtype))  # [..., r]
+        xar = F.linear(xa.float(), layer.lora_R)  # float32: the trained part
+        return result + layer.scale * F.linear(xar.to(x.dtype), layer.lora_B.to(x.dtype))
+
+    def merged_weight(
+        self,
+        weight: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_R: torch.Tensor,
+        lora_A: torch.Tensor,
+        scale: float,
+        tensors: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The layer's weight [m, n] in float32: W [m, n] + s·B [m, r]·R [r, r]·A [r, n]; `tensors`: the module's
+        `module_tensors` by name."""
+        # (B·R)·A: the m×n product is formed once, inside addmm, with no separate delta matrix.
+        return torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)
+
+    def peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's `module_tensors` as a PEFT adapter stores them, by their name after
+        `base_model.model.<module>.`."""
+        return {}
+
+
+PLAIN = LayerVariant()
+
+
+class LoraSBLinear(nn.Module):
+    """`base` [m, n] + s·B [m, r] · R [r, r] · A [r, n], computed as its `variant` says (default: PLAIN), which
+    reads the module's `tensors` ({name: tensor}, held as float32 buffers, evaluation only)."""
 
     def __init__(
         self,
@@ -35,7 +77,8 @@ class LoraSBLinear(nn.Module):
         lora_R: torch.Tensor,
         lora_A: torch.Tensor,
         scale: float,
-        magnitude: torch.Tensor | None = None,
+        variant: LayerVariant = PLAIN,
+        tensors: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.base = base
@@ -44,49 +87,59 @@ class LoraSBLinear(nn.Module):
         self.register_buffer("lora_A", lora_A.detach().to(device=base.weight.device, dtype=torch.float32).clone())
         self.lora_R = nn.Parameter(lora_R.detach().to(device=base.weight.device, dtype=torch.float32).clone())
         self.scale = scale
-        if magnitude is not None:
-            magnitude = magnitude.detach().to(device=base.weight.device, dtype=torch.float32).clone()
-        self.register_buffer("lora_magnitude", magnitude)
+        self.variant = variant
+        tensors = tensors or {}
+        missing = [name for name in variant.module_tensors if name not in tensors]
+        if missing:
+            raise IncompatibleArtifactError(
+                f"the adapter lacks its layers' tensors {', '.join(missing)}", hint=_REWRITE_HINT
+            )
+        for name in variant.module_tensors:
+            tensor = tensors[name].detach().to(device=base.weight.device, dtype=torch.float32).clone()
+            self.register_buffer(name, tensor)
 
     @property
     def rank(self) -> int:
         return self.lora_R.shape[0]
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The variant's per-module tensors, by name."""
+        return {name: getattr(self, name) for name in self.variant.module_tensors}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_magnitude is not None:
-            return F.linear(
-                x, dora_weight(self.base.weight, self.delta_weight(), self.lora_magnitude).to(x.dtype), self.base.bias
-            )
-        result = self.base(x)
-        xa = F.linear(x, self.lora_A.to(x.dtype))  # [..., r]
-        xar = F.linear(xa.float(), self.lora_R)  # float32: the trained part
-        return result + self.scale * F.linear(xar.to(x.dtype), self.lora_B.to(x.dtype))
+        return self.variant.forward(self, x)
 
     def delta_weight(self) -> torch.Tensor:
-        """s·B·R·A [m, n] in float32 (for merging and tests only)."""
+        """s·B·R·A [m, n] in float32, materialized (a reference for tests: the forward never forms it)."""
         return self.scale * (self.lora_B @ self.lora_R.detach() @ self.lora_A)
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's W [m, n] in float32: magnitude [m] ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ over each output row."""
-    combined = weight.float() + delta.float()
-    return combined * (magnitude.float() / combined.norm(dim=1))[:, None]
+# What an adapter whose tensors do not match its recorded method is told.
+_REWRITE_HINT = "the adapter was edited or written by another lorasb: train it again with this one"
 
 
 def inject(
     model: nn.Module,
     factors: dict[str, artifacts.Factor],
     scale: float = 1.0,
-    magnitudes: dict[str, torch.Tensor] | None = None,
+    variant: LayerVariant = PLAIN,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, LoraSBLinear]:
-    """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear; only the Rs stay trainable.
-    `magnitudes` ({module: [m]}) makes those modules DoRA layers."""
+    """Wrap each module path of `factors` ({module: (B, R, A)}) in a LoraSBLinear of `variant`, with its
+    per-module `tensors` ({module: {name: tensor}}); only the Rs stay trainable."""
     named = dict(model.named_modules())
     linear = {path: models.linear_shape(m) for path, m in named.items() if isinstance(m, nn.Linear)}
     artifacts.check_fits(factors, linear, model="the model", path=None, hint=None)
-    if any(quantization.is_quantized(named[path]) for path in magnitudes or {}):
-        raise BadInputError(
-            "a DoRA adapter rescales the base's dense weights, which --quantize packs", hint="drop --quantize"
+    unread = {name for own in (tensors or {}).values() for name in own} - set(variant.module_tensors)
+    if unread:  # e.g. a magnitude the recorded method's layer would ignore
+        raise IncompatibleArtifactError(
+            f"the adapter's layers hold tensors its recorded method does not read: {', '.join(sorted(unread))}",
+            hint=_REWRITE_HINT,
+        )
+    if any(quantization.is_quantized(named[path]) for path in tensors or {}):
+        raise BadInputError(  # e.g. DoRA's magnitudes rescale the dense W0 + B·R·A
+            "this adapter's layers read the base's dense weights, which --quantize packs", hint="drop --quantize"
         )
     model.requires_grad_(False)
     wrapped = {}
@@ -94,7 +147,7 @@ def inject(
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         base = getattr(parent, child)
-        layer = LoraSBLinear(base, lora_B, lora_R, lora_A, scale, (magnitudes or {}).get(path))
+        layer = LoraSBLinear(base, lora_B, lora_R, lora_A, scale, variant, (tensors or {}).get(path))
         setattr(parent, child, layer)
         wrapped[path] = layer
     return wrapped
@@ -186,16 +239,16 @@ def load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], *, trainable:
 
 
 ADAPTER_FILE = "adapter.safetensors"
-MAGNITUDE = "lora_magnitude"  # `<module>.lora_magnitude` [m]: a DoRA adapter's magnitude vector
 CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
 class Adapter(artifacts.Factors):
-    """A trained adapter directory: the factors, DoRA `magnitudes` {module: [m]}, `extra` full tensors (a trained
-    head, or every tensor of a full fine-tune) and `config` (adapter_config.json, the same dict as the provenance)."""
+    """A trained adapter directory: the factors, `module_tensors` {module: {name: tensor}} (what a method's layer
+    variant reads beside B, R, A, e.g. DoRA's magnitude), `extra` full tensors (a trained head, or every tensor of
+    a full fine-tune) and `config` (adapter_config.json, the same dict as the provenance)."""
 
-    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    module_tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -219,7 +272,17 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
         )
     artifact = artifacts.Artifact(file, kinds=("adapter", "factors"))
     factors, extra = artifacts.read_factors(artifact)
-    magnitudes = {m: extra.pop(f"{m}.{MAGNITUDE}").float() for m in factors if f"{m}.{MAGNITUDE}" in extra}
+    module_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name in [n for n in extra if is_module_tensor(n, factors)]:
+        module, _, own = name.rpartition(".")
+        module_tensors.setdefault(module, {})[own] = extra.pop(name).float()
     if artifact.meta.get("method") != "full":  # a full fine-tune's tensors are the base's own, checked on loading
         artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.provenance.head)
-    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, magnitudes=magnitudes)
+    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, module_tensors=module_tensors)
+
+
+def is_module_tensor(name: str, modules) -> bool:
+    """Whether tensor `name` of an adapter is a layer variant's per-module tensor: `<module>.lora_<name>` of an
+    adapted module that is none of its B, R, A (a head's tensors are `<module>.weight`, `.bias`)."""
+    module, _, own = name.rpartition(".")
+    return module in modules and own.startswith("lora_") and own not in artifacts.FACTOR_SUFFIXES

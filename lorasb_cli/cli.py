@@ -16,7 +16,6 @@ import click
 
 from . import __version__, configs
 from .errors import BadInputError, LorasbError
-from .options import AT_LEAST_1, SEED
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -446,6 +445,8 @@ def generate(config, as_json, quiet):
 
 @cli.command(
     name="inspect",
+    cls=ConfigCommand,
+    config=configs.InspectConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:
@@ -454,27 +455,19 @@ Example:
   lorasb inspect --verify merged/
   lorasb inspect update.safetensors --plot spectrum.png""",
 )
-@click.argument("path")
-@click.option(
-    "--verify", is_flag=True, help="Read every tensor and check it against the hash recorded when it was written."
-)
-@click.option(
-    "--plot",
-    metavar="FILE.png",
-    help="An update: draw captured energy against rank per module kind, and its recorded stability.",
-)
 @common_options
-def inspect_command(path, verify, plot, as_json, quiet):
+def inspect_command(config, as_json, quiet):
     """Show what a lorasb artifact is: kind, provenance, modules, shapes, rank and parameter counts."""
     from .console import print_description
     from .inspect import describe, plot_update
     from .inspect import verify as verify_tensors
 
-    if plot:
-        click.echo(plot_update(path, plot))
+    path = config.path
+    if config.plot:
+        click.echo(plot_update(path, config.plot))
         return
 
-    if verify:
+    if config.verify:
         result = verify_tensors(path)  # a mismatch raises: one error line naming the file and tensor, exit 2
         if result["status"] == "no hashes recorded":  # what cannot be verified did not pass verification
             raise BadInputError(
@@ -501,36 +494,31 @@ def inspect_command(path, verify, plot, as_json, quiet):
 
 @cli.command(
     name="data",
+    cls=ConfigCommand,
+    config=configs.DataSetConfig,
     context_settings=CONTEXT,
     epilog="""\b
 Example:
   lorasb data list
   lorasb data gsm-symbolic --split test --size 200 --seed 0 -o gsm-test.jsonl""",
 )
-@click.argument("name")
-@click.option("--split", default="train", show_default=True, help="train or test.")
-@click.option("--size", default=None, type=AT_LEAST_1.click_type(int), help="Rows [default: the set's own size].")
-@click.option(
-    "--seed", default=0, show_default=True, type=SEED.click_type(int), help="Seed of generation or subsetting."
-)
-@click.option("-o", "--out", default=None, help="JSONL file to write [default: NAME-SPLIT.jsonl].")
 @common_options
-def data_command(name, split, size, seed, out, as_json, quiet):
+def data_command(config, as_json, quiet):
     """Write a built-in offline data set as JSONL: exactly the rows `--data NAME` feeds a stage."""
     from . import builtin_data
     from .artifacts import atomic_path, check_output
     from .console import print_rows
 
-    if name == "list":
+    if config.name == "list":
         sets = builtin_data.describe()
         if as_json:
             click.echo(json.dumps(sets, indent=2))
         else:
             print_rows("built-in data sets", sets, ["name", "description", "fields", "splits", "source", "available"])
         return
-    out = out or f"{name}-{split}.jsonl"
+    out = config.out or f"{config.name}-{config.split}.jsonl"
     check_output(out, {})
-    dataset = builtin_data.load(name, split=split, size=size, seed=seed)
+    dataset = builtin_data.load(config.name, split=config.split, size=config.size, seed=config.seed)
     with atomic_path(out) as tmp:
         tmp.write_text(builtin_data.to_jsonl(dataset.rows))
     report(out, {"rows": len(dataset.rows), **dataset.provenance()}, as_json)

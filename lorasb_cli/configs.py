@@ -35,6 +35,10 @@ from .options import (
     force_base,
     force_template,
     option,
+    rank,
+    redeclared,
+    targets,
+    trust_remote_code,
 )
 from .tasks import MAX_NEW_TOKENS
 from .tracking import REPORT_TO
@@ -100,7 +104,7 @@ class EstimateConfig(TrainingDataOptions, ParallelOptions, QuantizedModelOptions
         help="Number of samples instead of --frac, or auto: draw until the estimate is stable at --rank (--threshold, "
         "--max-samples).",
     )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    targets: str = targets()
     seed: int = option(default=0, range=SEED, help="Seed of the sample draw.")
     # Above 1 a simulated step is no step; below 1e-20 float32 R_init underflows to 0.
     eta: float = option(default=1e-5, range=Range(1e-20, 1), help="Size η of the simulated first step.")
@@ -119,12 +123,8 @@ class EstimateConfig(TrainingDataOptions, ParallelOptions, QuantizedModelOptions
         default="float32",
         help="bfloat16 halves the accumulators; each batch rounds once into G.",
     )
-    rank: int = option(
-        "--rank",
-        "-r",
-        default=32,
-        range=AT_LEAST_1,
-        help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it.",
+    rank: int = rank(
+        default=32, help="The rank decompose will use: --dry-run plans train at it, --samples auto checks it."
     )
     threshold: float = option(
         default=0.9,
@@ -165,11 +165,7 @@ class DecomposeConfig(PluginConfig):
     (lorasb_cli/inits) and arrive in `init_options` as given; `from_options` builds a config from flat options."""
 
     update: str | None = argument(required=False)
-    rank: int | None = option(
-        "--rank",
-        "-r",
-        type=int,
-        range=AT_LEAST_1,
+    rank: int | None = rank(
         help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
         "budget affords everywhere, √(budget / modules)].",
     )
@@ -177,7 +173,7 @@ class DecomposeConfig(PluginConfig):
         default="lorasb", metavar="NAME", help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal."
     )
     model: str | None = option("--model", "-m", help="A weight-based init (lora-xs): the model whose W0 is factored.")
-    targets: str = option(default="all-linear", help="A weight-based init without an update: the modules.")
+    targets: str = targets("A weight-based init without an update: the modules.")
     budget: int | None = option(
         type=int,
         range=AT_LEAST_1,
@@ -197,7 +193,7 @@ class DecomposeConfig(PluginConfig):
     exact: bool = option(flag=True, default=False, help="Full SVD instead of torch.svd_lowrank (slower).")
     seed: int = option(default=0, range=SEED, help="Seed of the randomized SVD and random inits.")
     device: str = option(default="auto", help="Where to run the SVDs: auto, cpu, cuda.")
-    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model's own code (weight-based inits).")
+    trust_remote_code: bool = trust_remote_code("Allow the model's own code (weight-based inits).")
     allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", default="factors.safetensors", help="Factors file to write.")
     init_options: Mapping[str, object] = field(default_factory=dict)
@@ -283,35 +279,43 @@ COMPARE_MAX_LENGTH = 256  # compare --max-length when not given: every cell of a
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareConfig(TrainingDataOptions, ModelOptions):
-    """`lorasb compare`'s options: the model and data groups every cell's stages get, then the grid's own."""
+class GridSettings(TrainingDataOptions, ModelOptions):
+    """What every cell of a compare grid shares: the model and data groups, which each cell's stages get whole
+    (`options.group_values`), the held-out data, the task, and the estimate and training budget."""
 
-    data: str = option(
-        "--data", "-d", required=True, help="Training data: a file, hub data set or built-in name (lorasb data list)."
+    data: str = redeclared(
+        DataOptions, "data", help="Training data: a file, hub data set or built-in name (lorasb data list)."
     )
     eval_data: str | None = option(help="Held-out data to score [default: the built-in's test split].")
-    eval_size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in test set.")
     task: str = option("--task", "-t", required=True, help="Evaluation task (lorasb evaluate --task).")
-    methods: str = option(
-        required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
-    )
-    ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
-    seeds: int = option(default=3, range=AT_LEAST_1, help="Seeds 0..N-1 per cell.")
     max_steps: int = option(default=100, range=AT_LEAST_1, help="Optimizer steps of every cell.")
-    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
-    max_length: int | None = option(
-        type=int,
-        range=Range(2),
-        help="Tokens per sample, at most.",
-        show_default=f"{COMPARE_MAX_LENGTH}, or the model's position limit if smaller",
+    max_length: int | None = redeclared(
+        DataOptions, "max_length", show_default=f"{COMPARE_MAX_LENGTH}, or the model's position limit if smaller"
     )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes.")
+    targets: str = targets("all-linear, attention, or suffixes.")
     samples: int = option(default=32, range=AT_LEAST_1, help="Samples of each seed's estimate.")
     eta: float = option(default=1e-5, range=Range(1e-20, 1), help="η of each seed's estimate.")
     max_new_tokens: int | None = option(
         type=int, range=AT_LEAST_1, help="Generation budget of the task [default: the task's]."
     )
     metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
+    # Not options: every cell trains and scores with these.
+    warmup_ratio: float = 0.05
+    eval_batch_size: int = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig(GridSettings):
+    """`lorasb compare`'s options: what every cell shares (the model and data groups every cell's stages get,
+    the task, the budget), then the grid's own."""
+
+    eval_size: int | None = option(type=int, range=AT_LEAST_1, help="Rows of a built-in test set.")
+    methods: str = option(
+        required=True, help="Comma list of train methods and inits; NAME:R1/R2 sets one method's ranks, e.g. lora:8."
+    )
+    ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
+    seeds: int = option(default=3, range=AT_LEAST_1, help="Seeds 0..N-1 per cell.")
+    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
     lr_sweep: bool = option(
         flag=True,
         default=False,
@@ -333,10 +337,35 @@ class MergeConfig(Declared):
     dtype: str | None = option(help="float32, bfloat16 or float16 [default: the base's].")
     max_shard_size: str | None = option(help="Re-shard, e.g. 5GB [default: keep the base's shards].")
     overwrite: bool = option(flag=True, default=False, help="Replace a non-empty -o.")
-    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    trust_remote_code: bool = trust_remote_code()
     force_base: bool = force_base()
     allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", required=True, help="Output directory.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig(Declared):
+    """`lorasb inspect`'s options."""
+
+    path: str = argument()
+    verify: bool = option(
+        flag=True, default=False, help="Read every tensor and check it against the hash recorded when it was written."
+    )
+    plot: str | None = option(
+        metavar="FILE.png",
+        help="An update: draw captured energy against rank per module kind, and its recorded stability.",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSetConfig(Declared):
+    """`lorasb data`'s options: the built-in data set `name` (or `list`), as `--data NAME` feeds a stage."""
+
+    name: str = argument()
+    split: str = redeclared(DataOptions, "split", help="train or test.")
+    size: int | None = redeclared(DataOptions, "size", help="Rows [default: the set's own size].")
+    seed: int = option(default=0, range=SEED, help="Seed of generation or subsetting.")
+    out: str | None = option("-o", "--out", help="JSONL file to write [default: NAME-SPLIT.jsonl].")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,16 +396,23 @@ class EvaluateConfig(DataOptions, AppliedOptions):
     task: str = option(
         "--task", "-t", required=True, help="gsm8k, math, commonsense, glue-*, classification, perplexity."
     )
-    data: str | None = option("--data", "-d", help="Local file or hub data set [default: the task's own].")
-    split: str | None = option(help="Split of a hub or built-in data set [default: the task's].")
-    data_config: str | None = option(help="Configuration of a hub data set [default: the task's].")
-    fields: str | None = option(help="The task's fields named otherwise: question=COL,answer=COL.")
+    data: str | None = redeclared(
+        DataOptions, "data", required=False, help="Local file, hub or built-in data set [default: the task's own]."
+    )
+    split: str | None = redeclared(
+        DataOptions, "split", default=None, help="Split of a hub or built-in data set [default: the task's]."
+    )
+    data_config: str | None = redeclared(
+        DataOptions, "data_config", help="Configuration of a hub data set [default: the task's]."
+    )
+    fields: str | None = redeclared(
+        DataOptions, "fields", help="The task's fields named otherwise: question=COL,answer=COL."
+    )
     limit: int | None = option(type=int, range=AT_LEAST_1, help="Evaluate the first N examples only.")
-    batch_size: int = option(default=8, range=AT_LEAST_1, help="Examples per batch.")
     max_new_tokens: int | None = option(type=int, range=AT_LEAST_1, help="Generation length [default: the task's].")
-    max_length: int | None = option(
-        type=int,
-        range=Range(2),
+    max_length: int | None = redeclared(
+        DataOptions,
+        "max_length",
         help="Input tokens, at most.",
         show_default=f"{EVALUATE_MAX_LENGTH}, or the model's position limit if smaller",
     )

@@ -310,17 +310,6 @@ def checked(dataset: Dataset, fmt: str, *, every_row: bool = True) -> Dataset:
     return dataclasses.replace(dataset, rows=rows)
 
 
-def resolve_template(requested: str, fmt: str, columns: Sequence[str]) -> str | None:
-    """The concrete template of prompt-response data (None for other formats, which have no prompt);
-    says what `auto` picked."""
-    if fmt != "prompt-response":
-        return None
-    name = templates.resolve(requested, columns)
-    if requested == "auto":
-        log.info("--template auto: picked %s from the fields %s", name, ", ".join(sorted(columns)))
-    return name
-
-
 def sample_count(population: int, *, frac: float | None, samples: int | None, min_samples: int = 1) -> tuple[int, str]:
     """(rows a sample draws, why): exactly `samples`; or `frac` of the rows rounded up, raised to `min_samples`
     (never past every row), since a fraction of a small file can be a single sample; or every row."""
@@ -434,7 +423,7 @@ class Encoder:
     tokenizer: object
     max_length: int
     labels: Sequence[str] | None = None
-    template: str | None = "alpaca"  # prompt-response only
+    template: str | None = None  # prompt-response only (templates.Template: None is the default template)
     system_prompt: str | None = None  # chat: the system turn of rows without one (templates.system_prompt)
 
     def __post_init__(self):
@@ -444,7 +433,7 @@ class Encoder:
 
     @functools.cached_property
     def _template(self) -> templates.Template:
-        return templates.Template(self.template or "alpaca", self.tokenizer, self.system_prompt)
+        return templates.Template(self.template, self.tokenizer, self.system_prompt)
 
     def __call__(self, row: dict) -> Example:
         if self.fmt == "text":
@@ -498,7 +487,7 @@ def encode(
     tokenizer,
     max_length: int,
     labels: Sequence[str] | None = None,
-    template: str | None = "alpaca",
+    template: str | None = None,
     system_prompt: str | None = None,
 ) -> list[Example]:
     """Tokenize rows now (see `Encoder`); warns about samples that add nothing within `max_length`."""

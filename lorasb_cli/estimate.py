@@ -459,7 +459,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
     )
     fmt = data.detect_format(dataset.columns, config.format, dataset.source, floats=data.float_labels(dataset.rows))
     dataset = data.checked(dataset, fmt, every_row=False)  # the drawn rows are checked as they are read
-    template = data.resolve_template(config.template, fmt, dataset.columns)
+    template = templates.resolve(config.template, dataset.columns, fmt, announce=True)
     system_prompt = templates.system_prompt(config.system_prompt, template, dataset.rows)
     auto, population = config.samples == "auto", len(dataset.rows)
     count, why = data.sample_count(

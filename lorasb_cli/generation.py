@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from . import adapter, artifacts, models, templates
+from . import adapter, artifacts, methods, models, templates
 from .errors import BadInputError
 
 log = logging.getLogger("lorasb")
@@ -114,7 +114,8 @@ def load_applied(options, saved: adapter.Adapter | None, head: str = "causal-lm"
     )
     if saved is None:
         return model, tokenizer
-    adapter.inject(model, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
+    variant = methods.layer_variant(saved.config.get("method"))
+    adapter.inject(model, saved.factors, scale=saved.scale, variant=variant, tensors=saved.module_tensors)
     adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()
     return model, tokenizer

@@ -7,8 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from . import adapter, artifacts, shards
-from .adapter import MAGNITUDE
+from . import adapter, artifacts, methods, shards
 from .errors import BadInputError
 
 PEFT_FILE = "adapter_model.safetensors"
@@ -79,14 +78,14 @@ def describe_file(path: Path) -> dict:
             counts["head"] = sum(_numel(shapes[n]) for n in head)
     else:
         trainable = lora_same_rank = 0
-        for module in artifacts.factor_modules(artifact):
+        factor_modules = artifacts.factor_modules(artifact)
+        for module in factor_modules:
             (m, r), (_, n) = shapes[f"{module}.lora_B"], shapes[f"{module}.lora_A"]
             modules[module] = {"shape": [m, n], "rank": r}
             trainable += r * r
             lora_same_rank += r * (m + n)
-        extra = [n for n in artifact.names if n.rsplit(".", 1)[-1] not in (*artifacts.FACTOR_SUFFIXES, MAGNITUDE)]
-        full = sum(_numel(shapes[n]) for n in extra)
-        if artifact.meta.get("method", "lorasb") == "lorasb":
+        full = sum(_numel(shapes[n]) for n in artifact.names if not _of_layer(n, factor_modules))
+        if _trains_r_only(artifact):
             counts = {"trainable_R": trainable, "trainable_head": full, "lora_same_rank": lora_same_rank}
         else:  # other methods store their result as B, R, A (and full tensors), not what they trained
             counts = {"stored": sum(_numel(s) for s in shapes.values()), "full_tensors": full}
@@ -100,6 +99,20 @@ def describe_file(path: Path) -> dict:
         "provenance": artifact.meta,
         "shapes": modules,
     }
+
+
+def _of_layer(name: str, modules) -> bool:
+    """Whether tensor `name` belongs to an adapted layer (its B, R, A or a layer variant's own tensor) rather than
+    being a full tensor (a head, a full fine-tune's weight)."""
+    return name.rpartition(".")[2] in artifacts.FACTOR_SUFFIXES or adapter.is_module_tensor(name, modules)
+
+
+def _trains_r_only(artifact: artifacts.Artifact) -> bool:
+    """Whether what the file holds was trained as R only, between fixed B and A: a factors file, or an adapter of a
+    method that trains between a factors file's B, A. Other methods store their result as B, R, A, not what they
+    trained."""
+    recorded = artifact.meta.get("method")
+    return recorded is None or (recorded in methods.METHODS and methods.METHODS[recorded].needs_factors)
 
 
 def _describe_peft(directory: Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, adapter, artifacts, models, shards
+from . import __version__, adapter, artifacts, methods, models, shards
 from .configs import MergeConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .registry import did_you_mean
@@ -69,6 +69,7 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     fmt = config.format
     out_dtype, shard_bytes = _hf_options(fmt, config.dtype, config.max_shard_size)
     lora = _load_mergeable(config.adapter, fmt)
+    variant = methods.layer_variant(lora.config.get("method"))
     ref = models.resolve_model(config.model if config.model is not None else _recorded_base(lora))
     out = Path(config.out).expanduser()  # what the caller prints: as given
     # Checked before a download, so a bad -o fails at once.
@@ -94,9 +95,9 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
         artifacts.remove_stale_staging(target)  # of a merge that was killed
         with artifacts.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
             if fmt == "hf":
-                _write_hf(lora, base, tmp, out_dtype, shard_bytes, metadata, progress)
+                _write_hf(lora, variant, base, tmp, out_dtype, shard_bytes, metadata, progress)
             else:
-                _write_peft(lora, ref, tmp, metadata, progress)
+                _write_peft(lora, variant, ref, tmp, metadata, progress)
     return out
 
 
@@ -184,6 +185,7 @@ def _output_metadata(lora: adapter.Adapter, ref: models.ModelRef) -> dict[str, s
 
 def _write_hf(
     lora: adapter.Adapter,
+    variant: adapter.LayerVariant,
     base: _Base,
     out_dir: Path,
     out_dtype: torch.dtype | None,
@@ -192,7 +194,7 @@ def _write_hf(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """An HF model directory: the merged weights, the base's other files, its config edited to match them."""
-    _write_merged(lora, base.index, base.prefix, out_dir, out_dtype, shard_bytes, metadata, progress)
+    _write_merged(lora, variant, base.index, base.prefix, out_dir, out_dtype, shard_bytes, metadata, progress)
     _copy_non_weights(base.index.directory, out_dir)
     if out_dtype is not None:
         _set_config_dtype(out_dir / "config.json", out_dtype)
@@ -207,15 +209,13 @@ def merge_weight(
     lora_A: torch.Tensor,
     scale: float = 1.0,
     dtype: torch.dtype | None = None,
-    magnitude: torch.Tensor | None = None,
+    variant: adapter.LayerVariant = adapter.PLAIN,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """W [m, n] + s·B [m, r]·R [r, r]·A [r, n], computed in float32 and cast to `dtype` (default: W's dtype);
-    with a DoRA `magnitude` [m], each row is then rescaled to it."""
-    # (B·R)·A: the m×n product is formed once, inside addmm, with no separate delta matrix.
-    merged = torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)
-    if magnitude is not None:
-        merged *= (magnitude.float() / merged.norm(dim=1))[:, None]
-    return merged.to(dtype or weight.dtype)
+    """The merged weight of one module, computed in float32 by its layer `variant` (W [m, n] + s·B [m, r]·R [r, r]·
+    A [r, n] unless the method declares another, reading the module's `tensors`) and cast to `dtype` (default: W's
+    dtype)."""
+    return variant.merged_weight(weight, lora_B, lora_R, lora_A, scale, tensors or {}).to(dtype or weight.dtype)
 
 
 def _out_dtype(name: str | None) -> torch.dtype | None:
@@ -301,6 +301,7 @@ def _recorded_id(lora: adapter.Adapter) -> str:
 
 def _write_merged(
     lora: adapter.Adapter,
+    variant: adapter.LayerVariant,
     index: shards.CheckpointIndex,
     prefix: str,
     out_dir: Path,
@@ -311,7 +312,7 @@ def _write_merged(
 ) -> None:
     """Write the merged weights: the base's shards and index (same tensors; names with the trained model's
     `prefix`), or new shards of at most `shard_bytes` tensor bytes."""
-    tensors = _MergedTensors(lora, index, prefix, out_dtype, progress)
+    tensors = _MergedTensors(lora, variant, index, prefix, out_dtype, progress)
     if shard_bytes is not None:
         with shards.ShardWriter(out_dir, shard_bytes, metadata) as writer:
             for _, name, tensor in tensors:
@@ -329,12 +330,14 @@ class _MergedTensors:
     def __init__(
         self,
         lora: adapter.Adapter,
+        variant: adapter.LayerVariant,
         index: shards.CheckpointIndex,
         prefix: str,
         out_dtype: torch.dtype | None,
         progress: Callable[[int, int], None] | None,
     ):
-        self.lora, self.index, self.prefix, self.out_dtype, self.progress = lora, index, prefix, out_dtype, progress
+        self.lora, self.variant, self.index, self.prefix = lora, variant, index, prefix
+        self.out_dtype, self.progress = out_dtype, progress
         # Checkpoint name → adapted module, for the weights that get W + s·B·R·A.
         self.targets = {f"{module}.weight".removeprefix(prefix): module for module in lora.factors}
         # Extra tensors by their checkpoint names: those the base has replace its tensors (a full fine-tune); those
@@ -373,9 +376,10 @@ class _MergedTensors:
         return tensor
 
     def _merged(self, module: str, weight: torch.Tensor) -> torch.Tensor:
-        """W' = W + s·B·R·A of `module` (DoRA: rows rescaled), refused when it is not finite."""
+        """W' = W + s·B·R·A of `module` (as the method's layer variant computes it), refused when it is not finite."""
         lora = self.lora
-        merged = merge_weight(weight, *lora.factors[module], lora.scale, self.out_dtype, lora.magnitudes.get(module))
+        own = lora.module_tensors.get(module)
+        merged = merge_weight(weight, *lora.factors[module], lora.scale, self.out_dtype, self.variant, own)
         if not torch.isfinite(merged).all():
             raise NonFiniteError(
                 f"NaN/Inf in the merged weight of module '{module}'",
@@ -442,6 +446,7 @@ def _set_classifier_config(config_path: Path, architecture: str, labels: list[st
 
 def _write_peft(
     lora: adapter.Adapter,
+    variant: adapter.LayerVariant,
     ref: models.ModelRef,
     out_dir: Path,
     metadata: dict[str, str],
@@ -454,8 +459,8 @@ def _write_peft(
         # Adapter factors are float32 (load_adapter), so B·R is computed and stored in float32.
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_A.contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = (lora_B @ lora_R).contiguous()
-        if module in lora.magnitudes:
-            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = lora.magnitudes[module].contiguous()
+        own = variant.peft_tensors(lora.module_tensors.get(module, {}))
+        tensors |= {f"base_model.model.{module}.{name}": tensor.contiguous() for name, tensor in own.items()}
         ranks[module] = lora_R.shape[0]
         if progress is not None:
             progress(done, len(lora.factors))
@@ -463,18 +468,20 @@ def _write_peft(
     for name, tensor in lora.extra.items():
         tensors[f"base_model.model.{name}"] = tensor.contiguous()
     heads = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in lora.extra))
-    config = _peft_config(lora, ref, ranks, heads)
+    config = _peft_config(lora, variant, ref, ranks, heads)
     hashed = shards.hashed_metadata(metadata, shards.tensor_hashes(tensors))
     save_file(tensors, out_dir / PEFT_WEIGHTS_FILE, metadata=hashed)
     (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    hints = serving_hints(max(ranks.values()), dora=bool(lora.magnitudes), modules_to_save=heads)
+    hints = serving_hints(max(ranks.values()), variant=variant, modules_to_save=heads)
     for line in hints:
         log.info("serving: %s", line)
     card = [f"# LoRA adapter for {ref.id}", "", "Exported by `lorasb merge --format peft` (LoRA-SB: lora_B = B·R).", ""]
     (out_dir / PEFT_CARD_FILE).write_text("\n".join([*card, "## Serving", "", *(f"- {h}" for h in hints)]) + "\n")
 
 
-def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, int], heads: list[str]) -> dict:
+def _peft_config(
+    lora: adapter.Adapter, variant: adapter.LayerVariant, ref: models.ModelRef, ranks: dict[str, int], heads: list[str]
+) -> dict:
     """PEFT's adapter_config.json for `ranks` {module: r} and `heads` (trained full modules: modules_to_save): the
     most common rank as `r`, the others in `rank_pattern`; lora_alpha = s·r, so PEFT's lora_alpha / r is s."""
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -498,23 +505,22 @@ def _peft_config(lora: adapter.Adapter, ref: models.ModelRef, ranks: dict[str, i
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": bool(lora.magnitudes),
         "modules_to_save": heads or None,
         "inference_mode": True,
-    }
+    } | variant.peft_config
 
 
-def serving_hints(rank: int, *, dora: bool, modules_to_save: list[str]) -> list[str]:
+def serving_hints(rank: int, *, variant: adapter.LayerVariant, modules_to_save: list[str]) -> list[str]:
     """What a server needs to load the export: vLLM's `--max-lora-rank` (the smallest it accepts that holds
-    `rank`) and what vLLM's LoRA support lacks (DoRA, trained full modules)."""
+    `rank`) and what vLLM's LoRA support lacks (a layer variant's own tensors, trained full modules)."""
     fitting = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
     hints = [
         f"vLLM: --enable-lora --max-lora-rank {fitting[0]} (rank {rank})"
         if fitting
         else f"vLLM: rank {rank} exceeds the largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]}); merge instead"
     ]
-    if dora:
-        hints.append("DoRA magnitudes: vLLM's LoRA serving does not apply them; serve the merged model instead")
+    if variant.serving_hint:
+        hints.append(variant.serving_hint)
     if modules_to_save:
         hints.append(f"trained full modules ({', '.join(modules_to_save)}): serve the merged model instead")
     hints.append("PEFT / transformers: PeftModel.from_pretrained(base, this_folder)")

@@ -219,6 +219,43 @@ def plugin_options(cls, given: Mapping[str, object], *, kind: str, name: str, ta
     return cls(**given)
 
 
+def redeclared(group: type, name: str, **changes):
+    """The option `name` of the option class `group` (e.g. DataOptions.split) for a command where it means a little
+    else: `changes` replace its `default`, `help`, `required` or `show_default`; its flags, type and range stay the
+    group's one declaration."""
+    field = next(f for f in dataclasses.fields(group) if f.name == name)
+    spec = field.metadata["cli"]
+    default = changes.pop("default", None if field.default is dataclasses.MISSING else field.default)
+    if "show_default" not in changes and not spec["flag"] and default == field.default:
+        changes["show_default"] = spec["show_default"]  # as declared, e.g. a default the model caps
+    unknown = set(changes) - {"help", "required", "show_default"}
+    if unknown:
+        raise TypeError(f"redeclared cannot change {', '.join(sorted(unknown))} of --{name}")
+    kept = {key: spec[key] for key in ("help", "type", "flag", "required", "metavar", "range")}
+    return option(*spec["decls"], default=default, **kept | changes)
+
+
+def group_values(config, group: type) -> dict[str, object]:
+    """The values `config` holds for the fields of the option group `group` (one of its bases, e.g. ModelOptions):
+    how a command that runs other stages (compare) hands each of them a whole group."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(group)}
+
+
+def targets(help: str = "all-linear, attention, or suffixes q_proj,v_proj."):
+    """--targets, for every command that picks the modules to adapt."""
+    return option(default="all-linear", help=help)
+
+
+def rank(*, help: str, default: int | None = None, required: bool = False):
+    """--rank/-r: a rank of low-rank matrices, declared by each command with its own meaning and default."""
+    return option("--rank", "-r", default=default, type=int, range=AT_LEAST_1, required=required, help=help)
+
+
+def trust_remote_code(help: str = "Allow the model repo's own Python code."):
+    """--trust-remote-code, for every command that loads a model or its checkpoint."""
+    return option(flag=True, default=False, help=help)
+
+
 MAX_LENGTH = 512  # --max-length when not given, capped at the model's position limit (models.fit_max_length)
 
 
@@ -229,7 +266,7 @@ class ModelOptions(Declared):
     model: str = option("--model", "-m", required=True, help="Local HF directory, hub id, or alias (e.g. mistral).")
     dtype: str = option(default="auto", help="auto, float32, bfloat16 or float16.")
     device: str = option(default="auto", help="auto, cpu, cuda or cuda:N.")
-    trust_remote_code: bool = option(flag=True, default=False, help="Allow the model repo's own Python code.")
+    trust_remote_code: bool = trust_remote_code()
     allow_pickle: bool = option(
         flag=True,
         default=False,

@@ -23,6 +23,9 @@ log = logging.getLogger("lorasb")
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 NAMES = ("auto", "plain", "alpaca", "chat")
+# The template of instruction-style rows and of prompts where the data named none (text or classification rows
+# scored on a generation task): the paper's, MetaMathQA's.
+DEFAULT = "alpaca"
 
 ALPACA = (
     "Below is an instruction that describes a task. "
@@ -36,14 +39,23 @@ ALPACA_WITH_INPUT = (
 )
 
 
-def resolve(requested: str, columns: Sequence[str]) -> str:
-    """The concrete template (`plain`, `alpaca` or `chat`) for rows with these fields."""
+def resolve(
+    requested: str, columns: Sequence[str], fmt: str = "prompt-response", *, announce: bool = False
+) -> str | None:
+    """The concrete template (`plain`, `alpaca` or `chat`) of `fmt` rows with these fields: `requested`, or for
+    `auto` the one the fields imply. None for the formats without a prompt (text, classification, regression).
+    `announce`: log what `auto` picked (the training stages; evaluate reports its template and where it came from)."""
+    if fmt != "prompt-response":
+        return None
     if requested not in NAMES:
         raise BadInputError(f"unknown --template '{requested}'", hint=did_you_mean(requested, NAMES))
     if requested != "auto":
         return requested
     fields = prompt_response_fields(dict.fromkeys(columns))
-    return "chat" if fields == (MESSAGES,) else dict(FIELD_PAIRS).get(fields, "alpaca")
+    name = "chat" if fields == (MESSAGES,) else dict(FIELD_PAIRS).get(fields, DEFAULT)
+    if announce:
+        log.info("--template auto: picked %s from the fields %s", name, ", ".join(sorted(columns)))
+    return name
 
 
 def shared_system_turn(rows: Sequence[dict]) -> str | None:
@@ -97,11 +109,13 @@ def check_same(recorded: str | None, used: str, what: str, *, force: bool) -> No
 class Template:
     """A concrete template bound to a tokenizer: renders prompts and encodes prompt + response jointly."""
 
-    name: str  # plain | alpaca | chat
+    name: str | None  # plain | alpaca | chat; None: the data named none (text or classification rows), DEFAULT
     tokenizer: object
     system: str | None = None  # chat: the system turn of prompts and rows that have none
 
     def __post_init__(self):
+        if self.name is None:
+            object.__setattr__(self, "name", DEFAULT)
         if self.name == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise BadInputError(
                 "--template chat: the tokenizer has no chat template",

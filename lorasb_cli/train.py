@@ -129,7 +129,7 @@ def _starting_factors(config: TrainConfig) -> artifacts.Factors:
     if config.factors:
         return artifacts.load_factors(config.factors)
     saved = adapter.load_adapter(config.init_adapter)
-    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.magnitudes:
+    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.module_tensors:
         raise IncompatibleArtifactError(
             "--init-adapter continues a LoRA-SB adapter; this one was trained with --method "
             f"{saved.config.get('method')}",
@@ -183,7 +183,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     )
     floats = data.float_labels(train_set.rows)
     fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
-    template = data.resolve_template(config.template, fmt, train_set.columns)
+    template = templates.resolve(config.template, train_set.columns, fmt, announce=True)
     system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
     if factors is not None:
         recorded = (factors.config.get("data") or {}).get("template")
@@ -731,7 +731,7 @@ def _trainer(
             get_task(config.eval_task),
             inputs.eval_set.rows,
             tokenizer,
-            template=inputs.template or "alpaca",
+            template=inputs.template,
             system_prompt=inputs.system_prompt,
             batch_size=config.batch_size,
             eval_steps=config.eval_steps,

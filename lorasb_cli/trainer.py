@@ -306,7 +306,7 @@ class TaskEval(TrainerCallback):
         rows: Sequence[dict],
         tokenizer,
         *,
-        template: str,
+        template: str | None,
         system_prompt: str | None,
         batch_size: int,
         eval_steps: int | None,

@@ -118,15 +118,15 @@ MUTATIONS = (
     Mutation(
         "adapter-forward-r-transposed",
         "lorasb_cli/adapter.py",
-        "xar = F.linear(xa.float(), self.lora_R)",
-        "xar = F.linear(xa.float(), self.lora_R.T)",
+        "xar = F.linear(xa.float(), layer.lora_R)",
+        "xar = F.linear(xa.float(), layer.lora_R.T)",
         "the forward is B·R·A, not B·Rᵀ·A",
         ("tests/test_train.py::test_adapter_forward_matches_merged_weight_with_non_symmetric_r", REF),
     ),
     Mutation(
         "adapter-forward-drops-scale",
         "lorasb_cli/adapter.py",
-        "return result + self.scale * F.linear(",
+        "return result + layer.scale * F.linear(",
         "return result + F.linear(",
         "the adapter adds s·B·R·A",
         ("tests/test_train.py::test_adapter_forward_matches_merged_weight_with_non_symmetric_r", REF),
@@ -136,7 +136,7 @@ MUTATIONS = (
         "lorasb_cli/adapter.py",
         "self.scale * (self.lora_B @ self.lora_R.detach() @ self.lora_A)",
         "self.scale * (self.lora_B @ self.lora_R.detach().T @ self.lora_A)",
-        "ΔW = s·B·R·A (DoRA and inspect read it)",
+        "ΔW = s·B·R·A",
         (
             "tests/test_train.py::test_adapter_forward_matches_merged_weight_with_non_symmetric_r",
             "tests/test_methods.py",
@@ -153,7 +153,7 @@ MUTATIONS = (
     # ---- merge: W0 + s·B·R·A; PEFT lora_B = B·R, lora_alpha = s·r
     Mutation(
         "merge-r-transposed",
-        "lorasb_cli/merge.py",
+        "lorasb_cli/adapter.py",
         "torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)",
         "torch.addmm(weight.float(), lora_B.float() @ lora_R.float().T, lora_A.float(), alpha=scale)",
         "the merged weight is W0 + s·B·R·A",
@@ -161,7 +161,7 @@ MUTATIONS = (
     ),
     Mutation(
         "merge-drops-scale",
-        "lorasb_cli/merge.py",
+        "lorasb_cli/adapter.py",
         "torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=scale)",
         "torch.addmm(weight.float(), lora_B.float() @ lora_R.float(), lora_A.float(), alpha=1.0)",
         "the merge scales B·R·A by s",

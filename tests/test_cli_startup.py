@@ -97,7 +97,11 @@ def test_the_reader_sees_a_heavy_import():
     [(methods, methods.METHODS, "prepare"), (inits, inits.INITS, "factor")],
 )
 def test_every_declared_plugin_has_its_implementation(package, entries, function):
-    """Each declaration names a function that exists (importing its module), and each module is named by one."""
+    """Each declaration names a function (and a method its layer variant) that exists (importing its module), and
+    each module is named by one."""
     assert all(callable(getattr(entry, function)) for entry in entries.values())
     named = {entry.implementation.partition(":")[0] for entry in entries.values()}
+    variants = [entry for entry in entries.values() if getattr(entry, "variant", None)]
+    assert all(entry.layer_variant.module_tensors for entry in variants)  # imported, and reads its own tensors
+    named |= {entry.variant.partition(":")[0] for entry in variants}
     assert named == {info.name for info in pkgutil.iter_modules(package.__path__)}

@@ -11,14 +11,15 @@ from helpers import CLASS_ROWS, QA_ROWS, make_bert_dir, write_jsonl
 from lorasb_cli import compare
 from lorasb_cli.cli import main
 from lorasb_cli.errors import BadInputError
+from lorasb_cli.tasks import get_task
 
 PNG_MAGIC = b"\x89PNG"
 
 
 def _settings(tiny_model_dir, qa_file, **overrides):
-    return compare.Settings(
+    return compare.GridSettings(
         model=str(tiny_model_dir),
-        train_data=str(qa_file),
+        data=str(qa_file),
         eval_data=str(qa_file),
         task="perplexity",
         max_steps=2,
@@ -39,7 +40,7 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     assert base["template"] == cell_eval["template"] and base["config"]["template_of"].endswith("/run")
     assert "Before training, the base model scores" in report.read_text()
 
-    rows = compare.aggregate(results)
+    rows = compare.aggregate(results, get_task("perplexity"))
     assert [(r["method"], r["rank"]) for r in rows] == [
         ("lorasb", 2),
         ("lorasb", 4),
@@ -62,10 +63,10 @@ def test_grid_writes_one_row_per_method_and_rank_and_the_pngs(tiny_model_dir, qa
     text = report.read_text()
     assert text.count("\n| ") == 1 + len(rows)  # header + one line per row
     # --metric ranks by another of the task's metrics; one the task does not report is a one-line error
-    by_tokens = compare.aggregate(results, "tokens")
+    by_tokens = compare.aggregate(results, get_task("perplexity"), "tokens")
     assert all(r["metric"] == "tokens" and r["mean"] > 0 for r in by_tokens)
     with pytest.raises(BadInputError, match="--metric flexible_accuracy: the task reports"):
-        compare.aggregate(results, "flexible_accuracy")
+        compare.aggregate(results, get_task("perplexity"), "flexible_accuracy")
     for png in ("loss.png", "metric.png"):
         assert (tmp_path / png).read_bytes()[:4] == PNG_MAGIC
     payload = json.loads((tmp_path / "results.json").read_text())
@@ -84,17 +85,20 @@ def test_a_gap_inside_the_seeds_spread_is_marked_noise():
     def row(name, mean, std, seeds=3, metric="accuracy"):
         return {"method": name, "mean": mean, "std": std, "seeds": seeds, "metric": metric}
 
-    rows = compare.mark_noise([row("a", 0.50, 0.02), row("b", 0.47, 0.02), row("c", 0.40, 0.02)])
+    rows = compare.mark_noise([row("a", 0.50, 0.02), row("b", 0.47, 0.02), row("c", 0.40, 0.02)], higher_is_better=True)
     assert [r["vs_best"] for r in rows] == ["best", "within noise", "below"]
-    losses = compare.mark_noise([row("a", 1.2, 0.05, metric="loss"), row("b", 1.0, 0.05, metric="loss")])
-    assert [r["vs_best"] for r in losses] == ["below", "best"]  # lower is better for a loss
-    assert compare.mark_noise([row("a", 0.5, 0.0, seeds=1), row("b", 0.4, 0.0, seeds=1)])[1]["vs_best"] == "n/a"
+    losses = compare.mark_noise(
+        [row("a", 1.2, 0.05, metric="loss"), row("b", 1.0, 0.05, metric="loss")], higher_is_better=False
+    )
+    assert [r["vs_best"] for r in losses] == ["below", "best"]
+    one_seed = [row("a", 0.5, 0.0, seeds=1), row("b", 0.4, 0.0, seeds=1)]
+    assert compare.mark_noise(one_seed, higher_is_better=True)[1]["vs_best"] == "n/a"
 
 
 def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file, tmp_path, monkeypatch):
     cells = compare.grid(compare.parse_methods("lorasb,lora", [2]), 2, compare.parse_lrs("1e-2"))
     settings = _settings(tiny_model_dir, qa_file)
-    real_run_cell = compare.run_cell
+    real_run_cell = compare.runs.run_cell
     ran: list[str] = []
 
     def killed_at_third(out, setup, cell):
@@ -104,7 +108,7 @@ def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file
         ran.append(cell.key)
         return real_run_cell(out, setup, cell)
 
-    monkeypatch.setattr(compare, "run_cell", killed_at_third)
+    monkeypatch.setattr(compare.runs, "run_cell", killed_at_third)
     with pytest.raises(KeyboardInterrupt):
         compare.run_grid(tmp_path, settings, cells)
     first = list(ran)
@@ -112,7 +116,7 @@ def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file
 
     ran.clear()
     monkeypatch.setattr(
-        compare, "run_cell", lambda out, setup, cell: ran.append(cell.key) or real_run_cell(out, setup, cell)
+        compare.runs, "run_cell", lambda out, setup, cell: ran.append(cell.key) or real_run_cell(out, setup, cell)
     )
     results = compare.run_grid(tmp_path, settings, cells)
     assert ran == [c.key for c in cells[2:]]  # the killed cell and the ones after it; nothing finished reruns
@@ -123,9 +127,9 @@ def test_rerun_after_a_kill_reruns_only_unfinished_cells(tiny_model_dir, qa_file
 def test_classifier_grid_shares_the_estimates_head(tmp_path):
     model_dir = make_bert_dir(tmp_path / "bert")
     rows = write_jsonl(tmp_path / "cls.jsonl", CLASS_ROWS)
-    settings = compare.Settings(
+    settings = compare.GridSettings(
         model=str(model_dir),
-        train_data=str(rows),
+        data=str(rows),
         eval_data=str(rows),
         task="classification",
         max_steps=2,
@@ -250,3 +254,50 @@ def test_a_budgeted_cell_spends_the_uniform_count_on_its_own_ranks(tiny_model_di
     assert 0 < results[1].trainable_params <= results[0].trainable_params
     factors = sorted(p.name for p in (tmp_path / "factors").glob("*.safetensors"))
     assert len(factors) == 2 and any("budget_ratio1.0" in name for name in factors)  # one estimate, two factors
+
+
+def _result(method: str, seed: int, metrics: dict) -> compare.CellResult:
+    cell = compare.Cell(method, 2, seed, 1e-3)
+    return compare.CellResult(dataclasses.asdict(cell), metrics, None, None, None, 1, 1.0, 1)
+
+
+def test_the_table_ranks_by_the_metric_and_direction_the_task_declares():
+    # glue-cola: Matthews correlation, where "b" wins though "a" has the higher accuracy.
+    cola = [
+        _result("a", 0, {"matthews_correlation": 0.10, "accuracy": 0.80, "count": 10}),
+        _result("b", 0, {"matthews_correlation": 0.40, "accuracy": 0.70, "count": 10}),
+    ]
+    rows = compare.aggregate(cola, get_task("glue-cola"))
+    assert [(r["method"], r["metric"], r["vs_best"]) for r in rows] == [
+        ("a", "matthews_correlation", "n/a"),
+        ("b", "matthews_correlation", "best"),
+    ]
+    # A lower-is-better metric the task declares (perplexity's loss; gsm8k's invalid-answer rate) ranks ascending.
+    losses = [_result("a", s, {"loss": 1.0 + s / 100}) for s in range(2)]
+    losses += [_result("b", s, {"loss": 2.0 + s / 100}) for s in range(2)]
+    assert [r["vs_best"] for r in compare.aggregate(losses, get_task("perplexity"))] == ["best", "below"]
+    invalid = [_result("a", 0, {"invalid": 0.5}), _result("b", 0, {"invalid": 0.1})]
+    assert [r["vs_best"] for r in compare.aggregate(invalid, get_task("gsm8k"), "invalid")] == ["n/a", "best"]
+
+
+def test_compare_offers_every_option_of_the_model_and_data_groups():
+    import click
+
+    from lorasb_cli import options
+    from lorasb_cli.cli import cli
+
+    command = cli.commands["compare"]
+    compare_flags = {p.name for p in command.get_params(click.Context(command))}
+    groups = {
+        f.name for group in (options.ModelOptions, options.TrainingDataOptions) for f in options.cli_fields(group)
+    }
+    assert groups <= compare_flags
+
+
+def test_every_cell_stage_gets_the_model_and_data_groups_whole(tiny_model_dir, qa_file, tmp_path):
+    settings = _settings(tiny_model_dir, qa_file, system_prompt="Be brief.", allow_pickle=True)
+    cell = compare.Cell("lorasb", 2, 0, 1e-2)
+    train = compare.runs._train_config(tmp_path, settings, cell, tmp_path / "run")
+    estimate = compare.runs._estimate_config(tmp_path, settings, cell)
+    for config in (train, estimate):
+        assert (config.system_prompt, config.allow_pickle, config.data) == ("Be brief.", True, str(qa_file))

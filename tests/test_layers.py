@@ -2,7 +2,9 @@
 
 A stage module (estimate, decompose, train, merge, evaluate) imports no other stage; `compare`, which runs
 stages, imports only their public names; nothing imports the CLI; and the module graph has no cycle. Imports
-inside functions count. The plug-in packages (inits, methods, tasks) are one node each.
+inside functions count. The plug-in packages (inits, methods, tasks) are one node each; `adapter`, `merge` and
+`inspect` import no method's implementation module (a method's layer variant reaches them through its
+declaration).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def _node(path: Path) -> str:
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """(imported node, names taken from it) for every import in the file that stays inside lorasb_cli."""
+    return [(module[0], names) for module, names in _imported_modules(path)]
+
+
+def _imported_modules(path: Path) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(imported module path inside lorasb_cli, e.g. ("methods", "dora"), names taken from it) for every import in
+    the file that stays inside lorasb_cli; `from . import a` at the top level gives (("a",), [])."""
     package = path.relative_to(PACKAGE).parent.parts  # () for a top-level module
     found = []
     for statement in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -30,7 +38,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
             for alias in statement.names:
                 parts = alias.name.split(".")
                 if parts[0] == "lorasb_cli" and len(parts) > 1:
-                    found.append((parts[1], []))
+                    found.append((tuple(parts[1:]), []))
         elif isinstance(statement, ast.ImportFrom):
             if statement.level == 0:
                 parts = (statement.module or "").split(".")
@@ -42,10 +50,10 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
                 parts = [p for p in parts if p]
             names = [alias.name for alias in statement.names]
             if parts:
-                found.append((parts[0], names))
+                found.append((tuple(parts), names))
             else:  # `from . import a, b` at the top level: each name is a module
                 found += [
-                    (name, []) for name in names if (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
+                    ((name,), []) for name in names if (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()
                 ]
     return found
 
@@ -100,3 +108,18 @@ def test_the_graph_reader_sees_real_edges():
     assert "models" in graph["methods"] and "registry" in graph["tasks"]
     assert {"estimate", "decompose", "train", "evaluate"} <= set(graph["compare"])
     assert set(graph["cli"]) >= STAGES - {"compare"}
+
+
+def test_adapter_merge_and_inspect_import_no_method_module():
+    """They call a method's layer variant (DoRA's) and never name the method: at most the declarations package
+    `lorasb_cli.methods` (methods.layer_variant), never a module that implements a method."""
+    implementations = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__"}
+    assert {"dora", "peft_lora", "lorasb"} <= implementations  # the reader looks where the methods are
+    found = []
+    for name in ("adapter", "merge", "inspect"):
+        for module, names in _imported_modules(PACKAGE / f"{name}.py"):
+            if module[0] == "methods" and (module[1:] or set(names) & implementations):
+                found.append(f"{name} → {'.'.join(module)} {names}")
+    assert found == []
+    # The check sees such an import where there is one: methods/peft_lora.py imports methods/dora.py.
+    assert any(module == ("methods", "dora") for module, _ in _imported_modules(PACKAGE / "methods" / "peft_lora.py"))

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from lorasb_cli import adapter, bundled, merge, models, shards
+from lorasb_cli import adapter, bundled, merge, methods, models, shards
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 
 RANK = 4
@@ -193,13 +193,13 @@ def test_peft_export_of_an_alias_loads_through_peft_auto_class_offline(setup, tm
 
 def test_serving_hints_name_the_smallest_vllm_rank_that_holds_the_adapter():
     assert (
-        merge.serving_hints(96, dora=False, modules_to_save=[])[0]
+        merge.serving_hints(96, variant=adapter.PLAIN, modules_to_save=[])[0]
         == "vLLM: --enable-lora --max-lora-rank 128 (rank 96)"
     )
-    assert "--max-lora-rank 8 " in merge.serving_hints(8, dora=False, modules_to_save=[])[0]
-    assert "--max-lora-rank 320 " in merge.serving_hints(257, dora=False, modules_to_save=[])[0]
-    assert "merge instead" in merge.serving_hints(600, dora=False, modules_to_save=[])[0]
-    hints = merge.serving_hints(32, dora=True, modules_to_save=["score"])
+    assert "--max-lora-rank 8 " in merge.serving_hints(8, variant=adapter.PLAIN, modules_to_save=[])[0]
+    assert "--max-lora-rank 320 " in merge.serving_hints(257, variant=adapter.PLAIN, modules_to_save=[])[0]
+    assert "merge instead" in merge.serving_hints(600, variant=adapter.PLAIN, modules_to_save=[])[0]
+    hints = merge.serving_hints(32, variant=methods.get_method("dora").layer_variant, modules_to_save=["score"])
     assert any("DoRA" in h for h in hints) and any("score" in h for h in hints)
 
 

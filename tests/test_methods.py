@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lorasb_cli import adapter, merge, methods, options, train
@@ -134,7 +135,7 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     for module, (lora_B, lora_R, lora_A) in saved.factors.items():
         assert lora_R.shape == (export_rank, export_rank), module
         assert lora_B.shape[1] == export_rank and lora_A.shape[0] == export_rank
-    assert set(saved.magnitudes) == (set(saved.factors) if method == "dora" else set())
+    assert set(saved.module_tensors) == (set(saved.factors) if method == "dora" else set())
 
     hf_dir = merge.merge(
         merge.MergeConfig(adapter=str(run), out=str(tmp_path / "hf"), model=str(tiny_model_dir), format="hf")
@@ -151,6 +152,11 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     assert float((merged - base_logits).abs().max()) > 1e-2
     torch.testing.assert_close(merged, trained_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(exported, merged, atol=1e-4, rtol=1e-4)
+    # So does the adapter unmerged, through the method's layer variant (evaluate's forward).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    variant = methods.layer_variant(method)
+    adapter.inject(model, saved.factors, scale=saved.scale, variant=variant, tensors=saved.module_tensors)
+    torch.testing.assert_close(_logits(model), trained_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_full_fine_tune_merges_as_full_tensors_and_has_no_peft_form(
@@ -367,3 +373,12 @@ def test_the_adapter_records_the_options_the_method_resolved(trained):
     recorded = json.loads((run / adapter.CONFIG_FILE).read_text())["train"]
     assert recorded["rank"] == RANK and recorded["targets"] == "all-linear" and recorded["alpha"] is None
     assert "init_scale" not in recorded and "init_iters" not in recorded  # options of other methods
+
+
+def test_layer_tensors_must_be_those_the_recorded_methods_variant_reads():
+    model = nn.Sequential(nn.Linear(4, 3))
+    factors = {"0": (torch.zeros(3, 2), torch.eye(2), torch.zeros(2, 4))}
+    with pytest.raises(IncompatibleArtifactError, match="does not read: lora_magnitude"):
+        adapter.inject(model, factors, tensors={"0": {"lora_magnitude": torch.ones(3)}})
+    with pytest.raises(IncompatibleArtifactError, match="lacks its layers' tensors lora_magnitude"):
+        adapter.inject(model, factors, variant=methods.layer_variant("dora"))

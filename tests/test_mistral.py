@@ -291,7 +291,7 @@ def test_cli_chain_on_tiny_mistral(mistral_model_dir, tmp_path, capsys):
     base_logits = logits(base, batch)
     saved = adapter.load_adapter(run_dir)
     assert {m.rsplit(".", 1)[1] for m in saved.factors} == PROJECTIONS and len(saved.factors) == 2 * 7
-    adapter.inject(base, saved.factors, scale=saved.scale, magnitudes=saved.magnitudes)
+    adapter.inject(base, saved.factors, scale=saved.scale, tensors=saved.module_tensors)
     adapter_logits = logits(base.eval(), batch)
     assert (adapter_logits - base_logits).abs().max() > 1e-3  # training moved R
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()

@@ -111,6 +111,7 @@ def test_declared_metrics_are_the_numbers_the_score_reports(name):
     per_subtask = {f"{m}/{subtask(row)}" for m in task.subtask_metrics for row in rows}
     assert numeric == set(task.metrics) | per_subtask
     assert task.metric == task.metrics[0] and all(task.has_metric(k) for k in numeric)
+    assert set(task.lower_is_better) <= set(task.metrics)  # a declared direction names a reported metric
     assert not task.has_metric("accuracy/") and not task.has_metric("nonsense")
 
 
@@ -503,3 +504,14 @@ def test_perplexity_aggregation():
     assert metrics["loss_per_sample"] == pytest.approx(1.5)
     assert (metrics["tokens"], metrics["count"], metrics["skipped"]) == (40, 3, 1)
     assert get_task("perplexity").score([{"loss": 800.0, "tokens": 1}])["perplexity"] == math.inf
+
+
+def test_tasks_declare_the_direction_of_their_metrics():
+    assert get_task("glue-cola").metric == "matthews_correlation" and get_task("glue-cola").higher_is_better()
+    assert get_task("glue-stsb").metric == "pearson" and get_task("glue-mrpc").metric == "accuracy"
+    perplexity = get_task("perplexity")
+    assert perplexity.metric == "loss" and not perplexity.higher_is_better()
+    assert not perplexity.higher_is_better("perplexity") and perplexity.higher_is_better("tokens")
+    gsm8k = get_task("gsm8k")
+    assert gsm8k.higher_is_better() and not gsm8k.higher_is_better("invalid")
+    assert get_task("commonsense").higher_is_better("accuracy/boolq")

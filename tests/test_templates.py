@@ -200,3 +200,15 @@ def test_non_text_fields_are_refused_with_the_field_named():
         templates.Template("alpaca", None).split({"question": "q", "answer": None})
     with pytest.raises(BadInputError, match=r"field 'question' must be text, not an object \(\{'x': 1\}\)"):
         templates.Template("alpaca", None).split({"question": {"x": 1}, "answer": "a"})
+
+
+def test_one_resolution_serves_every_format_and_one_default_every_prompt():
+    """templates.resolve is what estimate, train and evaluate call: formats without a prompt get no template, and
+    prompts of data that named none (text rows scored on a generation task) use templates.DEFAULT."""
+    assert templates.resolve("auto", ["text"], "text") is None
+    assert templates.resolve("chat", ["text", "label"], "classification") is None
+    assert templates.resolve("auto", ["instruction", "output"], "prompt-response") == templates.DEFAULT == "alpaca"
+    unnamed = templates.Template(None, None)
+    assert unnamed.name == "alpaca" and unnamed.prompt("Add 1 and 2.") == templates.ALPACA.format(
+        instruction="Add 1 and 2."
+    )

@@ -3,8 +3,10 @@
 Every method writes the same adapter (DESIGN.md §2): `<module>.lora_{B,R,A}` relative to the *original* W0,
 so `merge` (hf and peft) and `evaluate` need not know the method. A method that changes W0 at initialization
 (PiSSA, LoRA-GA, MiLoRA, IniLoRA: W_res = W0 − s·B0·A0) is exported as PEFT documents for PiSSA/LoRA-GA
-conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. DoRA adds a magnitude vector
-(`<module>.lora_magnitude`); full fine-tuning stores the trained tensors under their state_dict names.
+conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. A method whose layer computes
+something else from them (DoRA: a magnitude per output row) declares its `variant` (adapter.LayerVariant): the
+per-module tensors it stores beside B, R, A, its forward, merge and PEFT export, so that `adapter`, `merge` and
+`inspect` never name a method. Full fine-tuning stores the trained tensors under their state_dict names.
 
 Declaration and implementation are apart, so that `lorasb train --help` and its usage errors import no torch or
 PEFT: this module imports neither and declares every method (name, summary, options: what the CLI shows and
@@ -20,14 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
-from ..options import AT_LEAST_1, POSITIVE, Declared, Range, option, plugin_fields, plugin_options, takes
+from ..options import AT_LEAST_1, POSITIVE, Declared, Range, option, plugin_fields, plugin_options, rank, takes, targets
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .. import artifacts
+    from .. import adapter, artifacts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +48,8 @@ class MethodOptions(Declared):
 class LowRankOptions(MethodOptions):
     """Low-rank matrices of `rank` on the `targets` modules, scaled α/r (LoRA and its variants)."""
 
-    rank: int | None = option(
-        "--rank", "-r", type=int, range=AT_LEAST_1, required=True, help="Rank of the low-rank matrices."
-    )
-    targets: str = option(default="all-linear", help="all-linear, attention, or suffixes q_proj,v_proj.")
+    rank: int | None = rank(required=True, help="Rank of the low-rank matrices.")
+    targets: str = targets()
     alpha: float | None = option(
         type=float, range=POSITIVE, help="LoRA α [default: the method's paper: 2r, or r for PiSSA/MiLoRA]."
     )
@@ -143,12 +143,14 @@ class Prepared:
 @dataclass(frozen=True)
 class Method:
     """A method as declared: `implementation` names its `prepare(setup) -> Prepared` as "module:function" of this
-    package, imported on first use (`prepare`)."""
+    package, imported on first use (`prepare`); `variant`, where its layer is not W0 + s·B·R·A, names its
+    adapter.LayerVariant subclass as "module:Class" (`layer_variant`)."""
 
     name: str
     summary: str
     implementation: str
     options: type[MethodOptions] = MethodOptions
+    variant: str | None = None
     needs_factors: bool = False  # trains between the B, A of a factors file (train --factors)
     worse_init_hint: str = ""  # what to change when the initialized model is worse than the base
     # Trains on a base whose linear layers are quantized (train --quantize): it neither reads nor changes W0 itself.
@@ -157,6 +159,14 @@ class Method:
     @property
     def prepare(self) -> Callable[[Setup], Prepared]:
         return import_implementation(__name__, self.implementation)
+
+    @property
+    def layer_variant(self) -> adapter.LayerVariant:
+        """How an adapter of this method computes its layers (evaluate, merge): its declared variant, else
+        W0 + s·B·R·A."""
+        from .. import adapter
+
+        return import_implementation(__name__, self.variant)() if self.variant else adapter.PLAIN
 
     @property
     def uses_rank(self) -> bool:
@@ -177,6 +187,14 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method:
     return METHODS.lookup(name)
+
+
+def layer_variant(recorded: str | None) -> adapter.LayerVariant:
+    """The layer variant of an adapter whose provenance records the method `recorded` (None: a factors file used
+    as an untrained adapter, or an unknown method: W0 + s·B·R·A)."""
+    from .. import adapter
+
+    return METHODS[recorded].layer_variant if recorded in METHODS else adapter.PLAIN
 
 
 def factors_methods() -> list[Method]:
@@ -212,7 +230,9 @@ register(
         "rslora", "rank-stabilized LoRA (PEFT), s = α/√r, α = 2r", "peft_lora:prepare_rslora", options=LowRankOptions
     )
 )
-register(Method("dora", "DoRA (PEFT), α = 2r", "peft_lora:prepare_dora", options=LowRankOptions))
+register(
+    Method("dora", "DoRA (PEFT), α = 2r", "peft_lora:prepare_dora", options=LowRankOptions, variant="dora:DoraVariant")
+)
 register(
     Method(
         "pissa",

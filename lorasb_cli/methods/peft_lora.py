@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import Prepared, Setup, tensors_of, train_head
+from .dora import MAGNITUDE
 
 log = logging.getLogger("lorasb")
 
@@ -166,7 +167,7 @@ class PeftExport:
             tensors |= {f"{name}.lora_B": lora_B, f"{name}.lora_R": lora_R, f"{name}.lora_A": lora_A}
             if self.use_dora:
                 magnitude = layer.lora_magnitude_vector["default"].weight.detach().float().cpu()
-                tensors[f"{name}.lora_magnitude"] = magnitude
+                tensors[f"{name}.{MAGNITUDE}"] = magnitude
         return tensors | tensors_of(self.head)
 
 

@@ -33,9 +33,11 @@ class Task:
 
     `score(records)` turns the per-example records (dicts with at least `reference`, `extracted`, `correct`, and
     the row's `task` field where a family has subtasks) into the metrics dict of the results JSON. `metrics`
-    names every number it reports (counts included), the primary one (`metric`, what a table ranks by) first;
+    names every number it reports (counts included), the primary one first: `metric`, what a table ranks by;
     `subtask_metrics` are also reported per subtask, as `NAME/<subtask>` (see `has_metric`). A value may be
-    None where it is undefined (no records; a correlation of constant predictions).
+    None where it is undefined (no records; a correlation of constant predictions). `lower_is_better` names the
+    metrics ranked ascending (a loss, the invalid-answer rate), as lm-evaluation-harness's `higher_is_better`
+    of its `metric_list`: every other metric ranks the higher the better (`higher_is_better`).
     """
 
     scoring: ClassVar[str]  # how a model answers, one of SCORINGS; `--scoring` may switch it (`scored_as`)
@@ -45,6 +47,7 @@ class Task:
     fields: tuple[str, ...]
     score: Callable[[list[dict]], dict]
     metrics: tuple[str, ...]
+    lower_is_better: tuple[str, ...] = ()
     subtask_metrics: tuple[str, ...] = ()
     default_data: str | None = None
     default_split: str = "test"
@@ -53,7 +56,12 @@ class Task:
 
     @property
     def metric(self) -> str:
+        """The primary metric: what a table ranks by unless told another."""
         return self.metrics[0]
+
+    def higher_is_better(self, metric: str | None = None) -> bool:
+        """Whether a higher value of `metric` (default: the primary one; `NAME/<subtask>` as NAME) ranks first."""
+        return (metric or self.metric).partition("/")[0] not in self.lower_is_better
 
     def has_metric(self, name: str) -> bool:
         """Whether `score` can report `name`: one of `metrics`, or `NAME/<subtask>` for NAME in `subtask_metrics`."""

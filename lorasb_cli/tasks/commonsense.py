@@ -100,6 +100,7 @@ register_task(
         fields=("instruction", "answer"),
         score=score,
         metrics=("accuracy", "accuracy_micro", "invalid", "count"),
+        lower_is_better=("invalid",),
         subtask_metrics=("accuracy", "count"),
         prompt=prompt,
         reference=lambda row: str(row["answer"]).strip().lower(),

@@ -39,6 +39,7 @@ register_task(
         fields=(),
         score=score,
         metrics=("loss", "perplexity", "loss_per_sample", "tokens", "count", "skipped"),
+        lower_is_better=("loss", "perplexity", "loss_per_sample", "skipped"),
         description="loss and perplexity over the supervised tokens of any text or prompt-response file",
     )
 )

@@ -41,7 +41,7 @@ class ModelAnswerer:
         model: nn.Module,
         tokenizer,
         *,
-        template: str,
+        template: str | None,
         batch_size: int,
         max_length: int,
         max_new_tokens: int | None = None,
