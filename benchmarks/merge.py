@@ -81,7 +81,7 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorasb_cli import adapter, models
+    from lorasb_cli import adapter, metadata, models
 
     config = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=8)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
         "rank": rank,
         "scale": 1.0,
     }
-    adapter.save_adapter(root / "run", tensors, meta)
+    adapter.save_adapter(root / "run", tensors, metadata.AdapterMeta.from_json(meta))
     return len(shapes)
 
 

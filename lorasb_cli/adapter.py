@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts
+from . import artifacts, files, metadata
 from .errors import BadInputError, IncompatibleArtifactError
 
 
@@ -75,7 +75,7 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
 
 def inject(
     model: nn.Module,
-    factors: dict[str, artifacts.Factor],
+    factors: dict[str, artifacts.ModuleFactors],
     scale: float = 1.0,
     magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, LoraSBLinear]:
@@ -186,21 +186,20 @@ CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
-class Adapter(artifacts.Factors):
+class Adapter(artifacts.FactorsFile):
     """A trained adapter directory: the factors, DoRA `magnitudes` {module: [m]}, `extra` full tensors (a trained
-    head, or every tensor of a full fine-tune) and `config` (adapter_config.json, the same dict as the provenance)."""
+    head, or every tensor of a full fine-tune) and `meta` (adapter_config.json holds the same fields)."""
 
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write `adapter.safetensors` (provenance kind `adapter`) and `adapter_config.json` into `run_dir`."""
+def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: metadata.AdapterMeta) -> Path:
+    """Write `adapter.safetensors` (kind `adapter`) and `adapter_config.json` (its metadata) into `run_dir`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = artifacts.provenance("adapter", **config)
     artifacts.write_artifact(run_dir / ADAPTER_FILE, tensors, meta)
-    with artifacts.atomic_path(run_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with files.atomic_path(run_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(artifacts.recorded_fields(meta), indent=2, sort_keys=True) + "\n")
     return run_dir
 
 
@@ -215,6 +214,6 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
     artifact = artifacts.Artifact(file, kinds=("adapter", "factors"))
     factors, extra = artifacts.read_factors(artifact)
     magnitudes = {m: extra.pop(f"{m}.{MAGNITUDE}").float() for m in factors if f"{m}.{MAGNITUDE}" in extra}
-    if artifact.meta.get("method") != "full":  # a full fine-tune's tensors are the base's own, checked on loading
-        artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.provenance.head)
-    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, magnitudes=magnitudes)
+    if artifact.meta.method != "full":  # a full fine-tune's tensors are the base's own, checked on loading
+        artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.meta.head)
+    return Adapter(path, artifact.meta, artifact.fields, factors, extra, magnitudes=magnitudes)

@@ -458,8 +458,8 @@ Example:
 def data_command(name, split, size, seed, out, as_json, quiet):
     """Write a built-in offline data set as JSONL: exactly the rows `--data NAME` feeds a stage."""
     from . import builtin_data
-    from .artifacts import atomic_path, check_output
     from .console import print_rows
+    from .files import atomic_path, check_output
 
     if name == "list":
         sets = builtin_data.describe()

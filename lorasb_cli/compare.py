@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import artifacts, data, inits, methods, models
+from . import data, files, inits, methods, models
 from .configs import COMPARE_MAX_LENGTH, CompareConfig, DecomposeConfig, EstimateConfig, TrainConfig
 from .errors import BadInputError
 from .options import takes
@@ -353,7 +353,7 @@ def run_cell(out: Path, settings: Settings, cell: Cell) -> CellResult:
         peak_memory_bytes=summary.peak_memory_bytes,
         loss=metrics["loss"],
     )
-    with artifacts.atomic_path(folder / "cell.json") as tmp:
+    with files.atomic_path(folder / "cell.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -413,7 +413,7 @@ def prepare_data(
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             dataset = data.load_dataset_rows(name, split, size=rows, seed=0)
-            with artifacts.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(row) + "\n" for row in dataset.rows))
         return str(path)
 
@@ -540,7 +540,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths = [out / "loss.png", out / "metric.png"]
-    with artifacts.atomic_path(paths[0]) as tmp:
+    with files.atomic_path(paths[0]) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -562,7 +562,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    with artifacts.atomic_path(paths[1]) as tmp:
+    with files.atomic_path(paths[1]) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return paths
@@ -581,7 +581,7 @@ def write_report(
     out = Path(out)
     rows = aggregate(results, settings.metric)
     plot(results, rows, out, title)
-    with artifacts.atomic_path(out / "results.json") as tmp:
+    with files.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results], "base": base}
         tmp.write_text(json.dumps(payload | ({"lr_sweep": sweeps} if sweeps else {}), indent=2, default=str) + "\n")
     text = (
@@ -597,7 +597,7 @@ def write_report(
             "\nEach method's lr is the lowest validation loss of its sweep (seed 0, its first rank, a slice of the "
             "training rows; never the test rows); every point is in results.json.\n\n![lr sweeps](sweep.png)\n"
         )
-    with artifacts.atomic_path(out / "results.md") as tmp:
+    with files.atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
     return out / "results.md"
 
@@ -647,7 +647,7 @@ def _validation_split(out: Path, settings: Settings) -> tuple[str, str]:
             )
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, part in zip(paths, (rows[:-held], rows[-held:])):
-            with artifacts.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(row) + "\n" for row in part))
     return str(paths[0]), str(paths[1])
 
@@ -662,7 +662,7 @@ def _sweep_point(out: Path, settings: Settings, cell: Cell) -> float:
         shutil.rmtree(folder)  # an unfinished point
     folder.mkdir(parents=True)
     summary = _train_cell(out, settings, cell, folder / "run")
-    with artifacts.atomic_path(finished) as tmp:
+    with files.atomic_path(finished) as tmp:
         tmp.write_text(json.dumps({"cell": asdict(cell), "loss": summary.final_eval_loss}) + "\n")
     return summary.final_eval_loss
 
@@ -684,7 +684,7 @@ def plot_sweeps(sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 

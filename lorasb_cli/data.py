@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import builtin_data, templates
-from .artifacts import file_sha256
 from .errors import BadInputError
+from .files import file_sha256
 from .registry import did_you_mean
 from .rows import CheckedRows, Dataset, JsonLines, RowView, renamed
 from .schema import CLASSIFICATION_TEXT_FIELDS, FIELD_PAIRS, MESSAGES, Schema, classification_fields

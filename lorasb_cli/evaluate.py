@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, models, templates
+from . import adapter, artifacts, data, files, metadata, models, templates
 from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
 from .tasks import Task, get_task
@@ -84,40 +84,40 @@ def resolve_prompting(config: EvaluateConfig, columns: Sequence[str], saved: ada
     if config.template_of:
         recorded, where = recorded_prompting(config.template_of), f"recorded in {config.template_of} (--template-of)"
     elif saved is not None:
-        recorded, where = saved.config.get("data") or {}, f"recorded in the adapter {config.adapter}"
+        recorded, where = saved.meta.data or metadata.DataProvenance(), f"recorded in the adapter {config.adapter}"
     else:
         model_dir = Path(models.resolve_model(config.model).path)  # a hub id records nothing lorasb wrote
         recorded, where = (
-            recorded_prompting(str(model_dir)) if model_dir.is_dir() else {},
+            recorded_prompting(str(model_dir)) if model_dir.is_dir() else metadata.DataProvenance(),
             "recorded in the merged model",
         )
-    if config.template == "auto" and recorded.get("template") is not None:
-        template, source = recorded["template"], where
+    if config.template == "auto" and recorded.template is not None:
+        template, source = recorded.template, where
     else:
         template = templates.resolve(config.template, columns)
-        templates.check_same(recorded.get("template"), template, "training", force=config.force_template)
+        templates.check_same(recorded.template, template, "training", force=config.force_template)
         source = "--template" if config.template != "auto" else f"picked from the fields {', '.join(sorted(columns))}"
     if config.system_prompt is None:
-        system_prompt = recorded.get("system_prompt") if template == "chat" else None
+        system_prompt = recorded.system_prompt if template == "chat" else None
     else:
         system_prompt = templates.system_prompt(config.system_prompt, template, ())
-        if recorded.get("system_prompt") not in (None, system_prompt):
-            log.warning("--system-prompt replaces the system prompt training used, %r", recorded["system_prompt"])
+        if recorded.system_prompt not in (None, system_prompt):
+            log.warning("--system-prompt replaces the system prompt training used, %r", recorded.system_prompt)
     return Prompting(template, system_prompt, source)
 
 
-def recorded_prompting(path: str) -> dict:
+def recorded_prompting(path: str) -> metadata.DataProvenance:
     """The data provenance (`template`, `system_prompt`) that an adapter directory, a factors file or a merged
-    model records; {} for a model lorasb did not write."""
+    model records; empty for a model lorasb did not write."""
     folder = Path(path)
     file = folder / adapter.ADAPTER_FILE if folder.is_dir() else folder
     if file.is_file():
-        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.get("data") or {}
+        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.data or metadata.DataProvenance()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise BadInputError(
             "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
         )
-    return artifacts.merged_from(folder)
+    return artifacts.merged_from(folder).prompting()
 
 
 def load_for_task(
@@ -139,11 +139,11 @@ def load_for_task(
     if saved is not None:
         shapes = models.linear_shapes_from_config(ref, trust_remote_code=config.trust_remote_code, head=head)
         saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
-        what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
-        models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=config.force_base)
+        what = "the adapter" if isinstance(saved.meta, metadata.AdapterMeta) else "the factors"
+        models.check_base(saved.meta.base_model, ref, what=what, path=str(saved.path), force=config.force_base)
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    labels = saved.config.get("labels") if saved is not None else None
+    labels = saved.meta.labels if saved is not None else None
     model, tokenizer = models.load_model(
         ref,
         dtype=dtype,
@@ -169,7 +169,7 @@ def evaluate(
 ) -> EvaluateSummary:
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
     for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
-        artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
+        files.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
     task = get_task(config.task).scored_as(config.scoring)  # before any data or model is loaded
     rows, source = load_task_rows(config, task)
     saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
@@ -218,13 +218,13 @@ def evaluate(
         "metrics": metrics,
         "config": {**vars(config), "data": source},
         "model": config.model,
-        "adapter": saved.config if saved is not None else None,
+        "adapter": saved.fields if saved is not None else None,
         "versions": artifacts.library_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     out = Path(config.out)
     # Both written before either is renamed into place: a failed write leaves neither.
-    with artifacts.atomic_path(predictions_path(out)) as predictions, artifacts.atomic_path(out) as summary:
+    with files.atomic_path(predictions_path(out)) as predictions, files.atomic_path(out) as summary:
         predictions.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
         summary.write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
     return EvaluateSummary(path=out, predictions=predictions_path(out), count=len(records), metrics=metrics)

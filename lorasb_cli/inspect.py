@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from . import adapter, artifacts, shards
+from . import adapter, artifacts, files, metadata, shards
 from .adapter import MAGNITUDE
 from .errors import BadInputError
 
@@ -70,7 +70,7 @@ def describe_file(path: Path) -> dict:
     modules: dict[str, dict] = {}
     if artifact.kind in ("update", "update-raw"):
         # A classifier's update also carries the head G was computed through (1-D biases among them).
-        head = set(artifact.provenance.head)
+        head = set(artifact.meta.head)
         for name, shape in shapes.items():
             if name not in head:
                 modules[name.removesuffix(".weight")] = {"shape": list(shape)}
@@ -86,7 +86,7 @@ def describe_file(path: Path) -> dict:
             lora_same_rank += r * (m + n)
         extra = [n for n in artifact.names if n.rsplit(".", 1)[-1] not in (*artifacts.FACTOR_SUFFIXES, MAGNITUDE)]
         full = sum(_numel(shapes[n]) for n in extra)
-        if artifact.meta.get("method", "lorasb") == "lorasb":
+        if artifact.meta.method in (None, "lorasb"):
             counts = {"trainable_R": trainable, "trainable_head": full, "lora_same_rank": lora_same_rank}
         else:  # other methods store their result as B, R, A (and full tensors), not what they trained
             counts = {"stored": sum(_numel(s) for s in shapes.values()), "full_tensors": full}
@@ -97,7 +97,7 @@ def describe_file(path: Path) -> dict:
         "modules": len(modules),
         "rank": ranks[0] if len(ranks) == 1 else ranks or None,
         "parameters": counts,
-        "provenance": artifact.meta,
+        "provenance": artifact.fields,
         "shapes": modules,
     }
 
@@ -172,7 +172,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     from . import linalg
 
     kind, target = _resolve(path)
-    artifacts.check_output(out, {"update": target})
+    files.check_output(out, {"update": target})
     artifact = artifacts.Artifact(target) if kind == "artifact" else None
     if artifact is None or artifact.kind != "update":
         raise BadInputError("--plot draws an update's spectra", path=str(target), hint="pass a lorasb estimate file")
@@ -184,7 +184,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             s = linalg.truncated_svd(signs, min(PLOT_MAX_RANK, *signs.shape))[1]
             curves.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(s.square().cumsum(0) / signs.square().sum())
     meta = artifact.meta
-    panels = 1 + bool(meta.get("stability")) + bool(meta.get("samples_auto"))
+    panels = 1 + bool(meta.stability) + bool(meta.samples_auto)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), dpi=120, squeeze=False)
     energy = axes[0][0]
     for name, values in curves.items():
@@ -196,31 +196,31 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     energy.legend(fontsize=6)
     _plot_stability(axes[0][1:], meta)
     fig.tight_layout()
-    with artifacts.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(out)
 
 
-def _plot_stability(axes, meta: dict) -> None:
+def _plot_stability(axes, meta: metadata.UpdateMeta) -> None:
     """The stability panels of plot_update, in the order its axes come."""
     from .stability import by_kind
 
     axes = list(axes)
-    if meta.get("stability"):
+    if meta.stability:
         ax = axes.pop(0)
-        rows = by_kind(meta["stability"])
+        rows = by_kind(meta.stability)
         for name in dict.fromkeys(row[0] for row in rows):
             own = [row for row in rows if row[0] == name]
             line = ax.plot([r[1] for r in own], [r[2] for r in own], "o-", label=name, lw=1.2)[0]
             ax.plot([r[1] for r in own], [r[4] for r in own], ":", color=line.get_color(), lw=1)
-        halves = meta["stability"].get("samples", [])
+        halves = meta.stability.get("samples", [])
         _overlap_axes(
             ax, "rank r", "overlap of the halves' top-r subspaces", f"halves of {sum(halves)} samples (dotted: random)"
         )
         ax.legend(fontsize=6)
-    if meta.get("samples_auto"):
-        ax, auto = axes.pop(0), meta["samples_auto"]
+    if meta.samples_auto:
+        ax, auto = axes.pop(0), meta.samples_auto
         points = [p for p in auto["curve"] if p["overlap"] is not None]
         ax.plot([p["samples"] for p in points], [p["overlap"] for p in points], "o-")
         ax.axhline(auto["threshold"], ls="--", color="gray", lw=1)

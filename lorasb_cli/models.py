@@ -18,6 +18,7 @@ from torch import nn
 
 from . import bundled, data, shards
 from .errors import BadInputError, IncompatibleArtifactError
+from .metadata import ArtifactMeta, BaseIdentity
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
@@ -55,11 +56,12 @@ class ModelRef:
     path: str  # what `from_pretrained` is given: a local directory or a hub id
     source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
 
-    def provenance(self, fingerprint: str) -> dict:
-        """The `base_model` entry of an artifact's metadata: `id` (a path or hub id, for people), the target
+    def provenance(self, fingerprint: str) -> BaseIdentity:
+        """The `base_model` of an artifact's metadata: `id` (a path or hub id, for people), the target
         `fingerprint` and the checkpoint's `weights_digest`, which stages match instead of the id."""
-        entry = {"id": self.id, "fingerprint": fingerprint, "weights_digest": weights_digest(self)}
-        return entry | ({"source": self.source} if self.source else {})
+        return BaseIdentity(
+            id=self.id, fingerprint=fingerprint, weights_digest=weights_digest(self), source=self.source
+        )
 
 
 def resolve_model(spec: str) -> ModelRef:
@@ -403,15 +405,15 @@ def _unreadable_weights(ref: ModelRef, error: Exception) -> BadInputError:
     )
 
 
-def check_base(recorded: dict, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:
+def check_base(recorded: BaseIdentity, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:
     """Refuse to apply an artifact made on other weights than `ref`'s: its `base_model` entry (`recorded`) holds
     the weights digest it was made on, compared by content, never by path (the same checkpoint in another folder
     agrees). `--force-base` (`force`) applies it anyway, with a warning: a deliberate transfer. Where either
     digest is unknown (a file from before digests, a hub model not cached here) nothing can be compared."""
-    made_on, here = recorded.get("weights_digest"), weights_digest(ref)
+    made_on, here = recorded.weights_digest, weights_digest(ref)
     if made_on is None or here is None or made_on == here:
         return
-    message = f"{what} was made on other weights ({recorded.get('id')}) than model '{ref.id}'"
+    message = f"{what} was made on other weights ({recorded.id}) than model '{ref.id}'"
     if force:
         log.warning("--force-base: %s", message)
         return
@@ -479,18 +481,15 @@ class HeadSpec:
         return cls(type(model).__name__, tuple(labels or ()), tuple(sorted(head_parameters(model))))
 
     @classmethod
-    def from_meta(cls, meta: dict) -> HeadSpec | None:
-        if meta.get("labels") is None:
+    def from_meta(cls, meta: ArtifactMeta) -> HeadSpec | None:
+        if meta.labels is None:
             return None
-        return cls(meta["architecture"], tuple(meta["labels"]), tuple(meta.get("head", ())))
-
-    def to_meta(self) -> dict:
-        return {"architecture": self.architecture, "labels": list(self.labels), "head": list(self.tensors)}
+        return cls(meta.architecture, meta.labels, meta.head)
 
 
 def head_meta(spec: HeadSpec | None) -> dict:
-    """The metadata entries of `spec`: none for a causal LM."""
-    return spec.to_meta() if spec is not None else {}
+    """The metadata fields of `spec` (ArtifactMeta's architecture, labels, head): none for a causal LM."""
+    return {"architecture": spec.architecture, "labels": spec.labels, "head": spec.tensors} if spec else {}
 
 
 def auto_head(spec: HeadSpec | None) -> str:

@@ -171,3 +171,11 @@ def train_config(model, data, out, **overrides):
     settings = {"model": model, "data": data, "out": out, "max_steps": 8, "batch_size": 4, "lr": 5e-2}
     settings |= {"save_steps": 2, "seed": 0} | overrides
     return train.TrainConfig.from_options(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+
+
+def artifact_meta(kind: str, **fields):
+    """The typed metadata of an artifact of `kind` (lorasb_cli/metadata.py) from its fields as a file records them,
+    nested objects as dicts."""
+    from lorasb_cli import metadata
+
+    return metadata.KIND_CLASSES[kind].from_json(fields)

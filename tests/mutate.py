@@ -85,8 +85,8 @@ MUTATIONS = (
     Mutation(
         "load-update-plus-eta",
         "lorasb_cli/artifacts.py",
-        'return artifact.get(name, torch.float32).mul_(artifact.meta["eta"])',
-        'return artifact.get(name, torch.float32).mul_(-artifact.meta["eta"])',
+        "return artifact.get(name, torch.float32).mul_(artifact.meta.eta)",
+        "return artifact.get(name, torch.float32).mul_(-artifact.meta.eta)",
         "decompose factors ΔW_avg = −η·sign(G), not its negation (the issue's first survivor)",
         ("tests/test_decompose.py", "tests/test_inits.py", "tests/test_budget.py", REF),
     ),
@@ -370,7 +370,7 @@ MUTATIONS = (
     ),
     Mutation(
         "lock-taken-from-a-live-process",
-        "lorasb_cli/artifacts.py",
+        "lorasb_cli/files.py",
         "if not (host == socket.gethostname() and pid.isdigit() and not _running(int(pid))):",
         "if not (host == socket.gethostname() and pid.isdigit()):",
         "a running writer's lock is never taken over",
@@ -378,7 +378,7 @@ MUTATIONS = (
     ),
     Mutation(
         "lock-counts-as-content",
-        "lorasb_cli/artifacts.py",
+        "lorasb_cli/files.py",
         "any(p.name != LOCK_FILE for p in out.iterdir())",
         "any(out.iterdir())",
         "a folder holding only a lock is not 'not empty' (ranks of a launched job)",

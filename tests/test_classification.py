@@ -37,11 +37,11 @@ def chain(tmp_path_factory):
 def test_update_and_factors_carry_the_head_g_was_computed_with(chain):
     folder, _, _ = chain
     update = artifacts.Artifact(folder / "u.safetensors")
-    assert update.meta["labels"] == ["crude", "earn", "trade"]
-    assert update.meta["architecture"] == "BertForSequenceClassification"
-    assert update.meta["head"] == ["classifier.bias", "classifier.weight"]
+    assert update.fields["labels"] == ["crude", "earn", "trade"]
+    assert update.fields["architecture"] == "BertForSequenceClassification"
+    assert update.fields["head"] == ["classifier.bias", "classifier.weight"]
     assert update.get("classifier.weight").shape == (3, 32)
-    assert "classifier" not in {n.rsplit(".", 1)[0] for n in update.names if n not in update.meta["head"]}
+    assert "classifier" not in {n.rsplit(".", 1)[0] for n in update.names if n not in update.fields["head"]}
     factors = artifacts.Artifact(folder / "f.safetensors")
     assert torch.equal(factors.get("classifier.weight"), update.get("classifier.weight"))
     # The same seed draws the same head; another seed another one.

@@ -54,7 +54,7 @@ def test_estimate_then_decompose_through_click_runner(tiny_model_dir, qa_file, t
     )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{tmp_path / 'f.safetensors'}\n"
-    assert artifacts.Artifact(tmp_path / "f.safetensors").meta["rank"] == 4
+    assert artifacts.Artifact(tmp_path / "f.safetensors").fields["rank"] == 4
 
 
 def test_json_summary_on_stdout(tiny_model_dir, qa_file, tmp_path, capsys):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import QA_ROWS, make_llama, write_jsonl
+from helpers import QA_ROWS, artifact_meta, make_llama, write_jsonl
 
 from lorasb_cli import adapter, artifacts, evaluate
 from lorasb_cli.errors import BadInputError
@@ -144,13 +144,13 @@ def trained_like_adapter(factors_file, tmp_path_factory):
             f"{module}.lora_A": lora_A,
         }
     config = {
-        "base_model": loaded.config["base_model"],
+        "base_model": loaded.fields["base_model"],
         "targets": "all-linear",
         "rank": 4,
         "scale": 1.0,
         "method": "lorasb",
     }
-    return adapter.save_adapter(folder / "run", tensors, config)
+    return adapter.save_adapter(folder / "run", tensors, artifact_meta("adapter", **config))
 
 
 def test_adapter_and_merged_model_give_identical_predictions(tiny_model_dir, trained_like_adapter, tmp_path):

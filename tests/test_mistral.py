@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import QA_ROWS, write_jsonl
 
-from lorasb_cli import adapter, artifacts, bundled, cli, evaluate, merge, models
+from lorasb_cli import adapter, bundled, cli, evaluate, files, merge, models
 from lorasb_cli.errors import BadInputError
 
 # sha256 of mistralai/Mistral-7B-v0.1's tokenizer.model on the hub (493,443 bytes); mistral-common ships it as-is.
@@ -51,7 +51,7 @@ def tokens(tok, text: str, **kwargs) -> list[str]:
 
 def test_the_bundled_tokenizer_is_mistral_7b_v01s(tokenizer):
     source = bundled.source_path(bundled.MISTRAL_TOKENIZER)
-    assert artifacts.file_sha256(source) == MISTRAL_TOKENIZER_SHA256
+    assert files.file_sha256(source) == MISTRAL_TOKENIZER_SHA256
     assert len(tokenizer) == 32000
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)

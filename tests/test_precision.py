@@ -52,8 +52,8 @@ def lorasb_runs(bert):
 
 def test_bf16_lorasb_run_updates_every_head_entry_like_float32(lorasb_runs):
     factors, runs = lorasb_runs
-    assert factors.meta["head"] == ["classifier.bias", "classifier.weight"]
-    for name in factors.meta["head"]:
+    assert factors.fields["head"] == ["classifier.bias", "classifier.weight"]
+    for name in factors.fields["head"]:
         start = factors.get(name, torch.float32)
         trained = runs["bfloat16"].extra[name]
         # No entry is left where it started: neither at the float32 start (what the run loads now) nor at its bf16

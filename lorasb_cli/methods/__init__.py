@@ -105,7 +105,7 @@ class Setup:
     rank: int | None
     seed: int
     options: MethodOptions = field(default_factory=MethodOptions)
-    factors: artifacts.Factors | None = None  # as artifacts.load_factors returns
+    factors: artifacts.FactorsFile | None = None  # as artifacts.load_factors returns
     probe_loss: Callable[[nn.Module], float] | None = None
     batches: Callable[[int], Iterable[dict]] | None = None
     resumes: bool = False
