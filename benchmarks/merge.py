@@ -1,4 +1,4 @@
-"""Merge memory: peak RSS of `lorasb merge` against the size of a multi-shard checkpoint (DESIGN.md §4).
+"""Merge memory: peak RSS of `lorasb merge` against the size of a multi-shard checkpoint (docs/design.md §4).
 
 Builds a randomly initialized Llama (hidden 1024, 8 layers, vocab 16000: ~500 MB float32) saved in 8 shards
 and a rank-32 all-linear LoRA-SB adapter, then runs each merge in a fresh subprocess. The subprocess measures

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole LoRA-SB chain, offline, on the bundled real models and data (DESIGN.md §7):
+# The whole LoRA-SB chain, offline, on the bundled real models and data (docs/design.md §7):
 #   SmolLM2-135M on `arithmetic` and MiniLM-L6 on `reuters-r8`:
 #   data → estimate → decompose → train → merge → evaluate base and fine-tuned.
 # Usage: bash examples/demo.sh [OUT_DIR]   (run by `make demo`; all outputs under OUT_DIR, default demo/)

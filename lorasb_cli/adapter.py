@@ -1,6 +1,6 @@
 """The LoRA-SB layer: a frozen linear layer plus s·B·R·A with B, A frozen and only R (r×r) trained.
 
-The forward never materializes B·R·A: `base(x) + s·((x Aᵀ) Rᵀ) Bᵀ` (DESIGN.md §4). B and A are kept in float32
+The forward never materializes B·R·A: `base(x) + s·((x Aᵀ) Rᵀ) Bᵀ` (docs/design.md §4). B and A are kept in float32
 as given (exactly the factors); R is a float32 parameter whatever the base dtype, so its small updates are not
 rounded away in bf16/fp16, while the two large products run in the activations' dtype.
 """
@@ -134,7 +134,7 @@ def _float32_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 def train_in_float32(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
     """Make the parameters `names` of `model` trainable float32 master weights, whatever the base dtype.
 
-    Every trained tensor is float32 (DESIGN.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
+    Every trained tensor is float32 (docs/design.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
     entries of a bf16 weight. So each module owning one of `names` (a classifier's head) gets its parameters upcast
     to float32 in place (the Parameter objects stay the same) and, when that changed its dtype, a forward pre-hook
     that casts floating inputs to float32: it takes the base's bf16/fp16 activations and returns float32 outputs

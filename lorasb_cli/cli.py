@@ -22,7 +22,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 # Commands whose processes form one job under a launcher (torchrun, accelerate launch): they join its process group.
 # Every other command runs on global rank 0 alone and the other ranks return at once, so that a job writes each
-# file and prints its stdout line once (DESIGN.md §3).
+# file and prints its stdout line once (docs/design.md §3).
 DATA_PARALLEL = ("estimate", "train")
 
 

@@ -1,7 +1,7 @@
 """`lorasb decompose`: one matrix per target module → B [m, r], R [r, r], A [r, n] by the init `--init`
 (lorasb_cli/inits). The default, `lorasb`, is the truncated SVD of ΔW_avg ≈ U S Vᵀ: B = U_r, R = diag(S_r),
 A = V_rᵀ; B and A are orthonormal and η scales R only. The randomized SVD must stay within 1% of the
-Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (DESIGN.md §4); `exact` runs the full SVD.
+Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (docs/design.md §4); `exact` runs the full SVD.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`lorasb estimate` and `lorasb combine`: the simulated first AdamW step ΔW_avg = −η·sign(G) (DESIGN.md §1, §4).
+"""`lorasb estimate` and `lorasb combine`: the simulated first AdamW step ΔW_avg = −η·sign(G) (docs/design.md §1, §4).
 
 G = Σ_i ∇_W L_i over the sampled examples, L_i the mean cross-entropy over sample i's supervised tokens.
 Per target module, a tensor hook on the module's output sees ∂L/∂y and adds ∂L/∂yᵀ·x into a float32
@@ -489,7 +489,7 @@ def _write_update(
         if config.raw
         else {name: t.cpu() for name, t in sign_update(result.sums).items()}
     )
-    # The random head G was computed through: train must start from exactly this head (DESIGN.md §1).
+    # The random head G was computed through: train must start from exactly this head (docs/design.md §1).
     tensors |= models.head_tensors(model)
     artifacts.write_artifact(config.out, tensors, meta)
 

@@ -1,7 +1,7 @@
 """`lorasb merge`: fold a trained adapter into its base model, or export it as a PEFT LoRA adapter.
 
 `hf`: stream the base checkpoint shard by shard and write W' = W + s·B·R·A (float32, cast to the base dtype) —
-no model object and never more than about two shards in memory (DESIGN.md §4). The base's shard layout is kept
+no model object and never more than about two shards in memory (docs/design.md §4). The base's shard layout is kept
 unless `max_shard_size` asks for a new one. `peft`: `lora_A = A`, `lora_B = B·R`, so `PeftModel` (and every
 PEFT-serving stack) reproduces the adapter. Either output is built in a hidden sibling directory and renamed
 onto `out` only when complete.

@@ -23,7 +23,7 @@ from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
 
-# Short names for the models of the paper (DESIGN.md §3). Values are hub ids; bundled.py adds offline ones.
+# Short names for the models of the paper (docs/design.md §3). Values are hub ids; bundled.py adds offline ones.
 ALIASES: dict[str, str] = {
     "mistral": "mistralai/Mistral-7B-v0.1",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
@@ -54,7 +54,7 @@ class ModelRef:
 
     id: str
     path: str  # what `from_pretrained` is given: a local directory or a hub id
-    source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
+    source: dict | None = None  # a bundled model's package, version and file hash (docs/design.md §7)
 
     def provenance(self, fingerprint: str) -> BaseIdentity:
         """The `base_model` of an artifact's metadata: `id` (a path or hub id, for people), the target
@@ -128,7 +128,7 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer; every loading failure becomes a one-line BadInputError.
 
-    Weights are read from safetensors only (DESIGN.md §2): a pickle checkpoint (.bin/.pt) is refused unless
+    Weights are read from safetensors only (docs/design.md §2): a pickle checkpoint (.bin/.pt) is refused unless
     `allow_pickle`, and then transformers reads it with torch.load(weights_only=True).
 
     `head` "causal-lm" loads AutoModelForCausalLM; "sequence-classification" loads

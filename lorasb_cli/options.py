@@ -1,6 +1,6 @@
-"""Options declared once: a dataclass field carries its flag, help and default, and `click_options` makes the
-click options of a command from the config class it fills. The groups every command that reads a model or data
-shares live here (`ModelOptions`, `DataOptions`, `TrainingDataOptions`); a stage's config adds its own fields,
+"""Options declared once: a dataclass field carries its flag, help and default, and `click_param` makes the click
+option of each field of the config class a command fills (`cli.ConfigCommand`, when the command first needs them).
+The groups every command that reads a model or data shares live here (`ModelOptions`, `DataOptions`, `TrainingDataOptions`); a stage's config adds its own fields,
 and a plug-in (method, init) declares its options the same way (`plugin_options` builds and checks them).
 """
 

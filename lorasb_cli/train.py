@@ -739,7 +739,7 @@ def _write_run(
 ) -> TrainSummary:
     """The run directory's adapter, metrics.json and loss.png (global rank 0 only), and the summary."""
     out = inputs.work
-    # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
+    # One writer per job (docs/design.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
     # and global rank 0 writes them (as the Trainer's checkpoints: `should_save`).
     writer = system.is_main_process()
     if writer:

@@ -1,4 +1,4 @@
-"""Several processes and several machines (DESIGN.md §2, §3, §5): shards combined by identity, not path; one
+"""Several processes and several machines (docs/design.md §2, §3, §5): shards combined by identity, not path; one
 writer per launched job; DDP training equal to one process at the doubled batch; FSDP refused.
 
 Launched jobs run 2 CPU processes with gloo. Every number is checked against a single-process run.

@@ -174,7 +174,7 @@ def _torchrun_estimate(model_dir, qa_file, out, port: int, *extra: str) -> subpr
 
 
 def test_torchrun_two_processes_equal_one(tiny_model_dir, qa_file, tmp_path):
-    """DESIGN.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
+    """docs/design.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
     single = tmp_path / "single.safetensors"
     _run(tiny_model_dir, qa_file, single)
     two = tmp_path / "two.safetensors"

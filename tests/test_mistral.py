@@ -1,5 +1,5 @@
 """Mistral: the real Mistral-7B-v0.1 tokenizer (bundled in mistral-common), the `mistral` alias's targets from
-its real config on the meta device, and the whole CLI chain on a tiny random Mistral (DESIGN.md §7)."""
+its real config on the meta device, and the whole CLI chain on a tiny random Mistral (docs/design.md §7)."""
 
 from __future__ import annotations
 

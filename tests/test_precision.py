@@ -1,4 +1,4 @@
-"""Every trained tensor is float32 while the base may be bf16 (DESIGN.md §5; issue 12, item 7).
+"""Every trained tensor is float32 while the base may be bf16 (docs/design.md §5; issue 12, item 7).
 
 In a bf16 weight an AdamW step of lr·O(1) (2e-5 here) is below half a unit in the last place of most entries
 (bf16 keeps 8 significant bits: ulp ≈ |w|·2⁻⁷), so it rounds away: the head, DoRA magnitudes, LoRA A/B and a
