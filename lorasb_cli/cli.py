@@ -58,8 +58,8 @@ def common_options(command):
 class ConfigCommand(click.Command):
     """A command whose options are generated from a stage's config class (lorasb_cli/configs.py) and, where the
     config takes a plug-in's options, from every plug-in of that kind. They are made when the command first
-    parses or shows help, so `lorasb --help` imports no plug-in; configs and plug-in declarations import no torch,
-    so neither does a command's --help or usage error. The callback gets the filled config as `config`, and the
+    parses or shows help, so `lorasb --help` imports no plug-in implementation (only the declarations it lists);
+    configs and plug-in declarations import no torch, so neither does a command's --help or usage error. The callback gets the filled config as `config`, and the
     options the command declares itself (--json, estimate's --dry-run) as they are."""
 
     def __init__(self, *args, config: type, **kwargs):
@@ -104,7 +104,23 @@ def report(path, summary: dict, as_json: bool) -> None:
         click.echo(str(path))
 
 
-@click.group(context_settings=CONTEXT)
+class PluginGroup(click.Group):
+    """The `lorasb` group, whose help ends with the plug-ins each stage can run, read from their registrations and
+    summaries (declarations only: no torch, no plug-in implementation)."""
+
+    def format_epilog(self, ctx, formatter):
+        from . import inits, methods
+
+        for title, registry in (
+            ("Inits (decompose --init)", inits.INITS),
+            ("Methods (train --method)", methods.METHODS),
+        ):
+            with formatter.section(title):
+                formatter.write_dl(registry.summaries())
+        super().format_epilog(ctx, formatter)
+
+
+@click.group(cls=PluginGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="lorasb")
 def cli():
     """LoRA-SB fine-tuning in composable stages: estimate → decompose → train → merge → evaluate.

@@ -85,7 +85,7 @@ class Declared:
 def option(
     *decls: str,
     default=None,
-    help: str,
+    help: str | Callable[[], str],
     type=None,
     flag: bool = False,
     required: bool = False,
@@ -94,7 +94,8 @@ def option(
     range: Range | None = None,
 ):
     """A dataclass field that is also a click option; `decls` default to `--field-name`; `range`: the values a
-    number may take."""
+    number may take. `help` may be a function, called when the option is made (lazily: `cli.ConfigCommand`), for a
+    text read from the plug-in registrations."""
     spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
     spec["range"] = range
     spec["show_default"] = show_default if show_default is not None else default is not None and not flag
@@ -125,7 +126,8 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     if spec.get("range") is not None:
         kind = spec["range"].click_type(kind)
     extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
-    help_text, show_default = spec["help"], spec["show_default"]
+    help_text = spec["help"]() if callable(spec["help"]) else spec["help"]
+    show_default = spec["show_default"]
     if plugin:
         if default is not None and show_default:
             help_text = f"{help_text}  [default: {default}]"
