@@ -54,8 +54,8 @@ def recorded(default: Any = dataclasses.MISSING, *, range: Range | None = None, 
     be, predicate) for a value the annotation cannot say (e.g. `[i, n]`). `omit_empty`: not written while None
     or empty (fields only some artifacts of a kind have: a classifier's head, --budget's allocation)."""
     spec = {"range": range, "check": check, "omit_empty": omit_empty}
-    if isinstance(default, (dict, list, tuple)) and default:
-        raise TypeError("a mutable default needs a factory")
+    if isinstance(default, (dict, list)) and default:
+        raise TypeError("a mutable default is shared by every record: only {} (a fresh one each) is allowed")
     if isinstance(default, dict):
         return field(default_factory=dict, metadata={"meta": spec})
     return field(default=default, metadata={"meta": spec})
@@ -108,8 +108,6 @@ def _convert(value: Any, hint: Any, bounds: Range | None) -> Any:
     origin = typing.get_origin(hint) or hint
     if hint is str:
         return value if isinstance(value, str) else _REFUSED
-    if hint is bool:
-        return value if isinstance(value, bool) else _REFUSED
     if hint is int:
         ok = is_int(value) and (bounds is None or value in bounds)
         return value if ok else _REFUSED
@@ -128,8 +126,6 @@ def _convert(value: Any, hint: Any, bounds: Range | None) -> Any:
         return value
     if _is_record(hint):
         return value if isinstance(value, dict) else _REFUSED
-    if hint is Any:
-        return value
     raise TypeError(f"no metadata check for {hint}")
 
 
@@ -149,8 +145,6 @@ def _want(hint: Any, spec: dict) -> str:
             wants.append("a finite number" + (f" {bounds}" if bounds else ""))
         elif option is str:
             wants.append("a string")
-        elif option is bool:
-            wants.append("a boolean")
         elif origin is tuple:
             wants.append("a list of strings")
         elif origin is dict and typing.get_args(option):
@@ -186,7 +180,7 @@ def _names(cls: type) -> frozenset[str]:
 class Record:
     """Base of every metadata record: declared fields, and `extra`, the keys it does not declare, kept as read."""
 
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, obj: dict, *, path: str | None = None, hint: str = "") -> typing.Self:
@@ -244,7 +238,7 @@ class DataProvenance(Record):
     format: str | None = recorded(None, omit_empty=True)
     template: str | None = recorded(None)
     system_prompt: str | None = recorded(None)
-    # The sample estimate drew: the same for every shard of one estimate (`same_sampling`).
+    # How estimate drew its sample (written whole, nulls included, where it drew one: `to_json`).
     drawn: int | None = recorded(None, range=NON_NEGATIVE, omit_empty=True)
     frac: float | None = recorded(None, omit_empty=True)
     min_samples: int | None = recorded(None, omit_empty=True)
@@ -258,6 +252,14 @@ class DataProvenance(Record):
     SAMPLING: ClassVar[tuple[str, ...]] = (
         "digest", "split", "config", "format", "template", "system_prompt", "drawn", "frac", "seed", "max_length"
     )  # fmt: skip
+
+    DRAWN: ClassVar[tuple[str, ...]] = ("drawn", "frac", "min_samples", "seed", "shard", "max_length")
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if self.drawn is not None:  # estimate's sample: every field of the draw, as estimate always wrote them
+            out |= {name: getattr(self, name) for name in self.DRAWN}
+        return out
 
     @classmethod
     def from_dataset(cls, dataset, **drawn) -> DataProvenance:
@@ -289,8 +291,8 @@ class ArtifactMeta(Record):
     init: str | None = recorded(None, omit_empty=True)  # decompose --init
     eta: float | None = recorded(None, range=POSITIVE, omit_empty=True)  # ΔW = η·signs of the update
     data: DataProvenance | None = recorded(None)
-    samples: int | None = recorded(None, range=NON_NEGATIVE)
-    seed: int | None = recorded(None)
+    samples: int | None = recorded(None, range=NON_NEGATIVE, omit_empty=True)
+    seed: int | None = recorded(None, omit_empty=True)
     # A sequence classifier's head: the class that rebuilds it, its labels, its trained tensors (models.HeadSpec).
     architecture: str | None = recorded(None, omit_empty=True)
     labels: tuple[str, ...] | None = recorded(None, omit_empty=True)
@@ -373,6 +375,7 @@ class FactorsMeta(ArtifactMeta):
     method: str | None = recorded(None)
     init: str | None = recorded(None)
     eta: float | None = recorded(None, range=POSITIVE)  # None: a weight-based init (no update)
+    samples: int | None = recorded(None, range=NON_NEGATIVE)  # the update's; None for a weight-based init
     rank: int = recorded(range=AT_LEAST_1)
     rank_pattern: dict[str, int] = recorded({}, range=AT_LEAST_1, omit_empty=True)  # modules not at `rank`
     budget: dict | None = recorded(None, omit_empty=True)  # decompose --budget's allocation
