@@ -330,8 +330,8 @@ MUTATIONS = (
     Mutation(
         "evaluate-ignores-recorded-template",
         "lorasb_cli/evaluate.py",
-        'templates.check_same(recorded.get("template"), template, "training", force=config.force_template)',
-        'templates.check_same(recorded.get("template"), template, "training", force=True)',
+        'templates.check_same(recorded.template, template, "training", force=config.force_template)',
+        'templates.check_same(recorded.template, template, "training", force=True)',
         "evaluate refuses another template than the adapter's unless --force-template",
         ("tests/test_evaluate.py", "tests/test_templates.py"),
     ),
@@ -347,7 +347,7 @@ MUTATIONS = (
     Mutation(
         "resume-ignores-other-data",
         "lorasb_cli/train.py",
-        'if (recorded.get("data") or {}).get("digest") not in (None, inputs.train_set.digest):',
+        "if recorded.data is not None and recorded.data.digest not in (None, inputs.train_set.digest):",
         "if False:",
         "--resume refuses other training rows",
         ("tests/test_resume.py",),
