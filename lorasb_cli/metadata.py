@@ -301,9 +301,9 @@ class ArtifactMeta(Record):
     created: str | None = recorded(None, omit_empty=True)
     # The sha256 of each tensor, as the file records it (None: written before lorasb recorded hashes).
     tensor_sha256: dict[str, str] | None = recorded(None, omit_empty=True)
-    # A field every kind records goes here (issue 29's quantization: the update's, the factors' and the adapter's
-    # `--quantize`, e.g. as a nested record like BaseIdentity); one only some kinds record goes on their classes
-    # (AdapterMeta: the training `strategy`; a recipe's name and digest here, with the rest of the provenance).
+    # A field every kind records goes here: issue 29's quantization (the update's, the factors' and the adapter's
+    # `--quantize`, e.g. as a nested record like BaseIdentity), issue 28's recipe name and digest. One only some
+    # kinds record goes on their classes (issue 29's training `strategy`: AdapterMeta).
 
     def check(self, reader: _Reader, prefix: str) -> None:
         if self.labels is not None and self.architecture is None:
