@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, artifact_meta, write_jsonl
 
 from lorasb_cli import adapter, bundled, cli, evaluate, files, merge, models
 from lorasb_cli.errors import BadInputError
@@ -158,7 +158,8 @@ def test_mistral_alias_targets_and_shapes_on_meta_device(tmp_path):
     # The PEFT export: merge._write_peft itself, on an adapter whose factors sit under these module names
     # (1×1 placeholders: only the names reach target_modules).
     factors = {m: (torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1)) for m in modules}
-    stub = adapter.Adapter(path=tmp_path, config={"scale": 1.0}, factors=factors, extra={})
+    meta = artifact_meta("adapter", base_model={"id": "mistral", "fingerprint": "0" * 16})
+    stub = adapter.Adapter(path=tmp_path, meta=meta, fields=meta.to_json(), factors=factors, extra={})
     merge._write_peft(stub, models.ModelRef(id=models.ALIASES["mistral"], path="-"), tmp_path, {}, None)
     config = json.loads((tmp_path / merge.PEFT_CONFIG_FILE).read_text())
     target_modules = config["target_modules"]
