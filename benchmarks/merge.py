@@ -1,4 +1,4 @@
-"""Merge memory: peak RSS of `lorasb merge` against the size of a multi-shard checkpoint (DESIGN.md §4).
+"""Merge memory: peak RSS of `lorasb merge` against the size of a multi-shard checkpoint (docs/design.md §4).
 
 Builds a randomly initialized Llama (hidden 1024, 8 layers, vocab 16000: ~500 MB float32) saved in 8 shards
 and a rank-32 all-linear LoRA-SB adapter, then runs each merge in a fresh subprocess. The subprocess measures
@@ -81,7 +81,7 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorasb_cli import adapter, models
+    from lorasb_cli import adapter, metadata, models
 
     config = LlamaConfig(**dims, num_attention_heads=16, num_key_value_heads=8)
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def build(root: Path, dims: dict, rank: int, shard_size: str) -> int:
         "rank": rank,
         "scale": 1.0,
     }
-    adapter.save_adapter(root / "run", tensors, meta)
+    adapter.save_adapter(root / "run", tensors, metadata.AdapterMeta.from_json(meta))
     return len(shapes)
 
 

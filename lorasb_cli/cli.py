@@ -22,7 +22,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 # Commands whose processes form one job under a launcher (torchrun, accelerate launch): they join its process group.
 # Every other command runs on global rank 0 alone and the other ranks return at once, so that a job writes each
-# file and prints its stdout line once (DESIGN.md §3).
+# file and prints its stdout line once (docs/design.md §3).
 DATA_PARALLEL = ("estimate", "train")
 
 
@@ -58,8 +58,8 @@ def common_options(command):
 class ConfigCommand(click.Command):
     """A command whose options are generated from a stage's config class (lorasb_cli/configs.py) and, where the
     config takes a plug-in's options, from every plug-in of that kind. They are made when the command first
-    parses or shows help, so `lorasb --help` imports no plug-in; configs and plug-in declarations import no torch,
-    so neither does a command's --help or usage error. The callback gets the filled config as `config`, and the
+    parses or shows help, so `lorasb --help` imports no plug-in implementation (only the declarations it lists);
+    configs and plug-in declarations import no torch, so neither does a command's --help or usage error. The callback gets the filled config as `config`, and the
     options the command declares itself (--json, estimate's --dry-run) as they are."""
 
     def __init__(self, *args, config: type, **kwargs):
@@ -104,7 +104,23 @@ def report(path, summary: dict, as_json: bool) -> None:
         click.echo(str(path))
 
 
-@click.group(context_settings=CONTEXT)
+class PluginGroup(click.Group):
+    """The `lorasb` group, whose help ends with the plug-ins each stage can run, read from their registrations and
+    summaries (declarations only: no torch, no plug-in implementation)."""
+
+    def format_epilog(self, ctx, formatter):
+        from . import inits, methods
+
+        for title, registry in (
+            ("Inits (decompose --init)", inits.INITS),
+            ("Methods (train --method)", methods.METHODS),
+        ):
+            with formatter.section(title):
+                formatter.write_dl(registry.summaries())
+        super().format_epilog(ctx, formatter)
+
+
+@click.group(cls=PluginGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="lorasb")
 def cli():
     """LoRA-SB fine-tuning in composable stages: estimate → decompose → train → merge → evaluate.
@@ -506,8 +522,8 @@ Example:
 def data_command(config, as_json, quiet):
     """Write a built-in offline data set as JSONL: exactly the rows `--data NAME` feeds a stage."""
     from . import builtin_data
-    from .artifacts import atomic_path, check_output
     from .console import print_rows
+    from .files import atomic_path, check_output
 
     if config.name == "list":
         sets = builtin_data.describe()

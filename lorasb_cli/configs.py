@@ -159,6 +159,20 @@ class CombineConfig(Declared):
     out: str = option("-o", "--out", default="update.safetensors", help="Update file to write.")
 
 
+def _init_help() -> str:
+    """--init's help: the registered inits (read when the option is first made; `lorasb --help` has summaries)."""
+    from . import inits
+
+    return f"How B, R, A are made: {', '.join(inits.INITS)} (each described in lorasb --help)."
+
+
+def _method_help() -> str:
+    """--method's help: the registered methods."""
+    from . import methods
+
+    return f"What is trained: {', '.join(methods.METHODS)} (each described in lorasb --help)."
+
+
 @dataclass(frozen=True, kw_only=True)
 class DecomposeConfig(PluginConfig):
     """`lorasb decompose`'s options. The init's own options (--noise-std, ...) are declared by the init
@@ -169,9 +183,7 @@ class DecomposeConfig(PluginConfig):
         help="Rank r of B (m×r), R (r×r), A (r×n); with --budget the reference rank [default there: the rank the "
         "budget affords everywhere, √(budget / modules)].",
     )
-    init: str = option(
-        default="lorasb", metavar="NAME", help="lorasb, lora-xs (SVD of W0), kaiming, noisy, non-orthonormal."
-    )
+    init: str = option(default="lorasb", metavar="NAME", help=_init_help)
     model: str | None = option("--model", "-m", help="A weight-based init (lora-xs): the model whose W0 is factored.")
     targets: str = targets("A weight-based init without an update: the modules.")
     budget: int | None = option(
@@ -213,12 +225,7 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ParallelOptions, QuantizedM
     --alpha, --init-scale, ...) are declared by the method (lorasb_cli/methods) and arrive in `method_options` as
     given; `TrainConfig.from_options(...)` builds a config from flat options, as the command line does."""
 
-    method: str = option(
-        default="lorasb",
-        metavar="NAME",
-        help="lorasb, lora, rslora, dora, pissa, loraga, lora-pro, milora, inilora, inilora-alpha, inilora-beta, "
-        "full, head.",
-    )
+    method: str = option(default="lorasb", metavar="NAME", help=_method_help)
     factors: str | None = option("--factors", "-f", help="Factors file written by lorasb decompose (--method lorasb).")
     force_base: bool = force_base()
     allow_unverified: bool = allow_unverified()

@@ -14,6 +14,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import metadata
+
 stderr = Console(stderr=True)
 stdout = Console()
 _quiet = False
@@ -164,6 +166,28 @@ def _span(ranks: list[int]) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+def _provenance_rows(meta: metadata.ArtifactMeta | metadata.MergedMeta | None) -> list[tuple[str, object]]:
+    """What inspect shows of an artifact's metadata, or of a merged checkpoint's (the base it was merged into)."""
+    if isinstance(meta, metadata.MergedMeta):
+        return [("base model", meta.base_model)]
+    if meta is None:
+        return []
+    data = meta.data or metadata.DataProvenance()
+    return [
+        ("budget", _budget_text(meta.budget) if isinstance(meta, metadata.FactorsMeta) else None),
+        ("base model", meta.base_model.id),
+        ("fingerprint", meta.base_model.fingerprint),
+        ("targets", list(meta.targets) if isinstance(meta.targets, tuple) else meta.targets),
+        ("method / init", " / ".join(str(name) for name in (meta.method, meta.init) if name)),
+        ("data", data.source),
+        ("samples", meta.samples),
+        ("eta", meta.eta),
+        ("seed", meta.seed),
+        ("created", meta.created),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (meta.versions or {}).items())),
+    ]
+
+
 def _budget_text(budget: dict | None) -> str | None:
     if not budget:
         return None
@@ -175,9 +199,7 @@ def _budget_text(budget: dict | None) -> str | None:
 
 def print_description(description: dict) -> None:
     """`lorasb inspect`'s report on stdout: the artifact, its provenance, its modules grouped by kind."""
-    meta = description["provenance"]
-    base = meta.get("base_model", {})
-    data = meta.get("data") or {}
+    meta = metadata.described(description["provenance"])
     summary = Table(show_header=False, title=description["path"], title_justify="left")
     summary.add_column(overflow="fold")
     summary.add_column(overflow="fold")
@@ -185,17 +207,7 @@ def print_description(description: dict) -> None:
         ("kind", description["kind"]),
         ("modules", description["modules"]),
         ("rank", _span(description["rank"]) if isinstance(description["rank"], list) else description["rank"]),
-        ("budget", _budget_text(meta.get("budget"))),
-        ("base model", base.get("id") if isinstance(base, dict) else base),
-        ("fingerprint", base.get("fingerprint") if isinstance(base, dict) else None),
-        ("targets", meta.get("targets")),
-        ("method / init", " / ".join(str(meta[k]) for k in ("method", "init") if meta.get(k))),
-        ("data", data.get("source")),
-        ("samples", meta.get("samples")),
-        ("eta", meta.get("eta")),
-        ("seed", meta.get("seed")),
-        ("created", meta.get("created")),
-        ("versions", ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())),
+        *_provenance_rows(meta),
         *((f"params: {k}", f"{v:,}") for k, v in description["parameters"].items()),
     ]
     rows = [(key, str(value)) for key, value in rows if value not in (None, "")]
@@ -212,8 +224,8 @@ def print_description(description: dict) -> None:
         for kind, infos in groups.items()
     ]
     blocks = [("modules", ("module", "count", "shape (m×n)", "rank"), modules)]
-    if meta.get("stability"):
-        blocks.append((STABILITY_TITLE, STABILITY_COLUMNS, stability_rows(meta["stability"])))
+    if isinstance(meta, metadata.UpdateMeta) and meta.stability:
+        blocks.append((STABILITY_TITLE, STABILITY_COLUMNS, stability_rows(meta.stability)))
     if not stdout.is_terminal:
         write_tsv(("field", "value"), [("path", description["path"]), *rows])
         for _, columns, cells in blocks:

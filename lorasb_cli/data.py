@@ -1,4 +1,4 @@
-"""Data sets, formats, sampling, tokenization and padding-aware batching (DESIGN.md §3).
+"""Data sets, formats, sampling, tokenization and padding-aware batching (docs/design.md §3).
 
 Every row a stage reads is checked against its format's schema (lorasb_cli/schema.py): text fields hold text, a
 response or the assistant's last turn is not blank, roles are system/user/assistant, and a file holds one kind of
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import builtin_data, templates
-from .artifacts import file_sha256
 from .errors import BadInputError
+from .files import file_sha256
 from .registry import did_you_mean
 from .rows import CheckedRows, Dataset, JsonLines, RowView, renamed
 from .schema import CLASSIFICATION_TEXT_FIELDS, FIELD_PAIRS, MESSAGES, Schema, classification_fields

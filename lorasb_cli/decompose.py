@@ -1,7 +1,7 @@
 """`lorasb decompose`: one matrix per target module → B [m, r], R [r, r], A [r, n] by the init `--init`
 (lorasb_cli/inits). The default, `lorasb`, is the truncated SVD of ΔW_avg ≈ U S Vᵀ: B = U_r, R = diag(S_r),
 A = V_rᵀ; B and A are orthonormal and η scales R only. The randomized SVD must stay within 1% of the
-Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (DESIGN.md §4); `exact` runs the full SVD.
+Eckart–Young optimum ‖ΔW − trunc_r(ΔW)‖_F (docs/design.md §4); `exact` runs the full SVD.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, budget, inits, linalg, models
+from . import artifacts, budget, files, inits, linalg, metadata, models
 from .configs import DecomposeConfig
 from .errors import BadInputError, IncompatibleArtifactError
 
@@ -44,13 +44,20 @@ class DecomposeSummary:
 
 @dataclass
 class _Source:
-    """The matrices an init factors, one per target module, and the metadata the factors file inherits."""
+    """The matrices an init factors, one per target module, and what the factors file inherits: the update's
+    metadata (None for the weights of a model alone), the base model and the targets."""
 
     modules: list[str]
     shapes: dict[str, tuple[int, int]]
     matrix: Callable[[str], torch.Tensor]
-    meta: dict
-    head: list[str]  # a classifier's head tensors: carried over as they are, not factored
+    update: metadata.UpdateMeta | None
+    base_model: metadata.BaseIdentity
+    targets: str | tuple[str, ...] | None
+
+    @property
+    def head(self) -> tuple[str, ...]:
+        """A classifier's head tensors: carried over as they are, not factored."""
+        return self.update.head if self.update is not None else ()
 
 
 @artifacts.honours_allow_unverified
@@ -62,38 +69,34 @@ def decompose(config: DecomposeConfig, progress: Callable[[int, int], None] | No
     given (so it starts from the same head as LoRA-SB), else from the model and `config.targets`.
     """
     init, own = _check(config)
-    artifacts.check_output(config.out, {"update": config.update})
+    files.check_output(config.out, {"update": config.update})
     update = artifacts.Artifact(config.update, kinds=("update",)) if config.update is not None else None
     source = _weight_source(config, init, update) if init.source == "model" else _update_source(update)
     config = replace(config, rank=_reference_rank(config, len(source.modules)))
     linalg.check_rank(config.rank, source.shapes, update.path if update is not None else None)
-    settings = inits.InitOptions(niter=config.niter, exact=config.exact, eta=source.meta.get("eta"), own=own)
+    settings = inits.InitOptions(
+        niter=config.niter, exact=config.exact, eta=source.update.eta if source.update else None, own=own
+    )
     ranks, allocation = _ranks(config, source, progress)
     if allocation is not None and progress is not None:  # the spectra were the first half of the work
         progress = functools.partial(_second_half, progress, len(source.modules))
     factors, energy = _factor_all(config, init, settings, source, ranks, progress)
     factors |= {name: update.get(name) for name in source.head}
-    meta = source.meta
     rank = Counter(ranks.values()).most_common(1)[0][0]
-    provenance = artifacts.provenance(
-        "factors",
-        base_model=meta["base_model"],
-        targets=meta["targets"],
-        method="lorasb",
+    meta = metadata.FactorsMeta.from_update(
+        source.update,
+        base_model=source.base_model,
+        targets=source.targets,
         init=config.init,
         rank=rank,
         **({"rank_pattern": {m: r for m, r in ranks.items() if r != rank}, "budget": allocation} if allocation else {}),
         scale=init.scale,
-        eta=meta.get("eta"),
-        data=meta.get("data"),
-        samples=meta.get("samples"),
         seed=config.seed,
         svd={"exact": config.exact, "niter": config.niter, "oversampling": linalg.oversampling(config.rank)},
-        **asdict(own),
+        **asdict(own),  # the init's own options
         energy=energy,
-        **models.head_meta(models.HeadSpec.from_meta(meta)),
     )
-    artifacts.write_artifact(config.out, factors, provenance)
+    artifacts.write_artifact(config.out, factors, meta)
     return DecomposeSummary(path=Path(config.out), rank=rank, energy=energy, ranks=ranks)
 
 
@@ -112,20 +115,23 @@ def _check(config: DecomposeConfig) -> tuple[inits.Init, inits.OwnOptions]:
 
 
 def _update_source(update: artifacts.Artifact) -> _Source:
-    meta = dict(update.meta)
-    head = meta.get("head", [])
-    modules = [name.removesuffix(".weight") for name in update.names if name not in head]
+    meta = update.meta
+    modules = [name.removesuffix(".weight") for name in update.names if name not in meta.head]
     shapes = {m: update.shapes()[f"{m}.weight"] for m in modules}
-    return _Source(modules, shapes, lambda m: artifacts.load_update(update, f"{m}.weight"), meta, head)
+    matrix = functools.partial(_update_matrix, update)
+    return _Source(modules, shapes, matrix, meta, meta.base_model, meta.targets)
+
+
+def _update_matrix(update: artifacts.Artifact, module: str) -> torch.Tensor:
+    return artifacts.load_update(update, f"{module}.weight")
 
 
 def _weight_source(config: DecomposeConfig, init: inits.Init, update: artifacts.Artifact | None) -> _Source:
     """W0 of the model's target modules (float32 on the CPU), and the update's metadata where one is given."""
-    meta = dict(update.meta) if update is not None else {}
-    head = meta.get("head", [])
-    ref = models.resolve_model(config.model or update.meta["base_model"]["id"])
-    artifacts.check_output(config.out, {"model": ref.path})
-    spec = models.HeadSpec.from_meta(meta)
+    meta = update.meta if update is not None else None
+    ref = models.resolve_model(config.model or meta.base_model.id)
+    files.check_output(config.out, {"model": ref.path})
+    spec = models.HeadSpec.from_meta(meta) if meta is not None else None
     base, _ = models.load_model(
         ref,
         dtype=torch.float32,
@@ -135,20 +141,25 @@ def _weight_source(config: DecomposeConfig, init: inits.Init, update: artifacts.
         labels=spec.labels if spec is not None else None,
     )
     modules = (
-        [name.removesuffix(".weight") for name in update.names if name not in head]
+        [name.removesuffix(".weight") for name in update.names if name not in meta.head]
         if update is not None
         else models.resolve_targets(base, config.targets)
     )
     shapes = models.target_shapes(base, modules)
     fingerprint = models.fingerprint(shapes)
-    if update is not None and fingerprint != update.meta["base_model"]["fingerprint"]:
+    if meta is not None and fingerprint != meta.base_model.fingerprint:
         raise IncompatibleArtifactError(
             f"model '{ref.id}' does not have the update's target modules",
             path=update.path,
             hint="pass the model the update was estimated on",
         )
-    meta |= {"base_model": ref.provenance(fingerprint), "targets": meta.get("targets", config.targets)}
-    return _Source(modules, shapes, lambda m: base.get_submodule(m).weight.detach(), meta, head)
+    targets = meta.targets if meta is not None else config.targets
+    matrix = functools.partial(_weight_matrix, base)
+    return _Source(modules, shapes, matrix, meta, ref.provenance(fingerprint), targets)
+
+
+def _weight_matrix(base, module: str) -> torch.Tensor:
+    return base.get_submodule(module).weight.detach()
 
 
 def _reference_rank(config: DecomposeConfig, modules: int) -> int:

@@ -1,4 +1,4 @@
-"""`lorasb estimate` and `lorasb combine`: the simulated first AdamW step ΔW_avg = −η·sign(G) (DESIGN.md §1, §4).
+"""`lorasb estimate` and `lorasb combine`: the simulated first AdamW step ΔW_avg = −η·sign(G) (docs/design.md §1, §4).
 
 G = Σ_i ∇_W L_i over the sampled examples, L_i the mean cross-entropy over sample i's supervised tokens.
 Per target module, a tensor hook on the module's output sees ∂L/∂y and adds ∂L/∂yᵀ·x into a float32
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, data, fsdp, linalg, loss, models, plan, stability, system, templates
+from . import artifacts, data, files, fsdp, linalg, loss, metadata, models, plan, stability, system, templates
 from .configs import CombineConfig, EstimateConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .options import MAX_LENGTH
@@ -453,7 +453,7 @@ def _read_sample(config: EstimateConfig) -> _Sample:
             "--shard writes one part of a sum: it needs --raw", hint="pass --raw, then lorasb combine the parts"
         )
     ref = models.resolve_model(config.model)
-    artifacts.check_output(config.out, {"model": ref.path, "data": config.data})
+    files.check_output(config.out, {"model": ref.path, "data": config.data})
     dataset = data.load_dataset_rows(
         config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
     )
@@ -562,51 +562,39 @@ def _write_update(
     tensors: dict[str, torch.Tensor],
 ) -> None:
     """The update file (`tensors`: the signs or raw sums, and a classifier's head) with its provenance."""
-    meta = artifacts.provenance(
-        "update-raw" if config.raw else "update",
+    kind = metadata.RawShardMeta if config.raw else metadata.UpdateMeta
+    meta = kind(
         base_model=sample.ref.provenance(models.fingerprint(shapes), config.quantize),
         targets=config.targets,
         method="lorasb",
-        data={
-            **sample.dataset.provenance(),
-            "format": sample.fmt,
-            "template": sample.template,
-            "system_prompt": sample.system_prompt,
-            "drawn": result.samples if config.samples == "auto" else len(sample.drawn),
-            "frac": config.frac,
-            "min_samples": config.min_samples,
-            "seed": config.seed,
-            "shard": list(sample.shard) if sample.shard else None,
-            "max_length": config.max_length,
-        },
+        data=metadata.DataProvenance.from_dataset(
+            sample.dataset,
+            format=sample.fmt,
+            template=sample.template,
+            system_prompt=sample.system_prompt,
+            drawn=result.samples if config.samples == "auto" else len(sample.drawn),
+            frac=config.frac,
+            min_samples=config.min_samples,
+            seed=config.seed,
+            shard=list(sample.shard) if sample.shard else None,
+            max_length=config.max_length,
+        ),
         samples=result.samples,
         tokens=result.tokens,
         seed=config.seed,
         eta=config.eta,
         dtype=str(dtype).removeprefix("torch."),
-        **{key: value for key, value in records.items() if value},  # stability, samples_auto
+        **records,  # stability, samples_auto
         **models.head_meta(models.HeadSpec.from_model(model, sample.labels)),
     )
     artifacts.write_artifact(config.out, tensors, meta)
 
 
-# What every raw shard of one estimate must share for their sum to be that estimate.
-# Identities, never paths: the same model and data copied to two machines agree. The paths (`base_model.id`,
-# `data.source`) are only reported. `digest` is of the rows (data.load_dataset_rows), `weights_digest` of the
-# checkpoint's tensors (models.weights_digest), `fingerprint` of the target modules' names and shapes.
-_BASE_KEYS = {"fingerprint": "target modules", "weights_digest": "weights", "quantization": "quantization"}
-_SAMPLING_KEYS = (
-    "digest",
-    "split",
-    "config",
-    "format",
-    "template",
-    "system_prompt",
-    "drawn",
-    "frac",
-    "seed",
-    "max_length",
-)
+# What every raw shard of one estimate must share for their sum to be that estimate (RawShardMeta): identities,
+# never paths: the same model and data copied to two machines agree. The paths (`base_model.id`, `data.source`) are
+# only reported. `digest` is of the rows (data.load_dataset_rows), `weights_digest` of the checkpoint's tensors
+# (models.weights_digest), `fingerprint` of the target modules' names and shapes, `quantization` the --quantize.
+_BASE_IDENTITY = {"fingerprint": "target modules", "weights_digest": "weights", "quantization": "quantization"}
 
 
 @artifacts.honours_allow_unverified
@@ -616,22 +604,23 @@ def combine(config: CombineConfig, progress: Callable[[int, int], None] | None =
     paths, out = list(config.parts), config.out
     if not paths:
         raise BadInputError("no shards given", hint="pass the files written by estimate --raw --shard i/N")
-    artifacts.check_output(out, {f"shard {p}": p for p in paths})
+    files.check_output(out, {f"shard {p}": p for p in paths})
     shards = [artifacts.Artifact(p, kinds=("update-raw",)) for p in paths]
     first = shards[0]
     for shard in shards[1:]:
         _check_same_estimate(first, shard)
     _check_shard_set(shards)
+    metas = [shard.meta for shard in shards]
     for what, paths_seen in (
-        ("model", {s.meta["base_model"]["id"] for s in shards}),
-        ("data", {s.meta["data"].get("source") for s in shards}),
+        ("model", {m.base_model.id for m in metas}),
+        ("data", {m.data.source for m in metas}),
     ):
         if len(paths_seen) > 1:
             log.info("shards read the %s from %s; their digests agree", what, ", ".join(sorted(map(str, paths_seen))))
 
     # One module's float32 sum at a time; only the int8 signs of all modules are held. A classifier's head is
     # the same in every shard (same seed): it is carried over, not summed.
-    head = first.meta.get("head", [])
+    head = first.meta.head
     update: dict[str, torch.Tensor] = {name: first.get(name) for name in head}
     modules = [name for name in first.names if name not in head]
     for done, name in enumerate(modules, start=1):
@@ -639,45 +628,32 @@ def combine(config: CombineConfig, progress: Callable[[int, int], None] | None =
         update.update(sign_update({name.removesuffix(".weight"): total}))
         if progress is not None:
             progress(done, len(modules))
-    meta = artifacts.provenance(
-        "update",
-        base_model=first.meta["base_model"],
-        targets=first.meta["targets"],
-        method=first.meta["method"],
-        data={**first.meta["data"], "shard": None, "combined_from": len(shards)},
-        samples=sum(s.meta["samples"] for s in shards),
-        tokens=sum(s.meta["tokens"] for s in shards),
-        seed=first.meta["seed"],
-        eta=first.meta["eta"],
-        dtype=first.meta["dtype"],
-        **models.head_meta(models.HeadSpec.from_meta(first.meta)),
-    )
-    return artifacts.write_artifact(out, update, meta)
+    return artifacts.write_artifact(out, update, metadata.UpdateMeta.from_shards(metas))
 
 
 def _check_same_estimate(first: artifacts.Artifact, shard: artifacts.Artifact) -> None:
     """`shard` sums G over another part of `first`'s sample: same model, targets, η and sampling."""
-    for key, what in _BASE_KEYS.items():
-        mine, theirs = first.meta["base_model"].get(key), shard.meta["base_model"].get(key)
-        if mine != theirs:
+    mine, theirs = first.meta, shard.meta
+    for name, what in _BASE_IDENTITY.items():
+        if getattr(mine.base_model, name) != getattr(theirs.base_model, name):
             raise IncompatibleArtifactError(
-                f"shards differ in base model {what}: {mine} ({first.meta['base_model']['id']}) vs {theirs} "
-                f"({shard.meta['base_model']['id']})",
+                f"shards differ in base model {what}: {getattr(mine.base_model, name)} ({mine.base_model.id}) vs "
+                f"{getattr(theirs.base_model, name)} ({theirs.base_model.id})",
                 path=shard.path,
                 hint="run every shard on the same checkpoint (copies in other folders agree) and --targets",
             )
-    for what, key in (("targets", "targets"), ("eta", "eta")):
-        if shard.meta[key] != first.meta[key]:
+    for what in ("targets", "eta"):
+        if getattr(theirs, what) != getattr(mine, what):
             raise IncompatibleArtifactError(
-                f"shards differ in {what}: {first.meta[key]} vs {shard.meta[key]}",
+                f"shards differ in {what}: {_shown(getattr(mine, what))} vs {_shown(getattr(theirs, what))}",
                 path=shard.path,
                 hint="combine only shards of one estimate",
             )
-    for key in _SAMPLING_KEYS:
-        if shard.meta["data"].get(key) != first.meta["data"].get(key):
+    drawn, other = mine.data.sampling(), theirs.data.sampling()
+    for key, value in drawn.items():
+        if other[key] != value:
             raise IncompatibleArtifactError(
-                f"shards come from different samplings (data {key}: "
-                f"{first.meta['data'].get(key)} vs {shard.meta['data'].get(key)})",
+                f"shards come from different samplings (data {key}: {_shown(value)} vs {_shown(other[key])})",
                 path=shard.path,
                 hint="run every shard with the same --data, --split, --frac/--samples, --seed and --max-length",
             )
@@ -685,9 +661,14 @@ def _check_same_estimate(first: artifacts.Artifact, shard: artifacts.Artifact) -
         raise IncompatibleArtifactError("shards hold different modules", path=shard.path)
 
 
+def _shown(value: object) -> object:
+    """A metadata value as the JSON recorded it (a list of targets, not the tuple it is read as)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _check_shard_set(shards: list[artifacts.Artifact]) -> None:
     """Shards of `--shard i/N` must be all N, each once; unsharded raw files combine only alone."""
-    tags = [tuple(s.meta["data"]["shard"]) if s.meta["data"].get("shard") else None for s in shards]
+    tags = [tuple(s.meta.data.shard) if s.meta.data.shard else None for s in shards]
     if None in tags:
         if len(shards) > 1:
             raise IncompatibleArtifactError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, generation, models, templates
+from . import adapter, artifacts, data, files, generation, models, templates
 from .configs import EVALUATE_MAX_LENGTH, EvaluateConfig
 from .errors import BadInputError
 from .tasks import Task, get_task
@@ -91,7 +91,7 @@ def evaluate(
 ) -> EvaluateSummary:
     """Run `config.task` and write the results JSON and the predictions JSONL beside it."""
     for path in (config.out, predictions_path(config.out)):  # both checked before the run: never one of the two
-        artifacts.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
+        files.check_output(path, {"model": config.model, "adapter": config.adapter, "data": config.data})
     task = get_task(config.task).scored_as(config.scoring)  # before any data or model is loaded
     rows, source = load_task_rows(config, task)
     saved = adapter.load_adapter(config.adapter) if config.adapter and answerer is None else None
@@ -135,13 +135,13 @@ def evaluate(
         "metrics": metrics,
         "config": {**vars(config), "data": source},
         "model": config.model,
-        "adapter": saved.config if saved is not None else None,
+        "adapter": saved.fields if saved is not None else None,
         "versions": artifacts.library_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     out = Path(config.out)
     # Both written before either is renamed into place: a failed write leaves neither.
-    with artifacts.atomic_path(predictions_path(out)) as predictions, artifacts.atomic_path(out) as summary:
+    with files.atomic_path(predictions_path(out)) as predictions, files.atomic_path(out) as summary:
         predictions.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
         summary.write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
     return EvaluateSummary(path=out, predictions=predictions_path(out), count=len(records), metrics=metrics)

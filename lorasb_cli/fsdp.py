@@ -1,4 +1,4 @@
-"""`--strategy fsdp` (DESIGN.md §5): the frozen base sharded across a launcher's processes with FSDP2.
+"""`--strategy fsdp` (docs/design.md §5): the frozen base sharded across a launcher's processes with FSDP2.
 
 Each decoder layer (the model's `_no_split_modules`) is one `fully_shard` unit and the root holds the rest
 (embeddings, final norm, head), over a 1-D device mesh of every process (cpu/gloo or cuda/nccl). A unit's weights

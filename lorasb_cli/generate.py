@@ -103,7 +103,7 @@ def generate(config: GenerateConfig, prompts: Sequence[str], stream: TextIO | No
     stop = (*(task.stop if task else ()), *config.stop)
     max_new_tokens = config.max_new_tokens or (task.max_new_tokens if task else MAX_NEW_TOKENS)
     saved = adapter.load_adapter(config.adapter) if config.adapter else None
-    if saved is not None and saved.config.get("labels"):
+    if saved is not None and saved.meta.labels:
         raise BadInputError(
             "the adapter is a sequence classifier: it answers with labels, not text",
             path=config.adapter,

@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from . import adapter, artifacts, methods, models, templates
+from . import adapter, artifacts, metadata, methods, models, templates
 from .errors import BadInputError
 
 log = logging.getLogger("lorasb")
@@ -51,15 +51,15 @@ def resolve_prompting(options, columns: Sequence[str] | None, saved: adapter.Ada
     if options.template_of:
         recorded, where = recorded_prompting(options.template_of), f"recorded in {options.template_of} (--template-of)"
     elif saved is not None:
-        recorded, where = saved.config.get("data") or {}, f"recorded in the adapter {options.adapter}"
+        recorded, where = saved.meta.data or metadata.DataProvenance(), f"recorded in the adapter {options.adapter}"
     else:
         model_dir = Path(models.resolve_model(options.model).path)  # a hub id records nothing lorasb wrote
         recorded, where = (
-            recorded_prompting(str(model_dir)) if model_dir.is_dir() else {},
+            recorded_prompting(str(model_dir)) if model_dir.is_dir() else metadata.DataProvenance(),
             "recorded in the merged model",
         )
-    if options.template == "auto" and recorded.get("template") is not None:
-        template, source = recorded["template"], where
+    if options.template == "auto" and recorded.template is not None:
+        template, source = recorded.template, where
     else:
         if options.template == "auto" and columns is None:
             template, source = "plain", "nothing recorded: the prompt as given"
@@ -68,28 +68,28 @@ def resolve_prompting(options, columns: Sequence[str] | None, saved: adapter.Ada
             source = (
                 "--template" if options.template != "auto" else f"picked from the fields {', '.join(sorted(columns))}"
             )
-        templates.check_same(recorded.get("template"), template, "training", force=options.force_template)
+        templates.check_same(recorded.template, template, "training", force=options.force_template)
     if options.system_prompt is None:
-        system_prompt = recorded.get("system_prompt") if template == "chat" else None
+        system_prompt = recorded.system_prompt if template == "chat" else None
     else:
         system_prompt = templates.system_prompt(options.system_prompt, template, ())
-        if recorded.get("system_prompt") not in (None, system_prompt):
-            log.warning("--system-prompt replaces the system prompt training used, %r", recorded["system_prompt"])
+        if recorded.system_prompt not in (None, system_prompt):
+            log.warning("--system-prompt replaces the system prompt training used, %r", recorded.system_prompt)
     return Prompting(template, system_prompt, source)
 
 
-def recorded_prompting(path: str) -> dict:
+def recorded_prompting(path: str) -> metadata.DataProvenance:
     """The data provenance (`template`, `system_prompt`) that an adapter directory, a factors file or a merged
-    model records; {} for a model lorasb did not write."""
+    model records; empty for a model lorasb did not write."""
     folder = Path(path)
     file = folder / adapter.ADAPTER_FILE if folder.is_dir() else folder
     if file.is_file():
-        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.get("data") or {}
+        return artifacts.Artifact(file, kinds=("adapter", "factors")).meta.data or metadata.DataProvenance()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise BadInputError(
             "not an adapter, factors file or model directory", path=path, hint="pass a lorasb train -o or merge -o"
         )
-    return artifacts.merged_from(folder)
+    return artifacts.merged_from(folder).prompting()
 
 
 def load_applied(options, saved: adapter.Adapter | None, head: str = "causal-lm") -> tuple[nn.Module, object]:
@@ -99,8 +99,8 @@ def load_applied(options, saved: adapter.Adapter | None, head: str = "causal-lm"
     if saved is not None:
         shapes = models.linear_shapes_from_config(ref, trust_remote_code=options.trust_remote_code, head=head)
         saved.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the adapter was trained on")
-        what = "the adapter" if saved.config.get("kind", "adapter") == "adapter" else "the factors"
-        models.check_base(saved.config["base_model"], ref, what=what, path=str(saved.path), force=options.force_base)
+        what = "the adapter" if isinstance(saved.meta, metadata.AdapterMeta) else "the factors"
+        models.check_base(saved.meta.base_model, ref, what=what, path=str(saved.path), force=options.force_base)
     device, dtype = models.placement(options.device, options.dtype)
     model, tokenizer = models.load_model(
         ref,
@@ -110,11 +110,11 @@ def load_applied(options, saved: adapter.Adapter | None, head: str = "causal-lm"
         trust_remote_code=options.trust_remote_code,
         allow_pickle=options.allow_pickle,
         head=head,
-        labels=saved.config.get("labels") if saved is not None else None,
+        labels=saved.meta.labels if saved is not None else None,
     )
     if saved is None:
         return model, tokenizer
-    variant = methods.layer_variant(saved.config.get("method"))
+    variant = methods.layer_variant(saved.meta.method)
     adapter.inject(model, saved.factors, scale=saved.scale, variant=variant, tensors=saved.module_tensors)
     adapter.load_extra(model, saved.extra, trainable=False)
     model.eval()

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from . import adapter, artifacts, methods, shards
+from . import adapter, artifacts, files, metadata, methods, shards
 from .errors import BadInputError
 
 PEFT_FILE = "adapter_model.safetensors"
@@ -69,7 +69,7 @@ def describe_file(path: Path) -> dict:
     modules: dict[str, dict] = {}
     if artifact.kind in ("update", "update-raw"):
         # A classifier's update also carries the head G was computed through (1-D biases among them).
-        head = set(artifact.provenance.head)
+        head = set(artifact.meta.head)
         for name, shape in shapes.items():
             if name not in head:
                 modules[name.removesuffix(".weight")] = {"shape": list(shape)}
@@ -96,7 +96,7 @@ def describe_file(path: Path) -> dict:
         "modules": len(modules),
         "rank": ranks[0] if len(ranks) == 1 else ranks or None,
         "parameters": counts,
-        "provenance": artifact.meta,
+        "provenance": artifact.fields,
         "shapes": modules,
     }
 
@@ -111,7 +111,7 @@ def _trains_r_only(artifact: artifacts.Artifact) -> bool:
     """Whether what the file holds was trained as R only, between fixed B and A: a factors file, or an adapter of a
     method that trains between a factors file's B, A. Other methods store their result as B, R, A, not what they
     trained."""
-    recorded = artifact.meta.get("method")
+    recorded = artifact.meta.method
     return recorded is None or (recorded in methods.METHODS and methods.METHODS[recorded].needs_factors)
 
 
@@ -185,7 +185,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     from . import linalg
 
     kind, target = _resolve(path)
-    artifacts.check_output(out, {"update": target})
+    files.check_output(out, {"update": target})
     artifact = artifacts.Artifact(target) if kind == "artifact" else None
     if artifact is None or artifact.kind != "update":
         raise BadInputError("--plot draws an update's spectra", path=str(target), hint="pass a lorasb estimate file")
@@ -197,7 +197,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             s = linalg.truncated_svd(signs, min(PLOT_MAX_RANK, *signs.shape))[1]
             curves.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(s.square().cumsum(0) / signs.square().sum())
     meta = artifact.meta
-    panels = 1 + bool(meta.get("stability")) + bool(meta.get("samples_auto"))
+    panels = 1 + bool(meta.stability) + bool(meta.samples_auto)
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), dpi=120, squeeze=False)
     energy = axes[0][0]
     for name, values in curves.items():
@@ -209,31 +209,31 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     energy.legend(fontsize=6)
     _plot_stability(axes[0][1:], meta)
     fig.tight_layout()
-    with artifacts.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(out)
 
 
-def _plot_stability(axes, meta: dict) -> None:
+def _plot_stability(axes, meta: metadata.UpdateMeta) -> None:
     """The stability panels of plot_update, in the order its axes come."""
     from .stability import by_kind
 
     axes = list(axes)
-    if meta.get("stability"):
+    if meta.stability:
         ax = axes.pop(0)
-        rows = by_kind(meta["stability"])
+        rows = by_kind(meta.stability)
         for name in dict.fromkeys(row[0] for row in rows):
             own = [row for row in rows if row[0] == name]
             line = ax.plot([r[1] for r in own], [r[2] for r in own], "o-", label=name, lw=1.2)[0]
             ax.plot([r[1] for r in own], [r[4] for r in own], ":", color=line.get_color(), lw=1)
-        halves = meta["stability"].get("samples", [])
+        halves = meta.stability.get("samples", [])
         _overlap_axes(
             ax, "rank r", "overlap of the halves' top-r subspaces", f"halves of {sum(halves)} samples (dotted: random)"
         )
         ax.legend(fontsize=6)
-    if meta.get("samples_auto"):
-        ax, auto = axes.pop(0), meta["samples_auto"]
+    if meta.samples_auto:
+        ax, auto = axes.pop(0), meta.samples_auto
         points = [p for p in auto["curve"] if p["overlap"] is not None]
         ax.plot([p["samples"] for p in points], [p["overlap"] for p in points], "o-")
         ax.axhline(auto["threshold"], ls="--", color="gray", lw=1)

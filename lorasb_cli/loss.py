@@ -1,6 +1,6 @@
 """The per-sample loss every stage shares: estimate's G, train's probe losses and evaluate's perplexity.
 
-A sample's loss is the mean cross-entropy over its supervised tokens (DESIGN.md §1), so a sample counts the
+A sample's loss is the mean cross-entropy over its supervised tokens (docs/design.md §1), so a sample counts the
 same whatever its length.
 """
 

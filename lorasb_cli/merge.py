@@ -1,7 +1,7 @@
 """`lorasb merge`: fold a trained adapter into its base model, or export it as a PEFT LoRA adapter.
 
 `hf`: stream the base checkpoint shard by shard and write W' = W + s·B·R·A (float32, cast to the base dtype) —
-no model object and never more than about two shards in memory (DESIGN.md §4). The base's shard layout is kept
+no model object and never more than about two shards in memory (docs/design.md §4). The base's shard layout is kept
 unless `max_shard_size` asks for a new one. `peft`: `lora_A = A`, `lora_B = B·R`, so `PeftModel` (and every
 PEFT-serving stack) reproduces the adapter. Either output is built in a hidden sibling directory and renamed
 onto `out` only when complete.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, adapter, artifacts, methods, models, shards
+from . import __version__, adapter, artifacts, files, metadata, methods, models, shards
 from .configs import MergeConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .registry import did_you_mean
@@ -73,7 +73,7 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     ref = models.resolve_model(config.model if config.model is not None else _recorded_base(lora))
     out = Path(config.out).expanduser()  # what the caller prints: as given
     # Checked before a download, so a bad -o fails at once.
-    target = artifacts.check_output_dir(
+    target = files.check_output_dir(
         out.resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
     _check_base(lora, ref, config.force_base)
@@ -90,10 +90,10 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     # One merge at a time into `out` (the lock beside it, as `out` may not exist yet): a second one would take
     # the first's staging folder for a killed merge's. An interrupted merge leaves at most a hidden staging
     # folder, never a partial `out`; with --overwrite the old `out` is removed only once the new one is complete.
-    artifacts.make_output_folder(target.parent)
-    with artifacts.output_lock(target.parent / f".{target.name}.lorasb.lock", "lorasb merge", target):
-        artifacts.remove_stale_staging(target)  # of a merge that was killed
-        with artifacts.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
+    files.make_output_folder(target.parent)
+    with files.output_lock(target.parent / f".{target.name}.lorasb.lock", "lorasb merge", target):
+        files.remove_stale_staging(target)  # of a merge that was killed
+        with files.atomic_folder(target, replace=config.overwrite, hint=_OUT_HINT) as tmp:
             if fmt == "hf":
                 _write_hf(lora, variant, base, tmp, out_dtype, shard_bytes, metadata, progress)
             else:
@@ -104,18 +104,20 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
 def _check_base(lora: adapter.Adapter, ref: models.ModelRef, force: bool) -> None:
     """The adapter goes into the weights it was trained on, and never twice into one model: a merged checkpoint
     records the digest of what was merged into it."""
-    digest = artifacts.content_digest(lora.config)
-    if (
-        Path(ref.path).is_dir()
-        and digest is not None
-        and artifacts.merged_from(Path(ref.path)).get("adapter_digest") == digest
-    ):
+    digest = lora.meta.content_digest()
+    if Path(ref.path).is_dir() and digest is not None and _merged_digest(Path(ref.path)) == digest:
         raise IncompatibleArtifactError(
             f"model '{ref.id}' already has this adapter merged into it",
             path=str(lora.path),
             hint="merge it into the base it was trained on (leave out --model: the adapter records it)",
         )
-    models.check_base(lora.config["base_model"], ref, what="the adapter", path=str(lora.path), force=force)
+    models.check_base(lora.meta.base_model, ref, what="the adapter", path=str(lora.path), force=force)
+
+
+def _merged_digest(model_dir: Path) -> str | None:
+    """The digest of the adapter merged into the checkpoint at `model_dir` (None: lorasb merged nothing there)."""
+    merged = artifacts.merged_from(model_dir).merged_from
+    return merged.adapter_digest if merged is not None else None
 
 
 def _hf_options(format: str, dtype: str | None, max_shard_size: str | None) -> tuple[torch.dtype | None, int | None]:
@@ -135,7 +137,7 @@ def _load_mergeable(adapter_dir: str, format: str) -> adapter.Adapter:
     `hf`, no full tensors either, as a full fine-tune or a head-only run has)."""
     lora = adapter.load_adapter(adapter_dir)
     if not lora.factors and not (lora.extra and format == "hf"):
-        method = lora.config.get("method", "?")
+        method = lora.meta.method or "?"
         raise IncompatibleArtifactError(
             f"the adapter holds no B, R, A factors (method {method})",
             path=str(lora.path),
@@ -163,7 +165,7 @@ def _open_base(
     if format != "hf" and not Path(ref.path).is_dir():
         return None
     base_dir = _local_checkpoint(ref, trust_remote_code)
-    artifacts.check_output(out, {"base model": base_dir}, folder=True)
+    files.check_output(out, {"base model": base_dir}, folder=True)
     index = shards.CheckpointIndex(base_dir)
     prefix = base_prefix(lora, index)
     _check_compatible(lora, index, prefix)
@@ -172,15 +174,8 @@ def _open_base(
 
 def _output_metadata(lora: adapter.Adapter, ref: models.ModelRef) -> dict[str, str]:
     """The safetensors metadata of every output weight file: where the merge came from (`lorasb` JSON)."""
-    provenance = {
-        "merged_from": {k: lora.config.get(k) for k in ("base_model", "rank", "method")}
-        # evaluate prompts the merged model as the adapter was trained
-        | {key: (lora.config.get("data") or {}).get(key) for key in ("template", "system_prompt")}
-        | {"adapter_digest": artifacts.content_digest(lora.config)},  # so the same adapter is never merged twice
-        "base_model": ref.id,
-        "lorasb_version": __version__,
-    }
-    return {"format": "pt", artifacts.METADATA_KEY: json.dumps(provenance, sort_keys=True)}
+    merged = metadata.MergedMeta.from_adapter(lora.meta, base_id=ref.id, version=__version__)
+    return {"format": "pt", artifacts.METADATA_KEY: json.dumps(merged.to_json(), sort_keys=True)}
 
 
 def _write_hf(
@@ -198,8 +193,8 @@ def _write_hf(
     _copy_non_weights(base.index.directory, out_dir)
     if out_dtype is not None:
         _set_config_dtype(out_dir / "config.json", out_dtype)
-    if "labels" in lora.config:
-        _set_classifier_config(out_dir / "config.json", lora.config["architecture"], lora.config["labels"])
+    if lora.meta.labels is not None:
+        _set_classifier_config(out_dir / "config.json", lora.meta.architecture, lora.meta.labels)
 
 
 def merge_weight(
@@ -228,7 +223,7 @@ def _out_dtype(name: str | None) -> torch.dtype | None:
 
 def _recorded_base(lora: adapter.Adapter) -> str:
     """The base model id or path the adapter was trained on (litgpt's merge finds it the same way)."""
-    base = (lora.config.get("base_model") or {}).get("id")
+    base = lora.meta.base_model.id
     if not base:
         raise BadInputError(
             "the adapter does not record its base model", path=str(lora.path), hint="pass the base with --model"
@@ -296,7 +291,7 @@ def _check_compatible(lora: adapter.Adapter, index: shards.CheckpointIndex, pref
 
 
 def _recorded_id(lora: adapter.Adapter) -> str:
-    return str((lora.config.get("base_model") or {}).get("id", "unknown"))
+    return lora.meta.base_model.id
 
 
 def _write_merged(

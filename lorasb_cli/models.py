@@ -18,11 +18,12 @@ from torch import nn
 
 from . import bundled, data, quantization, shards
 from .errors import BadInputError, IncompatibleArtifactError
+from .metadata import ArtifactMeta, BaseIdentity
 from .registry import did_you_mean
 
 log = logging.getLogger("lorasb")
 
-# Short names for the models of the paper (DESIGN.md §3). Values are hub ids; bundled.py adds offline ones.
+# Short names for the models of the paper (docs/design.md §3). Values are hub ids; bundled.py adds offline ones.
 ALIASES: dict[str, str] = {
     "mistral": "mistralai/Mistral-7B-v0.1",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
@@ -61,15 +62,19 @@ class ModelRef:
 
     id: str
     path: str  # what `from_pretrained` is given: a local directory or a hub id
-    source: dict | None = None  # a bundled model's package, version and file hash (DESIGN.md §7)
+    source: dict | None = None  # a bundled model's package, version and file hash (docs/design.md §7)
 
-    def provenance(self, fingerprint: str, quantization: str | None = None) -> dict:
-        """The `base_model` entry of an artifact's metadata: `id` (a path or hub id, for people), the target
+    def provenance(self, fingerprint: str, quantization: str | None = None) -> BaseIdentity:
+        """The `base_model` of an artifact's metadata: `id` (a path or hub id, for people), the target
         `fingerprint` and the checkpoint's `weights_digest`, which stages match instead of the id; `quantization`
         (nf4, fp4, int8) where the artifact was made on the base loaded quantized (--quantize)."""
-        entry = {"id": self.id, "fingerprint": fingerprint, "weights_digest": weights_digest(self)}
-        entry |= {"quantization": quantization} if quantization else {}
-        return entry | ({"source": self.source} if self.source else {})
+        return BaseIdentity(
+            id=self.id,
+            fingerprint=fingerprint,
+            weights_digest=weights_digest(self),
+            source=self.source,
+            quantization=quantization,
+        )
 
 
 def resolve_model(spec: str) -> ModelRef:
@@ -145,7 +150,7 @@ def load_model(
     """The model every stage runs, and its tokenizer, on `device` in `dtype`; every loading failure becomes a
     one-line BadInputError. The one loader of lorasb: estimate, train, evaluate and decompose call it.
 
-    Weights are read from safetensors only (DESIGN.md §2): a pickle checkpoint (.bin/.pt) is refused unless
+    Weights are read from safetensors only (docs/design.md §2): a pickle checkpoint (.bin/.pt) is refused unless
     `allow_pickle`, and then transformers reads it with torch.load(weights_only=True). A checkpoint missing weights
     of its architecture is refused (`_check_complete`). `quantize` (nf4, fp4, int8) loads the linear layers of
     `quantized_modules` quantized by bitsandbytes (lorasb_cli/quantization.py).
@@ -460,15 +465,15 @@ def _unreadable_weights(ref: ModelRef, error: Exception) -> BadInputError:
     )
 
 
-def check_base(recorded: dict, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:
+def check_base(recorded: BaseIdentity, ref: ModelRef, *, what: str, path: str | None, force: bool) -> None:
     """Refuse to apply an artifact made on other weights than `ref`'s: its `base_model` entry (`recorded`) holds
     the weights digest it was made on, compared by content, never by path (the same checkpoint in another folder
     agrees). `--force-base` (`force`) applies it anyway, with a warning: a deliberate transfer. Where either
     digest is unknown (a file from before digests, a hub model not cached here) nothing can be compared."""
-    made_on, here = recorded.get("weights_digest"), weights_digest(ref)
+    made_on, here = recorded.weights_digest, weights_digest(ref)
     if made_on is None or here is None or made_on == here:
         return
-    message = f"{what} was made on other weights ({recorded.get('id')}) than model '{ref.id}'"
+    message = f"{what} was made on other weights ({recorded.id}) than model '{ref.id}'"
     if force:
         log.warning("--force-base: %s", message)
         return
@@ -531,18 +536,15 @@ class HeadSpec:
         return cls(type(model).__name__, tuple(labels or ()), tuple(sorted(head_parameters(model))))
 
     @classmethod
-    def from_meta(cls, meta: dict) -> HeadSpec | None:
-        if meta.get("labels") is None:
+    def from_meta(cls, meta: ArtifactMeta) -> HeadSpec | None:
+        if meta.labels is None:
             return None
-        return cls(meta["architecture"], tuple(meta["labels"]), tuple(meta.get("head", ())))
-
-    def to_meta(self) -> dict:
-        return {"architecture": self.architecture, "labels": list(self.labels), "head": list(self.tensors)}
+        return cls(meta.architecture, meta.labels, meta.head)
 
 
 def head_meta(spec: HeadSpec | None) -> dict:
-    """The metadata entries of `spec`: none for a causal LM."""
-    return spec.to_meta() if spec is not None else {}
+    """The metadata fields of `spec` (ArtifactMeta's architecture, labels, head): none for a causal LM."""
+    return {"architecture": spec.architecture, "labels": spec.labels, "head": spec.tensors} if spec else {}
 
 
 def auto_head(spec: HeadSpec | None) -> str:

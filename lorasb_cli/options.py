@@ -1,6 +1,6 @@
-"""Options declared once: a dataclass field carries its flag, help and default, and `click_options` makes the
-click options of a command from the config class it fills. The groups every command that reads a model or data
-shares live here (`ModelOptions`, `DataOptions`, `TrainingDataOptions`); a stage's config adds its own fields,
+"""Options declared once: a dataclass field carries its flag, help and default, and `click_param` makes the click
+option of each field of the config class a command fills (`cli.ConfigCommand`, when the command first needs them).
+The groups every command that reads a model or data shares live here (`ModelOptions`, `DataOptions`, `TrainingDataOptions`); a stage's config adds its own fields,
 and a plug-in (method, init) declares its options the same way (`plugin_options` builds and checks them).
 """
 
@@ -85,7 +85,7 @@ class Declared:
 def option(
     *decls: str,
     default=None,
-    help: str,
+    help: str | Callable[[], str],
     type=None,
     flag: bool = False,
     required: bool = False,
@@ -95,7 +95,9 @@ def option(
     multiple: bool = False,
 ):
     """A dataclass field that is also a click option; `decls` default to `--field-name`; `range`: the values a
-    number may take; `multiple`: the option may be given again, its values a tuple (default empty)."""
+    number may take; `multiple`: the option may be given again, its values a tuple (default empty). `help` may be
+    a function, called when the option is made (lazily: `cli.ConfigCommand`), for a text read from the plug-in
+    registrations."""
     if multiple:
         default, show_default, type = (), False, type or str
     spec = {"decls": decls, "help": help, "type": type, "flag": flag, "required": required, "metavar": metavar}
@@ -130,7 +132,8 @@ def click_param(f: dataclasses.Field, *, plugin: bool = False) -> click.Paramete
     extra = {"is_flag": True} if spec["flag"] else {"type": kind} if kind is not None else {}
     if spec.get("multiple"):
         extra["multiple"] = True
-    help_text, show_default = spec["help"], spec["show_default"]
+    help_text = spec["help"]() if callable(spec["help"]) else spec["help"]
+    show_default = spec["show_default"]
     if plugin:
         if default is not None and show_default:
             help_text = f"{help_text}  [default: {default}]"

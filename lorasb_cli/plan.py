@@ -1,4 +1,4 @@
-"""Memory plans: the bytes each stage needs, from the model's config alone (DESIGN.md §4, §5).
+"""Memory plans: the bytes each stage needs, from the model's config alone (docs/design.md §4, §5).
 
 The model is built on the meta device (shapes and dtypes, no weights read). Its activations come from one
 forward pass on meta tensors at batch × length: every tensor autograd saves for backward, plus (estimate) the
@@ -9,7 +9,7 @@ output and a float32 log-sum-exp per row; the math fallback would also keep the 
 What the stages hold at their peak (the start of backward, or the largest shard of a merge):
 
 - estimate: weights + accumulators (Σ m·n of the targets × 4 bytes float32, 2 bfloat16) + activations + the
-  loss: logits, their gradient (both in the model dtype) and float32 chunks of `estimate._WeightedCrossEntropy`;
+  loss: logits, their gradient (both in the model dtype) and float32 chunks of `loss._WeightedCrossEntropy`;
 - train (LoRA-SB at rank r): weights + B, A (float32 buffers, r·(m+n) per target) + R with its gradient and two
   AdamW states (4 × r² float32) + activations + HF's causal-LM loss: logits, and in float32 the log-softmax it
   keeps plus the two [N, V] gradients of its backward;
@@ -17,7 +17,7 @@ What the stages hold at their peak (the start of backward, or the largest shard 
   saved; the base is read one memory-mapped tensor at a time), and the largest target weight being merged with
   its float32 copy and B·R·A.
 
-Per device (`--world-size N`, `--strategy`, `--quantize`; DESIGN.md §5): under ddp every process holds all of
+Per device (`--world-size N`, `--strategy`, `--quantize`; docs/design.md §5): under ddp every process holds all of
 the above (the batch is per process). Under fsdp the base is sharded 1/N per device, and gathered whole, for compute,
 one unit at a time: a decoder layer (the model's `_no_split_modules`), and the root unit (embeddings, final norm,
 output head), which FSDP2 keeps gathered from forward to backward; estimate's accumulators live on one owner rank
@@ -51,7 +51,7 @@ log = logging.getLogger("lorasb")
 
 GIB = 2**30
 ACCUMULATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# estimate's loss (estimate._WeightedCrossEntropy) works in float32 chunks of rows of about this many bytes;
+# estimate's loss (loss._WeightedCrossEntropy) works in float32 chunks of rows of about this many bytes;
 # two live at once.
 LOSS_CHUNK_BYTES = 32 * 2**20
 
@@ -464,7 +464,7 @@ def _largest_shard(ref: models.ModelRef, weight_bytes: int) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the processes of a job share the model (DESIGN.md §5): `world_size` processes, `strategy` ddp (each holds
+    """How the processes of a job share the model (docs/design.md §5): `world_size` processes, `strategy` ddp (each holds
     the whole base) or fsdp (the base sharded across them). The plans are per process, i.e. per device."""
 
     world_size: int = 1

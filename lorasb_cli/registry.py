@@ -46,6 +46,10 @@ class Registry(dict[str, T], Generic[T]):
         self[name] = entry
         return entry
 
+    def summaries(self) -> list[tuple[str, str]]:
+        """(name, summary) of every entry, as registered: what help texts list."""
+        return [(name, entry.summary) for name, entry in self.items()]
+
     def lookup(self, name: str) -> T:
         if name not in self:
             raise BadInputError(f"unknown {self.what} '{name}'", hint=did_you_mean(name, sorted(self)))

@@ -1,4 +1,4 @@
-"""What a row of each data format holds (DESIGN.md §3): one schema per `--format`, checked on every row a stage
+"""What a row of each data format holds (docs/design.md §3): one schema per `--format`, checked on every row a stage
 reads, so that a bad row is refused with its file and row named instead of being trained as "None" or a repr.
 
 A file holds one kind of row: its first row picks the fields its format reads (the prompt-response pair or

@@ -343,7 +343,7 @@ class ShardWriter:
     in `finalize`, so an interrupted write leaves nothing a loader would read. Use as a context manager to
     delete the temporary files when the block raises. Each shard's header records its tensors' hashes
     (SHARD_HASH_KEY) and the index all of them (INDEX_HASH_KEY), for `CheckpointIndex` and `inspect --verify`.
-    The files are private (0600, from mkstemp and save_file): write into an `artifacts.atomic_folder`, which gives
+    The files are private (0600, from mkstemp and save_file): write into an `files.atomic_folder`, which gives
     them the usual modes when it publishes the folder.
     """
 

@@ -37,7 +37,7 @@ def is_main_process() -> bool:
 
 
 def check_launcher() -> None:
-    """Refuse the launcher modes no test runs, before any weight loads (DESIGN.md §5: only tested launchers).
+    """Refuse the launcher modes no test runs, before any weight loads (docs/design.md §5: only tested launchers).
 
     accelerate's FSDP plugin applies only to GPU-class process groups: on CPU `accelerate launch --use_fsdp` would
     quietly run DDP, and on GPUs the checkpoints would read sharded parameters; `--strategy fsdp` under torchrun

@@ -1,4 +1,4 @@
-"""Prompt templates and the exact prompt/response token boundary (DESIGN.md §3).
+"""Prompt templates and the exact prompt/response token boundary (docs/design.md §3).
 
 A prompt-response row becomes `template(prompt) + response`, tokenized **jointly**, so the training ids begin
 with exactly the ids generation feeds for that prompt. Tokenizing the two parts separately is wrong on

@@ -22,7 +22,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapter, artifacts, data, fsdp, linalg, loss, methods, models, quantization, system, templates, tracking
+from . import (
+    adapter,
+    artifacts,
+    data,
+    files,
+    fsdp,
+    linalg,
+    loss,
+    metadata,
+    methods,
+    models,
+    quantization,
+    system,
+    templates,
+    tracking,
+)
 from .configs import TrainConfig
 from .errors import BadInputError, IncompatibleArtifactError, Interrupted, LorasbError
 from .options import MAX_LENGTH
@@ -69,7 +84,7 @@ def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
         "factors": config.factors,
         "init adapter": config.init_adapter,
     }
-    out = artifacts.check_output_dir(
+    out = files.check_output_dir(
         config.out,
         inputs,
         allow_nonempty=config.resume or config.overwrite,
@@ -83,7 +98,7 @@ def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
         )
     # Under a launcher every rank checks the same folder here: rank 0 writes nothing into it before the Trainer's
     # process group forms, which waits for every rank to have passed this point.
-    artifacts.make_output_folder(out)
+    files.make_output_folder(out)
     return out
 
 
@@ -123,30 +138,29 @@ def _check_options(config: TrainConfig) -> tuple[methods.Method, methods.MethodO
     return method, method.resolve_options(config.method_options)
 
 
-def _starting_factors(config: TrainConfig) -> artifacts.Factors:
+def _starting_factors(config: TrainConfig) -> artifacts.FactorsFile:
     """What R starts from: the factors file, or with --init-adapter a trained adapter's B, R, A and head (laid out
     like factors, with its provenance: its template, labels and init carry over)."""
     if config.factors:
         return artifacts.load_factors(config.factors)
     saved = adapter.load_adapter(config.init_adapter)
-    if saved.config.get("method") not in {m.name for m in methods.factors_methods()} or saved.module_tensors:
+    if saved.meta.method not in {m.name for m in methods.factors_methods()} or saved.module_tensors:
         raise IncompatibleArtifactError(
-            "--init-adapter continues a LoRA-SB adapter; this one was trained with --method "
-            f"{saved.config.get('method')}",
+            f"--init-adapter continues a LoRA-SB adapter; this one was trained with --method {saved.meta.method}",
             path=str(saved.path),
             hint="pass the -o of a lorasb train run of --method lorasb",
         )
     return saved
 
 
-def _load_factors_checked(config: TrainConfig, ref: models.ModelRef) -> artifacts.Factors:
+def _load_factors_checked(config: TrainConfig, ref: models.ModelRef) -> artifacts.FactorsFile:
     """The starting factors, checked against the model's config before any weight is loaded."""
     factors, trust_remote_code = _starting_factors(config), config.trust_remote_code
-    head = models.auto_head(models.HeadSpec.from_meta(factors.config))
+    head = models.auto_head(models.HeadSpec.from_meta(factors.meta))
     shapes = models.linear_shapes_from_config(ref, trust_remote_code=trust_remote_code, head=head)
     factors.check_fits(shapes, f"model '{ref.id}'", hint="pass the model the update was estimated on")
-    base = factors.config["base_model"]
-    if models.fingerprint({m: shapes[m] for m in factors.factors}) != base["fingerprint"]:
+    base = factors.meta.base_model
+    if models.fingerprint({m: shapes[m] for m in factors.factors}) != base.fingerprint:
         raise IncompatibleArtifactError(
             "factors come from a model with other target modules",
             path=str(factors.path),
@@ -164,13 +178,13 @@ class _Inputs:
     method: methods.Method
     options: methods.MethodOptions
     ref: models.ModelRef
-    factors: artifacts.Factors | None
+    factors: artifacts.FactorsFile | None
     train_set: data.Dataset
     eval_set: data.Dataset | None
     fmt: str
     template: str | None
     system_prompt: str | None
-    labels: list[str] | None
+    labels: Sequence[str] | None
     out: Path
     work: Path  # where the run writes: `out`, or with --overwrite of a run the folder that will replace it
 
@@ -186,8 +200,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
     template = templates.resolve(config.template, train_set.columns, fmt, announce=True)
     system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
     if factors is not None:
-        recorded = (factors.config.get("data") or {}).get("template")
-        templates.check_same(recorded, template, "the estimate", force=config.force_template)
+        templates.check_same(factors.meta.template, template, "the estimate", force=config.force_template)
     # A built-in name as --eval-data means its test split: never the rows trained on.
     eval_set = (
         data.load_dataset_rows(config.eval_data, "test", config.data_config, seed=config.seed, fields=config.fields)
@@ -195,7 +208,7 @@ def _read_inputs(config: TrainConfig, method: methods.Method, method_options: me
         else None
     )
     train_set, eval_set = (rows and data.checked(rows, fmt) for rows in (train_set, eval_set))  # before step 1
-    labels = factors.config.get("labels") if factors is not None else data.head_labels(fmt, train_set.rows)
+    labels = factors.meta.labels if factors is not None else data.head_labels(fmt, train_set.rows)
     for dataset in (train_set, eval_set) if eval_set else (train_set,):
         data.check_labels(dataset.rows, fmt, labels, dataset.source)
     out = _prepare_out(config, ref)
@@ -262,7 +275,7 @@ def _prepare_method(
 ) -> _Run:
     method, factors = inputs.method, inputs.factors
     if factors is not None:
-        modules, rank = list(factors.factors), factors.config["rank"]
+        modules, rank = list(factors.factors), factors.meta.rank
         ranks = {m: lora_R.shape[0] for m, (_, lora_R, _) in factors.factors.items()}  # per module with --budget
     else:
         low_rank = method.uses_rank
@@ -342,30 +355,25 @@ def _step0_init_loss(
     return step0_init
 
 
-def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _Run) -> dict:
-    """The adapter's provenance (adapter_config.json), also written into every checkpoint."""
-    from_factors = inputs.factors.config if inputs.factors is not None else {}
-    labels = inputs.labels
-    adapter_config = {
-        "base_model": inputs.ref.provenance(models.fingerprint(run.shapes), config.quantize),
-        "targets": from_factors.get("targets", getattr(inputs.options, "targets", None)),
-        "target_modules": run.modules,
-        "rank": run.rank,
-        **({"rank_pattern": from_factors["rank_pattern"]} if from_factors.get("rank_pattern") else {}),
-        "method": inputs.method.name,
-        **run.prepared.config,
-        "data": {
-            **inputs.train_set.provenance(),
-            "format": inputs.fmt,
-            "template": inputs.template,
-            "system_prompt": inputs.system_prompt,
-        },
-        "train": _recorded_options(config, inputs.options),
+def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _Run) -> metadata.AdapterMeta:
+    """The adapter's metadata (adapter_config.json), also written into every checkpoint."""
+    labels, start = inputs.labels, inputs.factors
+    adapter_config = metadata.AdapterMeta.from_run(
+        start.meta if start is not None else None,
+        # where R started: the adapter's own run, so a chain of runs can be traced back
+        continues=str(start.path.resolve()) if config.init_adapter else None,
+        settings=run.prepared.config,
+        base_model=inputs.ref.provenance(models.fingerprint(run.shapes), config.quantize),
+        targets=getattr(inputs.options, "targets", None),
+        target_modules=tuple(run.modules),
+        rank=run.rank,
+        method=inputs.method.name,
+        data=metadata.DataProvenance.from_dataset(
+            inputs.train_set, format=inputs.fmt, template=inputs.template, system_prompt=inputs.system_prompt
+        ),
+        train=_recorded_options(config, inputs.options),
         **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
-    }
-    if config.init_adapter:  # where R started: the adapter's own run, so a chain of runs can be traced back
-        started = {key: from_factors.get(key) for key in ("data", "train", "init_adapter")}
-        adapter_config["init_adapter"] = {"path": str(inputs.factors.path.resolve()), **started}
+    )
     log.info(
         "method settings: %s",
         json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list)}),  # not curves
@@ -442,8 +450,8 @@ def train(
 
 
 def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
-    with artifacts.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
-        if config.overwrite and any(p.name != artifacts.LOCK_FILE for p in inputs.out.iterdir()):
+    with files.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
+        if config.overwrite and any(p.name != files.LOCK_FILE for p in inputs.out.iterdir()):
             return _overwrite(config, inputs, main, progress, callbacks, log_step)
         resume_from = None
         if config.resume:
@@ -483,7 +491,7 @@ def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callb
             e.hint = f"--overwrite: the new run was discarded and the run in {inputs.out} is as it was"
         raise
     if main:
-        artifacts.swap_folder(work, inputs.out)
+        files.swap_folder(work, inputs.out)
     return summary
 
 
@@ -548,10 +556,10 @@ def _check_same_run(folder: Path, config: TrainConfig, inputs: _Inputs, *, finis
     """Refuse a --resume whose options (other than where things are) or data differ from the run's, as recorded in
     `folder`'s adapter_config.json (a checkpoint's, or the finished run's)."""
     try:
-        recorded = json.loads((folder / adapter.CONFIG_FILE).read_text())
-    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        recorded = metadata.adapter_config(json.loads((folder / adapter.CONFIG_FILE).read_text()))
+    except (OSError, ValueError, IncompatibleArtifactError):  # ValueError: not JSON, or not UTF-8
         recorded = None
-    if not isinstance(recorded, dict):
+    if recorded is None:
         raise BadInputError(
             f"--resume: the run's {adapter.CONFIG_FILE} is unreadable",
             path=str(folder / adapter.CONFIG_FILE),
@@ -562,7 +570,7 @@ def _check_same_run(folder: Path, config: TrainConfig, inputs: _Inputs, *, finis
         if finished
         else "resume with the run's options, or start a new run with --overwrite or another -o"
     )
-    before, now = recorded.get("train", {}), _recorded_options(config, inputs.options)
+    before, now = recorded.train or {}, _recorded_options(config, inputs.options)
     changed = [k for k, v in now.items() if k not in _FREE_ON_RESUME and k in before and before[k] != v]
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {before[k]} → {now[k]}" for k in changed)
@@ -571,7 +579,7 @@ def _check_same_run(folder: Path, config: TrainConfig, inputs: _Inputs, *, finis
             path=str(inputs.out),
             hint=hint,
         )
-    if (recorded.get("data") or {}).get("digest") not in (None, inputs.train_set.digest):
+    if recorded.data is not None and recorded.data.digest not in (None, inputs.train_set.digest):
         raise BadInputError("--resume: the training data differs from the run's", path=str(inputs.out), hint=hint)
 
 
@@ -627,7 +635,7 @@ def _run(
         }
         clock.start()
         try:
-            with artifacts.storage_errors(inputs.work):
+            with files.storage_errors(inputs.work):
                 train_loss_mean = _train(trainer, resume_from)
         except BadInputError:
             _remove_incomplete_checkpoints(inputs.work)  # e.g. one a full disk cut off: never resumable
@@ -698,7 +706,7 @@ def _trainer(
     run: _Run,
     examples: _Examples,
     tokenizer,
-    adapter_config: dict,
+    adapter_config: metadata.AdapterMeta,
     device: torch.device,
     callbacks: list,
     *,
@@ -741,7 +749,7 @@ def _trainer(
     for noisy in (PrinterCallback, ProgressCallback):  # they print to stdout; we report on stderr
         trainer.remove_callback(noisy)
     if args.report_to:  # after the trackers' own callbacks, which start them
-        record = artifacts.provenance("adapter", **adapter_config)  # what the adapter's metadata will say
+        record = artifacts.recorded_fields(adapter_config)  # what the adapter's metadata will say
         trainer.add_callback(RecordRun(args.report_to, record, trainer.callback_handler.callbacks))
     # Under a launcher the launcher owns signals: one rank stopping alone would leave the others waiting.
     stop = StopOnSignal() if system.launcher_rank()[1] == 1 else None
@@ -788,7 +796,7 @@ def _write_run(
     inputs: _Inputs,
     run: _Run,
     trainer,
-    adapter_config: dict,
+    adapter_config: metadata.AdapterMeta,
     *,
     seconds: float,
     final_eval: float | None,
@@ -798,7 +806,7 @@ def _write_run(
 ) -> TrainSummary:
     """The run directory's adapter, metrics.json and loss.png (global rank 0 only), and the summary."""
     out = inputs.work
-    # One writer per job (DESIGN.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
+    # One writer per job (docs/design.md §3): after DDP's all-reduced steps every rank holds the same trained tensors,
     # and global rank 0 writes them (as the Trainer's checkpoints: `should_save`).
     writer = system.is_main_process()
     if writer:
@@ -831,7 +839,7 @@ def _write_run(
         "task": task_results,
     }
     if writer:
-        with artifacts.atomic_path(out / "metrics.json") as tmp:
+        with files.atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         plot_losses(steps, evals, out / "loss.png", title=f"lorasb train --method {inputs.method.name}")
     return summary
@@ -854,6 +862,6 @@ def plot_losses(steps: list[dict], evals: list[dict], path: Path, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

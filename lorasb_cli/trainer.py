@@ -24,8 +24,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 
-from . import adapter, artifacts, tracking
+from . import adapter, tracking
 from .errors import IncompatibleArtifactError, RunFailure
+from .files import atomic_path, file_sha256
 from .tasks import Task
 from .tasks.runner import ModelAnswerer, evaluate_rows
 
@@ -56,7 +57,7 @@ def checkpoint_record(checkpoint: Path) -> dict:
 
 
 def _file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": artifacts.file_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _file_problem(path: Path, recorded: dict) -> str | None:
             return "missing"
         if (size := path.stat().st_size) != recorded["bytes"]:
             return f"is {size} bytes, the marker says {recorded['bytes']}"
-        if artifacts.file_sha256(path) != recorded["sha256"]:
+        if file_sha256(path) != recorded["sha256"]:
             return "sha256 differs from the marker's"
     except OSError as e:
         return f"unreadable ({e.strerror})"
@@ -180,7 +181,7 @@ class AdapterTrainer(Trainer):
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_FILE)
             record = {"step": self.state.global_step, **self.run_record()}
             record["files"] = {p.relative_to(folder).as_posix(): _file_record(p) for p in files}
-            with artifacts.atomic_path(folder / COMPLETE_FILE) as tmp:
+            with atomic_path(folder / COMPLETE_FILE) as tmp:
                 tmp.write_text(json.dumps(record) + "\n")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -189,7 +190,7 @@ class AdapterTrainer(Trainer):
             adapter.save_adapter(output_dir, self.export(), self.adapter_config)
             model = self.accelerator.unwrap_model(self.model)
             trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            with artifacts.atomic_path(Path(output_dir) / TRAINED_FILE) as tmp:
+            with atomic_path(Path(output_dir) / TRAINED_FILE) as tmp:
                 save_file(trained, tmp)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

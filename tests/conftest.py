@@ -1,4 +1,4 @@
-"""Tiny models and data built in-process; nothing is downloaded (DESIGN.md §7)."""
+"""Tiny models and data built in-process; nothing is downloaded (docs/design.md §7)."""
 
 from __future__ import annotations
 

@@ -189,10 +189,18 @@ def random_r_adapter(factors_file: Path, run_dir: Path) -> Path:
             f"{module}.lora_A": lora_A,
         }
     config = {
-        "base_model": loaded.config["base_model"],
+        "base_model": loaded.fields["base_model"],
         "targets": "all-linear",
         "rank": rank,
         "scale": 1.0,
         "method": "lorasb",
     }
-    return adapter.save_adapter(run_dir, tensors, config)
+    return adapter.save_adapter(run_dir, tensors, artifact_meta("adapter", **config))
+
+
+def artifact_meta(kind: str, **fields):
+    """The typed metadata of an artifact of `kind` (lorasb_cli/metadata.py) from its fields as a file records them,
+    nested objects as dicts."""
+    from lorasb_cli import metadata
+
+    return metadata.KIND_CLASSES[kind].from_json(fields)

@@ -85,8 +85,8 @@ MUTATIONS = (
     Mutation(
         "load-update-plus-eta",
         "lorasb_cli/artifacts.py",
-        'return artifact.get(name, torch.float32).mul_(artifact.meta["eta"])',
-        'return artifact.get(name, torch.float32).mul_(-artifact.meta["eta"])',
+        "return artifact.get(name, torch.float32).mul_(artifact.meta.eta)",
+        "return artifact.get(name, torch.float32).mul_(-artifact.meta.eta)",
         "decompose factors ΔW_avg = −η·sign(G), not its negation (the issue's first survivor)",
         ("tests/test_decompose.py", "tests/test_inits.py", "tests/test_budget.py", REF),
     ),
@@ -330,8 +330,8 @@ MUTATIONS = (
     Mutation(
         "evaluate-ignores-recorded-template",
         "lorasb_cli/generation.py",
-        'templates.check_same(recorded.get("template"), template, "training", force=options.force_template)',
-        'templates.check_same(recorded.get("template"), template, "training", force=True)',
+        'templates.check_same(recorded.template, template, "training", force=options.force_template)',
+        'templates.check_same(recorded.template, template, "training", force=True)',
         "evaluate refuses another template than the adapter's unless --force-template",
         ("tests/test_evaluate.py", "tests/test_templates.py"),
     ),
@@ -347,7 +347,7 @@ MUTATIONS = (
     Mutation(
         "resume-ignores-other-data",
         "lorasb_cli/train.py",
-        'if (recorded.get("data") or {}).get("digest") not in (None, inputs.train_set.digest):',
+        "if recorded.data is not None and recorded.data.digest not in (None, inputs.train_set.digest):",
         "if False:",
         "--resume refuses other training rows",
         ("tests/test_resume.py",),
@@ -370,7 +370,7 @@ MUTATIONS = (
     ),
     Mutation(
         "lock-taken-from-a-live-process",
-        "lorasb_cli/artifacts.py",
+        "lorasb_cli/files.py",
         "if not (host == socket.gethostname() and pid.isdigit() and not _running(int(pid))):",
         "if not (host == socket.gethostname() and pid.isdigit()):",
         "a running writer's lock is never taken over",
@@ -378,7 +378,7 @@ MUTATIONS = (
     ),
     Mutation(
         "lock-counts-as-content",
-        "lorasb_cli/artifacts.py",
+        "lorasb_cli/files.py",
         "any(p.name != LOCK_FILE for p in out.iterdir())",
         "any(out.iterdir())",
         "a folder holding only a lock is not 'not empty' (ranks of a launched job)",

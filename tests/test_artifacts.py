@@ -7,15 +7,16 @@ import os
 
 import pytest
 import torch
+from helpers import artifact_meta
 from safetensors.torch import save_file
 
-from lorasb_cli import artifacts
+from lorasb_cli import artifacts, files, metadata
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 
 
 def _meta(kind="update"):
     rank = {"rank": 2} if kind in ("factors", "adapter") else {}  # the schema requires what the stages read
-    return artifacts.provenance(
+    return artifact_meta(
         kind, base_model={"id": "toy", "fingerprint": "f" * 16}, targets="all-linear", eta=1e-5, **rank
     )
 
@@ -27,7 +28,7 @@ def test_round_trip_keeps_tensors_and_provenance(tmp_path):
     }
     artifacts.write_artifact(tmp_path / "u.safetensors", tensors, _meta())
     art = artifacts.Artifact(tmp_path / "u.safetensors", kinds=("update",))
-    assert art.kind == "update" and art.meta["eta"] == 1e-5 and art.meta["base_model"]["id"] == "toy"
+    assert art.kind == "update" and art.fields["eta"] == 1e-5 and art.fields["base_model"]["id"] == "toy"
     assert sorted(art.names) == ["a.weight", "b.weight"]
     assert torch.equal(art.get("a.weight"), tensors["a.weight"])
     assert art.shapes()["b.weight"] == (3, 2)
@@ -38,7 +39,7 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(NonFiniteError, match="'x'"):
         artifacts.write_artifact(tmp_path / "u.safetensors", {"x": torch.tensor([float("nan")])}, _meta())
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(RuntimeError), artifacts.atomic_path(tmp_path / "v.bin") as tmp:
+    with pytest.raises(RuntimeError), files.atomic_path(tmp_path / "v.bin") as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
@@ -60,7 +61,7 @@ def test_a_read_only_output_folder_is_bad_input(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     with pytest.raises(BadInputError, match=r"cannot write .*u.safetensors \(permission denied\)"):
         artifacts.write_artifact(tmp_path / "u.safetensors", {"x": torch.zeros(1)}, _meta())
     assert list(tmp_path.iterdir()) == []
@@ -103,8 +104,8 @@ def test_wrong_kind_names_the_producer(tmp_path):
 
 
 def test_newer_format_version_is_refused(tmp_path):
-    meta = _meta()
-    meta["format_version"] = artifacts.FORMAT_VERSION + 1
+    meta = artifacts.recorded_fields(_meta())
+    meta["format_version"] = metadata.FORMAT_VERSION + 1
     path = tmp_path / "u.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"lorasb": json.dumps(meta)})
     with pytest.raises(IncompatibleArtifactError, match="upgrade lorasb|newer"):
@@ -114,7 +115,9 @@ def test_newer_format_version_is_refused(tmp_path):
 def test_nan_in_a_stored_tensor_is_caught_on_read(tmp_path):
     path = tmp_path / "f.safetensors"
     save_file(
-        {"m.lora_R": torch.tensor([[float("inf")]])}, str(path), metadata={"lorasb": json.dumps(_meta("factors"))}
+        {"m.lora_R": torch.tensor([[float("inf")]])},
+        str(path),
+        metadata={"lorasb": json.dumps(artifacts.recorded_fields(_meta("factors")))},
     )
     with artifacts.unverified_allowed():  # written without hashes, as an older lorasb did
         art = artifacts.Artifact(path, kinds=("factors",))
@@ -140,7 +143,7 @@ def test_factor_modules_checks_shapes(tmp_path):
 def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
-        with artifacts.atomic_path(tmp_path / "f.json") as tmp:
+        with files.atomic_path(tmp_path / "f.json") as tmp:
             tmp.write_text("{}")
     finally:
         os.umask(mask)

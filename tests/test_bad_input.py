@@ -273,7 +273,7 @@ def test_the_matrix_covers_every_stage_with_at_least_100_cases():
 
 
 def test_pickle_weights_are_refused_unless_allowed_and_then_give_the_same_update(world, tmp_path, capsys):
-    """Safetensors only (DESIGN.md §2); --allow-pickle reads .bin through torch.load(weights_only=True)."""
+    """Safetensors only (docs/design.md §2); --allow-pickle reads .bin through torch.load(weights_only=True)."""
     from safetensors.torch import load_file
 
     from lorasb_cli import artifacts

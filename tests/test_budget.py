@@ -91,7 +91,7 @@ def test_budgeted_factors_train_merge_and_export_like_the_adapter(
     assert len(set(summary.ranks.values())) > 1  # the tiny model's modules differ in spectrum
     factors = artifacts.Artifact(out, kinds=("factors",))
     artifacts.factor_modules(factors)  # every module's rank matches rank / rank_pattern
-    assert factors.meta["budget"]["uniform_parameters"] == uniform
+    assert factors.fields["budget"]["uniform_parameters"] == uniform
     assert all(factors.get(f"{m}.lora_R").shape == (r, r) for m, r in summary.ranks.items())
     assert inspect.describe(out)["rank"] == sorted(set(summary.ranks.values()))
     with pytest.raises(SystemExit) as done:
@@ -153,8 +153,7 @@ def test_a_budget_alone_sets_the_reference_rank_and_the_bounds(factors_file, tmp
     modules = len(artifacts.Artifact(update).names)
     out = tmp_path / "f.safetensors"
     summary = decompose(DecomposeConfig.from_options(update=str(update), budget=9 * modules + 5, out=str(out)))
-    meta = artifacts.Artifact(out).meta
-    assert meta["budget"]["uniform_rank"] == 3
+    assert artifacts.Artifact(out).meta.budget["uniform_rank"] == 3
     assert sum(r * r for r in summary.ranks.values()) <= 9 * modules + 5
     assert max(summary.ranks.values()) <= 12  # 4 × the reference rank
     with pytest.raises(BadInputError, match="decompose needs --rank"):

@@ -1,4 +1,4 @@
-"""Training checkpoints are complete or invisible (DESIGN.md §2): the marker lists every file with its size and
+"""Training checkpoints are complete or invisible (docs/design.md §2): the marker lists every file with its size and
 sha256, and `train --resume` takes the newest checkpoint that verifies, naming each one it skipped and why."""
 
 from __future__ import annotations

@@ -37,11 +37,11 @@ def chain(tmp_path_factory):
 def test_update_and_factors_carry_the_head_g_was_computed_with(chain):
     folder, _, _ = chain
     update = artifacts.Artifact(folder / "u.safetensors")
-    assert update.meta["labels"] == ["crude", "earn", "trade"]
-    assert update.meta["architecture"] == "BertForSequenceClassification"
-    assert update.meta["head"] == ["classifier.bias", "classifier.weight"]
+    assert update.fields["labels"] == ["crude", "earn", "trade"]
+    assert update.fields["architecture"] == "BertForSequenceClassification"
+    assert update.fields["head"] == ["classifier.bias", "classifier.weight"]
     assert update.get("classifier.weight").shape == (3, 32)
-    assert "classifier" not in {n.rsplit(".", 1)[0] for n in update.names if n not in update.meta["head"]}
+    assert "classifier" not in {n.rsplit(".", 1)[0] for n in update.names if n not in update.fields["head"]}
     factors = artifacts.Artifact(folder / "f.safetensors")
     assert torch.equal(factors.get("classifier.weight"), update.get("classifier.weight"))
     # The same seed draws the same head; another seed another one.
@@ -121,7 +121,7 @@ def test_eval_labels_outside_the_trained_classes_are_refused(chain, tmp_path):
 
 def test_the_head_spec_is_what_each_artifact_of_the_chain_records(chain):
     """One HeadSpec from the model, the same from the update's, the factors' and the adapter's metadata."""
-    from lorasb_cli import models
+    from lorasb_cli import metadata, models
 
     folder = chain[0]
     paths = [folder / "u.safetensors", folder / "f.safetensors", folder / "run" / "adapter.safetensors"]
@@ -129,7 +129,9 @@ def test_the_head_spec_is_what_each_artifact_of_the_chain_records(chain):
     assert len(specs) == 1
     spec = specs.pop()
     assert spec.architecture == "BertForSequenceClassification" and spec.tensors and len(spec.labels) == 3
-    assert models.HeadSpec.from_meta(spec.to_meta()) == spec
+    base = metadata.BaseIdentity(id="toy", fingerprint="0" * 16)
+    recorded = metadata.UpdateMeta(base_model=base, targets="all-linear", eta=1e-5, **models.head_meta(spec))
+    assert models.HeadSpec.from_meta(recorded) == spec
     assert models.head_meta(None) == {} and models.auto_head(None) == "causal-lm"
 
 

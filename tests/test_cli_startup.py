@@ -105,3 +105,17 @@ def test_every_declared_plugin_has_its_implementation(package, entries, function
     assert all(entry.layer_variant.module_tensors for entry in variants)  # imported, and reads its own tensors
     named |= {entry.variant.partition(":")[0] for entry in variants}
     assert named == {info.name for info in pkgutil.iter_modules(package.__path__)}
+
+
+def test_help_lists_the_registered_plugins_with_their_summaries():
+    """`lorasb --help` lists every init and method from its registration, with its summary; --init and --method
+    name every registered one (a new plug-in needs no help text edited by hand)."""
+    from click.testing import CliRunner
+
+    group = " ".join(CliRunner().invoke(cli.cli, ["--help"], terminal_width=400).output.split())
+    for registry in (inits.INITS, methods.METHODS):
+        for name, summary in registry.summaries():
+            assert f"{name} {' '.join(summary.split())}" in group
+    for command, registry in (("decompose", inits.INITS), ("train", methods.METHODS)):
+        text = " ".join(CliRunner().invoke(cli.cli, [command, "--help"], terminal_width=400).output.split())
+        assert f"{', '.join(registry)} (each described in lorasb --help)" in text

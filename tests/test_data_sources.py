@@ -224,7 +224,7 @@ def test_regression_trains_merges_and_scores_end_to_end(tmp_path):
     )
     assert summary.final_train_loss < summary.step0_init_loss  # MSE goes down
     trained = adapter.load_adapter(tmp_path / "run")
-    assert trained.config["labels"] == ["score"] and trained.extra["classifier.weight"].shape == (1, 32)
+    assert trained.fields["labels"] == ["score"] and trained.extra["classifier.weight"].shape == (1, 32)
     merged = merge(MergeConfig(adapter=str(tmp_path / "run"), out=str(tmp_path / "merged")))
     loaded = AutoModelForSequenceClassification.from_pretrained(merged)
     assert loaded.config.num_labels == 1 and loaded.config.problem_type == "regression"

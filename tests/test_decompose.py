@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import artifact_meta
 
 from lorasb_cli import artifacts, decompose, linalg
 from lorasb_cli.errors import BadInputError
@@ -44,7 +45,7 @@ def test_exact_svd_reaches_the_optimum():
 
 
 def _write_update(path, tensors: dict[str, torch.Tensor], eta: float = 2e-5):
-    meta = artifacts.provenance(
+    meta = artifact_meta(
         "update",
         base_model={"id": "toy", "fingerprint": "0" * 16},
         targets="all-linear",
@@ -69,7 +70,7 @@ def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
     )
     factors = artifacts.Artifact(tmp_path / "f.safetensors", kinds=("factors",))
     assert sorted(artifacts.factor_modules(factors)) == ["layer.o", "layer.q"]
-    assert factors.meta["rank"] == 8 and factors.meta["eta"] == 2e-5 and factors.meta["init"] == "lorasb"
+    assert factors.fields["rank"] == 8 and factors.fields["eta"] == 2e-5 and factors.fields["init"] == "lorasb"
     b, r, a = (factors.get(f"layer.q.lora_{x}") for x in "BRA")
     assert b.shape == (64, 8) and r.shape == (8, 8) and a.shape == (8, 48)
     # R carries η; B and A are the singular vectors of the sign matrix itself.
@@ -80,7 +81,7 @@ def test_decompose_file_writes_factors_with_eta_only_in_r(tmp_path):
     delta = 2e-5 * signs["layer.q.weight"].double()
     residual = float(torch.linalg.matrix_norm(delta - b.double() @ r.double() @ a.double()))
     assert residual <= 1.01 * _optimal_residual(delta, 8)
-    energy = factors.meta["energy"]["layer.q"]
+    energy = factors.fields["energy"]["layer.q"]
     assert energy == pytest.approx(float(s_exact.square().sum() / signs["layer.q.weight"].square().sum()), rel=1e-3)
     assert sorted(k[0] for k in summary.by_kind()) == ["layer.o", "layer.q"]
 

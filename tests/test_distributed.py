@@ -1,4 +1,4 @@
-"""Several processes and several machines (DESIGN.md §2, §3, §5): shards combined by identity, not path; one
+"""Several processes and several machines (docs/design.md §2, §3, §5): shards combined by identity, not path; one
 writer per launched job; DDP training equal to one process at the doubled batch; FSDP refused.
 
 Launched jobs run 2 CPU processes with gloo. Every number is checked against a single-process run.
@@ -62,8 +62,8 @@ def test_combine_shards_estimated_on_two_machines(tiny_model_dir, qa_file, tmp_p
         assert status == 0, err
         parts.append(out.strip())
     metas = [artifacts.Artifact(p).meta for p in parts]
-    assert metas[0]["base_model"]["id"] != metas[1]["base_model"]["id"]
-    assert metas[0]["data"]["source"] != metas[1]["data"]["source"]
+    assert metas[0].base_model.id != metas[1].base_model.id
+    assert metas[0].data.source != metas[1].data.source
     status, out, err = run(["combine", *parts, "-o", tmp_path / "update.safetensors"], capsys)
     assert status == 0, err
     assert out == f"{tmp_path / 'update.safetensors'}\n"
@@ -71,11 +71,11 @@ def test_combine_shards_estimated_on_two_machines(tiny_model_dir, qa_file, tmp_p
     status, _, err = run(_estimate_args(tiny_model_dir, qa_file, tmp_path / "single.safetensors"), capsys)
     assert status == 0, err
     single, combined = artifacts.Artifact(tmp_path / "single.safetensors"), artifacts.Artifact(out.strip())
-    assert combined.meta["samples"] == 8 and single.names == combined.names
+    assert combined.fields["samples"] == 8 and single.names == combined.names
     for name in single.names:
         assert torch.equal(single.get(name), combined.get(name)), name
     digest = models.weights_digest(models.resolve_model(str(tiny_model_dir)))
-    assert combined.meta["base_model"]["weights_digest"] == single.meta["base_model"]["weights_digest"] == digest
+    assert combined.fields["base_model"]["weights_digest"] == single.fields["base_model"]["weights_digest"] == digest
 
     # Same architecture, other random weights: the fingerprint agrees, the weights do not.
     other = save_model(*make_llama(seed=1), tmp_path / "host-b" / "models" / "other-llama")
@@ -83,9 +83,9 @@ def test_combine_shards_estimated_on_two_machines(tiny_model_dir, qa_file, tmp_p
         _estimate_args(other, qa_file, tmp_path / "other.safetensors", "--raw", "--shard", "1/2"), capsys
     )
     assert status == 0, err
-    other_meta = artifacts.Artifact(out.strip()).meta["base_model"]
-    assert other_meta["fingerprint"] == metas[0]["base_model"]["fingerprint"]
-    assert other_meta["weights_digest"] != metas[0]["base_model"]["weights_digest"]
+    other_base = artifacts.Artifact(out.strip()).meta.base_model
+    assert other_base.fingerprint == metas[0].base_model.fingerprint
+    assert other_base.weights_digest != metas[0].base_model.weights_digest
     status, out, err = run(
         ["combine", parts[0], tmp_path / "other.safetensors", "-o", tmp_path / "x.safetensors"], capsys
     )
@@ -187,7 +187,7 @@ def test_single_process_stages_run_on_global_rank_0_only(
     monkeypatch.setenv("RANK", "0")
     status, out, err = run(["decompose", update, "--rank", "2", "-q", "-o", tmp_path / "f.safetensors"], capsys)
     assert (status, out) == (0, f"{tmp_path / 'f.safetensors'}\n"), err
-    assert artifacts.Artifact(tmp_path / "f.safetensors").meta["rank"] == 2
+    assert artifacts.Artifact(tmp_path / "f.safetensors").fields["rank"] == 2
     status, out, err = run(
         [
             "compare",
@@ -275,7 +275,7 @@ def test_accelerate_launch_with_fsdp_is_refused_on_every_rank(tiny_model_dir, qa
 
 # Installed in every Python process of a launched job through PYTHONPATH: records each write under
 # LORASB_AUDIT_ROOT (files opened for writing, renames, folders made) with the process's RANK. It sees what Python
-# opens and renames, which is every write lorasb makes (artifacts.atomic_path: mkstemp + os.replace; open for
+# opens and renames, which is every write lorasb makes (files.atomic_path: mkstemp + os.replace; open for
 # JSON and PNG); files that torch.save or safetensors open from C++ are not seen.
 AUDIT_HOOK = """
 import json, os, sys
@@ -337,7 +337,7 @@ def _assert_same_training(run_dir: Path, reference: Path) -> None:
             assert (x - y).abs().max() <= 1e-4 * LR * STEPS, f"{module}.{name}"
     losses = [[s["loss"] for s in json.loads((d / "metrics.json").read_text())["loss"]] for d in (run_dir, reference)]
     assert len(losses[0]) == STEPS and losses[0] == pytest.approx(losses[1], rel=1e-6)
-    assert got.config["base_model"] == want.config["base_model"]
+    assert got.fields["base_model"] == want.fields["base_model"]
 
 
 @pytest.mark.slow
@@ -408,7 +408,7 @@ def _assert_same_as_one_process(out: Path, tiny_model_dir, qa_file, tmp_path: Pa
         )
     )
     two, one = artifacts.Artifact(out / "update.safetensors"), artifacts.Artifact(single)
-    assert two.meta["samples"] == 8 and two.names == one.names
+    assert two.fields["samples"] == 8 and two.names == one.names
     for name in one.names:
         assert torch.equal(two.get(name), one.get(name)), name
     factors_path = str(out / "factors.safetensors")
@@ -421,8 +421,8 @@ def _assert_same_as_one_process(out: Path, tiny_model_dir, qa_file, tmp_path: Pa
     # Provenance carries the checkpoint's identity through every stage.
     digest = models.weights_digest(models.resolve_model(str(tiny_model_dir)))
     factors = artifacts.Artifact(out / "factors.safetensors").meta
-    assert two.meta["base_model"]["weights_digest"] == factors["base_model"]["weights_digest"] == digest
-    assert adapter.load_adapter(out / "lorasb-torchrun").config["base_model"]["weights_digest"] == digest
+    assert two.meta.base_model.weights_digest == factors.base_model.weights_digest == digest
+    assert adapter.load_adapter(out / "lorasb-torchrun").fields["base_model"]["weights_digest"] == digest
 
 
 # `python RECORD_GRADS train ...`, alone or under torchrun: each process saves the gradients of the trained tensors

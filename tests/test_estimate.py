@@ -125,11 +125,11 @@ def test_two_raw_shards_combined_equal_the_single_estimate(tiny_model_dir, qa_fi
         summary = _run(tiny_model_dir, qa_file, parts[-1], raw=True, shard=f"{i}/2")
         assert summary.samples == 4
     raw = artifacts.Artifact(parts[0], kinds=("update-raw",))
-    assert raw.get(raw.names[0]).dtype == torch.float32 and raw.meta["samples"] == 4
+    assert raw.get(raw.names[0]).dtype == torch.float32 and raw.fields["samples"] == 4
 
     combined = estimate.combine(estimate.CombineConfig(parts=parts, out=str(tmp_path / "combined.safetensors")))
     a, b = artifacts.Artifact(single), artifacts.Artifact(combined)
-    assert b.meta["samples"] == 8 and b.meta["kind"] == "update"
+    assert b.fields["samples"] == 8 and b.fields["kind"] == "update"
     for name in a.names:
         assert torch.equal(a.get(name), b.get(name)), name
 
@@ -154,7 +154,7 @@ def test_combine_refuses_mismatched_or_incomplete_shards(tiny_model_dir, qa_file
 
 def test_provenance_of_the_update(tiny_model_dir, qa_file, tmp_path):
     _run(tiny_model_dir, qa_file, tmp_path / "u.safetensors", eta=3e-5, seed=7)
-    meta = artifacts.Artifact(tmp_path / "u.safetensors").meta
+    meta = artifacts.Artifact(tmp_path / "u.safetensors").fields
     assert meta["kind"] == "update" and meta["format"] == "lorasb" and meta["format_version"] == 1
     assert meta["eta"] == 3e-5 and meta["seed"] == 7 and meta["samples"] == 8
     assert meta["base_model"]["id"] == str(tiny_model_dir.resolve())
@@ -174,13 +174,13 @@ def _torchrun_estimate(model_dir, qa_file, out, port: int, *extra: str) -> subpr
 
 
 def test_torchrun_two_processes_equal_one(tiny_model_dir, qa_file, tmp_path):
-    """DESIGN.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
+    """docs/design.md §5: data-parallel estimate all-reduces G; gloo on CPU, 2 processes."""
     single = tmp_path / "single.safetensors"
     _run(tiny_model_dir, qa_file, single)
     two = tmp_path / "two.safetensors"
     _torchrun_estimate(tiny_model_dir, qa_file, two, 29517)
     a, b = artifacts.Artifact(single), artifacts.Artifact(two)
-    assert b.meta["samples"] == 8
+    assert b.fields["samples"] == 8
     for name in a.names:
         assert torch.equal(a.get(name), b.get(name)), name
 
@@ -193,7 +193,7 @@ def test_torchrun_report_ranks_takes_the_jobs_halves(tiny_model_dir, qa_file, tm
     a, b = artifacts.Artifact(tmp_path / "single.safetensors"), artifacts.Artifact(tmp_path / "two.safetensors")
     for name in a.names:
         assert torch.equal(a.get(name), b.get(name)), name
-    two = b.meta["stability"]
+    two = b.fields["stability"]
     assert two["samples"] == single.stability["samples"] == [4, 4]
     for module, entry in single.stability["modules"].items():
         for side in ("B", "A"):

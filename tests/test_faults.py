@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama, save_model
+from helpers import artifact_meta, make_llama, save_model
 from safetensors.torch import load_file, save_file
 
-from lorasb_cli import cli
+from lorasb_cli import cli, files
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -310,8 +310,8 @@ def _rewrite(src: Path, dst: Path, change) -> Path:
 
     art = artifacts.Artifact(src)
     tensors = {name: art.get(name) for name in art.names}
-    meta = {k: v for k, v in art.meta.items() if k not in ("tensor_sha256", "metadata_sha256", "kind")}
-    artifacts.write_artifact(dst, change(tensors), artifacts.provenance(art.kind, **meta))
+    meta = {k: v for k, v in art.fields.items() if k not in ("tensor_sha256", "metadata_sha256", "kind")}
+    artifacts.write_artifact(dst, change(tensors), artifact_meta(art.kind, **meta))
     return dst
 
 
@@ -624,10 +624,9 @@ def test_a_refused_compare_leaves_no_folder(args, message, tiny_model_dir, qa_fi
 
 def test_a_second_merge_into_one_output_is_refused_while_the_first_runs(factors_file, tmp_path, capsys):
     """It would have taken the running merge's staging folder for a killed one's and deleted it."""
-    from lorasb_cli import artifacts
 
     target = tmp_path / "merged"
-    with artifacts.output_lock(tmp_path / ".merged.lorasb.lock", "lorasb merge", target):
+    with files.output_lock(tmp_path / ".merged.lorasb.lock", "lorasb merge", target):
         staging = tmp_path / ".merged.tmp-running"
         staging.mkdir()
         with pytest.raises(SystemExit) as excinfo:

@@ -35,7 +35,7 @@ def test_every_default_max_length_fits_a_32_position_encoder(short_encoder, tmp_
     )
     assert code == 0, err
     assert "--max-length 32" in err  # the cap is said
-    assert artifacts.Artifact(update).meta["data"]["max_length"] == 32
+    assert artifacts.Artifact(update).fields["data"]["max_length"] == 32
     assert run(["decompose", update, "--rank", 2, "-q", "-o", factors], capsys)[0] == 0
     code, _, err = run(["train", "-m", model, "-f", factors, "-d", rows, "--max-steps", 2, "-q", "-o", run_dir], capsys)
     assert code == 0, err
@@ -70,13 +70,13 @@ def test_frac_on_a_small_file_draws_min_samples_and_says_why(tiny_model_dir, tmp
     update = tmp_path / "u.safetensors"
     code, _, err = run(["estimate", "-m", tiny_model_dir, "-d", rows, "-o", update], capsys)  # --frac 0.001
     assert code == 0, err
-    assert artifacts.Artifact(update).meta["samples"] == 32
+    assert artifacts.Artifact(update).fields["samples"] == 32
     assert "--frac 0.001 of 64 rows is 1, raised to --min-samples 32" in " ".join(err.split())
     # --samples is taken as given; a --min-samples past the rows draws every row.
     assert run(["estimate", "-m", tiny_model_dir, "-d", rows, "--samples", 3, "-q", "-o", update], capsys)[0] == 0
-    assert artifacts.Artifact(update).meta["samples"] == 3
+    assert artifacts.Artifact(update).fields["samples"] == 3
     assert run(["estimate", "-m", tiny_model_dir, "-d", rows, "--min-samples", 100, "-q", "-o", update], capsys)[0] == 0
-    assert artifacts.Artifact(update).meta["samples"] == 64
+    assert artifacts.Artifact(update).fields["samples"] == 64
 
 
 def test_sample_count_floor():
@@ -153,7 +153,7 @@ def test_init_adapter_starts_a_new_run_from_the_trained_r(tiny_model_dir, qa_fil
     first_metrics = json.loads((first / "metrics.json").read_text())
     assert summary.step0_init_loss == pytest.approx(first_metrics["final_train_loss"], abs=0.5)  # trained, not R_init
     assert summary.step0_init_loss < first_metrics["step0_init_loss"]
-    recorded = continued.config
+    recorded = continued.fields
     assert recorded["init_adapter"]["path"] == str(first.resolve())
     assert recorded["train"]["max_steps"] == 2 and recorded["init_adapter"]["train"]["max_steps"] == 6
     with pytest.raises(BadInputError, match="--factors and --init-adapter both"):
@@ -208,7 +208,7 @@ def chat_run(tmp_path_factory):
 
 def test_the_shared_system_turn_is_recorded_in_every_artifact(chat_run):
     _, run_dir, _, update = chat_run
-    assert artifacts.Artifact(update).meta["data"]["system_prompt"] == "You add numbers."
+    assert artifacts.Artifact(update).fields["data"]["system_prompt"] == "You add numbers."
     recorded = json.loads((run_dir / "adapter_config.json").read_text())["data"]
     assert (recorded["template"], recorded["system_prompt"]) == ("chat", "You add numbers.")
 

@@ -1,4 +1,4 @@
-"""--strategy fsdp (DESIGN.md §5): the base sharded with FSDP2 over 2 CPU processes (gloo), every result checked against
+"""--strategy fsdp (docs/design.md §5): the base sharded with FSDP2 over 2 CPU processes (gloo), every result checked against
 one process: estimate's signs, training at the doubled batch, a resumed run (under fsdp and under ddp), a classifier's
 head."""
 

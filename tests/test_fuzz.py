@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import pytest
 import torch
+from helpers import artifact_meta
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -57,7 +58,7 @@ def _build(folder) -> dict[str, dict]:
     artifacts.write_artifact(
         folder / "u.safetensors",
         update,
-        artifacts.provenance(
+        artifact_meta(
             "update",
             **_base_meta(),
             data={"source": "toy", "template": None, "shard": None},
@@ -78,7 +79,7 @@ def _build(folder) -> dict[str, dict]:
     artifacts.write_artifact(
         folder / "f.safetensors",
         factors,
-        artifacts.provenance(
+        artifact_meta(
             "factors",
             **_base_meta(),
             init="lorasb",
@@ -92,7 +93,9 @@ def _build(folder) -> dict[str, dict]:
         ),
     )
     trained = {n: (t + 1 if n.endswith("lora_R") else t) for n, t in factors.items()}
-    run_dir = adapter.save_adapter(folder / "run", trained, {**_base_meta(), "rank": RANK, "scale": 1.0})
+    run_dir = adapter.save_adapter(
+        folder / "run", trained, artifact_meta("adapter", **_base_meta(), rank=RANK, scale=1.0)
+    )
     files = {
         "update": (folder / "u.safetensors", update),
         "factors": (folder / "f.safetensors", factors),

@@ -104,8 +104,8 @@ def test_registry_holds_the_five_inits_with_their_sources():
 
 def test_lorasb_is_orthonormal_and_within_one_percent_of_eckart_young(update_file, deltas, tmp_path):
     artifact, factors = _decompose(update_file, tmp_path, "lorasb")
-    assert artifact.meta["init"] == "lorasb" and artifact.meta["scale"] == 1.0 and artifact.meta["rank"] == RANK
-    assert artifact.meta["eta"] == 1e-5
+    assert artifact.fields["init"] == "lorasb" and artifact.fields["scale"] == 1.0 and artifact.fields["rank"] == RANK
+    assert artifact.fields["eta"] == 1e-5
     assert set(factors) == set(deltas) and len(factors) == 14
     for module, (lora_B, lora_R, lora_A) in factors.items():
         delta = deltas[module]
@@ -122,7 +122,7 @@ def test_lorasb_is_orthonormal_and_within_one_percent_of_eckart_young(update_fil
 
 def test_lorasb_exact_is_the_rank_r_truncation(update_file, deltas, tmp_path):
     artifact, factors = _decompose(update_file, tmp_path, "lorasb", exact=True)
-    assert artifact.meta["svd"]["exact"] is True
+    assert artifact.fields["svd"]["exact"] is True
     for module, (lora_B, lora_R, lora_A) in factors.items():
         delta = deltas[module]
         truncation = _truncation(delta, RANK)
@@ -131,7 +131,7 @@ def test_lorasb_exact_is_the_rank_r_truncation(update_file, deltas, tmp_path):
         torch.testing.assert_close(torch.diagonal(lora_R), torch.linalg.svdvals(delta)[:RANK], atol=0, rtol=1e-5)
         # The recorded energy is the captured fraction Σσ²(top r)/‖ΔW‖².
         s = torch.linalg.svdvals(delta)
-        assert artifact.meta["energy"][module] == pytest.approx(
+        assert artifact.fields["energy"][module] == pytest.approx(
             float(s[:RANK].square().sum() / s.square().sum()), rel=1e-4
         )
 
@@ -142,7 +142,7 @@ def test_lorasb_exact_is_the_rank_r_truncation(update_file, deltas, tmp_path):
 def test_non_orthonormal_has_the_same_product_but_b_carries_s(update_file, tmp_path):
     _, reference = _decompose(update_file, tmp_path, "lorasb", exact=True)
     artifact, factors = _decompose(update_file, tmp_path, "non-orthonormal", init="non-orthonormal", exact=True)
-    assert artifact.meta["init"] == "non-orthonormal" and artifact.meta["scale"] == 1.0
+    assert artifact.fields["init"] == "non-orthonormal" and artifact.fields["scale"] == 1.0
     eye = torch.eye(RANK, dtype=torch.float64)
     for module, (lora_B, lora_R, lora_A) in factors.items():
         ref_B, ref_R, ref_A = reference[module]
@@ -160,7 +160,7 @@ def test_non_orthonormal_has_the_same_product_but_b_carries_s(update_file, tmp_p
 
 
 def _assert_lora_xs(artifact, factors, base_weights, exact: bool) -> None:
-    assert artifact.meta["init"] == "lora-xs" and artifact.meta["scale"] == 1.0 and artifact.meta["rank"] == RANK
+    assert artifact.fields["init"] == "lora-xs" and artifact.fields["scale"] == 1.0 and artifact.fields["rank"] == RANK
     for module, (lora_B, lora_R, lora_A) in factors.items():
         weight = base_weights[module]
         assert lora_B.shape == (weight.shape[0], RANK) and lora_A.shape == (RANK, weight.shape[1])
@@ -180,8 +180,8 @@ def _assert_lora_xs(artifact, factors, base_weights, exact: bool) -> None:
 @pytest.mark.parametrize("exact", [True, False])
 def test_lora_xs_from_the_model_spans_w0_top_subspaces(tiny_model_dir, base_weights, tmp_path, exact):
     artifact, factors = _decompose(None, tmp_path, "xs", init="lora-xs", model=str(tiny_model_dir), exact=exact)
-    assert artifact.meta["base_model"]["id"] == str(tiny_model_dir) and artifact.meta["targets"] == "all-linear"
-    assert artifact.meta["eta"] is None
+    assert artifact.fields["base_model"]["id"] == str(tiny_model_dir) and artifact.fields["targets"] == "all-linear"
+    assert artifact.fields["eta"] is None
     assert sorted(factors) == sorted(m for m in base_weights if m != "lm_head")
     _assert_lora_xs(artifact, factors, base_weights, exact)
 
@@ -190,7 +190,7 @@ def test_lora_xs_with_an_update_takes_its_modules_and_model(update_file, deltas,
     # The model comes from the update's provenance when --model is not given.
     artifact, factors = _decompose(update_file, tmp_path, "xs", init="lora-xs", exact=True)
     assert set(factors) == set(deltas)
-    assert artifact.meta["eta"] == 1e-5 and artifact.meta["samples"] == 8
+    assert artifact.fields["eta"] == 1e-5 and artifact.fields["samples"] == 8
     _assert_lora_xs(artifact, factors, base_weights, exact=True)
 
 
@@ -199,7 +199,7 @@ def test_lora_xs_with_narrow_targets(tiny_model_dir, base_weights, tmp_path):
         None, tmp_path, "xs-q", init="lora-xs", model=str(tiny_model_dir), targets="q_proj", exact=True
     )
     assert sorted(factors) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert artifact.meta["targets"] == "q_proj"
+    assert artifact.fields["targets"] == "q_proj"
     _assert_lora_xs(artifact, factors, base_weights, exact=True)
 
 
@@ -209,7 +209,7 @@ def test_lora_xs_with_narrow_targets(tiny_model_dir, base_weights, tmp_path):
 def test_kaiming_is_orthonormal_as_large_as_the_update_but_in_other_subspaces(update_file, deltas, tmp_path):
     _, reference = _decompose(update_file, tmp_path, "lorasb")
     artifact, factors = _decompose(update_file, tmp_path, "kaiming", init="kaiming")
-    assert artifact.meta["init"] == "kaiming" and artifact.meta["scale"] == 1.0
+    assert artifact.fields["init"] == "kaiming" and artifact.fields["scale"] == 1.0
     left, right = [], []
     for module, (lora_B, lora_R, lora_A) in factors.items():
         delta_norm = float(torch.linalg.matrix_norm(deltas[module]))
@@ -240,7 +240,7 @@ def test_kaiming_is_fixed_by_the_seed(update_file, tmp_path):
 def test_noisy_with_zero_noise_is_lorasb(update_file, tmp_path):
     _, reference = _decompose(update_file, tmp_path, "lorasb", exact=True, seed=3)
     artifact, factors = _decompose(update_file, tmp_path, "noisy0", init="noisy", noise_std=0.0, exact=True, seed=3)
-    assert artifact.meta["init"] == "noisy" and artifact.meta["noise_std"] == 0.0
+    assert artifact.fields["init"] == "noisy" and artifact.fields["noise_std"] == 0.0
     for module, triple in factors.items():
         for got, want in zip(triple, reference[module]):
             torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-6)
@@ -329,7 +329,7 @@ def test_cli_lora_xs_prints_the_path(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
     loaded = artifacts.load_factors(str(out))
-    assert loaded.config["init"] == "lora-xs" and loaded.config["rank"] == 2 and len(loaded.factors) == 14
+    assert loaded.fields["init"] == "lora-xs" and loaded.fields["rank"] == 2 and len(loaded.factors) == 14
 
 
 def test_cli_init_typo_is_one_line_and_exit_2(update_file, tmp_path, capsys):

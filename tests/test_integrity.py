@@ -10,10 +10,10 @@ import struct
 
 import pytest
 import torch
-from helpers import CLASS_ROWS, make_bert_dir, write_jsonl
+from helpers import CLASS_ROWS, artifact_meta, make_bert_dir, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from lorasb_cli import adapter, artifacts, cli, shards
+from lorasb_cli import adapter, artifacts, cli, metadata, shards
 from lorasb_cli.errors import BadInputError, IncompatibleArtifactError
 
 UPDATE_HINT = "the file is corrupt or was edited; re-create it with lorasb estimate (or lorasb combine)"
@@ -35,19 +35,19 @@ def _update(path, eta=1e-5):
         "classifier.weight": torch.randn(3, 3),
         "classifier.bias": torch.zeros(3),
     }
-    meta = artifacts.provenance(
-        "update",
-        base_model={"id": "toy", "fingerprint": "0" * 16},
+    # Built as a stage builds it: checked when written, not when made.
+    meta = metadata.UpdateMeta(
+        base_model=metadata.BaseIdentity(id="toy", fingerprint="0" * 16),
         targets="all-linear",
         method="lorasb",
-        data={"source": "toy", "shard": None},
+        data=metadata.DataProvenance(source="toy"),
         samples=4,
         tokens=40,
         seed=0,
         eta=eta,
         dtype="float32",
-        labels=["a", "b", "c"],
-        head=["classifier.bias", "classifier.weight"],
+        labels=("a", "b", "c"),
+        head=("classifier.bias", "classifier.weight"),
         architecture="ToyForClassification",
     )
     artifacts.write_artifact(path, tensors, meta)
@@ -61,7 +61,7 @@ def _factors(path):
         "m.lora_R": torch.randn(2, 2, generator=gen),
         "m.lora_A": torch.randn(2, 5, generator=gen),
     }
-    meta = artifacts.provenance(
+    meta = artifact_meta(
         "factors",
         base_model={"id": "toy", "fingerprint": "0" * 16},
         targets="all-linear",
@@ -113,7 +113,7 @@ def test_every_tensor_and_the_metadata_get_a_hash(tmp_path):
     path, tensors = _update(tmp_path / "u.safetensors")
     art = artifacts.Artifact(path, kinds=("update",))
     assert art.hashes == {name: shards.tensor_hash(t) for name, t in tensors.items()}
-    assert shards.is_hash(art.meta["metadata_sha256"])
+    assert shards.is_hash(art.fields["metadata_sha256"])
     # The hash covers dtype and shape, not the bytes alone: the same bytes as another dtype or shape differ.
     ones = torch.ones(4, 8)
     assert (
@@ -169,7 +169,7 @@ def test_a_header_edit_that_keeps_the_byte_size_is_refused(tmp_path, edit):
 
 def test_an_edited_metadata_value_is_refused(tmp_path):
     path, _ = _update(tmp_path / "u.safetensors")
-    meta = artifacts.Artifact(path).meta
+    meta = artifacts.Artifact(path).fields
     _rewrite_meta(path, json.dumps({**meta, "eta": 2e-5}))  # valid, but not what was written: ΔW would double
     with pytest.raises(IncompatibleArtifactError) as excinfo:
         artifacts.Artifact(path)
@@ -180,7 +180,7 @@ def test_an_edited_metadata_value_is_refused(tmp_path):
 def test_artifacts_without_hashes_are_refused_unless_allowed(tmp_path, capsys):
     """Written before lorasb recorded hashes, or stripped of them: nothing stands guard over the tensors."""
     path, tensors = _update(tmp_path / "u.safetensors")
-    _rewrite_meta(path, json.dumps(_unhashed(artifacts.Artifact(path).meta)))
+    _rewrite_meta(path, json.dumps(_unhashed(artifacts.Artifact(path).fields)))
     with pytest.raises(IncompatibleArtifactError, match="records no hashes of its tensors.*--allow-unverified"):
         artifacts.Artifact(path, kinds=("update",))
     with artifacts.unverified_allowed():
@@ -198,14 +198,13 @@ def test_copied_hashes_never_describe_new_tensors(tmp_path):
     doubled = {n: 2 * t for n, t in load_file(path).items()}
     artifacts.write_artifact(tmp_path / "g.safetensors", doubled, meta)
     assert artifacts.Artifact(tmp_path / "g.safetensors").verify() == 3
-    # Nor in adapter_config.json, which save_adapter writes from the provenance it builds.
-    rebuilt = artifacts.provenance("factors", **{k: v for k, v in meta.items() if k != "kind"})
-    assert not {"tensor_sha256", "metadata_sha256"} & rebuilt.keys()
+    # Nor in adapter_config.json, which save_adapter writes from the same fields.
+    assert not {"tensor_sha256", "metadata_sha256"} & artifacts.recorded_fields(meta).keys()
 
 
 def test_a_rank_above_min_m_n_is_refused(tmp_path):
     tensors = {"m.lora_B": torch.ones(2, 3), "m.lora_R": torch.eye(3), "m.lora_A": torch.ones(3, 4)}
-    meta = artifacts.provenance("factors", base_model={"id": "toy", "fingerprint": "0" * 16}, rank=3)
+    meta = artifact_meta("factors", base_model={"id": "toy", "fingerprint": "0" * 16}, rank=3)
     artifacts.write_artifact(tmp_path / "f.safetensors", tensors, meta)
     with pytest.raises(IncompatibleArtifactError) as excinfo:
         artifacts.load_factors(str(tmp_path / "f.safetensors"))
@@ -232,7 +231,7 @@ def test_inspect_verify_a_file_and_an_adapter_directory(tmp_path, capsys):
         "scale": 1.0,
         "method": "lorasb",
     }
-    run_dir = adapter.save_adapter(tmp_path / "run", tensors, config)
+    run_dir = adapter.save_adapter(tmp_path / "run", tensors, artifact_meta("adapter", **config))
     status, out, _ = run(["inspect", "--verify", run_dir, "--json"], capsys)
     assert status == 0
     assert json.loads(out) == {
@@ -465,7 +464,7 @@ SCHEMA_CASES = {
 def test_bad_metadata_is_one_exact_line_and_exit_2(tmp_path, capsys, case):
     kind, change, message, hint = SCHEMA_CASES[case]
     path, _ = (_update if kind == "update" else _factors)(tmp_path / "a.safetensors")
-    text = change if isinstance(change, str) else change(artifacts.Artifact(path).meta)
+    text = change if isinstance(change, str) else change(artifacts.Artifact(path).fields)
     text = text if isinstance(text, str) else json.dumps(text)
     _rewrite_meta(path, text)
     if case == "10 MB metadata":

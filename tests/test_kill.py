@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import QA_ROWS, write_jsonl
 
-from lorasb_cli import adapter, artifacts
+from lorasb_cli import adapter, artifacts, files
 
 pytestmark = pytest.mark.slow  # 12 subprocess runs of the stages: CI runs them (.ci/run), `make test` does not
 
@@ -173,7 +173,7 @@ def test_a_killed_train_resumes_to_the_uninterrupted_r(inputs, uninterrupted, tm
     r = {m: r for m, (_, r, _) in adapter.load_adapter(out).factors.items()}
     assert r.keys() == uninterrupted.keys() and all(torch.equal(r[m], uninterrupted[m]) for m in r)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
-    assert not list(out.glob("**/.*.tmp")) and not (out / artifacts.LOCK_FILE).exists()
+    assert not list(out.glob("**/.*.tmp")) and not (out / files.LOCK_FILE).exists()
     assert _snapshot(*(Path(p) for p in inputs.values())) == before
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 from transformers import TrainerCallback, TrainerControl
 
-from lorasb_cli import artifacts, cli, train
+from lorasb_cli import cli, files, train
 from lorasb_cli.errors import BadInputError
 from lorasb_cli.trainer import COMPLETE_FILE, StopOnSignal
 
@@ -29,16 +29,16 @@ def _dead_pid() -> int:
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
-    lock = tmp_path / artifacts.LOCK_FILE
-    with artifacts.folder_lock(tmp_path, "lorasb train"):
+    lock = tmp_path / files.LOCK_FILE
+    with files.folder_lock(tmp_path, "lorasb train"):
         assert lock.read_text() == f"{HOST} {os.getpid()}\n"
-        with pytest.raises(BadInputError) as excinfo, artifacts.folder_lock(tmp_path, "lorasb merge"):
+        with pytest.raises(BadInputError) as excinfo, files.folder_lock(tmp_path, "lorasb merge"):
             pass
         assert excinfo.value.exit_status == 2
         assert f"another lorasb merge is writing into this folder ({HOST} {os.getpid()})" in str(excinfo.value)
         assert lock.read_text() == f"{HOST} {os.getpid()}\n"  # the refused writer leaves the holder's lock
     assert not lock.exists()
-    with pytest.raises(RuntimeError), artifacts.folder_lock(tmp_path, "lorasb train"):
+    with pytest.raises(RuntimeError), files.folder_lock(tmp_path, "lorasb train"):
         raise RuntimeError  # a failing writer lets go too
     assert not lock.exists()
 
@@ -50,24 +50,24 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 )
 def test_a_lock_of_a_running_or_unknown_process_is_never_taken_over(tmp_path, holder):
     """A live process of this host holds its lock; of another host's, or an unreadable one, nothing is known."""
-    (tmp_path / artifacts.LOCK_FILE).write_text(holder + "\n")
+    (tmp_path / files.LOCK_FILE).write_text(holder + "\n")
     (tmp_path / ".adapter.safetensors.tmp").write_bytes(b"maybe still being written")
     refused = re.escape(f"another lorasb train is writing into this folder ({holder})")
-    with pytest.raises(BadInputError, match=refused), artifacts.folder_lock(tmp_path, "lorasb train"):
+    with pytest.raises(BadInputError, match=refused), files.folder_lock(tmp_path, "lorasb train"):
         pass
-    assert (tmp_path / artifacts.LOCK_FILE).read_text() == holder + "\n"
+    assert (tmp_path / files.LOCK_FILE).read_text() == holder + "\n"
     assert (tmp_path / ".adapter.safetensors.tmp").exists()
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_and_its_temp_files_removed(tmp_path):
-    lock = tmp_path / artifacts.LOCK_FILE
+    lock = tmp_path / files.LOCK_FILE
     lock.write_text(f"{HOST} {_dead_pid()}\n")
     (tmp_path / "checkpoint-2").mkdir()
     stale = [tmp_path / ".metrics.json.tmp", tmp_path / "checkpoint-2" / ".trained.safetensors.tmp"]
     for path in stale:
         path.write_bytes(b"cut off")
     (tmp_path / "checkpoint-2" / "trained.safetensors").write_bytes(b"kept")
-    with artifacts.folder_lock(tmp_path, "lorasb train"):
+    with files.folder_lock(tmp_path, "lorasb train"):
         assert lock.read_text() == f"{HOST} {os.getpid()}\n"
         assert not any(path.exists() for path in stale)
         assert (tmp_path / "checkpoint-2" / "trained.safetensors").read_bytes() == b"kept"
@@ -77,14 +77,14 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_its_temp_files_removed(
 def test_overwrite_never_empties_a_folder_another_run_writes_into(tiny_model_dir, qa_file, factors_file, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / artifacts.LOCK_FILE).write_text(f"{HOST} {os.getpid()}\n")
+    (out / files.LOCK_FILE).write_text(f"{HOST} {os.getpid()}\n")
     (out / "checkpoint-2").mkdir()
     config = train.TrainConfig.from_options(
         model=str(tiny_model_dir), factors=str(factors_file), data=str(qa_file), out=str(out), overwrite=True
     )
     with pytest.raises(BadInputError, match="another lorasb train is writing into this folder"):
         train.train(config)
-    assert sorted(p.name for p in out.iterdir()) == [artifacts.LOCK_FILE, "checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == [files.LOCK_FILE, "checkpoint-2"]
 
 
 def test_a_folder_holding_only_a_lock_is_not_content(tiny_model_dir, qa_file, factors_file, tmp_path):
@@ -92,8 +92,8 @@ def test_a_folder_holding_only_a_lock_is_not_content(tiny_model_dir, qa_file, fa
     must not fail that rank. Whether the holder still runs is the lock's question."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / artifacts.LOCK_FILE).write_text(f"{HOST} {os.getpid()}\n")
-    assert artifacts.check_output_dir(out, {}, allow_nonempty=False, hint="") == out
+    (out / files.LOCK_FILE).write_text(f"{HOST} {os.getpid()}\n")
+    assert files.check_output_dir(out, {}, allow_nonempty=False, hint="") == out
     config = train.TrainConfig.from_options(
         model=str(tiny_model_dir), factors=str(factors_file), data=str(qa_file), out=str(out)
     )
@@ -101,7 +101,7 @@ def test_a_folder_holding_only_a_lock_is_not_content(tiny_model_dir, qa_file, fa
         train.train(config)
     (out / "metrics.json").write_text("{}")
     with pytest.raises(BadInputError, match="output directory exists and is not empty"):
-        artifacts.check_output_dir(out, {}, allow_nonempty=False, hint="")
+        files.check_output_dir(out, {}, allow_nonempty=False, hint="")
 
 
 def test_stop_on_signal_first_sigint_checkpoints_a_second_interrupts():
@@ -147,4 +147,4 @@ def test_a_second_ctrl_c_stops_train_at_once_with_exit_130(
     assert stderr.strip().splitlines()[-1] == "Error: interrupted (SIGINT)"
     assert (out / "checkpoint-2" / COMPLETE_FILE).is_file() and not (out / "checkpoint-3").exists()
     assert not (out / "adapter.safetensors").exists() and not (out / "metrics.json").exists()
-    assert not (out / artifacts.LOCK_FILE).exists()
+    assert not (out / files.LOCK_FILE).exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama, save_model
+from helpers import artifact_meta, make_llama, save_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -80,7 +80,7 @@ def build_adapter(
         ),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    adapter.save_adapter(run_dir, tensors, config)
+    adapter.save_adapter(run_dir, tensors, artifact_meta("adapter", **config))
     return model
 
 
@@ -414,15 +414,15 @@ def test_base_model_is_taken_from_the_adapter_or_refused_clearly(setup, tmp_path
     run.mkdir()
     lora = adapter.load_adapter(setup.adapter_dir)
     tensors = {f"{m}.{s}": t for m, f in lora.factors.items() for s, t in zip(("lora_B", "lora_R", "lora_A"), f)}
-    config = {k: lora.config[k] for k in ("base_model", "targets", "method", "rank", "scale")}
+    config = {k: lora.fields[k] for k in ("base_model", "targets", "method", "rank", "scale")}
 
     config["base_model"]["id"] = str(tmp_path / "gone")
-    adapter.save_adapter(run, tensors, config)
+    adapter.save_adapter(run, tensors, artifact_meta("adapter", **config))
     with pytest.raises(BadInputError, match="no longer exists.*--model"):
         merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "out")))
 
     config["base_model"]["id"] = "lorasb-tests/not-a-cached-model"
-    adapter.save_adapter(run, tensors, config)
+    adapter.save_adapter(run, tensors, artifact_meta("adapter", **config))
     with pytest.raises(BadInputError, match="cannot download base model.*local model directory"):
         merge.merge(merge.MergeConfig(adapter=str(run), out=str(tmp_path / "out")))
     # A PEFT export needs no base weights: it works offline from a hub id.

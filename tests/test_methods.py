@@ -130,7 +130,7 @@ def test_peft_method_adapter_reproduces_the_trained_model(method, trained, tiny_
     run, summary, trained_logits = trained(method)
     assert summary.steps == 2
     saved = adapter.load_adapter(run)
-    assert saved.config["method"] == method and saved.config["rank"] == RANK and len(saved.factors) == 14
+    assert saved.fields["method"] == method and saved.fields["rank"] == RANK and len(saved.factors) == 14
     export_rank = 2 * RANK if method in MOVES_W0 else RANK
     for module, (lora_B, lora_R, lora_A) in saved.factors.items():
         assert lora_R.shape == (export_rank, export_rank), module

@@ -1,5 +1,5 @@
 """Mistral: the real Mistral-7B-v0.1 tokenizer (bundled in mistral-common), the `mistral` alias's targets from
-its real config on the meta device, and the whole CLI chain on a tiny random Mistral (DESIGN.md §7)."""
+its real config on the meta device, and the whole CLI chain on a tiny random Mistral (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QA_ROWS, write_jsonl
+from helpers import QA_ROWS, artifact_meta, write_jsonl
 
-from lorasb_cli import adapter, artifacts, bundled, cli, evaluate, merge, models
+from lorasb_cli import adapter, bundled, cli, evaluate, files, merge, models
 from lorasb_cli.errors import BadInputError
 
 # sha256 of mistralai/Mistral-7B-v0.1's tokenizer.model on the hub (493,443 bytes); mistral-common ships it as-is.
@@ -51,7 +51,7 @@ def tokens(tok, text: str, **kwargs) -> list[str]:
 
 def test_the_bundled_tokenizer_is_mistral_7b_v01s(tokenizer):
     source = bundled.source_path(bundled.MISTRAL_TOKENIZER)
-    assert artifacts.file_sha256(source) == MISTRAL_TOKENIZER_SHA256
+    assert files.file_sha256(source) == MISTRAL_TOKENIZER_SHA256
     assert len(tokenizer) == 32000
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
@@ -158,7 +158,8 @@ def test_mistral_alias_targets_and_shapes_on_meta_device(tmp_path):
     # The PEFT export: merge._write_peft itself, on an adapter whose factors sit under these module names
     # (1×1 placeholders: only the names reach target_modules).
     factors = {m: (torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1)) for m in modules}
-    stub = adapter.Adapter(path=tmp_path, config={"scale": 1.0}, factors=factors, extra={})
+    meta = artifact_meta("adapter", base_model={"id": "mistral", "fingerprint": "0" * 16})
+    stub = adapter.Adapter(path=tmp_path, meta=meta, fields=meta.to_json(), factors=factors, extra={})
     merge._write_peft(stub, models.ModelRef(id=models.ALIASES["mistral"], path="-"), tmp_path, {}, None)
     config = json.loads((tmp_path / merge.PEFT_CONFIG_FILE).read_text())
     target_modules = config["target_modules"]

@@ -1,4 +1,4 @@
-"""artifacts.check_output_dir (merge's and train's output-folder check) and shards.write_index (the index
+"""files.check_output_dir (merge's and train's output-folder check) and shards.write_index (the index
 ShardWriter and merge's base-layout path both write)."""
 
 from __future__ import annotations
@@ -7,25 +7,25 @@ import json
 
 import pytest
 
-from lorasb_cli import artifacts, shards
+from lorasb_cli import files, shards
 from lorasb_cli.errors import BadInputError
 
 HINT = "pick a new -o or pass --overwrite"
 
 
 def test_missing_or_empty_folder_passes(tmp_path):
-    assert artifacts.check_output_dir(tmp_path / "new", {}, allow_nonempty=False, hint=HINT) == tmp_path / "new"
+    assert files.check_output_dir(tmp_path / "new", {}, allow_nonempty=False, hint=HINT) == tmp_path / "new"
     (tmp_path / "empty").mkdir()
-    assert artifacts.check_output_dir(tmp_path / "empty", {}, allow_nonempty=False, hint=HINT) == tmp_path / "empty"
+    assert files.check_output_dir(tmp_path / "empty", {}, allow_nonempty=False, hint=HINT) == tmp_path / "empty"
 
 
 def test_nonempty_folder_is_refused_with_the_callers_hint(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
     with pytest.raises(BadInputError, match="output directory exists and is not empty") as caught:
-        artifacts.check_output_dir(tmp_path / "out", {}, allow_nonempty=False, hint=HINT)
+        files.check_output_dir(tmp_path / "out", {}, allow_nonempty=False, hint=HINT)
     assert caught.value.hint == HINT and caught.value.path == str(tmp_path / "out")
-    assert artifacts.check_output_dir(tmp_path / "out", {}, allow_nonempty=True, hint=HINT) == tmp_path / "out"
+    assert files.check_output_dir(tmp_path / "out", {}, allow_nonempty=True, hint=HINT) == tmp_path / "out"
 
 
 def test_an_input_inside_the_output_is_named_before_the_folder_is_called_non_empty(tmp_path):
@@ -33,7 +33,7 @@ def test_an_input_inside_the_output_is_named_before_the_folder_is_called_non_emp
     (tmp_path / "run" / "adapter.safetensors").write_bytes(b"x")
     for allow_nonempty in (False, True):  # --overwrite would not help here: the hint must not suggest it
         with pytest.raises(BadInputError, match="would overwrite or write into the adapter"):
-            artifacts.check_output_dir(
+            files.check_output_dir(
                 tmp_path / "run", {"adapter": tmp_path / "run"}, allow_nonempty=allow_nonempty, hint=HINT
             )
 
@@ -41,7 +41,7 @@ def test_an_input_inside_the_output_is_named_before_the_folder_is_called_non_emp
 def test_a_file_is_no_output_folder(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(BadInputError, match="output path is a file"):
-        artifacts.check_output_dir(tmp_path / "out", {}, allow_nonempty=True, hint=HINT)
+        files.check_output_dir(tmp_path / "out", {}, allow_nonempty=True, hint=HINT)
 
 
 def test_write_index_as_shard_writer_writes_it(tmp_path):

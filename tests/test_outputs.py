@@ -16,7 +16,7 @@ import torch
 from helpers import write_jsonl
 from rich.console import Console
 
-from lorasb_cli import artifacts, bundled, console
+from lorasb_cli import artifacts, bundled, console, files
 from lorasb_cli.cli import main
 from lorasb_cli.errors import BadInputError
 
@@ -124,25 +124,25 @@ def test_plain_modes_follow_the_umask_of_the_moment(tmp_path):
     (tmp_path / "tree" / "link").symlink_to("/etc/hostname")
     before = os.umask(0o027)
     try:
-        assert artifacts.current_umask() == 0o027
-        artifacts.plain_modes(tmp_path / "tree")
+        assert files.current_umask() == 0o027
+        files.plain_modes(tmp_path / "tree")
     finally:
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "tree").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "tree" / "sub").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "tree" / "sub" / "weights").stat().st_mode) == 0o640
-    assert artifacts.current_umask() == before
+    assert files.current_umask() == before
 
 
 def test_an_atomic_folder_is_refused_when_its_target_filled_up_meanwhile_and_replaced_only_when_asked(tmp_path):
     target = tmp_path / "out"
     refused = pytest.raises(BadInputError, match="output directory exists and is not empty")
-    with refused, artifacts.atomic_folder(target, hint="pick another") as staging:
+    with refused, files.atomic_folder(target, hint="pick another") as staging:
         (staging / "new").write_text("new")
         target.mkdir()
         (target / "old").write_text("old")  # another writer got there first
     assert [p.name for p in target.iterdir()] == ["old"]
-    with artifacts.atomic_folder(target, replace=True) as staging:
+    with files.atomic_folder(target, replace=True) as staging:
         (staging / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left

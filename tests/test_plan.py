@@ -44,7 +44,7 @@ def test_accumulator_and_weight_bytes_are_those_of_the_real_model(tmp_path):
 
 
 def test_mistral_7b_accumulators_from_its_config_alone(tmp_path):
-    """DESIGN.md §5: about 28 GB of float32 accumulators for Mistral-7B's all-linear targets."""
+    """docs/design.md §5: about 28 GB of float32 accumulators for Mistral-7B's all-linear targets."""
     from transformers import MistralConfig
 
     MistralConfig(**MISTRAL_7B).save_pretrained(tmp_path)
@@ -259,7 +259,7 @@ def test_dry_run_reads_only_the_config(tmp_path, capsys):
 
 
 def test_plan_of_estimate_is_below_a_lorasb_step_on_llama_shapes(tmp_path):
-    """DESIGN.md §4 in the plan: at the same batch, estimate without its accumulators holds less than a LoRA-SB
+    """docs/design.md §4 in the plan: at the same batch, estimate without its accumulators holds less than a LoRA-SB
     training step (the accumulators are the price of G; --accumulate-on cpu keeps them off the device)."""
     model, _ = make_llama(hidden=128, layers=2)
     facts = plan.model_facts(_config_only(model, tmp_path), batch_size=4, max_length=64, rank=8, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Every trained tensor is float32 while the base may be bf16 (DESIGN.md §5; issue 12, item 7).
+"""Every trained tensor is float32 while the base may be bf16 (docs/design.md §5; issue 12, item 7).
 
 In a bf16 weight an AdamW step of lr·O(1) (2e-5 here) is below half a unit in the last place of most entries
 (bf16 keeps 8 significant bits: ulp ≈ |w|·2⁻⁷), so it rounds away: the head, DoRA magnitudes, LoRA A/B and a
@@ -52,8 +52,8 @@ def lorasb_runs(bert):
 
 def test_bf16_lorasb_run_updates_every_head_entry_like_float32(lorasb_runs):
     factors, runs = lorasb_runs
-    assert factors.meta["head"] == ["classifier.bias", "classifier.weight"]
-    for name in factors.meta["head"]:
+    assert factors.fields["head"] == ["classifier.bias", "classifier.weight"]
+    for name in factors.fields["head"]:
         start = factors.get(name, torch.float32)
         trained = runs["bfloat16"].extra[name]
         # No entry is left where it started: neither at the float32 start (what the run loads now) nor at its bf16

@@ -1,4 +1,4 @@
-"""Slow end-to-end runs on the real bundled models (DESIGN.md §7); CI runs them, `make test` skips them."""
+"""Slow end-to-end runs on the real bundled models (docs/design.md §7); CI runs them, `make test` skips them."""
 
 from __future__ import annotations
 

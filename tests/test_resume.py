@@ -91,5 +91,5 @@ def test_resume_with_another_save_steps_and_the_data_moved_finishes_the_run(inte
     metrics = json.loads((run / "metrics.json").read_text())
     assert [s["step"] for s in metrics["loss"]] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5", "checkpoint-6"]
-    recorded = adapter.load_adapter(run).config["train"]
+    recorded = adapter.load_adapter(run).fields["train"]
     assert recorded["lr"] == 5e-2 and recorded["max_steps"] == 6

@@ -68,7 +68,7 @@ def test_estimate_reports_the_halves_and_writes_the_ordinary_update(tiny_model_d
     plain, halved = run("plain.safetensors"), run("halved.safetensors", report_ranks="2,4")
     assert halved.stability["samples"] == [4, 4] and halved.samples == plain.samples == 8
     assert halved.tokens == plain.tokens
-    meta = artifacts.Artifact(tmp_path / "halved.safetensors").meta["stability"]
+    meta = artifacts.Artifact(tmp_path / "halved.safetensors").fields["stability"]
     assert meta["ranks"] == [2, 4] and len(meta["modules"]) == plain.modules
     assert all(0 <= v <= 1 + 1e-6 for entry in meta["modules"].values() for v in entry["B"] + entry["A"])
     a, b = artifacts.Artifact(tmp_path / "plain.safetensors"), artifacts.Artifact(tmp_path / "halved.safetensors")
@@ -113,7 +113,7 @@ def test_samples_auto_stops_early_on_a_consistent_direction_and_later_on_noise(t
     assert [p["samples"] for p in early.samples_auto["curve"]] == [4, 8]
     assert late.samples > early.samples and len(late.samples_auto["curve"]) > 2
     meta = artifacts.Artifact(tmp_path / "noisy.safetensors").meta
-    assert meta["samples"] == late.samples == meta["data"]["drawn"] and meta["samples_auto"]["curve"]
+    assert meta.samples == late.samples == meta.data.drawn and meta.samples_auto["curve"]
 
 
 def test_samples_auto_settles_on_the_draw_of_samples_n(tiny_model_dir, qa_file, tmp_path):

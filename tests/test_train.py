@@ -34,7 +34,7 @@ def test_only_r_changes_b_a_identical_and_loss_falls(tiny_model_dir, qa_file, fa
     ]
     trained = adapter.load_adapter(run)
     original = artifacts.Artifact(factors_file)
-    assert trained.config["kind"] == "adapter" and trained.config["rank"] == 4 and trained.config["method"] == "lorasb"
+    assert trained.fields["kind"] == "adapter" and trained.fields["rank"] == 4 and trained.fields["method"] == "lorasb"
     for module, (lora_B, lora_R, lora_A) in trained.factors.items():
         assert torch.equal(lora_B, original.get(f"{module}.lora_B"))
         assert torch.equal(lora_A, original.get(f"{module}.lora_A"))

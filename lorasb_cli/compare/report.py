@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import artifacts
+from .. import files
 from ..configs import GridSettings
 from ..errors import BadInputError
 from ..tasks import Task, get_task
@@ -127,7 +127,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths = [out / "loss.png", out / "metric.png"]
-    with artifacts.atomic_path(paths[0]) as tmp:
+    with files.atomic_path(paths[0]) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
@@ -149,7 +149,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     )
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    with artifacts.atomic_path(paths[1]) as tmp:
+    with files.atomic_path(paths[1]) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return paths
@@ -168,7 +168,7 @@ def write_report(
     out = Path(out)
     rows = aggregate(results, get_task(settings.task), settings.metric)
     plot(results, rows, out, title)
-    with artifacts.atomic_path(out / "results.json") as tmp:
+    with files.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results], "base": base}
         tmp.write_text(json.dumps(payload | ({"lr_sweep": sweeps} if sweeps else {}), indent=2, default=str) + "\n")
     text = (
@@ -184,7 +184,7 @@ def write_report(
             "\nEach method's lr is the lowest validation loss of its sweep (seed 0, its first rank, a slice of the "
             "training rows; never the test rows); every point is in results.json.\n\n![lr sweeps](sweep.png)\n"
         )
-    with artifacts.atomic_path(out / "results.md") as tmp:
+    with files.atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
     return out / "results.md"
 
@@ -206,6 +206,6 @@ def plot_sweeps(sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import artifacts, data, inits, methods, models
+from .. import data, files, inits, methods, models
 from ..configs import COMPARE_MAX_LENGTH, CompareConfig, DecomposeConfig, EstimateConfig, GridSettings, TrainConfig
 from ..errors import BadInputError
 from ..options import ModelOptions, TrainingDataOptions, group_values, takes
@@ -214,7 +214,7 @@ def run_cell(out: Path, settings: GridSettings, cell: Cell) -> CellResult:
         peak_memory_bytes=summary.peak_memory_bytes,
         loss=metrics["loss"],
     )
-    with artifacts.atomic_path(folder / "cell.json") as tmp:
+    with files.atomic_path(folder / "cell.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
 
@@ -274,7 +274,7 @@ def prepare_data(
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             dataset = data.load_dataset_rows(name, split, size=rows, seed=0)
-            with artifacts.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(row) + "\n" for row in dataset.rows))
         return str(path)
 
@@ -328,7 +328,7 @@ def _validation_split(out: Path, settings: GridSettings) -> tuple[str, str]:
             )
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, part in zip(paths, (rows[:-held], rows[-held:])):
-            with artifacts.atomic_path(path) as tmp:
+            with files.atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(row) + "\n" for row in part))
     return str(paths[0]), str(paths[1])
 
@@ -343,6 +343,6 @@ def _sweep_point(out: Path, settings: GridSettings, cell: Cell) -> float:
         shutil.rmtree(folder)  # an unfinished point
     folder.mkdir(parents=True)
     summary = _train_cell(out, settings, cell, folder / "run")
-    with artifacts.atomic_path(finished) as tmp:
+    with files.atomic_path(finished) as tmp:
         tmp.write_text(json.dumps({"cell": asdict(cell), "loss": summary.final_eval_loss}) + "\n")
     return summary.final_eval_loss

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     # B [m, r], R [r, r], A [r, n], and the top-r singular values S [r] of the matrix that was factored.
-    Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    Factorization = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +50,7 @@ class InitOptions:
 
 @dataclass(frozen=True)
 class Init:
-    """An init as declared: `implementation` names its `factor(matrix, rank, options) -> Factors` as
+    """An init as declared: `implementation` names its `factor(matrix, rank, options) -> Factorization` as
     "module:function" of this package, imported on first use (`factor`)."""
 
     name: str
@@ -61,7 +61,7 @@ class Init:
     options: type[OwnOptions] = OwnOptions
 
     @property
-    def factor(self) -> Callable[[torch.Tensor, int, InitOptions], Factors]:
+    def factor(self) -> Callable[[torch.Tensor, int, InitOptions], Factorization]:
         return import_implementation(__name__, self.implementation)
 
     def resolve_options(self, given: Mapping[str, object]) -> OwnOptions:

@@ -1,6 +1,6 @@
 """`lorasb train --method NAME`: what is trained, and how the result becomes an adapter.
 
-Every method writes the same adapter (DESIGN.md §2): `<module>.lora_{B,R,A}` relative to the *original* W0,
+Every method writes the same adapter (docs/design.md §2): `<module>.lora_{B,R,A}` relative to the *original* W0,
 so `merge` (hf and peft) and `evaluate` need not know the method. A method that changes W0 at initialization
 (PiSSA, LoRA-GA, MiLoRA, IniLoRA: W_res = W0 − s·B0·A0) is exported as PEFT documents for PiSSA/LoRA-GA
 conversion, a rank-2r LoRA: B' = [B, B0], R = diag(s·I, −s·I), A' = [A; A0]. A method whose layer computes
@@ -111,7 +111,7 @@ class Setup:
     rank: int | None
     seed: int
     options: MethodOptions = field(default_factory=MethodOptions)
-    factors: artifacts.Factors | None = None  # as artifacts.load_factors returns
+    factors: artifacts.FactorsFile | None = None  # as artifacts.load_factors returns
     probe_loss: Callable[[nn.Module], float] | None = None
     batches: Callable[[int], Iterable[dict]] | None = None
     resumes: bool = False

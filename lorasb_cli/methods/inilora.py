@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import artifacts, bundled
+from .. import bundled, files
 from . import Prepared, Setup
 from .peft_lora import prepare_peft
 
@@ -89,7 +89,7 @@ def fit_model(setup: Setup, variant: str) -> dict[str, tuple[torch.Tensor, torch
             )
             fits |= {m: (lora_B[i], lora_A[i]) for i, m in enumerate(modules)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with artifacts.atomic_path(cache) as tmp:
+    with files.atomic_path(cache) as tmp:
         tensors = {f"{m}.{k}": t.contiguous() for m, (b, a) in fits.items() for k, t in (("lora_B", b), ("lora_A", a))}
         save_file(tensors, tmp)
     return fits

@@ -34,11 +34,11 @@ def choose_init_scale(layers: dict[str, adapter.LoraSBLinear], probe_loss) -> tu
 
 
 def prepare(setup: Setup) -> Prepared:
-    factors, recorded = setup.factors, setup.factors.config
+    factors = setup.factors
     model = setup.model
     layers = adapter.inject(model, factors.factors, scale=factors.scale)
     # A classifier's head starts as the one G was estimated with and trains with R (PEFT's modules_to_save).
-    adapter.load_extra(model, {n: factors.extra[n] for n in recorded.get("head", [])}, trainable=True)
+    adapter.load_extra(model, {n: factors.extra[n] for n in factors.meta.head}, trainable=True)
 
     # On resume the checkpoint's R replaces R_init: nothing to scale or choose.
     init_scale = 1.0 if setup.resumes else setup.options.init_scale
@@ -56,10 +56,10 @@ def prepare(setup: Setup) -> Prepared:
         for layer in layers.values():
             layer.lora_R.mul_(init_scale)
     config = {
-        "init": recorded.get("init", "lorasb"),
+        "init": factors.meta.init or "lorasb",
         "init_scale": init_scale,
         "init_scale_curve": curve,
-        "eta": recorded.get("eta"),
+        "eta": factors.meta.eta,
         "scale": factors.scale,
     }
     return Prepared(model=model, export=lambda: adapter.adapter_tensors(model), config=config)
