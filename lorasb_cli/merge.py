@@ -69,7 +69,7 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
     fmt = config.format
     out_dtype, shard_bytes = _hf_options(fmt, config.dtype, config.max_shard_size)
     lora = _load_mergeable(config.adapter, fmt)
-    variant = methods.layer_variant(lora.config.get("method"))
+    variant = methods.layer_variant(lora.meta.method)
     ref = models.resolve_model(config.model if config.model is not None else _recorded_base(lora))
     out = Path(config.out).expanduser()  # what the caller prints: as given
     # Checked before a download, so a bad -o fails at once.
@@ -77,7 +77,7 @@ def merge(config: MergeConfig, progress: Callable[[int, int], None] | None = Non
         out.resolve(), {"adapter": lora.path}, allow_nonempty=config.overwrite, hint=_OUT_HINT
     )
     _check_base(lora, ref, config.force_base)
-    quantized = lora.config["base_model"].get("quantization")
+    quantized = lora.meta.base_model.quantization
     if quantized:  # recorded in the output too: merged_from.base_model.quantization
         log.info(
             "the adapter was trained on the base quantized as %s (--quantize); it is folded into the original "

@@ -302,9 +302,8 @@ class ArtifactMeta(Record):
     created: str | None = recorded(None, omit_empty=True)
     # The sha256 of each tensor, as the file records it (None: written before lorasb recorded hashes).
     tensor_sha256: dict[str, str] | None = recorded(None, omit_empty=True)
-    # A field every kind records goes here: issue 29's quantization (the update's, the factors' and the adapter's
-    # `--quantize`, e.g. as a nested record like BaseIdentity), issue 28's recipe name and digest. One only some
-    # kinds record goes on their classes (issue 29's training `strategy`: AdapterMeta).
+    # A field every kind records goes here; one that describes the base it was made on goes on BaseIdentity (as
+    # `--quantize`'s `quantization`), and one only some kinds record on their classes.
 
     def check(self, reader: _Reader, prefix: str) -> None:
         if self.labels is not None and self.architecture is None:

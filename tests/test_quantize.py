@@ -172,8 +172,9 @@ def test_what_a_quantized_base_or_fsdp_cannot_run_is_refused(tiny_model_dir, qa_
         capsys,
     )
     assert status == 2 and "--method full reads or trains the base weights W0" in err and "lorasb" in err
-    status, _, err = run(["estimate", "-m", tiny_model_dir, "-d", qa_file, "--strategy", "fsdp"], capsys)
-    assert status == 2 and "--strategy fsdp is not available to run yet" in err and "--dry-run" in err
+    fsdp = ["--strategy", "fsdp", "--quantize", "nf4"]
+    status, _, err = run(["estimate", "-m", tiny_model_dir, "-d", qa_file, *fsdp], capsys)
+    assert status == 2 and "--strategy fsdp with --quantize nf4 is not supported" in err and "--strategy ddp" in err
 
 
 # Where the CPU has AVX512-BF16, importing bitsandbytes asks the hub for a faster kernel; offline that prints two
