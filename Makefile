@@ -43,7 +43,7 @@ mutate: install
 
 # The option reference under docs/commands/ is each command's --help; tests/test_docs.py fails when it is stale.
 docs: install
-	$(BIN)/python -m lorasb_cli.reference
+	$(BIN)/python -c "from lorasb_cli.cli import cli; from lorasb_cli.reference import write_pages; write_pages(cli)"
 
 lint: install
 	$(BIN)/ruff check .

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data, plan
+from . import data
+
+# The loss works in float32 chunks of rows of about this many bytes; two live at once (plan.py counts them).
+LOSS_CHUNK_BYTES = 32 * 2**20
 
 
 def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -40,8 +43,8 @@ def per_sample_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def _chunk_rows(vocab: int) -> int:
-    """Rows of logits per float32 chunk in _WeightedCrossEntropy: plan.LOSS_CHUNK_BYTES of temporaries a chunk."""
-    return max(1, plan.LOSS_CHUNK_BYTES // (4 * vocab))
+    """Rows of logits per float32 chunk in _WeightedCrossEntropy: LOSS_CHUNK_BYTES of temporaries a chunk."""
+    return max(1, LOSS_CHUNK_BYTES // (4 * vocab))
 
 
 class _WeightedCrossEntropy(torch.autograd.Function):

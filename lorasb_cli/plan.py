@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import models, quantization
+from . import loss, models, quantization
 from .configs import ACCUMULATE_ON, QUANTIZE, STRATEGIES
 from .errors import BadInputError
 from .options import MAX_LENGTH
@@ -51,9 +51,6 @@ log = logging.getLogger("lorasb")
 
 GIB = 2**30
 ACCUMULATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# estimate's loss (loss._WeightedCrossEntropy) works in float32 chunks of rows of about this many bytes;
-# two live at once.
-LOSS_CHUNK_BYTES = 32 * 2**20
 
 
 # ----------------------------------------------------------------------------------- what estimate's hooks hold
@@ -408,7 +405,7 @@ def _write_trace(path: Path | None, traced: dict) -> None:
     """Best effort: a cache that cannot be written (read-only home, full disk) only costs the next run the trace."""
     import json
 
-    from .artifacts import atomic_path
+    from .files import atomic_path
 
     if path is None:
         return
@@ -532,7 +529,7 @@ def estimate_plan(
     module doc)."""
     accumulate_where = device if accumulate_on == "device" else "cpu"
     logits = facts.logits_entries * facts.itemsize
-    chunks = min(2 * LOSS_CHUNK_BYTES, facts.logits_entries * 4)
+    chunks = min(2 * loss.LOSS_CHUNK_BYTES, facts.logits_entries * 4)  # estimate's loss: two float32 chunks
     halves = ", 2 halves" if facts.accumulator_sets == 2 else ""
     n = layout.sharded
     owned = f", the targets one rank of {n} owns" if n > 1 else ""

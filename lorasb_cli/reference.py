@@ -1,8 +1,9 @@
 """The option reference under docs/commands/: each command's page carries its `--help` text between two markers,
 rendered here at a fixed width so the page is the same on every machine.
 
-`python -m lorasb_cli.reference` (`make docs`) rewrites the blocks; tests/test_docs.py fails when a page and its
-command disagree, so the reference cannot drift from the options.
+`make docs` rewrites the blocks (`write_pages(cli)`); tests/test_docs.py fails when a page and its command
+disagree, so the reference cannot drift from the options. The click group is passed in: nothing in the package
+imports the CLI.
 """
 
 from __future__ import annotations
@@ -18,48 +19,37 @@ WIDTH = 100
 PAGES = Path(__file__).resolve().parent.parent / "docs" / "commands"
 
 
-def help_text(name: str) -> str:
+def help_text(group: click.Group, name: str) -> str:
     """`lorasb NAME --help` as the terminal would show it at WIDTH columns."""
-    from .cli import cli
-
-    root = click.Context(cli, info_name="lorasb", terminal_width=WIDTH, max_content_width=WIDTH)
-    command = cli.commands[name]
+    root = click.Context(group, info_name="lorasb", terminal_width=WIDTH, max_content_width=WIDTH)
+    command = group.commands[name]
     with click.Context(command, info_name=name, parent=root, terminal_width=WIDTH, max_content_width=WIDTH) as ctx:
         return command.get_help(ctx)
 
 
-def command_names() -> list[str]:
-    from .cli import cli
-
-    return sorted(cli.commands)
-
-
-def block(name: str) -> str:
-    return f"{BEGIN}\n```text\n{help_text(name)}\n```\n{END}"
+def block(group: click.Group, name: str) -> str:
+    return f"{BEGIN}\n```text\n{help_text(group, name)}\n```\n{END}"
 
 
 def page_path(name: str) -> Path:
     return PAGES / f"{name}.md"
 
 
-def rendered(page: str, name: str) -> str:
+def rendered(group: click.Group, page: str, name: str) -> str:
     """The page with its generated block replaced by the current help (appended when it has none)."""
     if BEGIN in page and END in page:
         head, rest = page.split(BEGIN, 1)
-        return head + block(name) + rest.split(END, 1)[1]
-    return page.rstrip("\n") + "\n\n## Options\n\n" + block(name) + "\n"
+        return head + block(group, name) + rest.split(END, 1)[1]
+    return page.rstrip("\n") + "\n\n## Options\n\n" + block(group, name) + "\n"
 
 
-def main() -> None:
+def write_pages(group: click.Group) -> None:
+    """Bring every command's page up to date (a new command gets a page with its title and options)."""
     PAGES.mkdir(parents=True, exist_ok=True)
-    for name in command_names():
+    for name in sorted(group.commands):
         path = page_path(name)
         page = path.read_text() if path.exists() else f"# `lorasb {name}`\n"
-        new = rendered(page, name)
+        new = rendered(group, page, name)
         if new != page:
             path.write_text(new)
             print(path, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -235,9 +235,9 @@ def test_fingerprint_depends_on_names_and_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_per_sample_loss_equals_autograd_cross_entropy(dtype, monkeypatch):
     """Value and logits gradient of per_sample_loss_sum against F.cross_entropy per sample, over several chunks."""
-    from lorasb_cli import plan
+    from lorasb_cli import loss
 
-    monkeypatch.setattr(plan, "LOSS_CHUNK_BYTES", 4 * 7 * 3)  # 3 rows of the 7-token vocabulary per chunk
+    monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 4 * 7 * 3)  # 3 rows of the 7-token vocabulary per chunk
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 5, 7)).to(dtype).requires_grad_(True)
     labels = torch.tensor([[9, 1, 2, 3, 4], [9, data.IGNORE, 5, data.IGNORE, 6], [9] + [data.IGNORE] * 4])
@@ -307,9 +307,9 @@ def test_accumulators_on_the_model_device_and_dtype_reach_the_artifact(tiny_mode
 
 def test_chunked_loss_gradient_of_a_scaled_or_negated_loss(monkeypatch):
     """The backward folds w into the exponent for w ≥ 0 and multiplies otherwise: both give autograd's gradient."""
-    from lorasb_cli import plan
+    from lorasb_cli import loss
 
-    monkeypatch.setattr(plan, "LOSS_CHUNK_BYTES", 4 * 11 * 4)  # 4 rows of the 11-token vocabulary per chunk
+    monkeypatch.setattr(loss, "LOSS_CHUNK_BYTES", 4 * 11 * 4)  # 4 rows of the 11-token vocabulary per chunk
     torch.manual_seed(1)
     logits = torch.randn(2, 6, 11, dtype=torch.float64).float().requires_grad_(True)
     labels = torch.tensor([[3, 1, 2, data.IGNORE, 4, 5], [7, 8, 9, 10, 0, data.IGNORE]])
