@@ -38,6 +38,7 @@ def test_the_stages_are_exactly_the_commands():
         "inspect",
         "data",
         "models",
+        "run",
     }
 
 
