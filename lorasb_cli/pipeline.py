@@ -91,10 +91,19 @@ def run(out: Path, configs: Mapping[str, object], progress: Progress) -> list[St
     if world > 1:
         system.init_distributed()
     manifest = _read_manifest(out)
-    first = _first_stale(out, configs, manifest) if rank == 0 else None
-    first = system.broadcast_from_main(first)
+    first = system.broadcast_from_main(_first_stale(out, configs, manifest) if rank == 0 else None)
+    stages = list(configs.items())
+    # After the last data-parallel stage that runs, the other processes have nothing left to do: the job's group is
+    # left there, so rank 0's merge and evaluate (often longer than a collective's timeout) wait on no one.
+    parallel = [i for i, (stage, _) in enumerate(stages) if i >= first and stage in DATA_PARALLEL]
+    last_parallel = parallel[-1] if parallel else None
+    leave_before = first if last_parallel is None else None
     runs = []
-    for index, (stage, config) in enumerate(configs.items()):
+    for index, (stage, config) in enumerate(stages):
+        if index == leave_before:
+            system.leave_distributed()
+            if rank > 0:
+                break
         path = out / OUTPUTS[stage]
         if index < first:
             log.info("%s: up to date, skipped", stage)
@@ -110,6 +119,10 @@ def run(out: Path, configs: Mapping[str, object], progress: Progress) -> list[St
         system.barrier()  # the next stage reads this one's output, which rank 0 wrote
         runs.append(StageRun(stage, path, skipped=False, seconds=time.perf_counter() - started))
         log.info("%s: done in %.1f s → %s", stage, runs[-1].seconds, path)
+        if index == last_parallel:
+            system.leave_distributed()
+            if rank > 0:
+                break
     return runs
 
 

@@ -188,3 +188,57 @@ def test_every_example_recipe_parses_into_every_stage_config(example):
     out, configs = cli.stage_configs(ctx, str(example))
     assert list(configs) == list(pipeline.STAGES) and out.name
     assert configs["train"].factors == os.path.join(out, "factors.safetensors")
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_estimates_data_parallel_and_agrees_on_skips(recipe, tmp_path, capsys):
+    """2 gloo processes: estimate (and train) data-parallel, the rest on rank 0; the update equals the one-process
+    update, one stdout line, and a rerun skips every stage on both ranks without rewriting a file."""
+    import socket
+    import subprocess
+    import sys
+
+    recipe["estimate"] = {"dtype": "float64"}  # sums in another order: equal to the bit in float64
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    out = Path(recipe["out"])
+    code, _, err = run(["estimate", "--config", path, "-q", "-o", tmp_path / "alone.safetensors"], capsys)
+    assert code == 0, err
+
+    def launch() -> subprocess.CompletedProcess:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(
+            [*cmd, "-m", "lorasb_cli", "run", str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+
+    done = launch()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == f"{out}\n"  # rank 0 alone prints
+    assert ran(done.stderr) == list(pipeline.STAGES)
+    together, alone = artifacts.Artifact(out / "update.safetensors"), artifacts.Artifact(tmp_path / "alone.safetensors")
+    assert artifacts.content_digest(together.meta) == artifacts.content_digest(alone.meta)
+    assert (out / "results.json").is_file()
+
+    before = stamps(out)
+    done = launch()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == f"{out}\n" and ran(done.stderr) == []
+    assert done.stderr.count("estimate: up to date, skipped") == 1  # rank 0 speaks for the job
+    assert stamps(out) == before
+
+
+def test_a_bad_recipe_is_refused_before_any_heavy_import(tmp_path):
+    from test_cli_startup import heavy_of, run_cli
+
+    path = write_recipe(tmp_path / "recipe.yaml", {"model": "m", "train": {"lrr": 1}})
+    done, modules = run_cli("train", "--config", str(path))
+    assert done.returncode == 2 and "did you mean 'lr'?" in done.stderr
+    assert heavy_of(modules) == set()
