@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import time
@@ -71,8 +72,6 @@ def parse_stages(stages: str | list | None) -> tuple[str, ...]:
     names = [s.strip() for s in stages.split(",")] if isinstance(stages, str) else [str(s) for s in stages]
     for name in names:
         if name not in STAGES:
-            import difflib
-
             closest = difflib.get_close_matches(name, STAGES, n=1)
             raise BadInputError(
                 f"no stage '{name}' in the chain",
