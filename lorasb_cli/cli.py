@@ -22,8 +22,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 # Commands whose processes form one job under a launcher (torchrun, accelerate launch): they join its process group.
 # Every other command runs on global rank 0 alone and the other ranks return at once, so that a job writes each
-# file and prints its stdout line once (docs/design.md §3).
-DATA_PARALLEL = ("estimate", "train")
+# file and prints its stdout line once (docs/design.md §3). `run` holds every process: its estimate and train are
+# data-parallel, its other stages run on rank 0 (lorasb_cli/pipeline.py).
+DATA_PARALLEL = ("estimate", "train", "run")
 
 
 def common_options(command):
@@ -55,7 +56,52 @@ def common_options(command):
     return wrapper
 
 
-class ConfigCommand(click.Command):
+def _read_config(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+    """--config FILE.yaml: the recipe's values for this command become its defaults (ctx.default_map), read before
+    any other option, so that click converts and range-checks them as flags and a flag given wins."""
+    if path is not None:
+        from . import recipe
+
+        ctx.default_map = recipe.options_for(recipe.load(path), path, ctx.command.name, recipe_options(ctx))
+
+
+class RecipeCommand(click.Command):
+    """A command that takes `--config FILE.yaml` (lorasb_cli/recipe.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--config"],
+                metavar="FILE.yaml",
+                is_eager=True,
+                expose_value=False,
+                callback=_read_config,
+                help="Options from a recipe: its top-level keys, then its section named after this command; "
+                "flags given here win.",
+            )
+        )
+
+    def recipe_options(self, ctx: click.Context):
+        """What a recipe may set for this command (recipe.Options): every option but --config, --help and the
+        common --json/--quiet/--debug, which say how a command talks, not what it does."""
+        from .recipe import Options
+
+        skip = {"config", "help", "as_json", "quiet", "debug"}
+        return Options({p.name: p for p in self.get_params(ctx) if p.name not in skip})
+
+
+def recipe_options(ctx: click.Context) -> dict:
+    """{command name: recipe.Options} for every command a recipe may configure (`lorasb run` reads the recipe)."""
+    group = ctx.find_root().command
+    return {
+        name: command.recipe_options(ctx)
+        for name, command in group.commands.items()
+        if isinstance(command, RecipeCommand)
+    }
+
+
+class ConfigCommand(RecipeCommand):
     """A command whose options are generated from a stage's config class (lorasb_cli/configs.py) and, where the
     config takes a plug-in's options, from every plug-in of that kind. They are made when the command first
     parses or shows help, so `lorasb --help` imports no plug-in implementation (only the declarations it lists);
@@ -87,6 +133,26 @@ class ConfigCommand(click.Command):
         }
         return super().invoke(ctx)
 
+    def recipe_options(self, ctx: click.Context):
+        """As RecipeCommand's, with the options a recipe's top level does not reach: the config class's
+        `RECIPE_SECTION_ONLY` and every plug-in's options (a method's --rank is not decompose's)."""
+        from dataclasses import replace
+
+        from .options import cli_fields, plugin_fields_of
+
+        declared = {f.name for f in cli_fields(self.config_class)}
+        plugin = {f.name for f in plugin_fields_of(self.config_class)} - declared
+        section_only = frozenset(getattr(self.config_class, "RECIPE_SECTION_ONLY", ())) | plugin
+        return replace(super().recipe_options(ctx), section_only=section_only)
+
+    def config_from(self, parent: click.Context, values: dict):
+        """The config this command builds from `values` as a recipe gives them (`recipe.options_for`): the defaults
+        of an empty command line, so click converts, range-checks and requires them exactly as flags."""
+        from .options import build
+
+        with self.make_context(self.name, [], parent=parent, default_map=values) as ctx:
+            return build(self.config_class, {k: v for k, v in ctx.params.items() if k not in self.own})
+
 
 def report(path, summary: dict, as_json: bool) -> None:
     """The only stdout output of a stage: its path, or a JSON summary with the path; printed by global rank 0 only,
@@ -105,8 +171,10 @@ def report(path, summary: dict, as_json: bool) -> None:
 
 
 class PluginGroup(click.Group):
-    """The `lorasb` group, whose help ends with the plug-ins each stage can run, read from their registrations and
-    summaries (declarations only: no torch, no plug-in implementation)."""
+    """The `lorasb` group: every command takes --config, and its help ends with the plug-ins each stage can run,
+    read from their registrations and summaries (declarations only: no torch, no plug-in implementation)."""
+
+    command_class = RecipeCommand
 
     def format_epilog(self, ctx, formatter):
         from . import inits, methods
@@ -457,6 +525,67 @@ def generate(config, as_json, quiet):
             click.echo(json.dumps({"prompt": done.prompt, "completion": done.completion}))
         else:
             click.echo("" if stream is not None else done.completion)  # a streamed completion is written already
+
+
+@cli.command(
+    name="run",
+    cls=click.Command,  # the recipe is its argument, not a --config
+    context_settings=CONTEXT,
+    epilog="""\b
+Example:
+  lorasb run examples/recipes/quickstart.yaml
+  lorasb run recipe.yaml --stages train,merge,evaluate -o out2/
+  torchrun --nproc-per-node 2 -m lorasb_cli run recipe.yaml   (estimate and train data-parallel)
+  (rerun after a change or an interruption: stages whose outputs are up to date are skipped)""",
+)
+@click.argument("recipe_file", metavar="RECIPE.yaml")
+@click.option("-o", "--out", default=None, help="Folder of every output [default: the recipe's out:].")
+@click.option(
+    "--stages", default=None, help="Comma list of stages to run [default: the recipe's stages:, else all five]."
+)
+@common_options
+def run(recipe_file, out, stages, as_json, quiet):
+    """Run estimate → decompose → train → merge → evaluate from one recipe into one folder, skipping up-to-date stages.
+
+    \b
+    The recipe's top-level keys are options of every stage that has them, a section per stage (train: ...) adds
+    or overrides; the folder (out:) receives update.safetensors, factors.safetensors, run/, merged/, results.json
+    and run.json, the record of what each stage ran with."""
+    from . import pipeline
+    from .console import progress_bar
+
+    out, configs = stage_configs(click.get_current_context(), recipe_file, out=out, stages=stages)
+    runs = pipeline.run(out, configs, lambda stage: progress_bar(stage, enabled=not quiet))
+    report(out, {"stages": {r.stage: {"path": str(r.path), "skipped": r.skipped} for r in runs}}, as_json)
+
+
+def stage_configs(ctx: click.Context, recipe_file: str, *, out: str | None = None, stages: str | None = None):
+    """(the run's folder, {stage: config}) of a recipe: each stage's options as `--config` gives them, with the
+    inputs and outputs the chain wires (pipeline.wired); every stage's options are checked before any runs."""
+    from pathlib import Path
+
+    from . import pipeline, recipe
+
+    document = recipe.load(recipe_file)
+    commands = recipe_options(ctx)
+    recipe.check(document, recipe_file, commands)
+    out = out or document.get("out")
+    if not out:
+        raise BadInputError("the recipe names no output folder", path=recipe_file, hint="add out: DIR or pass -o DIR")
+    out = Path(str(out)).expanduser()
+    configs = {}
+    for stage in pipeline.parse_stages(stages or document.get("stages")):
+        chain = pipeline.wired(stage, out)
+        clash = sorted(set(document.get(stage) or {}) & set(chain))
+        if clash:
+            raise BadInputError(
+                f"'{clash[0]}' in section '{stage}:': lorasb run sets it ({chain[clash[0]]})",
+                path=recipe_file,
+                hint=f"drop it; the chain's outputs are named in out: ({', '.join(pipeline.OUTPUTS.values())})",
+            )
+        values = recipe.options_for(document, recipe_file, stage, commands) | chain
+        configs[stage] = cli.commands[stage].config_from(ctx, values)
+    return out, configs
 
 
 @cli.command(

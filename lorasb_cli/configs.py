@@ -211,6 +211,8 @@ class DecomposeConfig(PluginConfig):
     init_options: Mapping[str, object] = field(default_factory=dict)
 
     PLUGIN_FIELD: ClassVar[str] = "init_options"
+    # A recipe's top-level model and targets are what the chain trains; here they would ask for a weight-based init.
+    RECIPE_SECTION_ONLY: ClassVar[frozenset[str]] = frozenset({"model", "targets"})
 
     @staticmethod
     def plugin_fields() -> list:
@@ -349,6 +351,9 @@ class MergeConfig(Declared):
     allow_unverified: bool = allow_unverified()
     out: str = option("-o", "--out", required=True, help="Output directory.")
 
+    # A recipe's top-level format is the training data's (prompt-response, ...), not the checkpoint's.
+    RECIPE_SECTION_ONLY: ClassVar[frozenset[str]] = frozenset({"format"})
+
 
 @dataclass(frozen=True, kw_only=True)
 class InspectConfig(Declared):
@@ -426,6 +431,9 @@ class EvaluateConfig(DataOptions, AppliedOptions):
     scoring: str | None = option(help="generate or loglik (pick the most likely option) [default: the task's].")
     seed: int = option(default=0, range=SEED, help="Seed (decoding is greedy).")
     out: str = option("-o", "--out", default="results.json", help="Results JSON; predictions go beside it.")
+
+    # A recipe's top-level data is what the model learns from; what it is scored on is the task's, or evaluate's own.
+    RECIPE_SECTION_ONLY: ClassVar[frozenset[str]] = frozenset({"data", "split", "data_config", "fields", "size"})
 
 
 @dataclass(frozen=True, kw_only=True)

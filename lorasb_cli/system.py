@@ -122,3 +122,18 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     moved = _on_backend(tensor)
     dist.all_reduce(moved, op=dist.ReduceOp.MAX)
     return tensor.copy_(moved) if moved is not tensor else tensor
+
+
+def barrier() -> None:
+    """Wait for every process of the group (a no-op outside one): rank 0's files are written before others read."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every process of the group (`value` itself outside one): one decision for the job."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

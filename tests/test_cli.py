@@ -39,6 +39,7 @@ def test_the_stages_are_exactly_the_commands():
         "inspect",
         "data",
         "models",
+        "run",
     }
 
 
@@ -295,5 +296,5 @@ def test_every_config_field_is_one_option_of_its_command(command):
     declared = {f.name for f in options.cli_fields(config)}
     plugins = {f.name for f in options.plugin_fields_of(config)}
     assert declared | plugins <= names
-    own = {"as_json", "quiet", "debug", "dry_run", "rank"}
+    own = {"as_json", "quiet", "debug", "dry_run", "rank", "config"}  # config: --config FILE.yaml (recipes)
     assert {n for n in names - declared - plugins if not n.endswith("help")} <= own
