@@ -76,7 +76,7 @@ def test_a_recipe_runs_the_chain_and_a_rerun_skips_every_stage(recipe, tmp_path,
     assert code == 0, err
     alone, chained = artifacts.Artifact(tmp_path / "u.safetensors"), artifacts.Artifact(out / "update.safetensors")
     assert alone.meta["samples"] == chained.meta["samples"] == 8
-    assert artifacts.content_digest(alone.meta) == artifacts.content_digest(chained.meta)
+    assert alone.meta.content_digest() == chained.meta.content_digest()
     assert artifacts.Artifact(out / "factors.safetensors").meta["rank"] == 4
     assert json.loads((out / "run" / "adapter_config.json").read_text())["train"]["max_steps"] == 2
     recorded = json.loads((out / "run.json").read_text())["stages"]
@@ -102,8 +102,8 @@ def test_a_changed_train_option_reruns_train_merge_and_evaluate_only(recipe, tmp
     after = stamps(out)
     assert all(after[name] == before[name] for name in ("update.safetensors", "factors.safetensors"))
     assert after["run/adapter.safetensors"] != before["run/adapter.safetensors"]
-    assert artifacts.content_digest(artifacts.Artifact(out / "run" / "adapter.safetensors").meta) != (
-        artifacts.content_digest(adapter.meta)
+    assert artifacts.Artifact(out / "run" / "adapter.safetensors").meta.content_digest() != (
+        adapter.meta.content_digest()
     )
     assert json.loads((out / "run" / "adapter_config.json").read_text())["train"]["lr"] == 2e-2
 
@@ -224,7 +224,7 @@ def test_run_under_torchrun_estimates_data_parallel_and_agrees_on_skips(recipe, 
     assert done.stdout == f"{out}\n"  # rank 0 alone prints
     assert ran(done.stderr) == list(pipeline.STAGES)
     together, alone = artifacts.Artifact(out / "update.safetensors"), artifacts.Artifact(tmp_path / "alone.safetensors")
-    assert artifacts.content_digest(together.meta) == artifacts.content_digest(alone.meta)
+    assert together.meta.content_digest() == alone.meta.content_digest()
     assert (out / "results.json").is_file()
 
     before = stamps(out)
