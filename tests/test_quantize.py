@@ -64,18 +64,18 @@ def test_nf4_chain_records_its_base_and_merges_into_the_original_weights(bf16_di
     ]
     fraction = sum(agree) / len(agree)
     assert fraction > 0.9  # measured 0.948 (fp4 0.932, int8 0.996)
-    assert updates["nf4"].meta["base_model"]["quantization"] == "nf4"
-    assert "quantization" not in updates[None].meta["base_model"]  # unquantized files are as before
+    assert updates["nf4"].meta.base_model.quantization == "nf4"
+    assert "quantization" not in updates[None].fields["base_model"]  # unquantized files are as before
 
     factors = tmp_path / "f.safetensors"
     decompose(DecomposeConfig.from_options(update=str(tmp_path / "u-nf4.safetensors"), rank=4, out=str(factors)))
-    assert artifacts.Artifact(factors, kinds=("factors",)).meta["base_model"]["quantization"] == "nf4"
+    assert artifacts.Artifact(factors, kinds=("factors",)).meta.base_model.quantization == "nf4"
 
     run_dir = tmp_path / "run"
     train.train(train_config(bf16_dir, data_file, run_dir, factors=factors, quantize="nf4", max_steps=4))
     saved = adapter.load_adapter(run_dir)
-    assert saved.config["base_model"]["quantization"] == "nf4"
-    assert saved.config["train"]["quantize"] == "nf4"
+    assert saved.meta.base_model.quantization == "nf4"
+    assert saved.meta.train["quantize"] == "nf4"
     with safe_open(run_dir / adapter.ADAPTER_FILE, framework="pt") as f:
         assert {f.get_tensor(n).dtype for n in list(f.keys())} == {torch.float32}
     start = artifacts.load_factors(factors)
