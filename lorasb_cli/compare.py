@@ -34,7 +34,7 @@ class Cell:
     method: str
     rank: int | None
     seed: int
-    lr: float
+    lr: float | str  # a number, or auto (train --lr auto)
     label: str = ""  # the row of the table; default: the method
     samples: int | None = None  # estimate sample count; default: Settings.samples
     eta: float | None = None  # estimate η; default: Settings.eta
@@ -62,7 +62,7 @@ class Cell:
     def key(self) -> str:
         """The cell's folder name: unique in a grid, stable across reruns."""
         rank = f"r{self.rank}" if self.rank is not None else "full"
-        lr = f"{self.lr:g}".replace("+", "")
+        lr = lr_text(self.lr).replace("+", "")
         return f"{self.name}-{rank}-lr{lr}-s{self.seed}".replace("/", "_").replace(" ", "")
 
     @property
@@ -123,6 +123,8 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     except ValueError:
         raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
     pairs, lr = parse_methods(config.methods, ranks), parse_lrs(config.lr)
+    if config.lr_sweep and any(lr(method) == "auto" for method, _ in pairs):
+        raise BadInputError("--lr-sweep sweeps around a number; --lr auto picks the rate itself", hint="pass one")
     cells = grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr
     task = get_task(config.task)
     if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs
@@ -197,21 +199,21 @@ def parse_methods(spec: str, ranks: Sequence[int]) -> list[tuple[str, int | None
     return pairs
 
 
-def parse_lrs(spec: str) -> Callable[[str], float]:
-    """`1e-3` or `lorasb=2e-3,lora=2e-4,1e-3` → lr of a method (the bare value is the default)."""
+def parse_lrs(spec: str) -> Callable[[str], float | str]:
+    """`1e-3` or `lorasb=auto,lora=2e-4,1e-3` → lr of a method, a number or auto (the bare value is the default)."""
     default, per_method = None, {}
     for item in (part.strip() for part in spec.split(",") if part.strip()):
         name, sep, value = item.rpartition("=")
         try:
-            number = float(value)
+            number = value if value == "auto" else float(value)
         except ValueError:
-            raise BadInputError(f"bad --lr item '{item}'", hint="write 1e-3 or METHOD=1e-3,...") from None
+            raise BadInputError(f"bad --lr item '{item}'", hint="write 1e-3, auto or METHOD=1e-3,...") from None
         if sep:
             per_method[name] = number
         else:
             default = number
 
-    def lr(method: str) -> float:
+    def lr(method: str) -> float | str:
         if method in per_method:
             return per_method[method]
         if default is None:
@@ -219,6 +221,10 @@ def parse_lrs(spec: str) -> Callable[[str], float]:
         return default
 
     return lr
+
+
+def lr_text(lr: float | str) -> str:
+    return lr if isinstance(lr, str) else f"{lr:g}"
 
 
 def _did_you_mean(name: str) -> str:
@@ -511,7 +517,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         step0 = f"{row['step0_loss']:.4f}" if row["step0_loss"] is not None else "-"
         lines.append(
             f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['trainable_params']:,} | "
-            f"{row['lr']:g} | {row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {step0} | "
+            f"{lr_text(row['lr'])} | {row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {step0} | "
             f"{row['seeds']} | "
             f"{row['seconds']:.0f} | {human_bytes(row['peak_memory_bytes'])} |"
         )

@@ -22,6 +22,7 @@ from .options import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    POSITIVE_OR_AUTO,
     SEED,
     DataOptions,
     Declared,
@@ -34,6 +35,7 @@ from .options import (
     force_base,
     force_template,
     option,
+    positive_or_auto,
 )
 
 ACCUMULATE_ON = ("auto", "cpu", "device")  # estimate --accumulate-on; lorasb_cli/plan.py places each
@@ -199,7 +201,11 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     )
     force_template: bool = force_template()
     eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
-    lr: float = option(default=1e-3, range=POSITIVE, help="AdamW learning rate.")
+    lr: float | str = option(
+        default=1e-3,
+        type=POSITIVE_OR_AUTO,
+        help="AdamW learning rate, or auto: a range test's on a slice held out of --data (lr_range.png).",
+    )
     epochs: float = option(default=1.0, range=POSITIVE, help="Passes over --data.")
     max_steps: int = option(default=-1, range=Range(-1), help="Optimizer steps; overrides --epochs (-1: none).")
     grad_accum: int = option(default=1, range=AT_LEAST_1, help="Batches per optimizer step.")
@@ -220,6 +226,10 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     method_options: Mapping[str, object] = field(default_factory=dict)
 
     PLUGIN_FIELD: ClassVar[str] = "method_options"
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "lr", positive_or_auto(self.lr, "--lr"))
 
     @staticmethod
     def plugin_fields() -> list:
@@ -247,7 +257,9 @@ class CompareConfig(TrainingDataOptions, ModelOptions):
     ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
     seeds: int = option(default=3, range=AT_LEAST_1, help="Seeds 0..N-1 per cell.")
     max_steps: int = option(default=100, range=AT_LEAST_1, help="Optimizer steps of every cell.")
-    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
+    lr: str = option(
+        default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT; an LR may be auto (train --lr auto)."
+    )
     max_length: int | None = option(
         type=int,
         range=Range(2),
