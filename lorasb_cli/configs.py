@@ -204,7 +204,7 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ModelOptions):
     lr: float | str = option(
         default=1e-3,
         type=POSITIVE_OR_AUTO,
-        help="AdamW learning rate, or auto: a range test's on a slice held out of --data (lr_range.png).",
+        help="AdamW learning rate, or auto: the pick of a range test on a slice held out of --data (lr_range.png).",
     )
     epochs: float = option(default=1.0, range=POSITIVE, help="Passes over --data.")
     max_steps: int = option(default=-1, range=Range(-1), help="Optimizer steps; overrides --epochs (-1: none).")
