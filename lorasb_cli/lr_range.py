@@ -6,8 +6,9 @@ From the initialized model, AdamW takes `STEPS` steps on training batches with t
 held out of the training set once) is measured. The test stops once that loss passes `DIVERGED` × its best, and
 picks the rate of the lowest loss: the largest rate that still lowered it, the peak a run's schedule (warm-up, then
 linear decay) starts from, as Smith's one-cycle takes its largest rate from the test. fastai's `lr_find` suggests
-a decade below it for long schedules; on MiniLM LoRA-SB r 16 (benchmarks.quality's protocol, 50 steps) the lowest
-loss was at 1.4e-2 and the sweep's best rate is 3.2e-2, so a decade below would train 22× too slowly.
+a decade below it for long schedules. In benchmarks.quality's protocol (seed 0) the lowest loss was at 1.4e-2 for
+MiniLM LoRA-SB r 16 (sweep's best 3.2e-2) and at 4.3e-3 for SmolLM2 LoRA-SB r 32 (sweep's best 3e-3): within one of
+the sweep's half-decade steps, where a decade below would train 7-22× too slowly.
 The trained tensors are then put back and the RNG state is the one before, so the run starts from the same
 initialization and data order as with a number for `--lr`. A resumed run reuses the rate its run picked.
 """
