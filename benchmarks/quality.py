@@ -3,7 +3,7 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, the first twelve in the order a full run takes them (DEFAULT_SECTIONS; each
+scored on the test split. Sections, the first fourteen in the order a full run takes them (DEFAULT_SECTIONS; each
 a resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
@@ -20,6 +20,9 @@ a resumable compare grid under benchmarks/out/quality/, so an interrupted run co
   smollm2-r64   LoRA-SB and LoRA-XS r 64 beside LoRA r 8 and LoRA-SB r 32; no sweep of its own
   smollm2-r64-swept  the same two families, each swept again at r 64
   smollm2-more  the rest of the grid: LoRA-GA / PiSSA / DoRA r 8, full, rsLoRA r 8
+  minilm-lr-auto  `train --lr auto` (issue 31) on MiniLM: LoRA-SB r 16, LoRA r 8, LoRA-XS r 16, each beside its
+                swept lr
+  lr-auto       the same on SmolLM2: LoRA-SB r 16/32/64, LoRA r 8, LoRA-XS r 32
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
   inilora       IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
@@ -43,7 +46,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import machine_info, write_section
-from lorasb_cli import compare, console, data
+from lorasb_cli import compare, console, data, lr_range
 from lorasb_cli.compare import Cell, GridSettings
 from lorasb_cli.tasks import get_task
 
@@ -212,6 +215,54 @@ MINILM_PAIRS = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (
 MINILM_PAIRS += [("lora", 8), ("lora-pro", 8), ("head", None), ("full", None)]
 
 
+# `--lr auto` (issue 31) beside each family's swept rate: (method, rank) -> the sweep that rate comes from.
+LR_AUTO_SMOLLM2 = {
+    ("lorasb", 16): SMOLLM2_SWEEP,
+    ("lorasb", 32): SMOLLM2_SWEEP,
+    ("lorasb", 64): SMOLLM2_R64_SWEEP,
+    ("lora", 8): SMOLLM2_SWEEP,
+    ("lora-xs", 32): SMOLLM2_SWEEP,
+}
+LR_AUTO_MINILM = {("lorasb", 16): MINILM_SWEEP, ("lora", 8): MINILM_SWEEP, ("lora-xs", 16): MINILM_SWEEP}
+
+
+def auto_cell(method: str, rank: int | None, seed: int) -> Cell:
+    return Cell(method, rank, seed, "auto", label=f"{method} lr auto")
+
+
+def lr_auto_section(name: str, spec: dict, families: dict, run: bool) -> tuple[list[dict] | None, dict]:
+    """Each (method, rank) at its family's swept lr (the cell other sections ran, when they did) and with `--lr
+    auto`, 3 seeds each; returns the rows and, per pair, the swept rate beside the rates auto picked and its cost."""
+    swept = {}
+    for (method, rank), sweeps in families.items():
+        found = sweep(spec, sweeps, {method}, run)[0]
+        if method in found:
+            swept[(method, rank)] = found[method]
+    cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), lr in swept.items()]
+    cells += [auto_cell(m, r, s) for s in range(SEEDS) for m, r in families]
+    return section(name, spec, cells, {}, run), lr_auto_rates(spec, swept, list(families))
+
+
+def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) -> dict[str, str]:
+    """Per pair: the swept lr, the lr the range test picked at each finished seed, and the test's seconds against
+    a run's (training only) and a 5-point sweep's (5 runs)."""
+    grid = OUT / spec["model"] / "cells"
+    rates = {}
+    for method, rank in pairs:
+        folders = [grid / auto_cell(method, rank, s).key for s in range(SEEDS)]
+        done = [f for f in folders if (f / "cell.json").is_file()]
+        if not done:
+            continue
+        curves = [json.loads((f / "run" / lr_range.CURVE_FILE).read_text()) for f in done]
+        test = sum(c["seconds"] for c in curves) / len(curves)
+        train = sum(json.loads((f / "cell.json").read_text())["seconds"] for f in done) / len(done)
+        picked = "/".join(f"{c['lr']:.2g}" for c in curves)
+        at = swept.get((method, rank))
+        cost = f"range test {test:.0f} s, a run {train:.0f} s: {test / (5 * train):.0%} of a 5-point sweep"
+        rates[f"{method} r{rank}"] = f"swept {at:.3g}, auto {picked} ({cost})" if at else f"auto {picked} ({cost})"
+    return rates
+
+
 def authors_eta(lr: float, spec: dict) -> float:
     """The LoRA-SB authors' η: lr / (warm-up ratio × optimizer steps × epochs), as their code computes it."""
     return lr / (GridSettings.warmup_ratio * spec["steps"] * 1)
@@ -322,6 +373,10 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         if "minilm-eta" in sections and "lorasb" in lrs:
             cells = eta_cells(16, lrs["lorasb"], MINILM)
             tables["minilm-eta"] = (section("minilm-eta", MINILM, cells, {}, run), {"all": lrs["lorasb"]})
+    if "minilm-lr-auto" in sections:
+        tables["minilm-lr-auto"] = lr_auto_section("minilm-lr-auto", MINILM, LR_AUTO_MINILM, run)
+    if "lr-auto" in sections:
+        tables["lr-auto"] = lr_auto_section("lr-auto", SMOLLM2, LR_AUTO_SMOLLM2, run)
     return tables | smollm2_sections(sections, run)
 
 
@@ -342,11 +397,14 @@ TITLES = {
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
+    "minilm-lr-auto": "MiniLM-L6: `train --lr auto` (a range test on a held-out slice) against each family's swept lr",
+    "lr-auto": "SmolLM2-135M: `train --lr auto` against each family's swept lr",
 }
+LR_AUTO_SECTIONS = ("minilm-lr-auto", "lr-auto")
 # The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid,
 # each claim's cheapest answer first (SmolLM2's r 16, η and r 64 cells reuse finished sweeps; the rest need their own).
 DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-f1", "minilm-head", "minilm-eta", "smollm2-r16")
-DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-r64-swept", "smollm2-more")
+DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-r64-swept", "smollm2-more", *LR_AUTO_SECTIONS)
 
 
 BUDGET_NOTE = (
@@ -392,7 +450,11 @@ def report(tables: dict, seconds: float) -> str:
         if name in unfinished:
             continue
         lines += [f"## {TITLES[name]}", "", compare.markdown_table(rows)]
-        lines.append(f"Learning rates (from the sweep): {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}.")
+        if name in LR_AUTO_SECTIONS:
+            picked = "; ".join(f"{k}: {v}" for k, v in lrs.items())
+            lines.append(f"Learning rates, swept and picked by `--lr auto` (seeds 0, 1, 2): {picked}.")
+        else:
+            lines.append(f"Learning rates (from the sweep): {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}.")
         lines.append("")
         for png, what in (
             ("loss", "loss curves"),

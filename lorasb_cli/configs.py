@@ -22,6 +22,7 @@ from .options import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    POSITIVE_OR_AUTO,
     SEED,
     DataOptions,
     Declared,
@@ -35,6 +36,7 @@ from .options import (
     force_base,
     force_template,
     option,
+    positive_or_auto,
     rank,
     redeclared,
     targets,
@@ -238,7 +240,11 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ParallelOptions, QuantizedM
     )
     force_template: bool = force_template()
     eval_data: str | None = option(help="Held-out file for eval loss (same format as --data).")
-    lr: float = option(default=1e-3, range=POSITIVE, help="AdamW learning rate.")
+    lr: float | str = option(
+        default=1e-3,
+        type=POSITIVE_OR_AUTO,
+        help="AdamW learning rate, or auto: the pick of a range test on a slice held out of --data (lr_range.png).",
+    )
     weight_decay: float = option(
         default=0.0,
         range=NON_NEGATIVE,
@@ -276,6 +282,10 @@ class TrainConfig(PluginConfig, TrainingDataOptions, ParallelOptions, QuantizedM
     method_options: Mapping[str, object] = field(default_factory=dict)
 
     PLUGIN_FIELD: ClassVar[str] = "method_options"
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "lr", positive_or_auto(self.lr, "--lr"))
 
     @staticmethod
     def plugin_fields() -> list:
@@ -324,7 +334,9 @@ class CompareConfig(GridSettings):
     )
     ranks: str = option(default="", show_default=False, help="Comma list of ranks for methods without their own.")
     seeds: int = option(default=3, range=AT_LEAST_1, help="Seeds 0..N-1 per cell.")
-    lr: str = option(default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT.")
+    lr: str = option(
+        default="1e-3", help="Learning rate, or METHOD=LR,...,DEFAULT; an LR may be auto (train --lr auto)."
+    )
     lr_sweep: bool = option(
         flag=True,
         default=False,

@@ -415,6 +415,7 @@ class AdapterMeta(ArtifactMeta):
     scale: float = recorded(1.0)
     train: dict | None = recorded(None, omit_empty=True)  # train's options (compared on --resume)
     init_adapter: dict | None = recorded(None, omit_empty=True)  # the run R started from (--init-adapter)
+    lr_auto: float | None = recorded(None, range=POSITIVE, omit_empty=True)  # the rate `--lr auto` picked
 
     @classmethod
     def from_run(

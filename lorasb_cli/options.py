@@ -64,6 +64,32 @@ SEED = Range(0, 2**32 - 1)  # what every generator (torch, numpy, random) takes 
 FRACTION = Range(0, 1, open_low=True)  # (0, 1]
 
 
+def positive_or_auto(value: float | str, flag: str) -> float | str:
+    """The value of an option that is a number > 0 or `auto` (train --lr, --init-scale), given as text or a
+    number: `auto`, or the number."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if number not in POSITIVE:
+        raise BadInputError(f"{flag} {value} must be a finite number {POSITIVE} or auto")
+    return number
+
+
+class _PositiveOrAuto(click.ParamType):
+    """A number > 0 or `auto` on the command line: a number is checked as POSITIVE's click type checks it."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value, param, ctx):
+        return value if value == "auto" else POSITIVE.click_type(float).convert(value, param, ctx)
+
+
+POSITIVE_OR_AUTO = _PositiveOrAuto()
+
+
 def check_ranges(options) -> None:
     """Refuse a value outside its option's declared range (one line naming the flag), in a config built in Python
     as on the command line."""

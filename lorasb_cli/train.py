@@ -30,6 +30,7 @@ from . import (
     fsdp,
     linalg,
     loss,
+    lr_range,
     metadata,
     methods,
     models,
@@ -238,9 +239,9 @@ def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
     train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
     eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
     held_out = None
-    if inputs.options.holds_out_probe:
-        # E.g. `--init-scale auto` picks the scale on a slice held out of the training set: never on data training
-        # sees, nor on the eval data, which may be the test split the run is scored on.
+    if inputs.options.holds_out_probe or config.lr == "auto":
+        # E.g. `--init-scale auto` picks the scale, `--lr auto` the rate, on one slice held out of the training set:
+        # never on data training sees, nor on the eval data, which may be the test split the run is scored on.
         held = max(1, min(32, len(train_examples) // 10))
         train_examples, held_out = train_examples[:-held], list(train_examples[-held:])
     first = list(train_examples[:64])  # every row of a small set, and the probe when there is no other
@@ -622,6 +623,12 @@ def _run(
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad-requiring input
     adapter_config = _adapter_config(config, inputs, model, run)
+    if config.lr == "auto":  # the recorded options keep `auto`; the rate picked is recorded beside them
+        lr = lr_range.auto_lr(
+            run.prepared, examples, config.batch_size, tokenizer.pad_token_id, device, inputs.work, resume_from
+        )
+        adapter_config = replace(adapter_config, lr_auto=lr)
+        config = replace(config, lr=lr)
     guards = [DivergenceGuard(inputs.work), StepLog(progress, log_step, clock.seconds), *callbacks]
     # The trackers' integrations read where to write when the Trainer makes them and when training starts.
     with tracking.logs_in(inputs.work, tracking.report_to(config.report_to)):

@@ -104,7 +104,7 @@ NUMBERS = [
     (["train", "--lr", "nan"], "'nan' is not a finite number"),
     (["train", "--max-steps", "-5"], "is not in the range x>=-1"),
     (["train", "--eval-steps", "0"], "is not in the range x>=1"),
-    (["train", "-f", "f.safetensors", "--init-scale", "-1"], "--init-scale -1 must be auto or a finite number > 0"),
+    (["train", "-f", "f.safetensors", "--init-scale", "-1"], "--init-scale -1 must be a finite number > 0 or auto"),
     (["decompose", "u.safetensors", "--budget-ratio", "nan"], "'nan' is not a finite number"),
     (["estimate", "--eta", "1e39"], "is not in the range 1e-20<=x<=1"),
     (["estimate", "--eta", "1e-320"], "is not in the range 1e-20<=x<=1"),

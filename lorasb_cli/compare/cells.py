@@ -18,7 +18,7 @@ class Cell:
     method: str
     rank: int | None
     seed: int
-    lr: float
+    lr: float | str  # a number, or auto (train --lr auto)
     label: str = ""  # the row of the table; default: the method
     samples: int | None = None  # estimate sample count; default: Settings.samples
     eta: float | None = None  # estimate η; default: Settings.eta
@@ -46,7 +46,7 @@ class Cell:
     def key(self) -> str:
         """The cell's folder name: unique in a grid, stable across reruns."""
         rank = f"r{self.rank}" if self.rank is not None else "full"
-        lr = f"{self.lr:g}".replace("+", "")
+        lr = lr_text(self.lr).replace("+", "")
         return f"{self.name}-{rank}-lr{lr}-s{self.seed}".replace("/", "_").replace(" ", "")
 
     @property
@@ -94,21 +94,21 @@ def parse_methods(spec: str, ranks: Sequence[int]) -> list[tuple[str, int | None
     return pairs
 
 
-def parse_lrs(spec: str) -> Callable[[str], float]:
-    """`1e-3` or `lorasb=2e-3,lora=2e-4,1e-3` → lr of a method (the bare value is the default)."""
+def parse_lrs(spec: str) -> Callable[[str], float | str]:
+    """`1e-3` or `lorasb=auto,lora=2e-4,1e-3` → lr of a method, a number or auto (the bare value is the default)."""
     default, per_method = None, {}
     for item in (part.strip() for part in spec.split(",") if part.strip()):
         name, sep, value = item.rpartition("=")
         try:
-            number = float(value)
+            number = value if value == "auto" else float(value)
         except ValueError:
-            raise BadInputError(f"bad --lr item '{item}'", hint="write 1e-3 or METHOD=1e-3,...") from None
+            raise BadInputError(f"bad --lr item '{item}'", hint="write 1e-3, auto or METHOD=1e-3,...") from None
         if sep:
             per_method[name] = number
         else:
             default = number
 
-    def lr(method: str) -> float:
+    def lr(method: str) -> float | str:
         if method in per_method:
             return per_method[method]
         if default is None:
@@ -116,6 +116,11 @@ def parse_lrs(spec: str) -> Callable[[str], float]:
         return default
 
     return lr
+
+
+def lr_text(lr: float | str) -> str:
+    """A cell's lr as the table and its folder name show it: `3e-3`, or `auto`."""
+    return lr if isinstance(lr, str) else f"{lr:g}"
 
 
 def grid(pairs: Sequence[tuple[str, int | None]], seeds: int, lr: Callable[[str], float]) -> list[Cell]:

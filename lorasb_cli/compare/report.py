@@ -14,7 +14,7 @@ from .. import files
 from ..configs import GridSettings
 from ..errors import BadInputError
 from ..tasks import Task, get_task
-from .cells import Cell, CellResult
+from .cells import Cell, CellResult, lr_text
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -98,7 +98,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         step0 = f"{row['step0_loss']:.4f}" if row["step0_loss"] is not None else "-"
         lines.append(
             f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['trainable_params']:,} | "
-            f"{row['lr']:g} | {row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {step0} | "
+            f"{lr_text(row['lr'])} | {row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {step0} | "
             f"{row['seeds']} | "
             f"{row['seconds']:.0f} | {human_bytes(row['peak_memory_bytes'])} |"
         )

@@ -52,6 +52,8 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     except ValueError:
         raise BadInputError(f"--ranks '{config.ranks}' must be a comma list of integers") from None
     pairs, lr = parse_methods(config.methods, ranks), parse_lrs(config.lr)
+    if config.lr_sweep and any(lr(method) == "auto" for method, _ in pairs):
+        raise BadInputError("--lr-sweep sweeps around a number; --lr auto picks the rate itself", hint="pass one")
     cells = grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr
     task = get_task(config.task)
     if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs

@@ -16,13 +16,23 @@ beside this one) is imported when the method is prepared. A new method is its mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import BadInputError
-from ..options import AT_LEAST_1, POSITIVE, Declared, Range, option, plugin_fields, plugin_options, rank, takes, targets
+from ..options import (
+    AT_LEAST_1,
+    POSITIVE,
+    Declared,
+    Range,
+    option,
+    plugin_fields,
+    plugin_options,
+    positive_or_auto,
+    rank,
+    takes,
+    targets,
+)
 from ..registry import Registry, import_implementation
 
 if TYPE_CHECKING:
@@ -74,15 +84,8 @@ class LoraSBOptions(MethodOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.init_scale == "auto":
-            return
-        try:
-            scale = float(self.init_scale)
-        except ValueError:
-            scale = math.nan
-        if scale not in POSITIVE:  # 0 would train from R = 0, a negative factor uphill
-            raise BadInputError(f"--init-scale {self.init_scale} must be auto or a finite number > 0")
-        object.__setattr__(self, "init_scale", scale)
+        # 0 would train from R = 0, a negative factor uphill
+        object.__setattr__(self, "init_scale", positive_or_auto(self.init_scale, "--init-scale"))
 
     @property
     def holds_out_probe(self) -> bool:
