@@ -202,7 +202,7 @@ def _read_manifest(out: Path) -> dict:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    from .artifacts import atomic_path
+    from .files import atomic_path
 
     with atomic_path(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -75,9 +75,9 @@ def test_a_recipe_runs_the_chain_and_a_rerun_skips_every_stage(recipe, tmp_path,
     code, _, err = run(["estimate", "--config", path, "-q", "-o", tmp_path / "u.safetensors"], capsys)
     assert code == 0, err
     alone, chained = artifacts.Artifact(tmp_path / "u.safetensors"), artifacts.Artifact(out / "update.safetensors")
-    assert alone.meta["samples"] == chained.meta["samples"] == 8
+    assert alone.meta.samples == chained.meta.samples == 8
     assert alone.meta.content_digest() == chained.meta.content_digest()
-    assert artifacts.Artifact(out / "factors.safetensors").meta["rank"] == 4
+    assert artifacts.Artifact(out / "factors.safetensors").meta.rank == 4
     assert json.loads((out / "run" / "adapter_config.json").read_text())["train"]["max_steps"] == 2
     recorded = json.loads((out / "run.json").read_text())["stages"]
     assert sorted(recorded) == sorted(pipeline.STAGES) and recorded["train"]["options"]["lr"] == 1e-2
@@ -138,12 +138,12 @@ def test_config_gives_defaults_and_a_flag_wins(recipe, tiny_model_dir, tmp_path,
     code, _, err = run(["estimate", "--config", path, "-q", "-o", tmp_path / "a.safetensors"], capsys)
     assert code == 0, err
     meta = artifacts.Artifact(tmp_path / "a.safetensors").meta
-    assert (meta["samples"], meta["eta"], meta["targets"]) == (8, 2e-5, "q_proj,v_proj")  # a YAML list: the comma list
+    assert (meta.samples, meta.eta, meta.targets) == (8, 2e-5, "q_proj,v_proj")  # a YAML list: the comma list
     flags = ["--samples", 5, "--eta", "3e-5", "-m", tiny_model_dir]
     code, _, err = run(["estimate", "--config", path, *flags, "-q", "-o", tmp_path / "b.safetensors"], capsys)
     assert code == 0, err
     meta = artifacts.Artifact(tmp_path / "b.safetensors").meta
-    assert (meta["samples"], meta["eta"]) == (5, 3e-5)
+    assert (meta.samples, meta.eta) == (5, 3e-5)
 
 
 @pytest.mark.parametrize(
