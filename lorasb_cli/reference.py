@@ -20,10 +20,12 @@ PAGES = Path(__file__).resolve().parent.parent / "docs" / "commands"
 
 
 def help_text(group: click.Group, name: str) -> str:
-    """`lorasb NAME --help` as the terminal would show it at WIDTH columns."""
-    root = click.Context(group, info_name="lorasb", terminal_width=WIDTH, max_content_width=WIDTH)
+    """`lorasb NAME --help` as the terminal would show it at WIDTH columns. The contexts are made as the command
+    line makes them, so each command's context settings (`-h`, ...) apply whatever ran before."""
+    width = {"terminal_width": WIDTH, "max_content_width": WIDTH}
+    root = group.make_context("lorasb", [], resilient_parsing=True, **width)
     command = group.commands[name]
-    with click.Context(command, info_name=name, parent=root, terminal_width=WIDTH, max_content_width=WIDTH) as ctx:
+    with command.make_context(name, [], parent=root, resilient_parsing=True, **width) as ctx:
         return command.get_help(ctx)
 
 

@@ -129,9 +129,9 @@ def test_compare_takes_auto_per_method_and_refuses_it_with_a_sweep(tiny_model_di
     assert (lr("lorasb"), lr("lora")) == ("auto", 1e-3)
     cells = compare.grid([("lorasb", 2), ("lora", 2)], 1, lr)
     assert [c.key for c in cells] == ["lorasb-r2-lrauto-s0", "lora-r2-lr0.001-s0"]
-    settings = compare.Settings(model=str(tiny_model_dir), train_data=str(qa_file), eval_data=str(qa_file), task="x")
-    compare.check_cells(tmp_path, settings, cells)  # each cell's train config takes its lr
-    assert compare._train_config(tmp_path, settings, cells[0], tmp_path / "run").lr == "auto"
+    settings = compare.GridSettings(model=str(tiny_model_dir), data=str(qa_file), eval_data=str(qa_file), task="x")
+    compare.runs.check_cells(tmp_path, settings, cells)  # each cell's train config takes its lr
+    assert compare.runs._train_config(tmp_path, settings, cells[0], tmp_path / "run").lr == "auto"
     config = compare.CompareConfig(
         model=str(tiny_model_dir), data=str(qa_file), task="gsm8k", methods="lora:2", lr="auto", lr_sweep=True, out="o"
     )

@@ -160,7 +160,7 @@ def test_mistral_alias_targets_and_shapes_on_meta_device(tmp_path):
     factors = {m: (torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1)) for m in modules}
     meta = artifact_meta("adapter", base_model={"id": "mistral", "fingerprint": "0" * 16})
     stub = adapter.Adapter(path=tmp_path, meta=meta, fields=meta.to_json(), factors=factors, extra={})
-    merge._write_peft(stub, models.ModelRef(id=models.ALIASES["mistral"], path="-"), tmp_path, {}, None)
+    merge._write_peft(stub, adapter.PLAIN, models.ModelRef(id=models.ALIASES["mistral"], path="-"), tmp_path, {}, None)
     config = json.loads((tmp_path / merge.PEFT_CONFIG_FILE).read_text())
     target_modules = config["target_modules"]
     assert {m.rsplit(".", 1)[1] for m in target_modules} == PROJECTIONS
