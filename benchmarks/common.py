@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,17 @@ def machine_info() -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "python": platform.python_version(),
+    }
+
+
+def run_facts(module: str, started: float, load_start: float) -> dict[str, str]:
+    """The machine, the date, the load before and after, the run's length and the command of a benchmark run
+    (`started`: its time.perf_counter() at the start, `load_start`: the 1-min load average then)."""
+    return machine_info() | {
+        "date": datetime.date.today().isoformat(),
+        "1-min load average at start / end": f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
+        "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
+        "command": f"python -m benchmarks.{module} " + " ".join(sys.argv[1:]),
     }
 
 

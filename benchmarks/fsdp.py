@@ -14,7 +14,6 @@ sign by sign.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.common import ROOT, key_values, machine_info, markdown_table, verdict, write_result, write_section
+from benchmarks.common import ROOT, key_values, markdown_table, run_facts, verdict, write_result, write_section
 from lorasb_cli import artifacts
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -136,15 +135,7 @@ def main() -> None:
                 ],
             ),
             f"Same update: {differ:,} of {total:,} signs differ between the two jobs. Each job printed one line.",
-            key_values(
-                machine_info()
-                | {
-                    "date": datetime.date.today().isoformat(),
-                    "1-min load average at start / end": f"{load_start:.2f} / {psutil.getloadavg()[0]:.2f}",
-                    "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-                    "command": "python -m benchmarks.fsdp " + " ".join(sys.argv[1:]),
-                }
-            ),
+            key_values(run_facts("fsdp", started, load_start)),
         ]
     )
     print(text)

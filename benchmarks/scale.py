@@ -13,7 +13,6 @@ rounds alternate the order (1 then 2, 2 then 1, ...); medians are reported. "est
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.common import key_values, machine_info, markdown_table, write_result, write_section
+from benchmarks.common import key_values, markdown_table, run_facts, write_result, write_section
 from lorasb_cli import artifacts
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -125,15 +124,7 @@ def main() -> None:
                 f"Same G: max |G₂ − G₁| / max |G₁| over modules is {difference:.1e} (float32 summation order); {differ:,} of "
                 f"{total:,} signs differ. Each job printed one line on stdout."
             ),
-            key_values(
-                machine_info()
-                | {
-                    "date": datetime.date.today().isoformat(),
-                    "1-min load average at start / end": f"{load_start:.2f} / {psutil.getloadavg()[0]:.2f}",
-                    "whole run": f"{(time.perf_counter() - started) / 60:.1f} min",
-                    "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:]),
-                }
-            ),
+            key_values(run_facts("scale", started, load_start)),
         ]
     )
     print(text)
