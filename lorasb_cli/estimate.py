@@ -18,7 +18,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, data, files, fsdp, linalg, loss, metadata, models, plan, stability, system, templates
+from . import (
+    artifacts,
+    data,
+    files,
+    fsdp,
+    held_inputs,
+    linalg,
+    loss,
+    metadata,
+    models,
+    plan,
+    stability,
+    system,
+    templates,
+)
 from .configs import CombineConfig, EstimateConfig
 from .errors import BadInputError, IncompatibleArtifactError, NonFiniteError
 from .options import MAX_LENGTH
@@ -111,7 +125,7 @@ class _GradientHooks:
         if self._last is not None and self._last[0]() is x:
             holder = self._last[1]
         else:
-            holder = _HeldInput(plan.held_input(x)[0])
+            holder = _HeldInput(held_inputs.held_input(x)[0])
             self._last = (weakref.ref(x), holder)
         holder.users += 1
         return holder

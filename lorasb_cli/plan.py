@@ -35,14 +35,13 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import loss, models, quantization
+from . import held_inputs, loss, models, quantization
 from .configs import ACCUMULATE_ON, QUANTIZE, STRATEGIES
 from .errors import BadInputError
 from .options import MAX_LENGTH
@@ -51,81 +50,6 @@ log = logging.getLogger("lorasb")
 
 GIB = 2**30
 ACCUMULATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------- what estimate's hooks hold
-
-
-_SAVED = ("_saved_self", "_saved_other")
-_HALF = (torch.bfloat16, torch.float16)
-_Part = tuple[Callable[[], torch.Tensor], torch.dtype, torch.Size]
-
-
-def _rebuild(fn, out_dtype: torch.dtype | None, depth: int = 2) -> _Part | None:
-    """(call, dtype, shape) that recomputes the output of the product node `fn` (MulBackward0) from tensors autograd
-    keeps for its backward anyway, or None: SwiGLU's act(gate)·up before down_proj; RMSNorm's weight·(x·rsqrt)
-    before q/k/v and gate/up, whose inner product is saved and, in bf16/fp16 models, cast (ToCopyBackward0).
-
-    The same multiplications of the same tensors: bit for bit the forward's result. A cast's target dtype is not in
-    the graph; it is taken only where it is the one possible: `out_dtype` (the product's, when known) is bf16 or
-    fp16 and the other factor has it — a cast to any other float would have promoted the product.
-    """
-    if fn is None or type(fn).__name__ != "MulBackward0":
-        return None
-    saved = [getattr(fn, attr, None) for attr in _SAVED]
-    parts: list[_Part] = []
-    for i, (source, _) in enumerate(fn.next_functions):
-        if isinstance(saved[i], torch.Tensor):
-            parts.append(((lambda attr=_SAVED[i]: getattr(fn, attr)), saved[i].dtype, saved[i].shape))
-            continue
-        if depth == 0 or source is None:
-            return None
-        other = saved[1 - i]
-        if type(source).__name__ == "ToCopyBackward0":
-            if out_dtype not in _HALF or not isinstance(other, torch.Tensor) or other.dtype != out_dtype:
-                return None
-            inner = _rebuild(source.next_functions[0][0], None, depth - 1)
-            if inner is None:
-                return None
-            parts.append(((lambda call=inner[0]: call().to(out_dtype)), out_dtype, inner[2]))
-        else:
-            inner = _rebuild(source, None, depth - 1)
-            if inner is None:
-                return None
-            parts.append(inner)
-    (a, a_dtype, a_shape), (b, b_dtype, b_shape) = parts
-    if not a_shape or not b_shape:  # a 0-dim factor promotes differently; not a pattern seen here
-        return None
-    dtype, shape = torch.promote_types(a_dtype, b_dtype), torch.broadcast_shapes(a_shape, b_shape)
-    return (lambda: torch.mul(a(), b())), dtype, shape
-
-
-def recomputable(x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
-    """A call that rebuilds x bit for bit from what autograd saves anyway (see `_rebuild`), or None."""
-    part = _rebuild(x.grad_fn, x.dtype)
-    if part is None or part[1] != x.dtype or part[2] != x.shape:
-        return None
-    return part[0]
-
-
-def held_input(x: torch.Tensor) -> tuple[Callable[[], torch.Tensor], bool]:
-    """What estimate keeps of a target's input x [.., n] until its output's gradient arrives: (a call that gives
-    x, whether that call rebuilds x).
-
-    A recomputable x costs nothing until then (what it is rebuilt from is alive anyway); any other x is held as
-    is — q/k/v (and gate/up) read one tensor, so they hold one storage, and o_proj's input is the attention
-    output the fused kernels already keep.
-    """
-    recipe = recomputable(x)
-    if recipe is not None:
-
-        def rebuilt() -> torch.Tensor:
-            with torch.no_grad():
-                return recipe()
-
-        return rebuilt, True
-    held = x.detach()
-    return (lambda: held), False
 
 
 # ------------------------------------------------------------------------------------------- the meta model
@@ -170,7 +94,7 @@ def activation_bytes(
     """(activation bytes, logits entries) of one forward of the meta `model` at batch_size × length.
 
     Activations: each storage that autograd saves for backward, and in `mode` "estimate" each target input that
-    estimate's hooks hold (`held_input`), counted once; parameters and buffers are weights, not activations.
+    estimate's hooks hold (`held_inputs.held_input`), counted once; parameters and buffers are weights, not activations.
     "estimate": no weight requires grad, the embeddings' output does (as `estimate.sum_gradients` runs it);
     "train": whatever requires grad in `model` (a LoRA-SB model: the Rs).
     """
@@ -186,7 +110,7 @@ def activation_bytes(
         return t
 
     def hold(_module, inputs, _output) -> None:
-        if recomputable(inputs[0]) is None:
+        if held_inputs.recomputable(inputs[0]) is None:
             keep(inputs[0])
 
     handles = []

@@ -5,6 +5,10 @@ metrics.json, loss.png. The methods live in lorasb_cli/methods.
 
 Checkpoints hold the adapter (so each one is itself a valid adapter), the trained tensors, the optimizer,
 scheduler and RNG states: `--resume` continues to exactly the weights of an uninterrupted run.
+
+Read top-down: `train` (the entry point) → `_train_locked` (the run lock, `--overwrite`, `--resume`) → reading and
+checking the inputs → `_train_and_write` (load the model, `_prepare_method`, `_make_trainer`, `_fit`) →
+`_write_run` (the run folder).
 """
 
 from __future__ import annotations
@@ -75,6 +79,134 @@ class TrainSummary:
     seconds: float
     tokens_per_second: float
     peak_memory_bytes: int
+
+
+@artifacts.honours_allow_unverified
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int], None] | None = None,
+    callbacks: Sequence[object] = (),
+    log_step: Callable[[StepStats], None] | None = None,
+) -> TrainSummary:
+    """Train `config.method` on `config.data`; returns what was written and measured. `progress(step, steps)` is
+    called after each step, `log_step` with each logging step's StepStats (--logging-steps, and the last step).
+
+    One run at a time writes into `config.out` (a lock file); `--overwrite` writes the new run beside the old one
+    and replaces it once finished; `--resume` continues from its newest complete checkpoint with the options the
+    run was started with, and a finished run resumed is left as it is. SIGINT/SIGTERM end the run with a
+    checkpoint (`Interrupted`, exit 130/143)."""
+    method, method_options = _check_options(config)
+    system.check_launcher()
+    ref = models.resolve_model(config.model)
+    max_length = models.fit_max_length(config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code)
+    config = replace(config, max_length=max_length)
+    existed = Path(config.out).expanduser().exists()
+    inputs = _read_inputs(config, method, method_options)
+    main = system.is_main_process()
+    try:
+        return _train_locked(config, inputs, main, progress, callbacks, log_step)
+    except BaseException:
+        if main and not existed:
+            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
+                inputs.out.rmdir()
+        raise
+
+
+def _train_locked(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
+    with files.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
+        if config.overwrite and any(p.name != files.LOCK_FILE for p in inputs.out.iterdir()):
+            return _overwrite(config, inputs, main, progress, callbacks, log_step)
+        resume_from = None
+        if config.resume:
+            finished = inputs.out / "metrics.json"  # written last, after the final adapter
+            if finished.is_file() and (inputs.out / adapter.ADAPTER_FILE).is_file():
+                _check_same_run(inputs.out, config, inputs, finished=True)
+                log.warning("the run in %s finished: nothing to resume", inputs.out)
+                return _finished_summary(finished, inputs.out)
+            resume_from = _resume_point(config, inputs)
+        return _train_and_write(config, inputs, resume_from, progress, callbacks, log_step)
+
+
+# What marks a folder as a run of lorasb train (any of them): only such a folder may be replaced by --overwrite.
+# A tracker's logs are one: a run killed before its first checkpoint leaves them.
+_RUN_MARKS = (adapter.CONFIG_FILE, "metrics.json", "checkpoint-*", *tracking.RUN_MARKS)
+
+
+def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
+    """--overwrite of a run: the new run is written in a hidden folder beside it and takes its place only once it
+    has finished, so a new run that fails, diverges or is interrupted leaves the old run as it was."""
+    if not any(any(inputs.out.glob(mark)) for mark in _RUN_MARKS):
+        raise BadInputError(
+            "--overwrite replaces a run of lorasb train; this folder holds other files",
+            path=str(inputs.out),
+            hint="pick another -o, or empty the folder yourself",
+        )
+    # One name every process of a launcher's job agrees on; a killed overwrite's leftover is removed first.
+    work = inputs.out.parent / f".{inputs.out.name}.overwrite"
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
+    try:
+        summary = _train_and_write(config, replace(inputs, work=work), None, progress, callbacks, log_step)
+    except BaseException as e:
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, LorasbError):  # its checkpoint went with the discarded run
+            e.hint = f"--overwrite: the new run was discarded and the run in {inputs.out} is as it was"
+        raise
+    if main:
+        files.swap_folder(work, inputs.out)
+    return summary
+
+
+def _finished_summary(metrics_file: Path, out: Path) -> TrainSummary:
+    metrics = json.loads(metrics_file.read_text())
+    return TrainSummary(**{f.name: metrics[f.name] for f in fields(TrainSummary) if f.name != "path"}, path=out)
+
+
+@dataclass
+class _Inputs:
+    """What a run reads, checked before any weight is loaded."""
+
+    method: methods.Method
+    options: methods.MethodOptions
+    ref: models.ModelRef
+    factors: artifacts.FactorsFile | None
+    train_set: data.Dataset
+    eval_set: data.Dataset | None
+    fmt: str
+    template: str | None
+    system_prompt: str | None
+    labels: Sequence[str] | None
+    out: Path
+    work: Path  # where the run writes: `out`, or with --overwrite of a run the folder that will replace it
+
+
+def _read_inputs(config: TrainConfig, method: methods.Method, method_options: methods.MethodOptions) -> _Inputs:
+    ref = models.resolve_model(config.model)
+    factors = _load_factors_checked(config, ref) if method.needs_factors else None
+    train_set = data.load_dataset_rows(
+        config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
+    )
+    floats = data.float_labels(train_set.rows)
+    fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
+    template = templates.resolve(config.template, train_set.columns, fmt, announce=True)
+    system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
+    if factors is not None:
+        templates.check_same(factors.meta.template, template, "the estimate", force=config.force_template)
+    # A built-in name as --eval-data means its test split: never the rows trained on.
+    eval_set = (
+        data.load_dataset_rows(config.eval_data, "test", config.data_config, seed=config.seed, fields=config.fields)
+        if config.eval_data
+        else None
+    )
+    train_set, eval_set = (rows and data.checked(rows, fmt) for rows in (train_set, eval_set))  # before step 1
+    labels = factors.meta.labels if factors is not None else data.head_labels(fmt, train_set.rows)
+    for dataset in (train_set, eval_set) if eval_set else (train_set,):
+        data.check_labels(dataset.rows, fmt, labels, dataset.source)
+    out = _prepare_out(config, ref)
+    return _Inputs(
+        method, method_options, ref, factors, train_set, eval_set, fmt, template, system_prompt, labels, out, out
+    )
 
 
 def _prepare_out(config: TrainConfig, ref: models.ModelRef) -> Path:
@@ -172,335 +304,6 @@ def _load_factors_checked(config: TrainConfig, ref: models.ModelRef) -> artifact
     return factors
 
 
-@dataclass
-class _Inputs:
-    """What a run reads, checked before any weight is loaded."""
-
-    method: methods.Method
-    options: methods.MethodOptions
-    ref: models.ModelRef
-    factors: artifacts.FactorsFile | None
-    train_set: data.Dataset
-    eval_set: data.Dataset | None
-    fmt: str
-    template: str | None
-    system_prompt: str | None
-    labels: Sequence[str] | None
-    out: Path
-    work: Path  # where the run writes: `out`, or with --overwrite of a run the folder that will replace it
-
-
-def _read_inputs(config: TrainConfig, method: methods.Method, method_options: methods.MethodOptions) -> _Inputs:
-    ref = models.resolve_model(config.model)
-    factors = _load_factors_checked(config, ref) if method.needs_factors else None
-    train_set = data.load_dataset_rows(
-        config.data, config.split, config.data_config, size=config.size, seed=config.seed, fields=config.fields
-    )
-    floats = data.float_labels(train_set.rows)
-    fmt = data.detect_format(train_set.columns, config.format, train_set.source, floats=floats)
-    template = templates.resolve(config.template, train_set.columns, fmt, announce=True)
-    system_prompt = templates.system_prompt(config.system_prompt, template, train_set.rows)
-    if factors is not None:
-        templates.check_same(factors.meta.template, template, "the estimate", force=config.force_template)
-    # A built-in name as --eval-data means its test split: never the rows trained on.
-    eval_set = (
-        data.load_dataset_rows(config.eval_data, "test", config.data_config, seed=config.seed, fields=config.fields)
-        if config.eval_data
-        else None
-    )
-    train_set, eval_set = (rows and data.checked(rows, fmt) for rows in (train_set, eval_set))  # before step 1
-    labels = factors.meta.labels if factors is not None else data.head_labels(fmt, train_set.rows)
-    for dataset in (train_set, eval_set) if eval_set else (train_set,):
-        data.check_labels(dataset.rows, fmt, labels, dataset.source)
-    out = _prepare_out(config, ref)
-    return _Inputs(
-        method, method_options, ref, factors, train_set, eval_set, fmt, template, system_prompt, labels, out, out
-    )
-
-
-@dataclass
-class _Examples:
-    """Training and eval examples (tokenized as the data loader reads them); the probe the step-0 losses are
-    measured on (the eval rows when there are any, as the final eval loss); and the training slice held out for a
-    method that chooses by loss (`--init-scale auto`), else None."""
-
-    train: Sequence[data.Example]
-    eval: Sequence[data.Example] | None
-    probe: list[data.Example]
-    probe_kind: str
-    held_out: list[data.Example] | None = None
-
-
-def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
-    # Rows are tokenized as the data loader reads them: a large corpus is never one list of examples.
-    encoder = data.Encoder(
-        inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template, inputs.system_prompt
-    )
-    train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
-    eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
-    held_out = None
-    if inputs.options.holds_out_probe or config.lr == "auto":
-        # E.g. `--init-scale auto` picks the scale, `--lr auto` the rate, on one slice held out of the training set:
-        # never on data training sees, nor on the eval data, which may be the test split the run is scored on.
-        held = max(1, min(32, len(train_examples) // 10))
-        train_examples, held_out = train_examples[:-held], list(train_examples[-held:])
-    first = list(train_examples[:64])  # every row of a small set, and the probe when there is no other
-    tokens = sum(data.supervised_tokens(example) for example in first)
-    data.check_supervised(tokens, f"the first {len(first)} training rows", config.max_length)
-    if eval_examples:
-        probe, kind = eval_examples, "eval"
-    elif held_out is not None:
-        probe, kind = held_out, "held-out training"
-    else:
-        probe, kind = first, "training"
-    return _Examples(train_examples, eval_examples, list(probe), kind, held_out)  # the probe is encoded once
-
-
-@dataclass
-class _Run:
-    """The method set up on the model: what trains, its size, and the step-0 losses."""
-
-    prepared: methods.Prepared
-    modules: list[str]
-    shapes: dict[str, tuple[int, int]]
-    rank: int | None
-    trainable: int
-    base_params: int
-    lora_params: int
-    step0_base: float | None
-    step0_init: float | None
-
-
-def _prepare_method(
-    config: TrainConfig, inputs: _Inputs, model: nn.Module, tokenizer, examples: _Examples, device: torch.device
-) -> _Run:
-    method, factors = inputs.method, inputs.factors
-    if factors is not None:
-        modules, rank = list(factors.factors), factors.meta.rank
-        ranks = {m: lora_R.shape[0] for m, (_, lora_R, _) in factors.factors.items()}  # per module with --budget
-    else:
-        low_rank = method.uses_rank
-        modules = models.resolve_targets(model, inputs.options.targets) if low_rank else []
-        rank = inputs.options.rank if low_rank else None
-        if low_rank:
-            linalg.check_rank(rank, models.target_shapes(model, modules))
-        ranks = {m: rank or 0 for m in modules}
-    shapes = models.target_shapes(model, modules)
-    base_params = models.parameter_count(model)
-    lora_params = sum(ranks[module] * (m + n) for module, (m, n) in shapes.items())
-
-    @torch.no_grad()
-    def probe_loss(m: nn.Module, rows: Sequence[data.Example] = examples.probe) -> float:
-        return loss.mean_loss(m, rows, config.batch_size, tokenizer.pad_token_id)
-
-    step0_base = None if config.resume else probe_loss(model)
-    setup = methods.Setup(
-        model=model,
-        modules=modules,
-        rank=rank,
-        seed=config.seed,
-        options=inputs.options,
-        factors=factors,
-        # A method chooses on the held-out slice, never on the rows the run is scored on.
-        probe_loss=lambda m: probe_loss(m, examples.held_out or examples.probe),
-        batches=lambda n: data.make_batches(examples.train[:n], config.batch_size, tokenizer.pad_token_id),
-        resumes=config.resume,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        prepared = method.prepare(setup)
-    if config.quantize:
-        quantization.mark_adapters_attached(prepared.model)
-    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
-    log.info(
-        "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s",
-        method.name,
-        f"{trainable:,}",
-        100 * trainable / base_params,
-        f"{base_params:,}",
-        f"; LoRA at {'rank ' + str(rank) if len(set(ranks.values())) == 1 else 'the same ranks'} on the same "
-        f"targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
-        if lora_params and trainable
-        else "",
-    )
-    step0_init = None if config.resume else _step0_init_loss(method, prepared, probe_loss, examples, step0_base, device)
-    return _Run(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
-
-
-def _step0_init_loss(
-    method: methods.Method,
-    prepared: methods.Prepared,
-    probe_loss: Callable[[nn.Module], float],
-    examples: _Examples,
-    step0_base: float,
-    device: torch.device,
-) -> float:
-    """The initialized model's probe loss, with a warning when it is worse than the base's."""
-    # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
-    with prepared.autocast(device):
-        step0_init = probe_loss(prepared.model)
-    log.info(
-        "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
-        len(examples.probe),
-        examples.probe_kind,
-        step0_base,
-        step0_init,
-    )
-    if step0_init > step0_base * (1 + 1e-4):
-        log.warning(
-            "the initialized model is worse than the base (%.4f > %.4f)%s",
-            step0_init,
-            step0_base,
-            f": {method.worse_init_hint}" if method.worse_init_hint else "",
-        )
-    return step0_init
-
-
-def _adapter_config(config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _Run) -> metadata.AdapterMeta:
-    """The adapter's metadata (adapter_config.json), also written into every checkpoint."""
-    labels, start = inputs.labels, inputs.factors
-    adapter_config = metadata.AdapterMeta.from_run(
-        start.meta if start is not None else None,
-        # where R started: the adapter's own run, so a chain of runs can be traced back
-        continues=str(start.path.resolve()) if config.init_adapter else None,
-        settings=run.prepared.config,
-        base_model=inputs.ref.provenance(models.fingerprint(run.shapes), config.quantize),
-        targets=getattr(inputs.options, "targets", None),
-        target_modules=tuple(run.modules),
-        rank=run.rank,
-        method=inputs.method.name,
-        data=metadata.DataProvenance.from_dataset(
-            inputs.train_set, format=inputs.fmt, template=inputs.template, system_prompt=inputs.system_prompt
-        ),
-        train=_recorded_options(config, inputs.options),
-        **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
-    )
-    log.info(
-        "method settings: %s",
-        json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list)}),  # not curves
-    )
-    return adapter_config
-
-
-def _training_arguments(
-    config: TrainConfig, inputs: _Inputs, prepared: methods.Prepared, *, evaluates: bool, device: torch.device
-):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(inputs.work),
-        run_name=str(inputs.out),  # what a tracker names the run: its -o, also while --overwrite writes beside it
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        lr_scheduler_type=config.scheduler,
-        warmup_steps=config.warmup_ratio,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        eval_strategy="steps" if evaluates and config.eval_steps else "no",
-        eval_steps=config.eval_steps,
-        seed=config.seed,
-        activation_checkpointing=config.gradient_checkpointing,
-        use_cpu=device.type == "cpu",
-        # Float32 master weights of a bf16/fp16 base (full fine-tuning) train under autocast in the base dtype.
-        bf16=prepared.mixed_precision == torch.bfloat16,
-        fp16=prepared.mixed_precision == torch.float16,
-        report_to=tracking.report_to(config.report_to),
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        optim="adamw_torch",
-    )
-
-
-@artifacts.honours_allow_unverified
-def train(
-    config: TrainConfig,
-    progress: Callable[[int, int], None] | None = None,
-    callbacks: Sequence[object] = (),
-    log_step: Callable[[StepStats], None] | None = None,
-) -> TrainSummary:
-    """Train `config.method` on `config.data`; returns what was written and measured. `progress(step, steps)` is
-    called after each step, `log_step` with each logging step's StepStats (--logging-steps, and the last step).
-
-    One run at a time writes into `config.out` (a lock file); `--overwrite` writes the new run beside the old one
-    and replaces it once finished; `--resume` continues from its newest complete checkpoint with the options the
-    run was started with, and a finished run resumed is left as it is. SIGINT/SIGTERM end the run with a
-    checkpoint (`Interrupted`, exit 130/143)."""
-    method, method_options = _check_options(config)
-    system.check_launcher()
-    ref = models.resolve_model(config.model)
-    max_length = models.fit_max_length(config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code)
-    config = replace(config, max_length=max_length)
-    existed = Path(config.out).expanduser().exists()
-    inputs = _read_inputs(config, method, method_options)
-    main = system.is_main_process()
-    try:
-        return _locked_train(config, inputs, main, progress, callbacks, log_step)
-    except BaseException:
-        if main and not existed:
-            with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
-                inputs.out.rmdir()
-        raise
-
-
-def _locked_train(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
-    with files.folder_lock(inputs.out, "lorasb train") if main else contextlib.nullcontext():
-        if config.overwrite and any(p.name != files.LOCK_FILE for p in inputs.out.iterdir()):
-            return _overwrite(config, inputs, main, progress, callbacks, log_step)
-        resume_from = None
-        if config.resume:
-            finished = inputs.out / "metrics.json"  # written last, after the final adapter
-            if finished.is_file() and (inputs.out / adapter.ADAPTER_FILE).is_file():
-                _check_same_run(inputs.out, config, inputs, finished=True)
-                log.warning("the run in %s finished: nothing to resume", inputs.out)
-                return _finished_summary(finished, inputs.out)
-            resume_from = _resume_point(config, inputs)
-        return _run(config, inputs, resume_from, progress, callbacks, log_step)
-
-
-# What marks a folder as a run of lorasb train (any of them): only such a folder may be replaced by --overwrite.
-# A tracker's logs are one: a run killed before its first checkpoint leaves them.
-_RUN_MARKS = (adapter.CONFIG_FILE, "metrics.json", "checkpoint-*", *tracking.RUN_MARKS)
-
-
-def _overwrite(config: TrainConfig, inputs: _Inputs, main: bool, progress, callbacks, log_step) -> TrainSummary:
-    """--overwrite of a run: the new run is written in a hidden folder beside it and takes its place only once it
-    has finished, so a new run that fails, diverges or is interrupted leaves the old run as it was."""
-    if not any(any(inputs.out.glob(mark)) for mark in _RUN_MARKS):
-        raise BadInputError(
-            "--overwrite replaces a run of lorasb train; this folder holds other files",
-            path=str(inputs.out),
-            hint="pick another -o, or empty the folder yourself",
-        )
-    # One name every process of a launcher's job agrees on; a killed overwrite's leftover is removed first.
-    work = inputs.out.parent / f".{inputs.out.name}.overwrite"
-    if main:
-        shutil.rmtree(work, ignore_errors=True)
-    try:
-        summary = _run(config, replace(inputs, work=work), None, progress, callbacks, log_step)
-    except BaseException as e:
-        if main:
-            shutil.rmtree(work, ignore_errors=True)
-        if isinstance(e, LorasbError):  # its checkpoint went with the discarded run
-            e.hint = f"--overwrite: the new run was discarded and the run in {inputs.out} is as it was"
-        raise
-    if main:
-        files.swap_folder(work, inputs.out)
-    return summary
-
-
-def _finished_summary(metrics_file: Path, out: Path) -> TrainSummary:
-    metrics = json.loads(metrics_file.read_text())
-    return TrainSummary(**{f.name: metrics[f.name] for f in fields(TrainSummary) if f.name != "path"}, path=out)
-
-
 # Options a resumed run may change: where things are (another machine), how often it saves and scores.
 _FREE_ON_RESUME = {
     "logging_steps",
@@ -591,7 +394,7 @@ def _recorded_options(config: TrainConfig, method_options: methods.MethodOptions
     return own | asdict(method_options)
 
 
-def _run(
+def _train_and_write(
     config: TrainConfig,
     inputs: _Inputs,
     resume_from: Path | None,
@@ -632,7 +435,7 @@ def _run(
     guards = [DivergenceGuard(inputs.work), StepLog(progress, log_step, clock.seconds), *callbacks]
     # The trackers' integrations read where to write when the Trainer makes them and when training starts.
     with tracking.logs_in(inputs.work, tracking.report_to(config.report_to)):
-        trainer, task_eval, stop = _trainer(
+        trainer, task_eval, stop = _make_trainer(
             config, inputs, run, examples, tokenizer, adapter_config, device, guards, sharded=sharded
         )
         trainer.run_record = lambda: {
@@ -643,7 +446,7 @@ def _run(
         clock.start()
         try:
             with files.storage_errors(inputs.work):
-                train_loss_mean = _train(trainer, resume_from)
+                train_loss_mean = _fit(trainer, resume_from)
         except BadInputError:
             _remove_incomplete_checkpoints(inputs.work)  # e.g. one a full disk cut off: never resumable
             raise
@@ -670,7 +473,173 @@ def _run(
     )
 
 
-def _shard(config: TrainConfig, model: nn.Module, run: _Run, device: torch.device) -> bool:
+@dataclass
+class _Examples:
+    """Training and eval examples (tokenized as the data loader reads them); the probe the step-0 losses are
+    measured on (the eval rows when there are any, as the final eval loss); and the training slice held out for a
+    method that chooses by loss (`--init-scale auto`), else None."""
+
+    train: Sequence[data.Example]
+    eval: Sequence[data.Example] | None
+    probe: list[data.Example]
+    probe_kind: str
+    held_out: list[data.Example] | None = None
+
+
+def _examples(config: TrainConfig, inputs: _Inputs, tokenizer) -> _Examples:
+    # Rows are tokenized as the data loader reads them: a large corpus is never one list of examples.
+    encoder = data.Encoder(
+        inputs.fmt, tokenizer, config.max_length, inputs.labels, inputs.template, inputs.system_prompt
+    )
+    train_examples = data.LazyExamples(inputs.train_set.rows, encoder)
+    eval_examples = data.LazyExamples(inputs.eval_set.rows, encoder) if inputs.eval_set else None
+    held_out = None
+    if inputs.options.holds_out_probe or config.lr == "auto":
+        # E.g. `--init-scale auto` picks the scale, `--lr auto` the rate, on one slice held out of the training set:
+        # never on data training sees, nor on the eval data, which may be the test split the run is scored on.
+        held = max(1, min(32, len(train_examples) // 10))
+        train_examples, held_out = train_examples[:-held], list(train_examples[-held:])
+    first = list(train_examples[:64])  # every row of a small set, and the probe when there is no other
+    tokens = sum(data.supervised_tokens(example) for example in first)
+    data.check_supervised(tokens, f"the first {len(first)} training rows", config.max_length)
+    if eval_examples:
+        probe, kind = eval_examples, "eval"
+    elif held_out is not None:
+        probe, kind = held_out, "held-out training"
+    else:
+        probe, kind = first, "training"
+    return _Examples(train_examples, eval_examples, list(probe), kind, held_out)  # the probe is encoded once
+
+
+@dataclass
+class _PreparedMethod:
+    """The method set up on the model: what trains, its size, and the step-0 losses."""
+
+    prepared: methods.Prepared
+    modules: list[str]
+    shapes: dict[str, tuple[int, int]]
+    rank: int | None
+    trainable: int
+    base_params: int
+    lora_params: int
+    step0_base: float | None
+    step0_init: float | None
+
+
+def _prepare_method(
+    config: TrainConfig, inputs: _Inputs, model: nn.Module, tokenizer, examples: _Examples, device: torch.device
+) -> _PreparedMethod:
+    method, factors = inputs.method, inputs.factors
+    if factors is not None:
+        modules, rank = list(factors.factors), factors.meta.rank
+        ranks = {m: lora_R.shape[0] for m, (_, lora_R, _) in factors.factors.items()}  # per module with --budget
+    else:
+        low_rank = method.uses_rank
+        modules = models.resolve_targets(model, inputs.options.targets) if low_rank else []
+        rank = inputs.options.rank if low_rank else None
+        if low_rank:
+            linalg.check_rank(rank, models.target_shapes(model, modules))
+        ranks = {m: rank or 0 for m in modules}
+    shapes = models.target_shapes(model, modules)
+    base_params = models.parameter_count(model)
+    lora_params = sum(ranks[module] * (m + n) for module, (m, n) in shapes.items())
+
+    @torch.no_grad()
+    def probe_loss(m: nn.Module, rows: Sequence[data.Example] = examples.probe) -> float:
+        return loss.mean_loss(m, rows, config.batch_size, tokenizer.pad_token_id)
+
+    step0_base = None if config.resume else probe_loss(model)
+    setup = methods.Setup(
+        model=model,
+        modules=modules,
+        rank=rank,
+        seed=config.seed,
+        options=inputs.options,
+        factors=factors,
+        # A method chooses on the held-out slice, never on the rows the run is scored on.
+        probe_loss=lambda m: probe_loss(m, examples.held_out or examples.probe),
+        batches=lambda n: data.make_batches(examples.train[:n], config.batch_size, tokenizer.pad_token_id),
+        resumes=config.resume,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        prepared = method.prepare(setup)
+    if config.quantize:
+        quantization.mark_adapters_attached(prepared.model)
+    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+    log.info(
+        "--method %s: trainable parameters %s (%.4f%% of the base model's %s)%s",
+        method.name,
+        f"{trainable:,}",
+        100 * trainable / base_params,
+        f"{base_params:,}",
+        f"; LoRA at {'rank ' + str(rank) if len(set(ranks.values())) == 1 else 'the same ranks'} on the same "
+        f"targets: {lora_params:,}, {lora_params / trainable:.1f}× more"
+        if lora_params and trainable
+        else "",
+    )
+    step0_init = None if config.resume else _step0_init_loss(method, prepared, probe_loss, examples, step0_base, device)
+    return _PreparedMethod(prepared, modules, shapes, rank, trainable, base_params, lora_params, step0_base, step0_init)
+
+
+def _step0_init_loss(
+    method: methods.Method,
+    prepared: methods.Prepared,
+    probe_loss: Callable[[nn.Module], float],
+    examples: _Examples,
+    step0_base: float,
+    device: torch.device,
+) -> float:
+    """The initialized model's probe loss, with a warning when it is worse than the base's."""
+    # Upcast master weights run their forward in the base dtype, as training will: base and init compare alike.
+    with prepared.autocast(device):
+        step0_init = probe_loss(prepared.model)
+    log.info(
+        "step-0 loss on %d %s samples: base %.4f, initialized %.4f",
+        len(examples.probe),
+        examples.probe_kind,
+        step0_base,
+        step0_init,
+    )
+    if step0_init > step0_base * (1 + 1e-4):
+        log.warning(
+            "the initialized model is worse than the base (%.4f > %.4f)%s",
+            step0_init,
+            step0_base,
+            f": {method.worse_init_hint}" if method.worse_init_hint else "",
+        )
+    return step0_init
+
+
+def _adapter_config(
+    config: TrainConfig, inputs: _Inputs, model: nn.Module, run: _PreparedMethod
+) -> metadata.AdapterMeta:
+    """The adapter's metadata (adapter_config.json), also written into every checkpoint."""
+    labels, start = inputs.labels, inputs.factors
+    adapter_config = metadata.AdapterMeta.from_run(
+        start.meta if start is not None else None,
+        # where R started: the adapter's own run, so a chain of runs can be traced back
+        continues=str(start.path.resolve()) if config.init_adapter else None,
+        settings=run.prepared.config,
+        base_model=inputs.ref.provenance(models.fingerprint(run.shapes), config.quantize),
+        targets=getattr(inputs.options, "targets", None),
+        target_modules=tuple(run.modules),
+        rank=run.rank,
+        method=inputs.method.name,
+        data=metadata.DataProvenance.from_dataset(
+            inputs.train_set, format=inputs.fmt, template=inputs.template, system_prompt=inputs.system_prompt
+        ),
+        train=_recorded_options(config, inputs.options),
+        **(models.head_meta(models.HeadSpec.from_model(model, labels)) if labels is not None else {}),
+    )
+    log.info(
+        "method settings: %s",
+        json.dumps({k: v for k, v in run.prepared.config.items() if not isinstance(v, list)}),  # not curves
+    )
+    return adapter_config
+
+
+def _shard(config: TrainConfig, model: nn.Module, run: _PreparedMethod, device: torch.device) -> bool:
     """--strategy fsdp under a launcher: shard the base now that the method is set up on it (its init read the
     whole weights), the trained tensors left whole on every rank (lorasb_cli/fsdp.py). Whether it sharded."""
     if not fsdp.sharding(config.strategy):
@@ -687,12 +656,6 @@ def _shard(config: TrainConfig, model: nn.Module, run: _Run, device: torch.devic
     return True
 
 
-def _remove_incomplete_checkpoints(out: Path) -> None:
-    for folder in out.glob("checkpoint-*"):
-        if folder.is_dir() and not (folder / COMPLETE_FILE).is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 @dataclass
 class _Clock:
     """Training seconds of a whole run: those its resumed checkpoint recorded, plus this process's since start()."""
@@ -707,10 +670,10 @@ class _Clock:
         return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
-def _trainer(
+def _make_trainer(
     config: TrainConfig,
     inputs: _Inputs,
-    run: _Run,
+    run: _PreparedMethod,
     examples: _Examples,
     tokenizer,
     adapter_config: metadata.AdapterMeta,
@@ -765,6 +728,67 @@ def _trainer(
     return trainer, task_eval, stop
 
 
+def _training_arguments(
+    config: TrainConfig, inputs: _Inputs, prepared: methods.Prepared, *, evaluates: bool, device: torch.device
+):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(inputs.work),
+        run_name=str(inputs.out),  # what a tracker names the run: its -o, also while --overwrite writes beside it
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.scheduler,
+        # transformers 5 reads a value below 1 as a fraction of the steps (get_warmup_steps); --warmup-ratio is < 1
+        warmup_steps=config.warmup_ratio,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        eval_strategy="steps" if evaluates and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        activation_checkpointing=config.gradient_checkpointing,
+        use_cpu=device.type == "cpu",
+        # Float32 master weights of a bf16/fp16 base (full fine-tuning) train under autocast in the base dtype.
+        bf16=prepared.mixed_precision == torch.bfloat16,
+        fp16=prepared.mixed_precision == torch.float16,
+        report_to=tracking.report_to(config.report_to),
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+    )
+
+
+def _fit(trainer, resume_from: Path | None) -> float | None:
+    """Train (from `resume_from`), returning the mean training loss. A checkpoint of the run's last step is
+    the trained run: its tensors and state are loaded, and nothing is trained (the Trainer, resumed at its last
+    step in the middle of an epoch, would take one step more)."""
+    from transformers.trainer_callback import TrainerState
+
+    state_file = resume_from / "trainer_state.json" if resume_from else None
+    saved = TrainerState.load_from_json(str(state_file)) if state_file else None
+    if saved is None or not 0 < saved.max_steps <= saved.global_step:
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+    log.info("%s holds the run's last step (%d): the run is written from it", resume_from, saved.global_step)
+    trainer.state = saved
+    trainer._load_from_checkpoint(str(resume_from))
+    losses = [h["loss"] for h in saved.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _remove_incomplete_checkpoints(out: Path) -> None:
+    for folder in out.glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / COMPLETE_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @torch.no_grad()
 def _final_eval_loss(
     prepared: methods.Prepared, examples: _Examples, batch_size: int, pad_id: int, device: torch.device
@@ -782,26 +806,9 @@ def _final_eval_loss(
     return value
 
 
-def _train(trainer, resume_from: Path | None) -> float | None:
-    """Train (from `resume_from`), returning the mean training loss. A checkpoint of the run's last step is
-    the trained run: its tensors and state are loaded, and nothing is trained (the Trainer, resumed at its last
-    step in the middle of an epoch, would take one step more)."""
-    from transformers.trainer_callback import TrainerState
-
-    state_file = resume_from / "trainer_state.json" if resume_from else None
-    saved = TrainerState.load_from_json(str(state_file)) if state_file else None
-    if saved is None or not 0 < saved.max_steps <= saved.global_step:
-        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
-    log.info("%s holds the run's last step (%d): the run is written from it", resume_from, saved.global_step)
-    trainer.state = saved
-    trainer._load_from_checkpoint(str(resume_from))
-    losses = [h["loss"] for h in saved.log_history if "loss" in h]
-    return sum(losses) / len(losses) if losses else None
-
-
 def _write_run(
     inputs: _Inputs,
-    run: _Run,
+    run: _PreparedMethod,
     trainer,
     adapter_config: metadata.AdapterMeta,
     *,

@@ -14,7 +14,7 @@ import torch
 from helpers import make_llama
 from test_mistral import MISTRAL_7B
 
-from lorasb_cli import adapter, cli, estimate, models, plan
+from lorasb_cli import adapter, cli, estimate, held_inputs, models, plan
 from lorasb_cli.errors import BadInputError
 
 
@@ -71,7 +71,7 @@ def _real_saved_bytes(model, batch, *, track_held: bool, monkeypatch) -> int:
         return t
 
     if track_held:
-        real_held_input = plan.held_input
+        real_held_input = held_inputs.held_input
 
         def recording(x):
             source, rebuilt = real_held_input(x)
@@ -79,7 +79,7 @@ def _real_saved_bytes(model, batch, *, track_held: bool, monkeypatch) -> int:
                 keep(x)
             return source, rebuilt
 
-        monkeypatch.setattr(plan, "held_input", recording)
+        monkeypatch.setattr(held_inputs, "held_input", recording)
         hooks = estimate._GradientHooks(model, models.resolve_targets(model, "all-linear"))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         logits = model(input_ids=batch, use_cache=False).logits
@@ -118,7 +118,7 @@ def test_rebuilt_target_inputs_are_bit_for_bit_the_forwards(dtype):
 
     def check(name):
         def hook(_module, inputs, _output):
-            recipe = plan.recomputable(inputs[0])
+            recipe = held_inputs.recomputable(inputs[0])
             seen[name.rsplit(".", 1)[1]] = recipe is not None and torch.equal(recipe(), inputs[0])
 
         return hook
@@ -141,17 +141,20 @@ def test_rebuild_refuses_what_it_cannot_know():
     a = torch.randn(4, 8, requires_grad=True)
     b = torch.randn(4, 8, requires_grad=True)
     product = a * b
-    source, rebuilt = plan.held_input(product)
+    source, rebuilt = held_inputs.held_input(product)
     assert rebuilt and torch.equal(source(), product) and source().data_ptr() != product.data_ptr()
     # w·c.to(float16) with w float32: the product is float32 whatever c was cast to, so the cast's dtype is not
     # known from the graph — held, not rebuilt (rebuilding with a float32 cast would change the bits).
     w = torch.randn(8)
     mixed = w * (a * b).to(torch.float16)
-    assert mixed.dtype == torch.float32 and plan.recomputable(mixed) is None
-    source, rebuilt = plan.held_input(mixed)
+    assert mixed.dtype == torch.float32 and held_inputs.recomputable(mixed) is None
+    source, rebuilt = held_inputs.held_input(mixed)
     assert not rebuilt and source().data_ptr() == mixed.data_ptr()
     # A product with an operand autograd does not save (and cannot rebuild): held.
-    assert plan.recomputable(torch.exp(a) * 2.0) is None and plan.recomputable(a.sin() * a.cos().detach()) is None
+    assert (
+        held_inputs.recomputable(torch.exp(a) * 2.0) is None
+        and held_inputs.recomputable(a.sin() * a.cos().detach()) is None
+    )
 
 
 def _estimate_config(tiny_model_dir, qa_file, tmp_path, **overrides):
