@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -290,8 +289,9 @@ def test_every_config_field_is_one_option_of_its_command(command):
     from lorasb_cli import options
 
     group = cli.cli
-    ctx = click.Context(group.commands[command])
-    names = {p.name for p in group.commands[command].get_params(ctx)}
+    # made as the command line makes it: click caches a command's help option from the first context it sees
+    with group.commands[command].make_context(command, [], resilient_parsing=True) as ctx:
+        names = {p.name for p in group.commands[command].get_params(ctx)}
     config = group.commands[command].config_class
     declared = {f.name for f in options.cli_fields(config)}
     plugins = {f.name for f in options.plugin_fields_of(config)}
