@@ -71,7 +71,7 @@ def test_fsdp_estimate_equals_one_process(tiny_model_dir, qa_file, tmp_path):
     )
     estimate.estimate(config)
     two, one = artifacts.Artifact(tmp_path / "two.safetensors"), artifacts.Artifact(tmp_path / "1")
-    assert two.meta["samples"] == one.meta["samples"] == 9 and two.meta["tokens"] == one.meta["tokens"]
+    assert two.meta.samples == one.meta.samples == 9 and two.meta.tokens == one.meta.tokens
     assert two.names == one.names and len(one.names) == 14
     for name in one.names:
         assert torch.equal(two.get(name), one.get(name)), name
@@ -86,6 +86,7 @@ def _max_r_difference(run: Path, reference: Path) -> tuple[float, float]:
 
 
 TRAIN = ["--max-steps", 4, "--save-steps", 2, "--lr", 1e-2, "--scheduler", "constant", "--dtype", "float64", "-q"]
+TRAIN += ["--logging-steps", 1]  # a loss per step, compared below
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ def fsdp_run(tiny_model_dir, factors_file, tmp_path_factory):
         lr=1e-2,
         scheduler="constant",
         dtype="float64",
+        logging_steps=1,
     )
     train.train(one)
     return folder, args

@@ -107,8 +107,8 @@ def test_train_lr_auto_records_its_rate_and_a_resumed_run_trains_on_with_it(
 
     monkeypatch.setattr(lr_range, "range_test", no_second_test)
     train.train(train_config(tiny_model_dir, qa_file, auto, lr="auto", resume=True, **settings))
-    recorded = adapter.load_adapter(auto).config
-    assert recorded["train"]["lr"] == "auto" and recorded["lr_auto"] == {"lr": curve["lr"]}
+    recorded = adapter.load_adapter(auto).meta
+    assert recorded.train["lr"] == "auto" and recorded.lr_auto == curve["lr"]
     # The same run with the picked rate as a number: the test left the initialization and data order untouched.
     number = tmp_path / "number"
     train.train(train_config(tiny_model_dir, qa_file, number, lr=curve["lr"], **settings))
