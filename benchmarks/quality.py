@@ -215,13 +215,14 @@ MINILM_PAIRS = [("lorasb", r) for r in (8, 16, 24)] + [("lora-xs", r) for r in (
 MINILM_PAIRS += [("lora", 8), ("lora-pro", 8), ("head", None), ("full", None)]
 
 
-# `--lr auto` (issue 31) beside each family's swept rate: (method, rank) -> the sweep that rate comes from.
+# `--lr auto` (issue 31) beside each family's swept rate: (method, rank) -> the sweep that rate comes from, in the
+# order they run (LoRA-SB at the main rank and LoRA first: the comparison users make)
 LR_AUTO_SMOLLM2 = {
-    ("lorasb", 16): SMOLLM2_SWEEP,
     ("lorasb", 32): SMOLLM2_SWEEP,
-    ("lorasb", 64): SMOLLM2_R64_SWEEP,
     ("lora", 8): SMOLLM2_SWEEP,
     ("lora-xs", 32): SMOLLM2_SWEEP,
+    ("lorasb", 16): SMOLLM2_SWEEP,
+    ("lorasb", 64): SMOLLM2_R64_SWEEP,
 }
 LR_AUTO_MINILM = {("lorasb", 16): MINILM_SWEEP, ("lora", 8): MINILM_SWEEP, ("lora-xs", 16): MINILM_SWEEP}
 
@@ -232,15 +233,20 @@ def auto_cell(method: str, rank: int | None, seed: int) -> Cell:
 
 def lr_auto_section(name: str, spec: dict, families: dict, run: bool) -> tuple[list[dict] | None, dict]:
     """Each (method, rank) at its family's swept lr (the cell other sections ran, when they did) and with `--lr
-    auto`, 3 seeds each; returns the rows and, per pair, the swept rate beside the rates auto picked and its cost."""
-    swept = {}
-    for (method, rank), sweeps in families.items():
+    auto`, 3 seeds each, a pair at a time (its sweep, then its cells), so an interrupted section leaves whole pairs;
+    returns the rows and, per pair, the swept rate beside the rates auto picked and its cost."""
+    swept: dict[tuple[str, int | None], float] = {}
+    rows = None
+    for done, ((method, rank), sweeps) in enumerate(families.items(), start=1):
         found = sweep(spec, sweeps, {method}, run)[0]
         if method in found:
             swept[(method, rank)] = found[method]
-    cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), lr in swept.items()]
-    cells += [auto_cell(m, r, s) for s in range(SEEDS) for m, r in families]
-    return section(name, spec, cells, {}, run), lr_auto_rates(spec, swept, list(families))
+        if run or done == len(families):
+            pairs = list(families)[:done]
+            cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), lr in swept.items() if (m, r) in pairs]
+            cells += [auto_cell(m, r, s) for s in range(SEEDS) for m, r in pairs]
+            rows = section(name, spec, cells, {}, run)
+    return rows, lr_auto_rates(spec, swept, list(families))
 
 
 def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) -> dict[str, str]:
@@ -380,25 +386,26 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
     return tables | smollm2_sections(sections, run)
 
 
+# The sections in the order RESULTS.md shows them
 TITLES = {
     "minilm": "MiniLM-L6 on reuters-r8 (paper Table 3's shape): accuracy",
     "minilm-f1": "MiniLM-L6 on reuters-r8: the same cells by macro-F1 over the 8 topics",
     "minilm-head": "MiniLM-L6: the head alone at its own lr and at LoRA-SB's and LoRA's (each method trains the "
     "head at its lr)",
-    "minilm-eta": "MiniLM-L6: η of the simulated first step at r = 16: default, the authors' rule, auto",
     "minilm-budget": "MiniLM-L6: budgeted ranks at the count of r = 16 (decompose --budget-ratio 1) against r = 16",
+    "minilm-eta": "MiniLM-L6: η of the simulated first step at r = 16: default, the authors' rule, auto",
+    "minilm-lr-auto": "MiniLM-L6: `train --lr auto` (a range test on a held-out slice) against each family's swept lr",
     "smollm2": "SmolLM2-135M on arithmetic (paper Tables 1–2's shape): exact match and response loss",
-    "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
-    "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
     "smollm2-r16": "SmolLM2-135M at r = 16: LoRA-SB and LoRA-XS at 45× fewer parameters than LoRA r = 8",
     "smollm2-r64": "SmolLM2-135M at r = 64: LoRA-SB and LoRA-XS at 2.8× fewer parameters than LoRA r = 8",
     "smollm2-r64-swept": "SmolLM2-135M at r = 64: LoRA-SB and LoRA-XS each at its own lr swept at r = 64",
     "smollm2-more": "SmolLM2-135M on arithmetic: the rest of the grid",
+    "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
+    "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
+    "lr-auto": "SmolLM2-135M: `train --lr auto` against each family's swept lr",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
-    "minilm-lr-auto": "MiniLM-L6: `train --lr auto` (a range test on a held-out slice) against each family's swept lr",
-    "lr-auto": "SmolLM2-135M: `train --lr auto` against each family's swept lr",
 }
 LR_AUTO_SECTIONS = ("minilm-lr-auto", "lr-auto")
 # The order a full run takes: the budgeted ranks (issue 17) first, as they need one sweep per model, then the grid,
@@ -419,6 +426,22 @@ BUDGET_NOTE = (
     " minutes a cell with its full-size moments), then the rest), every run is resumable, and a table below holds "
     "only the cells that finished (its `seeds` column says how many)."
 )
+
+
+def recorded_sections() -> dict[str, str]:
+    """The sections RESULTS.md holds now, by title: a section whose cells are not on this machine (another machine or
+    session ran it; benchmarks/out/ is not committed) keeps its recorded table and figures instead of vanishing."""
+    text = RESULTS_PATH.read_text() if RESULTS_PATH.is_file() else ""
+    begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
+    if begin not in text or end not in text:
+        return {}
+    block = text.split(begin, 1)[1].split(end, 1)[0]
+    sections = {}
+    for part in block.split("\n## ")[1:]:
+        title, _, body = part.partition("\n")
+        body = body.split("\nNot run yet")[0].split("\nRun time of this invocation")[0]
+        sections[title] = f"## {title}\n{body}".rstrip()
+    return sections
 
 
 def report(tables: dict, seconds: float) -> str:
@@ -445,11 +468,14 @@ def report(tables: dict, seconds: float) -> str:
         BUDGET_NOTE,
         "",
     ]
-    unfinished = [name for name, (rows, _) in tables.items() if not compares(rows)]
-    for name, (rows, lrs) in tables.items():
-        if name in unfinished:
+    recorded = recorded_sections()
+    unfinished = [n for n in TITLES if not compares(tables.get(n, (None,))[0]) and TITLES[n] not in recorded]
+    for name, title in TITLES.items():  # the report's order
+        rows, lrs = tables.get(name, (None, {}))
+        if not compares(rows):
+            lines += [recorded[title], ""] if title in recorded else []
             continue
-        lines += [f"## {TITLES[name]}", "", compare.markdown_table(rows)]
+        lines += [f"## {title}", "", compare.markdown_table(rows)]
         if name in LR_AUTO_SECTIONS:
             picked = "; ".join(f"{k}: {v}" for k, v in lrs.items())
             lines.append(f"Learning rates, swept and picked by `--lr auto` (seeds 0, 1, 2): {picked}.")
