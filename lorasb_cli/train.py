@@ -747,6 +747,10 @@ def _training_arguments(
         # transformers 5 reads a value below 1 as a fraction of the steps (get_warmup_steps); --warmup-ratio is < 1
         warmup_steps=config.warmup_ratio,
         logging_steps=config.logging_steps,
+        # A language model's loss divides its token sum by the tokens of every rank, and the Trainer multiplies it by
+        # the world size so that the ranks' gradient mean is the global token mean. A head's loss is a batch mean
+        # already: that multiplication would scale its loss and gradients by the number of processes.
+        average_tokens_across_devices=inputs.labels is None,
         save_strategy="steps",
         save_steps=config.save_steps,
         eval_strategy="steps" if evaluates and config.eval_steps else "no",

@@ -168,8 +168,14 @@ def test_a_classifier_head_trains_under_fsdp(tmp_path):
             lr=1e-2,
             scheduler="constant",
             dtype="float64",
+            logging_steps=1,
         )
     )
+    # The classifier's loss is a batch mean, not a token sum: the ranks' losses average to one process's.
+    losses = [
+        [s["loss"] for s in json.loads((tmp_path / r / "metrics.json").read_text())["loss"]] for r in ("two", "one")
+    ]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-6)
     two, one = adapter.load_adapter(tmp_path / "two"), adapter.load_adapter(tmp_path / "one")
     start = artifacts.load_factors(factors)
     assert set(one.extra) == set(two.extra) == {"classifier.weight", "classifier.bias"}
