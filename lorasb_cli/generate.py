@@ -110,8 +110,9 @@ def generate(config: GenerateConfig, prompts: Sequence[str], stream: TextIO | No
             hint="score it with lorasb evaluate --task classification",
         )
     prompting = generation.resolve_prompting(config, task.fields if task else None, saved)
-    log.info("%s", prompting.describe())
     model, tokenizer = generation.load_applied(config, saved)
+    prompting = prompting.for_tokenizer(tokenizer)
+    log.info("%s", prompting.describe())
     template = templates.Template(prompting.template, tokenizer, prompting.system_prompt)
     sampling = generation.Sampling(config.temperature, config.top_p, config.seed) if config.temperature > 0 else None
 

@@ -32,10 +32,20 @@ class Prompting:
     system_prompt: str | None
     source: str  # e.g. "recorded in the adapter run/", "picked from the fields answer, question"
 
+    def for_tokenizer(self, tokenizer) -> Prompting:
+        """A prompt nothing said how to render goes through the tokenizer's chat template where it has one: an
+        instruct model given bare text often answers with its end-of-turn token at once (an empty completion)."""
+        if self.source != NOTHING_RECORDED or not getattr(tokenizer, "chat_template", None):
+            return self
+        return Prompting("chat", None, "nothing recorded: the tokenizer's chat template")
+
     def describe(self) -> str:
         """The log line evaluate and generate print: `template: alpaca (recorded in ...)`."""
         system = f", system prompt {templates.shorten(self.system_prompt)!r}" if self.system_prompt else ""
         return f"template: {self.template} ({self.source}){system}"
+
+
+NOTHING_RECORDED = "nothing recorded: the prompt as given"
 
 
 def resolve_prompting(options, columns: Sequence[str] | None, saved: adapter.Adapter | None) -> Prompting:
@@ -62,7 +72,7 @@ def resolve_prompting(options, columns: Sequence[str] | None, saved: adapter.Ada
         template, source = recorded.template, where
     else:
         if options.template == "auto" and columns is None:
-            template, source = "plain", "nothing recorded: the prompt as given"
+            template, source = "plain", NOTHING_RECORDED
         else:
             template = templates.resolve(options.template, columns or ())
             source = (

@@ -76,6 +76,25 @@ def test_stdin_lines_file_rows_and_json_lines_answer_as_prompts_do(tiny_model_di
     assert lorasb(capsys, monkeypatch, *common, "--file", str(text))[:2] == (0, completions)
 
 
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def test_a_bare_prompt_goes_through_the_tokenizers_chat_template_where_it_has_one(tmp_path, capsys, monkeypatch):
+    """An instruct model given bare text often answers with its end-of-turn token at once: where nothing recorded
+    a template and the tokenizer has a chat template, generate renders the prompt with it, as --template chat does."""
+    model, tokenizer = make_llama()
+    tokenizer.chat_template = CHAT
+    model_dir = save_model(model, tokenizer, tmp_path / "chat-model")
+    common = ["generate", "-m", str(model_dir), "-p", QUESTION, "--max-new-tokens", "8", "--dtype", "float32"]
+    status, chosen, stderr = lorasb(capsys, monkeypatch, *common)
+    assert status == 0 and "template: chat (nothing recorded: the tokenizer's chat template)" in stderr
+    assert lorasb(capsys, monkeypatch, *common, "--template", "chat")[:2] == (0, chosen)
+    assert lorasb(capsys, monkeypatch, *common, "--template", "plain")[1] != chosen
+
+
 def test_streaming_writes_exactly_the_completion_cut_at_a_stop_string(tiny_model_dir):
     prompts = ["the cat sat on the", "what is 12 plus 30 ?"]
     config = GenerateConfig(model=str(tiny_model_dir), prompt=tuple(prompts), max_new_tokens=24, dtype="float32")
