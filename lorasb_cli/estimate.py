@@ -286,6 +286,7 @@ def estimate(config: EstimateConfig, progress: Callable[[int, int], None] | None
 
     `progress(done, total)` is called with sample counts as batches finish.
     """
+    config = dataclasses.replace(config, strategy=system.launcher_strategy(config.strategy))
     # Before any data is read, and before the plan, which builds batches of it.
     max_length = models.fit_max_length(
         config.max_length, MAX_LENGTH, models.resolve_model(config.model), trust_remote_code=config.trust_remote_code

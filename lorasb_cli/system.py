@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 
@@ -9,6 +10,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import BadInputError
+
+log = logging.getLogger("lorasb")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -36,21 +39,35 @@ def is_main_process() -> bool:
     return launcher_rank()[0] == 0
 
 
-def check_launcher() -> None:
-    """Refuse the launcher modes no test runs, before any weight loads (docs/design.md §5: only tested launchers).
+def launcher_strategy(strategy: str) -> str:
+    """The --strategy of this process: `strategy`, or fsdp where `accelerate launch --use_fsdp --fsdp_version 2`
+    asks for FSDP2 (its ACCELERATE_USE_FSDP and FSDP_VERSION variables). Called before any weight loads.
 
-    accelerate's FSDP plugin applies only to GPU-class process groups: on CPU `accelerate launch --use_fsdp` would
-    quietly run DDP, and on GPUs the checkpoints would read sharded parameters; `--strategy fsdp` under torchrun
-    shards the base itself (lorasb_cli/fsdp.py). DeepSpeed is no dependency of lorasb. Both set these variables for
-    the Trainer (accelerate launch, its config).
+    lorasb applies FSDP2 itself (lorasb_cli/fsdp.py: fully_shard per decoder layer, trained tensors whole), so the
+    variable is cleared for the Trainer's Accelerator, whose FSDP plugin would wrap the model again (and applies only
+    to GPU-class process groups). accelerate's other FSDP settings are not read. FSDP1 and DeepSpeed are refused
+    (docs/design.md §5: only tested launchers).
     """
-    for name, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(name, "false").lower() in ("true", "1"):
-            raise BadInputError(
-                f"lorasb train does not support {what} ({name} is set)",
-                hint="launch with torchrun --nproc-per-node N (add --strategy fsdp to shard the base) or accelerate "
-                "launch --multi_gpu",
-            )
+    if _set("ACCELERATE_USE_DEEPSPEED"):
+        raise BadInputError(
+            "lorasb does not support DeepSpeed (ACCELERATE_USE_DEEPSPEED is set)",
+            hint="launch with accelerate launch --use_fsdp --fsdp_version 2, or torchrun ... --strategy fsdp",
+        )
+    if not _set("ACCELERATE_USE_FSDP"):
+        return strategy
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise BadInputError(
+            f"lorasb shards with FSDP2; accelerate launch asks for FSDP version {version}",
+            hint="pass --fsdp_version 2 to accelerate launch, or use torchrun ... --strategy fsdp",
+        )
+    del os.environ["ACCELERATE_USE_FSDP"]
+    log.info("accelerate launch --use_fsdp --fsdp_version 2: --strategy fsdp (lorasb shards per decoder layer)")
+    return "fsdp"
+
+
+def _set(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() in ("true", "1")
 
 
 def init_distributed() -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """`lorasb train`: train with `--method` (default `lorasb`: only R) on HF Trainer (so DDP runs under torchrun and
-`accelerate launch --multi_gpu`, and `--strategy fsdp` under torchrun shards the frozen base with FSDP2; accelerate's
-FSDP plugin and DeepSpeed are refused) and write the adapter directory: adapter.safetensors, adapter_config.json,
+`accelerate launch --multi_gpu`, and `--strategy fsdp` (or `accelerate launch --use_fsdp --fsdp_version 2`) shards
+the frozen base with FSDP2; FSDP1 and DeepSpeed are refused) and write the adapter directory: adapter.safetensors, adapter_config.json,
 metrics.json, loss.png. The methods live in lorasb_cli/methods.
 
 Checkpoints hold the adapter (so each one is itself a valid adapter), the trained tensors, the optimizer,
@@ -95,8 +95,8 @@ def train(
     and replaces it once finished; `--resume` continues from its newest complete checkpoint with the options the
     run was started with, and a finished run resumed is left as it is. SIGINT/SIGTERM end the run with a
     checkpoint (`Interrupted`, exit 130/143)."""
+    config = replace(config, strategy=system.launcher_strategy(config.strategy))
     method, method_options = _check_options(config)
-    system.check_launcher()
     ref = models.resolve_model(config.model)
     max_length = models.fit_max_length(config.max_length, MAX_LENGTH, ref, trust_remote_code=config.trust_remote_code)
     config = replace(config, max_length=max_length)

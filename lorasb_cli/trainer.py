@@ -1,8 +1,8 @@
 """The HF Trainer `lorasb train` runs: checkpoints that are adapters, and the callbacks that guard and score a run.
 
 Each rank's module holds whole trained tensors (DDP replicas; under --strategy fsdp only the frozen base is sharded,
-lorasb_cli/fsdp.py; accelerate's FSDP plugin and DeepSpeed, which would shard them, are refused by
-system.check_launcher), so global rank 0 (`should_save`) writes checkpoints and every rank reads them on resume,
+lorasb_cli/fsdp.py, also under `accelerate launch --use_fsdp --fsdp_version 2`; FSDP1 and DeepSpeed, which would
+shard them, are refused by system.launcher_strategy), so global rank 0 (`should_save`) writes checkpoints and every rank reads them on resume,
 whatever the strategy of the run that wrote them.
 """
 

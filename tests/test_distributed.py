@@ -207,17 +207,26 @@ def test_single_process_stages_run_on_global_rank_0_only(
     assert (status, out) == (2, "") and err.startswith("Error: lorasb compare runs its cells one process each"), err
 
 
-def test_fsdp_and_deepspeed_are_refused_in_one_line(
-    tiny_model_dir, qa_file, factors_file, tmp_path, capsys, monkeypatch, console_state
+@pytest.mark.parametrize("command", ["train", "estimate"])
+def test_fsdp1_and_deepspeed_are_refused_in_one_line(
+    command, tiny_model_dir, qa_file, factors_file, tmp_path, capsys, monkeypatch, console_state
 ):
-    args = ["train", "-m", tiny_model_dir, "-f", factors_file, "-d", qa_file, "-q", "-o", tmp_path / "run"]
-    for variable, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        monkeypatch.setenv(variable, "true")
+    """accelerate launch's variables: DeepSpeed, and FSDP at its default version 1 (lorasb shards with FSDP2)."""
+    args = [command, "-m", tiny_model_dir, "-d", qa_file, "-q", "-o", tmp_path / "out"]
+    args += ["-f", factors_file] if command == "train" else []
+    cases = [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "Error: lorasb does not support DeepSpeed (ACCELERATE_USE_DEEPSPEED"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "Error: lorasb shards with FSDP2; accelerate launch asks for FSDP version 1"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "Error: lorasb shards with FSDP2"),
+    ]
+    for variables, message in cases:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
         status, out, err = run(args, capsys)
-        assert (status, out) == (2, "") and err.count("\n") == 1, err
-        assert err.startswith(f"Error: lorasb train does not support {what} ({variable} is set) — launch"), err
-        monkeypatch.delenv(variable)
-    assert not (tmp_path / "run").exists()
+        assert (status, out) == (2, "") and err.count("\n") == 1 and err.startswith(message), err
+        for name in variables:
+            monkeypatch.delenv(name)
+    assert not (tmp_path / "out").exists()
 
 
 def _free_ports(count: int) -> int:
@@ -239,15 +248,13 @@ def _free_ports(count: int) -> int:
 
 
 @pytest.mark.slow
-def test_accelerate_launch_with_fsdp_is_refused_on_every_rank(tiny_model_dir, qa_file, factors_file, tmp_path):
-    """accelerate's FSDP plugin needs GPU process groups (on CPU it would silently run DDP): refused up front."""
+def test_accelerate_launch_with_fsdp1_is_refused_on_every_rank(tiny_model_dir, qa_file, factors_file, tmp_path):
+    """accelerate's FSDP at its default version 1: lorasb shards with FSDP2 (tests/test_fsdp.py runs that form)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     cmd = [
         "accelerate",
         "launch",
         "--use_fsdp",
-        "--fsdp_version",
-        "2",
         "--num_processes",
         "2",
         "--main_process_port",
@@ -267,7 +274,7 @@ def test_accelerate_launch_with_fsdp_is_refused_on_every_rank(tiny_model_dir, qa
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and done.stdout == ""
     # The first rank to fail ends the job (torchrun stops the others), so one or both ranks print the line.
-    errors = [line for line in done.stderr.splitlines() if "Error: lorasb train does not support FSDP" in line]
+    errors = [line for line in done.stderr.splitlines() if "Error: lorasb shards with FSDP2" in line]
     assert errors and {line.split("Error:")[0] for line in errors} <= {"", "[rank 1] "}, done.stderr[-2000:]
     assert "exitcode  : 2" in done.stderr  # the refusal's status, as torchrun reports the failed rank
     assert not (tmp_path / "run").exists()

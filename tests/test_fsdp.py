@@ -130,6 +130,29 @@ def test_fsdp_training_equals_one_process_at_the_doubled_batch(fsdp_run):
         assert torch.equal(trained[f"{module}.lora_R"].float(), lora_R), module
 
 
+@pytest.mark.slow
+def test_accelerate_launch_with_fsdp2_runs_the_fsdp_strategy(fsdp_run, tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2` reaches the same code as --strategy fsdp under torchrun: the
+    same R to the last bit, one stdout line."""
+    folder, args = fsdp_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--use_fsdp", "--fsdp_version", "2"]
+    accelerate += ["--num_processes", "2", "--main_process_port", str(port), "-m", "lorasb_cli"]
+    done = subprocess.run(
+        [*accelerate, *map(str, [*args, "--batch-size", 4, "-o", tmp_path / "run"])],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.count("\n") == 1, done.stderr[-3000:]
+    worst, _ = _max_r_difference(tmp_path / "run", folder / "two")
+    assert worst == 0.0
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 @pytest.mark.slow
 def test_fsdp_run_resumed_after_a_kill_ends_at_the_uninterrupted_r(fsdp_run, strategy, tmp_path):
