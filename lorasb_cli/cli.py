@@ -398,7 +398,9 @@ Examples:
 \b
 Several processes (DDP: --batch-size per process; rank 0 writes the run):
   torchrun --nproc-per-node 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl -o run/
-  accelerate launch --multi_gpu --num_processes 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl -o run/""",
+  accelerate launch --multi_gpu --num_processes 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl -o run/
+A base sharded across them (FSDP2; the same with accelerate launch --use_fsdp --fsdp_version 2):
+  torchrun --nproc-per-node 8 -m lorasb_cli train -m mistral -f factors.safetensors -d data.jsonl --strategy fsdp -o run/""",
 )
 @common_options
 def train(config, as_json, quiet):
