@@ -318,6 +318,10 @@ class GridSettings(TrainingDataOptions, ModelOptions):
         type=int, range=AT_LEAST_1, help="Generation budget of the task [default: the task's]."
     )
     metric: str | None = option(help="Metric the table ranks by, e.g. flexible_accuracy [default: the task's].")
+    score_steps: str | None = option(
+        help="Also score every cell at these earlier steps (comma list, e.g. 40,150): the checkpoint its run saves "
+        "there, by the task and by the response loss; results.md gets the learning curve, curve.png its plot."
+    )
     # Not options: every cell trains and scores with these.
     warmup_ratio: float = 0.05
     eval_batch_size: int = 16

@@ -348,6 +348,18 @@ class TaskEval(TrainerCallback):
         self.score(model, state.global_step)
 
 
+class SaveAtSteps(TrainerCallback):
+    """A checkpoint (itself an adapter) at each of `steps` besides --save-steps': what compare scores a learning
+    curve on."""
+
+    def __init__(self, steps: Sequence[int]):
+        self.steps = frozenset(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
 class StopOnSignal(TrainerCallback):
     """SIGINT and SIGTERM (what schedulers send before preemption) end the run at the end of the current step with
     a checkpoint; `signal` is then the signal's number. A second SIGINT interrupts at once."""

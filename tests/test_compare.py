@@ -17,15 +17,9 @@ PNG_MAGIC = b"\x89PNG"
 
 
 def _settings(tiny_model_dir, qa_file, **overrides):
+    defaults = {"task": "perplexity", "max_steps": 2, "batch_size": 4, "samples": 4}
     return compare.GridSettings(
-        model=str(tiny_model_dir),
-        data=str(qa_file),
-        eval_data=str(qa_file),
-        task="perplexity",
-        max_steps=2,
-        batch_size=4,
-        samples=4,
-        **overrides,
+        model=str(tiny_model_dir), data=str(qa_file), eval_data=str(qa_file), **(defaults | overrides)
     )
 
 
@@ -301,3 +295,43 @@ def test_every_cell_stage_gets_the_model_and_data_groups_whole(tiny_model_dir, q
     estimate = compare.runs._estimate_config(tmp_path, settings, cell)
     for config in (train, estimate):
         assert (config.system_prompt, config.allow_pickle, config.data) == ("Be brief.", True, str(qa_file))
+
+
+def test_score_steps_score_each_cell_at_its_checkpoints_as_a_learning_curve(tiny_model_dir, qa_file, tmp_path):
+    """--score-steps 2 on 4 steps: each cell is scored at its step-2 checkpoint and at the end. The curve's loss is
+    evaluate's perplexity loss_per_sample, the same per-sample mean as the run's own eval loss (checked at the end,
+    where both exist), so its points compare along the curve."""
+    from lorasb_cli.evaluate import EvaluateConfig, evaluate
+
+    settings = _settings(tiny_model_dir, qa_file, max_steps=4, score_steps="2", task="gsm8k", max_new_tokens=4)
+    cells = compare.grid(compare.parse_methods("lorasb:2,lora:2", []), 1, compare.parse_lrs("5e-2"))
+    results = compare.run_grid(tmp_path, settings, cells)
+    for cell, result in zip(cells, results):
+        assert [point["step"] for point in result.curve] == [2, 4]
+        early, last = result.curve
+        assert last["eval_loss"] == result.eval_loss and last["metrics"] == result.metrics
+        run = tmp_path / "cells" / cell.key / "run"
+        end = evaluate(
+            EvaluateConfig(
+                model=str(tiny_model_dir),
+                adapter=str(run),
+                task="perplexity",
+                data=str(qa_file),
+                out=str(run.parent / "end.json"),
+            )
+        )
+        assert end.metrics["loss_per_sample"] == pytest.approx(last["eval_loss"], rel=1e-4)
+        assert early["eval_loss"] > last["eval_loss"]  # 2 more steps at lr 5e-2 on the scored rows
+    compare.write_report(tmp_path, settings, results)
+    curve = json.loads((tmp_path / "results.json").read_text())["curve"]
+    assert [(row["method"], row["step"], row["seeds"]) for row in curve] == [
+        ("lorasb", 2, 1),
+        ("lora", 2, 1),
+        ("lorasb", 4, 1),
+        ("lora", 4, 1),
+    ]
+    assert "## Learning curve" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "curve.png").read_bytes()[:4] == PNG_MAGIC
+    for bad in ("4", "0,2", "two"):
+        with pytest.raises(BadInputError, match="--score-steps"):
+            compare.cells.parse_score_steps(bad, 4)

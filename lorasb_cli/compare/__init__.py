@@ -6,7 +6,7 @@ the stages' public functions; `report`: results.md, results.json and the PNGs, r
 
 from ..configs import CompareConfig, GridSettings
 from .cells import Cell, CellResult, grid, known_methods, parse_lrs, parse_methods
-from .report import aggregate, mark_noise, markdown_table, write_report
+from .report import aggregate, curve_rows, curve_table, mark_noise, markdown_table, write_report
 from .runs import SWEEP_MAX, CompareSummary, compare, prepare_data, run_cell, run_grid, score_base, sweep_lrs
 
 __all__ = [
@@ -18,6 +18,8 @@ __all__ = [
     "GridSettings",
     "aggregate",
     "compare",
+    "curve_rows",
+    "curve_table",
     "grid",
     "known_methods",
     "mark_noise",

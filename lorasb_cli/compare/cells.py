@@ -65,6 +65,8 @@ class CellResult:
     seconds: float
     peak_memory_bytes: int
     loss: list[dict] = field(default_factory=list)
+    # --score-steps: {step, metrics, eval_loss} at each scored step and the last (empty without the option)
+    curve: list[dict] = field(default_factory=list)
 
 
 def known_methods() -> list[str]:
@@ -116,6 +118,20 @@ def parse_lrs(spec: str) -> Callable[[str], float | str]:
         return default
 
     return lr
+
+
+def parse_score_steps(spec: str | None, max_steps: int) -> tuple[int, ...]:
+    """`40,150` → (40, 150): the steps before the last at which every cell is scored too."""
+    try:
+        steps = tuple(sorted({int(part) for part in (spec or "").split(",") if part.strip()}))
+    except ValueError:
+        raise BadInputError(f"--score-steps '{spec}' must be a comma list of steps", hint="e.g. 40,150") from None
+    if any(not 0 < step < max_steps for step in steps):
+        raise BadInputError(
+            f"--score-steps {spec}: each step must lie between 1 and --max-steps {max_steps} (the last is scored anyway)",
+            hint=f"pass steps below {max_steps}",
+        )
+    return steps
 
 
 def lr_text(lr: float | str) -> str:

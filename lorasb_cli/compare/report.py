@@ -1,13 +1,14 @@
 """A compare grid's report: `results.md` (metric mean ± std over seeds, ranked as the task declares, trainable
 parameters, train time, peak memory), `results.json`, `loss.png` (mean train loss per step), `metric.png` (metric
-against trainable parameters, log axis) and, after an lr sweep, `sweep.png`."""
+against trainable parameters, log axis), with --score-steps the learning curve (`curve.png`) and, after an lr
+sweep, `sweep.png`."""
 
 from __future__ import annotations
 
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import files
@@ -54,6 +55,22 @@ def aggregate(results: Sequence[CellResult], task: Task, metric: str | None = No
             }
         )
     return mark_noise(rows, higher_is_better=task.higher_is_better(metric))
+
+
+def curve_rows(results: Sequence[CellResult], task: Task, metric: str | None = None) -> list[dict]:
+    """`aggregate`'s rows at each step the cells were scored at (--score-steps, and the last), each with its
+    `step` and marked against the best row of that step; empty without a curve."""
+    steps = sorted({point["step"] for result in results for point in result.curve})
+    rows = []
+    for step in steps:
+        at = [
+            replace(result, metrics=point["metrics"], eval_loss=point["eval_loss"])
+            for result in results
+            for point in result.curve
+            if point["step"] == step
+        ]
+        rows += [row | {"step": step} for row in aggregate(at, task, metric)]
+    return rows
 
 
 def mark_noise(rows: list[dict], *, higher_is_better: bool) -> list[dict]:
@@ -103,6 +120,50 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"{row['seconds']:.0f} | {human_bytes(row['peak_memory_bytes'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def curve_table(rows: Sequence[dict]) -> str:
+    """The learning curve: each (method, rank) at each scored step, against the best row of its step."""
+    lines = [
+        f"| method | rank | step | {rows[0]['metric']} (mean ± std) | vs best at the step | eval loss | seeds |",
+        "|" + "---|" * 7,
+    ]
+    for row in sorted(rows, key=lambda r: (r["method"], r["rank"] or 0, r["step"])):
+        loss = f"{row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f}" if row["eval_loss"] else "-"
+        lines.append(
+            f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['step']} | "
+            f"{row['mean']:.4f} ± {row['std']:.4f} | {row['vs_best']} | {loss} | {row['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(rows: Sequence[dict], path: Path, title: str) -> None:
+    """The metric and the eval loss against the step, mean ± std over seeds, one line per (method, rank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict]] = {}
+    for row in rows:
+        lines.setdefault(row["method"] + (f" r={row['rank']}" if row["rank"] is not None else ""), []).append(row)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    for label, points in lines.items():
+        points = sorted(points, key=lambda r: r["step"])
+        steps = [p["step"] for p in points]
+        left.errorbar(steps, [p["mean"] for p in points], yerr=[p["std"] for p in points], label=label, capsize=3)
+        if all(p["eval_loss"] for p in points):
+            losses = [p["eval_loss"] for p in points]
+            right.errorbar(steps, [m for m, _ in losses], yerr=[s for _, s in losses], label=label, capsize=3)
+    left.set(xlabel="step", ylabel=rows[0]["metric"], title=f"{title}: {rows[0]['metric']} by step")
+    right.set(xlabel="step", ylabel="eval loss (response, per sample)", title=f"{title}: eval loss by step")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: str) -> list[Path]:
@@ -167,10 +228,12 @@ def write_report(
     the untrained base model's results (score_base), reported above the table."""
     out = Path(out)
     rows = aggregate(results, get_task(settings.task), settings.metric)
+    curve = curve_rows(results, get_task(settings.task), settings.metric)
     plot(results, rows, out, title)
     with files.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results], "base": base}
-        tmp.write_text(json.dumps(payload | ({"lr_sweep": sweeps} if sweeps else {}), indent=2, default=str) + "\n")
+        payload |= ({"lr_sweep": sweeps} if sweeps else {}) | ({"curve": curve} if curve else {})
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     text = (
         f"# {title}\n\nModel `{settings.model}`, task `{settings.task}`, {settings.max_steps} steps of batch "
         f"{settings.batch_size}, estimate over {settings.samples} samples at η {settings.eta:g}.\n\n"
@@ -178,6 +241,9 @@ def write_report(
         + markdown_table(rows)
         + "\n![loss curves](loss.png)\n\n![metric vs trainable parameters](metric.png)\n"
     )
+    if curve:
+        plot_curve(curve, out / "curve.png", title)
+        text += "\n## Learning curve\n\n" + curve_table(curve) + "\n![learning curve](curve.png)\n"
     if sweeps:
         plot_sweeps(sweeps, out / "sweep.png", title)
         text += (

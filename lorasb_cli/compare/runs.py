@@ -21,7 +21,7 @@ from ..configs import COMPARE_MAX_LENGTH, CompareConfig, DecomposeConfig, Estima
 from ..errors import BadInputError
 from ..options import ModelOptions, TrainingDataOptions, group_values, takes
 from ..tasks import get_task
-from .cells import Cell, CellResult, grid, parse_lrs, parse_methods
+from .cells import Cell, CellResult, grid, parse_lrs, parse_methods, parse_score_steps
 from .report import aggregate, write_report
 
 log = logging.getLogger("lorasb")
@@ -55,6 +55,7 @@ def compare(config: CompareConfig, progress: Callable[[int, int], None] | None =
     if config.lr_sweep and any(lr(method) == "auto" for method, _ in pairs):
         raise BadInputError("--lr-sweep sweeps around a number; --lr auto picks the rate itself", hint="pass one")
     cells = grid(pairs, config.seeds, lr)  # checks the seeds and that every method has an lr
+    parse_score_steps(config.score_steps, config.max_steps)
     task = get_task(config.task)
     if config.metric is not None and not task.has_metric(config.metric):  # before any cell runs
         raise BadInputError(
@@ -160,12 +161,13 @@ def check_cells(out: Path, settings: GridSettings, cells: Sequence[Cell]) -> Non
             raise BadInputError(f"cell {cell.key}: {e.message}", path=e.path, hint=e.hint) from e
 
 
-def _train_cell(out: Path, settings: GridSettings, cell: Cell, run: Path):
-    """Train one cell into `run`, first making its estimate and factors where it needs them and they are not
-    there."""
+def _train_cell(out: Path, settings: GridSettings, cell: Cell, run: Path, save_at: Sequence[int] = ()):
+    """Train one cell into `run` (with a checkpoint at each step of `save_at`), first making its estimate and
+    factors where it needs them and they are not there."""
     from ..decompose import decompose
     from ..estimate import estimate
     from ..train import train
+    from ..trainer import SaveAtSteps
 
     if cell.is_init:
         estimated, factors = _estimate_config(out, settings, cell), _decompose_config(out, settings, cell)
@@ -173,18 +175,19 @@ def _train_cell(out: Path, settings: GridSettings, cell: Cell, run: Path):
             if not Path(config.out).is_file():
                 Path(config.out).parent.mkdir(parents=True, exist_ok=True)
                 stage(config)
-    return train(_train_config(out, settings, cell, run))
+    return train(_train_config(out, settings, cell, run), callbacks=[SaveAtSteps(save_at)] if save_at else ())
 
 
-def _evaluate(settings: GridSettings, out: Path, **model: str):
-    """evaluate on the held-out rows into `out`; `model`: the run as `adapter`, or `template_of` for the base."""
+def _evaluate(settings: GridSettings, out: Path, task: str | None = None, **model: str):
+    """evaluate on the held-out rows into `out` by `task` (default: the grid's); `model`: the run as `adapter`, or
+    `template_of` for the base."""
     from ..evaluate import EvaluateConfig, evaluate
 
     return evaluate(
         EvaluateConfig(
             **model_options(settings),
             **model,
-            task=settings.task,
+            task=task or settings.task,
             data=settings.eval_data,
             out=str(out),
             batch_size=settings.eval_batch_size,
@@ -202,9 +205,13 @@ def run_cell(out: Path, settings: GridSettings, cell: Cell) -> CellResult:
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished cell: its partial run is not resumable evidence
     folder.mkdir(parents=True)
-    summary = _train_cell(out, settings, cell, folder / "run")
+    steps = parse_score_steps(settings.score_steps, settings.max_steps)
+    summary = _train_cell(out, settings, cell, folder / "run", save_at=steps)
     scored = _evaluate(settings, folder / "eval.json", adapter=str(folder / "run"))
     metrics = json.loads((folder / "run" / "metrics.json").read_text())
+    curve = [_score_checkpoint(settings, folder, step) for step in steps]
+    if curve:
+        curve.append({"step": summary.steps, "metrics": scored.metrics, "eval_loss": summary.final_eval_loss})
     result = CellResult(
         cell=asdict(cell),
         metrics=scored.metrics,
@@ -215,10 +222,20 @@ def run_cell(out: Path, settings: GridSettings, cell: Cell) -> CellResult:
         seconds=summary.seconds,
         peak_memory_bytes=summary.peak_memory_bytes,
         loss=metrics["loss"],
+        curve=curve,
     )
     with files.atomic_path(folder / "cell.json") as tmp:
         tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def _score_checkpoint(settings: GridSettings, folder: Path, step: int) -> dict:
+    """A cell's run as it was at `step` (its checkpoint, an adapter): the task's metrics and the response loss on
+    the held-out rows, the per-sample mean the run's own eval loss is (evaluate's perplexity task, loss_per_sample)."""
+    checkpoint = str(folder / "run" / f"checkpoint-{step}")
+    scored = _evaluate(settings, folder / f"eval-step{step}.json", adapter=checkpoint)
+    loss = _evaluate(settings, folder / f"loss-step{step}.json", task="perplexity", adapter=checkpoint)
+    return {"step": step, "metrics": scored.metrics, "eval_loss": loss.metrics["loss_per_sample"]}
 
 
 def score_base(out: Path, settings: GridSettings, results: Sequence[CellResult]) -> dict | None:
