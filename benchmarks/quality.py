@@ -3,7 +3,7 @@
 Every method trains the same steps on the same rows. Each family gets its own learning rate from compare's sweep
 (`compare.sweep_lrs`: seed 0, 5 points half a decade apart, extended while an edge wins, scored by the per-sample
 loss on a validation slice held out of the *training* rows, never the test rows) and is then run with 3 seeds and
-scored on the test split. Sections, the first fourteen in the order a full run takes them (DEFAULT_SECTIONS; each
+scored on the test split. Sections, the first fifteen in the order a full run takes them (DEFAULT_SECTIONS; each
 a resumable compare grid under benchmarks/out/quality/, so an interrupted run continues where it stopped):
 
   minilm-budget LoRA-SB r 16 against budgeted ranks at the same count on MiniLM (issue 17)
@@ -22,7 +22,9 @@ a resumable compare grid under benchmarks/out/quality/, so an interrupted run co
   smollm2-more  the rest of the grid: LoRA-GA / PiSSA / DoRA r 8, full, rsLoRA r 8
   minilm-lr-auto  `train --lr auto` (issue 31) on MiniLM: LoRA-SB r 16, LoRA r 8, LoRA-XS r 16, each beside its
                 swept lr
-  lr-auto       the same on SmolLM2: LoRA-SB r 16/32/64, LoRA r 8, LoRA-XS r 32
+  lr-auto       the same on SmolLM2: LoRA-SB r 32/16/64, LoRA r 8, LoRA-XS r 32
+  smollm2-curve LoRA-SB r 32, LoRA r 8 and LoRA-XS r 32 over 400 steps, scored at 40, 150 and 400 (issue 32;
+                compare --score-steps: one run per seed); about 4 h on 2 cores
   inits         init ablation at r 32: lorasb, kaiming, noisy (σ = 1 and 10, in units of η), non-orthonormal
   samples       estimate sample count 1, 4, 16, 64 at r 32 (paper Table 5)
   inilora       IniLoRA, IniLoRA-α/β, MiLoRA, PiSSA and LoRA at r 8
@@ -124,6 +126,12 @@ def split_files(spec: dict) -> dict[str, str]:
     return {part: str(p) for part, p in paths.items()}
 
 
+def grid_name(spec: dict) -> str:
+    """The folder of a spec's cells and sweeps: the model's, or the spec's own where its budget differs (a cell's
+    key holds its method, rank, lr and seed, not its steps)."""
+    return spec.get("grid", spec["model"])
+
+
 def settings(spec: dict) -> GridSettings:
     files = split_files(spec)
     return GridSettings(
@@ -137,13 +145,14 @@ def settings(spec: dict) -> GridSettings:
         targets=spec["targets"],
         max_new_tokens=spec["max_new_tokens"],
         metric=spec.get("metric"),
+        score_steps=spec.get("score_steps"),
     )
 
 
 def sweep(spec: dict, families: dict, wanted: set[str], run: bool) -> tuple[dict[str, float], dict[str, list[dict]]]:
     """The lr of each wanted family by compare's validation-loss sweep, and its points; without `run`, the
     sweeps as far as they were run (a family without points is left out)."""
-    folder = OUT / f"{spec['model']}-sweep"
+    folder = OUT / f"{grid_name(spec)}-sweep"
     pairs = [pair for pair in families if pair[0] in wanted]
     if run:
         log(f"{folder.name}: {', '.join(m for m, _ in pairs)}")
@@ -186,15 +195,19 @@ def section(
     share, such as LoRA-SB r 32 at η 1e-5, runs once); write the section's report and PNGs. A `rescored` section
     reads another section's cells by another metric, so its loss curves would repeat that section's."""
     setup = settings(spec)
-    results = _grid(OUT / spec["model"], setup, cells, run)
+    results = _grid(OUT / grid_name(spec), setup, cells, run)
     if not results:
         return None
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
     compare.write_report(folder, setup, results, title=name, sweeps=sweeps or None)
-    rows = compare.aggregate(results, get_task(setup.task), setup.metric)
+    if setup.score_steps:  # a learning curve: its rows are the scored steps'
+        rows = compare.curve_rows(results, get_task(setup.task), setup.metric)
+        shown = ("curve.png", "loss.png") if compares(rows) else ()
+    else:
+        rows = compare.aggregate(results, get_task(setup.task), setup.metric)
+        shown = (("metric.png",) if rescored else ("loss.png", "metric.png")) if compares(rows) else ()
     FIGURES.mkdir(parents=True, exist_ok=True)
-    shown = (("metric.png",) if rescored else ("loss.png", "metric.png")) if compares(rows) else ()
     for png in shown + (("sweep.png",) if sweeps else ()):
         shutil.copyfile(folder / png, FIGURES / f"{name}-{png}")
     return rows
@@ -267,6 +280,49 @@ def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) 
         cost = f"range test {test:.0f} s, a run {train:.0f} s: {test / (5 * train):.0%} of a 5-point sweep"
         rates[f"{method} r{rank}"] = f"swept {at:.3g}, auto {picked} ({cost})" if at else f"auto {picked} ({cost})"
     return rates
+
+
+# Issue 32: does the budget decide it? One run per seed of 400 steps (5% warm-up, linear decay to 400), scored at
+# steps 40, 150 and 400; its own grid, as a cell's key does not hold its step count.
+SMOLLM2_CURVE = SMOLLM2 | {"steps": 400, "score_steps": "40,150", "grid": "smollm2-135m-400"}
+CURVE_PAIRS = [("lorasb", 32), ("lora", 8), ("lora-xs", 32)]
+
+
+def curve_section(run: bool) -> tuple[list[dict] | None, dict]:
+    """LoRA-SB r 32, LoRA r 8 and LoRA-XS r 32 at their 40-step swept rates, 3 seeds, scored along 400 steps. A
+    family whose 40-step rate lies at an edge of its sweep (the sweep stopped extending at SWEEP_MAX points) is
+    swept again at 400 steps around it. The section's wall time (its cells, their scoring and any sweep run here)
+    adds up in seconds.json."""
+    started = time.perf_counter()
+    lrs, points = sweep(SMOLLM2, SMOLLM2_SWEEP, {m for m, _ in CURVE_PAIRS}, run)
+    edge = {m for m, p in points.items() if lrs[m] in (p[0]["lr"], p[-1]["lr"])}
+    if edge:
+        again = {(m, r): lrs[m] for m, r in CURVE_PAIRS if m in edge}
+        found, swept = sweep(SMOLLM2_CURVE, again, edge, run)
+        lrs, points = lrs | found, points | swept
+    rows = section("smollm2-curve", SMOLLM2_CURVE, seeded(CURVE_PAIRS, lrs), points, run)
+    cost = OUT / "smollm2-curve" / "seconds.json"
+    if run:
+        cost.parent.mkdir(parents=True, exist_ok=True)
+        spent = json.loads(cost.read_text()) if cost.is_file() else 0.0
+        cost.write_text(json.dumps(spent + time.perf_counter() - started))
+    return rows, lrs
+
+
+def curve_note(rows: list[dict]) -> str:
+    """What the curve section's table does not show: trainable parameters and their ratio, and its cost."""
+    trainable = {f"{r['method']} r{r['rank']}": r["trainable_params"] for r in rows}
+    fewest = min(trainable.values())
+    counts = ", ".join(f"{k} {v:,} ({v / fewest:.1f}×)" for k, v in trainable.items())
+    cost = OUT / "smollm2-curve" / "seconds.json"
+    spent = (
+        f" Cost of the section on this machine: {json.loads(cost.read_text()) / 3600:.1f} h." if cost.is_file() else ""
+    )
+    return (
+        f"Trainable parameters: {counts}. Each seed is one 400-step run whose checkpoints at steps 40 and 150 are "
+        "scored, so its step-40 point is at a still high lr (linear decay to step 400), unlike the 40-step tables "
+        f"above, whose runs decay to 0 by step 40.{spent}"
+    )
 
 
 def authors_eta(lr: float, spec: dict) -> float:
@@ -383,6 +439,8 @@ def build(sections: set[str], run: bool) -> dict[str, tuple[list[dict] | None, d
         tables["minilm-lr-auto"] = lr_auto_section("minilm-lr-auto", MINILM, LR_AUTO_MINILM, run)
     if "lr-auto" in sections:
         tables["lr-auto"] = lr_auto_section("lr-auto", SMOLLM2, LR_AUTO_SMOLLM2, run)
+    if "smollm2-curve" in sections:
+        tables["smollm2-curve"] = curve_section(run)
     return tables | smollm2_sections(sections, run)
 
 
@@ -403,6 +461,7 @@ TITLES = {
     "eta": "η of the simulated first step at r = 32: default, the authors' rule, auto (the `lorasb` row is η = 1e-5)",
     "budget": "Budgeted ranks at the count of r = 32 (decompose --budget-ratio 1) against r = 32 everywhere",
     "lr-auto": "SmolLM2-135M: `train --lr auto` against each family's swept lr",
+    "smollm2-curve": "SmolLM2-135M: the learning curve of LoRA-SB r = 32, LoRA r = 8 and LoRA-XS r = 32 over 400 steps",
     "inits": "Ablation: initialization at r = 32 (paper Table 4, Appendix E)",
     "samples": "Ablation: estimate sample count at r = 32 (paper Table 5; the `lorasb` row is n = 32)",
     "inilora": "IniLoRA's comparison at r = 8",
@@ -412,6 +471,7 @@ LR_AUTO_SECTIONS = ("minilm-lr-auto", "lr-auto")
 # each claim's cheapest answer first (SmolLM2's r 16, η and r 64 cells reuse finished sweeps; the rest need their own).
 DEFAULT_SECTIONS = ("minilm-budget", "budget", "minilm", "minilm-f1", "minilm-head", "minilm-eta", "smollm2-r16")
 DEFAULT_SECTIONS += ("eta", "smollm2", "smollm2-r64", "smollm2-r64-swept", "smollm2-more", *LR_AUTO_SECTIONS)
+DEFAULT_SECTIONS += ("smollm2-curve",)
 
 
 BUDGET_NOTE = (
@@ -475,7 +535,10 @@ def report(tables: dict, seconds: float) -> str:
         if not compares(rows):
             lines += [recorded[title], ""] if title in recorded else []
             continue
-        lines += [f"## {title}", "", compare.markdown_table(rows)]
+        table = compare.curve_table(rows) if name == "smollm2-curve" else compare.markdown_table(rows)
+        lines += [f"## {title}", "", table]
+        if name == "smollm2-curve":
+            lines.append(curve_note(rows))
         if name in LR_AUTO_SECTIONS:
             picked = "; ".join(f"{k}: {v}" for k, v in lrs.items())
             lines.append(f"Learning rates, swept and picked by `--lr auto` (seeds 0, 1, 2): {picked}.")
@@ -483,6 +546,7 @@ def report(tables: dict, seconds: float) -> str:
             lines.append(f"Learning rates (from the sweep): {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}.")
         lines.append("")
         for png, what in (
+            ("curve", "metric and eval loss by step"),
             ("loss", "loss curves"),
             ("metric", "metric vs trainable parameters"),
             ("sweep", "lr sweeps"),
