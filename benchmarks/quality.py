@@ -318,10 +318,12 @@ def curve_note(rows: list[dict]) -> str:
     spent = (
         f" Cost of the section on this machine: {json.loads(cost.read_text()) / 3600:.1f} h." if cost.is_file() else ""
     )
+    steps, scored = SMOLLM2_CURVE["steps"], SMOLLM2_CURVE["score_steps"].replace(",", ", ")
+    first = SMOLLM2_CURVE["score_steps"].split(",")[0]
     return (
-        f"Trainable parameters: {counts}. Each seed is one 400-step run whose checkpoints at steps 40 and 150 are "
-        "scored, so its step-40 point is at a still high lr (linear decay to step 400), unlike the 40-step tables "
-        f"above, whose runs decay to 0 by step 40.{spent}"
+        f"Trainable parameters: {counts}. Each seed is one {steps}-step run whose checkpoints at steps {scored} are "
+        f"scored, so its step-{first} point is at a still high lr (linear decay to step {steps}), unlike the "
+        f"{SMOLLM2['steps']}-step tables above, whose runs decay to 0 by their last step.{spent}"
     )
 
 

@@ -128,7 +128,8 @@ def curve_table(rows: Sequence[dict]) -> str:
         f"| method | rank | step | {rows[0]['metric']} (mean ± std) | vs best at the step | eval loss | seeds |",
         "|" + "---|" * 7,
     ]
-    for row in sorted(rows, key=lambda r: (r["method"], r["rank"] or 0, r["step"])):
+    order = list(dict.fromkeys((r["method"], r["rank"]) for r in rows))  # the grid's order, each line by step
+    for row in sorted(rows, key=lambda r: (order.index((r["method"], r["rank"])), r["step"])):
         loss = f"{row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f}" if row["eval_loss"] else "-"
         lines.append(
             f"| {row['method']} | {row['rank'] if row['rank'] is not None else '-'} | {row['step']} | "
