@@ -207,6 +207,8 @@ def section(
     else:
         rows = compare.aggregate(results, get_task(setup.task), setup.metric)
         shown = (("metric.png",) if rescored else ("loss.png", "metric.png")) if compares(rows) else ()
+    if len(rows) < recorded_rows(name):  # RESULTS.md holds more of it than this machine's cells: keep that
+        return None
     FIGURES.mkdir(parents=True, exist_ok=True)
     for png in shown + (("sweep.png",) if sweeps else ()):
         shutil.copyfile(folder / png, FIGURES / f"{name}-{png}")
@@ -488,6 +490,12 @@ BUDGET_NOTE = (
     " minutes a cell with its full-size moments), then the rest), every run is resumable, and a table below holds "
     "only the cells that finished (its `seeds` column says how many)."
 )
+
+
+def recorded_rows(name: str) -> int:
+    """How many table rows RESULTS.md records for section `name` (0 where it has none)."""
+    text = recorded_sections().get(TITLES[name], "")
+    return max(0, sum(line.startswith("| ") for line in text.splitlines()) - 1)  # less the header
 
 
 def recorded_sections() -> dict[str, str]:
