@@ -102,8 +102,8 @@ def planned_bytes(strategy: str, folder: Path, args: argparse.Namespace) -> int:
 
 
 def write_rows(path: Path, args: argparse.Namespace) -> None:
-    """`arithmetic` questions, each answered by the answers of the 40 rows after it: every row is longer than
-    --max-length (checked by the jobs' own token counts), so every batch is batch size × max length."""
+    """`arithmetic` questions, each answered by the answers of the 40 rows after it: well over
+    the default --max-length of 64 tokens, so every batch is batch size × max length."""
     rows = data.load_dataset_rows("arithmetic", "train", size=args.samples + 40, seed=0).rows
     answers = [str(row["answer"]) for row in rows]
     long = [{"question": r["question"], "answer": " ".join(answers[i + 1 : i + 41])} for i, r in enumerate(rows[:-40])]

@@ -61,6 +61,17 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
         raise BadInputError(f"cannot write {path} ({why})", hint=fix) from e
 
 
+def write_figure(fig, path: str | os.PathLike) -> None:
+    """Lay out a matplotlib `fig`, write it to `path` as PNG through `atomic_path`, and release it: every plot
+    lorasb writes (loss.png, lr_range.png, compare's and inspect's figures)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds, with the mode a plain

@@ -208,10 +208,7 @@ def plot_update(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     energy.grid(alpha=0.3)
     energy.legend(fontsize=6)
     _plot_stability(axes[0][1:], meta)
-    fig.tight_layout()
-    with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, out)
     return Path(out)
 
 

@@ -168,7 +168,4 @@ def write_curve(result: RangeTest, out: Path) -> None:
     ax.set(xlabel="learning rate (log)", ylabel="loss", title="lorasb train --lr auto: range test")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with files.atomic_path(out / PLOT_FILE) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, out / PLOT_FILE)

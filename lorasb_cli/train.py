@@ -879,7 +879,4 @@ def plot_losses(steps: list[dict], evals: list[dict], path: Path, title: str = "
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, path)

@@ -161,10 +161,7 @@ def plot_curve(rows: Sequence[dict], path: Path, title: str) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, path)
 
 
 def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: str) -> list[Path]:
@@ -187,11 +184,8 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
     ax.set(xlabel="step", ylabel="train loss (mean over seeds)", title=f"{title}: loss curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     paths = [out / "loss.png", out / "metric.png"]
-    with files.atomic_path(paths[0]) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, paths[0])
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for row in rows:
@@ -210,10 +204,7 @@ def plot(results: Sequence[CellResult], rows: Sequence[dict], out: Path, title: 
         title=f"{title}: metric vs trainable parameters",
     )
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    with files.atomic_path(paths[1]) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, paths[1])
     return paths
 
 
@@ -228,8 +219,8 @@ def write_report(
     """results.md, results.json and the PNGs in `out` (sweep.png with `sweeps`); returns the markdown path. `base`:
     the untrained base model's results (score_base), reported above the table."""
     out = Path(out)
-    rows = aggregate(results, get_task(settings.task), settings.metric)
-    curve = curve_rows(results, get_task(settings.task), settings.metric)
+    task = get_task(settings.task)
+    rows, curve = aggregate(results, task, settings.metric), curve_rows(results, task, settings.metric)
     plot(results, rows, out, title)
     with files.atomic_path(out / "results.json") as tmp:
         payload = {"settings": asdict(settings), "rows": rows, "cells": [asdict(r) for r in results], "base": base}
@@ -272,7 +263,4 @@ def plot_sweeps(sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.set(xlabel="learning rate (log)", ylabel="validation loss", title=f"{title}: lr sweeps (★ chosen)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    files.write_figure(fig, path)
