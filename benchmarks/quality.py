@@ -250,22 +250,22 @@ def lr_auto_section(name: str, spec: dict, families: dict, run: bool) -> tuple[l
     """Each (method, rank) at its family's swept lr (the cell other sections ran, when they did) and with `--lr
     auto`, 3 seeds each, a pair at a time (its sweep, then its cells), so an interrupted section leaves whole pairs;
     returns the rows and, per pair, the swept rate beside the rates auto picked and its cost."""
-    swept: dict[tuple[str, int | None], float] = {}
+    swept: dict[tuple[str, int | None], tuple[float, int | None]] = {}
     rows = None
     for done, ((method, rank), sweeps) in enumerate(families.items(), start=1):
         found = sweep(spec, sweeps, {method}, run)[0]
-        if method in found:
-            swept[(method, rank)] = found[method]
+        if method in found:  # the rate of the family's swept rank, which may be another than `rank`
+            swept[(method, rank)] = found[method], next(r for m, r in sweeps if m == method)
         if run or done == len(families):
             pairs = list(families)[:done]
-            cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), lr in swept.items() if (m, r) in pairs]
+            cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), (lr, _) in swept.items() if (m, r) in pairs]
             cells += [auto_cell(m, r, s) for s in range(SEEDS) for m, r in pairs]
             rows = section(name, spec, cells, {}, run)
     return rows, lr_auto_rates(spec, swept, list(families))
 
 
 def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) -> dict[str, str]:
-    """Per pair: the swept lr, the lr the range test picked at each finished seed, and the test's seconds against
+    """Per pair: the swept lr (and the rank swept, where another), the lr the range test picked at each finished seed, and the test's seconds against
     a run's (training only) and a 5-point sweep's (5 runs)."""
     grid = OUT / spec["model"] / "cells"
     rates = {}
@@ -278,9 +278,13 @@ def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) 
         test = sum(c["seconds"] for c in curves) / len(curves)
         train = sum(json.loads((f / "cell.json").read_text())["seconds"] for f in done) / len(done)
         picked = "/".join(f"{c['lr']:.2g}" for c in curves)
-        at = swept.get((method, rank))
         cost = f"range test {test:.0f} s, a run {train:.0f} s: {test / (5 * train):.0%} of a 5-point sweep"
-        rates[f"{method} r{rank}"] = f"swept {at:.3g}, auto {picked} ({cost})" if at else f"auto {picked} ({cost})"
+        if (method, rank) in swept:
+            at, at_rank = swept[(method, rank)]
+            where = "" if at_rank == rank else f" at r{at_rank}"
+            rates[f"{method} r{rank}"] = f"swept{where} {at:.3g}, auto {picked} ({cost})"
+        else:
+            rates[f"{method} r{rank}"] = f"auto {picked} ({cost})"
     return rates
 
 
