@@ -555,7 +555,10 @@ def report(tables: dict, seconds: float) -> str:
             lines.append(curve_note(rows))
         if name in LR_AUTO_SECTIONS:
             picked = "; ".join(f"{k}: {v}" for k, v in lrs.items())
-            lines.append(f"Learning rates, swept and picked by `--lr auto` (seeds 0, 1, 2): {picked}.")
+            lines.append(
+                f"Learning rates, swept and picked by `--lr auto` (seeds 0, 1, 2): {picked}. The column 'vs best' "
+                "ranks every row against the section's best; read each `lr auto` row against its family's swept row."
+            )
         else:
             lines.append(f"Learning rates (from the sweep): {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}.")
         lines.append("")
