@@ -184,8 +184,9 @@ def seeded(pairs: list[tuple[str, int | None]], lrs: dict[str, float]) -> list[C
 
 
 def compares(rows: list[dict] | None) -> bool:
-    """Whether a section's rows are a table yet: one row so far is only the cell it shares with another section."""
-    return len(rows or ()) > 1
+    """Whether a section's rows are a table yet: rows of one method and rank so far (the cell it shares with another
+    section, or one curve's steps) compare nothing."""
+    return len({(row["method"], row["rank"]) for row in rows or ()}) > 1
 
 
 def section(
@@ -250,26 +251,27 @@ def lr_auto_section(name: str, spec: dict, families: dict, run: bool) -> tuple[l
     """Each (method, rank) at its family's swept lr (the cell other sections ran, when they did) and with `--lr
     auto`, 3 seeds each, a pair at a time (its sweep, then its cells), so an interrupted section leaves whole pairs;
     returns the rows and, per pair, the swept rate beside the rates auto picked and its cost."""
-    swept: dict[tuple[str, int | None], tuple[float, int | None]] = {}
+    swept: dict[tuple[str, int | None], float] = {}
     rows = None
     for done, ((method, rank), sweeps) in enumerate(families.items(), start=1):
         found = sweep(spec, sweeps, {method}, run)[0]
-        if method in found:  # the rate of the family's swept rank, which may be another than `rank`
-            swept[(method, rank)] = found[method], next(r for m, r in sweeps if m == method)
+        if method in found:
+            swept[(method, rank)] = found[method]
         if run or done == len(families):
             pairs = list(families)[:done]
-            cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), (lr, _) in swept.items() if (m, r) in pairs]
+            cells = [Cell(m, r, s, lr) for s in range(SEEDS) for (m, r), lr in swept.items() if (m, r) in pairs]
             cells += [auto_cell(m, r, s) for s in range(SEEDS) for m, r in pairs]
             rows = section(name, spec, cells, {}, run)
-    return rows, lr_auto_rates(spec, swept, list(families))
+    return rows, lr_auto_rates(spec, swept, families)
 
 
-def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) -> dict[str, str]:
-    """Per pair: the swept lr (and the rank swept, where another), the lr the range test picked at each finished seed, and the test's seconds against
-    a run's (training only) and a 5-point sweep's (5 runs)."""
+def lr_auto_rates(spec: dict, swept: dict, families: dict) -> dict[str, str]:
+    """Per pair of `families` (as lr_auto_section's): the swept lr (and the rank swept, where the family's rate
+    comes from another), the lr the range test picked at each finished seed, and the test's seconds against a run's
+    (training only) and a 5-point sweep's (5 runs)."""
     grid = OUT / spec["model"] / "cells"
     rates = {}
-    for method, rank in pairs:
+    for (method, rank), sweeps in families.items():
         folders = [grid / auto_cell(method, rank, s).key for s in range(SEEDS)]
         done = [f for f in folders if (f / "cell.json").is_file()]
         if not done:
@@ -279,12 +281,11 @@ def lr_auto_rates(spec: dict, swept: dict, pairs: list[tuple[str, int | None]]) 
         train = sum(json.loads((f / "cell.json").read_text())["seconds"] for f in done) / len(done)
         picked = "/".join(f"{c['lr']:.2g}" for c in curves)
         cost = f"range test {test:.0f} s, a run {train:.0f} s: {test / (5 * train):.0%} of a 5-point sweep"
+        at = ""
         if (method, rank) in swept:
-            at, at_rank = swept[(method, rank)]
-            where = "" if at_rank == rank else f" at r{at_rank}"
-            rates[f"{method} r{rank}"] = f"swept{where} {at:.3g}, auto {picked} ({cost})"
-        else:
-            rates[f"{method} r{rank}"] = f"auto {picked} ({cost})"
+            swept_rank = next(r for m, r in sweeps if m == method)
+            at = f"swept{'' if swept_rank == rank else f' at r{swept_rank}'} {swept[(method, rank)]:.3g}, "
+        rates[f"{method} r{rank}"] = f"{at}auto {picked} ({cost})"
     return rates
 
 
