@@ -3,7 +3,8 @@
 The update's direction against plain `torch.autograd` (G summed one sample at a time, each sample's loss
 `F.cross_entropy` over its supervised tokens) with the file's int8 signs and η read by hand through safetensors;
 the shared per-sample loss against `F.cross_entropy`; an adapter's logits against the weights W0 + B·R·A set by
-hand; batched generation and choice log-likelihoods against each prompt alone through the model.
+hand; batched generation, choice log-likelihoods and perplexity losses against each prompt or row alone through the
+model.
 """
 
 from __future__ import annotations
@@ -177,6 +178,27 @@ def test_loglik_is_the_sum_of_each_choice_tokens_log_probabilities():
             expected.append(sum(float(logprobs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))))
     answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=4, max_length=256)
     assert answerer.loglik(prompt, choices) == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_losses_batched_with_padding_are_each_rows_alone():
+    """evaluate's perplexity losses, rows of different lengths in padded batches, against F.cross_entropy over each
+    row's supervised tokens with the row alone through the model (no padding)."""
+    model, tokenizer = make_llama()
+    rows = QA_ROWS[:5]
+    examples = data.encode(rows, "prompt-response", tokenizer, 256, template="plain")
+    assert len({len(e.input_ids) for e in examples}) > 1  # padding happens
+    expected = []
+    with torch.no_grad():
+        for e in examples:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+            targets = torch.tensor(e.labels[1:])
+            kept = targets != data.IGNORE
+            expected.append((float(F.cross_entropy(logits[kept], targets[kept])), int(kept.sum())))
+    for batch_size in (1, 2, 5):
+        answerer = runner.ModelAnswerer(model, tokenizer, template="plain", batch_size=batch_size, max_length=256)
+        got = answerer.losses(rows)
+        assert [tokens for _, tokens in got] == [tokens for _, tokens in expected], batch_size
+        assert [value for value, _ in got] == pytest.approx([value for value, _ in expected], rel=1e-5), batch_size
 
 
 def test_classify_answers_each_texts_most_likely_label(tmp_path):

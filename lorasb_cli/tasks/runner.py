@@ -113,16 +113,19 @@ class ModelAnswerer:
 
     @torch.no_grad()
     def losses(self, rows: Sequence[dict]) -> list[tuple[float, int]]:
+        """Each row's mean loss over its supervised tokens and their count, `batch_size` rows per forward pass."""
         fmt = data.detect_format(list(rows[0]), "auto")
         examples = data.encode(
             rows, fmt, self.tokenizer, self.max_length, template=self.template.name, system_prompt=self.template.system
         )
         results = []
-        for example in examples:
-            batch = {k: v.to(self.device) for k, v in data.collate([example], self.tokenizer.pad_token_id).items()}
+        for start in range(0, len(examples), self.batch_size):
+            chunk = examples[start : start + self.batch_size]
+            batch = {k: v.to(self.device) for k, v in data.collate(chunk, self.tokenizer.pad_token_id).items()}
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total, tokens = loss.per_sample_loss_sum(logits, batch["labels"])
-            results.append((float(total), tokens))
+            for row in range(len(chunk)):  # right padding: a row's logits are its own, its pad labels IGNORE
+                total, tokens = loss.per_sample_loss_sum(logits[row : row + 1], batch["labels"][row : row + 1])
+                results.append((float(total), tokens))
         return results
 
 
