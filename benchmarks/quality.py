@@ -321,9 +321,12 @@ def curve_note(rows: list[dict]) -> str:
     trainable = {f"{r['method']} r{r['rank']}": r["trainable_params"] for r in rows}
     fewest = min(trainable.values())
     counts = ", ".join(f"{k} {v:,} ({v / fewest:.1f}×)" for k, v in trainable.items())
-    cost = OUT / "smollm2-curve" / "seconds.json"
+    cost, last = OUT / "smollm2-curve" / "seconds.json", max(r["step"] for r in rows)
+    cells = sum(r["seeds"] for r in rows if r["step"] == last)
     spent = (
-        f" Cost of the section on this machine: {json.loads(cost.read_text()) / 3600:.1f} h." if cost.is_file() else ""
+        f" Cost of its {cells} cells on this machine: {json.loads(cost.read_text()) / 3600:.1f} h."
+        if cost.is_file()
+        else ""
     )
     steps, scored = SMOLLM2_CURVE["steps"], SMOLLM2_CURVE["score_steps"].replace(",", ", ")
     first = SMOLLM2_CURVE["score_steps"].split(",")[0]
