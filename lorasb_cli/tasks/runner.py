@@ -119,12 +119,12 @@ class ModelAnswerer:
             rows, fmt, self.tokenizer, self.max_length, template=self.template.name, system_prompt=self.template.system
         )
         results = []
-        for start in range(0, len(examples), self.batch_size):
-            chunk = examples[start : start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in data.collate(chunk, self.tokenizer.pad_token_id).items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for row in range(len(chunk)):  # right padding: a row's logits are its own, its pad labels IGNORE
-                total, tokens = loss.per_sample_loss_sum(logits[row : row + 1], batch["labels"][row : row + 1])
+        # In row order, so results line up with `rows`.
+        for batch in data.make_batches(examples, self.batch_size, self.tokenizer.pad_token_id, sort_by_length=False):
+            logits = self.model(**loss.model_inputs(batch, self.device)).logits
+            labels = batch["labels"].to(self.device)
+            for row in range(len(labels)):  # right padding: a row's logits are its own, its pad labels IGNORE
+                total, tokens = loss.per_sample_loss_sum(logits[row : row + 1], labels[row : row + 1])
                 results.append((float(total), tokens))
         return results
 
